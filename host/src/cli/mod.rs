@@ -1,0 +1,239 @@
+//! The `wasnap` command line.
+//!
+//! Verbs and argument order follow `ctr snapshots` (`prepare KEY [PARENT]`,
+//! `view KEY PARENT`, `commit NAME KEY`, `rm KEY...`, `label KEY k=v...`), so people who
+//! know containerd feel at home. The command tree is parsed once here; commands run
+//! against an open [`Host`] (embedded mode).
+
+mod bench;
+mod output;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::host::{DEFAULT_SNAPSHOTTER, Host, default_root};
+use crate::metadata::{Ctx, DEFAULT_NAMESPACE, Snapshots};
+use crate::snapshot::{Info, Labels};
+
+pub use output::Format;
+
+/// wasnap: a container snapshotter host with containerd's semantics.
+#[derive(Debug, Parser)]
+#[command(name = "wasnap", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// State directory [default: /var/lib/wasnap as root, else $XDG_DATA_HOME/wasnap]
+    #[arg(long, global = true, env = "WASNAP_ROOT")]
+    pub root: Option<PathBuf>,
+    /// Namespace of the snapshots
+    #[arg(short = 'n', long, global = true, env = "WASNAP_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Snapshotter to use
+    #[arg(short = 's', long, global = true, env = "WASNAP_SNAPSHOTTER", default_value = DEFAULT_SNAPSHOTTER)]
+    pub snapshotter: String,
+    /// Output format
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an active (writable) snapshot KEY, on PARENT if given
+    Prepare {
+        key: String,
+        parent: Option<String>,
+        /// Label to set, KEY=VALUE (repeatable)
+        #[arg(short, long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// Create a read-only view KEY of the committed snapshot PARENT
+    View {
+        key: String,
+        parent: String,
+        /// Label to set, KEY=VALUE (repeatable)
+        #[arg(short, long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// Commit the active snapshot KEY as NAME
+    Commit {
+        name: String,
+        key: String,
+        /// Label to set on the committed snapshot, KEY=VALUE (repeatable)
+        #[arg(short, long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// Remove snapshots (children first)
+    #[command(alias = "remove", alias = "delete", alias = "del")]
+    Rm {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Show one snapshot
+    #[command(alias = "info")]
+    Stat { key: String },
+    /// List snapshots, optionally filtered (containerd filter syntax, e.g. kind==committed)
+    #[command(alias = "list")]
+    Ls {
+        /// Filter; several are alternatives (OR)
+        #[arg(long = "filter", short = 'f')]
+        filters: Vec<String>,
+    },
+    /// Show snapshots as a tree of parents and children
+    Tree,
+    /// Disk usage of snapshots (all if no KEY is given)
+    Usage { keys: Vec<String> },
+    /// Show the mounts of snapshot KEY
+    Mounts { key: String },
+    /// Set labels on KEY (KEY=VALUE; KEY= removes the label)
+    Label {
+        key: String,
+        #[arg(value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// Mount snapshot KEY at DIR
+    Mount { key: String, dir: PathBuf },
+    /// Unmount everything at DIR
+    #[command(alias = "umount")]
+    Unmount { dir: PathBuf },
+    /// Remove backend data no snapshot record names, and reclaim space
+    Cleanup,
+    /// Measure the host's hot paths and print a table
+    Bench(bench::BenchArgs),
+}
+
+/// Parses `KEY=VALUE` arguments.
+pub fn parse_labels(args: &[String]) -> Result<Labels> {
+    args.iter()
+        .map(|a| {
+            a.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| Error::InvalidArgument(format!("label {a:?}: expected KEY=VALUE")))
+        })
+        .collect()
+}
+
+/// Runs a parsed command line, writing results to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
+    let g = &cli.global;
+    if let Command::Unmount { dir } = &cli.command {
+        return crate::mount::unmount(dir);
+    }
+    if let Command::Bench(args) = &cli.command {
+        return bench::run(args, out);
+    }
+    let root = g.root.clone().unwrap_or_else(default_root);
+    let host = Host::open(&root)?;
+    let result = run_on(&host, g, &cli.command, out);
+    let closed = host.close();
+    result.and(closed)
+}
+
+fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Result<()> {
+    let ctx = Ctx::new(&g.namespace)?;
+    let sn: &Snapshots = host.snapshotter(&g.snapshotter)?;
+    let fmt = g.format;
+    match command {
+        Command::Prepare { key, parent, labels } => {
+            let mounts = sn.prepare(&ctx, key, parent.as_deref(), &parse_labels(labels)?)?;
+            output::mounts(out, fmt, &mounts)
+        }
+        Command::View { key, parent, labels } => {
+            let mounts = sn.view(&ctx, key, Some(parent), &parse_labels(labels)?)?;
+            output::mounts(out, fmt, &mounts)
+        }
+        Command::Commit { name, key, labels } => sn.commit(&ctx, name, key, &parse_labels(labels)?),
+        Command::Rm { keys } => {
+            // Like `ctr snapshots rm`: try each, report each failure, fail if any did.
+            let mut failed = Vec::new();
+            for key in keys {
+                if let Err(e) = sn.remove(&ctx, key) {
+                    failed.push(e);
+                }
+            }
+            match failed.len() {
+                0 => Ok(()),
+                1 => Err(failed.remove(0)),
+                n => {
+                    let kind = failed[0].kind();
+                    let msgs: Vec<String> = failed.iter().map(ToString::to_string).collect();
+                    Err(Error::new(kind, format!("{n} removals failed: {}", msgs.join("; "))))
+                }
+            }
+        }
+        Command::Stat { key } => output::info(out, fmt, &sn.stat(&ctx, key)?),
+        Command::Ls { filters } => {
+            let mut infos = Vec::new();
+            sn.walk(&ctx, filters, &mut |i| {
+                infos.push(i);
+                Ok(())
+            })?;
+            output::list(out, fmt, &infos)
+        }
+        Command::Tree => {
+            let mut infos = Vec::new();
+            sn.walk(&ctx, &[], &mut |i| {
+                infos.push(i);
+                Ok(())
+            })?;
+            output::tree(out, fmt, &infos)
+        }
+        Command::Usage { keys } => {
+            let keys: Vec<String> = if keys.is_empty() {
+                let mut all = Vec::new();
+                sn.walk(&ctx, &[], &mut |i: Info| {
+                    all.push(i.name);
+                    Ok(())
+                })?;
+                all
+            } else {
+                keys.clone()
+            };
+            let mut rows = Vec::new();
+            for k in keys {
+                let u = sn.usage(&ctx, &k)?;
+                rows.push((k, u));
+            }
+            output::usage(out, fmt, &rows)
+        }
+        Command::Mounts { key } => output::mounts(out, fmt, &sn.mounts(&ctx, key)?),
+        Command::Label { key, labels } => {
+            let mut info = sn.stat(&ctx, key)?;
+            let mut paths = Vec::new();
+            info.labels.clear();
+            for (k, v) in parse_labels(labels)? {
+                paths.push(format!("labels.{k}"));
+                // `k=` removes: an absent label under a `labels.k` path is a delete.
+                if !v.is_empty() {
+                    info.labels.insert(k, v);
+                }
+            }
+            if paths.is_empty() {
+                return Err(Error::InvalidArgument("label: give at least one KEY=VALUE".into()));
+            }
+            let info = sn.update(&ctx, &info, &paths)?;
+            output::labels(out, fmt, &info.labels)
+        }
+        Command::Mount { key, dir } => crate::mount::mount_all(&sn.mounts(&ctx, key)?, dir),
+        Command::Cleanup => {
+            let report = sn.cleanup()?;
+            output::prune(out, fmt, &report)
+        }
+        Command::Unmount { .. } | Command::Bench(_) => unreachable_command(),
+    }
+}
+
+fn unreachable_command() -> Result<()> {
+    Err(Error::Internal("command dispatched twice".into()))
+}

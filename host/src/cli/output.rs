@@ -1,0 +1,230 @@
+//! How results are printed: aligned tables for people, JSON for programs.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::metadata::PruneReport;
+use crate::snapshot::{Info, Labels, Mount, Usage};
+
+/// Output format of the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::internal("write output", e)
+}
+
+fn json<T: Serialize + ?Sized>(out: &mut dyn Write, v: &T) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v).map_err(|e| Error::internal("encode JSON", e))?;
+    writeln!(out).map_err(io)
+}
+
+/// Writes rows as columns separated by at least two spaces.
+pub(crate) fn table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |out: &mut dyn Write, cells: &mut dyn Iterator<Item = &str>| -> Result<()> {
+        let mut s = String::new();
+        for (i, c) in cells.enumerate() {
+            if i + 1 < widths.len() {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            } else {
+                s.push_str(c);
+            }
+        }
+        writeln!(out, "{}", s.trim_end()).map_err(io)
+    };
+    line(out, &mut header.iter().copied())?;
+    for r in rows {
+        line(out, &mut r.iter().map(String::as_str))?;
+    }
+    Ok(())
+}
+
+/// Bytes as a short human figure (`4.0 KiB`), like `ctr snapshots usage`.
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+pub(crate) fn mounts(out: &mut dyn Write, f: Format, mounts: &[Mount]) -> Result<()> {
+    match f {
+        Format::Json => json(out, mounts),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = mounts
+                .iter()
+                .map(|m| {
+                    let target = if m.target.is_empty() { "-".into() } else { m.target.clone() };
+                    vec![m.kind.clone(), m.source.clone(), target, m.options.join(",")]
+                })
+                .collect();
+            table(out, &["TYPE", "SOURCE", "TARGET", "OPTIONS"], &rows)
+        }
+    }
+}
+
+pub(crate) fn info(out: &mut dyn Write, f: Format, i: &Info) -> Result<()> {
+    match f {
+        Format::Json => json(out, i),
+        Format::Table => {
+            let mut rows = vec![
+                vec!["Name".into(), i.name.clone()],
+                vec!["Parent".into(), i.parent.clone().unwrap_or_default()],
+                vec!["Kind".into(), i.kind.to_string()],
+                vec!["Created".into(), humantime::format_rfc3339_nanos(i.created).to_string()],
+                vec!["Updated".into(), humantime::format_rfc3339_nanos(i.updated).to_string()],
+            ];
+            for (k, v) in &i.labels {
+                rows.push(vec![format!("Label {k}"), v.clone()]);
+            }
+            for r in rows {
+                writeln!(out, "{:<10} {}", format!("{}:", r[0]), r[1]).map_err(io)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn list(out: &mut dyn Write, f: Format, infos: &[Info]) -> Result<()> {
+    match f {
+        Format::Json => json(out, infos),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = infos
+                .iter()
+                .map(|i| vec![i.name.clone(), i.parent.clone().unwrap_or_default(), i.kind.to_string()])
+                .collect();
+            table(out, &["KEY", "PARENT", "KIND"], &rows)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Node<'a> {
+    name: &'a str,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    children: Vec<Node<'a>>,
+}
+
+pub(crate) fn tree(out: &mut dyn Write, f: Format, infos: &[Info]) -> Result<()> {
+    let mut children: BTreeMap<Option<&str>, Vec<&Info>> = BTreeMap::new();
+    let names: std::collections::HashSet<&str> = infos.iter().map(|i| i.name.as_str()).collect();
+    for i in infos {
+        // A parent outside the listing (cannot happen within one namespace, but be safe)
+        // shows its child as a root rather than hiding it.
+        let p = i.parent.as_deref().filter(|p| names.contains(p));
+        children.entry(p).or_default().push(i);
+    }
+    fn build<'a>(at: Option<&'a str>, ch: &BTreeMap<Option<&'a str>, Vec<&'a Info>>) -> Vec<Node<'a>> {
+        ch.get(&at)
+            .map(|v| {
+                v.iter()
+                    .map(|i| Node {
+                        name: &i.name,
+                        kind: i.kind.as_str(),
+                        children: build(Some(i.name.as_str()), ch),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    let roots = build(None, &children);
+    match f {
+        Format::Json => json(out, &roots),
+        Format::Table => {
+            fn print(out: &mut dyn Write, nodes: &[Node<'_>], depth: usize) -> Result<()> {
+                for n in nodes {
+                    writeln!(out, "{:indent$}\\_ {} ({})", "", n.name, n.kind, indent = depth * 2)
+                        .map_err(io)?;
+                    print(out, &n.children, depth + 1)?;
+                }
+                Ok(())
+            }
+            print(out, &roots, 0)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct UsageRow<'a> {
+    name: &'a str,
+    #[serde(flatten)]
+    usage: Usage,
+}
+
+pub(crate) fn usage(out: &mut dyn Write, f: Format, rows: &[(String, Usage)]) -> Result<()> {
+    match f {
+        Format::Json => {
+            let v: Vec<UsageRow<'_>> = rows.iter().map(|(n, u)| UsageRow { name: n, usage: *u }).collect();
+            json(out, &v)
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|(n, u)| vec![n.clone(), human_bytes(u.size), u.inodes.to_string()])
+                .collect();
+            table(out, &["KEY", "SIZE", "INODES"], &rows)
+        }
+    }
+}
+
+pub(crate) fn labels(out: &mut dyn Write, f: Format, labels: &Labels) -> Result<()> {
+    match f {
+        Format::Json => json(out, labels),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = labels.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
+            table(out, &["LABEL", "VALUE"], &rows)
+        }
+    }
+}
+
+pub(crate) fn prune(out: &mut dyn Write, f: Format, r: &PruneReport) -> Result<()> {
+    match f {
+        Format::Json => json(out, r),
+        Format::Table => {
+            let mut rows: Vec<Vec<String>> =
+                r.removed.iter().map(|k| vec![k.clone(), "removed".into()]).collect();
+            rows.extend(r.failed.iter().map(|(k, e)| vec![k.clone(), format!("failed: {e}")]));
+            table(out, &["BACKEND KEY", "RESULT"], &rows)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(4096), "4.0 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut out = Vec::new();
+        table(&mut out, &["A", "B"], &[vec!["long-key".into(), "x".into()]]).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "A         B\nlong-key  x\n");
+    }
+}

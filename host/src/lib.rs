@@ -1,0 +1,24 @@
+//! wasnap: a container snapshotter host.
+//!
+//! The crate is both the library (embed it to serve snapshots from your own program)
+//! and the `wasnap` binary (daemon and CLI). See ARCHITECTURE.md at the repository root
+//! for the map.
+
+pub mod cli;
+pub mod driver;
+pub mod error;
+pub mod fault;
+pub mod filter;
+pub mod fsutil;
+pub mod host;
+mod kv;
+pub mod metadata;
+pub mod mount;
+pub mod snapshot;
+pub mod snapshotter;
+
+pub use error::{Error, ErrorKind, Result};
+pub use filter::Filter;
+pub use metadata::{Ctx, Snapshots};
+pub use snapshot::{Info, Kind, Labels, Mount, Usage};
+pub use snapshotter::{FieldPath, Snapshotter};

@@ -1,0 +1,85 @@
+//! The metadata layer: the job of containerd's `metadata/snapshot.go`.
+//!
+//! It owns namespaces, the mapping from a user's key to the backend key
+//! (`<ns>/<seq>/<key>`), labels, parent/child links and timestamps, all in one redb
+//! database, and drives a backend [`Snapshotter`](crate::Snapshotter) that only ever
+//! sees backend keys.
+//!
+//! Architecture invariant: this module is the only one that opens the metadata database,
+//! and backends never see a namespace.
+
+mod db;
+mod record;
+mod snapshots;
+
+pub use db::MetaDb;
+pub use snapshots::{PruneReport, Snapshots};
+
+use crate::error::{Error, Result};
+
+/// The namespace used when a caller names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Most bytes in a namespace name (containerd's limit).
+const MAX_NAMESPACE_LEN: usize = 76;
+
+/// Who is asking: the context of one call into the metadata layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ctx {
+    namespace: String,
+}
+
+impl Ctx {
+    /// A context for `namespace`, which must be a valid containerd namespace name:
+    /// alphanumeric runs joined by single `.`, `_` or `-`, at most 76 bytes.
+    pub fn new(namespace: &str) -> Result<Self> {
+        validate_namespace(namespace)?;
+        Ok(Ctx { namespace: namespace.to_owned() })
+    }
+
+    /// The namespace of the call.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+}
+
+fn validate_namespace(ns: &str) -> Result<()> {
+    let invalid = |why: &str| Err(Error::InvalidArgument(format!("namespace {ns:?}: {why}")));
+    if ns.is_empty() {
+        return invalid("must not be empty");
+    }
+    if ns.len() > MAX_NAMESPACE_LEN {
+        return invalid("longer than 76 bytes");
+    }
+    let bytes = ns.as_bytes();
+    let is_sep = |b: u8| matches!(b, b'.' | b'_' | b'-');
+    for (i, &b) in bytes.iter().enumerate() {
+        if b.is_ascii_alphanumeric() {
+            continue;
+        }
+        let at_edge = i == 0 || i == bytes.len() - 1;
+        if !is_sep(b) || at_edge || is_sep(bytes[i - 1]) {
+            return invalid(
+                "must be letters and digits, optionally joined by single '.', '_' or '-'",
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_follow_containerd_rules() {
+        for ok in ["default", "k8s.io", "a", "moby", "a-b_c.d", "A1"] {
+            assert!(Ctx::new(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(77);
+        for bad in ["", "-a", "a-", "a..b", "a/b", "a b", "ü", long.as_str()] {
+            let err = Ctx::new(bad).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! One snapshotter as its users see it: namespaced keys over a backend that knows only
+//! backend keys.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use redb::{ReadableMultimapTable, ReadableTable};
+use serde::Serialize;
+
+use super::Ctx;
+use super::db::{BKEYS, CHILDREN, MetaDb, SNAPSHOTS};
+use super::record::Record;
+use crate::kv::{now_nanos, to_nanos};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fault::Faults;
+use crate::filter::Filter;
+use crate::kv;
+use crate::snapshot::{
+    Info, Kind, LABEL_SNAPSHOT_REF, Labels, Mount, Usage, inherited_labels, validate_labels,
+};
+use crate::snapshotter::{FieldPath, Snapshotter};
+
+/// A named snapshotter: the metadata layer in front of one backend.
+///
+/// Every mutation is atomic from the caller's view: a backend failure leaves no record
+/// behind, and a record that cannot be stored after the backend succeeded has its
+/// backend snapshot removed again.
+pub struct Snapshots {
+    db: Arc<MetaDb>,
+    name: String,
+    backend: Arc<dyn Snapshotter>,
+    faults: Arc<Faults>,
+    /// Held shared by every mutation and exclusively by [`Snapshots::cleanup`]: between a
+    /// prepare's backend call and the write of its record, the backend holds a snapshot
+    /// no record names yet, and pruning must not take it for an orphan.
+    prune_lock: RwLock<()>,
+}
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshots").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// What [`Snapshots::cleanup`] did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PruneReport {
+    /// Backend keys removed because no record named them.
+    pub removed: Vec<String>,
+    /// Backend keys that could not be removed, with the reason; retried next time.
+    pub failed: Vec<(String, String)>,
+}
+
+fn not_found(key: &str) -> Error {
+    Error::NotFound(format!("snapshot {key:?}"))
+}
+
+type SnapTable<'t> = redb::Table<'t, (&'static str, &'static str, &'static str), &'static [u8]>;
+
+fn get(
+    t: &impl ReadableTable<(&'static str, &'static str, &'static str), &'static [u8]>,
+    sn: &str,
+    ns: &str,
+    key: &str,
+) -> Result<Option<Record>> {
+    match t.get((sn, ns, key)).map_err(kv::e)? {
+        Some(g) => Record::decode(g.value(), key).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn put(t: &mut SnapTable<'_>, sn: &str, ns: &str, key: &str, rec: &Record) -> Result<()> {
+    t.insert((sn, ns, key), rec.encode()?.as_slice()).map_err(kv::e)?;
+    Ok(())
+}
+
+impl Snapshots {
+    /// The snapshotter `name`, recording into `db` and storing data in `backend`.
+    pub fn new(
+        db: Arc<MetaDb>,
+        name: impl Into<String>,
+        backend: Arc<dyn Snapshotter>,
+        faults: Arc<Faults>,
+    ) -> Self {
+        Snapshots { db, name: name.into(), backend, faults, prune_lock: RwLock::new(()) }
+    }
+
+    /// The snapshotter's name (`native`, ...).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The backend behind the metadata.
+    pub fn backend(&self) -> &Arc<dyn Snapshotter> {
+        &self.backend
+    }
+
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.prune_lock.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.prune_lock.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, ctx: &Ctx, key: &str) -> Result<Record> {
+        let txn = self.db.read()?;
+        let t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
+        get(&t, &self.name, ctx.namespace(), key)?.ok_or_else(|| not_found(key))
+    }
+
+    /// What is known about `key`.
+    pub fn stat(&self, ctx: &Ctx, key: &str) -> Result<Info> {
+        Ok(self.record(ctx, key)?.info(key))
+    }
+
+    /// Changes the labels of `info.name`: with no field paths all labels are replaced;
+    /// `labels` replaces all, `labels.<k>` sets or (if absent from `info`) deletes one.
+    /// Any other field path is invalid-argument.
+    pub fn update(&self, ctx: &Ctx, info: &Info, fieldpaths: &[String]) -> Result<Info> {
+        if info.name.is_empty() {
+            return Err(Error::InvalidArgument("snapshot name must not be empty".into()));
+        }
+        let paths = FieldPath::parse_all(fieldpaths, &info.name)?;
+        let (sn, ns, key) = (self.name.as_str(), ctx.namespace(), info.name.as_str());
+        let _g = self.shared();
+        let txn = self.db.write()?;
+        let (updated, backend_touched) = {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
+            let mut rec = get(&t, sn, ns, key)?.ok_or_else(|| not_found(key))?;
+            let before = inherited_labels(&rec.labels);
+            FieldPath::apply(&paths, &mut rec.labels, &info.labels);
+            validate_labels(&rec.labels)?;
+            rec.updated = now_nanos();
+            let after = inherited_labels(&rec.labels);
+            // The backend only ever sees inherited labels; spare it (and its fsync) when
+            // none of those change, which is the common case of `ctr snapshots label`.
+            let touched = before != after;
+            if touched {
+                let mut inner = rec.info(&rec.bkey);
+                inner.labels = after;
+                self.backend.update(&inner, &[FieldPath::Labels])?;
+            }
+            put(&mut t, sn, ns, key, &rec)?;
+            (rec.info(key), touched)
+        };
+        txn.commit().map_err(|e| {
+            if backend_touched {
+                tracing::error!(snapshotter = sn, key, error = %e,
+                    "metadata transaction failed after updating the backend's labels");
+            }
+            kv::e(e)
+        })?;
+        Ok(updated)
+    }
+
+    /// Disk usage of `key` itself.
+    pub fn usage(&self, ctx: &Ctx, key: &str) -> Result<Usage> {
+        let rec = self.record(ctx, key)?;
+        self.backend.usage(&rec.bkey)
+    }
+
+    /// The mounts of `key`.
+    pub fn mounts(&self, ctx: &Ctx, key: &str) -> Result<Vec<Mount>> {
+        let rec = self.record(ctx, key)?;
+        self.backend.mounts(&rec.bkey)
+    }
+
+    /// Creates the active snapshot `key` on `parent`.
+    pub fn prepare(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Vec<Mount>> {
+        self.create(ctx, key, parent, labels, Kind::Active)
+    }
+
+    /// Creates the read-only view `key` of `parent`.
+    pub fn view(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Vec<Mount>> {
+        self.create(ctx, key, parent, labels, Kind::View)
+    }
+
+    fn create(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+        kind: Kind,
+    ) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("snapshot key must not be empty".into()));
+        }
+        let parent = parent.filter(|p| !p.is_empty());
+        validate_labels(labels)?;
+        let target = labels.get(LABEL_SNAPSHOT_REF).filter(|t| !t.is_empty());
+        let (sn, ns) = (self.name.as_str(), ctx.namespace());
+        let _g = self.shared();
+
+        // Phase 1: check the names and reserve a backend key, holding no write lock.
+        let bparent = {
+            let txn = self.db.read()?;
+            let t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
+            if let Some(target) = target {
+                if get(&t, sn, ns, target)?.is_some() {
+                    return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
+                }
+            }
+            if get(&t, sn, ns, key)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
+            }
+            match parent {
+                None => None,
+                Some(p) => {
+                    let prec = get(&t, sn, ns, p)?
+                        .ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?}")))?;
+                    if prec.kind != Kind::Committed {
+                        return Err(Error::InvalidArgument(format!(
+                            "parent {p:?} is not a committed snapshot"
+                        )));
+                    }
+                    Some(prec.bkey)
+                }
+            }
+        };
+        let bkey = format!("{ns}/{}/{key}", self.db.next_seq()?);
+
+        // Phase 2: the backend, outside any transaction (it may copy a whole tree).
+        let inherited = inherited_labels(labels);
+        let made = match kind {
+            Kind::View => self.backend.view(&bkey, bparent.as_deref(), &inherited),
+            _ => self.backend.prepare(&bkey, bparent.as_deref(), &inherited),
+        };
+        let now = now_nanos();
+        let (rec_key, rec, mounts, created, mut rerr) = match made {
+            Ok(mounts) => {
+                let rec = Record {
+                    bkey: bkey.clone(),
+                    kind,
+                    parent: parent.map(str::to_owned),
+                    labels: labels.clone(),
+                    created: now,
+                    updated: now,
+                };
+                (key, rec, mounts, Some(bkey), None)
+            }
+            Err(e) if e.is_already_exists() => {
+                let Some(target) = target else {
+                    // A fresh backend key cannot exist; do not let the caller mistake
+                    // this for its own key existing.
+                    return Err(Error::Internal(format!(
+                        "unexpected error from snapshotter {sn:?}: {e}"
+                    )));
+                };
+                let rec = self.backend_target(target, bparent.as_deref(), parent, labels)?;
+                let err = Error::AlreadyExists(format!("target snapshot {target:?} from snapshotter"));
+                (target.as_str(), rec, Vec::new(), None, Some(err))
+            }
+            Err(e) => return Err(e),
+        };
+
+        // Phase 3: record it, re-checking what phase 1 saw.
+        let stored = self.faults.hit("metadata.create.after-backend").and_then(|()| {
+            let txn = self.db.write()?;
+            {
+                let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
+                if get(&t, sn, ns, rec_key)?.is_some() {
+                    if rerr.is_none() {
+                        rerr = Some(Error::AlreadyExists(format!("snapshot {rec_key:?}")));
+                    }
+                    return Ok(());
+                }
+                if let Some(p) = parent {
+                    let prec = get(&t, sn, ns, p)?
+                        .ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?}")))?;
+                    if Some(&prec.bkey) != bparent.as_ref() {
+                        return Err(Error::InvalidArgument(format!(
+                            "mismatched parent {p:?} from target {target:?}"
+                        )));
+                    }
+                    let mut children = txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
+                    children.insert((sn, ns, p), rec_key).map_err(kv::e)?;
+                }
+                put(&mut t, sn, ns, rec_key, &rec)?;
+                let mut bkeys = txn.open_multimap_table(BKEYS).map_err(kv::e)?;
+                bkeys.insert((sn, rec.bkey.as_str()), (ns, rec_key)).map_err(kv::e)?;
+            }
+            txn.commit().map_err(kv::e)
+        });
+        if let Err(e) = stored {
+            rerr = Some(e);
+        }
+        if let Some(err) = rerr {
+            if let Some(created) = created {
+                // The record is not stored: the backend snapshot must not outlive it.
+                if let Err(e) = self.backend.remove(&created) {
+                    tracing::error!(snapshotter = sn, bkey = %created, error = %e,
+                        "failed to remove a backend snapshot whose record could not be stored; cleanup will retry");
+                }
+            }
+            return Err(err);
+        }
+        Ok(mounts)
+    }
+
+    /// The backend said a snapshot for `target` exists already (it de-duplicates by
+    /// `containerd.io/snapshot.ref`): find it, and build the record that names it here.
+    fn backend_target(
+        &self,
+        target: &str,
+        bparent: Option<&str>,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Record> {
+        let mut found: Option<Info> = None;
+        self.backend.walk(&Filter::default(), &mut |i| {
+            if found.is_none()
+                && i.kind == Kind::Committed
+                && i.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target)
+                && i.parent.as_deref() == bparent
+            {
+                found = Some(i);
+            }
+            Ok(())
+        })?;
+        let t = found.ok_or_else(|| {
+            Error::NotFound(format!("target snapshot {target:?} in backend"))
+        })?;
+        let mut all = t.labels.clone();
+        all.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(Record {
+            bkey: t.name,
+            kind: Kind::Committed,
+            parent: parent.map(str::to_owned),
+            labels: all,
+            created: to_nanos(t.created),
+            updated: to_nanos(t.updated),
+        })
+    }
+
+    /// Commits the active snapshot `key` as `name` with `labels`; `key` stops existing.
+    pub fn commit(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("snapshot name must not be empty".into()));
+        }
+        validate_labels(labels)?;
+        let (sn, ns) = (self.name.as_str(), ctx.namespace());
+        let _g = self.shared();
+        let txn = self.db.write()?;
+        let bname = {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
+            if get(&t, sn, ns, name)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
+            }
+            let rec = get(&t, sn, ns, key)?.ok_or_else(|| not_found(key))?;
+            if rec.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is a {} snapshot, only active snapshots can be committed",
+                    rec.kind
+                )));
+            }
+            let bname = format!("{ns}/{}/{name}", MetaDb::reserve_in(&txn)?);
+            let now = now_nanos();
+            let committed = Record {
+                bkey: bname.clone(),
+                kind: Kind::Committed,
+                parent: rec.parent.clone(),
+                labels: labels.clone(),
+                created: now,
+                updated: now,
+            };
+            t.remove((sn, ns, key)).map_err(kv::e)?;
+            put(&mut t, sn, ns, name, &committed)?;
+            if let Some(p) = &rec.parent {
+                let mut children = txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
+                children.remove((sn, ns, p.as_str()), key).map_err(kv::e)?;
+                children.insert((sn, ns, p.as_str()), name).map_err(kv::e)?;
+            }
+            let mut bkeys = txn.open_multimap_table(BKEYS).map_err(kv::e)?;
+            bkeys.remove((sn, rec.bkey.as_str()), (ns, key)).map_err(kv::e)?;
+            bkeys.insert((sn, bname.as_str()), (ns, name)).map_err(kv::e)?;
+            // Inside the transaction, as containerd does: if the backend fails, nothing
+            // changed; the window in which the backend has committed and the record has
+            // not is one local commit wide.
+            self.backend.commit(&bname, &rec.bkey, &inherited_labels(labels))?;
+            bname
+        };
+        self.faults.hit("metadata.commit.after-backend").and_then(|()| txn.commit().map_err(kv::e)).map_err(|e| {
+            tracing::error!(snapshotter = sn, key, bname = %bname, error = %e,
+                "uncommittable snapshot: metadata transaction failed after the backend committed; the active record remains and the backend snapshot is left for cleanup");
+            e
+        })
+    }
+
+    /// Removes `key`, which must have no children. The backend snapshot goes when no
+    /// record names it any more; if the backend fails to remove it, the metadata removal
+    /// stands and [`Snapshots::cleanup`] retries.
+    pub fn remove(&self, ctx: &Ctx, key: &str) -> Result<()> {
+        let (sn, ns) = (self.name.as_str(), ctx.namespace());
+        let _g = self.shared();
+        let txn = self.db.write()?;
+        let (bkey, last) = {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
+            let rec = get(&t, sn, ns, key)?.ok_or_else(|| not_found(key))?;
+            let mut children = txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
+            if children.get((sn, ns, key)).map_err(kv::e)?.next().is_some() {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot remove snapshot {key:?} with child"
+                )));
+            }
+            if let Some(p) = &rec.parent {
+                children.remove((sn, ns, p.as_str()), key).map_err(kv::e)?;
+            }
+            t.remove((sn, ns, key)).map_err(kv::e)?;
+            let mut bkeys = txn.open_multimap_table(BKEYS).map_err(kv::e)?;
+            bkeys.remove((sn, rec.bkey.as_str()), (ns, key)).map_err(kv::e)?;
+            let last = bkeys.get((sn, rec.bkey.as_str())).map_err(kv::e)?.next().is_none();
+            (rec.bkey, last)
+        };
+        txn.commit().map_err(kv::e)?;
+        if last {
+            match self.faults.hit("metadata.remove.backend").and_then(|()| self.backend.remove(&bkey)) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!(snapshotter = sn, bkey, error = %e,
+                    "backend failed to remove a snapshot no record names any more; cleanup will retry"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for each snapshot in the namespace that matches any of `filters`
+    /// (containerd's filter syntax; none means all).
+    pub fn walk(
+        &self,
+        ctx: &Ctx,
+        filters: &[String],
+        f: &mut dyn FnMut(Info) -> Result<()>,
+    ) -> Result<()> {
+        let filter = Filter::parse_all(filters)?;
+        let (sn, ns) = (self.name.as_str(), ctx.namespace());
+        let txn = self.db.read()?;
+        let t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
+        for item in t.range((sn, ns, "")..).map_err(kv::e)? {
+            let (k, v) = item.map_err(kv::e)?;
+            let (s, n, key) = k.value();
+            if s != sn || n != ns {
+                break;
+            }
+            let info = Record::decode(v.value(), key)?.info(key);
+            if filter.matches(&info) {
+                f(info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes from the backend every snapshot that no record names (children before
+    /// parents; one still holding children is skipped, as containerd does), then asks
+    /// the backend to reclaim space. Mutations wait while this runs.
+    pub fn cleanup(&self) -> Result<PruneReport> {
+        let sn = self.name.as_str();
+        let _g = self.exclusive();
+        let named: HashSet<String> = {
+            let txn = self.db.read()?;
+            let bkeys = txn.open_multimap_table(BKEYS).map_err(kv::e)?;
+            let mut named = HashSet::new();
+            for item in bkeys.range((sn, "")..).map_err(kv::e)? {
+                let (k, _) = item.map_err(kv::e)?;
+                let (s, bkey) = k.value();
+                if s != sn {
+                    break;
+                }
+                named.insert(bkey.to_owned());
+            }
+            named
+        };
+        let mut parents: HashMap<String, Option<String>> = HashMap::new();
+        self.backend.walk(&Filter::default(), &mut |i| {
+            parents.insert(i.name, i.parent);
+            Ok(())
+        })?;
+        let depth = |key: &str| {
+            let mut k = key.to_owned();
+            let mut d = 0usize;
+            while let Some(Some(p)) = parents.get(&k) {
+                d += 1;
+                k = p.clone();
+                if d > parents.len() {
+                    break; // a cycle in a broken backend; do not spin
+                }
+            }
+            d
+        };
+        let mut orphans: Vec<(usize, &String)> =
+            parents.keys().filter(|k| !named.contains(*k)).map(|k| (depth(k), k)).collect();
+        orphans.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        let mut report = PruneReport::default();
+        for (_, bkey) in orphans {
+            match self.backend.remove(bkey) {
+                Ok(()) => report.removed.push(bkey.clone()),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(snapshotter = sn, bkey, error = %e, "prune: could not remove");
+                    report.failed.push((bkey.clone(), e.to_string()));
+                }
+            }
+        }
+        match self.backend.cleanup() {
+            Err(e) if e.kind() != ErrorKind::NotImplemented => return Err(e),
+            _ => {}
+        }
+        Ok(report)
+    }
+
+    /// Closes the backend.
+    pub fn close(&self) -> Result<()> {
+        self.backend.close()
+    }
+}

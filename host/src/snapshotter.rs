@@ -1,0 +1,112 @@
+//! The backend trait: what every snapshotter under the metadata layer implements.
+//!
+//! Native drivers implement it directly; the wasm adapter implements it by calling a
+//! guest. The metadata layer and the CLI talk only to this trait.
+//!
+//! A backend sees backend keys only (`<ns>/<seq>/<key>` as the metadata layer makes
+//! them), never a namespace. Calls are blocking: async callers (the daemon) run them on
+//! a blocking thread pool, so a backend is free to do file I/O inline.
+
+use crate::error::Result;
+use crate::filter::Filter;
+use crate::snapshot::{Info, Labels, Mount, Usage};
+
+/// The fields of [`Info`] that [`Snapshotter::update`] may change, parsed from
+/// containerd's field paths (`labels`, `labels.<key>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldPath {
+    /// Replace all labels.
+    Labels,
+    /// Set or (when absent from the new info) delete one label.
+    Label(String),
+}
+
+impl FieldPath {
+    /// Parses containerd's field paths; anything but labels is invalid-argument.
+    pub fn parse(path: &str, snapshot: &str) -> Result<Self> {
+        if path == "labels" {
+            Ok(FieldPath::Labels)
+        } else if let Some(key) = path.strip_prefix("labels.") {
+            Ok(FieldPath::Label(key.to_owned()))
+        } else {
+            Err(crate::Error::InvalidArgument(format!(
+                "cannot update {path:?} field on snapshot {snapshot:?}"
+            )))
+        }
+    }
+
+    /// Parses a list; an empty list means "replace all labels".
+    pub fn parse_all(paths: &[String], snapshot: &str) -> Result<Vec<Self>> {
+        if paths.is_empty() {
+            return Ok(vec![FieldPath::Labels]);
+        }
+        paths.iter().map(|p| Self::parse(p, snapshot)).collect()
+    }
+
+    /// Applies the update described by `paths` from `new` to `current`.
+    pub fn apply(paths: &[FieldPath], current: &mut Labels, new: &Labels) {
+        for p in paths {
+            match p {
+                FieldPath::Labels => *current = new.clone(),
+                FieldPath::Label(k) => match new.get(k) {
+                    Some(v) => {
+                        current.insert(k.clone(), v.clone());
+                    }
+                    None => {
+                        current.remove(k);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A snapshotter with containerd's semantics, addressed by backend keys.
+///
+/// The contract (the conformance suite checks it):
+/// - `prepare` makes an active snapshot: writable, on `parent` if given, which must be
+///   committed. `view` makes a read-only one. Both fail with already-exists if the key is
+///   taken and not-found if the parent is missing.
+/// - `commit` turns the active snapshot `key` into the committed snapshot `name`; `key`
+///   stops existing. Committing a view fails with failed-precondition (or not-found).
+/// - `remove` fails with failed-precondition while the snapshot has children.
+/// - `mounts` of an active snapshot are writable, of a view read-only; paths in them are
+///   absolute on the host.
+/// - `walk` calls `f` for every snapshot matching `filter`, in any order; an error from
+///   `f` stops the walk and is returned.
+/// - `cleanup` reclaims space held by removed snapshots (may be slow); `close` releases
+///   resources; every call after `close` may fail with unavailable.
+pub trait Snapshotter: Send + Sync {
+    /// What is known about one snapshot.
+    fn stat(&self, key: &str) -> Result<Info>;
+
+    /// Changes the labels of `info.name` as `fieldpaths` say, returning the new info.
+    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info>;
+
+    /// Disk space used by the snapshot itself (not its parents).
+    fn usage(&self, key: &str) -> Result<Usage>;
+
+    /// The mounts that make `key` visible.
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
+
+    /// Creates an active (writable) snapshot.
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>>;
+
+    /// Creates a view (read-only) snapshot.
+    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>>;
+
+    /// Commits the active snapshot `key` as `name`.
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()>;
+
+    /// Removes a snapshot that has no children.
+    fn remove(&self, key: &str) -> Result<()>;
+
+    /// Visits every snapshot that matches `filter`.
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()>;
+
+    /// Reclaims space left by removed snapshots.
+    fn cleanup(&self) -> Result<()>;
+
+    /// Releases everything the backend holds. Calling it twice is not an error.
+    fn close(&self) -> Result<()>;
+}

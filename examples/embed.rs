@@ -25,7 +25,10 @@ fn main() -> anyhow::Result<()> {
 
     let info = snapshots.stat(&ctx, "layer-1")?;
     let usage = snapshots.usage(&ctx, "layer-1")?;
-    println!("{} is {} and uses {} bytes in {} inodes", info.name, info.kind, usage.size, usage.inodes);
+    println!(
+        "{} is {} and uses {} bytes in {} inodes",
+        info.name, info.kind, usage.size, usage.inodes
+    );
 
     snapshots.remove(&ctx, "layer-1")?;
     host.close()?;

@@ -10,7 +10,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr so that stdout stays clean for tables and JSON.
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("WASNAP_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_env_filter(
+            EnvFilter::try_from_env("WASNAP_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let stdout = std::io::stdout();

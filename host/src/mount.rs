@@ -98,7 +98,9 @@ fn mount_one(m: &Mount, target: &Path) -> Result<()> {
         .map_err(|e| fail("mount", e))?;
     if is_bind && opts.flags.contains(MountFlags::RDONLY) {
         // The first bind ignores MS_RDONLY: remount to make it stick.
-        let flags = MountFlags::BIND | MountFlags::RDONLY | (opts.flags & !(MountFlags::REC | MountFlags::BIND));
+        let flags = MountFlags::BIND
+            | MountFlags::RDONLY
+            | (opts.flags & !(MountFlags::REC | MountFlags::BIND));
         if let Err(e) = rustix::mount::mount_remount(target, flags, "") {
             let _ = unmount(target);
             return Err(fail("remount read-only", e));

@@ -89,12 +89,22 @@ fn timed(mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
 pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let io = |e: std::io::Error| Error::internal("bench", e);
     let base = args.dir.clone().unwrap_or_else(|| {
-        if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() }
+        if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        }
     });
-    let (sizes, cycles) = if args.smoke { (vec![100, 1000], 50) } else { (args.sizes.clone(), args.cycles) };
+    let (sizes, cycles) =
+        if args.smoke { (vec![100, 1000], 50) } else { (args.sizes.clone(), args.cycles) };
     let tmp = tempfile::Builder::new().prefix("wasnap-bench-").tempdir_in(&base).map_err(io)?;
-    writeln!(out, "wasnap bench: native driver, root in {} ({})", base.display(), filesystem_name(&base))
-        .map_err(io)?;
+    writeln!(
+        out,
+        "wasnap bench: native driver, root in {} ({})",
+        base.display(),
+        filesystem_name(&base)
+    )
+    .map_err(io)?;
     writeln!(out).map_err(io)?;
 
     let host = Host::open_with(&tmp.path().join("root"), Arc::new(Faults::new()))?;
@@ -105,7 +115,9 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     // Cycles: the lifetime of one layer, empty and on a small parent.
     let mut rows = Vec::new();
     let parent_tree = make_parent(sn, &ctx)?;
-    for (name, parent) in [("empty, no parent", None), ("on a 100-file parent", Some(parent_tree.as_str()))] {
+    for (name, parent) in
+        [("empty, no parent", None), ("on a 100-file parent", Some(parent_tree.as_str()))]
+    {
         let mut samples = Vec::with_capacity(cycles);
         for i in 0..cycles {
             let (key, committed) = (format!("cycle-a-{i}"), format!("cycle-c-{i}"));
@@ -154,10 +166,12 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             let mut n = 0;
             for _ in 0..3 {
                 n = 0;
-                best = best.min(timed(|| sn.walk(&ctx, filters, &mut |_| {
-                    n += 1;
-                    Ok(())
-                }))?);
+                best = best.min(timed(|| {
+                    sn.walk(&ctx, filters, &mut |_| {
+                        n += 1;
+                        Ok(())
+                    })
+                })?);
             }
             Ok((best, n))
         };
@@ -174,7 +188,14 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     }
     table(
         out,
-        &["SNAPSHOTS", "STAT P50", "STAT P99", "WALK ALL (N)", "WALK label==x (N)", "FILL PREPARES/S"],
+        &[
+            "SNAPSHOTS",
+            "STAT P50",
+            "STAT P99",
+            "WALK ALL (N)",
+            "WALK label==x (N)",
+            "FILL PREPARES/S",
+        ],
         &rows,
     )?;
     host.close()

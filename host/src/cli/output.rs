@@ -110,7 +110,9 @@ pub(crate) fn list(out: &mut dyn Write, f: Format, infos: &[Info]) -> Result<()>
         Format::Table => {
             let rows: Vec<Vec<String>> = infos
                 .iter()
-                .map(|i| vec![i.name.clone(), i.parent.clone().unwrap_or_default(), i.kind.to_string()])
+                .map(|i| {
+                    vec![i.name.clone(), i.parent.clone().unwrap_or_default(), i.kind.to_string()]
+                })
                 .collect();
             table(out, &["KEY", "PARENT", "KIND"], &rows)
         }
@@ -134,7 +136,10 @@ pub(crate) fn tree(out: &mut dyn Write, f: Format, infos: &[Info]) -> Result<()>
         let p = i.parent.as_deref().filter(|p| names.contains(p));
         children.entry(p).or_default().push(i);
     }
-    fn build<'a>(at: Option<&'a str>, ch: &BTreeMap<Option<&'a str>, Vec<&'a Info>>) -> Vec<Node<'a>> {
+    fn build<'a>(
+        at: Option<&'a str>,
+        ch: &BTreeMap<Option<&'a str>, Vec<&'a Info>>,
+    ) -> Vec<Node<'a>> {
         ch.get(&at)
             .map(|v| {
                 v.iter()
@@ -174,7 +179,8 @@ struct UsageRow<'a> {
 pub(crate) fn usage(out: &mut dyn Write, f: Format, rows: &[(String, Usage)]) -> Result<()> {
     match f {
         Format::Json => {
-            let v: Vec<UsageRow<'_>> = rows.iter().map(|(n, u)| UsageRow { name: n, usage: *u }).collect();
+            let v: Vec<UsageRow<'_>> =
+                rows.iter().map(|(n, u)| UsageRow { name: n, usage: *u }).collect();
             json(out, &v)
         }
         Format::Table => {
@@ -191,7 +197,8 @@ pub(crate) fn labels(out: &mut dyn Write, f: Format, labels: &Labels) -> Result<
     match f {
         Format::Json => json(out, labels),
         Format::Table => {
-            let rows: Vec<Vec<String>> = labels.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
+            let rows: Vec<Vec<String>> =
+                labels.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
             table(out, &["LABEL", "VALUE"], &rows)
         }
     }

@@ -13,8 +13,8 @@
 //! ```
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cap_std::fs::{Dir, DirBuilder, Permissions};
 use cap_std::fs::{DirBuilderExt, PermissionsExt};
@@ -56,11 +56,20 @@ impl Native {
             match dir.create_dir_with(sub, &private) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::internal(format!("create {sub}/ in {}", path.display()), e)),
+                Err(e) => {
+                    return Err(Error::internal(format!("create {sub}/ in {}", path.display()), e));
+                }
             }
         }
         let store = Store::open(&dir)?;
-        Ok(Native { dir, path, store, faults, closed: AtomicBool::new(false), tmp_seq: AtomicU64::new(0) })
+        Ok(Native {
+            dir,
+            path,
+            store,
+            faults,
+            closed: AtomicBool::new(false),
+            tmp_seq: AtomicU64::new(0),
+        })
     }
 
     fn check_open(&self) -> Result<()> {
@@ -68,6 +77,14 @@ impl Native {
             return Err(Error::Unavailable("native snapshotter is closed".into()));
         }
         Ok(())
+    }
+
+    /// Deletes `rel` (`snapshots/<id>` or `tmp/<name>`) and everything in it, even
+    /// read-only directories when not running as root.
+    fn remove_path(&self, rel: &str) -> Result<()> {
+        let (parent, name) = rel.split_once('/').unwrap_or((".", rel));
+        let parent = self.dir.open_dir(parent).map_err(io(format!("open {parent}/")))?;
+        fsutil::remove_tree(&parent, name)
     }
 
     fn snapshot_dir(id: u64) -> String {
@@ -90,7 +107,13 @@ impl Native {
         }]
     }
 
-    fn create(&self, kind: Kind, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Vec<Mount>> {
         self.check_open()?;
         // Fail fast before copying a tree for nothing; the transaction re-checks.
         match self.store.get(key) {
@@ -101,10 +124,16 @@ impl Native {
         let parent_id = match parent {
             Some(p) => {
                 let (info, snap) = self.store.get(p).map_err(|e| {
-                    if e.is_not_found() { Error::NotFound(format!("parent snapshot {p:?}")) } else { e }
+                    if e.is_not_found() {
+                        Error::NotFound(format!("parent snapshot {p:?}"))
+                    } else {
+                        e
+                    }
                 })?;
                 if info.kind != Kind::Committed {
-                    return Err(Error::InvalidArgument(format!("parent {p:?} is not a committed snapshot")));
+                    return Err(Error::InvalidArgument(format!(
+                        "parent {p:?} is not a committed snapshot"
+                    )));
                 }
                 Some(snap.id)
             }
@@ -119,7 +148,8 @@ impl Native {
             match parent_id {
                 Some(pid) => {
                     let src_name = Self::snapshot_dir(pid);
-                    let src = self.dir.open_dir(&src_name).map_err(io(format!("open {src_name}")))?;
+                    let src =
+                        self.dir.open_dir(&src_name).map_err(io(format!("open {src_name}")))?;
                     fsutil::copy_tree(&src, &dst)
                 }
                 None => self
@@ -135,12 +165,16 @@ impl Native {
             // An id is only taken when its transaction commits; a directory already
             // under that name is a leftover of a crash before a commit.
             if self.dir.symlink_metadata(&final_name).is_ok() {
-                self.dir.remove_dir_all(&final_name).map_err(io(format!("remove stale {final_name}")))?;
+                self.remove_path(&final_name)?;
             }
             self.faults.hit("native.create.before-rename")?;
-            self.dir.rename(&tmp, &self.dir, &final_name).map_err(io(format!("rename {tmp} to {final_name}")))?;
-            if let Err(e) = self.faults.hit("native.create.before-commit").and_then(|()| txn.commit()) {
-                let _ = self.dir.remove_dir_all(&final_name);
+            self.dir
+                .rename(&tmp, &self.dir, &final_name)
+                .map_err(io(format!("rename {tmp} to {final_name}")))?;
+            if let Err(e) =
+                self.faults.hit("native.create.before-commit").and_then(|()| txn.commit())
+            {
+                let _ = self.remove_path(&final_name);
                 return Err(e);
             }
             Ok(snap)
@@ -148,7 +182,7 @@ impl Native {
         match result {
             Ok(snap) => Ok(self.mounts_for(&snap)),
             Err(e) => {
-                let _ = self.dir.remove_dir_all(&tmp);
+                let _ = self.remove_path(&tmp);
                 Err(e)
             }
         }
@@ -228,10 +262,8 @@ impl Snapshotter for Native {
             }
             return Err(e);
         }
-        if moved {
-            if let Err(e) = self.dir.remove_dir_all(&doomed) {
-                tracing::warn!(path = %doomed, error = %e, "could not delete a removed snapshot's tree; cleanup will retry");
-            }
+        if moved && let Err(e) = self.remove_path(&doomed) {
+            tracing::warn!(path = %doomed, error = %e, "could not delete a removed snapshot's tree; cleanup will retry");
         }
         Ok(())
     }
@@ -263,7 +295,11 @@ impl Snapshotter for Native {
             // A tree being built right now by a concurrent prepare also lives in tmp/;
             // the metadata layer holds prepares off while it cleans up, and a direct
             // user of this driver must do the same.
-            self.dir.remove_dir_all(&path).map_err(io(format!("remove {path}")))?;
+            match self.remove_path(&path) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

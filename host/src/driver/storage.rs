@@ -8,7 +8,10 @@
 use std::collections::HashSet;
 
 use cap_std::fs::Dir;
-use redb::{MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable, TableDefinition};
+use redb::{
+    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    TableDefinition,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -18,7 +21,8 @@ use crate::snapshot::{Info, Kind, Labels, Usage};
 use crate::snapshotter::FieldPath;
 
 const SNAPS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshots");
-const CHILDREN: MultimapTableDefinition<'static, &str, &str> = MultimapTableDefinition::new("children");
+const CHILDREN: MultimapTableDefinition<'static, &str, &str> =
+    MultimapTableDefinition::new("children");
 const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 const META_ID: &str = "id";
 
@@ -181,9 +185,12 @@ impl StoreTxn {
             return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
         }
         if let Some(p) = parent {
-            let prec = load(&t, p)?.ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?}")))?;
+            let prec =
+                load(&t, p)?.ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?}")))?;
             if prec.kind != Kind::Committed {
-                return Err(Error::InvalidArgument(format!("parent {p:?} is not a committed snapshot")));
+                return Err(Error::InvalidArgument(format!(
+                    "parent {p:?} is not a committed snapshot"
+                )));
             }
             let mut children = self.txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
             children.insert(p, key).map_err(kv::e)?;
@@ -217,7 +224,13 @@ impl StoreTxn {
 
     /// Turns the active snapshot `key` into the committed `name`, keeping its id and
     /// storing its usage. Returns the id.
-    pub fn commit_active(&mut self, key: &str, name: &str, usage: Usage, labels: &Labels) -> Result<u64> {
+    pub fn commit_active(
+        &mut self,
+        key: &str,
+        name: &str,
+        usage: Usage,
+        labels: &Labels,
+    ) -> Result<u64> {
         let mut t = self.txn.open_table(SNAPS).map_err(kv::e)?;
         if load(&t, name)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
@@ -248,7 +261,9 @@ impl StoreTxn {
         let rec = load(&t, key)?.ok_or_else(|| not_found(key))?;
         let mut children = self.txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
         if children.get(key).map_err(kv::e)?.next().is_some() {
-            return Err(Error::FailedPrecondition(format!("cannot remove snapshot {key:?} with child")));
+            return Err(Error::FailedPrecondition(format!(
+                "cannot remove snapshot {key:?} with child"
+            )));
         }
         if let Some(p) = &rec.parent {
             children.remove(p.as_str(), key).map_err(kv::e)?;

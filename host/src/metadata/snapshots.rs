@@ -10,11 +10,11 @@ use serde::Serialize;
 use super::Ctx;
 use super::db::{BKEYS, CHILDREN, MetaDb, SNAPSHOTS};
 use super::record::Record;
-use crate::kv::{now_nanos, to_nanos};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fault::Faults;
 use crate::filter::Filter;
 use crate::kv;
+use crate::kv::{now_nanos, to_nanos};
 use crate::snapshot::{
     Info, Kind, LABEL_SNAPSHOT_REF, Labels, Mount, Usage, inherited_labels, validate_labels,
 };
@@ -209,10 +209,10 @@ impl Snapshots {
         let bparent = {
             let txn = self.db.read()?;
             let t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
-            if let Some(target) = target {
-                if get(&t, sn, ns, target)?.is_some() {
-                    return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
-                }
+            if let Some(target) = target
+                && get(&t, sn, ns, target)?.is_some()
+            {
+                return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
             }
             if get(&t, sn, ns, key)?.is_some() {
                 return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
@@ -261,7 +261,8 @@ impl Snapshots {
                     )));
                 };
                 let rec = self.backend_target(target, bparent.as_deref(), parent, labels)?;
-                let err = Error::AlreadyExists(format!("target snapshot {target:?} from snapshotter"));
+                let err =
+                    Error::AlreadyExists(format!("target snapshot {target:?} from snapshotter"));
                 (target.as_str(), rec, Vec::new(), None, Some(err))
             }
             Err(e) => return Err(e),
@@ -331,9 +332,8 @@ impl Snapshots {
             }
             Ok(())
         })?;
-        let t = found.ok_or_else(|| {
-            Error::NotFound(format!("target snapshot {target:?} in backend"))
-        })?;
+        let t = found
+            .ok_or_else(|| Error::NotFound(format!("target snapshot {target:?} in backend")))?;
         let mut all = t.labels.clone();
         all.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(Record {
@@ -427,7 +427,11 @@ impl Snapshots {
         };
         txn.commit().map_err(kv::e)?;
         if last {
-            match self.faults.hit("metadata.remove.backend").and_then(|()| self.backend.remove(&bkey)) {
+            match self
+                .faults
+                .hit("metadata.remove.backend")
+                .and_then(|()| self.backend.remove(&bkey))
+            {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => tracing::warn!(snapshotter = sn, bkey, error = %e,

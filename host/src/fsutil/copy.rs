@@ -1,0 +1,329 @@
+//! Copying a tree with its metadata, the way containerd's `fs.CopyDir` does for its
+//! copy-based snapshotters.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, SeekFrom, Uid};
+use rustix::io::Errno;
+
+use super::xattr::{self, Node, Xattr};
+use super::{
+    At, Handle, Level, Meta, Stack, child_rel, fstat, list_names, lstat_at, open_dir_at, reopen_dir,
+};
+use crate::error::{Error, Result, ResultExt};
+
+/// Copies the contents of `src` into the empty directory `dst`, preserving file type,
+/// mode (including setuid, setgid and sticky), ownership, access and modification times
+/// (to the nanosecond), extended attributes in every namespace the caller can read,
+/// symlinks (never followed), hard links within the tree, device nodes and fifos.
+/// Sockets are skipped. The metadata of `src` itself is applied to `dst` too.
+///
+/// Per entry the order is: contents, owner, xattrs, mode, times. Owner comes first because
+/// `chown` clears setuid/setgid and file capabilities; times come last because every other
+/// step may touch them, and a directory gets its metadata only after all its children are
+/// written, so a read-only directory is still filled and keeps its mtime.
+///
+/// Not preserved: inode numbers, ctime and birth time, inode flags (`chattr`), and links to
+/// inodes outside the tree. Attributes the destination filesystem does not support are
+/// left out, and attributes `dst` gives new entries by itself (an inherited default ACL)
+/// stay. Holes in sparse files are kept where the filesystem reports them. An entry already
+/// present in `dst` is an error; on error `dst` is left partly filled.
+pub fn copy_tree(src: &cap_std::fs::Dir, dst: &cap_std::fs::Dir) -> Result<()> {
+    let root = At { verb: "copy", rel: Path::new("") };
+    let src_fd = reopen_dir(src).map_err(root.err("open source"))?;
+    let src_meta = fstat(&src_fd).map_err(root.err("stat source"))?;
+    let dst_fd = reopen_dir(dst).map_err(root.err("open destination"))?;
+    let dst_meta = fstat(&dst_fd).map_err(root.err("stat destination"))?;
+    if src_meta.id() == dst_meta.id() {
+        return Err(Error::internal(root, "source and destination are the same directory"));
+    }
+    let mut copier = Copier { dst_root: dst.as_fd(), dst_id: dst_meta.id(), links: HashMap::new() };
+    let mut stack = Stack::new(Frame::new(src_fd, src_meta, dst_fd, &dst_meta, PathBuf::new())?);
+    while let Some(frame) = stack.top_mut() {
+        match frame.names.next() {
+            Some(name) => {
+                if let Some(child) = copier.entry(frame, &name)? {
+                    stack.push(child);
+                }
+            }
+            None => {
+                if let Some(done) = stack.pop()? {
+                    done.finish()?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A directory being copied: both sides open, the source's metadata waiting to be applied
+/// once the names still to copy run out.
+#[derive(Debug)]
+struct Frame {
+    rel: PathBuf,
+    src: Handle,
+    dst: Handle,
+    meta: Meta,
+    xattrs: Vec<Xattr>,
+    names: std::vec::IntoIter<OsString>,
+}
+
+impl Frame {
+    fn new(src: OwnedFd, meta: Meta, dst: OwnedFd, dst_meta: &Meta, rel: PathBuf) -> Result<Frame> {
+        let at = At { verb: "copy", rel: &rel };
+        let xattrs = xattr::read(Node::Open(src.as_fd()), at)?;
+        let names = list_names(src.as_fd()).map_err(at.err("read directory"))?;
+        Ok(Frame {
+            src: Handle::new(src, &meta),
+            dst: Handle::new(dst, dst_meta),
+            meta,
+            xattrs,
+            names: names.into_iter(),
+            rel,
+        })
+    }
+
+    fn at(&self) -> At<'_> {
+        At { verb: "copy", rel: &self.rel }
+    }
+
+    fn finish(&self) -> Result<()> {
+        let fd = self.dst.fd().map_err(self.at().err("apply metadata"))?;
+        apply(Node::Open(fd), &self.meta, &self.xattrs, self.at())
+    }
+}
+
+impl Level for Frame {
+    fn close(&mut self) {
+        self.src.fd = None;
+        self.dst.fd = None;
+    }
+
+    fn reopen_from(&mut self, child: &Frame) -> Result<()> {
+        self.src.reopen_from(&child.src, child.at())?;
+        self.dst.reopen_from(&child.dst, child.at())
+    }
+}
+
+/// State shared by the whole copy.
+#[derive(Debug)]
+struct Copier<'a> {
+    dst_root: BorrowedFd<'a>,
+    dst_id: (u64, u64),
+    /// First destination path of each source inode with more than one link.
+    links: HashMap<(u64, u64), PathBuf>,
+}
+
+impl Copier<'_> {
+    /// Copies one entry of `parent`; a directory comes back as a frame to descend into.
+    fn entry(&mut self, parent: &Frame, name: &OsString) -> Result<Option<Frame>> {
+        let rel = child_rel(&parent.rel, name);
+        let at = At { verb: "copy", rel: &rel };
+        let sdir = parent.src.fd().map_err(at.err("source directory"))?;
+        let ddir = parent.dst.fd().map_err(at.err("destination directory"))?;
+        let meta = lstat_at(sdir, Path::new(name)).map_err(at.err("lstat"))?;
+        let kind = meta.file_type();
+        if kind == FileType::Directory {
+            return self.dir(sdir, ddir, name, &meta, rel.clone()).map(Some);
+        }
+        if kind == FileType::Socket {
+            return Ok(None);
+        }
+        if let Some(first) = self.links.get(&meta.id()).filter(|_| meta.nlink > 1) {
+            self.link(first, ddir, name, at)?;
+            return Ok(None);
+        }
+        let meta = match kind {
+            FileType::RegularFile => copy_file(sdir, ddir, name, &meta, at)?,
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(sdir, name.as_os_str(), Vec::new())
+                    .map_err(at.err("readlink"))?;
+                rustix::fs::symlinkat(target.as_c_str(), ddir, name.as_os_str())
+                    .map_err(at.err("symlink"))?;
+                copy_entry_meta(sdir, ddir, name, &meta, at)?
+            }
+            FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+                let perms = Mode::from_raw_mode(meta.mode & 0o777);
+                rustix::fs::mknodat(ddir, name.as_os_str(), kind, perms, meta.rdev)
+                    .map_err(at.err("mknod"))?;
+                copy_entry_meta(sdir, ddir, name, &meta, at)?
+            }
+            _ => {
+                return Err(Error::internal(
+                    at,
+                    format!("unknown file type (mode {:o})", meta.mode),
+                ));
+            }
+        };
+        if meta.nlink > 1 {
+            self.links.insert(meta.id(), rel);
+        }
+        Ok(None)
+    }
+
+    fn dir(
+        &self,
+        sdir: BorrowedFd<'_>,
+        ddir: BorrowedFd<'_>,
+        name: &OsStr,
+        meta: &Meta,
+        rel: PathBuf,
+    ) -> Result<Frame> {
+        let at = At { verb: "copy", rel: &rel };
+        let src = open_dir_at(sdir, Path::new(name)).map_err(at.err("open"))?;
+        let opened = fstat(&src).map_err(at.err("stat"))?;
+        if opened.id() != meta.id() {
+            return Err(Error::internal(at, "directory was replaced during the copy"));
+        }
+        if opened.id() == self.dst_id {
+            return Err(Error::internal(at, "the destination is inside the source"));
+        }
+        rustix::fs::mkdirat(ddir, name, Mode::RWXU).map_err(at.err("mkdir"))?;
+        let dst = open_dir_at(ddir, Path::new(name)).map_err(at.err("open destination"))?;
+        let dst_meta = fstat(&dst).map_err(at.err("stat destination"))?;
+        Frame::new(src, opened, dst, &dst_meta, rel)
+    }
+
+    /// Links `name` to the inode already copied to `first`. The path is resolved one
+    /// component at a time without following symlinks, so it stays inside the destination.
+    fn link(&self, first: &Path, ddir: BorrowedFd<'_>, name: &OsStr, at: At<'_>) -> Result<()> {
+        let mut held: Option<OwnedFd> = None;
+        let mut parts = first.components().peekable();
+        while let Some(part) = parts.next() {
+            let Component::Normal(part) = part else {
+                return Err(Error::internal(at, format!("bad link path {first:?}")));
+            };
+            let dir = held.as_ref().map_or(self.dst_root, |fd| fd.as_fd());
+            if parts.peek().is_none() {
+                return rustix::fs::linkat(dir, part, ddir, name, AtFlags::empty())
+                    .map_err(at.err(format!("link to {first:?}")));
+            }
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            held = Some(
+                rustix::fs::openat(dir, part, flags, Mode::empty())
+                    .map_err(at.err(format!("open {first:?}")))?,
+            );
+        }
+        Err(Error::internal(at, "empty link path"))
+    }
+}
+
+/// Copies a regular file's contents and metadata; returns the metadata of the opened source.
+fn copy_file(
+    sdir: BorrowedFd<'_>,
+    ddir: BorrowedFd<'_>,
+    name: &OsStr,
+    meta: &Meta,
+    at: At<'_>,
+) -> Result<Meta> {
+    // O_NONBLOCK: if a fifo was swapped in after the lstat, opening it must not hang.
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let src =
+        File::from(rustix::fs::openat(sdir, name, flags, Mode::empty()).map_err(at.err("open"))?);
+    let opened = fstat(&src).map_err(at.err("stat"))?;
+    if opened.id() != meta.id() || opened.file_type() != FileType::RegularFile {
+        return Err(Error::internal(at, "file was replaced during the copy"));
+    }
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dst = File::from(
+        rustix::fs::openat(ddir, name, flags, Mode::RUSR | Mode::WUSR).map_err(at.err("create"))?,
+    );
+    copy_contents(&src, &dst, &opened).internal(|| format!("{at}: copy contents"))?;
+    let xattrs = xattr::read(Node::Open(src.as_fd()), at)?;
+    apply(Node::Open(dst.as_fd()), &opened, &xattrs, at)?;
+    Ok(opened)
+}
+
+/// Copies the metadata of a symlink, device or fifo, none of which is opened.
+fn copy_entry_meta(
+    sdir: BorrowedFd<'_>,
+    ddir: BorrowedFd<'_>,
+    name: &OsStr,
+    meta: &Meta,
+    at: At<'_>,
+) -> Result<Meta> {
+    let xattrs = xattr::read(Node::Entry(sdir, name), at)?;
+    apply(Node::Entry(ddir, name), meta, &xattrs, at)?;
+    Ok(*meta)
+}
+
+/// Gives `target` the owner, xattrs, mode and times of `meta`, in that order.
+fn apply(target: Node<'_>, meta: &Meta, xattrs: &[Xattr], at: At<'_>) -> Result<()> {
+    let (uid, gid) = (Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)));
+    let chowned = match target {
+        Node::Open(fd) => rustix::fs::fchown(fd, uid, gid),
+        Node::Entry(dir, name) => {
+            rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+        }
+    };
+    if let Err(e) = chowned {
+        // Without CAP_CHOWN a chown to the owner it already has is not a failure.
+        let current = match target {
+            Node::Open(fd) => fstat(fd),
+            Node::Entry(dir, name) => lstat_at(dir, Path::new(name)),
+        };
+        if !matches!(current, Ok(c) if e == Errno::PERM && (c.uid, c.gid) == (meta.uid, meta.gid)) {
+            return Err(at.err("chown")(e));
+        }
+    }
+    xattr::write(target, xattrs, at)?;
+    // Symlinks have no mode of their own on Linux.
+    if meta.file_type() != FileType::Symlink {
+        match target {
+            Node::Open(fd) => rustix::fs::fchmod(fd, meta.perms()),
+            Node::Entry(dir, name) => {
+                rustix::fs::chmodat(dir, name, meta.perms(), AtFlags::empty())
+            }
+        }
+        .map_err(at.err("chmod"))?;
+    }
+    match target {
+        Node::Open(fd) => rustix::fs::futimens(fd, &meta.times()),
+        Node::Entry(dir, name) => {
+            rustix::fs::utimensat(dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
+        }
+    }
+    .map_err(at.err("utimensat"))
+}
+
+/// Copies file data. `io::copy` between files uses `copy_file_range` (a reflink where the
+/// filesystem can); a file with fewer blocks than its size has holes, which are skipped so
+/// the copy stays sparse.
+fn copy_contents(src: &File, dst: &File, meta: &Meta) -> io::Result<()> {
+    let sparse = meta.blocks.saturating_mul(512) < meta.size;
+    if !sparse || !copy_data_ranges(src, dst, meta.size)? {
+        io::copy(&mut &*src, &mut &*dst)?;
+    }
+    Ok(())
+}
+
+/// Copies only the data ranges `SEEK_DATA`/`SEEK_HOLE` report. Returns false, having
+/// written nothing, if the filesystem cannot report them.
+fn copy_data_ranges(src: &File, dst: &File, size: u64) -> io::Result<bool> {
+    let mut pos = 0;
+    while pos < size {
+        let start = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
+            Ok(start) => start,
+            // No data after `pos`: the rest is a hole.
+            Err(Errno::NXIO) => break,
+            Err(Errno::INVAL) if pos == 0 => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let end = rustix::fs::seek(src, SeekFrom::Hole(start))?;
+        rustix::fs::seek(src, SeekFrom::Start(start))?;
+        rustix::fs::seek(dst, SeekFrom::Start(start))?;
+        let copied = io::copy(&mut src.take(end - start), &mut &*dst)?;
+        if copied < end - start {
+            break;
+        }
+        pos = end;
+    }
+    dst.set_len(size)?;
+    Ok(true)
+}

@@ -1,0 +1,231 @@
+//! File-tree utilities for copy-based snapshotters: copying a tree with all its metadata,
+//! measuring disk usage, and removing a tree.
+//!
+//! Everything works relative to capability handles (`cap_std::fs::Dir`) through `*at`
+//! system calls with `O_NOFOLLOW`, so a symlink inside a tree never leads outside it.
+//! Walks are iterative and keep a bounded number of directories open: deep trees
+//! neither overflow the stack nor exhaust file descriptors.
+
+mod copy;
+mod remove;
+mod usage;
+mod xattr;
+
+#[cfg(test)]
+mod tests;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
+use rustix::io::Errno;
+
+use crate::error::{Error, Result};
+
+pub use copy::copy_tree;
+pub use remove::remove_tree;
+pub use usage::disk_usage;
+
+/// How many directory levels of a walk hold open descriptors. Deeper levels close their
+/// ancestors and reopen them through `..` on the way back up.
+const MAX_OPEN_LEVELS: usize = 64;
+
+/// The fields of `stat` the utilities use, in fixed-width types.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    nlink: u64,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
+    size: u64,
+    blocks: u64,
+    atime: Timespec,
+    mtime: Timespec,
+}
+
+impl Meta {
+    // The widths of `stat` fields differ between architectures, so some casts are no-ops
+    // on one and needed on another.
+    #[allow(clippy::unnecessary_cast)]
+    fn from_stat(st: &Stat) -> Meta {
+        Meta {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            mode: st.st_mode as u32,
+            nlink: st.st_nlink as u64,
+            uid: st.st_uid as u32,
+            gid: st.st_gid as u32,
+            rdev: st.st_rdev as u64,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: Timespec { tv_sec: st.st_atime as i64, tv_nsec: st.st_atime_nsec as _ },
+            mtime: Timespec { tv_sec: st.st_mtime as i64, tv_nsec: st.st_mtime_nsec as _ },
+        }
+    }
+
+    fn file_type(&self) -> FileType {
+        FileType::from_raw_mode(self.mode)
+    }
+
+    /// Permission bits including setuid, setgid and sticky.
+    fn perms(&self) -> Mode {
+        Mode::from_raw_mode(self.mode & 0o7777)
+    }
+
+    fn id(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
+    fn times(&self) -> Timestamps {
+        Timestamps { last_access: self.atime, last_modification: self.mtime }
+    }
+}
+
+fn fstat(fd: impl AsFd) -> rustix::io::Result<Meta> {
+    rustix::fs::fstat(fd).map(|st| Meta::from_stat(&st))
+}
+
+fn lstat_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<Meta> {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| Meta::from_stat(&st))
+}
+
+/// Opens the directory `name` below `dir` for reading, refusing to follow a symlink.
+fn open_dir_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::openat(dir, name, flags, Mode::empty())
+}
+
+/// A readable descriptor for the directory behind a handle, which may be an `O_PATH` one.
+fn reopen_dir(dir: &cap_std::fs::Dir) -> rustix::io::Result<OwnedFd> {
+    open_dir_at(dir, Path::new("."))
+}
+
+/// The names in a directory, without `.` and `..`. Reading them all up front lets the
+/// walk release the listing before descending, so wide trees cost memory, not descriptors.
+fn list_names(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<OsString>> {
+    let mut listing = rustix::fs::Dir::read_from(dir)?;
+    let mut names = Vec::new();
+    while let Some(entry) = listing.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsString::from_vec(name.to_vec()));
+        }
+    }
+    Ok(names)
+}
+
+/// Names an entry in error messages: what is being done to the tree and where in it,
+/// e.g. `copy "a/b"`.
+#[derive(Debug, Clone, Copy)]
+struct At<'a> {
+    verb: &'static str,
+    rel: &'a Path,
+}
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.rel.as_os_str().is_empty() {
+            write!(f, "{} \".\"", self.verb)
+        } else {
+            write!(f, "{} {:?}", self.verb, self.rel)
+        }
+    }
+}
+
+impl At<'_> {
+    /// Turns a failed system call into an internal error naming this entry and `op`.
+    fn err(self, op: impl fmt::Display) -> impl FnOnce(Errno) -> Error {
+        move |e| Error::internal(format!("{self}: {op}"), e)
+    }
+}
+
+/// The path of `name` inside the directory at `rel`.
+fn child_rel(rel: &Path, name: &OsString) -> PathBuf {
+    if rel.as_os_str().is_empty() { PathBuf::from(name) } else { rel.join(name) }
+}
+
+/// One open directory of a walk, with the identity it must still have when reopened.
+#[derive(Debug)]
+struct Handle {
+    fd: Option<OwnedFd>,
+    dev: u64,
+    ino: u64,
+}
+
+impl Handle {
+    fn new(fd: OwnedFd, meta: &Meta) -> Handle {
+        Handle { fd: Some(fd), dev: meta.dev, ino: meta.ino }
+    }
+
+    fn fd(&self) -> rustix::io::Result<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|fd| fd.as_fd()).ok_or(Errno::BADF)
+    }
+
+    /// Reopens this directory as the parent of `child`. Checking device and inode makes
+    /// `..` safe: it can only yield the very directory that was open before.
+    fn reopen_from(&mut self, child: &Handle, at: At<'_>) -> Result<()> {
+        let fd = open_dir_at(child.fd().map_err(at.err("reopen parent"))?, Path::new(".."))
+            .map_err(at.err("reopen parent"))?;
+        let meta = fstat(&fd).map_err(at.err("reopen parent"))?;
+        if (meta.dev, meta.ino) != (self.dev, self.ino) {
+            return Err(Error::internal(
+                format!("{at}: reopen parent"),
+                "directory was moved during the walk",
+            ));
+        }
+        self.fd = Some(fd);
+        Ok(())
+    }
+}
+
+/// A level of a walk that can give up its descriptors and get them back from its child.
+trait Level {
+    fn close(&mut self);
+    fn reopen_from(&mut self, child: &Self) -> Result<()>;
+}
+
+/// The directories from the root of a walk down to where it is now. Only the deepest
+/// [`MAX_OPEN_LEVELS`] hold descriptors.
+#[derive(Debug)]
+struct Stack<T> {
+    levels: Vec<T>,
+    /// Levels below this index are closed; those from it on are open.
+    first_open: usize,
+}
+
+impl<T: Level> Stack<T> {
+    fn new(root: T) -> Stack<T> {
+        Stack { levels: vec![root], first_open: 0 }
+    }
+
+    fn push(&mut self, level: T) {
+        self.levels.push(level);
+        if self.levels.len() - self.first_open > MAX_OPEN_LEVELS {
+            self.levels[self.first_open].close();
+            self.first_open += 1;
+        }
+    }
+
+    /// Removes the deepest level, making sure its parent (now the deepest) is open.
+    fn pop(&mut self) -> Result<Option<T>> {
+        let Some(child) = self.levels.pop() else { return Ok(None) };
+        if let Some(parent) = self.levels.len().checked_sub(1)
+            && parent < self.first_open
+        {
+            self.levels[parent].reopen_from(&child)?;
+            self.first_open = parent;
+        }
+        Ok(Some(child))
+    }
+
+    fn top_mut(&mut self) -> Option<&mut T> {
+        self.levels.last_mut()
+    }
+}

@@ -1,0 +1,295 @@
+//! Tests of whole-tree behaviour: copy fidelity, deep trees, removal.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use cap_std::ambient_authority;
+use rustix::fs::{AtFlags, CWD, FileType, Mode, Timespec, Timestamps, XattrFlags};
+
+use super::{MAX_OPEN_LEVELS, copy_tree, disk_usage, remove_tree};
+use crate::error::ErrorKind;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Tells why a root-only test does nothing.
+fn skip_unless_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("{test}: skipped: needs root (chown, mknod, trusted.* xattrs)");
+        return true;
+    }
+    false
+}
+
+fn open(path: &Path) -> cap_std::fs::Dir {
+    cap_std::fs::Dir::open_ambient_dir(path, ambient_authority()).expect("open dir")
+}
+
+fn roots() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    fs::create_dir(&src).expect("mkdir src");
+    fs::create_dir(&dst).expect("mkdir dst");
+    (tmp, src, dst)
+}
+
+fn set_times(path: &Path, atime: (i64, i64), mtime: (i64, i64)) {
+    let times = Timestamps {
+        last_access: Timespec { tv_sec: atime.0, tv_nsec: atime.1 as _ },
+        last_modification: Timespec { tv_sec: mtime.0, tv_nsec: mtime.1 as _ },
+    };
+    rustix::fs::utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).expect("utimensat");
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    rustix::fs::lsetxattr(path, name, value, XattrFlags::empty()).expect("lsetxattr");
+}
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut names = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(path, &mut names[..]).expect("llistxattr");
+    let mut out = BTreeMap::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        let mut value = vec![0u8; 4096];
+        let len = rustix::fs::lgetxattr(path, name.as_str(), &mut value[..]).unwrap_or(0);
+        value.truncate(len);
+        out.insert(name, value);
+    }
+    out
+}
+
+/// Everything about one entry that a copy must reproduce, except the access time
+/// (reading the source may move it) and the inode number.
+#[derive(Debug, PartialEq)]
+struct Entry {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u64,
+    mtime: (i64, i64),
+    rdev: u64,
+    size: u64,
+    link: Option<PathBuf>,
+    data: Option<Vec<u8>>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let path = root.join(&rel);
+        let md = fs::symlink_metadata(&path).expect("lstat");
+        let kind = FileType::from_raw_mode(md.mode());
+        if kind == FileType::Socket {
+            continue;
+        }
+        if kind == FileType::Directory {
+            for entry in fs::read_dir(&path).expect("read_dir") {
+                todo.push(rel.join(entry.expect("entry").file_name()));
+            }
+        }
+        let entry = Entry {
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            nlink: if kind == FileType::Directory { 0 } else { md.nlink() },
+            mtime: (md.mtime(), md.mtime_nsec()),
+            rdev: md.rdev(),
+            size: if kind == FileType::Directory { 0 } else { md.size() },
+            link: fs::read_link(&path).ok(),
+            data: (kind == FileType::RegularFile).then(|| fs::read(&path).expect("read")),
+            xattrs: xattrs(&path),
+        };
+        out.insert(rel, entry);
+    }
+    out
+}
+
+const T1: (i64, i64) = (1_000_000_001, 123_456_789);
+const T2: (i64, i64) = (1_200_000_002, 987_654_321);
+
+#[test]
+fn copy_preserves_types_modes_owners_xattrs_links_and_times() {
+    if skip_unless_root("copy_preserves_types_modes_owners_xattrs_links_and_times") {
+        return;
+    }
+    let (_tmp, src, dst) = roots();
+    let p = |rel: &str| src.join(rel);
+    fs::write(p("suid"), b"set-uid program").expect("write");
+    fs::write(p("sgid"), b"").expect("write");
+    fs::create_dir_all(p("a/b/c")).expect("mkdir");
+    fs::create_dir(p("empty")).expect("mkdir");
+    fs::create_dir(p("sticky")).expect("mkdir");
+    fs::create_dir(p("ro")).expect("mkdir");
+    fs::create_dir(p("ro/sub")).expect("mkdir");
+    fs::write(p("ro/sub/deep"), b"deep").expect("write");
+    fs::write(p("ro/x"), b"x").expect("write");
+    fs::write(p("a/b/c/file"), vec![42u8; 100_000]).expect("write");
+    fs::hard_link(p("suid"), p("a/hardlink")).expect("link");
+    std::os::unix::fs::symlink("../suid", p("a/rel")).expect("symlink");
+    std::os::unix::fs::symlink("/etc/passwd", p("abs")).expect("symlink");
+    std::os::unix::fs::symlink("no/such/target", p("dangling")).expect("symlink");
+    let null = rustix::fs::makedev(1, 3);
+    rustix::fs::mknodat(CWD, p("null"), FileType::CharacterDevice, Mode::from(0o666), null)
+        .expect("mknod");
+    rustix::fs::mknodat(CWD, p("fifo"), FileType::Fifo, Mode::from(0o640), 0).expect("mkfifo");
+    let _socket = std::os::unix::net::UnixListener::bind(p("socket")).expect("bind");
+    let sparse = fs::File::create(p("sparse")).expect("create");
+    sparse.set_len(8 << 20).expect("set_len");
+    std::os::unix::fs::FileExt::write_at(&sparse, b"middle", 4 << 20).expect("write_at");
+    drop(sparse);
+
+    for rel in ["suid", "a", "a/b/c/file", "abs", "fifo", "null", "ro/x", ""] {
+        std::os::unix::fs::lchown(p(rel), Some(1234), Some(5678)).expect("lchown");
+    }
+    for (rel, name, value) in [
+        ("suid", "user.a", &b"1"[..]),
+        ("suid", "trusted.t", b"2"),
+        ("a/b", "user.dir", b"d"),
+        ("a/b", "trusted.dir", b""),
+        ("", "user.root", b"r"),
+        ("abs", "trusted.link", b"l"),
+        ("null", "trusted.dev", b"n"),
+    ] {
+        set_xattr(&p(rel), name, value);
+    }
+    for (rel, mode) in
+        [("suid", 0o4755), ("sgid", 0o2710), ("sticky", 0o1777), ("null", 0o620), ("", 0o751)]
+    {
+        chmod(&p(rel), mode);
+    }
+    // Children before parents, so setting a child's times does not move its parent's.
+    for rel in [
+        "suid",
+        "sgid",
+        "a/b/c/file",
+        "a/b/c",
+        "a/b",
+        "a/rel",
+        "a",
+        "abs",
+        "dangling",
+        "null",
+        "fifo",
+        "sparse",
+        "empty",
+        "sticky",
+        "ro/sub/deep",
+        "ro/sub",
+        "ro/x",
+        "ro",
+        "",
+    ] {
+        set_times(&p(rel), T1, T2);
+    }
+    chmod(&p("ro"), 0o555);
+
+    copy_tree(&open(&src), &open(&dst)).expect("copy");
+
+    let q = |rel: &str| fs::symlink_metadata(dst.join(rel)).expect("lstat");
+    // Access times first: the comparison below reads both trees, which moves them.
+    for rel in ["suid", "a/b", "abs", ""] {
+        assert_eq!((q(rel).atime(), q(rel).atime_nsec()), T1, "atime of {rel:?}");
+    }
+    // Only now: reading the source moves its access times, which the copy must carry.
+    let expected = snapshot(&src);
+    let got = snapshot(&dst);
+    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    for (rel, want) in &expected {
+        assert_eq!(&got[rel], want, "{rel:?}");
+    }
+    assert_eq!(q("suid").ino(), q("a/hardlink").ino());
+    assert_eq!(q("suid").nlink(), 2);
+    assert_eq!(q("suid").mode() & 0o7777, 0o4755);
+    assert_eq!(q("sticky").mode() & 0o7777, 0o1777);
+    assert_eq!((q("").uid(), q("").gid()), (1234, 5678));
+    assert_eq!((q("abs").uid(), q("abs").gid()), (1234, 5678));
+    assert_eq!(fs::read_link(dst.join("abs")).expect("readlink"), Path::new("/etc/passwd"));
+    assert_eq!(q("null").rdev(), null);
+    assert!(q("null").file_type().is_char_device());
+    assert_eq!(FileType::from_raw_mode(q("fifo").mode()), FileType::Fifo);
+    assert!(!dst.join("socket").exists());
+    assert_eq!(q("ro").mode() & 0o7777, 0o555);
+    assert_eq!(fs::read(dst.join("ro/sub/deep")).expect("read"), b"deep");
+    assert!(q("sparse").blocks() * 512 < 1 << 20, "sparse file lost its holes");
+    assert_eq!(xattrs(&dst.join("suid"))["trusted.t"], b"2");
+    assert_eq!(xattrs(&dst)["user.root"], b"r");
+}
+
+#[test]
+fn deep_trees_copy_measure_and_remove_within_the_descriptor_budget() {
+    let (tmp, src, dst) = roots();
+    // Deep enough that walking back up must reopen closed levels several times over.
+    let depth = 200;
+    assert!(depth > 2 * MAX_OPEN_LEVELS);
+    let mut path = src.clone();
+    for _ in 0..depth {
+        path.push("d");
+    }
+    fs::create_dir_all(&path).expect("mkdir");
+    fs::write(path.join("leaf"), b"bottom").expect("write");
+    // Bottom-up so each directory keeps the time it was given.
+    for level in (0..=depth).rev() {
+        let dir: PathBuf =
+            std::iter::once(src.clone()).chain((0..level).map(|_| "d".into())).collect();
+        set_times(&dir, T1, (T2.0 + level as i64, T2.1));
+    }
+    copy_tree(&open(&src), &open(&dst)).expect("copy");
+    assert_eq!(snapshot(&dst), snapshot(&src));
+
+    let usage = disk_usage(&open(&dst)).expect("usage");
+    assert_eq!(usage.inodes, depth as u64 + 2);
+
+    remove_tree(&open(tmp.path()), "dst").expect("remove");
+    assert!(!dst.exists());
+}
+
+#[test]
+fn copy_errors_name_the_entry_and_the_operation() {
+    let (_tmp, src, dst) = roots();
+    fs::create_dir(src.join("sub")).expect("mkdir");
+    fs::write(src.join("sub/taken"), b"new").expect("write");
+    fs::create_dir(dst.join("sub")).expect("mkdir");
+    let err = copy_tree(&open(&src), &open(&dst)).expect_err("sub already exists");
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(err.to_string().starts_with("copy \"sub\": mkdir: "), "{err}");
+
+    let inside = src.join("inside");
+    fs::create_dir(&inside).expect("mkdir");
+    let err = copy_tree(&open(&src), &open(&inside)).expect_err("destination inside source");
+    assert!(err.to_string().contains("inside the source"), "{err}");
+}
+
+#[test]
+fn remove_tree_opens_up_read_only_dirs_and_never_follows_symlinks() {
+    let tmp = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    let keep = tmp.path().join("keep");
+    fs::create_dir(&keep).expect("mkdir");
+    fs::write(keep.join("precious"), b"p").expect("write");
+    let doomed = tmp.path().join("doomed");
+    fs::create_dir_all(doomed.join("ro/locked")).expect("mkdir");
+    fs::write(doomed.join("ro/locked/f"), b"f").expect("write");
+    std::os::unix::fs::symlink(&keep, doomed.join("ro/to-keep")).expect("symlink");
+    chmod(&doomed.join("ro/locked"), 0o000);
+    chmod(&doomed.join("ro"), 0o555);
+    let parent = open(tmp.path());
+
+    remove_tree(&parent, "doomed").expect("remove");
+    assert!(!doomed.exists());
+    assert_eq!(fs::read(keep.join("precious")).expect("kept"), b"p");
+
+    assert_eq!(remove_tree(&parent, "doomed").expect_err("gone").kind(), ErrorKind::NotFound);
+    let nested = remove_tree(&parent, "keep/precious").expect_err("nested");
+    assert_eq!(nested.kind(), ErrorKind::InvalidArgument);
+    remove_tree(&parent, "keep").expect("remove keep");
+    assert!(!keep.exists());
+}

@@ -1,0 +1,143 @@
+//! The `wasnap` binary as a person uses it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::common::*;
+
+fn run(root: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wasnap"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env_remove("WASNAP_NAMESPACE")
+        .env_remove("WASNAP_FAULTS")
+        .output()
+        .expect("run wasnap")
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let out = run(root, args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail, returning its one-line error.
+fn fails(root: &Path, args: &[&str]) -> String {
+    let out = run(root, args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "one clear line, no panic: {err}");
+    assert!(err.starts_with("wasnap: "), "{err}");
+    err
+}
+
+#[test]
+fn the_ctr_style_workflow() {
+    let dir = tmp();
+    let r = dir.path();
+    let mounts = ok(r, &["prepare", "layer-1-active"]);
+    assert!(mounts.contains("bind") && mounts.contains("rbind,rw"), "{mounts}");
+    ok(r, &["commit", "layer-1", "layer-1-active", "--label", "origin=test"]);
+    ok(r, &["prepare", "container", "layer-1"]);
+    ok(r, &["view", "inspect", "layer-1"]);
+
+    let ls = ok(r, &["ls"]);
+    assert_eq!(
+        ls.lines().next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["KEY", "PARENT", "KIND"]
+    );
+    assert!(ls.contains("layer-1") && ls.contains("committed") && ls.contains("view"), "{ls}");
+    assert_eq!(ok(r, &["ls", "--filter", "kind==committed"]).lines().count(), 2);
+
+    let tree = ok(r, &["tree"]);
+    assert!(
+        tree.contains("\\_ layer-1 (committed)") && tree.contains("  \\_ container (active)"),
+        "{tree}"
+    );
+
+    let labels = ok(r, &["label", "container", "a=1", "b=2"]);
+    assert!(labels.contains('a') && labels.contains('b'), "{labels}");
+    let labels = ok(r, &["label", "container", "a="]);
+    assert!(!labels.lines().any(|l| l.starts_with("a ")), "k= removes: {labels}");
+
+    let stat: serde_json::Value =
+        serde_json::from_str(&ok(r, &["--format", "json", "stat", "container"])).unwrap();
+    assert_eq!(stat["kind"], "active");
+    assert_eq!(stat["parent"], "layer-1");
+    assert_eq!(stat["labels"]["b"], "2");
+
+    let usage: serde_json::Value =
+        serde_json::from_str(&ok(r, &["--format", "json", "usage"])).unwrap();
+    assert_eq!(usage.as_array().unwrap().len(), 3);
+
+    let mounts: serde_json::Value =
+        serde_json::from_str(&ok(r, &["--format", "json", "mounts", "inspect"])).unwrap();
+    assert_eq!(mounts[0]["type"], "bind");
+    assert_eq!(mounts[0]["options"], serde_json::json!(["rbind", "ro"]));
+
+    // Namespaces are separate worlds.
+    assert_eq!(ok(r, &["-n", "other", "ls"]).lines().count(), 1);
+    ok(r, &["-n", "other", "prepare", "container"]);
+
+    ok(r, &["rm", "container", "inspect"]);
+    ok(r, &["rm", "layer-1"]);
+    assert_eq!(ok(r, &["ls"]).lines().count(), 1);
+}
+
+#[test]
+fn errors_are_one_line_and_typed() {
+    let dir = tmp();
+    let r = dir.path();
+    ok(r, &["prepare", "a"]);
+    ok(r, &["commit", "base", "a"]);
+    ok(r, &["prepare", "child", "base"]);
+    assert!(fails(r, &["stat", "missing"]).contains("not found"));
+    assert!(fails(r, &["prepare", "child"]).contains("already exists"));
+    assert!(fails(r, &["rm", "base"]).contains("failed precondition"));
+    assert!(fails(r, &["ls", "--filter", "kind=="]).contains("invalid argument"));
+    assert!(fails(r, &["-n", "no/slash", "ls"]).contains("invalid argument"));
+    let long = format!("k={}", "v".repeat(5000));
+    assert!(fails(r, &["label", "child", &long]).contains("greater than maximum size"));
+    assert!(fails(r, &["label", "child", "novalue"]).contains("expected KEY=VALUE"));
+    assert!(fails(r, &["-s", "nonesuch", "ls"]).contains("snapshotter \"nonesuch\""));
+    // rm tries every key and reports failures, removing what it can.
+    assert!(fails(r, &["rm", "missing", "child"]).contains("not found"));
+    assert!(ok(r, &["ls"]).lines().all(|l| !l.starts_with("child")));
+}
+
+#[test]
+fn mount_and_unmount_from_the_cli() {
+    crate::require_root!();
+    let dir = tmp();
+    let r = dir.path();
+    ok(r, &["prepare", "a"]);
+    let target = r.join("mnt");
+    std::fs::create_dir(&target).unwrap();
+    ok(r, &["mount", "a", target.to_str().unwrap()]);
+    let wrote = std::fs::write(target.join("hello"), "world");
+    ok(r, &["unmount", target.to_str().unwrap()]);
+    wrote.unwrap();
+    assert!(!target.join("hello").exists(), "unmounted");
+    ok(r, &["commit", "base", "a"]);
+    ok(r, &["view", "v", "base"]);
+    ok(r, &["mount", "v", target.to_str().unwrap()]);
+    let read = std::fs::read_to_string(target.join("hello"));
+    ok(r, &["unmount", target.to_str().unwrap()]);
+    assert_eq!(read.unwrap(), "world");
+}
+
+#[test]
+fn bench_smoke_prints_its_tables() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasnap"))
+        .args(["bench", "--smoke", "--sizes", "10"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("CYCLES/S") && text.contains("STAT P50") && text.contains("tmpfs"),
+        "{text}"
+    );
+}

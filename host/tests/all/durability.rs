@@ -1,0 +1,136 @@
+//! What survives a restart and a crash. These run on the real disk, where fsync means
+//! something, and kill a real `wasnap` process at injected fault points.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use wasnap::host::Host;
+use wasnap::{ErrorKind, Kind, Labels};
+
+use crate::common::*;
+
+fn wasnap(root: &Path, faults: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasnap"));
+    cmd.arg("--root").arg(root).args(args).env_remove("WASNAP_FAULTS");
+    if let Some(f) = faults {
+        cmd.env("WASNAP_FAULTS", f);
+    }
+    cmd.output().expect("run wasnap")
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "wasnap failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn crashed(out: &Output) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    out.status.signal() == Some(libc_sigabrt())
+}
+
+fn libc_sigabrt() -> i32 {
+    rustix::process::Signal::ABORT.as_raw()
+}
+
+fn backend_count(root: &Path) -> usize {
+    let host = Host::open(root).unwrap();
+    let sn = host.snapshotter("native").unwrap();
+    backend_keys(sn.backend().as_ref()).len()
+}
+
+#[test]
+fn snapshots_survive_close_and_reopen() {
+    let dir = disk_tmp();
+    let c = ctx("default");
+    {
+        let host = Host::open(dir.path()).unwrap();
+        let sn = host.snapshotter("native").unwrap();
+        let m = sn.prepare(&c, "a", None, &labels(&[("l", "v")])).unwrap();
+        std::fs::write(source(&m).join("f"), "kept").unwrap();
+        sn.commit(&c, "base", "a", &Labels::new()).unwrap();
+        sn.prepare(&c, "child", Some("base"), &Labels::new()).unwrap();
+        host.close().unwrap();
+    }
+    let host = Host::open(dir.path()).unwrap();
+    let sn = host.snapshotter("native").unwrap();
+    assert_eq!(names(&list(sn, &c, &[]).unwrap()), ["base", "child"]);
+    assert_eq!(sn.stat(&c, "child").unwrap().parent.as_deref(), Some("base"));
+    assert_eq!(sn.stat(&c, "base").unwrap().kind, Kind::Committed);
+    let m = sn.mounts(&c, "child").unwrap();
+    assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "kept");
+    // New keys after a reopen never collide with old backend keys.
+    sn.prepare(&c, "after", Some("base"), &Labels::new()).unwrap();
+    assert_eq!(backend_keys(sn.backend().as_ref()).len(), 3);
+}
+
+#[test]
+fn a_second_opener_of_the_same_root_is_refused_clearly() {
+    let dir = tmp();
+    let _first = Host::open(dir.path()).unwrap();
+    let err = Host::open(dir.path()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("in use by another process"), "{err}");
+    let out = wasnap(dir.path(), None, &["ls"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+}
+
+#[test]
+fn a_crash_between_backend_and_record_is_reclaimed_by_cleanup() {
+    let dir = disk_tmp();
+    let root = dir.path();
+    ok(wasnap(root, None, &["prepare", "a"]));
+    ok(wasnap(root, None, &["commit", "base", "a"]));
+    for point in [
+        "metadata.create.after-backend",
+        "native.create.before-commit",
+        "native.create.before-rename",
+    ] {
+        let out = wasnap(root, Some(&format!("{point}=abort")), &["prepare", "child", "base"]);
+        assert!(crashed(&out), "{point}: expected an abort, got {:?}", out.status);
+        let listed = ok(wasnap(root, None, &["ls"]));
+        assert!(!listed.contains("child"), "{point}: no record of the crashed prepare:\n{listed}");
+        ok(wasnap(root, None, &["cleanup"]));
+        assert_eq!(backend_count(root), 1, "{point}: cleanup left only base");
+        let tmp_left = std::fs::read_dir(root.join("snapshotters/native/tmp")).unwrap().count();
+        assert_eq!(tmp_left, 0, "{point}: no half-built trees");
+        // The key is usable again, and new backend snapshots do not trip over leftovers.
+        ok(wasnap(root, None, &["prepare", "child", "base"]));
+        ok(wasnap(root, None, &["rm", "child"]));
+    }
+}
+
+#[test]
+fn a_crash_after_the_backend_committed_converges() {
+    let dir = disk_tmp();
+    let root = dir.path();
+    ok(wasnap(root, None, &["prepare", "a"]));
+    let out = wasnap(root, Some("metadata.commit.after-backend=abort"), &["commit", "base", "a"]);
+    assert!(crashed(&out), "{:?}", out.status);
+    // The commit was never acknowledged: the active record is what the metadata says.
+    let listed = ok(wasnap(root, None, &["ls"]));
+    assert!(
+        listed.contains("a ") && listed.contains("active") && !listed.contains("base"),
+        "{listed}"
+    );
+    ok(wasnap(root, None, &["cleanup"]));
+    assert_eq!(backend_count(root), 0, "the unacknowledged commit's data is reclaimed");
+    // The stale active record can be removed even though its backend data is gone.
+    ok(wasnap(root, None, &["rm", "a"]));
+    assert_eq!(ok(wasnap(root, None, &["ls"])).lines().count(), 1, "header only");
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_remove_is_finished_by_cleanup() {
+    let dir = disk_tmp();
+    let root = dir.path();
+    ok(wasnap(root, None, &["prepare", "a"]));
+    let out = wasnap(root, Some("metadata.remove.backend=abort"), &["rm", "a"]);
+    assert!(crashed(&out));
+    assert_eq!(ok(wasnap(root, None, &["ls"])).lines().count(), 1, "the record is gone");
+    assert_eq!(backend_count(root), 1, "the backend still holds it");
+    let report = ok(wasnap(root, None, &["cleanup"]));
+    assert!(report.contains("removed"), "{report}");
+    assert_eq!(backend_count(root), 0);
+}

@@ -1,0 +1,411 @@
+//! The metadata layer's semantics, over the native driver and over backends that
+//! misbehave on purpose.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use wasnap::fault::Action;
+use wasnap::snapshot::{LABEL_SNAPSHOT_REF, MAX_LABEL_SIZE};
+use wasnap::{ErrorKind, Info, Kind, Labels, Snapshotter};
+
+use crate::common::*;
+
+fn none() -> Labels {
+    Labels::new()
+}
+
+#[test]
+fn the_same_key_lives_independently_in_two_namespaces() {
+    let s = native_stack();
+    let (a, b) = (ctx("tenant-a"), ctx("tenant-b"));
+    let ma = s.sn.prepare(&a, "k", None, &labels(&[("who", "a")])).unwrap();
+    let mb = s.sn.prepare(&b, "k", None, &labels(&[("who", "b")])).unwrap();
+    assert_ne!(source(&ma), source(&mb), "two namespaces, two backend snapshots");
+    assert_eq!(s.sn.stat(&a, "k").unwrap().labels["who"], "a");
+    assert_eq!(s.sn.stat(&b, "k").unwrap().labels["who"], "b");
+    assert_eq!(names(&list(&s.sn, &a, &[]).unwrap()), ["k"]);
+
+    // Backend keys carry the namespace; the backend never sees the bare key.
+    let bkeys: Vec<String> =
+        backend_keys(s.sn.backend().as_ref()).into_iter().map(|i| i.name).collect();
+    assert_eq!(bkeys.len(), 2);
+    assert!(bkeys.iter().any(|k| k.starts_with("tenant-a/") && k.ends_with("/k")), "{bkeys:?}");
+    assert!(bkeys.iter().any(|k| k.starts_with("tenant-b/") && k.ends_with("/k")), "{bkeys:?}");
+
+    s.sn.remove(&a, "k").unwrap();
+    assert_eq!(s.sn.stat(&a, "k").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(s.sn.stat(&b, "k").unwrap().labels["who"], "b");
+    assert!(source(&mb).is_dir(), "the other namespace's data is untouched");
+    assert_eq!(backend_keys(s.sn.backend().as_ref()).len(), 1);
+}
+
+#[test]
+fn kinds_parents_and_timestamps() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    let active = s.sn.stat(&c, "a").unwrap();
+    assert_eq!((active.kind, active.parent.as_deref()), (Kind::Active, None));
+    s.sn.commit(&c, "base", "a", &labels(&[("l", "1")])).unwrap();
+    assert_eq!(
+        s.sn.stat(&c, "a").unwrap_err().kind(),
+        ErrorKind::NotFound,
+        "commit consumes the key"
+    );
+    let base = s.sn.stat(&c, "base").unwrap();
+    assert_eq!(base.kind, Kind::Committed);
+    assert_eq!(base.labels, labels(&[("l", "1")]), "a commit carries the commit's labels");
+    assert!(base.created >= active.created);
+
+    s.sn.prepare(&c, "child", Some("base"), &none()).unwrap();
+    s.sn.view(&c, "v", Some("base"), &none()).unwrap();
+    assert_eq!(s.sn.stat(&c, "child").unwrap().parent.as_deref(), Some("base"));
+    assert_eq!(s.sn.stat(&c, "v").unwrap().kind, Kind::View);
+    s.sn.commit(&c, "top", "child", &none()).unwrap();
+    assert_eq!(
+        s.sn.stat(&c, "top").unwrap().parent.as_deref(),
+        Some("base"),
+        "commit keeps the parent"
+    );
+}
+
+#[test]
+fn commit_of_a_view_fails() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    s.sn.commit(&c, "base", "a", &none()).unwrap();
+    s.sn.view(&c, "v", Some("base"), &none()).unwrap();
+    let err = s.sn.commit(&c, "nope", "v", &none()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert_eq!(s.sn.stat(&c, "v").unwrap().kind, Kind::View, "the view is untouched");
+    assert_eq!(s.sn.stat(&c, "nope").unwrap_err().kind(), ErrorKind::NotFound);
+    // And a committed snapshot cannot be committed again either.
+    assert_eq!(
+        s.sn.commit(&c, "again", "base", &none()).unwrap_err().kind(),
+        ErrorKind::FailedPrecondition
+    );
+}
+
+#[test]
+fn remove_with_children_fails_with_failed_precondition() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    s.sn.commit(&c, "base", "a", &none()).unwrap();
+    s.sn.prepare(&c, "child", Some("base"), &none()).unwrap();
+    let err = s.sn.remove(&c, "base").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(s.sn.stat(&c, "base").is_ok());
+    s.sn.remove(&c, "child").unwrap();
+    s.sn.remove(&c, "base").unwrap();
+    assert!(list(&s.sn, &c, &[]).unwrap().is_empty());
+    assert!(backend_keys(s.sn.backend().as_ref()).is_empty(), "backend emptied too");
+    assert_eq!(s.sn.remove(&c, "base").unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+#[test]
+fn names_and_parents_are_checked() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    let kind = |r: wasnap::Result<_>| r.map(drop).unwrap_err().kind();
+    assert_eq!(kind(s.sn.prepare(&c, "a", None, &none())), ErrorKind::AlreadyExists);
+    assert_eq!(kind(s.sn.prepare(&c, "b", Some("missing"), &none())), ErrorKind::NotFound);
+    assert_eq!(
+        kind(s.sn.prepare(&c, "b", Some("a"), &none())),
+        ErrorKind::InvalidArgument,
+        "parent must be committed"
+    );
+    assert_eq!(kind(s.sn.prepare(&c, "", None, &none())), ErrorKind::InvalidArgument);
+    s.sn.prepare(&c, "x", None, &none()).unwrap();
+    s.sn.commit(&c, "done", "x", &none()).unwrap();
+    assert_eq!(s.sn.commit(&c, "done", "a", &none()).unwrap_err().kind(), ErrorKind::AlreadyExists);
+    assert_eq!(s.sn.commit(&c, "new", "missing", &none()).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(wasnap::Ctx::new("bad/ns").unwrap_err().kind(), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn labels_over_the_limit_are_rejected_everywhere() {
+    let s = native_stack();
+    let c = ctx("default");
+    let key = "k".repeat(96);
+    let fits = labels(&[(&key, &"v".repeat(MAX_LABEL_SIZE - key.len()))]);
+    let over = labels(&[(&key, &"v".repeat(MAX_LABEL_SIZE - key.len() + 1))]);
+    s.sn.prepare(&c, "ok", None, &fits).unwrap();
+
+    let err = s.sn.prepare(&c, "big", None, &over).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("4097"), "the message says how long: {err}");
+    assert_eq!(s.sn.stat(&c, "big").unwrap_err().kind(), ErrorKind::NotFound, "nothing recorded");
+    assert_eq!(s.sn.view(&c, "big", None, &over).unwrap_err().kind(), ErrorKind::InvalidArgument);
+
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    assert_eq!(s.sn.commit(&c, "c", "a", &over).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.sn.stat(&c, "a").unwrap().kind, Kind::Active, "the failed commit changed nothing");
+
+    let mut info = s.sn.stat(&c, "a").unwrap();
+    info.labels = over.clone();
+    assert_eq!(s.sn.update(&c, &info, &[]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert!(s.sn.stat(&c, "a").unwrap().labels.is_empty());
+}
+
+#[test]
+fn update_changes_labels_only() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &labels(&[("keep", "1"), ("drop", "2")])).unwrap();
+    let before = s.sn.stat(&c, "a").unwrap();
+
+    let mut info = before.clone();
+    info.kind = Kind::Committed; // not a label: must be ignored or refused, never applied
+    for bad in ["kind", "parent", "name", "created", "labels_x", ""] {
+        let err = s.sn.update(&c, &info, &[bad.to_string()]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{bad}: {err}");
+    }
+
+    // labels.<k>: set one, delete one (absent from the new info), leave the rest.
+    let mut info = before.clone();
+    info.labels = labels(&[("new", "3")]);
+    let after =
+        s.sn.update(&c, &info, &["labels.new".to_string(), "labels.drop".to_string()]).unwrap();
+    assert_eq!(after.labels, labels(&[("keep", "1"), ("new", "3")]));
+    assert_eq!(after.kind, Kind::Active);
+    assert_eq!(after.created, before.created);
+    assert!(after.updated > before.updated);
+
+    // `labels` and no field paths both replace the whole set.
+    info.labels = labels(&[("only", "x")]);
+    assert_eq!(s.sn.update(&c, &info, &["labels".to_string()]).unwrap().labels, info.labels);
+    info.labels = labels(&[("other", "y")]);
+    assert_eq!(s.sn.update(&c, &info, &[]).unwrap().labels, info.labels);
+    assert_eq!(s.sn.stat(&c, "a").unwrap().labels, info.labels, "persisted");
+
+    info.name = "missing".into();
+    assert_eq!(s.sn.update(&c, &info, &[]).unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+#[test]
+fn only_inherited_labels_reach_the_backend() {
+    let mut flaky = None;
+    let s = stack_with(|n| {
+        let f = Flaky::new(n);
+        flaky = Some(f.clone());
+        f
+    });
+    let flaky = flaky.unwrap();
+    let c = ctx("default");
+    let all = labels(&[
+        ("containerd.io/snapshot/remote.digest", "sha256:abc"),
+        (LABEL_SNAPSHOT_REF, "layer-1"),
+        ("containerd.io/gc.root", "x"),
+        ("mine", "1"),
+    ]);
+    s.sn.prepare(&c, "a", None, &all).unwrap();
+    let seen = flaky.seen_labels.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![labels(&[
+            ("containerd.io/snapshot/remote.digest", "sha256:abc"),
+            (LABEL_SNAPSHOT_REF, "layer-1")
+        ])]
+    );
+    assert_eq!(s.sn.stat(&c, "a").unwrap().labels, all, "the metadata keeps them all");
+
+    // Updating an inherited label updates the backend; others do not reach it.
+    let bkey = backend_keys(s.sn.backend().as_ref())[0].name.clone();
+    let mut info = s.sn.stat(&c, "a").unwrap();
+    info.labels.insert("containerd.io/snapshot/remote.digest".into(), "sha256:def".into());
+    info.labels.insert("mine".into(), "2".into());
+    s.sn.update(&c, &info, &[]).unwrap();
+    let inner = flaky.stat(&bkey).unwrap();
+    assert_eq!(inner.labels["containerd.io/snapshot/remote.digest"], "sha256:def");
+    assert!(!inner.labels.contains_key("mine"));
+}
+
+#[test]
+fn filters_follow_containerd_syntax() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &labels(&[("a.b", "c"), ("team", "x")])).unwrap();
+    s.sn.commit(&c, "base", "a", &labels(&[("a.b", "c")])).unwrap();
+    s.sn.prepare(&c, "child-1", Some("base"), &labels(&[("team", "x")])).unwrap();
+    s.sn.prepare(&c, "child-2", Some("base"), &labels(&[("team", "y")])).unwrap();
+    s.sn.view(&c, "view-1", Some("base"), &none()).unwrap();
+    s.sn.prepare(&c, "lonely", None, &none()).unwrap();
+    let q = |f: &[&str]| names(&list(&s.sn, &c, f).unwrap());
+
+    assert_eq!(q(&["kind==committed"]), ["base"]);
+    assert_eq!(q(&["kind==view"]), ["view-1"]);
+    assert_eq!(q(&["parent==base"]), ["child-1", "child-2", "view-1"]);
+    assert_eq!(q(&[r#"labels."a.b"==c"#]), ["base"]);
+    assert_eq!(q(&["name~=^child-"]), ["child-1", "child-2"]);
+    assert_eq!(q(&["name~=/-[0-9]$/"]), ["child-1", "child-2", "view-1"]);
+    assert_eq!(q(&["parent==base,labels.team==x"]), ["child-1"], "comma is and");
+    assert_eq!(
+        q(&["kind==committed", "labels.team==y"]),
+        ["base", "child-2"],
+        "several filters are alternatives"
+    );
+    assert_eq!(q(&["labels.team"]), ["child-1", "child-2"], "a bare field tests presence");
+    assert_eq!(q(&["kind!=active"]), ["base", "view-1"]);
+    assert_eq!(
+        q(&["parent==\"\""]),
+        ["base", "lonely"],
+        "no parent compares as empty, as in containerd"
+    );
+    assert_eq!(q(&[]).len(), 5);
+
+    for bad in ["kind==", "==x", "labels.\"unterminated", "name~=(", "kind==a,", "kind=x"] {
+        let err = list(&s.sn, &c, &[bad]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{bad}: {err}");
+    }
+}
+
+#[test]
+fn an_existing_target_makes_prepare_return_already_exists() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "extract-1", None, &none()).unwrap();
+    s.sn.commit(&c, "sha256:layer", "extract-1", &none()).unwrap();
+    let err =
+        s.sn.prepare(&c, "extract-2", None, &labels(&[(LABEL_SNAPSHOT_REF, "sha256:layer")]))
+            .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    assert!(err.to_string().contains("target"), "{err}");
+    assert_eq!(
+        s.sn.stat(&c, "extract-2").unwrap_err().kind(),
+        ErrorKind::NotFound,
+        "no active snapshot left behind"
+    );
+    assert_eq!(backend_keys(s.sn.backend().as_ref()).len(), 1);
+}
+
+#[test]
+fn a_deduplicating_backend_shares_one_layer_between_namespaces() {
+    let s = stack_with(|inner| Arc::new(Dedup { inner }));
+    let (a, b) = (ctx("a"), ctx("b"));
+    let target = labels(&[(LABEL_SNAPSHOT_REF, "sha256:shared")]);
+    s.sn.prepare(&a, "extract", None, &target).unwrap();
+    s.sn.commit(&a, "sha256:shared", "extract", &target).unwrap();
+
+    // Namespace b unpacks the same layer: the backend already has it.
+    let err = s.sn.prepare(&b, "extract", None, &target).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    let shared = s.sn.stat(&b, "sha256:shared").expect("the target is recorded in b");
+    assert_eq!(shared.kind, Kind::Committed);
+    assert_eq!(s.sn.stat(&b, "extract").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(backend_keys(s.sn.backend().as_ref()).len(), 1, "one copy of the layer");
+    let ma = s.sn.mounts(&a, "sha256:shared").unwrap();
+    assert_eq!(ma, s.sn.mounts(&b, "sha256:shared").unwrap(), "both names mount the same data");
+
+    // Removing it from one namespace keeps it for the other; the last removal frees it.
+    s.sn.remove(&a, "sha256:shared").unwrap();
+    assert_eq!(backend_keys(s.sn.backend().as_ref()).len(), 1);
+    assert!(source(&ma).is_dir());
+    s.sn.remove(&b, "sha256:shared").unwrap();
+    assert!(backend_keys(s.sn.backend().as_ref()).is_empty());
+}
+
+#[test]
+fn a_backend_failing_mid_prepare_leaves_no_record() {
+    let mut flaky = None;
+    let s = stack_with(|n| {
+        let f = Flaky::new(n);
+        flaky = Some(f.clone());
+        f
+    });
+    let flaky = flaky.unwrap();
+    let c = ctx("default");
+    flaky.fail_prepare_after_work.store(true, Ordering::SeqCst);
+    let err = s.sn.prepare(&c, "a", None, &none()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "the backend's error comes back as it was: {err}");
+    flaky.fail_prepare_after_work.store(false, Ordering::SeqCst);
+    flaky.fail_prepare.store(true, Ordering::SeqCst);
+    assert_eq!(s.sn.prepare(&c, "a", None, &none()).unwrap_err().kind(), ErrorKind::Unavailable);
+    assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
+    assert!(list(&s.sn, &c, &[]).unwrap().is_empty());
+    assert!(backend_keys(flaky.as_ref()).is_empty());
+
+    // The key is free again once the backend recovers.
+    flaky.fail_prepare.store(false, Ordering::SeqCst);
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+
+    // A failing backend commit changes nothing either.
+    flaky.fail_commit.store(true, Ordering::SeqCst);
+    assert!(s.sn.commit(&c, "done", "a", &none()).is_err());
+    assert_eq!(s.sn.stat(&c, "a").unwrap().kind, Kind::Active);
+    assert_eq!(s.sn.stat(&c, "done").unwrap_err().kind(), ErrorKind::NotFound);
+    flaky.fail_commit.store(false, Ordering::SeqCst);
+    s.sn.commit(&c, "done", "a", &none()).unwrap();
+}
+
+#[test]
+fn a_metadata_failure_after_the_backend_succeeded_cleans_the_backend_up() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    s.sn.commit(&c, "base", "a", &none()).unwrap();
+    s.faults.arm("metadata.create.after-backend", Action::Error);
+    for parent in [None, Some("base")] {
+        let err = s.sn.prepare(&c, "child", parent, &none()).unwrap_err();
+        assert!(err.to_string().contains("injected fault"), "{err}");
+        let err = s.sn.view(&c, "view", parent, &none()).unwrap_err();
+        assert!(err.to_string().contains("injected fault"), "{err}");
+    }
+    s.faults.disarm("metadata.create.after-backend");
+    assert_eq!(names(&list(&s.sn, &c, &[]).unwrap()), ["base"]);
+    let left: Vec<Info> = backend_keys(s.sn.backend().as_ref());
+    assert_eq!(left.len(), 1, "the backend snapshots were removed again: {left:?}");
+    // And the parent has no phantom child: it can be removed.
+    s.sn.remove(&c, "base").unwrap();
+}
+
+#[test]
+fn cleanup_prunes_what_no_record_names_children_first() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "kept", None, &none()).unwrap();
+    // Orphans made behind the metadata layer's back, as a crash would leave them.
+    let b = s.sn.backend().clone();
+    b.prepare("default/900/orphan", None, &none()).unwrap();
+    b.commit("default/901/orphan-base", "default/900/orphan", &none()).unwrap();
+    b.prepare("default/902/orphan-child", Some("default/901/orphan-base"), &none()).unwrap();
+    let report = s.sn.cleanup().unwrap();
+    assert_eq!(
+        report.removed,
+        ["default/902/orphan-child", "default/901/orphan-base"],
+        "children first"
+    );
+    assert!(report.failed.is_empty());
+    let left = backend_keys(b.as_ref());
+    assert_eq!(left.len(), 1);
+    assert!(left[0].name.ends_with("/kept"));
+    assert_eq!(names(&list(&s.sn, &c, &[]).unwrap()), ["kept"]);
+}
+
+#[test]
+fn concurrent_prepares_on_one_parent_all_land() {
+    let s = Arc::new(native_stack());
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    s.sn.commit(&c, "base", "a", &none()).unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let c = ctx("default");
+                for i in 0..10 {
+                    let key = format!("t{t}-{i}");
+                    s.sn.prepare(&c, &key, Some("base"), &Labels::new()).unwrap();
+                    s.sn.commit(&c, &format!("{key}-c"), &key, &Labels::new()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(list(&s.sn, &c, &["parent==base"]).unwrap().len(), 80);
+    assert_eq!(backend_keys(s.sn.backend().as_ref()).len(), 81);
+}

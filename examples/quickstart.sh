@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --locked --quiet -p wasnap
+cargo build --locked --quiet -p wasnap-cli
 wasnap() { ./target/debug/wasnap "$@"; }
 
 root="${1:-$(mktemp -d /tmp/wasnap-quickstart.XXXXXX)}"

@@ -4,7 +4,6 @@
 //! and the `wasnap` binary (daemon and CLI). See ARCHITECTURE.md at the repository root
 //! for the map.
 
-pub mod cli;
 pub mod driver;
 pub mod error;
 pub mod fault;

@@ -24,7 +24,9 @@ pub fn tmp() -> TempDir {
         .expect("tmpdir on /dev/shm")
 }
 
-/// A fresh directory on the real disk, for durability and crash tests.
+/// A fresh directory on the real disk, for durability and crash tests (the CLI
+/// package's, which share this file).
+#[allow(dead_code)]
 pub fn disk_tmp() -> TempDir {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     tempfile::Builder::new().prefix("wasnap-disk-").tempdir_in(base).expect("tmpdir on disk")

@@ -141,3 +141,36 @@ fn bench_smoke_prints_its_tables() {
         "{text}"
     );
 }
+
+#[test]
+fn conformance_lists_runs_and_reports_in_three_formats() {
+    let dir = tmp();
+    let list = ok(dir.path(), &["conformance", "--list"]);
+    for case in ["Basic", "128LayersMount", "ConcurrentPrepares", "NamespaceIsolation"] {
+        assert!(list.contains(case), "--list shows {case}:\n{list}");
+    }
+    let base = dir.path().to_str().unwrap();
+    let table = ok(
+        dir.path(),
+        &["conformance", "--dir", base, "--run", "ErrorClasses", "--run", "labellimits"],
+    );
+    assert!(table.contains("ErrorClasses") && table.contains("LabelLimits"), "{table}");
+    assert!(table.trim_end().ends_with("native: 2 passed, 0 failed, 0 skipped"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        dir.path(),
+        &["--format", "json", "conformance", "--dir", base, "--run", "Filters"],
+    ))
+    .unwrap();
+    assert_eq!(json["passed"], 1);
+    assert_eq!(json["cases"][0]["name"], "Filters");
+    let xml =
+        ok(dir.path(), &["--format", "junit", "conformance", "--dir", base, "--run", "Filters"]);
+    assert!(
+        xml.contains("<testsuite name=\"native\"") && xml.contains("name=\"Filters\""),
+        "{xml}"
+    );
+    assert!(
+        fails(dir.path(), &["conformance", "--run", "no-such-case"]).contains("no case matches")
+    );
+    assert!(fails(dir.path(), &["--format", "junit", "ls"]).contains("junit"));
+}

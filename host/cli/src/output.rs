@@ -6,9 +6,9 @@ use std::io::Write;
 use clap::ValueEnum;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::metadata::PruneReport;
-use crate::snapshot::{Info, Labels, Mount, Usage};
+use wasnap::error::{Error, Result};
+use wasnap::metadata::PruneReport;
+use wasnap::snapshot::{Info, Labels, Mount, Usage};
 
 /// Output format of the CLI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -17,6 +17,8 @@ pub enum Format {
     Table,
     /// One JSON document.
     Json,
+    /// JUnit XML (`wasnap conformance` only).
+    Junit,
 }
 
 fn io(e: std::io::Error) -> Error {
@@ -69,7 +71,7 @@ pub(crate) fn human_bytes(n: u64) -> String {
 pub(crate) fn mounts(out: &mut dyn Write, f: Format, mounts: &[Mount]) -> Result<()> {
     match f {
         Format::Json => json(out, mounts),
-        Format::Table => {
+        Format::Table | Format::Junit => {
             let rows: Vec<Vec<String>> = mounts
                 .iter()
                 .map(|m| {
@@ -85,7 +87,7 @@ pub(crate) fn mounts(out: &mut dyn Write, f: Format, mounts: &[Mount]) -> Result
 pub(crate) fn info(out: &mut dyn Write, f: Format, i: &Info) -> Result<()> {
     match f {
         Format::Json => json(out, i),
-        Format::Table => {
+        Format::Table | Format::Junit => {
             let mut rows = vec![
                 vec!["Name".into(), i.name.clone()],
                 vec!["Parent".into(), i.parent.clone().unwrap_or_default()],
@@ -107,7 +109,7 @@ pub(crate) fn info(out: &mut dyn Write, f: Format, i: &Info) -> Result<()> {
 pub(crate) fn list(out: &mut dyn Write, f: Format, infos: &[Info]) -> Result<()> {
     match f {
         Format::Json => json(out, infos),
-        Format::Table => {
+        Format::Table | Format::Junit => {
             let rows: Vec<Vec<String>> = infos
                 .iter()
                 .map(|i| {
@@ -155,7 +157,7 @@ pub(crate) fn tree(out: &mut dyn Write, f: Format, infos: &[Info]) -> Result<()>
     let roots = build(None, &children);
     match f {
         Format::Json => json(out, &roots),
-        Format::Table => {
+        Format::Table | Format::Junit => {
             fn print(out: &mut dyn Write, nodes: &[Node<'_>], depth: usize) -> Result<()> {
                 for n in nodes {
                     writeln!(out, "{:indent$}\\_ {} ({})", "", n.name, n.kind, indent = depth * 2)
@@ -183,7 +185,7 @@ pub(crate) fn usage(out: &mut dyn Write, f: Format, rows: &[(String, Usage)]) ->
                 rows.iter().map(|(n, u)| UsageRow { name: n, usage: *u }).collect();
             json(out, &v)
         }
-        Format::Table => {
+        Format::Table | Format::Junit => {
             let rows: Vec<Vec<String>> = rows
                 .iter()
                 .map(|(n, u)| vec![n.clone(), human_bytes(u.size), u.inodes.to_string()])
@@ -196,7 +198,7 @@ pub(crate) fn usage(out: &mut dyn Write, f: Format, rows: &[(String, Usage)]) ->
 pub(crate) fn labels(out: &mut dyn Write, f: Format, labels: &Labels) -> Result<()> {
     match f {
         Format::Json => json(out, labels),
-        Format::Table => {
+        Format::Table | Format::Junit => {
             let rows: Vec<Vec<String>> =
                 labels.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
             table(out, &["LABEL", "VALUE"], &rows)
@@ -207,7 +209,7 @@ pub(crate) fn labels(out: &mut dyn Write, f: Format, labels: &Labels) -> Result<
 pub(crate) fn prune(out: &mut dyn Write, f: Format, r: &PruneReport) -> Result<()> {
     match f {
         Format::Json => json(out, r),
-        Format::Table => {
+        Format::Table | Format::Junit => {
             let mut rows: Vec<Vec<String>> =
                 r.removed.iter().map(|k| vec![k.clone(), "removed".into()]).collect();
             rows.extend(r.failed.iter().map(|(k, e)| vec![k.clone(), format!("failed: {e}")]));

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::error::{Error, Result};
-use crate::fault::Faults;
-use crate::host::{DEFAULT_SNAPSHOTTER, Host};
-use crate::metadata::{Ctx, Snapshots};
-use crate::snapshot::Labels;
+use wasnap::error::{Error, Result};
+use wasnap::fault::Faults;
+use wasnap::host::{DEFAULT_SNAPSHOTTER, Host};
+use wasnap::metadata::{Ctx, Snapshots};
+use wasnap::snapshot::Labels;
 
-use super::output::table;
+use crate::output::table;
 
 /// Options of `wasnap bench`.
 #[derive(Debug, Args)]

@@ -4,7 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wasnap::cli::{self, Cli};
+mod bench;
+mod cli;
+mod conformance;
+mod output;
+
+use cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

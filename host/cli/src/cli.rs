@@ -5,20 +5,17 @@
 //! know containerd feel at home. The command tree is parsed once here; commands run
 //! against an open [`Host`] (embedded mode).
 
-mod bench;
-mod output;
-
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::error::{Error, Result};
-use crate::host::{DEFAULT_SNAPSHOTTER, Host, default_root};
-use crate::metadata::{Ctx, DEFAULT_NAMESPACE, Snapshots};
-use crate::snapshot::{Info, Labels};
+use wasnap::error::{Error, Result};
+use wasnap::host::{DEFAULT_SNAPSHOTTER, Host, default_root};
+use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE, Snapshots};
+use wasnap::snapshot::{Info, Labels};
 
-pub use output::Format;
+pub use crate::output::Format;
 
 /// wasnap: a container snapshotter host with containerd's semantics.
 #[derive(Debug, Parser)]
@@ -110,7 +107,9 @@ pub enum Command {
     /// Remove backend data no snapshot record names, and reclaim space
     Cleanup,
     /// Measure the host's hot paths and print a table
-    Bench(bench::BenchArgs),
+    Bench(crate::bench::BenchArgs),
+    /// Check a backend against the conformance suite (containerd's snapshotter tests)
+    Conformance(crate::conformance::ConformanceArgs),
 }
 
 /// Parses `KEY=VALUE` arguments.
@@ -128,10 +127,18 @@ pub fn parse_labels(args: &[String]) -> Result<Labels> {
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     let g = &cli.global;
     if let Command::Unmount { dir } = &cli.command {
-        return crate::mount::unmount(dir);
+        return wasnap::mount::unmount(dir);
+    }
+    if let Command::Conformance(args) = &cli.command {
+        return crate::conformance::run(args, g.format, out);
+    }
+    if g.format == Format::Junit {
+        return Err(Error::InvalidArgument(
+            "--format junit is for `wasnap conformance` only".into(),
+        ));
     }
     if let Command::Bench(args) = &cli.command {
-        return bench::run(args, out);
+        return crate::bench::run(args, out);
     }
     let root = g.root.clone().unwrap_or_else(default_root);
     let host = Host::open(&root)?;
@@ -147,11 +154,11 @@ fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Re
     match command {
         Command::Prepare { key, parent, labels } => {
             let mounts = sn.prepare(&ctx, key, parent.as_deref(), &parse_labels(labels)?)?;
-            output::mounts(out, fmt, &mounts)
+            crate::output::mounts(out, fmt, &mounts)
         }
         Command::View { key, parent, labels } => {
             let mounts = sn.view(&ctx, key, Some(parent), &parse_labels(labels)?)?;
-            output::mounts(out, fmt, &mounts)
+            crate::output::mounts(out, fmt, &mounts)
         }
         Command::Commit { name, key, labels } => sn.commit(&ctx, name, key, &parse_labels(labels)?),
         Command::Rm { keys } => {
@@ -172,14 +179,14 @@ fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Re
                 }
             }
         }
-        Command::Stat { key } => output::info(out, fmt, &sn.stat(&ctx, key)?),
+        Command::Stat { key } => crate::output::info(out, fmt, &sn.stat(&ctx, key)?),
         Command::Ls { filters } => {
             let mut infos = Vec::new();
             sn.walk(&ctx, filters, &mut |i| {
                 infos.push(i);
                 Ok(())
             })?;
-            output::list(out, fmt, &infos)
+            crate::output::list(out, fmt, &infos)
         }
         Command::Tree => {
             let mut infos = Vec::new();
@@ -187,7 +194,7 @@ fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Re
                 infos.push(i);
                 Ok(())
             })?;
-            output::tree(out, fmt, &infos)
+            crate::output::tree(out, fmt, &infos)
         }
         Command::Usage { keys } => {
             let keys: Vec<String> = if keys.is_empty() {
@@ -205,9 +212,9 @@ fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Re
                 let u = sn.usage(&ctx, &k)?;
                 rows.push((k, u));
             }
-            output::usage(out, fmt, &rows)
+            crate::output::usage(out, fmt, &rows)
         }
-        Command::Mounts { key } => output::mounts(out, fmt, &sn.mounts(&ctx, key)?),
+        Command::Mounts { key } => crate::output::mounts(out, fmt, &sn.mounts(&ctx, key)?),
         Command::Label { key, labels } => {
             let mut info = sn.stat(&ctx, key)?;
             let mut paths = Vec::new();
@@ -223,14 +230,16 @@ fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Re
                 return Err(Error::InvalidArgument("label: give at least one KEY=VALUE".into()));
             }
             let info = sn.update(&ctx, &info, &paths)?;
-            output::labels(out, fmt, &info.labels)
+            crate::output::labels(out, fmt, &info.labels)
         }
-        Command::Mount { key, dir } => crate::mount::mount_all(&sn.mounts(&ctx, key)?, dir),
+        Command::Mount { key, dir } => wasnap::mount::mount_all(&sn.mounts(&ctx, key)?, dir),
         Command::Cleanup => {
             let report = sn.cleanup()?;
-            output::prune(out, fmt, &report)
+            crate::output::prune(out, fmt, &report)
         }
-        Command::Unmount { .. } | Command::Bench(_) => unreachable_command(),
+        Command::Unmount { .. } | Command::Bench(_) | Command::Conformance(_) => {
+            unreachable_command()
+        }
     }
 }
 

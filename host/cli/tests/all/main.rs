@@ -1,0 +1,10 @@
+#![allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is what it should do
+
+//! The `wasnap` binary as people and crashes meet it.
+
+mod cli;
+// The library's test helpers, shared rather than copied.
+#[path = "../../../tests/all/common.rs"]
+#[allow(dead_code)]
+mod common;
+mod durability;

@@ -11,18 +11,39 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
-use crate::driver::Native;
+use crate::driver::overlay::OverlayOptions;
+use crate::driver::{Native, Overlay};
 use crate::error::{Error, Result};
 use crate::fault::Faults;
 use crate::metadata::{MetaDb, Snapshots};
+use crate::snapshotter::Snapshotter;
 
-/// The snapshotter used when none is named.
+/// The snapshotter used when none is named: the one that works everywhere.
 pub const DEFAULT_SNAPSHOTTER: &str = "native";
+
+/// Which driver serves a snapshotter, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverConfig {
+    /// The copy-based native driver: any filesystem, no kernel features.
+    Native,
+    /// The overlayfs driver.
+    Overlay(OverlayOptions),
+}
+
+impl DriverConfig {
+    /// The built-in drivers, each as a snapshotter of the same name.
+    pub fn builtin() -> BTreeMap<String, DriverConfig> {
+        BTreeMap::from([
+            ("native".to_owned(), DriverConfig::Native),
+            ("overlay".to_owned(), DriverConfig::Overlay(OverlayOptions::default())),
+        ])
+    }
+}
 
 /// The root used when none is given: `/var/lib/wasnap` for root, otherwise
 /// `$XDG_DATA_HOME/wasnap` (or `~/.local/share/wasnap`).
@@ -39,23 +60,37 @@ pub fn default_root() -> PathBuf {
     }
 }
 
-/// An open root: the metadata database and every configured snapshotter.
+/// An open root: the metadata database and the configured snapshotters, each opened
+/// the first time it is asked for (so a driver this machine cannot run stops only the
+/// calls that name it).
 #[derive(Debug)]
 pub struct Host {
     root: PathBuf,
+    dir: Dir,
     db: Arc<MetaDb>,
-    snapshotters: BTreeMap<String, Arc<Snapshots>>,
+    faults: Arc<Faults>,
+    configs: BTreeMap<String, DriverConfig>,
+    opened: Mutex<BTreeMap<String, Arc<Snapshots>>>,
 }
 
 impl Host {
-    /// Opens (creating if needed) the root at `root`, arming fault points from
-    /// `WASNAP_FAULTS` if it is set.
+    /// Opens (creating if needed) the root at `root` with the built-in drivers, arming
+    /// fault points from `WASNAP_FAULTS` if it is set.
     pub fn open(root: &Path) -> Result<Self> {
         Self::open_with(root, Arc::new(Faults::from_env()?))
     }
 
     /// Opens the root with an explicit set of fault points (tests).
     pub fn open_with(root: &Path, faults: Arc<Faults>) -> Result<Self> {
+        Self::open_config(root, faults, DriverConfig::builtin())
+    }
+
+    /// Opens the root with the given snapshotters.
+    pub fn open_config(
+        root: &Path,
+        faults: Arc<Faults>,
+        configs: BTreeMap<String, DriverConfig>,
+    ) -> Result<Self> {
         let io = |what: &str| {
             let what = format!("{what} {}", root.display());
             move |e: std::io::Error| Error::internal(what, e)
@@ -64,15 +99,7 @@ impl Host {
         let root = root.canonicalize().map_err(io("resolve root"))?;
         let dir = Dir::open_ambient_dir(&root, ambient_authority()).map_err(io("open root"))?;
         let db = Arc::new(MetaDb::open(&dir)?);
-
-        let native_rel = format!("snapshotters/{DEFAULT_SNAPSHOTTER}");
-        dir.create_dir_all(&native_rel).map_err(io("create snapshotter dir in"))?;
-        let native_dir = dir.open_dir(&native_rel).map_err(io("open snapshotter dir in"))?;
-        let native = Native::open(native_dir, root.join(&native_rel), faults.clone())?;
-        let snapshots = Snapshots::new(db.clone(), DEFAULT_SNAPSHOTTER, Arc::new(native), faults);
-        let mut snapshotters = BTreeMap::new();
-        snapshotters.insert(DEFAULT_SNAPSHOTTER.to_owned(), Arc::new(snapshots));
-        Ok(Host { root, db, snapshotters })
+        Ok(Host { root, dir, db, faults, configs, opened: Mutex::new(BTreeMap::new()) })
     }
 
     /// The root directory, resolved.
@@ -85,22 +112,55 @@ impl Host {
         &self.db
     }
 
-    /// The snapshotter called `name`.
-    pub fn snapshotter(&self, name: &str) -> Result<&Arc<Snapshots>> {
-        self.snapshotters.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.snapshotters.keys().map(String::as_str).collect();
+    /// The snapshotter called `name`, opening its driver on first use.
+    pub fn snapshotter(&self, name: &str) -> Result<Arc<Snapshots>> {
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = opened.get(name) {
+            return Ok(s.clone());
+        }
+        let config = self.configs.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.configs.keys().map(String::as_str).collect();
             Error::NotFound(format!("snapshotter {name:?} (configured: {})", known.join(", ")))
+        })?;
+        let backend = self
+            .open_driver(name, config)
+            .map_err(|e| e.context(format!("snapshotter {name:?}")))?;
+        let s = Arc::new(Snapshots::new(self.db.clone(), name, backend, self.faults.clone()));
+        opened.insert(name.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    fn open_driver(&self, name: &str, config: &DriverConfig) -> Result<Arc<dyn Snapshotter>> {
+        let rel = format!("snapshotters/{name}");
+        let io = |what: &'static str| {
+            let rel = rel.clone();
+            move |e: std::io::Error| Error::internal(format!("{what} {rel}"), e)
+        };
+        self.dir.create_dir_all(&rel).map_err(io("create"))?;
+        let dir = self.dir.open_dir(&rel).map_err(io("open"))?;
+        let path = self.root.join(&rel);
+        Ok(match config {
+            DriverConfig::Native => Arc::new(Native::open(dir, path, self.faults.clone())?),
+            DriverConfig::Overlay(opts) => {
+                Arc::new(Overlay::open(dir, path, self.faults.clone(), opts.clone())?)
+            }
         })
     }
 
     /// Names of the configured snapshotters.
     pub fn snapshotter_names(&self) -> impl Iterator<Item = &str> {
-        self.snapshotters.keys().map(String::as_str)
+        self.configs.keys().map(String::as_str)
     }
 
-    /// Closes every backend.
+    /// How each configured snapshotter is served.
+    pub fn configs(&self) -> &BTreeMap<String, DriverConfig> {
+        &self.configs
+    }
+
+    /// Closes every backend opened so far.
     pub fn close(&self) -> Result<()> {
-        self.snapshotters.values().try_for_each(|s| s.close())
+        let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.values().try_for_each(|s| s.close())
     }
 }
 

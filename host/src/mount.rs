@@ -84,6 +84,9 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
 }
 
 fn mount_one(m: &Mount, target: &Path) -> Result<()> {
+    if m.kind == "overlay" {
+        return mount_overlay(m, target);
+    }
     let opts = parse_options(&m.options);
     let fail = |what: &str, e: rustix::io::Errno| {
         let err = std::io::Error::from(e);
@@ -107,6 +110,137 @@ fn mount_one(m: &Mount, target: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The most lower layers the kernel stacks in one overlay mount (`OVL_MAX_STACK`).
+pub const OVERLAY_MAX_LAYERS: usize = 500;
+
+/// The lower layers named by an overlay mount's `lowerdir=` option, top first.
+pub fn overlay_lowerdirs(options: &[String]) -> Vec<&str> {
+    options
+        .iter()
+        .filter_map(|o| o.strip_prefix("lowerdir="))
+        .flat_map(|l| l.split(':'))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Mounts overlay with the new mount API, one `lowerdir+` per layer, so that no option
+/// string bounds the number of layers (classic mount(2) takes one page of options,
+/// which is where containerd's ~128-layer ceiling comes from). Kernels without the new
+/// API or without `lowerdir+` (before 6.8) get classic mount(2) when the options fit.
+fn mount_overlay(m: &Mount, target: &Path) -> Result<()> {
+    let lowers = overlay_lowerdirs(&m.options);
+    if lowers.len() > OVERLAY_MAX_LAYERS {
+        return Err(Error::InvalidArgument(format!(
+            "overlay mount with {} lower layers: the kernel stacks at most {OVERLAY_MAX_LAYERS}",
+            lowers.len()
+        )));
+    }
+    let opts = parse_options(&m.options);
+    match mount_overlay_fsconfig(m, &opts, target) {
+        Ok(()) => Ok(()),
+        Err(NewApi::Unsupported(why)) => {
+            let page = rustix::param::page_size();
+            if opts.data.len() >= page {
+                return Err(Error::InvalidArgument(format!(
+                    "overlay options are {} bytes, more than one page ({page}), and this kernel cannot take layers one by one ({why})",
+                    opts.data.len()
+                )));
+            }
+            let data = CString::new(opts.data.clone())
+                .map_err(|_| Error::InvalidArgument("mount options contain a NUL byte".into()))?;
+            rustix::mount::mount(
+                m.source.as_str(),
+                target,
+                "overlay",
+                opts.flags,
+                Some(data.as_c_str()),
+            )
+            .map_err(|e| {
+                Error::internal(
+                    format!("mount overlay on {}", target.display()),
+                    std::io::Error::from(e),
+                )
+            })
+        }
+        Err(NewApi::Failed(what, e)) => Err(Error::internal(
+            format!("mount overlay on {} ({what})", target.display()),
+            std::io::Error::from(e),
+        )),
+    }
+}
+
+enum NewApi {
+    /// The kernel lacks the new mount API or `lowerdir+`: use mount(2).
+    Unsupported(String),
+    /// The kernel refused the mount itself.
+    Failed(String, rustix::io::Errno),
+}
+
+fn mount_overlay_fsconfig(m: &Mount, opts: &ParsedOptions, target: &Path) -> Result<(), NewApi> {
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
+        fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
+    };
+    let expressible = MountFlags::RDONLY
+        | MountFlags::NOSUID
+        | MountFlags::NODEV
+        | MountFlags::NOEXEC
+        | MountFlags::NOATIME
+        | MountFlags::NODIRATIME
+        | MountFlags::RELATIME
+        | MountFlags::STRICTATIME;
+    if !(opts.flags - expressible).is_empty() {
+        return Err(NewApi::Unsupported(format!(
+            "flags {:?} need mount(2)",
+            opts.flags - expressible
+        )));
+    }
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| NewApi::Unsupported(format!("fsopen: {e}")))?;
+    let failed = |what: String| move |e| NewApi::Failed(what, e);
+    for opt in opts.data.split(',').filter(|o| !o.is_empty()) {
+        match opt.split_once('=') {
+            Some(("lowerdir", layers)) => {
+                for layer in layers.split(':').filter(|l| !l.is_empty()) {
+                    fsconfig_set_string(&fs, "lowerdir+", layer).map_err(|e| match e {
+                        rustix::io::Errno::INVAL => {
+                            NewApi::Unsupported(format!("lowerdir+ refused for {layer}: {e}"))
+                        }
+                        e => NewApi::Failed(format!("lowerdir+ {layer}"), e),
+                    })?;
+                }
+            }
+            Some((key, value)) => {
+                fsconfig_set_string(&fs, key, value).map_err(failed(format!("option {opt}")))?
+            }
+            None => fsconfig_set_flag(&fs, opt).map_err(failed(format!("option {opt}")))?,
+        }
+    }
+    if m.source != "overlay" && !m.source.is_empty() {
+        fsconfig_set_string(&fs, "source", m.source.as_str()).map_err(failed("source".into()))?;
+    }
+    fsconfig_create(&fs).map_err(failed("create the overlay".into()))?;
+    let mut attrs = MountAttrFlags::empty();
+    for (flag, attr) in [
+        (MountFlags::RDONLY, MountAttrFlags::MOUNT_ATTR_RDONLY),
+        (MountFlags::NOSUID, MountAttrFlags::MOUNT_ATTR_NOSUID),
+        (MountFlags::NODEV, MountAttrFlags::MOUNT_ATTR_NODEV),
+        (MountFlags::NOEXEC, MountAttrFlags::MOUNT_ATTR_NOEXEC),
+        (MountFlags::NOATIME, MountAttrFlags::MOUNT_ATTR_NOATIME),
+        (MountFlags::NODIRATIME, MountAttrFlags::MOUNT_ATTR_NODIRATIME),
+        (MountFlags::RELATIME, MountAttrFlags::MOUNT_ATTR_RELATIME),
+        (MountFlags::STRICTATIME, MountAttrFlags::MOUNT_ATTR_STRICTATIME),
+    ] {
+        if opts.flags.contains(flag) {
+            attrs |= attr;
+        }
+    }
+    let mnt =
+        fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(failed("fsmount".into()))?;
+    move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+        .map_err(failed("move_mount".into()))
 }
 
 /// Unmounts everything stacked at `target`, like containerd's `UnmountAll`.

@@ -114,7 +114,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
 
     // Cycles: the lifetime of one layer, empty and on a small parent.
     let mut rows = Vec::new();
-    let parent_tree = make_parent(sn, &ctx)?;
+    let parent_tree = make_parent(&sn, &ctx)?;
     for (name, parent) in
         [("empty, no parent", None), ("on a 100-file parent", Some(parent_tree.as_str()))]
     {

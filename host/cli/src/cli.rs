@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use wasnap::error::{Error, Result};
 use wasnap::host::{DEFAULT_SNAPSHOTTER, Host, default_root};
-use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE, Snapshots};
+use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE};
 use wasnap::snapshot::{Info, Labels};
 
 pub use crate::output::Format;
@@ -149,7 +149,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
 
 fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Result<()> {
     let ctx = Ctx::new(&g.namespace)?;
-    let sn: &Snapshots = host.snapshotter(&g.snapshotter)?;
+    let sn = host.snapshotter(&g.snapshotter)?;
     let fmt = g.format;
     match command {
         Command::Prepare { key, parent, labels } => {

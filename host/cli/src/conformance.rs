@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use clap::Args;
 use wasnap::Snapshotter;
+use wasnap::driver::overlay::OverlayOptions;
+use wasnap::driver::{Native, Overlay};
 use wasnap::error::{Error, Result};
+use wasnap::fault::Faults;
 use wasnap_conformance::{Factory, Options, cases};
 
 use crate::output::{Format, table};
@@ -36,16 +39,27 @@ pub struct ConformanceArgs {
 pub enum Driver {
     /// The copy-based native driver.
     Native,
+    /// The overlayfs driver.
+    Overlay,
 }
 
-struct NativeFactory;
+/// Opens one of wasnap's own drivers in each case's directory.
+struct DriverFactory(Driver);
 
-impl Factory for NativeFactory {
+impl Factory for DriverFactory {
     fn name(&self) -> String {
-        "native".into()
+        format!("{:?}", self.0).to_lowercase()
     }
     fn open(&self, dir: &Path) -> Result<Arc<dyn Snapshotter>> {
-        wasnap_conformance::open_native(dir)
+        let cap = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .map_err(|e| Error::internal(format!("open {}", dir.display()), e))?;
+        let faults = Arc::new(Faults::new());
+        Ok(match self.0 {
+            Driver::Native => Arc::new(Native::open(cap, dir.to_path_buf(), faults)?),
+            Driver::Overlay => {
+                Arc::new(Overlay::open(cap, dir.to_path_buf(), faults, OverlayOptions::default())?)
+            }
+        })
     }
 }
 
@@ -91,10 +105,7 @@ pub fn run(args: &ConformanceArgs, format: Format, out: &mut dyn Write) -> Resul
             }
         };
     }
-    let factory: Box<dyn Factory> = match args.driver {
-        Driver::Native => Box::new(NativeFactory),
-    };
-    let report = wasnap_conformance::run(factory.as_ref(), &selected, &opts);
+    let report = wasnap_conformance::run(&DriverFactory(args.driver), &selected, &opts);
     match format {
         Format::Table => report.write_table(out),
         Format::Json => report.write_json(out),

@@ -4,7 +4,12 @@
 //! ([`storage`]) and never opens the host's metadata database; it is handed a directory
 //! capability at start-up and touches nothing outside it.
 
+pub mod btrfs;
+mod layout;
 pub mod native;
+pub mod overlay;
 pub mod storage;
 
+pub use btrfs::Btrfs;
 pub use native::Native;
+pub use overlay::Overlay;

@@ -3,6 +3,9 @@
 //! wasnap's integration tests: one binary, one module per concern, driving the real
 //! metadata layer and the real native driver. The binary's tests live in host/cli.
 
+mod btrfs;
 mod common;
+mod loopfs;
 mod metadata;
 mod native;
+mod overlay;

@@ -53,7 +53,7 @@ fn snapshots_survive_close_and_reopen() {
     }
     let host = Host::open(dir.path()).unwrap();
     let sn = host.snapshotter("native").unwrap();
-    assert_eq!(names(&list(sn, &c, &[]).unwrap()), ["base", "child"]);
+    assert_eq!(names(&list(&sn, &c, &[]).unwrap()), ["base", "child"]);
     assert_eq!(sn.stat(&c, "child").unwrap().parent.as_deref(), Some("base"));
     assert_eq!(sn.stat(&c, "base").unwrap().kind, Kind::Committed);
     let m = sn.mounts(&c, "child").unwrap();

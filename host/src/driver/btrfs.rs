@@ -1,0 +1,5 @@
+//! The btrfs driver (in progress).
+
+/// The btrfs driver.
+#[derive(Debug)]
+pub struct Btrfs;

@@ -1,0 +1,232 @@
+//! What directory-per-snapshot drivers (native, overlay) share: the layout of their
+//! directory and the crash-safe steps around a snapshot's tree.
+//!
+//! ```text
+//! metadata.db        the driver's records (ids, kinds, parents, labels, usage)
+//! snapshots/<id>/    one directory per snapshot
+//! tmp/               trees being built or deleted; anything here after a crash is garbage
+//! ```
+//!
+//! A tree is built in `tmp/` where no record names it, and renamed to
+//! `snapshots/<id>` inside the record's transaction; a removed tree is renamed into
+//! `tmp/` inside the transaction that forgets it. So after a crash at any step, every
+//! record names a complete tree, and [`Layout::reclaim`] deletes the rest.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
+
+use crate::driver::storage::{Snap, Store};
+use crate::error::{Error, Result};
+use crate::fault::Faults;
+use crate::fsutil;
+use crate::snapshot::{Info, Kind, Labels};
+
+const SNAPSHOTS: &str = "snapshots";
+const TMP: &str = "tmp";
+
+pub(crate) fn io(context: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::internal(context, e)
+}
+
+/// A driver's directory, its records and its fault points.
+#[derive(Debug)]
+pub(crate) struct Layout {
+    pub dir: Dir,
+    /// The same directory as `dir`, as a host path: used only to build mount sources,
+    /// which callers outside the process need.
+    pub path: PathBuf,
+    pub store: Store,
+    faults: Arc<Faults>,
+    /// The driver's name, for messages and fault point names (`<name>.create.…`).
+    name: &'static str,
+    closed: AtomicBool,
+    tmp_seq: AtomicU64,
+}
+
+impl Layout {
+    /// Opens the layout in `dir`, creating what is missing.
+    pub fn open(dir: Dir, path: PathBuf, faults: Arc<Faults>, name: &'static str) -> Result<Self> {
+        let mut private = DirBuilder::new();
+        private.mode(0o700);
+        for sub in [SNAPSHOTS, TMP] {
+            match dir.create_dir_with(sub, &private) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(Error::internal(format!("create {sub}/ in {}", path.display()), e));
+                }
+            }
+        }
+        let store = Store::open(&dir)?;
+        Ok(Layout {
+            dir,
+            path,
+            store,
+            faults,
+            name,
+            closed: AtomicBool::new(false),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Unavailable once closed.
+    pub fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(format!("{} snapshotter is closed", self.name)));
+        }
+        Ok(())
+    }
+
+    /// Marks the driver closed; idempotent.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Fails or aborts if the fault point `<driver>.<point>` is armed.
+    pub fn fault(&self, point: &str) -> Result<()> {
+        self.faults.hit(&format!("{}.{point}", self.name))
+    }
+
+    /// `snapshots/<id>`, relative to the driver's directory.
+    pub fn snapshot_dir(id: u64) -> String {
+        format!("{SNAPSHOTS}/{id}")
+    }
+
+    /// The host path of `rel`, for mount sources.
+    pub fn host_path(&self, rel: &str) -> String {
+        self.path.join(rel).to_string_lossy().into_owned()
+    }
+
+    /// A fresh name in `tmp/`.
+    pub fn tmp_name(&self, what: &str) -> String {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{TMP}/{what}-{}-{n}", std::process::id())
+    }
+
+    /// Deletes `rel` (`snapshots/<id>` or `tmp/<name>`) and everything in it, even
+    /// read-only directories when not running as root.
+    pub fn remove_path(&self, rel: &str) -> Result<()> {
+        let (parent, name) = rel.split_once('/').unwrap_or((".", rel));
+        let parent = self.dir.open_dir(parent).map_err(io(format!("open {parent}/")))?;
+        fsutil::remove_tree(&parent, name)
+    }
+
+    /// Checks that `key` is free and `parent` (if any) is committed, before any tree is
+    /// built for nothing. The transaction in [`Layout::install`] checks again.
+    pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<(Info, Snap)>> {
+        self.check_open()?;
+        match self.store.get(key) {
+            Ok(_) => return Err(Error::AlreadyExists(format!("snapshot {key:?}"))),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        let Some(p) = parent else { return Ok(None) };
+        let (info, snap) = self.store.get(p).map_err(|e| {
+            if e.is_not_found() { Error::NotFound(format!("parent snapshot {p:?}")) } else { e }
+        })?;
+        if info.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {p:?} is not a committed snapshot"
+            )));
+        }
+        Ok(Some((info, snap)))
+    }
+
+    /// Records the snapshot and moves the tree built at `tmp` to `snapshots/<id>`, as
+    /// one step: on any failure the record is not written and the tree is deleted.
+    pub fn install(
+        &self,
+        tmp: &str,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Snap> {
+        let result = (|| {
+            let mut txn = self.store.begin()?;
+            let snap = txn.create(kind, key, parent, labels)?;
+            let final_name = Self::snapshot_dir(snap.id);
+            // An id is only taken when its transaction commits; a directory already
+            // under that name is a leftover of a crash before a commit.
+            if self.dir.symlink_metadata(&final_name).is_ok() {
+                self.remove_path(&final_name)?;
+            }
+            self.fault("create.before-rename")?;
+            self.dir
+                .rename(tmp, &self.dir, &final_name)
+                .map_err(io(format!("rename {tmp} to {final_name}")))?;
+            if let Err(e) = self.fault("create.before-commit").and_then(|()| txn.commit()) {
+                let _ = self.remove_path(&final_name);
+                return Err(e);
+            }
+            Ok(snap)
+        })();
+        if result.is_err() {
+            let _ = self.remove_path(tmp);
+        }
+        result
+    }
+
+    /// Forgets `key` and moves its tree to `tmp/`; with `now`, deletes it too (otherwise
+    /// [`Layout::reclaim`] does, like containerd's asynchronous remove).
+    pub fn remove(&self, key: &str, now: bool) -> Result<()> {
+        self.check_open()?;
+        let mut txn = self.store.begin()?;
+        let (id, _) = txn.remove(key)?;
+        let name = Self::snapshot_dir(id);
+        let doomed = self.tmp_name(&format!("rm-{id}"));
+        // Moved inside the transaction: if the commit fails it is moved back; if we
+        // crash after the commit, reclaim finds it in tmp/.
+        let moved = match self.dir.rename(&name, &self.dir, &doomed) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::internal(format!("rename {name} to {doomed}"), e)),
+        };
+        if let Err(e) = self.fault("remove.before-commit").and_then(|()| txn.commit()) {
+            if moved {
+                let _ = self.dir.rename(&doomed, &self.dir, &name);
+            }
+            return Err(e);
+        }
+        if now
+            && moved
+            && let Err(e) = self.remove_path(&doomed)
+        {
+            tracing::warn!(path = %doomed, error = %e, "could not delete a removed snapshot's tree; cleanup will retry");
+        }
+        Ok(())
+    }
+
+    /// Deletes every tree in `tmp/` and every `snapshots/<id>` no record names.
+    ///
+    /// A tree being built right now also lives in `tmp/`: the metadata layer holds
+    /// creates off while it cleans up, and a direct user of a driver must do the same.
+    pub fn reclaim(&self) -> Result<()> {
+        self.check_open()?;
+        let ids: HashSet<u64> = self.store.ids()?;
+        let mut doomed = Vec::new();
+        for entry in self.dir.read_dir(TMP).map_err(io("read tmp/"))? {
+            let entry = entry.map_err(io("read tmp/"))?;
+            doomed.push(format!("{TMP}/{}", entry.file_name().to_string_lossy()));
+        }
+        for entry in self.dir.read_dir(SNAPSHOTS).map_err(io("read snapshots/"))? {
+            let entry = entry.map_err(io("read snapshots/"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.parse::<u64>().is_ok_and(|id| ids.contains(&id)) {
+                doomed.push(format!("{SNAPSHOTS}/{name}"));
+            }
+        }
+        for path in doomed {
+            match self.remove_path(&path) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! The overlay driver: the job of containerd's overlayfs snapshotter.
+//!
+//! Each snapshot is `snapshots/<id>/fs` (its layer: the upper directory while active)
+//! and `snapshots/<id>/work` (overlay's work directory), in the layout shared with the
+//! native driver ([`layout`](super::layout)). Mounts:
+//!
+//! - active, no parent: a writable bind mount of `fs`;
+//! - active on a parent: `overlay` with the parent chain as `lowerdir` (nearest first),
+//!   `fs` as `upperdir`;
+//! - view of one layer: a read-only bind mount of that layer; of several: a read-only
+//!   `overlay` of them.
+//!
+//! The kernel stacks at most [`OVERLAY_MAX_LAYERS`] lower layers; a chain deeper than
+//! that is refused when it is created, with a message that says so. Mount records list
+//! lowers as containerd's do (`lowerdir=/a/fs:/b/fs`); `wasnap mount` and the harness
+//! mount them with one `lowerdir+` per layer, so no page-sized option string limits the
+//! depth. containerd mounting a record itself shortens long `lowerdir` strings to paths
+//! relative to the common parent directory, which fits 500 layers of this layout.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cap_std::fs::{Dir, DirBuilder, DirBuilderExt, MetadataExt};
+
+use super::layout::{Layout, io};
+use crate::driver::storage::Snap;
+use crate::error::{Error, Result};
+use crate::fault::Faults;
+use crate::filter::Filter;
+use crate::fsutil;
+use crate::mount::OVERLAY_MAX_LAYERS;
+use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
+use crate::snapshotter::{FieldPath, Snapshotter};
+
+/// The label that, with [`OverlayOptions::upperdir_label`], shows an active snapshot's
+/// upper directory (containerd's `containerd.io/snapshot/overlay.upperdir`).
+pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
+
+/// How the overlay driver mounts and removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayOptions {
+    /// Add `index=off` to overlay mounts (containerd does when the kernel supports it),
+    /// so a layer can be mounted under several upper directories.
+    pub index_off: bool,
+    /// Add `userxattr`: overlay keeps its metadata in `user.overlay.*`, as it must in a
+    /// user namespace (rootless).
+    pub userxattr: bool,
+    /// Add `volatile` to writable overlay mounts: no syncs to the upper directory; the
+    /// container's writes may be lost on a crash, which is fine for throwaway containers.
+    pub volatile: bool,
+    /// Report each snapshot's upper directory in the [`UPPERDIR_LABEL`] label.
+    pub upperdir_label: bool,
+    /// Leave removed trees in `tmp/` for [`Snapshotter::cleanup`] to delete, like
+    /// containerd's asynchronous remove, instead of deleting them in `remove`.
+    pub async_remove: bool,
+}
+
+impl Default for OverlayOptions {
+    fn default() -> Self {
+        OverlayOptions {
+            index_off: true,
+            userxattr: false,
+            volatile: false,
+            upperdir_label: false,
+            async_remove: false,
+        }
+    }
+}
+
+/// The overlay driver.
+#[derive(Debug)]
+pub struct Overlay {
+    layout: Layout,
+    opts: OverlayOptions,
+}
+
+/// Whether this kernel has overlayfs (it may be a module not yet loaded: a mount loads it).
+pub fn kernel_supports_overlay() -> bool {
+    std::fs::read_to_string("/proc/filesystems")
+        .is_ok_and(|f| f.lines().any(|l| l.ends_with("\toverlay")))
+        || std::path::Path::new("/sys/module/overlay").exists()
+}
+
+impl Overlay {
+    /// Opens the driver in `dir` (which is `path` on the host).
+    pub fn open(
+        dir: Dir,
+        path: PathBuf,
+        faults: Arc<Faults>,
+        opts: OverlayOptions,
+    ) -> Result<Self> {
+        if !kernel_supports_overlay() {
+            return Err(Error::FailedPrecondition(
+                "this kernel has no overlayfs (not in /proc/filesystems); use the native driver"
+                    .into(),
+            ));
+        }
+        Ok(Overlay { layout: Layout::open(dir, path, faults, "overlay")?, opts })
+    }
+
+    fn fs(&self, id: u64) -> String {
+        self.layout.host_path(&format!("{}/fs", Layout::snapshot_dir(id)))
+    }
+
+    fn mounts_for(&self, snap: &Snap) -> Vec<Mount> {
+        let bind = |source: String, mode: &str| Mount {
+            kind: "bind".into(),
+            source,
+            target: String::new(),
+            options: vec!["rbind".into(), mode.into()],
+        };
+        // What this snapshot shows, top first: its own layer unless it is a view.
+        let mut layers: Vec<u64> = Vec::with_capacity(snap.parent_ids.len() + 1);
+        if snap.kind != Kind::View {
+            layers.push(snap.id);
+        }
+        layers.extend(&snap.parent_ids);
+        let mut options = Vec::new();
+        if self.opts.index_off {
+            options.push("index=off".to_string());
+        }
+        if self.opts.userxattr {
+            options.push("userxattr".to_string());
+        }
+        match (snap.kind, layers.as_slice()) {
+            (_, []) => vec![bind(self.fs(snap.id), "ro")],
+            (Kind::Active, [_]) => vec![bind(self.fs(snap.id), "rw")],
+            (Kind::Active, [_, lowers @ ..]) => {
+                let dir = Layout::snapshot_dir(snap.id);
+                if self.opts.volatile {
+                    options.push("volatile".into());
+                }
+                options.push(format!("workdir={}", self.layout.host_path(&format!("{dir}/work"))));
+                options.push(format!("upperdir={}", self.layout.host_path(&format!("{dir}/fs"))));
+                options.push(format!("lowerdir={}", self.lowerdir(lowers)));
+                vec![Mount {
+                    kind: "overlay".into(),
+                    source: "overlay".into(),
+                    target: String::new(),
+                    options,
+                }]
+            }
+            (_, [only]) => vec![bind(self.fs(*only), "ro")],
+            (_, lowers) => {
+                options.push("ro".into());
+                options.push(format!("lowerdir={}", self.lowerdir(lowers)));
+                vec![Mount {
+                    kind: "overlay".into(),
+                    source: "overlay".into(),
+                    target: String::new(),
+                    options,
+                }]
+            }
+        }
+    }
+
+    fn lowerdir(&self, ids: &[u64]) -> String {
+        ids.iter().map(|id| self.fs(*id)).collect::<Vec<_>>().join(":")
+    }
+
+    fn with_upperdir(&self, mut info: Info, id: u64) -> Info {
+        if self.opts.upperdir_label {
+            info.labels.insert(UPPERDIR_LABEL.into(), self.fs(id));
+        }
+        info
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Vec<Mount>> {
+        let l = &self.layout;
+        let parent_snap = l.precheck(key, parent)?;
+        if let Some((_, p)) = &parent_snap {
+            let depth = p.parent_ids.len() + 1;
+            if depth >= OVERLAY_MAX_LAYERS {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {:?} is {depth} layers deep; overlay stacks at most {OVERLAY_MAX_LAYERS} lower layers, so a snapshot on it could not be mounted",
+                    parent.unwrap_or_default()
+                )));
+            }
+        }
+        let tmp = l.tmp_name("new");
+        let built = (|| {
+            let mut b = DirBuilder::new();
+            b.mode(0o755);
+            l.dir.create_dir_with(&tmp, &b).map_err(io(format!("create {tmp}")))?;
+            l.dir
+                .create_dir_with(format!("{tmp}/fs"), &b)
+                .map_err(io(format!("create {tmp}/fs")))?;
+            b.mode(0o711);
+            l.dir
+                .create_dir_with(format!("{tmp}/work"), &b)
+                .map_err(io(format!("create {tmp}/work")))?;
+            // The upper directory becomes the root of the mount: give it the owner of
+            // the layer below, as containerd does, or a chowned image root is lost.
+            if let Some((_, p)) = &parent_snap {
+                let below = l
+                    .dir
+                    .metadata(format!("{}/fs", Layout::snapshot_dir(p.id)))
+                    .map_err(io("stat parent"))?;
+                rustix::fs::chownat(
+                    &l.dir,
+                    format!("{tmp}/fs"),
+                    Some(rustix::fs::Uid::from_raw(below.uid())),
+                    Some(rustix::fs::Gid::from_raw(below.gid())),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| Error::internal("chown new layer", std::io::Error::from(e)))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = built {
+            let _ = l.remove_path(&tmp);
+            return Err(e);
+        }
+        let snap = l.install(&tmp, kind, key, parent, labels)?;
+        Ok(self.mounts_for(&snap))
+    }
+
+    fn measure(&self, id: u64) -> Result<Usage> {
+        let name = format!("{}/fs", Layout::snapshot_dir(id));
+        let dir = self.layout.dir.open_dir(&name).map_err(io(format!("open {name}")))?;
+        fsutil::disk_usage(&dir)
+    }
+}
+
+impl Snapshotter for Overlay {
+    fn stat(&self, key: &str) -> Result<Info> {
+        self.layout.check_open()?;
+        let (info, snap) = self.layout.store.get(key)?;
+        Ok(self.with_upperdir(info, snap.id))
+    }
+
+    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
+        self.layout.check_open()?;
+        // The upper directory label is computed, never stored.
+        let mut info = info.clone();
+        info.labels.remove(UPPERDIR_LABEL);
+        let mut txn = self.layout.store.begin()?;
+        let updated = txn.update(&info, fieldpaths)?;
+        let (_, snap) = txn.get(&info.name)?;
+        txn.commit()?;
+        Ok(self.with_upperdir(updated, snap.id))
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage> {
+        self.layout.check_open()?;
+        let (_, snap) = self.layout.store.get(key)?;
+        match snap.usage {
+            Some(usage) => Ok(usage),
+            None => self.measure(snap.id),
+        }
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        self.layout.check_open()?;
+        let (_, snap) = self.layout.store.get(key)?;
+        Ok(self.mounts_for(&snap))
+    }
+
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        self.layout.check_open()?;
+        let (info, snap) = self.layout.store.get(key)?;
+        if info.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
+        }
+        // Measured once here, so that the usage engines poll every few seconds is O(1).
+        let usage = self.measure(snap.id)?;
+        let mut txn = self.layout.store.begin()?;
+        txn.commit_active(key, name, usage, labels)?;
+        self.layout.fault("commit.before-commit")?;
+        txn.commit()
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        self.layout.remove(key, !self.opts.async_remove)
+    }
+
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
+        self.layout.check_open()?;
+        let labelled = self.opts.upperdir_label;
+        self.layout.store.walk(&mut |info, id| {
+            let info = if labelled { self.with_upperdir(info, id) } else { info };
+            if filter.matches(&info) { f(info) } else { Ok(()) }
+        })
+    }
+
+    fn cleanup(&self) -> Result<()> {
+        self.layout.reclaim()
+    }
+
+    fn close(&self) -> Result<()> {
+        self.layout.close();
+        Ok(())
+    }
+}

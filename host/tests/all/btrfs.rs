@@ -1,0 +1,1 @@
+//! The btrfs driver against a real btrfs on a loop device (in progress).

@@ -1,0 +1,1 @@
+//! A btrfs filesystem on a loop device, made and removed by a test (in progress).

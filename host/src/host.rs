@@ -17,7 +17,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
 use crate::driver::overlay::OverlayOptions;
-use crate::driver::{Native, Overlay};
+use crate::driver::{Btrfs, Native, Overlay};
 use crate::error::{Error, Result};
 use crate::fault::Faults;
 use crate::metadata::{MetaDb, Snapshots};
@@ -33,6 +33,8 @@ pub enum DriverConfig {
     Native,
     /// The overlayfs driver.
     Overlay(OverlayOptions),
+    /// The btrfs driver: its directory must be on btrfs.
+    Btrfs,
 }
 
 impl DriverConfig {
@@ -41,6 +43,7 @@ impl DriverConfig {
         BTreeMap::from([
             ("native".to_owned(), DriverConfig::Native),
             ("overlay".to_owned(), DriverConfig::Overlay(OverlayOptions::default())),
+            ("btrfs".to_owned(), DriverConfig::Btrfs),
         ])
     }
 }
@@ -144,6 +147,7 @@ impl Host {
             DriverConfig::Overlay(opts) => {
                 Arc::new(Overlay::open(dir, path, self.faults.clone(), opts.clone())?)
             }
+            DriverConfig::Btrfs => Arc::new(Btrfs::open(dir, path, self.faults.clone())?),
         })
     }
 

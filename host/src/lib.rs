@@ -13,6 +13,7 @@ pub mod host;
 mod kv;
 pub mod metadata;
 pub mod mount;
+pub mod probe;
 pub mod snapshot;
 pub mod snapshotter;
 

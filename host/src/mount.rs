@@ -243,6 +243,15 @@ fn mount_overlay_fsconfig(m: &Mount, opts: &ParsedOptions, target: &Path) -> Res
         .map_err(failed("move_mount".into()))
 }
 
+/// Whether this kernel takes overlay layers one by one (`lowerdir+`, Linux 6.8+),
+/// which is what lets a chain of any depth up to the stack limit mount. Probes with an
+/// unmounted filesystem context; needs the privilege to mount.
+pub fn overlay_takes_layers_one_by_one() -> bool {
+    use rustix::mount::{FsOpenFlags, fsconfig_set_string, fsopen};
+    fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .is_ok_and(|fs| fsconfig_set_string(&fs, "lowerdir+", "/").is_ok())
+}
+
 /// Unmounts everything stacked at `target`, like containerd's `UnmountAll`.
 pub fn unmount(target: &Path) -> Result<()> {
     let mut unmounted = 0;

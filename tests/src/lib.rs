@@ -26,6 +26,7 @@
 pub mod cases;
 mod fixture;
 mod harness;
+pub mod loopfs;
 mod report;
 
 pub use fixture::{Op, apply, check_equal};

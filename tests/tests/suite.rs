@@ -42,6 +42,66 @@ fn the_native_driver_passes_every_case() {
     }
 }
 
+struct OverlayDriver;
+
+impl Factory for OverlayDriver {
+    fn name(&self) -> String {
+        "overlay".into()
+    }
+    fn open(&self, dir: &Path) -> Result<Arc<dyn Snapshotter>> {
+        let cap = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .map_err(|e| Error::internal("open", e))?;
+        let opts = wasnap::driver::overlay::OverlayOptions::default();
+        let faults = Arc::new(wasnap::fault::Faults::new());
+        Ok(Arc::new(wasnap::driver::Overlay::open(cap, dir.to_path_buf(), faults, opts)?))
+    }
+}
+
+#[test]
+fn the_overlay_driver_passes_every_case() {
+    if !rustix::process::geteuid().is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root; here we are not");
+        eprintln!("skipped: overlay needs root");
+        return;
+    }
+    let report = run(&OverlayDriver, &cases::all(), &Options::default());
+    let table = show(&report);
+    assert_eq!((report.failed(), report.skipped()), (0, 0), "{table}");
+}
+
+struct BtrfsDriver;
+
+impl Factory for BtrfsDriver {
+    fn name(&self) -> String {
+        "btrfs".into()
+    }
+    fn open(&self, dir: &Path) -> Result<Arc<dyn Snapshotter>> {
+        let cap = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .map_err(|e| Error::internal("open", e))?;
+        let faults = Arc::new(wasnap::fault::Faults::new());
+        Ok(Arc::new(wasnap::driver::Btrfs::open(cap, dir.to_path_buf(), faults)?))
+    }
+}
+
+#[test]
+fn the_btrfs_driver_passes_every_case_on_a_scratch_btrfs() {
+    let fs = match wasnap_conformance::loopfs::LoopBtrfs::try_new(
+        2048,
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+    ) {
+        Ok(fs) => fs,
+        Err(why) => {
+            assert!(std::env::var_os("CI").is_none(), "{why}; CI must not skip");
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let opts = Options { base: fs.mountpoint.clone(), ..Options::default() };
+    let report = run(&BtrfsDriver, &cases::all(), &opts);
+    let table = show(&report);
+    assert_eq!((report.failed(), report.skipped()), (0, 0), "{table}");
+}
+
 #[test]
 fn every_containerd_case_is_present_by_name() {
     let names: Vec<&str> = cases::all().iter().map(|c| c.name).collect();

@@ -17,6 +17,8 @@ use wasnap::host::{DEFAULT_SNAPSHOTTER, Host};
 use wasnap::metadata::{Ctx, Snapshots};
 use wasnap::snapshot::Labels;
 
+use wasnap_conformance::loopfs::LoopBtrfs;
+
 use crate::output::table;
 
 /// Options of `wasnap bench`.
@@ -34,20 +36,12 @@ pub struct BenchArgs {
     /// prepare+commit+remove cycles per workload
     #[arg(long, default_value_t = 500)]
     pub cycles: usize,
-}
-
-/// The name of the filesystem `path` is on, from its statfs magic.
-pub fn filesystem_name(path: &Path) -> String {
-    let Ok(st) = rustix::fs::statfs(path) else { return "unknown".into() };
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
-    match st.f_type as u64 {
-        0x0102_1994 => "tmpfs".into(),
-        0xEF53 => "ext4".into(),
-        0x9123_683E => "btrfs".into(),
-        0x5846_5342 => "xfs".into(),
-        0x794C_7630 => "overlayfs".into(),
-        other => format!("fs-magic-{other:#x}"),
-    }
+    /// Chain depths at which to time view+mount+unmount, per driver (comma-separated)
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,500")]
+    pub depths: Vec<usize>,
+    /// A directory on btrfs for the btrfs driver (without one, btrfs is reported skipped)
+    #[arg(long)]
+    pub btrfs_dir: Option<PathBuf>,
 }
 
 struct Stats {
@@ -102,7 +96,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         out,
         "wasnap bench: native driver, root in {} ({})",
         base.display(),
-        filesystem_name(&base)
+        wasnap::probe::filesystem_name(&base)
     )
     .map_err(io)?;
     writeln!(out).map_err(io)?;
@@ -198,7 +192,178 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         ],
         &rows,
     )?;
-    host.close()
+    host.close()?;
+    writeln!(out).map_err(io)?;
+    let depths = if args.smoke { vec![1, 10] } else { args.depths.clone() };
+    drivers(args, &base, cycles, &depths, out)
+}
+
+/// One driver's root for the side-by-side comparison, or why it cannot run here. For
+/// btrfs without a btrfs directory, a scratch btrfs on a loop device (kept alive by the
+/// returned guard) stands in.
+fn driver_root(
+    name: &str,
+    base: &Path,
+    args: &BenchArgs,
+) -> std::result::Result<(PathBuf, Option<LoopBtrfs>), String> {
+    match name {
+        "btrfs" => match &args.btrfs_dir {
+            Some(d) if wasnap::probe::is_btrfs(d) => Ok((d.clone(), None)),
+            Some(d) => Err(format!("{} is not on btrfs", d.display())),
+            None if wasnap::probe::is_btrfs(base) => Ok((base.to_path_buf(), None)),
+            None => {
+                let fs = LoopBtrfs::try_new(4096, &std::env::temp_dir())
+                    .map_err(|why| format!("no --btrfs-dir, and no scratch btrfs: {why}"))?;
+                Ok((fs.mountpoint.clone(), Some(fs)))
+            }
+        },
+        "overlay" if !wasnap::probe::Support::overlay_available() => {
+            Err("no overlayfs in this kernel".into())
+        }
+        _ => Ok((base.to_path_buf(), None)),
+    }
+}
+
+/// The drivers side by side: layer cycles, and what starting a container on a chain of
+/// N layers costs (a view of the top, mounted and unmounted).
+fn drivers(
+    args: &BenchArgs,
+    base: &Path,
+    cycles: usize,
+    depths: &[usize],
+    out: &mut dyn Write,
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::internal("bench", e);
+    let root_user = rustix::process::geteuid().is_root();
+    let names = ["native", "overlay", "btrfs"];
+    let mut cycle_row = vec!["cycles/s (p50)".to_string()];
+    let mut depth_rows: Vec<Vec<String>> =
+        depths.iter().map(|d| vec![format!("view+mount {d} layers")]).collect();
+    let mut notes = Vec::new();
+    for name in names {
+        let measured = driver_root(name, base, args).and_then(|(dir, _scratch)| {
+            let tmp = tempfile::Builder::new()
+                .prefix("wasnap-bench-")
+                .tempdir_in(&dir)
+                .map_err(|e| e.to_string())?;
+            let host =
+                Host::open_with(tmp.path(), Arc::new(Faults::new())).map_err(|e| e.to_string())?;
+            let r =
+                measure_driver(&host, name, cycles, depths, root_user).map_err(|e| e.to_string());
+            let _ = host.close();
+            r
+        });
+        match measured {
+            Ok((c, d)) => {
+                cycle_row.push(c);
+                for (row, cell) in depth_rows.iter_mut().zip(d) {
+                    row.push(cell);
+                }
+            }
+            Err(why) => {
+                cycle_row.push("skipped".into());
+                for row in &mut depth_rows {
+                    row.push("skipped".into());
+                }
+                notes.push(format!("{name} skipped: {why}"));
+            }
+        }
+    }
+    let mut rows = vec![cycle_row];
+    rows.extend(depth_rows);
+    table(out, &["DRIVERS SIDE BY SIDE", "native", "overlay", "btrfs"], &rows)?;
+    if !root_user {
+        notes.push("mount times need root; shown as '-'".into());
+    }
+    for n in notes {
+        writeln!(out, "  {n}").map_err(io)?;
+    }
+    Ok(())
+}
+
+fn measure_driver(
+    host: &Host,
+    name: &str,
+    cycles: usize,
+    depths: &[usize],
+    mount: bool,
+) -> Result<(String, Vec<String>)> {
+    let sn = host.snapshotter(name)?;
+    let ctx = Ctx::new("bench")?;
+    let none = Labels::new();
+    let mut samples = Vec::with_capacity(cycles);
+    for i in 0..cycles {
+        let (key, committed) = (format!("c-a-{i}"), format!("c-c-{i}"));
+        samples.push(timed(|| {
+            sn.prepare(&ctx, &key, None, &none)?;
+            sn.commit(&ctx, &committed, &key, &none)?;
+            sn.remove(&ctx, &committed)
+        })?);
+    }
+    let s = Stats::new(samples);
+    let cycle_cell = format!("{:.0} ({})", s.per_sec(), fmt_d(s.pct(0.5)));
+
+    // Grow one chain, stopping at each depth to time a container start on it.
+    let mut cells = Vec::new();
+    let mut top: Option<String> = None;
+    let mut built = 0;
+    let target = host.root().join("bench-mnt");
+    std::fs::create_dir_all(&target).map_err(|e| Error::internal("bench", e))?;
+    for &depth in depths {
+        while built < depth {
+            let key = format!("chain-{built}-active");
+            let mounts = sn.prepare(&ctx, &key, top.as_deref(), &none)?;
+            write_layer(&mounts, &target, mount, built)?;
+            let name = format!("chain-{built}");
+            sn.commit(&ctx, &name, &key, &none)?;
+            top = Some(name);
+            built += 1;
+        }
+        let Some(parent) = &top else { continue };
+        let mut samples = Vec::new();
+        for rep in 0..3 {
+            let key = format!("view-{depth}-{rep}");
+            samples.push(timed(|| {
+                let mounts = sn.view(&ctx, &key, Some(parent), &none)?;
+                if mount {
+                    wasnap::mount::mount_all(&mounts, &target)?;
+                    wasnap::mount::unmount(&target)?;
+                }
+                Ok(())
+            })?);
+            sn.remove(&ctx, &key)?;
+        }
+        let s = Stats::new(samples);
+        cells.push(if mount {
+            fmt_d(s.pct(0.5))
+        } else {
+            format!("{} (no mount)", fmt_d(s.pct(0.5)))
+        });
+    }
+    Ok((cycle_cell, cells))
+}
+
+/// Writes layer `n`'s file into a fresh active snapshot: through a real mount when we
+/// may mount, otherwise straight into the directory a bind or overlay mount would show.
+fn write_layer(mounts: &[wasnap::Mount], target: &Path, mount: bool, n: usize) -> Result<()> {
+    let write = |dir: &Path| {
+        std::fs::write(dir.join(format!("file-{n}")), n.to_string())
+            .map_err(|e| Error::internal("bench: write layer", e))
+    };
+    if mount {
+        wasnap::mount::mount_all(mounts, target)?;
+        let r = write(target);
+        wasnap::mount::unmount(target)?;
+        return r;
+    }
+    let m = &mounts[0];
+    match (m.kind.as_str(), m.options.iter().find_map(|o| o.strip_prefix("upperdir="))) {
+        (_, Some(upper)) => write(Path::new(upper)),
+        ("bind", None) => write(Path::new(&m.source)),
+        (kind, None) => Err(Error::FailedPrecondition(format!(
+            "writing into a {kind} snapshot needs root to mount it"
+        ))),
+    }
 }
 
 fn make_parent(sn: &Snapshots, ctx: &Ctx) -> Result<String> {

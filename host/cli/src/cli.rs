@@ -36,8 +36,8 @@ pub struct Global {
     /// Namespace of the snapshots
     #[arg(short = 'n', long, global = true, env = "WASNAP_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
-    /// Snapshotter to use
-    #[arg(short = 's', long, global = true, env = "WASNAP_SNAPSHOTTER", default_value = DEFAULT_SNAPSHOTTER)]
+    /// Snapshotter to use: a built-in driver (native, overlay, btrfs) or a configured name
+    #[arg(short = 's', long, visible_alias = "driver", global = true, env = "WASNAP_SNAPSHOTTER", default_value = DEFAULT_SNAPSHOTTER)]
     pub snapshotter: String,
     /// Output format
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
@@ -78,7 +78,6 @@ pub enum Command {
         keys: Vec<String>,
     },
     /// Show one snapshot
-    #[command(alias = "info")]
     Stat { key: String },
     /// List snapshots, optionally filtered (containerd filter syntax, e.g. kind==committed)
     #[command(alias = "list")]
@@ -106,6 +105,8 @@ pub enum Command {
     Unmount { dir: PathBuf },
     /// Remove backend data no snapshot record names, and reclaim space
     Cleanup,
+    /// Show the root, the snapshotters, and what this kernel supports
+    Info,
     /// Measure the host's hot paths and print a table
     Bench(crate::bench::BenchArgs),
     /// Check a backend against the conformance suite (containerd's snapshotter tests)
@@ -130,7 +131,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         return wasnap::mount::unmount(dir);
     }
     if let Command::Conformance(args) = &cli.command {
-        return crate::conformance::run(args, g.format, out);
+        return crate::conformance::run(args, &g.snapshotter, g.format, out);
     }
     if g.format == Format::Junit {
         return Err(Error::InvalidArgument(
@@ -142,6 +143,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     }
     let root = g.root.clone().unwrap_or_else(default_root);
     let host = Host::open(&root)?;
+    if let Command::Info = &cli.command {
+        let result = crate::output::host_info(out, g.format, &host, &g.snapshotter);
+        return result.and(host.close());
+    }
     let result = run_on(&host, g, &cli.command, out);
     let closed = host.close();
     result.and(closed)
@@ -237,7 +242,7 @@ fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Re
             let report = sn.cleanup()?;
             crate::output::prune(out, fmt, &report)
         }
-        Command::Unmount { .. } | Command::Bench(_) | Command::Conformance(_) => {
+        Command::Unmount { .. } | Command::Bench(_) | Command::Conformance(_) | Command::Info => {
             unreachable_command()
         }
     }
@@ -245,4 +250,17 @@ fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Re
 
 fn unreachable_command() -> Result<()> {
     Err(Error::Internal("command dispatched twice".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        // Catches clashing flags (a global one and a subcommand's) at test time.
+        Cli::command().debug_assert();
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::Args;
 use wasnap::Snapshotter;
 use wasnap::driver::overlay::OverlayOptions;
-use wasnap::driver::{Native, Overlay};
+use wasnap::driver::{Btrfs, Native, Overlay};
 use wasnap::error::{Error, Result};
 use wasnap::fault::Faults;
 use wasnap_conformance::{Factory, Options, cases};
@@ -17,9 +17,6 @@ use crate::output::{Format, table};
 /// Options of `wasnap conformance`.
 #[derive(Debug, Args)]
 pub struct ConformanceArgs {
-    /// The native driver to check
-    #[arg(long, value_enum, default_value_t = Driver::Native)]
-    pub driver: Driver,
     /// List the cases instead of running them
     #[arg(long)]
     pub list: bool,
@@ -34,13 +31,25 @@ pub struct ConformanceArgs {
     pub dir: Option<PathBuf>,
 }
 
-/// The backends `--driver` can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Driver {
-    /// The copy-based native driver.
+/// The backends the suite can check, by the name `-s/--driver` gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driver {
     Native,
-    /// The overlayfs driver.
     Overlay,
+    Btrfs,
+}
+
+impl Driver {
+    fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "native" => Ok(Driver::Native),
+            "overlay" => Ok(Driver::Overlay),
+            "btrfs" => Ok(Driver::Btrfs),
+            other => Err(Error::InvalidArgument(format!(
+                "conformance checks the drivers native, overlay and btrfs; {other:?} is none of them"
+            ))),
+        }
+    }
 }
 
 /// Opens one of wasnap's own drivers in each case's directory.
@@ -54,17 +63,24 @@ impl Factory for DriverFactory {
         let cap = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
             .map_err(|e| Error::internal(format!("open {}", dir.display()), e))?;
         let faults = Arc::new(Faults::new());
+        let path = dir.to_path_buf();
         Ok(match self.0 {
-            Driver::Native => Arc::new(Native::open(cap, dir.to_path_buf(), faults)?),
+            Driver::Native => Arc::new(Native::open(cap, path, faults)?),
             Driver::Overlay => {
-                Arc::new(Overlay::open(cap, dir.to_path_buf(), faults, OverlayOptions::default())?)
+                Arc::new(Overlay::open(cap, path, faults, OverlayOptions::default())?)
             }
+            Driver::Btrfs => Arc::new(Btrfs::open(cap, path, faults)?),
         })
     }
 }
 
 /// Runs (or lists) the suite; fails if any case failed.
-pub fn run(args: &ConformanceArgs, format: Format, out: &mut dyn Write) -> Result<()> {
+pub fn run(
+    args: &ConformanceArgs,
+    driver: &str,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::internal("write report", e);
     let all = cases::all();
     let mut opts = Options { patterns: args.patterns.clone(), ..Options::default() };
@@ -105,7 +121,23 @@ pub fn run(args: &ConformanceArgs, format: Format, out: &mut dyn Write) -> Resul
             }
         };
     }
-    let report = wasnap_conformance::run(&DriverFactory(args.driver), &selected, &opts);
+    let driver = Driver::from_name(driver)?;
+    // The btrfs driver needs its directory on btrfs: without one, make a scratch btrfs
+    // on a loop device for the run (its image on the real disk), and remove it after.
+    let _scratch = if driver == Driver::Btrfs && !wasnap::probe::is_btrfs(&opts.base) {
+        let fs = wasnap_conformance::loopfs::LoopBtrfs::try_new(2048, &std::env::temp_dir()).map_err(|why| {
+            Error::FailedPrecondition(format!(
+                "{} is not on btrfs and no scratch btrfs could be made ({why}); pass --dir on a btrfs filesystem",
+                opts.base.display()
+            ))
+        })?;
+        tracing::info!(device = %fs.device, "running on a scratch btrfs");
+        opts.base = fs.mountpoint.clone();
+        Some(fs)
+    } else {
+        None
+    };
+    let report = wasnap_conformance::run(&DriverFactory(driver), &selected, &opts);
     match format {
         Format::Table => report.write_table(out),
         Format::Json => report.write_json(out),

@@ -7,7 +7,9 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use wasnap::error::{Error, Result};
+use wasnap::host::{DEFAULT_SNAPSHOTTER, DriverConfig, Host};
 use wasnap::metadata::PruneReport;
+use wasnap::probe::Support;
 use wasnap::snapshot::{Info, Labels, Mount, Usage};
 
 /// Output format of the CLI.
@@ -49,7 +51,9 @@ pub(crate) fn table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) 
         }
         writeln!(out, "{}", s.trim_end()).map_err(io)
     };
-    line(out, &mut header.iter().copied())?;
+    if header.iter().any(|h| !h.is_empty()) {
+        line(out, &mut header.iter().copied())?;
+    }
     for r in rows {
         line(out, &mut r.iter().map(String::as_str))?;
     }
@@ -214,6 +218,77 @@ pub(crate) fn prune(out: &mut dyn Write, f: Format, r: &PruneReport) -> Result<(
                 r.removed.iter().map(|k| vec![k.clone(), "removed".into()]).collect();
             rows.extend(r.failed.iter().map(|(k, e)| vec![k.clone(), format!("failed: {e}")]));
             table(out, &["BACKEND KEY", "RESULT"], &rows)
+        }
+    }
+}
+
+/// Why a driver is or is not usable here, in a phrase.
+fn driver_note(host: &Host, name: &str, support: &Support) -> String {
+    match host.configs().get(name) {
+        Some(DriverConfig::Native) => {
+            "copies trees; works on any filesystem, needs no kernel feature".into()
+        }
+        Some(DriverConfig::Overlay(_)) if !support.overlay => {
+            "unavailable: this kernel has no overlayfs".into()
+        }
+        Some(DriverConfig::Overlay(_)) if support.overlay_lowerdir_plus => {
+            "overlayfs; layers mount one by one (lowerdir+), chains up to 500 layers".into()
+        }
+        Some(DriverConfig::Overlay(_)) => {
+            "overlayfs; classic mount(2), chains bounded by one page of options".into()
+        }
+        Some(DriverConfig::Btrfs) if !support.btrfs => {
+            "unavailable: this kernel has no btrfs".into()
+        }
+        Some(DriverConfig::Btrfs) if !support.root_on_btrfs => {
+            format!(
+                "unavailable here: the root is on {}, btrfs needs a btrfs root",
+                support.root_filesystem
+            )
+        }
+        Some(DriverConfig::Btrfs) => "btrfs subvolumes and snapshots".into(),
+        None => "not configured".into(),
+    }
+}
+
+pub(crate) fn host_info(out: &mut dyn Write, f: Format, host: &Host, selected: &str) -> Result<()> {
+    let support = Support::probe(host.root());
+    let drivers: Vec<(String, String)> =
+        host.snapshotter_names().map(|n| (n.to_owned(), driver_note(host, n, &support))).collect();
+    match f {
+        Format::Json => {
+            let v = serde_json::json!({
+                "root": host.root(),
+                "selected_snapshotter": selected,
+                "default_snapshotter": DEFAULT_SNAPSHOTTER,
+                "snapshotters": drivers.iter().map(|(n, note)| serde_json::json!({"name": n, "note": note})).collect::<Vec<_>>(),
+                "support": support,
+            });
+            json(out, &v)
+        }
+        Format::Table | Format::Junit => {
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            let mut rows = vec![
+                vec![
+                    "root".into(),
+                    format!("{} ({})", host.root().display(), support.root_filesystem),
+                ],
+                vec!["kernel".into(), support.kernel.clone()],
+                vec![
+                    "privileged".into(),
+                    format!("{} (mounting needs root)", yes(support.privileged)),
+                ],
+                vec![
+                    "snapshotter".into(),
+                    format!(
+                        "{selected} (default {DEFAULT_SNAPSHOTTER}: it works everywhere; pick another with -s/--driver)"
+                    ),
+                ],
+            ];
+            for (n, note) in drivers {
+                rows.push(vec![format!("  {n}"), note]);
+            }
+            table(out, &["", ""], &rows)
         }
     }
 }

@@ -211,7 +211,24 @@ impl Layout {
         let mut doomed = Vec::new();
         for entry in self.dir.read_dir(TMP).map_err(io("read tmp/"))? {
             let entry = entry.map_err(io("read tmp/"))?;
-            doomed.push(format!("{TMP}/{}", entry.file_name().to_string_lossy()));
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = format!("{TMP}/{name}");
+            // A remove killed before its transaction committed: the record still names
+            // the tree, so it goes back where the record says it is.
+            let removed_id = name
+                .strip_prefix("rm-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|id| id.parse().ok());
+            if let Some(id) = removed_id.filter(|id| ids.contains(id)) {
+                let home = Self::snapshot_dir(id);
+                if self.dir.symlink_metadata(&home).is_err() {
+                    self.dir
+                        .rename(&path, &self.dir, &home)
+                        .map_err(io(format!("restore {path} to {home}")))?;
+                    continue;
+                }
+            }
+            doomed.push(path);
         }
         for entry in self.dir.read_dir(SNAPSHOTS).map_err(io("read snapshots/"))? {
             let entry = entry.map_err(io("read snapshots/"))?;

@@ -74,13 +74,6 @@ pub struct Overlay {
     opts: OverlayOptions,
 }
 
-/// Whether this kernel has overlayfs (it may be a module not yet loaded: a mount loads it).
-pub fn kernel_supports_overlay() -> bool {
-    std::fs::read_to_string("/proc/filesystems")
-        .is_ok_and(|f| f.lines().any(|l| l.ends_with("\toverlay")))
-        || std::path::Path::new("/sys/module/overlay").exists()
-}
-
 impl Overlay {
     /// Opens the driver in `dir` (which is `path` on the host).
     pub fn open(
@@ -89,7 +82,7 @@ impl Overlay {
         faults: Arc<Faults>,
         opts: OverlayOptions,
     ) -> Result<Self> {
-        if !kernel_supports_overlay() {
+        if !crate::probe::Support::overlay_available() {
             return Err(Error::FailedPrecondition(
                 "this kernel has no overlayfs (not in /proc/filesystems); use the native driver"
                     .into(),
@@ -175,8 +168,10 @@ impl Overlay {
         let l = &self.layout;
         let parent_snap = l.precheck(key, parent)?;
         if let Some((_, p)) = &parent_snap {
+            // The parent and its ancestors become the lower layers (the kernel does not
+            // count the upper directory against its limit).
             let depth = p.parent_ids.len() + 1;
-            if depth >= OVERLAY_MAX_LAYERS {
+            if depth > OVERLAY_MAX_LAYERS {
                 return Err(Error::InvalidArgument(format!(
                     "parent {:?} is {depth} layers deep; overlay stacks at most {OVERLAY_MAX_LAYERS} lower layers, so a snapshot on it could not be mounted",
                     parent.unwrap_or_default()

@@ -1,1 +1,242 @@
-//! The overlay driver (in progress).
+//! The overlay driver: deep chains past containerd's practical limit, its options, and
+//! every step of create, commit and remove interrupted.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use wasnap::driver::Overlay;
+use wasnap::driver::overlay::{OverlayOptions, UPPERDIR_LABEL};
+use wasnap::fault::{Action, Faults};
+use wasnap::mount::{OVERLAY_MAX_LAYERS, mount_all, overlay_lowerdirs, unmount};
+use wasnap::{ErrorKind, Kind, Labels, Snapshotter};
+
+use crate::common::*;
+use crate::require_root;
+
+fn overlay(root: &Path, faults: Arc<Faults>, opts: OverlayOptions) -> Overlay {
+    let path = root.join("overlay");
+    fs::create_dir_all(&path).unwrap();
+    let dir = Dir::open_ambient_dir(&path, ambient_authority()).unwrap();
+    Overlay::open(dir, path, faults, opts).unwrap()
+}
+
+fn none() -> Labels {
+    Labels::new()
+}
+
+/// The upper directory of an active snapshot, from its mounts.
+fn upper(b: &Overlay, key: &str) -> std::path::PathBuf {
+    let m = b.mounts(key).unwrap();
+    let upper = m[0].options.iter().find_map(|o| o.strip_prefix("upperdir=")).map(str::to_owned);
+    upper.unwrap_or_else(|| m[0].source.clone()).into()
+}
+
+#[test]
+fn a_500_layer_chain_mounts_and_reads_and_a_deeper_one_is_refused_clearly() {
+    require_root!();
+    let dir = tmp();
+    let b = overlay(dir.path(), Arc::new(Faults::new()), OverlayOptions::default());
+    let mut parent: Option<String> = None;
+    for i in 1..=OVERLAY_MAX_LAYERS {
+        let key = format!("active-{i}");
+        b.prepare(&key, parent.as_deref(), &none()).unwrap();
+        // Each layer adds its own file and overwrites a shared one.
+        let up = upper(&b, &key);
+        fs::write(up.join(format!("layer-{i}")), i.to_string()).unwrap();
+        fs::write(up.join("top"), i.to_string()).unwrap();
+        let name = format!("layer-{i}");
+        b.commit(&name, &key, &none()).unwrap();
+        parent = Some(name);
+    }
+    let top = parent.unwrap();
+    let view = b.view("deep-view", Some(&top), &none()).unwrap();
+    let lowers = overlay_lowerdirs(&view[0].options);
+    assert_eq!(lowers.len(), OVERLAY_MAX_LAYERS);
+    let option_bytes: usize = view[0].options.iter().map(String::len).sum();
+    assert!(option_bytes > 4096, "this chain's options exceed one page ({option_bytes} bytes)");
+
+    let target = dir.path().join("mnt");
+    fs::create_dir(&target).unwrap();
+    mount_all(&view, &target).unwrap();
+    let read = (|| -> std::io::Result<(String, usize)> {
+        let top = fs::read_to_string(target.join("top"))?;
+        let n =
+            (1..=OVERLAY_MAX_LAYERS).filter(|i| target.join(format!("layer-{i}")).exists()).count();
+        Ok((top, n))
+    })();
+    unmount(&target).unwrap();
+    let (top_content, files) = read.unwrap();
+    assert_eq!(top_content, OVERLAY_MAX_LAYERS.to_string(), "the top layer wins");
+    assert_eq!(files, OVERLAY_MAX_LAYERS, "every layer's file is visible");
+
+    // A writable snapshot on the 500-layer chain: 500 lowers and an upper.
+    let m = b.prepare("on-top", Some(&top), &none()).unwrap();
+    assert_eq!(overlay_lowerdirs(&m[0].options).len(), OVERLAY_MAX_LAYERS);
+    mount_all(&m, &target).unwrap();
+    let rw = fs::read_to_string(target.join("layer-1")).and_then(|one| {
+        fs::write(target.join("written-on-top"), "yes")?;
+        Ok(one)
+    });
+    unmount(&target).unwrap();
+    assert_eq!(rw.unwrap(), "1");
+    b.commit("layer-501", "on-top", &none()).unwrap();
+
+    // A 501st lower layer cannot be stacked: refused up front, not a kernel EINVAL.
+    for r in [
+        b.prepare("too-deep", Some("layer-501"), &none()),
+        b.view("too-deep", Some("layer-501"), &none()),
+    ] {
+        let err = r.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("at most 500"), "{err}");
+    }
+    assert_eq!(b.stat("too-deep").unwrap_err().kind(), ErrorKind::NotFound);
+    // And a hand-made mount record deeper than the limit gets the same clear answer.
+    let mut deeper = view[0].clone();
+    let extra: Vec<&str> = lowers.iter().chain(lowers.iter().take(1)).copied().collect();
+    deeper.options = vec!["ro".into(), format!("lowerdir={}", extra.join(":"))];
+    let err = mount_all(&[deeper], &target).unwrap_err();
+    assert!(err.to_string().contains("at most 500"), "{err}");
+}
+
+#[test]
+fn mounts_follow_containerd_shapes() {
+    let dir = tmp();
+    let b = overlay(dir.path(), Arc::new(Faults::new()), OverlayOptions::default());
+    let m = b.prepare("a", None, &none()).unwrap();
+    assert_eq!(
+        (m[0].kind.as_str(), m[0].options.clone()),
+        ("bind", vec!["rbind".into(), "rw".into()])
+    );
+    b.commit("l1", "a", &none()).unwrap();
+    let v = b.view("v1", Some("l1"), &none()).unwrap();
+    assert_eq!(
+        (v[0].kind.as_str(), v[0].options.clone()),
+        ("bind", vec!["rbind".into(), "ro".into()])
+    );
+    let m = b.prepare("b", Some("l1"), &none()).unwrap();
+    assert_eq!(m[0].kind, "overlay");
+    assert!(m[0].options.contains(&"index=off".to_string()));
+    assert!(m[0].options.iter().any(|o| o.starts_with("upperdir=") && o.ends_with("/fs")));
+    assert!(m[0].options.iter().any(|o| o.starts_with("workdir=") && o.ends_with("/work")));
+    assert_eq!(overlay_lowerdirs(&m[0].options).len(), 1);
+    b.commit("l2", "b", &none()).unwrap();
+    let v = b.view("v2", Some("l2"), &none()).unwrap();
+    assert_eq!(v[0].kind, "overlay");
+    assert!(v[0].options.contains(&"ro".to_string()));
+    let lowers = overlay_lowerdirs(&v[0].options);
+    assert_eq!(lowers.len(), 2);
+    assert!(lowers[0] != lowers[1]);
+    assert_eq!(b.mounts("v2").unwrap(), v);
+}
+
+#[test]
+fn options_userxattr_volatile_and_upperdir_label() {
+    let dir = tmp();
+    let opts = OverlayOptions {
+        index_off: false,
+        userxattr: true,
+        volatile: true,
+        upperdir_label: true,
+        async_remove: false,
+    };
+    let b = overlay(dir.path(), Arc::new(Faults::new()), opts);
+    b.prepare("a", None, &none()).unwrap();
+    b.commit("l1", "a", &none()).unwrap();
+    let m = b.prepare("b", Some("l1"), &none()).unwrap();
+    let o = &m[0].options;
+    assert!(
+        o.contains(&"userxattr".into())
+            && o.contains(&"volatile".into())
+            && !o.contains(&"index=off".into()),
+        "{o:?}"
+    );
+    let info = b.stat("b").unwrap();
+    let upperdir = o.iter().find_map(|x| x.strip_prefix("upperdir=")).unwrap();
+    assert_eq!(info.labels[UPPERDIR_LABEL], upperdir);
+    let mut walked = Vec::new();
+    b.walk(&wasnap::Filter::default(), &mut |i| {
+        walked.push(i);
+        Ok(())
+    })
+    .unwrap();
+    assert!(walked.iter().all(|i| i.labels.contains_key(UPPERDIR_LABEL)));
+    // The computed label is never stored: an update that replaces all labels keeps it.
+    let mut update = info.clone();
+    update.labels = Labels::from([("x".to_string(), "y".to_string())]);
+    let after = b.update(&update, &[wasnap::FieldPath::Labels]).unwrap();
+    assert_eq!(after.labels.get("x").map(String::as_str), Some("y"));
+    assert_eq!(after.labels[UPPERDIR_LABEL], upperdir);
+}
+
+#[test]
+fn async_remove_leaves_the_heavy_delete_to_cleanup() {
+    let dir = tmp();
+    let opts = OverlayOptions { async_remove: true, ..OverlayOptions::default() };
+    let b = overlay(dir.path(), Arc::new(Faults::new()), opts);
+    b.prepare("a", None, &none()).unwrap();
+    fs::write(upper(&b, "a").join("big"), vec![1u8; 1 << 20]).unwrap();
+    b.remove("a").unwrap();
+    assert_eq!(b.stat("a").unwrap_err().kind(), ErrorKind::NotFound, "gone at once");
+    let tmp_dir = dir.path().join("overlay/tmp");
+    assert_eq!(fs::read_dir(&tmp_dir).unwrap().count(), 1, "its tree waits in tmp/");
+    b.cleanup().unwrap();
+    assert_eq!(fs::read_dir(&tmp_dir).unwrap().count(), 0, "cleanup deleted it");
+}
+
+#[test]
+fn every_interrupted_step_leaves_no_visible_snapshot_and_cleanup_reclaims() {
+    let dir = tmp();
+    let faults = Arc::new(Faults::new());
+    let b = overlay(dir.path(), faults.clone(), OverlayOptions::default());
+    b.prepare("a", None, &none()).unwrap();
+    b.commit("base", "a", &none()).unwrap();
+    let snapshots = dir.path().join("overlay/snapshots");
+    let count = |p: &Path| fs::read_dir(p).unwrap().count();
+    for point in ["overlay.create.before-rename", "overlay.create.before-commit"] {
+        faults.arm(point, Action::Error);
+        assert!(b.prepare("child", Some("base"), &none()).is_err(), "{point}");
+        faults.disarm(point);
+        assert_eq!(b.stat("child").unwrap_err().kind(), ErrorKind::NotFound, "{point}");
+        b.cleanup().unwrap();
+        assert_eq!(count(&snapshots), 1, "{point}: only base's tree");
+        assert_eq!(count(&dir.path().join("overlay/tmp")), 0, "{point}");
+    }
+    b.prepare("child", Some("base"), &none()).unwrap();
+    faults.arm("overlay.commit.before-commit", Action::Error);
+    assert!(b.commit("done", "child", &none()).is_err());
+    faults.disarm("overlay.commit.before-commit");
+    assert_eq!(
+        b.stat("child").unwrap().kind,
+        Kind::Active,
+        "an interrupted commit changes nothing"
+    );
+    assert_eq!(b.stat("done").unwrap_err().kind(), ErrorKind::NotFound);
+    faults.arm("overlay.remove.before-commit", Action::Error);
+    assert!(b.remove("child").is_err());
+    faults.disarm("overlay.remove.before-commit");
+    assert!(b.stat("child").is_ok(), "an interrupted remove changes nothing");
+    assert!(upper(&b, "child").is_dir(), "and the tree is back in place");
+    b.remove("child").unwrap();
+    b.cleanup().unwrap();
+    assert_eq!(count(&snapshots), 1);
+}
+
+#[test]
+fn a_remove_killed_before_its_commit_gets_its_tree_back() {
+    let dir = tmp();
+    let b = overlay(dir.path(), Arc::new(Faults::new()), OverlayOptions::default());
+    b.prepare("a", None, &none()).unwrap();
+    let up = upper(&b, "a");
+    fs::write(up.join("f"), "data").unwrap();
+    // What a kill inside remove leaves: the tree moved to tmp/, the record kept.
+    let id = up.parent().unwrap().file_name().unwrap().to_str().unwrap().to_owned();
+    fs::rename(up.parent().unwrap(), dir.path().join(format!("overlay/tmp/rm-{id}-1-0"))).unwrap();
+    b.cleanup().unwrap();
+    assert_eq!(fs::read_to_string(up.join("f")).unwrap(), "data", "the tree is back");
+    b.remove("a").unwrap();
+    assert!(!up.exists());
+}

@@ -174,3 +174,21 @@ fn conformance_lists_runs_and_reports_in_three_formats() {
     );
     assert!(fails(dir.path(), &["--format", "junit", "ls"]).contains("junit"));
 }
+
+#[test]
+fn conformance_passes_for_overlay_and_btrfs() {
+    crate::require_root!();
+    let dir = tmp();
+    for driver in ["overlay", "btrfs"] {
+        // btrfs makes its own scratch btrfs on a loop device: /dev/shm is not btrfs.
+        let report = ok(
+            dir.path(),
+            &["conformance", "--driver", driver, "--dir", dir.path().to_str().unwrap()],
+        );
+        let last = report.trim_end().lines().last().unwrap();
+        assert!(
+            last.starts_with(&format!("{driver}: ")) && last.contains(" 0 failed, 0 skipped"),
+            "{report}"
+        );
+    }
+}

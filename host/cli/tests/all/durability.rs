@@ -134,3 +134,55 @@ fn a_crash_in_the_middle_of_a_remove_is_finished_by_cleanup() {
     assert!(report.contains("removed"), "{report}");
     assert_eq!(backend_count(root), 0);
 }
+
+#[test]
+fn overlay_killed_between_the_steps_of_commit_and_remove_converges() {
+    let dir = disk_tmp();
+    let root = dir.path();
+    fn ov<'a>(args: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["-s", "overlay"];
+        v.extend_from_slice(args);
+        v
+    }
+    let backend = |root: &Path| {
+        let host = Host::open(root).unwrap();
+        backend_keys(host.snapshotter("overlay").unwrap().backend().as_ref()).len()
+    };
+    let trees = |root: &Path| {
+        std::fs::read_dir(root.join("snapshotters/overlay/snapshots")).unwrap().count()
+    };
+    ok(wasnap(root, None, &ov(&["prepare", "a"])));
+    ok(wasnap(root, None, &ov(&["commit", "base", "a"])));
+    ok(wasnap(root, None, &ov(&["prepare", "child", "base"])));
+
+    // Killed inside the driver's commit: the commit never happened.
+    let out =
+        wasnap(root, Some("overlay.commit.before-commit=abort"), &ov(&["commit", "done", "child"]));
+    assert!(crashed(&out), "{:?}", out.status);
+    let listed = ok(wasnap(root, None, &ov(&["ls"])));
+    assert!(listed.contains("child") && !listed.contains("done"), "{listed}");
+    ok(wasnap(root, None, &ov(&["commit", "done", "child"])));
+
+    // Killed inside the driver's remove, after the tree moved out of the way: the
+    // record is still there and the tree is back or reclaimable; nothing is lost.
+    ok(wasnap(root, None, &ov(&["prepare", "scratch", "done"])));
+    let out = wasnap(root, Some("overlay.remove.before-commit=abort"), &ov(&["rm", "scratch"]));
+    assert!(crashed(&out), "{:?}", out.status);
+    assert!(
+        !ok(wasnap(root, None, &ov(&["ls"]))).contains("scratch"),
+        "the metadata removal stands"
+    );
+    ok(wasnap(root, None, &ov(&["cleanup"])));
+    assert_eq!(backend(root), 2, "base and done remain in the backend");
+    assert_eq!(trees(root), 2, "no tree without a record");
+    let tmp = std::fs::read_dir(root.join("snapshotters/overlay/tmp")).unwrap().count();
+    assert_eq!(tmp, 0, "cleanup reclaimed the moved tree");
+
+    // Killed between building a tree and recording it.
+    let out =
+        wasnap(root, Some("overlay.create.before-commit=abort"), &ov(&["prepare", "c2", "done"]));
+    assert!(crashed(&out));
+    ok(wasnap(root, None, &ov(&["cleanup"])));
+    assert_eq!((backend(root), trees(root)), (2, 2));
+    assert_eq!(ok(wasnap(root, None, &ov(&["ls"]))).lines().count(), 3, "header, base, done");
+}

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
-use crate::driver::overlay::OverlayOptions;
+pub use crate::config::{Config, DriverConfig};
 use crate::driver::{Btrfs, Native, Overlay};
 use crate::error::{Error, Result};
 use crate::fault::Faults;
@@ -25,28 +25,6 @@ use crate::snapshotter::Snapshotter;
 
 /// The snapshotter used when none is named: the one that works everywhere.
 pub const DEFAULT_SNAPSHOTTER: &str = "native";
-
-/// Which driver serves a snapshotter, and how.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DriverConfig {
-    /// The copy-based native driver: any filesystem, no kernel features.
-    Native,
-    /// The overlayfs driver.
-    Overlay(OverlayOptions),
-    /// The btrfs driver: its directory must be on btrfs.
-    Btrfs,
-}
-
-impl DriverConfig {
-    /// The built-in drivers, each as a snapshotter of the same name.
-    pub fn builtin() -> BTreeMap<String, DriverConfig> {
-        BTreeMap::from([
-            ("native".to_owned(), DriverConfig::Native),
-            ("overlay".to_owned(), DriverConfig::Overlay(OverlayOptions::default())),
-            ("btrfs".to_owned(), DriverConfig::Btrfs),
-        ])
-    }
-}
 
 /// The root used when none is given: `/var/lib/wasnap` for root, otherwise
 /// `$XDG_DATA_HOME/wasnap` (or `~/.local/share/wasnap`).
@@ -73,6 +51,7 @@ pub struct Host {
     db: Arc<MetaDb>,
     faults: Arc<Faults>,
     configs: BTreeMap<String, DriverConfig>,
+    default_snapshotter: String,
     opened: Mutex<BTreeMap<String, Arc<Snapshots>>>,
 }
 
@@ -85,15 +64,11 @@ impl Host {
 
     /// Opens the root with an explicit set of fault points (tests).
     pub fn open_with(root: &Path, faults: Arc<Faults>) -> Result<Self> {
-        Self::open_config(root, faults, DriverConfig::builtin())
+        Self::open_config(root, faults, Config::default())
     }
 
-    /// Opens the root with the given snapshotters.
-    pub fn open_config(
-        root: &Path,
-        faults: Arc<Faults>,
-        configs: BTreeMap<String, DriverConfig>,
-    ) -> Result<Self> {
+    /// Opens the root serving the snapshotters `config` names.
+    pub fn open_config(root: &Path, faults: Arc<Faults>, config: Config) -> Result<Self> {
         let io = |what: &str| {
             let what = format!("{what} {}", root.display());
             move |e: std::io::Error| Error::internal(what, e)
@@ -102,7 +77,15 @@ impl Host {
         let root = root.canonicalize().map_err(io("resolve root"))?;
         let dir = Dir::open_ambient_dir(&root, ambient_authority()).map_err(io("open root"))?;
         let db = Arc::new(MetaDb::open(&dir)?);
-        Ok(Host { root, dir, db, faults, configs, opened: Mutex::new(BTreeMap::new()) })
+        Ok(Host {
+            root,
+            dir,
+            db,
+            faults,
+            configs: config.snapshotters,
+            default_snapshotter: config.default_snapshotter,
+            opened: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// The root directory, resolved.
@@ -149,6 +132,11 @@ impl Host {
             }
             DriverConfig::Btrfs => Arc::new(Btrfs::open(dir, path, self.faults.clone())?),
         })
+    }
+
+    /// The snapshotter commands use when they name none.
+    pub fn default_snapshotter(&self) -> &str {
+        &self.default_snapshotter
     }
 
     /// Names of the configured snapshotters.

@@ -4,6 +4,7 @@
 //! and the `wasnap` binary (daemon and CLI). See ARCHITECTURE.md at the repository root
 //! for the map.
 
+pub mod config;
 pub mod driver;
 pub mod error;
 pub mod fault;

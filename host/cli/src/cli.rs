@@ -10,8 +10,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use std::sync::Arc;
 use wasnap::error::{Error, Result};
-use wasnap::host::{DEFAULT_SNAPSHOTTER, Host, default_root};
+
+use wasnap::fault::Faults;
+use wasnap::host::{Config, DEFAULT_SNAPSHOTTER, Host, default_root};
 use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE};
 use wasnap::snapshot::{Info, Labels};
 
@@ -36,9 +39,14 @@ pub struct Global {
     /// Namespace of the snapshots
     #[arg(short = 'n', long, global = true, env = "WASNAP_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// Configuration file naming the snapshotters and their drivers [default: the
+    /// built-in drivers native, overlay and btrfs]
+    #[arg(long, global = true, env = "WASNAP_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Snapshotter to use: a built-in driver (native, overlay, btrfs) or a configured name
-    #[arg(short = 's', long, visible_alias = "driver", global = true, env = "WASNAP_SNAPSHOTTER", default_value = DEFAULT_SNAPSHOTTER)]
-    pub snapshotter: String,
+    /// [default: the configuration's default_snapshotter, native]
+    #[arg(short = 's', long, visible_alias = "driver", global = true, env = "WASNAP_SNAPSHOTTER")]
+    pub snapshotter: Option<String>,
     /// Output format
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -131,7 +139,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         return wasnap::mount::unmount(dir);
     }
     if let Command::Conformance(args) = &cli.command {
-        return crate::conformance::run(args, &g.snapshotter, g.format, out);
+        let driver = g.snapshotter.as_deref().unwrap_or(DEFAULT_SNAPSHOTTER);
+        return crate::conformance::run(args, driver, g.format, out);
     }
     if g.format == Format::Junit {
         return Err(Error::InvalidArgument(
@@ -142,19 +151,31 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         return crate::bench::run(args, out);
     }
     let root = g.root.clone().unwrap_or_else(default_root);
-    let host = Host::open(&root)?;
+    let config = match &g.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let host = Host::open_config(&root, Arc::new(Faults::from_env()?), config)?;
+    let snapshotter =
+        g.snapshotter.clone().unwrap_or_else(|| host.default_snapshotter().to_owned());
     if let Command::Info = &cli.command {
-        let result = crate::output::host_info(out, g.format, &host, &g.snapshotter);
+        let result = crate::output::host_info(out, g.format, &host, &snapshotter);
         return result.and(host.close());
     }
-    let result = run_on(&host, g, &cli.command, out);
+    let result = run_on(&host, g, &snapshotter, &cli.command, out);
     let closed = host.close();
     result.and(closed)
 }
 
-fn run_on(host: &Host, g: &Global, command: &Command, out: &mut dyn Write) -> Result<()> {
+fn run_on(
+    host: &Host,
+    g: &Global,
+    snapshotter: &str,
+    command: &Command,
+    out: &mut dyn Write,
+) -> Result<()> {
     let ctx = Ctx::new(&g.namespace)?;
-    let sn = host.snapshotter(&g.snapshotter)?;
+    let sn = host.snapshotter(snapshotter)?;
     let fmt = g.format;
     match command {
         Command::Prepare { key, parent, labels } => {

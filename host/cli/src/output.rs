@@ -260,7 +260,7 @@ pub(crate) fn host_info(out: &mut dyn Write, f: Format, host: &Host, selected: &
             let v = serde_json::json!({
                 "root": host.root(),
                 "selected_snapshotter": selected,
-                "default_snapshotter": DEFAULT_SNAPSHOTTER,
+                "default_snapshotter": host.default_snapshotter(),
                 "snapshotters": drivers.iter().map(|(n, note)| serde_json::json!({"name": n, "note": note})).collect::<Vec<_>>(),
                 "support": support,
             });
@@ -281,7 +281,13 @@ pub(crate) fn host_info(out: &mut dyn Write, f: Format, host: &Host, selected: &
                 vec![
                     "snapshotter".into(),
                     format!(
-                        "{selected} (default {DEFAULT_SNAPSHOTTER}: it works everywhere; pick another with -s/--driver)"
+                        "{selected} (default {}{}; pick another with -s/--driver)",
+                        host.default_snapshotter(),
+                        if host.default_snapshotter() == DEFAULT_SNAPSHOTTER {
+                            ": it works everywhere"
+                        } else {
+                            ""
+                        }
                     ),
                 ],
             ];

@@ -37,7 +37,8 @@ use crate::snapshotter::{FieldPath, Snapshotter};
 pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
 
 /// How the overlay driver mounts and removes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct OverlayOptions {
     /// Add `index=off` to overlay mounts (containerd does when the kernel supports it),
     /// so a layer can be mounted under several upper directories.

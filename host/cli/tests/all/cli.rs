@@ -192,3 +192,32 @@ fn conformance_passes_for_overlay_and_btrfs() {
         );
     }
 }
+
+#[test]
+fn a_config_file_names_snapshotters_their_drivers_and_options() {
+    let dir = tmp();
+    let r = dir.path();
+    let config = r.join("wasnap.toml");
+    std::fs::write(
+        &config,
+        "default_snapshotter = \"fast\"\n[snapshotters.fast]\ndriver = \"overlay\"\nvolatile = true\n\
+         [snapshotters.plain]\ndriver = \"native\"\n",
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    ok(r, &["--config", c, "prepare", "a"]);
+    ok(r, &["--config", c, "commit", "base", "a"]);
+    let mounts = ok(r, &["--config", c, "--format", "json", "prepare", "b", "base"]);
+    assert!(
+        mounts.contains("overlay") && mounts.contains("volatile"),
+        "the default is the configured overlay: {mounts}"
+    );
+    assert_eq!(
+        ok(r, &["--config", c, "-s", "plain", "ls"]).lines().count(),
+        1,
+        "each snapshotter is its own world"
+    );
+    assert!(fails(r, &["--config", c, "-s", "native", "ls"]).contains("configured: fast, plain"));
+    std::fs::write(&config, "[snapshotters.x]\ndriver = \"overlay\"\nvolatil = true\n").unwrap();
+    assert!(fails(r, &["--config", c, "ls"]).contains("volatil"));
+}

@@ -23,7 +23,7 @@ use crate::driver::storage::{Snap, Store};
 use crate::error::{Error, Result};
 use crate::fault::Faults;
 use crate::fsutil;
-use crate::snapshot::{Info, Kind, Labels};
+use crate::snapshot::{Info, Kind, Labels, Usage};
 
 const SNAPSHOTS: &str = "snapshots";
 const TMP: &str = "tmp";
@@ -43,13 +43,22 @@ pub(crate) struct Layout {
     faults: Arc<Faults>,
     /// The driver's name, for messages and fault point names (`<name>.create.…`).
     name: &'static str,
+    /// Where a snapshot's own layer is inside `snapshots/<id>` (`""`: the directory
+    /// itself; `"fs"` for overlay): what usage measures.
+    layer: &'static str,
     closed: AtomicBool,
     tmp_seq: AtomicU64,
 }
 
 impl Layout {
     /// Opens the layout in `dir`, creating what is missing.
-    pub fn open(dir: Dir, path: PathBuf, faults: Arc<Faults>, name: &'static str) -> Result<Self> {
+    pub fn open(
+        dir: Dir,
+        path: PathBuf,
+        faults: Arc<Faults>,
+        name: &'static str,
+        layer: &'static str,
+    ) -> Result<Self> {
         let mut private = DirBuilder::new();
         private.mode(0o700);
         for sub in [SNAPSHOTS, TMP] {
@@ -68,6 +77,7 @@ impl Layout {
             store,
             faults,
             name,
+            layer,
             closed: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
         })
@@ -169,6 +179,40 @@ impl Layout {
             let _ = self.remove_path(tmp);
         }
         result
+    }
+
+    /// Disk usage of snapshot `id`'s own layer, measured now.
+    pub fn measure(&self, id: u64) -> Result<Usage> {
+        let dir = Self::snapshot_dir(id);
+        let name = if self.layer.is_empty() { dir } else { format!("{dir}/{}", self.layer) };
+        let layer = self.dir.open_dir(&name).map_err(io(format!("open {name}")))?;
+        fsutil::disk_usage(&layer)
+    }
+
+    /// Usage of `key`: stored at commit for committed snapshots (so asking is O(1)),
+    /// measured for the others.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        self.check_open()?;
+        let (_, snap) = self.store.get(key)?;
+        match snap.usage {
+            Some(usage) => Ok(usage),
+            None => self.measure(snap.id),
+        }
+    }
+
+    /// Commits the active snapshot `key` as `name`: the tree stays where it is, the
+    /// record changes kind and name, and the layer's usage is measured and stored.
+    pub fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        self.check_open()?;
+        let (info, snap) = self.store.get(key)?;
+        if info.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
+        }
+        let usage = self.measure(snap.id)?;
+        let mut txn = self.store.begin()?;
+        txn.commit_active(key, name, usage, labels)?;
+        self.fault("commit.before-commit")?;
+        txn.commit()
     }
 
     /// Forgets `key` and moves its tree to `tmp/`; with `now`, deletes it too (otherwise

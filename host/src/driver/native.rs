@@ -13,7 +13,7 @@ use cap_std::fs::{Dir, Permissions, PermissionsExt};
 
 use super::layout::{Layout, io};
 use crate::driver::storage::Snap;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fault::Faults;
 use crate::filter::Filter;
 use crate::fsutil;
@@ -29,7 +29,7 @@ pub struct Native {
 impl Native {
     /// Opens the driver in `dir` (which is `path` on the host), creating its layout.
     pub fn open(dir: Dir, path: PathBuf, faults: Arc<Faults>) -> Result<Self> {
-        Ok(Native { layout: Layout::open(dir, path, faults, "native")? })
+        Ok(Native { layout: Layout::open(dir, path, faults, "native", "")? })
     }
 
     fn mounts_for(&self, snap: &Snap) -> Vec<Mount> {
@@ -74,12 +74,6 @@ impl Native {
         let snap = l.install(&tmp, kind, key, parent, labels)?;
         Ok(self.mounts_for(&snap))
     }
-
-    fn measure(&self, id: u64) -> Result<Usage> {
-        let name = Layout::snapshot_dir(id);
-        let dir = self.layout.dir.open_dir(&name).map_err(io(format!("open {name}")))?;
-        fsutil::disk_usage(&dir)
-    }
 }
 
 impl Snapshotter for Native {
@@ -97,12 +91,7 @@ impl Snapshotter for Native {
     }
 
     fn usage(&self, key: &str) -> Result<Usage> {
-        self.layout.check_open()?;
-        let (_, snap) = self.layout.store.get(key)?;
-        match snap.usage {
-            Some(usage) => Ok(usage),
-            None => self.measure(snap.id),
-        }
+        self.layout.usage(key)
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
@@ -120,16 +109,7 @@ impl Snapshotter for Native {
     }
 
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.layout.check_open()?;
-        let (info, snap) = self.layout.store.get(key)?;
-        if info.kind != Kind::Active {
-            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
-        }
-        // Measured once here so that asking for a committed snapshot's usage is O(1).
-        let usage = self.measure(snap.id)?;
-        let mut txn = self.layout.store.begin()?;
-        txn.commit_active(key, name, usage, labels)?;
-        txn.commit()
+        self.layout.commit(name, key, labels)
     }
 
     fn remove(&self, key: &str) -> Result<()> {

@@ -27,7 +27,6 @@ use crate::driver::storage::Snap;
 use crate::error::{Error, Result};
 use crate::fault::Faults;
 use crate::filter::Filter;
-use crate::fsutil;
 use crate::mount::OVERLAY_MAX_LAYERS;
 use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
 use crate::snapshotter::{FieldPath, Snapshotter};
@@ -89,7 +88,7 @@ impl Overlay {
                     .into(),
             ));
         }
-        Ok(Overlay { layout: Layout::open(dir, path, faults, "overlay")?, opts })
+        Ok(Overlay { layout: Layout::open(dir, path, faults, "overlay", "fs")?, opts })
     }
 
     fn fs(&self, id: u64) -> String {
@@ -216,12 +215,6 @@ impl Overlay {
         let snap = l.install(&tmp, kind, key, parent, labels)?;
         Ok(self.mounts_for(&snap))
     }
-
-    fn measure(&self, id: u64) -> Result<Usage> {
-        let name = format!("{}/fs", Layout::snapshot_dir(id));
-        let dir = self.layout.dir.open_dir(&name).map_err(io(format!("open {name}")))?;
-        fsutil::disk_usage(&dir)
-    }
 }
 
 impl Snapshotter for Overlay {
@@ -244,12 +237,7 @@ impl Snapshotter for Overlay {
     }
 
     fn usage(&self, key: &str) -> Result<Usage> {
-        self.layout.check_open()?;
-        let (_, snap) = self.layout.store.get(key)?;
-        match snap.usage {
-            Some(usage) => Ok(usage),
-            None => self.measure(snap.id),
-        }
+        self.layout.usage(key)
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
@@ -267,17 +255,8 @@ impl Snapshotter for Overlay {
     }
 
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.layout.check_open()?;
-        let (info, snap) = self.layout.store.get(key)?;
-        if info.kind != Kind::Active {
-            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
-        }
-        // Measured once here, so that the usage engines poll every few seconds is O(1).
-        let usage = self.measure(snap.id)?;
-        let mut txn = self.layout.store.begin()?;
-        txn.commit_active(key, name, usage, labels)?;
-        self.layout.fault("commit.before-commit")?;
-        txn.commit()
+        // Usage is measured and stored here, so the usage engines poll is O(1).
+        self.layout.commit(name, key, labels)
     }
 
     fn remove(&self, key: &str) -> Result<()> {

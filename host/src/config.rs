@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::driver::overlay::OverlayOptions;
 use crate::error::{Error, Result};
+use crate::gc::GcOptions;
 use crate::host::DEFAULT_SNAPSHOTTER;
 
 /// Which driver serves a snapshotter, and how.
@@ -52,6 +53,9 @@ pub struct Config {
     pub default_snapshotter: String,
     /// Every snapshotter the root serves, by name.
     pub snapshotters: BTreeMap<String, DriverConfig>,
+    /// Garbage collection: when it runs, how long it may hold writers, what it keeps.
+    #[serde(default)]
+    pub gc: GcOptions,
 }
 
 fn default_snapshotter() -> String {
@@ -68,6 +72,7 @@ impl Default for Config {
                 ("overlay".to_owned(), DriverConfig::Overlay(OverlayOptions::default())),
                 ("btrfs".to_owned(), DriverConfig::Btrfs),
             ]),
+            gc: GcOptions::default(),
         }
     }
 }

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -20,7 +21,8 @@ pub use crate::config::{Config, DriverConfig};
 use crate::driver::{Btrfs, Native, Overlay};
 use crate::error::{Error, Result};
 use crate::fault::Faults;
-use crate::metadata::{MetaDb, Snapshots};
+use crate::gc::{Collector, GcReport, Scheduler, Trigger};
+use crate::metadata::{Ctx, Leases, MetaDb, Snapshots};
 use crate::snapshotter::Snapshotter;
 
 /// The snapshotter used when none is named: the one that works everywhere.
@@ -53,6 +55,8 @@ pub struct Host {
     configs: BTreeMap<String, DriverConfig>,
     default_snapshotter: String,
     opened: Mutex<BTreeMap<String, Arc<Snapshots>>>,
+    trigger: Arc<Trigger>,
+    collector: Arc<Collector>,
 }
 
 impl Host {
@@ -77,6 +81,7 @@ impl Host {
         let root = root.canonicalize().map_err(io("resolve root"))?;
         let dir = Dir::open_ambient_dir(&root, ambient_authority()).map_err(io("open root"))?;
         let db = Arc::new(MetaDb::open(&dir)?);
+        let collector = Arc::new(Collector::new(db.clone(), faults.clone(), config.gc));
         Ok(Host {
             root,
             dir,
@@ -85,6 +90,8 @@ impl Host {
             configs: config.snapshotters,
             default_snapshotter: config.default_snapshotter,
             opened: Mutex::new(BTreeMap::new()),
+            trigger: Arc::default(),
+            collector,
         })
     }
 
@@ -111,7 +118,10 @@ impl Host {
         let backend = self
             .open_driver(name, config)
             .map_err(|e| e.context(format!("snapshotter {name:?}")))?;
-        let s = Arc::new(Snapshots::new(self.db.clone(), name, backend, self.faults.clone()));
+        let s = Arc::new(
+            Snapshots::new(self.db.clone(), name, backend, self.faults.clone())
+                .with_trigger(self.trigger.clone()),
+        );
         opened.insert(name.to_owned(), s.clone());
         Ok(s)
     }
@@ -149,11 +159,86 @@ impl Host {
         &self.configs
     }
 
+    /// The lease manager.
+    pub fn leases(&self) -> Leases {
+        Leases::new(self.db.clone())
+    }
+
+    /// Deletes a lease; with `sync`, collects before returning, so what only the lease
+    /// held is gone when this returns (containerd's synchronous delete).
+    pub fn delete_lease(&self, ctx: &Ctx, id: &str, sync: bool) -> Result<Option<GcReport>> {
+        self.leases().delete(ctx, id)?;
+        if sync { self.collect(false).map(Some) } else { Ok(None) }
+    }
+
+    /// Every configured snapshotter that opens; those that do not are reported.
+    fn open_all(&self) -> (Vec<Arc<Snapshots>>, Vec<(String, String)>) {
+        let mut open = Vec::new();
+        let mut failed = Vec::new();
+        for name in self.configs.keys() {
+            match self.snapshotter(name) {
+                Ok(s) => open.push(s),
+                Err(e) => failed.push((format!("snapshotter {name:?}"), e.to_string())),
+            }
+        }
+        (open, failed)
+    }
+
+    /// Runs one garbage collection over every snapshotter that can be opened here.
+    pub fn collect(&self, dry_run: bool) -> Result<GcReport> {
+        let (open, unavailable) = self.open_all();
+        let mut report = self.collector.collect(&open, dry_run)?;
+        // A snapshotter that cannot run here is not an error of the collection: its
+        // records were swept all the same, and its backend is pruned where it runs.
+        report
+            .failed
+            .extend(unavailable.into_iter().filter(|(_, e)| !e.contains("failed precondition")));
+        Ok(report)
+    }
+
+    /// For every snapshotter that opens: backend snapshots no record names, and
+    /// records whose backend snapshot is missing. Changes nothing.
+    pub fn check(&self) -> Result<Vec<CheckReport>> {
+        let timeout = Duration::from_millis(self.collector.options().backend_timeout_ms);
+        let (open, _) = self.open_all();
+        open.iter()
+            .map(|s| {
+                Ok(CheckReport {
+                    snapshotter: s.name().to_owned(),
+                    orphans: s.orphans(timeout)?,
+                    missing: s.missing(timeout)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Starts collecting in the background as the configuration's `[gc]` says;
+    /// collections stop when the returned scheduler is dropped.
+    pub fn start_gc(self: &Arc<Self>) -> Result<Scheduler> {
+        let host = Arc::downgrade(self);
+        let opts = self.collector.options().clone();
+        Scheduler::start(self.trigger.clone(), opts, move || match host.upgrade() {
+            Some(h) => h.collect(false),
+            None => Err(Error::Unavailable("host closed".into())),
+        })
+    }
+
     /// Closes every backend opened so far.
     pub fn close(&self) -> Result<()> {
         let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         opened.values().try_for_each(|s| s.close())
     }
+}
+
+/// What [`Host::check`] found for one snapshotter.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    /// The snapshotter.
+    pub snapshotter: String,
+    /// Backend keys no record names (what a collection would prune).
+    pub orphans: Vec<String>,
+    /// Backend keys records name that the backend does not have.
+    pub missing: Vec<String>,
 }
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod fault;
 pub mod filter;
 pub mod fsutil;
+pub mod gc;
 pub mod host;
 mod kv;
 pub mod metadata;

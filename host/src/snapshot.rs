@@ -75,10 +75,10 @@ pub struct Info {
     /// Its labels.
     pub labels: Labels,
     /// When it was created.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "rfc3339")]
     pub created: SystemTime,
     /// When it was last changed.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "rfc3339")]
     pub updated: SystemTime,
 }
 
@@ -144,7 +144,7 @@ pub fn inherited_labels(labels: &Labels) -> Labels {
 }
 
 /// Timestamps as RFC 3339 strings in JSON, so that `--format json` reads like `ctr`'s.
-mod humantime_serde_compat {
+pub(crate) mod rfc3339 {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};

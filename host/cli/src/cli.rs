@@ -15,7 +15,8 @@ use wasnap::error::{Error, Result};
 
 use wasnap::fault::Faults;
 use wasnap::host::{Config, DEFAULT_SNAPSHOTTER, Host, default_root};
-use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE};
+use wasnap::metadata::lease::LABEL_GC_EXPIRE;
+use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE, Resource};
 use wasnap::snapshot::{Info, Labels};
 
 pub use crate::output::Format;
@@ -50,6 +51,55 @@ pub struct Global {
     /// Output format
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Lease in effect: snapshots created or committed are added to it (and may be
+    /// collected once nothing holds them)
+    #[arg(long, global = true, env = "WASNAP_LEASE")]
+    pub lease: Option<String>,
+}
+
+/// `wasnap lease` subcommands, after containerd's lease API.
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Create a lease and print its id
+    Create {
+        /// Its id [default: generated]
+        #[arg(long)]
+        id: Option<String>,
+        /// Label to set, KEY=VALUE (repeatable)
+        #[arg(short, long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Expire after this long (e.g. 10m, 24h): sets containerd.io/gc.expire
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expire: Option<std::time::Duration>,
+    },
+    /// List leases, optionally filtered (fields id, labels.<key>)
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long = "filter", short = 'f')]
+        filters: Vec<String>,
+    },
+    /// Delete leases; with --sync, collect before returning
+    #[command(alias = "delete")]
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        sync: bool,
+    },
+    /// Add snapshots (by key, of the selected snapshotter) to a lease
+    Add {
+        id: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Remove snapshots from a lease
+    Remove {
+        id: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// List what a lease holds
+    Resources { id: String },
 }
 
 /// The commands.
@@ -115,6 +165,19 @@ pub enum Command {
     Cleanup,
     /// Show the root, the snapshotters, and what this kernel supports
     Info,
+    /// Manage leases
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Collect garbage now and print what went and how long each step took
+    Gc {
+        /// List what would be removed; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// List backend snapshots no record names and records whose backend snapshot is
+        /// missing, for every snapshotter; change nothing
+        #[arg(long, conflicts_with = "dry_run")]
+        check: bool,
+    },
     /// Measure the host's hot paths and print a table
     Bench(crate::bench::BenchArgs),
     /// Check a backend against the conformance suite (containerd's snapshotter tests)
@@ -158,13 +221,68 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     let host = Host::open_config(&root, Arc::new(Faults::from_env()?), config)?;
     let snapshotter =
         g.snapshotter.clone().unwrap_or_else(|| host.default_snapshotter().to_owned());
-    if let Command::Info = &cli.command {
-        let result = crate::output::host_info(out, g.format, &host, &snapshotter);
+    let result = match &cli.command {
+        Command::Info => Some(crate::output::host_info(out, g.format, &host, &snapshotter)),
+        Command::Lease(cmd) => Some(run_lease(&host, g, &snapshotter, cmd, out)),
+        Command::Gc { dry_run: false, check: true } => {
+            host.check().and_then(|r| crate::output::check(out, g.format, &r)).into()
+        }
+        Command::Gc { dry_run, .. } => {
+            host.collect(*dry_run).and_then(|r| crate::output::gc(out, g.format, &r)).into()
+        }
+        _ => None,
+    };
+    if let Some(result) = result {
         return result.and(host.close());
     }
     let result = run_on(&host, g, &snapshotter, &cli.command, out);
     let closed = host.close();
     result.and(closed)
+}
+
+fn run_lease(
+    host: &Host,
+    g: &Global,
+    snapshotter: &str,
+    cmd: &LeaseCommand,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let ctx = Ctx::new(&g.namespace)?;
+    let leases = host.leases();
+    match cmd {
+        LeaseCommand::Create { id, labels, expire } => {
+            let mut labels = parse_labels(labels)?;
+            if let Some(d) = expire {
+                let at = std::time::SystemTime::now() + *d;
+                labels.insert(
+                    LABEL_GC_EXPIRE.into(),
+                    humantime::format_rfc3339_seconds(at).to_string(),
+                );
+            }
+            let lease = leases.create(&ctx, id.as_deref(), &labels)?;
+            writeln!(out, "{}", lease.id).map_err(|e| Error::internal("write output", e))
+        }
+        LeaseCommand::Ls { filters } => {
+            crate::output::leases(out, g.format, &leases.list(&ctx, filters)?)
+        }
+        LeaseCommand::Rm { ids, sync } => {
+            for id in ids {
+                if let Some(report) = host.delete_lease(&ctx, id, *sync)? {
+                    crate::output::gc(out, g.format, &report)?;
+                }
+            }
+            Ok(())
+        }
+        LeaseCommand::Add { id, keys } => keys
+            .iter()
+            .try_for_each(|k| leases.add_resource(&ctx, id, &Resource::snapshot(snapshotter, k))),
+        LeaseCommand::Remove { id, keys } => keys.iter().try_for_each(|k| {
+            leases.delete_resource(&ctx, id, &Resource::snapshot(snapshotter, k))
+        }),
+        LeaseCommand::Resources { id } => {
+            crate::output::resources(out, g.format, &leases.resources(&ctx, id)?)
+        }
+    }
 }
 
 fn run_on(
@@ -174,7 +292,7 @@ fn run_on(
     command: &Command,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let ctx = Ctx::new(&g.namespace)?;
+    let ctx = Ctx::new(&g.namespace)?.with_lease(g.lease.clone());
     let sn = host.snapshotter(snapshotter)?;
     let fmt = g.format;
     match command {
@@ -263,9 +381,12 @@ fn run_on(
             let report = sn.cleanup()?;
             crate::output::prune(out, fmt, &report)
         }
-        Command::Unmount { .. } | Command::Bench(_) | Command::Conformance(_) | Command::Info => {
-            unreachable_command()
-        }
+        Command::Unmount { .. }
+        | Command::Bench(_)
+        | Command::Conformance(_)
+        | Command::Info
+        | Command::Lease(_)
+        | Command::Gc { .. } => unreachable_command(),
     }
 }
 

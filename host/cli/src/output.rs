@@ -7,8 +7,9 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use wasnap::error::{Error, Result};
-use wasnap::host::{DEFAULT_SNAPSHOTTER, DriverConfig, Host};
-use wasnap::metadata::PruneReport;
+use wasnap::gc::GcReport;
+use wasnap::host::{CheckReport, DEFAULT_SNAPSHOTTER, DriverConfig, Host};
+use wasnap::metadata::{Lease, PruneReport, Resource};
 use wasnap::probe::Support;
 use wasnap::snapshot::{Info, Labels, Mount, Usage};
 
@@ -220,6 +221,113 @@ pub(crate) fn prune(out: &mut dyn Write, f: Format, r: &PruneReport) -> Result<(
             table(out, &["BACKEND KEY", "RESULT"], &rows)
         }
     }
+}
+
+pub(crate) fn leases(out: &mut dyn Write, f: Format, leases: &[Lease]) -> Result<()> {
+    match f {
+        Format::Json => json(out, leases),
+        Format::Table | Format::Junit => {
+            let rows: Vec<Vec<String>> = leases
+                .iter()
+                .map(|l| {
+                    let labels: Vec<String> =
+                        l.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    vec![
+                        l.id.clone(),
+                        humantime::format_rfc3339_seconds(l.created).to_string(),
+                        labels.join(","),
+                    ]
+                })
+                .collect();
+            table(out, &["ID", "CREATED", "LABELS"], &rows)
+        }
+    }
+}
+
+pub(crate) fn resources(out: &mut dyn Write, f: Format, resources: &[Resource]) -> Result<()> {
+    match f {
+        Format::Json => json(out, resources),
+        Format::Table | Format::Junit => {
+            let rows: Vec<Vec<String>> =
+                resources.iter().map(|r| vec![r.kind.clone(), r.id.clone()]).collect();
+            table(out, &["TYPE", "ID"], &rows)
+        }
+    }
+}
+
+pub(crate) fn gc(out: &mut dyn Write, f: Format, r: &GcReport) -> Result<()> {
+    match f {
+        Format::Json => json(out, r),
+        Format::Table | Format::Junit => {
+            let verb = if r.dry_run { "would remove" } else { "removed" };
+            let mut rows: Vec<Vec<String>> = r
+                .removed
+                .iter()
+                .map(|s| {
+                    vec![
+                        format!("snapshot {}/{}", s.snapshotter, s.namespace),
+                        s.key.clone(),
+                        verb.into(),
+                    ]
+                })
+                .collect();
+            rows.extend(
+                r.expired_leases
+                    .iter()
+                    .map(|(ns, id)| vec![format!("lease {ns}"), id.clone(), verb.into()]),
+            );
+            let pverb = if r.dry_run { "would prune" } else { "pruned" };
+            rows.extend(
+                r.pruned
+                    .iter()
+                    .map(|(sn, k)| vec![format!("backend {sn}"), k.clone(), pverb.into()]),
+            );
+            rows.extend(
+                r.failed
+                    .iter()
+                    .map(|(what, why)| vec![what.clone(), String::new(), format!("failed: {why}")]),
+            );
+            table(out, &["WHAT", "KEY", "RESULT"], &rows)?;
+            writeln!(
+                out,
+                "{} snapshots, {} leases, {} backend snapshots; mark {}, sweep {}, prune {}",
+                r.removed.len(),
+                r.expired_leases.len(),
+                r.pruned.len(),
+                fmt_duration(r.mark),
+                fmt_duration(r.sweep),
+                fmt_duration(r.prune)
+            )
+            .map_err(io)
+        }
+    }
+}
+
+pub(crate) fn check(out: &mut dyn Write, f: Format, reports: &[CheckReport]) -> Result<()> {
+    match f {
+        Format::Json => json(out, reports),
+        Format::Table | Format::Junit => {
+            let mut rows = Vec::new();
+            for r in reports {
+                rows.extend(
+                    r.orphans.iter().map(|k| {
+                        vec![r.snapshotter.clone(), k.clone(), "no record names it".into()]
+                    }),
+                );
+                rows.extend(r.missing.iter().map(|k| {
+                    vec![r.snapshotter.clone(), k.clone(), "record without backend snapshot".into()]
+                }));
+            }
+            table(out, &["SNAPSHOTTER", "BACKEND KEY", "PROBLEM"], &rows)?;
+            let n: usize = reports.iter().map(|r| r.orphans.len() + r.missing.len()).sum();
+            writeln!(out, "{n} problems in {} snapshotters", reports.len()).map_err(io)
+        }
+    }
+}
+
+fn fmt_duration(d: std::time::Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 1.0 { format!("{:.0} µs", ms * 1e3) } else { format!("{ms:.1} ms") }
 }
 
 /// Why a driver is or is not usable here, in a phrase.

@@ -14,8 +14,8 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
 
@@ -48,6 +48,39 @@ pub(crate) struct Layout {
     layer: &'static str,
     closed: AtomicBool,
     tmp_seq: AtomicU64,
+    /// Names in `tmp/` this process is working on right now: reclaim leaves them be.
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A name in `tmp/` that this process is using; reclaim skips it until it is dropped.
+#[derive(Debug)]
+pub(crate) struct TmpName {
+    name: String,
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+impl TmpName {
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Display for TmpName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl AsRef<std::path::Path> for TmpName {
+    fn as_ref(&self) -> &std::path::Path {
+        self.name.as_ref()
+    }
+}
+
+impl Drop for TmpName {
+    fn drop(&mut self) {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.name);
+    }
 }
 
 impl Layout {
@@ -80,6 +113,7 @@ impl Layout {
             layer,
             closed: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
+            busy: Arc::default(),
         })
     }
 
@@ -111,10 +145,12 @@ impl Layout {
         self.path.join(rel).to_string_lossy().into_owned()
     }
 
-    /// A fresh name in `tmp/`.
-    pub fn tmp_name(&self, what: &str) -> String {
+    /// A fresh name in `tmp/`, spared by reclaim while the returned guard lives.
+    pub fn tmp_name(&self, what: &str) -> TmpName {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        format!("{TMP}/{what}-{}-{n}", std::process::id())
+        let name = format!("{TMP}/{what}-{}-{n}", std::process::id());
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
+        TmpName { name, busy: self.busy.clone() }
     }
 
     /// Deletes `rel` (`snapshots/<id>` or `tmp/<name>`) and everything in it, even
@@ -238,7 +274,7 @@ impl Layout {
         }
         if now
             && moved
-            && let Err(e) = self.remove_path(&doomed)
+            && let Err(e) = self.remove_path(doomed.as_str())
         {
             tracing::warn!(path = %doomed, error = %e, "could not delete a removed snapshot's tree; cleanup will retry");
         }
@@ -252,11 +288,15 @@ impl Layout {
     pub fn reclaim(&self) -> Result<()> {
         self.check_open()?;
         let ids: HashSet<u64> = self.store.ids()?;
+        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut doomed = Vec::new();
         for entry in self.dir.read_dir(TMP).map_err(io("read tmp/"))? {
             let entry = entry.map_err(io("read tmp/"))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = format!("{TMP}/{name}");
+            if busy.contains(&path) {
+                continue;
+            }
             // A remove killed before its transaction committed: the record still names
             // the tree, so it goes back where the record says it is.
             let removed_id = name

@@ -209,10 +209,10 @@ impl Overlay {
             Ok(())
         })();
         if let Err(e) = built {
-            let _ = l.remove_path(&tmp);
+            let _ = l.remove_path(tmp.as_str());
             return Err(e);
         }
-        let snap = l.install(&tmp, kind, key, parent, labels)?;
+        let snap = l.install(tmp.as_str(), kind, key, parent, labels)?;
         Ok(self.mounts_for(&snap))
     }
 }

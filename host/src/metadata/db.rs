@@ -50,6 +50,8 @@ impl MetaDb {
             txn.open_table(SNAPSHOTS).map_err(kv::e)?;
             txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
             txn.open_multimap_table(BKEYS).map_err(kv::e)?;
+            txn.open_table(super::lease::LEASES).map_err(kv::e)?;
+            txn.open_multimap_table(super::lease::LEASE_RESOURCES).map_err(kv::e)?;
             let mut meta = txn.open_table(META).map_err(kv::e)?;
             let found = meta.get(META_SCHEMA).map_err(kv::e)?.map(|g| g.value());
             match found {

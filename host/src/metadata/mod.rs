@@ -8,11 +8,13 @@
 //! Architecture invariant: this module is the only one that opens the metadata database,
 //! and backends never see a namespace.
 
-mod db;
-mod record;
+pub(crate) mod db;
+pub mod lease;
+pub(crate) mod record;
 mod snapshots;
 
 pub use db::MetaDb;
+pub use lease::{Lease, Leases, Resource};
 pub use snapshots::{PruneReport, Snapshots};
 
 use crate::error::{Error, Result};
@@ -27,6 +29,7 @@ const MAX_NAMESPACE_LEN: usize = 76;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ctx {
     namespace: String,
+    lease: Option<String>,
 }
 
 impl Ctx {
@@ -34,12 +37,25 @@ impl Ctx {
     /// alphanumeric runs joined by single `.`, `_` or `-`, at most 76 bytes.
     pub fn new(namespace: &str) -> Result<Self> {
         validate_namespace(namespace)?;
-        Ok(Ctx { namespace: namespace.to_owned() })
+        Ok(Ctx { namespace: namespace.to_owned(), lease: None })
+    }
+
+    /// The same context with `lease` in effect: snapshots the call creates or commits
+    /// are added to it, and become collectable once nothing holds them.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Option<String>) -> Self {
+        self.lease = lease.filter(|l| !l.is_empty());
+        self
     }
 
     /// The namespace of the call.
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// The lease in effect for the call, if any.
+    pub fn lease(&self) -> Option<&str> {
+        self.lease.as_deref()
     }
 }
 

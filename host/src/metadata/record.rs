@@ -20,6 +20,11 @@ pub(crate) struct Record {
     /// Nanoseconds since the Unix epoch.
     pub created: u64,
     pub updated: u64,
+    /// Created or committed under a lease: garbage collection may remove it once
+    /// nothing holds it. Records made with no lease are kept until removed explicitly
+    /// (containerd, as a proxy client, removes what its own collector collects).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub collectable: bool,
 }
 
 impl Record {

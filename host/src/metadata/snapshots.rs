@@ -2,13 +2,15 @@
 //! backend keys.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use redb::{ReadableMultimapTable, ReadableTable};
 use serde::Serialize;
 
 use super::Ctx;
 use super::db::{BKEYS, CHILDREN, MetaDb, SNAPSHOTS};
+use super::lease::{self, Resource};
 use super::record::Record;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fault::Faults;
@@ -30,10 +32,56 @@ pub struct Snapshots {
     name: String,
     backend: Arc<dyn Snapshotter>,
     faults: Arc<Faults>,
-    /// Held shared by every mutation and exclusively by [`Snapshots::cleanup`]: between a
-    /// prepare's backend call and the write of its record, the backend holds a snapshot
-    /// no record names yet, and pruning must not take it for an orphan.
-    prune_lock: RwLock<()>,
+    /// Backend keys a create or commit has made (or is making) in the backend but not
+    /// yet recorded. Pruning spares them; it holds no lock that would stop writers.
+    inflight: Mutex<HashMap<String, usize>>,
+    /// Told of removals and other mutations, so a scheduler can collect.
+    trigger: Option<Arc<crate::gc::Trigger>>,
+}
+
+/// Marks a backend key as in flight for as long as it lives.
+struct InFlight<'a> {
+    set: &'a Mutex<HashMap<String, usize>>,
+    bkey: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(set: &'a Mutex<HashMap<String, usize>>, bkey: &str) -> Self {
+        *set.lock().unwrap_or_else(|e| e.into_inner()).entry(bkey.to_owned()).or_default() += 1;
+        InFlight { set, bkey: bkey.to_owned() }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = set.get_mut(&self.bkey) {
+            *n -= 1;
+            if *n == 0 {
+                set.remove(&self.bkey);
+            }
+        }
+    }
+}
+
+/// Runs a backend call on its own thread and gives up waiting after `deadline`: a
+/// backend that hangs costs that call (and a parked thread), never the caller.
+pub(crate) fn with_deadline<T: Send + 'static>(
+    deadline: Duration,
+    what: String,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("wasnap-backend-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| Error::internal("spawn a backend call", e))?;
+    match rx.recv_timeout(deadline) {
+        Ok(r) => r,
+        Err(_) => Err(Error::Unavailable(format!("{what}: no answer within {deadline:?}"))),
+    }
 }
 
 impl std::fmt::Debug for Snapshots {
@@ -82,7 +130,27 @@ impl Snapshots {
         backend: Arc<dyn Snapshotter>,
         faults: Arc<Faults>,
     ) -> Self {
-        Snapshots { db, name: name.into(), backend, faults, prune_lock: RwLock::new(()) }
+        Snapshots {
+            db,
+            name: name.into(),
+            backend,
+            faults,
+            inflight: Mutex::new(HashMap::new()),
+            trigger: None,
+        }
+    }
+
+    /// Tells `trigger` of every removal and mutation from now on.
+    #[must_use]
+    pub fn with_trigger(mut self, trigger: Arc<crate::gc::Trigger>) -> Self {
+        self.trigger = Some(trigger);
+        self
+    }
+
+    fn mutated(&self) {
+        if let Some(t) = &self.trigger {
+            t.mutation();
+        }
     }
 
     /// The snapshotter's name (`native`, ...).
@@ -95,12 +163,14 @@ impl Snapshots {
         &self.backend
     }
 
-    fn shared(&self) -> RwLockReadGuard<'_, ()> {
-        self.prune_lock.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.prune_lock.write().unwrap_or_else(|e| e.into_inner())
+    /// Adds `key` to the lease in effect for the call, if any.
+    fn hold(&self, ctx: &Ctx, key: &str) -> Result<()> {
+        if ctx.lease().is_none() {
+            return Ok(());
+        }
+        let txn = self.db.write()?;
+        lease::hold_in(&txn, ctx, &Resource::snapshot(&self.name, key))?;
+        txn.commit().map_err(kv::e)
     }
 
     fn record(&self, ctx: &Ctx, key: &str) -> Result<Record> {
@@ -123,7 +193,6 @@ impl Snapshots {
         }
         let paths = FieldPath::parse_all(fieldpaths, &info.name)?;
         let (sn, ns, key) = (self.name.as_str(), ctx.namespace(), info.name.as_str());
-        let _g = self.shared();
         let txn = self.db.write()?;
         let (updated, backend_touched) = {
             let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
@@ -151,6 +220,7 @@ impl Snapshots {
             }
             kv::e(e)
         })?;
+        self.mutated();
         Ok(updated)
     }
 
@@ -203,7 +273,6 @@ impl Snapshots {
         validate_labels(labels)?;
         let target = labels.get(LABEL_SNAPSHOT_REF).filter(|t| !t.is_empty());
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
-        let _g = self.shared();
 
         // Phase 1: check the names and reserve a backend key, holding no write lock.
         let bparent = {
@@ -212,9 +281,12 @@ impl Snapshots {
             if let Some(target) = target
                 && get(&t, sn, ns, target)?.is_some()
             {
+                // As containerd does: the caller's lease now holds what it found.
+                self.hold(ctx, target)?;
                 return Err(Error::AlreadyExists(format!("target snapshot {target:?}")));
             }
             if get(&t, sn, ns, key)?.is_some() {
+                self.hold(ctx, key)?;
                 return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
             }
             match parent {
@@ -232,6 +304,7 @@ impl Snapshots {
             }
         };
         let bkey = format!("{ns}/{}/{key}", self.db.next_seq()?);
+        let _inflight = InFlight::new(&self.inflight, &bkey);
 
         // Phase 2: the backend, outside any transaction (it may copy a whole tree).
         let inherited = inherited_labels(labels);
@@ -249,6 +322,7 @@ impl Snapshots {
                     labels: labels.clone(),
                     created: now,
                     updated: now,
+                    collectable: ctx.lease().is_some(),
                 };
                 (key, rec, mounts, Some(bkey), None)
             }
@@ -260,7 +334,8 @@ impl Snapshots {
                         "unexpected error from snapshotter {sn:?}: {e}"
                     )));
                 };
-                let rec = self.backend_target(target, bparent.as_deref(), parent, labels)?;
+                let mut rec = self.backend_target(target, bparent.as_deref(), parent, labels)?;
+                rec.collectable = ctx.lease().is_some();
                 let err =
                     Error::AlreadyExists(format!("target snapshot {target:?} from snapshotter"));
                 (target.as_str(), rec, Vec::new(), None, Some(err))
@@ -272,12 +347,14 @@ impl Snapshots {
         let stored = self.faults.hit("metadata.create.after-backend").and_then(|()| {
             let txn = self.db.write()?;
             {
+                lease::hold_in(&txn, ctx, &Resource::snapshot(sn, rec_key))?;
                 let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
                 if get(&t, sn, ns, rec_key)?.is_some() {
                     if rerr.is_none() {
                         rerr = Some(Error::AlreadyExists(format!("snapshot {rec_key:?}")));
                     }
-                    return Ok(());
+                    drop(t);
+                    return txn.commit().map_err(kv::e);
                 }
                 if let Some(p) = parent {
                     let prec = get(&t, sn, ns, p)?
@@ -309,6 +386,7 @@ impl Snapshots {
             }
             return Err(err);
         }
+        self.mutated();
         Ok(mounts)
     }
 
@@ -343,6 +421,7 @@ impl Snapshots {
             labels: all,
             created: to_nanos(t.created),
             updated: to_nanos(t.updated),
+            collectable: false,
         })
     }
 
@@ -353,11 +432,13 @@ impl Snapshots {
         }
         validate_labels(labels)?;
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
-        let _g = self.shared();
         let txn = self.db.write()?;
-        let bname = {
+        let (bname, _inflight) = {
+            lease::hold_in(&txn, ctx, &Resource::snapshot(sn, name))?;
             let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
             if get(&t, sn, ns, name)?.is_some() {
+                drop(t);
+                txn.commit().map_err(kv::e)?;
                 return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
             }
             let rec = get(&t, sn, ns, key)?.ok_or_else(|| not_found(key))?;
@@ -368,6 +449,7 @@ impl Snapshots {
                 )));
             }
             let bname = format!("{ns}/{}/{name}", MetaDb::reserve_in(&txn)?);
+            let inflight = InFlight::new(&self.inflight, &bname);
             let now = now_nanos();
             let committed = Record {
                 bkey: bname.clone(),
@@ -376,7 +458,9 @@ impl Snapshots {
                 labels: labels.clone(),
                 created: now,
                 updated: now,
+                collectable: ctx.lease().is_some(),
             };
+            lease::release_in(&txn, ctx, &Resource::snapshot(sn, key))?;
             t.remove((sn, ns, key)).map_err(kv::e)?;
             put(&mut t, sn, ns, name, &committed)?;
             if let Some(p) = &rec.parent {
@@ -391,13 +475,15 @@ impl Snapshots {
             // changed; the window in which the backend has committed and the record has
             // not is one local commit wide.
             self.backend.commit(&bname, &rec.bkey, &inherited_labels(labels))?;
-            bname
+            (bname, inflight)
         };
         self.faults.hit("metadata.commit.after-backend").and_then(|()| txn.commit().map_err(kv::e)).map_err(|e| {
             tracing::error!(snapshotter = sn, key, bname = %bname, error = %e,
                 "uncommittable snapshot: metadata transaction failed after the backend committed; the active record remains and the backend snapshot is left for cleanup");
             e
-        })
+        })?;
+        self.mutated();
+        Ok(())
     }
 
     /// Removes `key`, which must have no children. The backend snapshot goes when no
@@ -405,7 +491,6 @@ impl Snapshots {
     /// stands and [`Snapshots::cleanup`] retries.
     pub fn remove(&self, ctx: &Ctx, key: &str) -> Result<()> {
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
-        let _g = self.shared();
         let txn = self.db.write()?;
         let (bkey, last) = {
             let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
@@ -420,12 +505,16 @@ impl Snapshots {
                 children.remove((sn, ns, p.as_str()), key).map_err(kv::e)?;
             }
             t.remove((sn, ns, key)).map_err(kv::e)?;
+            lease::release_in(&txn, ctx, &Resource::snapshot(sn, key))?;
             let mut bkeys = txn.open_multimap_table(BKEYS).map_err(kv::e)?;
             bkeys.remove((sn, rec.bkey.as_str()), (ns, key)).map_err(kv::e)?;
             let last = bkeys.get((sn, rec.bkey.as_str())).map_err(kv::e)?.next().is_none();
             (rec.bkey, last)
         };
         txn.commit().map_err(kv::e)?;
+        if let Some(t) = &self.trigger {
+            t.deletion();
+        }
         if last {
             match self
                 .faults
@@ -469,29 +558,28 @@ impl Snapshots {
 
     /// Removes from the backend every snapshot that no record names (children before
     /// parents; one still holding children is skipped, as containerd does), then asks
-    /// the backend to reclaim space. Mutations wait while this runs.
+    /// the backend to reclaim space. Each backend call gets one minute.
     pub fn cleanup(&self) -> Result<PruneReport> {
-        let sn = self.name.as_str();
-        let _g = self.exclusive();
-        let named: HashSet<String> = {
-            let txn = self.db.read()?;
-            let bkeys = txn.open_multimap_table(BKEYS).map_err(kv::e)?;
-            let mut named = HashSet::new();
-            for item in bkeys.range((sn, "")..).map_err(kv::e)? {
-                let (k, _) = item.map_err(kv::e)?;
-                let (s, bkey) = k.value();
-                if s != sn {
-                    break;
-                }
-                named.insert(bkey.to_owned());
-            }
-            named
-        };
-        let mut parents: HashMap<String, Option<String>> = HashMap::new();
-        self.backend.walk(&Filter::default(), &mut |i| {
-            parents.insert(i.name, i.parent);
-            Ok(())
-        })?;
+        self.prune(Duration::from_secs(60), true)
+    }
+
+    /// The backend keys no record names and no call has in flight: what a prune would
+    /// remove, children first. Changes nothing.
+    pub fn orphans(&self, deadline: Duration) -> Result<Vec<String>> {
+        // Walk the backend first, then read the records and what is in flight: a key
+        // the walk saw was either recorded or in flight by the time we look.
+        let backend = self.backend.clone();
+        let parents: HashMap<String, Option<String>> =
+            with_deadline(deadline, format!("walk of snapshotter {:?}", self.name), move || {
+                let mut parents = HashMap::new();
+                backend.walk(&Filter::default(), &mut |i| {
+                    parents.insert(i.name, i.parent);
+                    Ok(())
+                })?;
+                Ok(parents)
+            })?;
+        let mut named = self.named()?;
+        named.extend(self.inflight.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned());
         let depth = |key: &str| {
             let mut k = key.to_owned();
             let mut d = 0usize;
@@ -507,20 +595,87 @@ impl Snapshots {
         let mut orphans: Vec<(usize, &String)> =
             parents.keys().filter(|k| !named.contains(*k)).map(|k| (depth(k), k)).collect();
         orphans.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        Ok(orphans.into_iter().map(|(_, k)| k.clone()).collect())
+    }
+
+    /// Every backend key some record names, in any namespace.
+    fn named(&self) -> Result<HashSet<String>> {
+        let sn = self.name.as_str();
+        let txn = self.db.read()?;
+        let bkeys = txn.open_multimap_table(BKEYS).map_err(kv::e)?;
+        let mut named = HashSet::new();
+        for item in bkeys.range((sn, "")..).map_err(kv::e)? {
+            let (k, _) = item.map_err(kv::e)?;
+            let (s, bkey) = k.value();
+            if s != sn {
+                break;
+            }
+            named.insert(bkey.to_owned());
+        }
+        Ok(named)
+    }
+
+    /// Backend keys that records name but the backend does not have. Changes nothing.
+    pub fn missing(&self, deadline: Duration) -> Result<Vec<String>> {
+        let backend = self.backend.clone();
+        let present: HashSet<String> =
+            with_deadline(deadline, format!("walk of snapshotter {:?}", self.name), move || {
+                let mut present = HashSet::new();
+                backend.walk(&Filter::default(), &mut |i| {
+                    present.insert(i.name);
+                    Ok(())
+                })?;
+                Ok(present)
+            })?;
+        let inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut missing: Vec<String> = self
+            .named()?
+            .into_iter()
+            .filter(|k| !present.contains(k) && !inflight.contains_key(k))
+            .collect();
+        missing.sort();
+        Ok(missing)
+    }
+
+    /// Removes the orphans [`Snapshots::orphans`] finds, each backend call under
+    /// `deadline`; one that fails or hangs is reported and retried next time, and
+    /// writers are never held up. With `reclaim`, the backend's `cleanup` follows.
+    pub fn prune(&self, deadline: Duration, reclaim: bool) -> Result<PruneReport> {
+        let sn = self.name.clone();
         let mut report = PruneReport::default();
-        for (_, bkey) in orphans {
-            match self.backend.remove(bkey) {
-                Ok(()) => report.removed.push(bkey.clone()),
+        for bkey in self.orphans(deadline)? {
+            let backend = self.backend.clone();
+            let key = bkey.clone();
+            let faults = self.faults.clone();
+            let removed = with_deadline(
+                deadline,
+                format!("remove {bkey:?} from snapshotter {sn:?}"),
+                move || {
+                    faults.hit("gc.prune.remove")?;
+                    backend.remove(&key)
+                },
+            );
+            match removed {
+                Ok(()) => report.removed.push(bkey),
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::warn!(snapshotter = sn, bkey, error = %e, "prune: could not remove");
-                    report.failed.push((bkey.clone(), e.to_string()));
+                    tracing::warn!(snapshotter = %sn, bkey, error = %e, "prune: could not remove; will retry");
+                    report.failed.push((bkey, e.to_string()));
                 }
             }
         }
-        match self.backend.cleanup() {
-            Err(e) if e.kind() != ErrorKind::NotImplemented => return Err(e),
-            _ => {}
+        if reclaim {
+            let backend = self.backend.clone();
+            match with_deadline(deadline, format!("cleanup of snapshotter {sn:?}"), move || {
+                backend.cleanup()
+            }) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotImplemented => {}
+                Err(e) => {
+                    tracing::warn!(snapshotter = %sn, error = %e, "backend cleanup failed; will retry");
+                    report.failed.push(("(cleanup)".into(), e.to_string()));
+                }
+            }
         }
         Ok(report)
     }

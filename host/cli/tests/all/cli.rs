@@ -221,3 +221,42 @@ fn a_config_file_names_snapshotters_their_drivers_and_options() {
     std::fs::write(&config, "[snapshotters.x]\ndriver = \"overlay\"\nvolatil = true\n").unwrap();
     assert!(fails(r, &["--config", c, "ls"]).contains("volatil"));
 }
+
+#[test]
+fn leases_and_collections_from_the_cli() {
+    let dir = tmp();
+    let r = dir.path();
+    let generated = ok(r, &["lease", "create", "-l", "purpose=pull"]);
+    assert!(!generated.trim().is_empty());
+    ok(r, &["lease", "create", "--id", "pull", "--expire", "1h"]);
+    assert!(fails(r, &["lease", "create", "--id", "pull"]).contains("already exists"));
+    ok(r, &["--lease", "pull", "prepare", "extract"]);
+    ok(r, &["--lease", "pull", "commit", "layer", "extract"]);
+    ok(r, &["prepare", "mine"]);
+    let res = ok(r, &["lease", "resources", "pull"]);
+    assert!(
+        res.contains("snapshots/native") && res.contains("layer") && !res.contains("extract"),
+        "{res}"
+    );
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(r, &["--format", "json", "lease", "ls", "--filter", "id==pull"]))
+            .unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    assert!(ls[0]["labels"]["containerd.io/gc.expire"].is_string());
+    assert!(fails(r, &["--lease", "nonesuch", "prepare", "x"]).contains("lease \"nonesuch\""));
+
+    let dry = ok(r, &["gc", "--dry-run"]);
+    assert!(dry.starts_with("WHAT") && dry.contains("0 snapshots"), "the lease holds it: {dry}");
+    ok(r, &["lease", "remove", "pull", "layer"]);
+    let dry = ok(r, &["gc", "--dry-run"]);
+    assert!(dry.contains("would remove") && dry.contains("layer"), "{dry}");
+    assert!(ok(r, &["ls"]).contains("layer"), "a dry run changes nothing");
+    ok(r, &["lease", "add", "pull", "layer"]);
+    let gone = ok(r, &["lease", "rm", "--sync", "pull"]);
+    assert!(gone.contains("removed") && gone.contains("layer"), "{gone}");
+    let left = ok(r, &["ls"]);
+    assert!(!left.contains("layer") && left.contains("mine"), "unleased snapshots stay: {left}");
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(r, &["--format", "json", "gc"])).unwrap();
+    assert_eq!(report["removed"].as_array().unwrap().len(), 0);
+}

@@ -186,3 +186,43 @@ fn overlay_killed_between_the_steps_of_commit_and_remove_converges() {
     assert_eq!((backend(root), trees(root)), (2, 2));
     assert_eq!(ok(wasnap(root, None, &ov(&["ls"]))).lines().count(), 3, "header, base, done");
 }
+
+#[test]
+fn a_process_killed_during_a_collection_converges_and_loses_nothing_held() {
+    let dir = disk_tmp();
+    let root = dir.path();
+    let mounts_of = |key: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(wasnap(root, None, &["--format", "json", "mounts", key]))).unwrap()
+    };
+    ok(wasnap(root, None, &["lease", "create", "--id", "kept"]));
+    ok(wasnap(root, None, &["lease", "create", "--id", "dropped"]));
+    ok(wasnap(root, None, &["--lease", "kept", "prepare", "held"]));
+    let held_dir = mounts_of("held")[0]["source"].as_str().unwrap().to_owned();
+    std::fs::write(Path::new(&held_dir).join("data"), "precious").unwrap();
+    ok(wasnap(root, None, &["--lease", "dropped", "prepare", "a"]));
+    ok(wasnap(root, None, &["--lease", "dropped", "commit", "garbage", "a"]));
+    ok(wasnap(root, None, &["prepare", "unleased"]));
+    ok(wasnap(root, None, &["lease", "rm", "dropped"]));
+
+    // Killed before the sweep commits: nothing changed.
+    let out = wasnap(root, Some("gc.sweep.before-commit=abort"), &["gc"]);
+    assert!(crashed(&out), "{:?}", out.status);
+    assert!(ok(wasnap(root, None, &["ls"])).contains("garbage"));
+
+    // Killed after the sweep, before pruning: the record is gone, its data is an orphan
+    // that a check shows and the next collection prunes.
+    let out = wasnap(root, Some("gc.before-prune=abort"), &["gc"]);
+    assert!(crashed(&out), "{:?}", out.status);
+    let listed = ok(wasnap(root, None, &["ls"]));
+    assert!(
+        !listed.contains("garbage") && listed.contains("held") && listed.contains("unleased"),
+        "{listed}"
+    );
+    let check = ok(wasnap(root, None, &["gc", "--check"]));
+    assert!(check.contains("/garbage") && check.contains("no record names it"), "{check}");
+    let gc = ok(wasnap(root, None, &["gc"]));
+    assert!(gc.contains("pruned"), "{gc}");
+    assert!(ok(wasnap(root, None, &["gc", "--check"])).contains("0 problems"));
+    assert_eq!(backend_count(root), 2, "held and unleased remain");
+    assert_eq!(std::fs::read_to_string(Path::new(&held_dir).join("data")).unwrap(), "precious");
+}

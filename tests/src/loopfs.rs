@@ -118,8 +118,29 @@ fn attach(losetup: &Path, image: &Path) -> Result<String, String> {
     Err(last)
 }
 
+/// Mount points at or below `dir`, deepest first, from /proc/self/mountinfo.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
 impl Drop for LoopBtrfs {
     fn drop(&mut self) {
+        // A test that failed may have left a snapshot mounted on the filesystem, which
+        // would keep the device busy: undo every mount below our directory first.
+        for p in mounts_below(self.dir.path()) {
+            if p != self.mountpoint && wasnap::mount::unmount(&p).is_err() {
+                let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
         // Errors are printed, not raised: panicking here while a failed test unwinds
         // would abort the whole test binary.
         if self.mounted

@@ -4,16 +4,19 @@
 //! filesystem that is (metadata cost differs by orders of magnitude between tmpfs and a
 //! disk), and never asserts a time: `--smoke` only proves the benchmark still runs.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
 use wasnap::error::{Error, Result};
 use wasnap::fault::Faults;
-use wasnap::host::{DEFAULT_SNAPSHOTTER, Host};
+use wasnap::gc::{GcOptions, GcReport};
+use wasnap::host::{Config, DEFAULT_SNAPSHOTTER, DriverConfig, Host};
 use wasnap::metadata::{Ctx, Snapshots};
 use wasnap::snapshot::Labels;
 
@@ -195,7 +198,9 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     host.close()?;
     writeln!(out).map_err(io)?;
     let depths = if args.smoke { vec![1, 10] } else { args.depths.clone() };
-    drivers(args, &base, cycles, &depths, out)
+    drivers(args, &base, cycles, &depths, out)?;
+    writeln!(out).map_err(io)?;
+    gc(tmp.path(), &sizes, args.smoke, out)
 }
 
 /// One driver's root for the side-by-side comparison, or why it cannot run here. For
@@ -376,4 +381,171 @@ fn make_parent(sn: &Snapshots, ctx: &Ctx) -> Result<String> {
     }
     sn.commit(ctx, "bench-parent", "bench-parent-active", &none)?;
     Ok("bench-parent".into())
+}
+
+/// Layers per chain in the garbage-collection benchmark.
+const GC_CHAIN: usize = 10;
+
+/// Garbage collection as the number of snapshots grows: what each step costs, and how
+/// long writers wait for it. Each size gets a fresh root serving only the native driver,
+/// with chains of committed layers under leases: half held by a lease that stays, a
+/// quarter by a lease deleted before the timed collection, and a quarter by one deleted
+/// before the collection writers run against.
+fn gc(dir: &Path, sizes: &[usize], smoke: bool, out: &mut dyn Write) -> Result<()> {
+    let io = |e: std::io::Error| Error::internal("bench", e);
+    // How long writers run with no collection, for their baseline.
+    let idle = if smoke { Duration::from_millis(200) } else { Duration::from_secs(1) };
+    let defaults = GcOptions::default();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let mut built = Vec::new();
+    let mut sorted = sizes.to_vec();
+    sorted.sort_unstable();
+    for size in sorted {
+        let root = dir.join(format!("gc-{size}"));
+        let config = Config {
+            default_snapshotter: DEFAULT_SNAPSHOTTER.to_owned(),
+            snapshotters: BTreeMap::from([(DEFAULT_SNAPSHOTTER.to_owned(), DriverConfig::Native)]),
+            // Measure however long marking takes, rather than give up at the limit.
+            gc: GcOptions { max_pause_ms: 600_000, ..defaults.clone() },
+        };
+        let host = Host::open_config(&root, Arc::new(Faults::new()), config)?;
+        let sn = host.snapshotter(DEFAULT_SNAPSHOTTER)?;
+        let ctx = Ctx::new("bench-gc")?;
+        let kept = size / 2;
+        let first = (size - kept) / 2;
+        let second = size - kept - first;
+        let build = timed(|| {
+            leased_chains(&host, &sn, &ctx, "kept", kept)?;
+            leased_chains(&host, &sn, &ctx, "garbage-1", first)?;
+            leased_chains(&host, &sn, &ctx, "garbage-2", second)
+        })?;
+
+        host.leases().delete(&ctx, "garbage-1")?;
+        let report = host.collect(false)?;
+
+        host.leases().delete(&ctx, "garbage-2")?;
+        let pause = writers_during_gc(&host, &sn, &ctx, idle)?;
+
+        for (r, expected) in [(&report, first), (&pause.report, second)] {
+            if r.removed.len() != expected || !r.failed.is_empty() {
+                notes.push(format!(
+                    "{size}: a collection removed {} snapshots, expected {expected}; failed: {:?}",
+                    r.removed.len(),
+                    r.failed
+                ));
+            }
+        }
+        let held = (report.mark + report.sweep).max(pause.report.mark + pause.report.sweep);
+        if held > Duration::from_millis(defaults.max_pause_ms) {
+            notes.push(format!(
+                "{size}: mark+sweep took {}, more than the default max_pause_ms ({} ms) allows",
+                fmt_d(held),
+                defaults.max_pause_ms
+            ));
+        }
+        built.push(format!("{size} in {:.1} s", build.as_secs_f64()));
+        rows.push(vec![
+            size.to_string(),
+            fmt_d(report.mark),
+            fmt_d(report.sweep),
+            fmt_d(report.prune),
+            report.removed.len().to_string(),
+            fmt_d(pause.idle.pct(0.5)),
+            fmt_d(pause.during.pct(0.99)),
+            fmt_d(pause.during.pct(1.0)),
+        ]);
+        host.close()?;
+        std::fs::remove_dir_all(&root).map_err(io)?;
+    }
+    table(
+        out,
+        &[
+            "SNAPSHOTS",
+            "MARK",
+            "SWEEP",
+            "PRUNE",
+            "REMOVED",
+            "WRITER P50 (idle)",
+            "WRITER P99 DURING GC",
+            "WRITER MAX DURING GC",
+        ],
+        &rows,
+    )?;
+    writeln!(
+        out,
+        "  chains of {GC_CHAIN} committed layers under leases; a quarter of them is garbage at \
+         each collection; 2 writer threads prepare while the second one runs"
+    )
+    .map_err(io)?;
+    writeln!(out, "  built: {}", built.join(", ")).map_err(io)?;
+    for n in notes {
+        writeln!(out, "  {n}").map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Creates the lease `id` and `n` committed snapshots it holds, in chains of
+/// [`GC_CHAIN`] layers.
+fn leased_chains(host: &Host, sn: &Snapshots, ctx: &Ctx, id: &str, n: usize) -> Result<()> {
+    let lease = host.leases().create(ctx, Some(id), &Labels::new())?;
+    let ctx = ctx.clone().with_lease(Some(lease.id));
+    let none = Labels::new();
+    for chain in 0..n.div_ceil(GC_CHAIN) {
+        let mut parent: Option<String> = None;
+        for layer in 0..GC_CHAIN.min(n - chain * GC_CHAIN) {
+            let name = format!("{id}-{chain}-{layer}");
+            let active = format!("{name}-active");
+            sn.prepare(&ctx, &active, parent.as_deref(), &none)?;
+            sn.commit(&ctx, &name, &active, &none)?;
+            parent = Some(name);
+        }
+    }
+    Ok(())
+}
+
+/// What writers saw around one collection.
+struct Pause {
+    report: GcReport,
+    /// Writer calls that finished before the collection started.
+    idle: Stats,
+    /// Writer calls that overlapped the collection.
+    during: Stats,
+}
+
+/// Two threads prepare fresh snapshots (no lease) in a loop, timing each call; after
+/// `idle`, one collection runs; then the writers stop.
+fn writers_during_gc(host: &Host, sn: &Snapshots, ctx: &Ctx, idle: Duration) -> Result<Pause> {
+    let stop = AtomicBool::new(false);
+    let write = |w: usize| -> Result<Vec<(Instant, Duration)>> {
+        let none = Labels::new();
+        let mut calls = Vec::new();
+        for i in 0.. {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let start = Instant::now();
+            sn.prepare(ctx, &format!("writer-{w}-{i}"), None, &none)?;
+            calls.push((start, start.elapsed()));
+        }
+        Ok(calls)
+    };
+    let (report, calls, gc_start, gc_end) = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..2).map(|w| s.spawn(move || write(w))).collect();
+        std::thread::sleep(idle);
+        let gc_start = Instant::now();
+        let report = host.collect(false);
+        let gc_end = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        let mut calls = Vec::new();
+        for w in writers {
+            let done = w.join().map_err(|_| Error::Internal("bench: a writer panicked".into()))?;
+            calls.extend(done?);
+        }
+        Ok::<_, Error>((report?, calls, gc_start, gc_end))
+    })?;
+    let idle = calls.iter().filter(|&&(start, d)| start + d <= gc_start).map(|&(_, d)| d);
+    let during =
+        calls.iter().filter(|&&(start, d)| start < gc_end && start + d > gc_start).map(|&(_, d)| d);
+    Ok(Pause { report, idle: Stats::new(idle.collect()), during: Stats::new(during.collect()) })
 }

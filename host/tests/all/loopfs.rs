@@ -49,7 +49,9 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Err(e) = wasnap::mount::unmount(&self.target) {
-            eprintln!("unmount {}: {e}", self.target.display());
+            // Never leave it behind: a leftover mount keeps the whole loop device busy.
+            eprintln!("unmount {}: {e}; detaching it lazily", self.target.display());
+            let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
         }
     }
 }

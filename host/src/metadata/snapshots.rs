@@ -566,8 +566,7 @@ impl Snapshots {
     /// The backend keys no record names and no call has in flight: what a prune would
     /// remove, children first. Changes nothing.
     pub fn orphans(&self, deadline: Duration) -> Result<Vec<String>> {
-        // Walk the backend first, then read the records and what is in flight: a key
-        // the walk saw was either recorded or in flight by the time we look.
+        // Walk the backend first, then read what is in flight, then the records.
         let backend = self.backend.clone();
         let parents: HashMap<String, Option<String>> =
             with_deadline(deadline, format!("walk of snapshotter {:?}", self.name), move || {
@@ -578,8 +577,14 @@ impl Snapshots {
                 })?;
                 Ok(parents)
             })?;
+        // In flight before records: a key the walk saw is either still in flight when
+        // we read that set, or its record committed before we read the records (a mark
+        // is dropped only after its record commits). Read the other way round, a create
+        // finishing between the two reads would be in neither, and be pruned alive.
+        let inflight: Vec<String> =
+            self.inflight.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         let mut named = self.named()?;
-        named.extend(self.inflight.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+        named.extend(inflight);
         let depth = |key: &str| {
             let mut k = key.to_owned();
             let mut d = 0usize;

@@ -5,6 +5,7 @@
 
 mod btrfs;
 mod common;
+mod gc;
 mod loopfs;
 mod metadata;
 mod native;

@@ -172,13 +172,13 @@ impl Host {
     }
 
     /// Every configured snapshotter that opens; those that do not are reported.
-    fn open_all(&self) -> (Vec<Arc<Snapshots>>, Vec<(String, String)>) {
+    fn open_all(&self) -> (Vec<Arc<Snapshots>>, Vec<(String, Error)>) {
         let mut open = Vec::new();
         let mut failed = Vec::new();
         for name in self.configs.keys() {
             match self.snapshotter(name) {
                 Ok(s) => open.push(s),
-                Err(e) => failed.push((format!("snapshotter {name:?}"), e.to_string())),
+                Err(e) => failed.push((format!("snapshotter {name:?}"), e)),
             }
         }
         (open, failed)
@@ -190,9 +190,12 @@ impl Host {
         let mut report = self.collector.collect(&open, dry_run)?;
         // A snapshotter that cannot run here is not an error of the collection: its
         // records were swept all the same, and its backend is pruned where it runs.
-        report
-            .failed
-            .extend(unavailable.into_iter().filter(|(_, e)| !e.contains("failed precondition")));
+        report.failed.extend(
+            unavailable
+                .into_iter()
+                .filter(|(_, e)| e.kind() != crate::error::ErrorKind::FailedPrecondition)
+                .map(|(what, e)| (what, e.to_string())),
+        );
         Ok(report)
     }
 

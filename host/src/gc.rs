@@ -265,7 +265,7 @@ impl Collector {
         }
         let mut held_by: HashMap<Node, Vec<Node>> = HashMap::new();
         for (node, rec) in &records {
-            let (sn, ns, _) = node;
+            let (_, ns, _) = node;
             let mut root = !rec.collectable && !rec.labels.contains_key(LABEL_GC_EXPIRE);
             for (k, v) in &rec.labels {
                 if k.starts_with(LABEL_GC_ROOT) {
@@ -280,7 +280,6 @@ impl Collector {
                         .push(node.clone());
                 }
             }
-            let _ = sn;
             if root {
                 queue.push_back((node.clone(), false));
             }

@@ -291,29 +291,7 @@ impl Btrfs {
     ) -> Result<Vec<Mount>> {
         self.check_open()?;
         // Fail fast before making a subvolume for nothing; the transaction re-checks.
-        match self.store.get(key) {
-            Ok(_) => return Err(Error::AlreadyExists(format!("snapshot {key:?}"))),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
-        let parent_id = match parent {
-            Some(p) => {
-                let (info, snap) = self.store.get(p).map_err(|e| {
-                    if e.is_not_found() {
-                        Error::NotFound(format!("parent snapshot {p:?}"))
-                    } else {
-                        e
-                    }
-                })?;
-                if info.kind != Kind::Committed {
-                    return Err(Error::InvalidArgument(format!(
-                        "parent {p:?} is not a committed snapshot"
-                    )));
-                }
-                Some(snap.id)
-            }
-            None => None,
-        };
+        let parent_id = self.store.precheck(key, parent)?.map(|p| p.id);
 
         // Made where nothing names it, so a crash leaves only garbage in tmp/.
         let tmp = self.tmp_name("new");

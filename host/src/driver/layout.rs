@@ -23,7 +23,7 @@ use crate::driver::storage::{Snap, Store};
 use crate::error::{Error, Result};
 use crate::fault::Faults;
 use crate::fsutil;
-use crate::snapshot::{Info, Kind, Labels, Usage};
+use crate::snapshot::{Kind, Labels, Usage};
 
 const SNAPSHOTS: &str = "snapshots";
 const TMP: &str = "tmp";
@@ -163,23 +163,9 @@ impl Layout {
 
     /// Checks that `key` is free and `parent` (if any) is committed, before any tree is
     /// built for nothing. The transaction in [`Layout::install`] checks again.
-    pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<(Info, Snap)>> {
+    pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<Snap>> {
         self.check_open()?;
-        match self.store.get(key) {
-            Ok(_) => return Err(Error::AlreadyExists(format!("snapshot {key:?}"))),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
-        let Some(p) = parent else { return Ok(None) };
-        let (info, snap) = self.store.get(p).map_err(|e| {
-            if e.is_not_found() { Error::NotFound(format!("parent snapshot {p:?}")) } else { e }
-        })?;
-        if info.kind != Kind::Committed {
-            return Err(Error::InvalidArgument(format!(
-                "parent {p:?} is not a committed snapshot"
-            )));
-        }
-        Ok(Some((info, snap)))
+        self.store.precheck(key, parent)
     }
 
     /// Records the snapshot and moves the tree built at `tmp` to `snapshots/<id>`, as

@@ -56,7 +56,7 @@ impl Native {
         let built = (|| {
             let dst = l.dir.open_dir(&tmp).map_err(io(format!("open {tmp}")))?;
             match &parent_snap {
-                Some((_, p)) => {
+                Some(p) => {
                     let src_name = Layout::snapshot_dir(p.id);
                     let src = l.dir.open_dir(&src_name).map_err(io(format!("open {src_name}")))?;
                     fsutil::copy_tree(&src, &dst)

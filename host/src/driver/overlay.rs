@@ -167,7 +167,7 @@ impl Overlay {
     ) -> Result<Vec<Mount>> {
         let l = &self.layout;
         let parent_snap = l.precheck(key, parent)?;
-        if let Some((_, p)) = &parent_snap {
+        if let Some(p) = &parent_snap {
             // The parent and its ancestors become the lower layers (the kernel does not
             // count the upper directory against its limit).
             let depth = p.parent_ids.len() + 1;
@@ -192,7 +192,7 @@ impl Overlay {
                 .map_err(io(format!("create {tmp}/work")))?;
             // The upper directory becomes the root of the mount: give it the owner of
             // the layer below, as containerd does, or a chowned image root is lost.
-            if let Some((_, p)) = &parent_snap {
+            if let Some(p) = &parent_snap {
                 let below = l
                     .dir
                     .metadata(format!("{}/fs", Layout::snapshot_dir(p.id)))

@@ -134,6 +134,27 @@ impl Store {
         Ok((rec.info(key), snap(&t, key, &rec)?))
     }
 
+    /// Checks, before any work on disk, that `key` is free and `parent` (if any) is a
+    /// committed snapshot, returning the parent. A create's transaction checks again;
+    /// this only spares building a tree or subvolume for nothing.
+    pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<Snap>> {
+        match self.get(key) {
+            Ok(_) => return Err(Error::AlreadyExists(format!("snapshot {key:?}"))),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        let Some(p) = parent else { return Ok(None) };
+        let (info, snap) = self.get(p).map_err(|e| {
+            if e.is_not_found() { Error::NotFound(format!("parent snapshot {p:?}")) } else { e }
+        })?;
+        if info.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {p:?} is not a committed snapshot"
+            )));
+        }
+        Ok(Some(snap))
+    }
+
     /// Calls `f` with every snapshot's info and id.
     pub fn walk(&self, f: &mut dyn FnMut(Info, u64) -> Result<()>) -> Result<()> {
         let txn = self.db.begin_read().map_err(kv::e)?;

@@ -23,4 +23,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use filter::Filter;
 pub use metadata::{Ctx, Snapshots};
 pub use snapshot::{Info, Kind, Labels, Mount, Usage};
-pub use snapshotter::{FieldPath, Snapshotter};
+pub use snapshotter::{FieldPath, Snapshotter, Wrapper};

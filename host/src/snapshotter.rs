@@ -110,3 +110,92 @@ pub trait Snapshotter: Send + Sync {
     /// Releases everything the backend holds. Calling it twice is not an error.
     fn close(&self) -> Result<()>;
 }
+
+/// A backend in front of another: every call goes to [`Wrapper::inner`] unless the
+/// wrapper overrides it. Implement this (not [`Snapshotter`]) for middleware such as
+/// fault injection, admission checks or metrics, and override only what you change.
+pub trait Wrapper: Send + Sync {
+    /// The backend calls are passed to.
+    fn inner(&self) -> &dyn Snapshotter;
+
+    /// See [`Snapshotter::stat`].
+    fn stat(&self, key: &str) -> Result<Info> {
+        self.inner().stat(key)
+    }
+    /// See [`Snapshotter::update`].
+    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
+        self.inner().update(info, fieldpaths)
+    }
+    /// See [`Snapshotter::usage`].
+    fn usage(&self, key: &str) -> Result<Usage> {
+        self.inner().usage(key)
+    }
+    /// See [`Snapshotter::mounts`].
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        self.inner().mounts(key)
+    }
+    /// See [`Snapshotter::prepare`].
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        self.inner().prepare(key, parent, labels)
+    }
+    /// See [`Snapshotter::view`].
+    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        self.inner().view(key, parent, labels)
+    }
+    /// See [`Snapshotter::commit`].
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        self.inner().commit(name, key, labels)
+    }
+    /// See [`Snapshotter::remove`].
+    fn remove(&self, key: &str) -> Result<()> {
+        self.inner().remove(key)
+    }
+    /// See [`Snapshotter::walk`].
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
+        self.inner().walk(filter, f)
+    }
+    /// See [`Snapshotter::cleanup`].
+    fn cleanup(&self) -> Result<()> {
+        self.inner().cleanup()
+    }
+    /// See [`Snapshotter::close`].
+    fn close(&self) -> Result<()> {
+        self.inner().close()
+    }
+}
+
+impl<W: Wrapper> Snapshotter for W {
+    fn stat(&self, key: &str) -> Result<Info> {
+        Wrapper::stat(self, key)
+    }
+    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
+        Wrapper::update(self, info, fieldpaths)
+    }
+    fn usage(&self, key: &str) -> Result<Usage> {
+        Wrapper::usage(self, key)
+    }
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        Wrapper::mounts(self, key)
+    }
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        Wrapper::prepare(self, key, parent, labels)
+    }
+    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        Wrapper::view(self, key, parent, labels)
+    }
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        Wrapper::commit(self, name, key, labels)
+    }
+    fn remove(&self, key: &str) -> Result<()> {
+        Wrapper::remove(self, key)
+    }
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
+        Wrapper::walk(self, filter, f)
+    }
+    fn cleanup(&self) -> Result<()> {
+        Wrapper::cleanup(self)
+    }
+    fn close(&self) -> Result<()> {
+        Wrapper::close(self)
+    }
+}

@@ -6,7 +6,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use wasnap::{Error, FieldPath, Filter, Info, Labels, Mount, Result, Snapshotter, Usage};
+use wasnap::Wrapper;
+use wasnap::{Error, Filter, Info, Labels, Mount, Result, Snapshotter, Usage};
 use wasnap_conformance::{Factory, Options, Outcome, Report, cases, open_native, run};
 
 struct Native;
@@ -166,12 +167,9 @@ impl Broken {
     }
 }
 
-impl Snapshotter for Broken {
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.inner.stat(key)
-    }
-    fn update(&self, info: &Info, paths: &[FieldPath]) -> Result<Info> {
-        self.inner.update(info, paths)
+impl Wrapper for Broken {
+    fn inner(&self) -> &dyn Snapshotter {
+        &*self.inner
     }
     fn usage(&self, key: &str) -> Result<Usage> {
         match self.flaw {
@@ -183,15 +181,9 @@ impl Snapshotter for Broken {
         let m = self.inner.mounts(key)?;
         self.fix_mounts(key, m)
     }
-    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.inner.prepare(key, parent, labels)
-    }
     fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         let m = self.inner.view(key, parent, labels)?;
         self.fix_mounts(key, m)
-    }
-    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.inner.commit(name, key, labels)
     }
     fn remove(&self, key: &str) -> Result<()> {
         match self.flaw {
@@ -220,9 +212,6 @@ impl Snapshotter for Broken {
             return Ok(());
         }
         self.inner.cleanup()
-    }
-    fn close(&self) -> Result<()> {
-        self.inner.close()
     }
 }
 

@@ -8,13 +8,12 @@ use std::sync::{Arc, Mutex};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use tempfile::TempDir;
+use wasnap::Wrapper;
 use wasnap::driver::Native;
 use wasnap::fault::Faults;
 use wasnap::metadata::MetaDb;
 use wasnap::snapshot::LABEL_SNAPSHOT_REF;
-use wasnap::{
-    Ctx, Error, FieldPath, Filter, Info, Kind, Labels, Mount, Result, Snapshots, Snapshotter, Usage,
-};
+use wasnap::{Ctx, Error, Filter, Info, Kind, Labels, Mount, Result, Snapshots, Snapshotter};
 
 /// A fresh directory on tmpfs: these tests are about logic, not the disk.
 pub fn tmp() -> TempDir {
@@ -164,18 +163,9 @@ impl Flaky {
     }
 }
 
-impl Snapshotter for Flaky {
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.inner.stat(key)
-    }
-    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
-        self.inner.update(info, fieldpaths)
-    }
-    fn usage(&self, key: &str) -> Result<Usage> {
-        self.inner.usage(key)
-    }
-    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        self.inner.mounts(key)
+impl Wrapper for Flaky {
+    fn inner(&self) -> &dyn Snapshotter {
+        &*self.inner
     }
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         self.seen_labels.lock().unwrap().push(labels.clone());
@@ -190,26 +180,11 @@ impl Snapshotter for Flaky {
         }
         Ok(m)
     }
-    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.inner.view(key, parent, labels)
-    }
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
         if self.fail_commit.load(Ordering::SeqCst) {
             return Err(Error::Internal("flaky backend: commit failed".into()));
         }
         self.inner.commit(name, key, labels)
-    }
-    fn remove(&self, key: &str) -> Result<()> {
-        self.inner.remove(key)
-    }
-    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
-        self.inner.walk(filter, f)
-    }
-    fn cleanup(&self) -> Result<()> {
-        self.inner.cleanup()
-    }
-    fn close(&self) -> Result<()> {
-        self.inner.close()
     }
 }
 
@@ -220,18 +195,9 @@ pub struct Dedup {
     pub inner: Arc<Native>,
 }
 
-impl Snapshotter for Dedup {
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.inner.stat(key)
-    }
-    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
-        self.inner.update(info, fieldpaths)
-    }
-    fn usage(&self, key: &str) -> Result<Usage> {
-        self.inner.usage(key)
-    }
-    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        self.inner.mounts(key)
+impl Wrapper for Dedup {
+    fn inner(&self) -> &dyn Snapshotter {
+        &*self.inner
     }
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
@@ -247,23 +213,5 @@ impl Snapshotter for Dedup {
             }
         }
         self.inner.prepare(key, parent, labels)
-    }
-    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.inner.view(key, parent, labels)
-    }
-    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.inner.commit(name, key, labels)
-    }
-    fn remove(&self, key: &str) -> Result<()> {
-        self.inner.remove(key)
-    }
-    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
-        self.inner.walk(filter, f)
-    }
-    fn cleanup(&self) -> Result<()> {
-        self.inner.cleanup()
-    }
-    fn close(&self) -> Result<()> {
-        self.inner.close()
     }
 }

@@ -1170,7 +1170,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
-    use wasnap::{FieldPath, Filter, Info, Labels, Mount, Snapshotter, Usage};
+    use wasnap::{Filter, Info, Labels, Mount, Snapshotter, Wrapper};
 
     use super::CASES;
     use crate::harness::{Case, Factory, Options, Outcome, open_native, run};
@@ -1260,18 +1260,9 @@ mod tests {
         how: Breakage,
     }
 
-    impl Snapshotter for Broken {
-        fn stat(&self, key: &str) -> wasnap::Result<Info> {
-            self.inner.stat(key)
-        }
-        fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> wasnap::Result<Info> {
-            self.inner.update(info, fieldpaths)
-        }
-        fn usage(&self, key: &str) -> wasnap::Result<Usage> {
-            self.inner.usage(key)
-        }
-        fn mounts(&self, key: &str) -> wasnap::Result<Vec<Mount>> {
-            self.inner.mounts(key)
+    impl Wrapper for Broken {
+        fn inner(&self) -> &dyn Snapshotter {
+            &*self.inner
         }
         fn prepare(
             &self,
@@ -1329,12 +1320,6 @@ mod tests {
                 Breakage::WalkIgnoresFilters => self.inner.walk(&Filter::default(), f),
                 _ => self.inner.walk(filter, f),
             }
-        }
-        fn cleanup(&self) -> wasnap::Result<()> {
-            self.inner.cleanup()
-        }
-        fn close(&self) -> wasnap::Result<()> {
-            self.inner.close()
         }
     }
 

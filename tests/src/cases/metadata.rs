@@ -5,11 +5,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use wasnap::Wrapper;
 use wasnap::metadata::Snapshots;
 use wasnap::snapshot::{LABEL_SNAPSHOT_REF, MAX_LABEL_SIZE};
-use wasnap::{
-    Ctx, Error, ErrorKind, FieldPath, Filter, Info, Kind, Labels, Mount, Snapshotter, Usage,
-};
+use wasnap::{Ctx, Error, ErrorKind, Kind, Labels, Mount, Snapshotter};
 
 use super::helpers::{expect_err, no_labels, walk_all};
 use crate::harness::{Case, Env, Fail, Group};
@@ -227,18 +226,9 @@ struct Refusing {
     refuse: AtomicBool,
 }
 
-impl Snapshotter for Refusing {
-    fn stat(&self, key: &str) -> wasnap::Result<Info> {
-        self.inner.stat(key)
-    }
-    fn update(&self, info: &Info, paths: &[FieldPath]) -> wasnap::Result<Info> {
-        self.inner.update(info, paths)
-    }
-    fn usage(&self, key: &str) -> wasnap::Result<Usage> {
-        self.inner.usage(key)
-    }
-    fn mounts(&self, key: &str) -> wasnap::Result<Vec<Mount>> {
-        self.inner.mounts(key)
+impl Wrapper for Refusing {
+    fn inner(&self) -> &dyn Snapshotter {
+        &*self.inner
     }
     fn prepare(
         &self,
@@ -250,28 +240,6 @@ impl Snapshotter for Refusing {
             return Err(Error::Unavailable("refused by the test".into()));
         }
         self.inner.prepare(key, parent, labels)
-    }
-    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> wasnap::Result<Vec<Mount>> {
-        self.inner.view(key, parent, labels)
-    }
-    fn commit(&self, name: &str, key: &str, labels: &Labels) -> wasnap::Result<()> {
-        self.inner.commit(name, key, labels)
-    }
-    fn remove(&self, key: &str) -> wasnap::Result<()> {
-        self.inner.remove(key)
-    }
-    fn walk(
-        &self,
-        filter: &Filter,
-        f: &mut dyn FnMut(Info) -> wasnap::Result<()>,
-    ) -> wasnap::Result<()> {
-        self.inner.walk(filter, f)
-    }
-    fn cleanup(&self) -> wasnap::Result<()> {
-        self.inner.cleanup()
-    }
-    fn close(&self) -> wasnap::Result<()> {
-        self.inner.close()
     }
 }
 

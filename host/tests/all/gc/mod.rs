@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+use wasnap::Wrapper;
 use wasnap::driver::Native;
 use wasnap::driver::overlay::OverlayOptions;
 use wasnap::fault::{Action, Faults};
@@ -15,9 +16,7 @@ use wasnap::gc::{Collector, GcOptions, GcReport, Retention};
 use wasnap::host::{Config, DriverConfig, Host};
 use wasnap::metadata::{Leases, Resource};
 use wasnap::snapshot::LABEL_SNAPSHOT_REF;
-use wasnap::{
-    Ctx, ErrorKind, FieldPath, Filter, Info, Labels, Mount, Result, Snapshots, Snapshotter, Usage,
-};
+use wasnap::{Ctx, ErrorKind, Labels, Result, Snapshots, Snapshotter};
 
 use crate::common::*;
 

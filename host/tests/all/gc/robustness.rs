@@ -94,27 +94,9 @@ impl Stuck {
     }
 }
 
-impl Snapshotter for Stuck {
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.inner.stat(key)
-    }
-    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
-        self.inner.update(info, fieldpaths)
-    }
-    fn usage(&self, key: &str) -> Result<Usage> {
-        self.inner.usage(key)
-    }
-    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        self.inner.mounts(key)
-    }
-    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.inner.prepare(key, parent, labels)
-    }
-    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.inner.view(key, parent, labels)
-    }
-    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.inner.commit(name, key, labels)
+impl Wrapper for Stuck {
+    fn inner(&self) -> &dyn Snapshotter {
+        &*self.inner
     }
     fn remove(&self, key: &str) -> Result<()> {
         if self.block.load(Ordering::SeqCst) {
@@ -125,15 +107,6 @@ impl Snapshotter for Stuck {
             }
         }
         self.inner.remove(key)
-    }
-    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
-        self.inner.walk(filter, f)
-    }
-    fn cleanup(&self) -> Result<()> {
-        self.inner.cleanup()
-    }
-    fn close(&self) -> Result<()> {
-        self.inner.close()
     }
 }
 

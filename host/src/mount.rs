@@ -3,8 +3,8 @@
 //! filesystem's data string, and a read-only bind mount is made writable-then-remounted
 //! because the kernel ignores `MS_RDONLY` on the first bind.
 //!
-//! Architecture invariant: this module and the drivers that must (overlay, btrfs) are
-//! the only code that calls mount(2) or umount(2).
+//! Architecture invariant: this module is the only code that calls mount(2),
+//! umount(2) or the new mount API; drivers return mount records and never mount.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -250,6 +250,15 @@ pub fn overlay_takes_layers_one_by_one() -> bool {
     use rustix::mount::{FsOpenFlags, fsconfig_set_string, fsopen};
     fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
         .is_ok_and(|fs| fsconfig_set_string(&fs, "lowerdir+", "/").is_ok())
+}
+
+/// Detaches whatever is mounted at `target` now and lets the kernel finish when it is
+/// no longer busy (`MNT_DETACH`): the last resort of cleanup paths that must not leave
+/// a mount behind.
+pub fn detach(target: &Path) -> Result<()> {
+    rustix::mount::unmount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW).map_err(|e| {
+        Error::internal(format!("detach {}", target.display()), std::io::Error::from(e))
+    })
 }
 
 /// Unmounts everything stacked at `target`, like containerd's `UnmountAll`.

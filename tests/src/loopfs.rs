@@ -138,7 +138,7 @@ impl Drop for LoopBtrfs {
         // would keep the device busy: undo every mount below our directory first.
         for p in mounts_below(self.dir.path()) {
             if p != self.mountpoint && wasnap::mount::unmount(&p).is_err() {
-                let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+                let _ = wasnap::mount::detach(&p);
             }
         }
         // Errors are printed, not raised: panicking here while a failed test unwinds
@@ -147,7 +147,7 @@ impl Drop for LoopBtrfs {
             && let Err(e) = wasnap::mount::unmount(&self.mountpoint)
         {
             eprintln!("unmount {}: {e}; detaching it lazily", self.mountpoint.display());
-            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+            let _ = wasnap::mount::detach(&self.mountpoint);
         }
         if !self.device.is_empty() {
             let detached =

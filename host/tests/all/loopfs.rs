@@ -51,7 +51,7 @@ impl Drop for Mounted {
         if let Err(e) = wasnap::mount::unmount(&self.target) {
             // Never leave it behind: a leftover mount keeps the whole loop device busy.
             eprintln!("unmount {}: {e}; detaching it lazily", self.target.display());
-            let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
+            let _ = wasnap::mount::detach(&self.target);
         }
     }
 }

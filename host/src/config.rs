@@ -21,9 +21,30 @@
 //!
 //! Without a file, the three built-in drivers are served under their own names. A file
 //! replaces that list: name each snapshotter you want.
+//!
+//! A WebAssembly plugin serves a snapshotter with `driver = "wasm"`, and any snapshotter
+//! can have a chain of policy plugins in front of it, in the order calls pass through
+//! them. Relative paths are relative to the file. `config` is handed to the plugin's
+//! `init` as JSON; `limits` bound each plugin on its own (defaults shown):
+//!
+//! ```toml
+//! [snapshotters.copy]
+//! driver = "wasm"
+//! path = "plugins/copy.wasm"
+//! limits = { memory_mib = 256, timeout_ms = 60000, instances = 1, max_walk = 10000000 }
+//!
+//! [[snapshotters.copy.policies]]
+//! path = "plugins/label_policy.wasm"
+//! config = { deny = ["containerd.io/snapshot/forbidden"] }
+//!
+//! [[snapshotters.copy.policies]]
+//! path = "plugins/quota.wasm"
+//! config = { max_active = 100 }
+//! limits = { memory_mib = 64 }
+//! ```
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -31,9 +52,10 @@ use crate::driver::overlay::OverlayOptions;
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
 use crate::host::DEFAULT_SNAPSHOTTER;
+use crate::plugin::Limits;
 
 /// Which driver serves a snapshotter, and how.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "driver", rename_all = "lowercase", deny_unknown_fields)]
 pub enum DriverConfig {
     /// The copy-based native driver: any filesystem, no kernel features.
@@ -42,17 +64,65 @@ pub enum DriverConfig {
     Overlay(OverlayOptions),
     /// The btrfs driver: its directory must be on btrfs.
     Btrfs,
+    /// A WebAssembly plugin (world `backend`).
+    Wasm(PluginConfig),
+}
+
+/// One snapshotter: its driver and the policies in front of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotterConfig {
+    /// The driver that stores the snapshots.
+    #[serde(flatten)]
+    pub driver: DriverConfig,
+    /// Policy plugins (world `policy`), in the order calls pass through them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PluginConfig>,
+}
+
+impl From<DriverConfig> for SnapshotterConfig {
+    fn from(driver: DriverConfig) -> Self {
+        SnapshotterConfig { driver, policies: Vec::new() }
+    }
+}
+
+/// A WebAssembly plugin: where it is, what it is told, what it may use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The component (`.wasm`, built for wasm32-wasip2).
+    pub path: PathBuf,
+    /// Handed to the plugin's `init`, as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<toml::Value>,
+    /// Memory, time and concurrency limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+impl PluginConfig {
+    /// A plugin at `path` with no configuration and the default limits.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        PluginConfig { path: path.into(), config: None, limits: Limits::default() }
+    }
+
+    /// The configuration as the JSON value `init` receives (`null` when there is none).
+    pub fn config_json(&self) -> serde_json::Value {
+        self.config
+            .as_ref()
+            .and_then(|c| serde_json::to_value(c).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The snapshotter used when a command names none.
     #[serde(default = "default_snapshotter")]
     pub default_snapshotter: String,
     /// Every snapshotter the root serves, by name.
-    pub snapshotters: BTreeMap<String, DriverConfig>,
+    pub snapshotters: BTreeMap<String, SnapshotterConfig>,
     /// Garbage collection: when it runs, how long it may hold writers, what it keeps.
     #[serde(default)]
     pub gc: GcOptions,
@@ -68,9 +138,9 @@ impl Default for Config {
         Config {
             default_snapshotter: default_snapshotter(),
             snapshotters: BTreeMap::from([
-                ("native".to_owned(), DriverConfig::Native),
-                ("overlay".to_owned(), DriverConfig::Overlay(OverlayOptions::default())),
-                ("btrfs".to_owned(), DriverConfig::Btrfs),
+                ("native".to_owned(), DriverConfig::Native.into()),
+                ("overlay".to_owned(), DriverConfig::Overlay(OverlayOptions::default()).into()),
+                ("btrfs".to_owned(), DriverConfig::Btrfs.into()),
             ]),
             gc: GcOptions::default(),
         }
@@ -103,14 +173,45 @@ impl Config {
                 config.snapshotters.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         }
+        for (name, s) in &config.snapshotters {
+            let plugins = s.policies.iter().chain(match &s.driver {
+                DriverConfig::Wasm(p) => Some(p),
+                _ => None,
+            });
+            for p in plugins {
+                p.limits
+                    .check()
+                    .map_err(|e| e.context(format!("config {origin}: snapshotter {name:?}")))?;
+            }
+        }
         Ok(config)
     }
 
     /// Reads and parses the file at `path` (an edge: the caller names the path).
+    /// Relative plugin paths are taken relative to the file's directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::InvalidArgument(format!("config {}: {e}", path.display())))?;
-        Self::parse(&text, &path.display().to_string())
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        if let Some(base) = path.parent() {
+            config.resolve_paths(base);
+        }
+        Ok(config)
+    }
+
+    /// Makes relative plugin paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for s in self.snapshotters.values_mut() {
+            let driver = match &mut s.driver {
+                DriverConfig::Wasm(p) => Some(p),
+                _ => None,
+            };
+            for p in s.policies.iter_mut().chain(driver) {
+                if p.path.is_relative() {
+                    p.path = base.join(&p.path);
+                }
+            }
+        }
     }
 
     /// The configuration as TOML, e.g. to start a file from the defaults.
@@ -139,13 +240,59 @@ mod tests {
     }
 
     #[test]
+    fn plugins_and_policy_chains() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! [snapshotters.copy]"))
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.strip_prefix("//! ").unwrap_or("").to_owned() + "\n")
+            .collect();
+        let mut c =
+            Config::parse(&format!("default_snapshotter = \"copy\"\n{example}"), "t").unwrap();
+        c.resolve_paths(Path::new("/etc/wasnap"));
+        let s = &c.snapshotters["copy"];
+        let DriverConfig::Wasm(p) = &s.driver else { panic!("{s:?}") };
+        assert_eq!(p.path, Path::new("/etc/wasnap/plugins/copy.wasm"));
+        assert_eq!(p.limits, Limits::default());
+        assert_eq!(s.policies.len(), 2);
+        assert_eq!(
+            s.policies[0].config_json(),
+            serde_json::json!({"deny": ["containerd.io/snapshot/forbidden"]})
+        );
+        assert_eq!(s.policies[1].limits.memory_mib, 64);
+        assert_eq!(s.policies[1].limits.timeout_ms, Limits::default().timeout_ms);
+        assert_eq!(Config::parse(&c.to_toml().unwrap(), "again").unwrap(), c);
+
+        for (bad, says) in [
+            ("[snapshotters.x]\ndriver = \"wasm\"\n", "path"),
+            (
+                "[snapshotters.x]\ndriver = \"wasm\"\npath = \"a\"\nlimits = { memory_mb = 1 }\n",
+                "memory_mb",
+            ),
+            (
+                "[snapshotters.x]\ndriver = \"wasm\"\npath = \"a\"\nlimits = { timeout_ms = 0 }\n",
+                "timeout_ms",
+            ),
+            (
+                "[snapshotters.x]\ndriver = \"native\"\n[[snapshotters.x.policies]]\nconfig = 1\n",
+                "path",
+            ),
+        ] {
+            let err =
+                Config::parse(&format!("default_snapshotter = \"x\"\n{bad}"), "t").unwrap_err();
+            assert!(err.to_string().contains(says), "{bad:?} -> {err}");
+        }
+    }
+
+    #[test]
     fn options_and_mistakes() {
         let c = Config::parse(
             "default_snapshotter = \"fast\"\n[snapshotters.fast]\ndriver = \"overlay\"\nvolatile = true\n",
             "t",
         )
         .unwrap();
-        let DriverConfig::Overlay(o) = &c.snapshotters["fast"] else { panic!("{c:?}") };
+        let DriverConfig::Overlay(o) = &c.snapshotters["fast"].driver else { panic!("{c:?}") };
         assert!(o.volatile && o.index_off, "unset options keep their defaults");
         for (bad, says) in [
             ("[snapshotters.x]\ndriver = \"zfs\"\n", "zfs"),

@@ -7,6 +7,9 @@
 //! ```text
 //! metadata.db                 the host's metadata (namespaces, keys, labels, links)
 //! snapshotters/<name>/        each snapshotter's own directory, its backend's to manage
+//!                             (a wasm backend's root: the only directory it sees)
+//! policies/<name>/<i>-<stem>/ the root of the i-th policy plugin in front of <name>
+//! plugins/cache/              compiled plugins, keyed by content and engine
 //! ```
 
 use std::collections::BTreeMap;
@@ -17,12 +20,13 @@ use std::time::Duration;
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
-pub use crate::config::{Config, DriverConfig};
+pub use crate::config::{Config, DriverConfig, PluginConfig, SnapshotterConfig};
 use crate::driver::{Btrfs, Native, Overlay};
 use crate::error::{Error, Result};
 use crate::fault::Faults;
 use crate::gc::{Collector, GcReport, Scheduler, Trigger};
 use crate::metadata::{Ctx, Leases, MetaDb, Snapshots};
+use crate::plugin::{Plugin, Role, WasmSnapshotter};
 use crate::snapshotter::Snapshotter;
 
 /// The snapshotter used when none is named: the one that works everywhere.
@@ -52,9 +56,10 @@ pub struct Host {
     dir: Dir,
     db: Arc<MetaDb>,
     faults: Arc<Faults>,
-    configs: BTreeMap<String, DriverConfig>,
+    configs: BTreeMap<String, SnapshotterConfig>,
     default_snapshotter: String,
     opened: Mutex<BTreeMap<String, Arc<Snapshots>>>,
+    plugins: Mutex<Vec<LoadedPlugin>>,
     trigger: Arc<Trigger>,
     collector: Arc<Collector>,
 }
@@ -90,6 +95,7 @@ impl Host {
             configs: config.snapshotters,
             default_snapshotter: config.default_snapshotter,
             opened: Mutex::new(BTreeMap::new()),
+            plugins: Mutex::default(),
             trigger: Arc::default(),
             collector,
         })
@@ -126,22 +132,86 @@ impl Host {
         Ok(s)
     }
 
-    fn open_driver(&self, name: &str, config: &DriverConfig) -> Result<Arc<dyn Snapshotter>> {
-        let rel = format!("snapshotters/{name}");
-        let io = |what: &'static str| {
-            let rel = rel.clone();
-            move |e: std::io::Error| Error::internal(format!("{what} {rel}"), e)
-        };
-        self.dir.create_dir_all(&rel).map_err(io("create"))?;
-        let dir = self.dir.open_dir(&rel).map_err(io("open"))?;
-        let path = self.root.join(&rel);
-        Ok(match config {
+    fn open_driver(&self, name: &str, config: &SnapshotterConfig) -> Result<Arc<dyn Snapshotter>> {
+        let (dir, path) = self.private_dir(&format!("snapshotters/{name}"))?;
+        let mut backend: Arc<dyn Snapshotter> = match &config.driver {
             DriverConfig::Native => Arc::new(Native::open(dir, path, self.faults.clone())?),
             DriverConfig::Overlay(opts) => {
                 Arc::new(Overlay::open(dir, path, self.faults.clone(), opts.clone())?)
             }
             DriverConfig::Btrfs => Arc::new(Btrfs::open(dir, path, self.faults.clone())?),
-        })
+            DriverConfig::Wasm(p) => self.open_plugin(name, Role::Backend, p, dir, path, None)?,
+        };
+        // The first policy listed sees a call first, so the chain is built from the back.
+        for (i, p) in config.policies.iter().enumerate().rev() {
+            let stem = p.path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
+            let (dir, path) = self.private_dir(&format!("policies/{name}/{i}-{stem}"))?;
+            backend = self.open_plugin(name, Role::Policy, p, dir, path, Some(backend))?;
+        }
+        Ok(backend)
+    }
+
+    /// A directory under the root, created if needed (owner-only), with its host path.
+    fn private_dir(&self, rel: &str) -> Result<(Dir, PathBuf)> {
+        let io = |what: &'static str| {
+            let rel = rel.to_owned();
+            move |e: std::io::Error| Error::internal(format!("{what} {rel}"), e)
+        };
+        let mut builder = cap_std::fs::DirBuilder::new();
+        {
+            use cap_std::fs::DirBuilderExt;
+            builder.recursive(true).mode(0o700);
+        }
+        self.dir.create_dir_with(rel, &builder).map_err(io("create"))?;
+        let dir = self.dir.open_dir(rel).map_err(io("open"))?;
+        Ok((dir, self.root.join(rel)))
+    }
+
+    fn open_plugin(
+        &self,
+        snapshotter: &str,
+        role: Role,
+        config: &PluginConfig,
+        dir: Dir,
+        path: PathBuf,
+        next: Option<Arc<dyn Snapshotter>>,
+    ) -> Result<Arc<dyn Snapshotter>> {
+        let plugin = self.load_plugin(&config.path)?;
+        let wasm = WasmSnapshotter::open(
+            plugin.clone(),
+            dir,
+            path,
+            next,
+            config.limits.clone(),
+            &config.config_json(),
+        )?;
+        let wasm = Arc::new(wasm);
+        self.plugins.lock().unwrap_or_else(|e| e.into_inner()).push(LoadedPlugin {
+            snapshotter: snapshotter.to_owned(),
+            role,
+            path: config.path.clone(),
+            wasm: wasm.clone(),
+        });
+        Ok(wasm)
+    }
+
+    /// Compiles the plugin at `path` (or loads it from the root's cache).
+    pub fn load_plugin(&self, path: &Path) -> Result<Arc<Plugin>> {
+        let wasm = std::fs::read(path)
+            .map_err(|e| Error::InvalidArgument(format!("plugin {}: {e}", path.display())))?;
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+        let (cache, _) = self.private_dir("plugins/cache")?;
+        Plugin::load(name, &wasm, Some(&cache))
+    }
+
+    /// The plugin cache directory (compiled components).
+    pub fn plugin_cache(&self) -> Result<Dir> {
+        self.private_dir("plugins/cache").map(|(d, _)| d)
+    }
+
+    /// Every plugin this host has started so far, with the snapshotter it serves.
+    pub fn loaded_plugins(&self) -> Vec<LoadedPlugin> {
+        self.plugins.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The snapshotter commands use when they name none.
@@ -155,7 +225,7 @@ impl Host {
     }
 
     /// How each configured snapshotter is served.
-    pub fn configs(&self) -> &BTreeMap<String, DriverConfig> {
+    pub fn configs(&self) -> &BTreeMap<String, SnapshotterConfig> {
         &self.configs
     }
 
@@ -231,6 +301,19 @@ impl Host {
         let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         opened.values().try_for_each(|s| s.close())
     }
+}
+
+/// A plugin a [`Host`] started, and where.
+#[derive(Debug, Clone)]
+pub struct LoadedPlugin {
+    /// The snapshotter it serves (as its backend or as one of its policies).
+    pub snapshotter: String,
+    /// Backend or policy.
+    pub role: Role,
+    /// The `.wasm` it was loaded from.
+    pub path: PathBuf,
+    /// The running plugin.
+    pub wasm: Arc<WasmSnapshotter>,
 }
 
 /// What [`Host::check`] found for one snapshotter.

@@ -15,6 +15,7 @@ pub mod host;
 mod kv;
 pub mod metadata;
 pub mod mount;
+pub mod plugin;
 pub mod probe;
 pub mod snapshot;
 pub mod snapshotter;

@@ -9,7 +9,7 @@
 mod copy;
 mod remove;
 mod usage;
-mod xattr;
+pub(crate) mod xattr;
 
 #[cfg(test)]
 mod tests;

@@ -20,7 +20,7 @@ pub(super) struct Xattr {
 
 /// Where the attributes live.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Node<'a> {
+pub(crate) enum Node<'a> {
     /// An open regular file or directory (not `O_PATH`).
     Open(BorrowedFd<'a>),
     /// The entry `name` in an open directory, never followed if it is a symlink. Used for
@@ -39,7 +39,7 @@ impl Node<'_> {
         path
     }
 
-    fn list(self) -> SysResult<Vec<u8>> {
+    pub(crate) fn list(self) -> SysResult<Vec<u8>> {
         match self {
             Node::Open(fd) => {
                 sized(|| rustix::fs::flistxattr_query(fd), |buf| rustix::fs::flistxattr(fd, buf))
@@ -54,7 +54,7 @@ impl Node<'_> {
         }
     }
 
-    fn get(self, attr: &OsStr) -> SysResult<Vec<u8>> {
+    pub(crate) fn get(self, attr: &OsStr) -> SysResult<Vec<u8>> {
         match self {
             Node::Open(fd) => sized(
                 || rustix::fs::fgetxattr_query(fd, attr),
@@ -70,12 +70,19 @@ impl Node<'_> {
         }
     }
 
-    fn set(self, attr: &OsStr, value: &[u8]) -> SysResult<()> {
+    pub(crate) fn set(self, attr: &OsStr, value: &[u8]) -> SysResult<()> {
         match self {
             Node::Open(fd) => rustix::fs::fsetxattr(fd, attr, value, XattrFlags::empty()),
             Node::Entry(dir, name) => {
                 rustix::fs::lsetxattr(Self::proc_path(dir, name), attr, value, XattrFlags::empty())
             }
+        }
+    }
+
+    pub(crate) fn remove(self, attr: &OsStr) -> SysResult<()> {
+        match self {
+            Node::Open(fd) => rustix::fs::fremovexattr(fd, attr),
+            Node::Entry(dir, name) => rustix::fs::lremovexattr(Self::proc_path(dir, name), attr),
         }
     }
 }

@@ -10,3 +10,4 @@ mod loopfs;
 mod metadata;
 mod native;
 mod overlay;
+mod plugin;

@@ -45,7 +45,7 @@ fn config(drivers: &[&str], gc: GcOptions) -> Config {
                 "overlay" => DriverConfig::Overlay(OverlayOptions::default()),
                 other => panic!("no driver {other} in these tests"),
             };
-            (d.to_string(), driver)
+            (d.to_string(), driver.into())
         })
         .collect();
     Config { default_snapshotter: drivers[0].to_owned(), snapshotters, gc }

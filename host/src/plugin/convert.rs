@@ -1,0 +1,154 @@
+//! Conversions between the host's types and the WIT types, in one place.
+//!
+//! The WIT `error` variant and [`crate::Error`] have the same seven classes, so a class
+//! survives every crossing: guest to host, and host to a policy guest calling `next`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::bindings::types as wit;
+use crate::error::Error;
+use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
+
+/// A guest's error, with the plugin named so the operator knows where it came from.
+pub(crate) fn error_from_guest(plugin: &str, e: wit::Error) -> Error {
+    let (kind, msg) = match e {
+        wit::Error::NotFound(m) => (crate::ErrorKind::NotFound, m),
+        wit::Error::AlreadyExists(m) => (crate::ErrorKind::AlreadyExists, m),
+        wit::Error::FailedPrecondition(m) => (crate::ErrorKind::FailedPrecondition, m),
+        wit::Error::InvalidArgument(m) => (crate::ErrorKind::InvalidArgument, m),
+        wit::Error::NotImplemented(m) => (crate::ErrorKind::NotImplemented, m),
+        wit::Error::Unavailable(m) => (crate::ErrorKind::Unavailable, m),
+        wit::Error::Internal(m) => (crate::ErrorKind::Internal, m),
+    };
+    Error::new(kind, format!("plugin {plugin:?}: {msg}"))
+}
+
+impl From<Error> for wit::Error {
+    fn from(e: Error) -> Self {
+        let m = e.message().to_owned();
+        match e {
+            Error::NotFound(_) => wit::Error::NotFound(m),
+            Error::AlreadyExists(_) => wit::Error::AlreadyExists(m),
+            Error::FailedPrecondition(_) => wit::Error::FailedPrecondition(m),
+            Error::InvalidArgument(_) => wit::Error::InvalidArgument(m),
+            Error::NotImplemented(_) => wit::Error::NotImplemented(m),
+            Error::Unavailable(_) => wit::Error::Unavailable(m),
+            Error::Internal(_) => wit::Error::Internal(m),
+        }
+    }
+}
+
+impl From<wit::Kind> for Kind {
+    fn from(k: wit::Kind) -> Self {
+        match k {
+            wit::Kind::View => Kind::View,
+            wit::Kind::Active => Kind::Active,
+            wit::Kind::Committed => Kind::Committed,
+        }
+    }
+}
+
+impl From<Kind> for wit::Kind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::View => wit::Kind::View,
+            Kind::Active => wit::Kind::Active,
+            Kind::Committed => wit::Kind::Committed,
+        }
+    }
+}
+
+pub(crate) fn time_from_wit(t: wit::Timestamp) -> SystemTime {
+    let nanos = t.nanoseconds.min(999_999_999);
+    UNIX_EPOCH
+        .checked_add(Duration::new(t.seconds, nanos))
+        // A guest sending a time past what SystemTime holds gets the epoch, not a panic.
+        .unwrap_or(UNIX_EPOCH)
+}
+
+pub(crate) fn time_to_wit(t: SystemTime) -> wit::Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    wit::Timestamp { seconds: d.as_secs(), nanoseconds: d.subsec_nanos() }
+}
+
+/// Labels from a guest: a repeated key keeps its last value, as a map insert would.
+pub(crate) fn labels_from_wit(l: wit::Labels) -> Labels {
+    l.into_iter().collect()
+}
+
+pub(crate) fn labels_to_wit(l: &Labels) -> wit::Labels {
+    l.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+pub(crate) fn info_from_wit(i: wit::Info) -> Info {
+    Info {
+        name: i.name,
+        parent: i.parent,
+        kind: i.kind.into(),
+        labels: labels_from_wit(i.labels),
+        created: time_from_wit(i.created),
+        updated: time_from_wit(i.updated),
+    }
+}
+
+pub(crate) fn info_to_wit(i: &Info) -> wit::Info {
+    wit::Info {
+        name: i.name.clone(),
+        parent: i.parent.clone(),
+        kind: i.kind.into(),
+        labels: labels_to_wit(&i.labels),
+        created: time_to_wit(i.created),
+        updated: time_to_wit(i.updated),
+    }
+}
+
+pub(crate) fn usage_from_wit(u: wit::UsageInfo) -> Usage {
+    Usage { size: u.size, inodes: u.inodes }
+}
+
+pub(crate) fn usage_to_wit(u: Usage) -> wit::UsageInfo {
+    wit::UsageInfo { size: u.size, inodes: u.inodes }
+}
+
+/// A guest's mount, not yet checked: see [`super::mounts`].
+pub(crate) fn mount_from_wit(m: wit::Mount) -> Mount {
+    Mount { kind: m.type_, source: m.source, target: m.target, options: m.options }
+}
+
+pub(crate) fn mount_to_wit(m: &Mount) -> wit::Mount {
+    wit::Mount {
+        type_: m.kind.clone(),
+        source: m.source.clone(),
+        target: m.target.clone(),
+        options: m.options.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_class_survives_both_crossings() {
+        for kind in [
+            crate::ErrorKind::NotFound,
+            crate::ErrorKind::AlreadyExists,
+            crate::ErrorKind::FailedPrecondition,
+            crate::ErrorKind::InvalidArgument,
+            crate::ErrorKind::NotImplemented,
+            crate::ErrorKind::Unavailable,
+            crate::ErrorKind::Internal,
+        ] {
+            let back = error_from_guest("p", Error::new(kind, "x").into());
+            assert_eq!(back.kind(), kind);
+            assert_eq!(back.message(), "plugin \"p\": x");
+        }
+    }
+
+    #[test]
+    fn times_round_trip_and_nonsense_does_not_panic() {
+        let now = SystemTime::now();
+        assert_eq!(time_from_wit(time_to_wit(now)), now);
+        let _ = time_from_wit(wit::Timestamp { seconds: u64::MAX, nanoseconds: u32::MAX });
+    }
+}

@@ -1,0 +1,179 @@
+//! A guest's stdout and stderr: lines go to the host's log, never to the host's own
+//! stdio, and each call may write only so much.
+//!
+//! A guest that prints without end must not fill the log or the host's memory: past
+//! [`BUDGET_PER_CALL`] bytes in one call, output is counted and dropped, and one line
+//! says how much was dropped. The last lines of stderr are kept so that a trap (a Rust
+//! panic prints its message to stderr before aborting) can say why it happened.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+/// Bytes a guest may write to one stream during one call before the rest is dropped.
+pub const BUDGET_PER_CALL: usize = 64 * 1024;
+/// Longest line logged; longer lines are cut.
+const MAX_LINE: usize = 4096;
+/// Lines of stderr kept for the error message of a trap.
+const KEPT_LINES: usize = 6;
+
+#[derive(Debug)]
+struct Sink {
+    plugin: Arc<str>,
+    stream: &'static str,
+    partial: Vec<u8>,
+    budget: usize,
+    dropped: u64,
+    recent: VecDeque<String>,
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) {
+        let take = bytes.len().min(self.budget);
+        self.budget -= take;
+        self.dropped += (bytes.len() - take) as u64;
+        for &b in &bytes[..take] {
+            if b == b'\n' {
+                self.emit();
+            } else if self.partial.len() < MAX_LINE {
+                self.partial.push(b);
+            }
+        }
+    }
+
+    fn emit(&mut self) {
+        let line = String::from_utf8_lossy(&self.partial).into_owned();
+        self.partial.clear();
+        tracing::info!(plugin = &*self.plugin, stream = self.stream, "{line}");
+        if self.recent.len() == KEPT_LINES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(line);
+    }
+
+    /// Ends a call: flushes a partial line, reports what was dropped, refills the budget.
+    fn end_call(&mut self) {
+        if !self.partial.is_empty() {
+            self.emit();
+        }
+        if self.dropped > 0 {
+            tracing::warn!(
+                plugin = &*self.plugin,
+                stream = self.stream,
+                "dropped {} bytes of output past the {BUDGET_PER_CALL}-byte budget of one call",
+                self.dropped
+            );
+            self.dropped = 0;
+        }
+        self.budget = BUDGET_PER_CALL;
+    }
+}
+
+/// One of a guest's output streams (stdout or stderr), shared by the WASI context and
+/// the host code that ends each call.
+#[derive(Debug, Clone)]
+pub(crate) struct GuestOutput(Arc<Mutex<Sink>>);
+
+impl GuestOutput {
+    pub(crate) fn new(plugin: Arc<str>, stream: &'static str) -> Self {
+        GuestOutput(Arc::new(Mutex::new(Sink {
+            plugin,
+            stream,
+            partial: Vec::new(),
+            budget: BUDGET_PER_CALL,
+            dropped: 0,
+            recent: VecDeque::new(),
+        })))
+    }
+
+    fn sink(&self) -> std::sync::MutexGuard<'_, Sink> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Flushes and resets the per-call budget; returns the last lines written.
+    pub(crate) fn end_call(&self) -> Vec<String> {
+        let mut s = self.sink();
+        s.end_call();
+        s.recent.drain(..).collect()
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.sink().write(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> StreamResult<usize> {
+        // Always ready: writes past the budget are dropped, not refused, so a guest's
+        // `println!` never fails (which would panic it).
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.sink().write(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_kept_and_output_past_the_budget_is_dropped() {
+        let out = GuestOutput::new("p".into(), "stderr");
+        out.sink().write(b"one\ntwo\nthr");
+        assert_eq!(out.end_call(), ["one", "two", "thr"]);
+        let big = vec![b'x'; BUDGET_PER_CALL * 3];
+        out.sink().write(&big);
+        out.sink().write(b"\nlost\n");
+        {
+            let s = out.sink();
+            assert_eq!(s.budget, 0);
+            assert_eq!(s.dropped as usize, BUDGET_PER_CALL * 2 + 6);
+            assert!(s.recent.iter().all(|l| l.len() <= MAX_LINE));
+        }
+        out.end_call();
+        assert_eq!(out.sink().budget, BUDGET_PER_CALL, "the next call gets a fresh budget");
+    }
+}

@@ -1,0 +1,307 @@
+//! The adapter: a plugin bound to its root, as a [`Snapshotter`].
+//!
+//! Calls go to an instance from a small pool: one call per instance at a time, at most
+//! [`Limits::instances`] instances. An instance that traps (panic, memory limit,
+//! deadline, a result the host refuses to lift) is dropped and the next call gets a
+//! fresh one, initialised again; the failed call returns a typed error and nothing
+//! else notices.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use cap_std::fs::Dir;
+
+use super::bindings::{Lifecycle, SnapshotterExports, types as wit};
+use super::convert::{info_from_wit, info_to_wit, labels_to_wit, mount_from_wit, usage_from_wit};
+use super::instance::{CallError, Env, Instance, Limits, State};
+use super::mounts;
+use super::component::{Plugin, Role};
+use crate::error::{Error, Result};
+use crate::filter::Filter;
+use crate::snapshot::{Info, Labels, Mount, Usage};
+use crate::snapshotter::{FieldPath, Snapshotter};
+
+/// Infos asked for per page of a walk.
+const PAGE: u32 = 1000;
+
+/// A plugin serving as a backend snapshotter, or as a policy in front of `next`.
+pub struct WasmSnapshotter {
+    plugin: Arc<Plugin>,
+    env: Env,
+    pool: Mutex<Pool>,
+    returned: Condvar,
+}
+
+impl std::fmt::Debug for WasmSnapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmSnapshotter")
+            .field("plugin", &self.plugin.name)
+            .field("root", &self.env.root_path)
+            .field("policy", &self.env.next.is_some())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Instance>,
+    /// Instances in existence or being created (idle, busy, starting).
+    live: u32,
+    closed: bool,
+}
+
+impl WasmSnapshotter {
+    /// Binds `plugin` to its root (`root`, which is `root_path` on the host) and starts
+    /// its first instance, so that a plugin that cannot start fails here, clearly.
+    /// A backend takes no `next`; a policy requires one.
+    pub fn open(
+        plugin: Arc<Plugin>,
+        root: Dir,
+        root_path: PathBuf,
+        next: Option<Arc<dyn Snapshotter>>,
+        limits: Limits,
+        config: &serde_json::Value,
+    ) -> Result<Self> {
+        limits.check()?;
+        match (plugin.role(), next.is_some()) {
+            (Role::Backend, true) => {
+                return Err(Error::InvalidArgument(format!(
+                    "plugin {:?} is a backend (world `backend`), not a policy: it cannot stand in front of another snapshotter",
+                    plugin.name
+                )));
+            }
+            (Role::Policy, false) => {
+                return Err(Error::InvalidArgument(format!(
+                    "plugin {:?} is a policy (world `policy`): it needs a snapshotter behind it, it cannot be a backend",
+                    plugin.name
+                )));
+            }
+            _ => {}
+        }
+        let config = serde_json::to_string(config)
+            .map_err(|e| Error::internal("encode plugin config", e))?;
+        let env = Env { root: Arc::new(root), root_path, next, limits, config };
+        let s = WasmSnapshotter { plugin, env, pool: Mutex::default(), returned: Condvar::new() };
+        let first = s.checkout()?;
+        s.checkin(first);
+        Ok(s)
+    }
+
+    /// The plugin.
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    /// Calls the guest's `ping`: a round trip that does nothing.
+    pub fn ping(&self) -> Result<()> {
+        self.call("ping", |lc, _, st| lc.call_ping(st).map(Ok))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle instance, or a new one if the limit allows, or the next one returned.
+    fn checkout(&self) -> Result<Instance> {
+        let mut pool = self.lock();
+        loop {
+            if pool.closed {
+                return Err(Error::Unavailable(format!("plugin {:?}: closed", self.plugin.name)));
+            }
+            if let Some(i) = pool.idle.pop() {
+                return Ok(i);
+            }
+            if pool.live < self.env.limits.instances {
+                pool.live += 1;
+                drop(pool);
+                let made = Instance::new(&self.plugin, &self.env);
+                if made.is_err() {
+                    self.discard();
+                }
+                return made;
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn checkin(&self, i: Instance) {
+        let mut pool = self.lock();
+        if pool.closed {
+            pool.live -= 1;
+        } else {
+            pool.idle.push(i);
+        }
+        drop(pool);
+        self.returned.notify_one();
+    }
+
+    fn discard(&self) {
+        self.lock().live -= 1;
+        self.returned.notify_one();
+    }
+
+    fn call<R>(
+        &self,
+        op: &str,
+        f: impl FnOnce(
+            &Lifecycle,
+            &SnapshotterExports,
+            &mut wasmtime::Store<State>,
+        ) -> wasmtime::Result<std::result::Result<R, wit::Error>>,
+    ) -> Result<R> {
+        let mut inst = self.checkout()?;
+        match inst.call(&self.plugin, op, f) {
+            Ok(v) => {
+                self.checkin(inst);
+                Ok(v)
+            }
+            Err(CallError::Guest(e)) => {
+                self.checkin(inst);
+                Err(e)
+            }
+            Err(e @ CallError::Trapped(_)) => {
+                drop(inst);
+                self.discard();
+                Err(e.into_error())
+            }
+        }
+    }
+
+    /// Checks and resolves the mounts a guest returned. A policy may also pass on
+    /// mounts exactly as its next snapshotter gave them.
+    fn resolve(
+        &self,
+        op: &str,
+        (got, passed): (Vec<wit::Mount>, Vec<Mount>),
+    ) -> Result<Vec<Mount>> {
+        let got: Vec<Mount> = got.into_iter().map(mount_from_wit).collect();
+        if !passed.is_empty() && got.iter().all(|m| passed.contains(m)) {
+            return Ok(got);
+        }
+        mounts::resolve(&self.env.root, &self.env.root_path, got)
+            .map_err(|e| e.context(format!("plugin {:?}: {op}", self.plugin.name)))
+    }
+
+    fn mounts_call(
+        &self,
+        op: &str,
+        f: impl FnOnce(
+            &SnapshotterExports,
+            &mut wasmtime::Store<State>,
+        ) -> wasmtime::Result<std::result::Result<Vec<wit::Mount>, wit::Error>>,
+    ) -> Result<Vec<Mount>> {
+        let got = self.call(op, |_, ex, st| {
+            Ok(f(ex, &mut *st)?.map(|m| (m, st.data().next_mounts.clone())))
+        })?;
+        self.resolve(op, got)
+    }
+}
+
+fn paths_to_wit(paths: &[FieldPath]) -> Vec<String> {
+    paths
+        .iter()
+        .map(|p| match p {
+            FieldPath::Labels => "labels".to_owned(),
+            FieldPath::Label(k) => format!("labels.{k}"),
+        })
+        .collect()
+}
+
+impl Snapshotter for WasmSnapshotter {
+    fn stat(&self, key: &str) -> Result<Info> {
+        self.call("stat", |_, ex, st| ex.call_stat(st, key)).map(info_from_wit)
+    }
+
+    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
+        let (info, paths) = (info_to_wit(info), paths_to_wit(fieldpaths));
+        self.call("update", |_, ex, st| ex.call_update(st, &info, &paths)).map(info_from_wit)
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage> {
+        self.call("usage", |_, ex, st| ex.call_usage(st, key)).map(usage_from_wit)
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        self.mounts_call("mounts", |ex, st| ex.call_mounts(st, key))
+    }
+
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        let labels = labels_to_wit(labels);
+        self.mounts_call("prepare", |ex, st| ex.call_prepare(st, key, parent, &labels))
+    }
+
+    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        let labels = labels_to_wit(labels);
+        self.mounts_call("view", |ex, st| ex.call_view(st, key, parent, &labels))
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        let labels = labels_to_wit(labels);
+        self.call("commit", |_, ex, st| ex.call_commit(st, name, key, &labels))
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        self.call("remove", |_, ex, st| ex.call_remove(st, key))
+    }
+
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
+        let name = &self.plugin.name;
+        let bad = |why: String| Error::Internal(format!("plugin {name:?}: list: {why}"));
+        let mut after: Option<String> = None;
+        let mut total: u64 = 0;
+        loop {
+            // No instance is held between pages: `f` may call back into this plugin.
+            let page = self.call("list", |_, ex, st| ex.call_list(st, after.as_deref(), PAGE))?;
+            if page.len() > PAGE as usize {
+                return Err(bad(format!(
+                    "returned {} snapshots for a page of at most {PAGE}",
+                    page.len()
+                )));
+            }
+            total += page.len() as u64;
+            if total > self.env.limits.max_walk {
+                return Err(bad(format!(
+                    "walk passed {} snapshots (the plugin's max_walk limit); stopped as runaway",
+                    self.env.limits.max_walk
+                )));
+            }
+            let full = page.len() == PAGE as usize;
+            let mut prev = after.take();
+            for info in page {
+                if prev.as_deref().is_some_and(|p| info.name.as_str() <= p) {
+                    return Err(bad(format!(
+                        "page out of order: {:?} after {:?} (names must ascend)",
+                        info.name,
+                        prev.unwrap_or_default()
+                    )));
+                }
+                prev = Some(info.name.clone());
+                let info = info_from_wit(info);
+                if filter.matches(&info) {
+                    f(info)?;
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+            after = prev;
+        }
+    }
+
+    fn cleanup(&self) -> Result<()> {
+        self.call("cleanup", |_, ex, st| ex.call_cleanup(st))
+    }
+
+    fn close(&self) -> Result<()> {
+        let idle = {
+            let mut pool = self.lock();
+            pool.closed = true;
+            let idle = std::mem::take(&mut pool.idle);
+            pool.live -= idle.len() as u32;
+            idle
+        };
+        drop(idle);
+        self.returned.notify_all();
+        Ok(())
+    }
+}

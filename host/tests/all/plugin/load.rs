@@ -1,0 +1,93 @@
+//! Loading plugins: the world check, the compile cache, roles.
+
+use serde_json::json;
+use wasnap::ErrorKind;
+use wasnap::plugin::{Limits, Plugin, Role, WasmSnapshotter};
+
+use super::{guest, open, plugin};
+use crate::common::tmp;
+
+#[test]
+fn a_plugin_built_against_another_wit_version_is_refused_in_plain_words() {
+    let wasm = std::fs::read(guest("wrong-version")).unwrap();
+    let info = Plugin::inspect(&wasm, None).unwrap();
+    assert_eq!(info.role, None);
+    let why = info.compatible.unwrap_err();
+    assert!(why.contains("wasnap:snapshotter@0.2.0") && why.contains("0.1.0"), "{why}");
+    let err = Plugin::load("wrong", &wasm, None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("built against wasnap:snapshotter@0.2.0"), "{err}");
+}
+
+#[test]
+fn what_is_not_a_component_is_refused() {
+    for (bytes, says) in [
+        (&b"\0asm\x01\0\0\0"[..], "not a WebAssembly component"),
+        (&b"#!/bin/sh\necho hi\n"[..], "not a WebAssembly component"),
+        (&b"\0asm\x0d\0\x01\0garbage"[..], "compile plugin"),
+    ] {
+        let err = Plugin::load("x", bytes, None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}
+
+#[test]
+fn compiled_code_is_cached_by_content_and_a_bad_cache_file_is_recompiled() {
+    let dir = tmp();
+    let cache =
+        cap_std::fs::Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority()).unwrap();
+    let wasm = std::fs::read(guest("adversary")).unwrap();
+    let cold = Plugin::load("a", &wasm, Some(&cache)).unwrap();
+    assert!(!cold.info().cached);
+    let warm = Plugin::load("a", &wasm, Some(&cache)).unwrap();
+    assert!(warm.info().cached);
+    assert_eq!(warm.role(), Role::Backend);
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_str().unwrap().ends_with(".cwasm"));
+    std::fs::write(&files[0], b"not compiled code").unwrap();
+    let again = Plugin::load("a", &wasm, Some(&cache)).unwrap();
+    assert!(!again.info().cached, "an unusable cache file is replaced, not trusted");
+    assert!(Plugin::load("a", &wasm, Some(&cache)).unwrap().info().cached);
+}
+
+#[test]
+fn roles_must_match_their_place_in_the_chain() {
+    let dir = tmp();
+    let path = dir.path().canonicalize().unwrap();
+    let cap = || cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority()).unwrap();
+    let backend = open("adversary", json!(null), Limits::default()).unwrap();
+    let err = WasmSnapshotter::open(
+        plugin("adversary"),
+        cap(),
+        path.clone(),
+        Some(backend.s.clone()),
+        Limits::default(),
+        &json!(null),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("is a backend"), "{err}");
+    let err = WasmSnapshotter::open(
+        plugin("label-policy"),
+        cap(),
+        path.clone(),
+        None,
+        Limits::default(),
+        &json!(null),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("is a policy"), "{err}");
+}
+
+#[test]
+fn limits_are_checked() {
+    for bad in [
+        Limits { memory_mib: 0, ..Limits::default() },
+        Limits { timeout_ms: 0, ..Limits::default() },
+        Limits { instances: 0, ..Limits::default() },
+    ] {
+        let err = open("adversary", json!(null), bad).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    }
+}

@@ -25,10 +25,13 @@
 
 pub mod cases;
 mod fixture;
+pub mod guests;
 mod harness;
 pub mod loopfs;
+pub mod plugin;
 mod report;
 
 pub use fixture::{Op, apply, check_equal};
 pub use harness::{Case, Env, Factory, Fail, Group, Options, Outcome, open_native, run};
+pub use plugin::{Backend, Layer, PluginFactory};
 pub use report::{CaseResult, Report};

@@ -334,3 +334,38 @@ fn mounts_are_undone_even_when_a_case_panics_or_fails() {
         "a mount survived its case:\n{mountinfo}"
     );
 }
+
+/// A guest of `guests/`, loaded as a backend plugin.
+fn guest_backend(name: &str) -> wasnap_conformance::PluginFactory {
+    let path = wasnap_conformance::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
+    wasnap_conformance::PluginFactory::backend(
+        wasnap_conformance::Layer::load(&path, None).unwrap(),
+    )
+}
+
+fn assert_passes_as_root(factory: &dyn Factory) {
+    let report = run(factory, &cases::all(), &Options::default());
+    let table = show(&report);
+    eprintln!("{table}");
+    assert_eq!(report.failed(), 0, "{table}");
+    if rustix::process::geteuid().is_root() {
+        assert_eq!(report.skipped(), 0, "as root nothing may skip:\n{table}");
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root; here we are not");
+    }
+}
+
+#[test]
+fn the_copy_guest_passes_every_case() {
+    assert_passes_as_root(&guest_backend("copy"));
+}
+
+#[test]
+fn the_overlay_layout_guest_passes_every_case() {
+    if !rustix::process::geteuid().is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root; here we are not");
+        eprintln!("skipped: overlay needs root");
+        return;
+    }
+    assert_passes_as_root(&guest_backend("overlay-layout"));
+}

@@ -45,38 +45,42 @@ pub struct BenchArgs {
     /// A directory on btrfs for the btrfs driver (without one, btrfs is reported skipped)
     #[arg(long)]
     pub btrfs_dir: Option<PathBuf>,
+    /// The `copy` guest to compare with the native driver [default: the workspace's
+    /// guests/copy, built on demand]
+    #[arg(long = "copy-guest", value_name = "WASM")]
+    pub copy_guest: Option<PathBuf>,
 }
 
-struct Stats {
+pub(crate) struct Stats {
     n: usize,
     total: Duration,
     samples: Vec<Duration>,
 }
 
 impl Stats {
-    fn new(mut samples: Vec<Duration>) -> Self {
+    pub(crate) fn new(mut samples: Vec<Duration>) -> Self {
         samples.sort();
         let total = samples.iter().sum();
         Stats { n: samples.len(), total, samples }
     }
-    fn pct(&self, p: f64) -> Duration {
+    pub(crate) fn pct(&self, p: f64) -> Duration {
         if self.samples.is_empty() {
             return Duration::ZERO;
         }
         let i = ((self.samples.len() - 1) as f64 * p).round() as usize;
         self.samples[i]
     }
-    fn per_sec(&self) -> f64 {
+    pub(crate) fn per_sec(&self) -> f64 {
         self.n as f64 / self.total.as_secs_f64().max(1e-9)
     }
 }
 
-fn fmt_d(d: Duration) -> String {
+pub(crate) fn fmt_d(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
     if us < 1000.0 { format!("{us:.1} µs") } else { format!("{:.2} ms", us / 1000.0) }
 }
 
-fn timed(mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+pub(crate) fn timed(mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
     let t = Instant::now();
     f()?;
     Ok(t.elapsed())
@@ -199,6 +203,8 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     writeln!(out).map_err(io)?;
     let depths = if args.smoke { vec![1, 10] } else { args.depths.clone() };
     drivers(args, &base, cycles, &depths, out)?;
+    writeln!(out).map_err(io)?;
+    crate::bench_plugins::run(&base, args.copy_guest.as_deref(), cycles, args.smoke, out)?;
     writeln!(out).map_err(io)?;
     gc(tmp.path(), &sizes, args.smoke, out)
 }
@@ -405,7 +411,10 @@ fn gc(dir: &Path, sizes: &[usize], smoke: bool, out: &mut dyn Write) -> Result<(
         let root = dir.join(format!("gc-{size}"));
         let config = Config {
             default_snapshotter: DEFAULT_SNAPSHOTTER.to_owned(),
-            snapshotters: BTreeMap::from([(DEFAULT_SNAPSHOTTER.to_owned(), DriverConfig::Native)]),
+            snapshotters: BTreeMap::from([(
+                DEFAULT_SNAPSHOTTER.to_owned(),
+                DriverConfig::Native.into(),
+            )]),
             // Measure however long marking takes, rather than give up at the limit.
             gc: GcOptions { max_pause_ms: 600_000, ..defaults.clone() },
         };

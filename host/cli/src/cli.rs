@@ -14,7 +14,7 @@ use std::sync::Arc;
 use wasnap::error::{Error, Result};
 
 use wasnap::fault::Faults;
-use wasnap::host::{Config, DEFAULT_SNAPSHOTTER, Host, default_root};
+use wasnap::host::{Config, Host, default_root};
 use wasnap::metadata::lease::LABEL_GC_EXPIRE;
 use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE, Resource};
 use wasnap::snapshot::{Info, Labels};
@@ -55,6 +55,49 @@ pub struct Global {
     /// collected once nothing holds them)
     #[arg(long, global = true, env = "WASNAP_LEASE")]
     pub lease: Option<String>,
+    /// Serve snapshots with this WebAssembly backend plugin (a .wasm, or a guest crate's
+    /// directory, built first): a snapshotter named after the file, selected unless
+    /// -s names another
+    #[arg(long, global = true, value_name = "PLUGIN")]
+    pub plugin: Option<PathBuf>,
+    /// Put this policy plugin in front of the selected snapshotter (repeatable; the
+    /// first given sees calls first)
+    #[arg(long = "policy", global = true, value_name = "POLICY")]
+    pub policies: Vec<PathBuf>,
+}
+
+impl Global {
+    /// The configuration file (or the defaults), with `--plugin` and `--policy` applied;
+    /// returns it with the snapshotter commands use.
+    pub fn config(&self) -> Result<(Config, String)> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        let mut selected = self.snapshotter.clone();
+        if let Some(p) = &self.plugin {
+            let path = absolute(&crate::plugin::resolve(p)?)?;
+            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned();
+            let driver = wasnap::host::DriverConfig::Wasm(wasnap::host::PluginConfig::new(path));
+            config.snapshotters.insert(name.clone(), driver.into());
+            selected.get_or_insert(name);
+        }
+        let selected = selected.unwrap_or_else(|| config.default_snapshotter.clone());
+        if !self.policies.is_empty() {
+            let s = config.snapshotters.get_mut(&selected).ok_or_else(|| {
+                Error::NotFound(format!("snapshotter {selected:?} (for --policy)"))
+            })?;
+            for p in &self.policies {
+                let path = absolute(&crate::plugin::resolve(p)?)?;
+                s.policies.push(wasnap::host::PluginConfig::new(path));
+            }
+        }
+        Ok((config, selected))
+    }
+}
+
+fn absolute(p: &std::path::Path) -> Result<PathBuf> {
+    std::path::absolute(p).map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))
 }
 
 /// `wasnap lease` subcommands, after containerd's lease API.
@@ -182,6 +225,9 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Check a backend against the conformance suite (containerd's snapshotter tests)
     Conformance(crate::conformance::ConformanceArgs),
+    /// Inspect, compile and list WebAssembly plugins
+    #[command(subcommand)]
+    Plugin(crate::plugin::PluginCommand),
 }
 
 /// Parses `KEY=VALUE` arguments.
@@ -202,8 +248,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         return wasnap::mount::unmount(dir);
     }
     if let Command::Conformance(args) = &cli.command {
-        let driver = g.snapshotter.as_deref().unwrap_or(DEFAULT_SNAPSHOTTER);
-        return crate::conformance::run(args, driver, g.format, out);
+        return crate::conformance::run(args, g, out);
+    }
+    if let Command::Plugin(crate::plugin::PluginCommand::Inspect { plugin }) = &cli.command {
+        return crate::plugin::inspect(plugin, None, g.format, out);
     }
     if g.format == Format::Junit {
         return Err(Error::InvalidArgument(
@@ -214,14 +262,15 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         return crate::bench::run(args, out);
     }
     let root = g.root.clone().unwrap_or_else(default_root);
-    let config = match &g.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let (config, snapshotter) = g.config()?;
     let host = Host::open_config(&root, Arc::new(Faults::from_env()?), config)?;
-    let snapshotter =
-        g.snapshotter.clone().unwrap_or_else(|| host.default_snapshotter().to_owned());
     let result = match &cli.command {
+        Command::Plugin(crate::plugin::PluginCommand::Compile { plugins }) => {
+            Some(crate::plugin::compile(&host, plugins, g.format, out))
+        }
+        Command::Plugin(crate::plugin::PluginCommand::Ls) => {
+            Some(crate::plugin::ls(&host, g.format, out))
+        }
         Command::Info => Some(crate::output::host_info(out, g.format, &host, &snapshotter)),
         Command::Lease(cmd) => Some(run_lease(&host, g, &snapshotter, cmd, out)),
         Command::Gc { dry_run: false, check: true } => {
@@ -384,6 +433,7 @@ fn run_on(
         Command::Unmount { .. }
         | Command::Bench(_)
         | Command::Conformance(_)
+        | Command::Plugin(_)
         | Command::Info
         | Command::Lease(_)
         | Command::Gc { .. } => unreachable_command(),

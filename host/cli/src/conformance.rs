@@ -10,8 +10,10 @@ use wasnap::driver::overlay::OverlayOptions;
 use wasnap::driver::{Btrfs, Native, Overlay};
 use wasnap::error::{Error, Result};
 use wasnap::fault::Faults;
-use wasnap_conformance::{Factory, Options, cases};
+use wasnap::host::{DriverConfig, PluginConfig};
+use wasnap_conformance::{Backend, Factory, Layer, Options, PluginFactory, cases};
 
+use crate::cli::Global;
 use crate::output::{Format, table};
 
 /// Options of `wasnap conformance`.
@@ -74,13 +76,42 @@ impl Factory for DriverFactory {
     }
 }
 
+/// What `-s`, `--config`, `--plugin` and `--policy` select: a driver of wasnap's own, or
+/// a stack with plugins.
+fn factory(g: &Global) -> Result<(Option<Driver>, Arc<dyn Factory>)> {
+    let (config, selected) = g.config()?;
+    let Some(s) = config.snapshotters.get(&selected) else {
+        // Without a config entry, -s names one of the built-in drivers.
+        let d = Driver::from_name(&selected)?;
+        return Ok((Some(d), Arc::new(DriverFactory(d))));
+    };
+    let layer = |p: &PluginConfig| -> Result<Layer> {
+        Ok(Layer::load(&p.path, None)?.with_config(p.config_json()).with_limits(p.limits.clone()))
+    };
+    let (driver, backend) = match &s.driver {
+        DriverConfig::Wasm(p) => (None, Backend::Plugin(layer(p)?)),
+        DriverConfig::Native => {
+            (Some(Driver::Native), Backend::Factory(Arc::new(DriverFactory(Driver::Native))))
+        }
+        DriverConfig::Overlay(_) => {
+            (Some(Driver::Overlay), Backend::Factory(Arc::new(DriverFactory(Driver::Overlay))))
+        }
+        DriverConfig::Btrfs => {
+            (Some(Driver::Btrfs), Backend::Factory(Arc::new(DriverFactory(Driver::Btrfs))))
+        }
+    };
+    if s.policies.is_empty()
+        && let Backend::Factory(f) = backend
+    {
+        return Ok((driver, f));
+    }
+    let policies = s.policies.iter().map(layer).collect::<Result<Vec<_>>>()?;
+    Ok((driver, Arc::new(PluginFactory { backend, policies })))
+}
+
 /// Runs (or lists) the suite; fails if any case failed.
-pub fn run(
-    args: &ConformanceArgs,
-    driver: &str,
-    format: Format,
-    out: &mut dyn Write,
-) -> Result<()> {
+pub fn run(args: &ConformanceArgs, g: &Global, out: &mut dyn Write) -> Result<()> {
+    let format = g.format;
     let io = |e: std::io::Error| Error::internal("write report", e);
     let all = cases::all();
     let mut opts = Options { patterns: args.patterns.clone(), ..Options::default() };
@@ -121,10 +152,10 @@ pub fn run(
             }
         };
     }
-    let driver = Driver::from_name(driver)?;
+    let (driver, factory) = factory(g)?;
     // The btrfs driver needs its directory on btrfs: without one, make a scratch btrfs
     // on a loop device for the run (its image on the real disk), and remove it after.
-    let _scratch = if driver == Driver::Btrfs && !wasnap::probe::is_btrfs(&opts.base) {
+    let _scratch = if driver == Some(Driver::Btrfs) && !wasnap::probe::is_btrfs(&opts.base) {
         let fs = wasnap_conformance::loopfs::LoopBtrfs::try_new(2048, &std::env::temp_dir()).map_err(|why| {
             Error::FailedPrecondition(format!(
                 "{} is not on btrfs and no scratch btrfs could be made ({why}); pass --dir on a btrfs filesystem",
@@ -137,7 +168,7 @@ pub fn run(
     } else {
         None
     };
-    let report = wasnap_conformance::run(&DriverFactory(driver), &selected, &opts);
+    let report = wasnap_conformance::run(&*factory, &selected, &opts);
     match format {
         Format::Table => report.write_table(out),
         Format::Json => report.write_json(out),

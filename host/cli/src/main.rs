@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 mod bench;
+mod bench_plugins;
 mod cli;
 mod conformance;
 mod output;
+mod plugin;
 
 use cli::Cli;
 

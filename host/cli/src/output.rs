@@ -332,7 +332,16 @@ fn fmt_duration(d: std::time::Duration) -> String {
 
 /// Why a driver is or is not usable here, in a phrase.
 fn driver_note(host: &Host, name: &str, support: &Support) -> String {
-    match host.configs().get(name) {
+    let Some(config) = host.configs().get(name) else { return "not configured".into() };
+    let note = driver_phrase(&config.driver, support);
+    match config.policies.len() {
+        0 => note,
+        n => format!("{note}; behind {n} policy plugin(s)"),
+    }
+}
+
+fn driver_phrase(driver: &DriverConfig, support: &Support) -> String {
+    match Some(driver) {
         Some(DriverConfig::Native) => {
             "copies trees; works on any filesystem, needs no kernel feature".into()
         }
@@ -355,6 +364,7 @@ fn driver_note(host: &Host, name: &str, support: &Support) -> String {
             )
         }
         Some(DriverConfig::Btrfs) => "btrfs subvolumes and snapshots".into(),
+        Some(DriverConfig::Wasm(p)) => format!("WebAssembly plugin {}", p.path.display()),
         None => "not configured".into(),
     }
 }

@@ -8,3 +8,4 @@ mod cli;
 #[allow(dead_code)]
 mod common;
 mod durability;
+mod plugins;

@@ -1,0 +1,267 @@
+//! `wasnap plugin inspect|compile|ls`, and turning `--plugin`/`--policy` arguments into
+//! `.wasm` paths (building a guest crate's directory first when given one).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::Subcommand;
+use wasnap::error::{Error, Result};
+use wasnap::host::Host;
+use wasnap::plugin::{Plugin, PluginInfo, Runtime, WIT_PACKAGE};
+
+use crate::output::{Format, table};
+
+/// `wasnap plugin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Show what a plugin is: its world, imports, exports, size, and whether this host
+    /// can run it (exits non-zero, saying why, if not)
+    Inspect {
+        /// A `.wasm` component, or a guest crate's directory (built first)
+        plugin: PathBuf,
+    },
+    /// Compile plugins into the root's cache, so that loading them later is fast
+    Compile {
+        /// `.wasm` components or guest crate directories
+        #[arg(required = true)]
+        plugins: Vec<PathBuf>,
+    },
+    /// List the configured plugins, start each, and show its counters
+    #[command(alias = "list")]
+    Ls,
+}
+
+/// A `.wasm` path as given, or the component built from a guest crate's directory.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        if !path.exists() {
+            return Err(Error::InvalidArgument(format!("plugin {}: no such file", path.display())));
+        }
+        return Ok(path.to_path_buf());
+    }
+    if !path.join("Cargo.toml").is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "plugin {}: a directory, but not a crate (no Cargo.toml)",
+            path.display()
+        )));
+    }
+    build(path)
+}
+
+/// Builds the crate in `dir` for wasm32-wasip2 and returns its component.
+fn build(dir: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(dir)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--message-format=json"])
+        .arg("--quiet")
+        .output()
+        .map_err(|e| {
+            Error::FailedPrecondition(format!("run cargo to build {}: {e}", dir.display()))
+        })?;
+    if !out.status.success() {
+        return Err(Error::FailedPrecondition(format!(
+            "building {} for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        )));
+    }
+    // The crate's own artifact is the last compiler-artifact message with a .wasm.
+    let manifest = dir.join("Cargo.toml").canonicalize().unwrap_or_default();
+    let mut found = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let ours = msg["manifest_path"].as_str().map(Path::new) == Some(manifest.as_path());
+        let wasm = msg["filenames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.as_str())
+            .find(|f| f.ends_with(".wasm"));
+        if let (true, Some(w)) = (ours, wasm) {
+            found = Some(PathBuf::from(w));
+        }
+    }
+    found.ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "{} built, but produced no .wasm: is it a `crate-type = [\"cdylib\"]` library?",
+            dir.display()
+        ))
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::InvalidArgument(format!("plugin {}: {e}", path.display())))
+}
+
+/// `wasnap plugin inspect`.
+pub fn inspect(
+    path: &Path,
+    cache: Option<&cap_std::fs::Dir>,
+    f: Format,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let path = resolve(path)?;
+    let info = Plugin::inspect(&read(&path)?, cache)?;
+    match f {
+        Format::Json => {
+            let v = serde_json::json!({
+                "path": path,
+                "host_wit": WIT_PACKAGE,
+                "role": info.role,
+                "size": info.size,
+                "sha256": info.digest,
+                "imports": info.imports,
+                "exports": info.exports,
+                "compatible": info.compatible.is_ok(),
+                "problem": info.compatible.as_ref().err(),
+                "cached": info.cached,
+                "load_micros": info.load_time.as_micros() as u64,
+            });
+            serde_json::to_writer_pretty(&mut *out, &v)
+                .map_err(|e| Error::internal("encode JSON", e))?;
+            writeln!(out).map_err(|e| Error::internal("write", e))?;
+        }
+        _ => write_info(out, &path, &info)?,
+    }
+    info.compatible.map_err(|why| {
+        Error::FailedPrecondition(format!(
+            "plugin {} cannot run on this host: {why}",
+            path.display()
+        ))
+    })
+}
+
+fn write_info(out: &mut dyn Write, path: &Path, info: &PluginInfo) -> Result<()> {
+    let world = match info.role {
+        Some(r) => format!("{r} ({WIT_PACKAGE})"),
+        None => "none of this host's".to_owned(),
+    };
+    let fits = match &info.compatible {
+        Ok(()) => "yes".to_owned(),
+        Err(why) => format!("no: {why}"),
+    };
+    let how = if info.cached { "from the cache" } else { "compiled" };
+    let mut rows = vec![
+        vec!["plugin".into(), path.display().to_string()],
+        vec!["world".into(), world],
+        vec!["runs here".into(), fits],
+        vec!["size".into(), format!("{} bytes", info.size)],
+        vec!["sha256".into(), info.digest.clone()],
+        vec!["load".into(), format!("{:.1} ms ({how})", info.load_time.as_secs_f64() * 1e3)],
+    ];
+    rows.extend(info.imports.iter().map(|i| vec!["imports".into(), i.clone()]));
+    rows.extend(info.exports.iter().map(|e| vec!["exports".into(), e.clone()]));
+    table(out, &["", ""], &rows)
+}
+
+/// `wasnap plugin compile`: fills `host`'s cache.
+pub fn compile(host: &Host, plugins: &[PathBuf], f: Format, out: &mut dyn Write) -> Result<()> {
+    let cache = host.plugin_cache()?;
+    let mut rows = Vec::new();
+    for p in plugins {
+        let path = resolve(p)?;
+        let info = Plugin::inspect(&read(&path)?, Some(&cache))?;
+        info.compatible.as_ref().map_err(|why| {
+            Error::FailedPrecondition(format!("plugin {}: {why}", path.display()))
+        })?;
+        rows.push(vec![
+            path.display().to_string(),
+            if info.cached { "already cached".into() } else { "compiled".into() },
+            format!("{:.1} ms", info.load_time.as_secs_f64() * 1e3),
+        ]);
+    }
+    match f {
+        Format::Json => {
+            let v: Vec<_> = rows
+                .iter()
+                .map(|r| serde_json::json!({"plugin": r[0], "result": r[1], "time": r[2]}))
+                .collect();
+            serde_json::to_writer_pretty(&mut *out, &v)
+                .map_err(|e| Error::internal("encode JSON", e))?;
+            writeln!(out).map_err(|e| Error::internal("write", e))
+        }
+        _ => table(out, &["PLUGIN", "RESULT", "TIME"], &rows),
+    }
+}
+
+/// `wasnap plugin ls`: starts every snapshotter that uses a plugin and shows the
+/// plugins with their counters (this process's: the daemon keeps them for its life).
+pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
+    let names: Vec<String> = host.snapshotter_names().map(str::to_owned).collect();
+    let mut failed = Vec::new();
+    for name in &names {
+        let c = &host.configs()[name];
+        let uses_wasm =
+            !c.policies.is_empty() || matches!(c.driver, wasnap::host::DriverConfig::Wasm(_));
+        if uses_wasm && let Err(e) = host.snapshotter(name) {
+            failed.push(vec![
+                name.clone(),
+                "-".into(),
+                "-".into(),
+                format!("failed to start: {e}"),
+            ]);
+        }
+    }
+    let loaded = host.loaded_plugins();
+    for p in &loaded {
+        // One round trip each: proves the instance answers, and shows in the counters.
+        let _ = p.wasm.ping();
+    }
+    match f {
+        Format::Json => {
+            let v: Vec<_> = loaded
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "snapshotter": p.snapshotter,
+                        "role": p.role,
+                        "path": p.path,
+                        "size": p.wasm.plugin().info().size,
+                        "sha256": p.wasm.plugin().info().digest,
+                        "counters": p.wasm.plugin().counters().snapshot(),
+                    })
+                })
+                .collect();
+            serde_json::to_writer_pretty(&mut *out, &v)
+                .map_err(|e| Error::internal("encode JSON", e))?;
+            writeln!(out).map_err(|e| Error::internal("write", e))?;
+        }
+        _ => {
+            let _ = Runtime::get()?;
+            let mut rows: Vec<Vec<String>> = loaded
+                .iter()
+                .map(|p| {
+                    let c = p.wasm.plugin().counters().snapshot();
+                    vec![
+                        p.snapshotter.clone(),
+                        p.role.to_string(),
+                        p.path.display().to_string(),
+                        format!(
+                            "calls {} errors {} traps {} (timeouts {}) instances {}",
+                            c.calls, c.errors, c.traps, c.timeouts, c.instances
+                        ),
+                    ]
+                })
+                .collect();
+            rows.extend(failed.iter().cloned());
+            if rows.is_empty() {
+                writeln!(out, "no plugins configured (see `driver = \"wasm\"` and `policies` in the config file)")
+                    .map_err(|e| Error::internal("write", e))?;
+                return Ok(());
+            }
+            table(out, &["SNAPSHOTTER", "ROLE", "PLUGIN", "COUNTERS (THIS PROCESS)"], &rows)?;
+        }
+    }
+    match failed.len() {
+        0 => Ok(()),
+        n => Err(Error::FailedPrecondition(format!(
+            "{n} snapshotter(s) with plugins failed to start"
+        ))),
+    }
+}

@@ -1,0 +1,119 @@
+//! WebAssembly plugins from the command line: inspect, compile, ls, `--plugin` and
+//! `--policy` on every command, and the conformance suite against a guest.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::common::*;
+
+fn guest(name: &str) -> String {
+    let p = wasnap_conformance::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
+    p.to_str().unwrap().to_owned()
+}
+
+fn run(root: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wasnap"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env_remove("WASNAP_NAMESPACE")
+        .env_remove("WASNAP_FAULTS")
+        .env_remove("WASNAP_CONFIG")
+        .output()
+        .expect("run wasnap")
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let out = run(root, args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(root: &Path, args: &[&str]) -> (String, String) {
+    let out = run(root, args);
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("wasnap: ") && !err.contains("panicked"), "{err}");
+    (String::from_utf8(out.stdout).unwrap(), err)
+}
+
+#[test]
+fn inspect_says_what_a_plugin_is_and_whether_it_runs_here() {
+    let dir = tmp();
+    let out = ok(dir.path(), &["plugin", "inspect", &guest("copy")]);
+    assert!(out.contains("backend (wasnap:snapshotter@0.1.0)"), "{out}");
+    assert!(out.contains("runs here  yes"), "{out}");
+    assert!(out.contains("wasnap:snapshotter/host@0.1.0"), "{out}");
+    let out = ok(dir.path(), &["plugin", "inspect", &guest("quota"), "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["role"], "policy");
+    assert_eq!(v["compatible"], true);
+
+    let (out, err) = fails(dir.path(), &["plugin", "inspect", &guest("wrong-version")]);
+    assert!(out.contains("runs here  no"), "{out}");
+    assert!(err.contains("built against wasnap:snapshotter@0.2.0"), "{err}");
+    let (_, err) = fails(dir.path(), &["plugin", "inspect", "/nonexistent.wasm"]);
+    assert!(err.contains("no such file"), "{err}");
+}
+
+#[test]
+fn compile_fills_the_cache_once() {
+    let dir = tmp();
+    let copy = guest("copy");
+    assert!(ok(dir.path(), &["plugin", "compile", &copy]).contains("compiled"));
+    assert!(ok(dir.path(), &["plugin", "compile", &copy]).contains("already cached"));
+    let cached = std::fs::read_dir(dir.path().join("plugins/cache")).unwrap().count();
+    assert_eq!(cached, 1);
+}
+
+#[test]
+fn a_plugin_serves_the_snapshot_commands_and_policies_stand_in_front() {
+    let dir = tmp();
+    let r = dir.path();
+    let copy = guest("copy");
+    let mounts = ok(r, &["--plugin", &copy, "prepare", "a"]);
+    assert!(mounts.contains("bind") && mounts.contains("snapshotters/copy"), "{mounts}");
+    ok(r, &["--plugin", &copy, "commit", "c", "a"]);
+    let ls = ok(r, &["--plugin", &copy, "ls"]);
+    assert!(ls.contains("committed"), "{ls}");
+    // The native driver's namespace of names is the same metadata, another snapshotter.
+    assert!(!ok(r, &["ls"]).contains("committed"));
+
+    // A policy from the command line, configured by a file: quota allows one active.
+    let config = r.join("wasnap.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "default_snapshotter = \"copy\"\n[snapshotters.copy]\ndriver = \"wasm\"\npath = \"{copy}\"\n\
+             [[snapshotters.copy.policies]]\npath = \"{}\"\nconfig = {{ max_active = 1 }}\n",
+            guest("quota")
+        ),
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    ok(r, &["--config", c, "prepare", "one"]);
+    let (_, err) = fails(r, &["--config", c, "prepare", "two"]);
+    assert!(err.contains("quota") && err.contains("failed precondition"), "{err}");
+    ok(r, &["--config", c, "rm", "one"]);
+    ok(r, &["--config", c, "prepare", "two"]);
+
+    let ls = ok(r, &["--config", c, "plugin", "ls"]);
+    assert!(ls.contains("backend") && ls.contains("policy") && ls.contains("calls"), "{ls}");
+    let info = ok(r, &["--config", c, "info"]);
+    assert!(info.contains("WebAssembly plugin") && info.contains("1 policy plugin"), "{info}");
+}
+
+#[test]
+fn conformance_runs_against_a_plugin() {
+    let dir = tmp();
+    let out = ok(
+        dir.path(),
+        &["conformance", "--plugin", &guest("copy"), "--run", "Basic", "--run", "Walk"],
+    );
+    assert!(out.contains("plugin copy: 3 passed, 0 failed"), "{out}");
+    let out = ok(
+        dir.path(),
+        &["conformance", "-s", "native", "--policy", &guest("label-policy"), "--run", "Update"],
+    );
+    assert!(out.contains("policy label_policy -> native"), "{out}");
+}

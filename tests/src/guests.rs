@@ -12,8 +12,16 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Every guest in the workspace, by package name.
-pub const ALL: &[&str] =
-    &["copy", "overlay-layout", "label-policy", "quota", "adversary", "wrong-version"];
+pub const ALL: &[&str] = &[
+    "copy",
+    "overlay-layout",
+    "label-policy",
+    "quota",
+    "adversary",
+    "wrong-version",
+    // examples/minimal-guest: the snapshotter of sdk/README.md.
+    "myplugin",
+];
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn workspace_root() -> PathBuf {

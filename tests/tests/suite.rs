@@ -369,3 +369,17 @@ fn the_overlay_layout_guest_passes_every_case() {
     }
     assert_passes_as_root(&guest_backend("overlay-layout"));
 }
+
+#[test]
+fn the_sdk_readme_guest_is_the_one_tested_and_passes_every_case() {
+    let root = wasnap_conformance::guests::workspace_root();
+    let readme = std::fs::read_to_string(root.join("sdk/README.md")).unwrap();
+    let step2 = readme.split("### 2. A snapshotter").nth(1).unwrap();
+    let code = step2.split("```rust\n").nth(1).unwrap().split("```").next().unwrap();
+    let example = std::fs::read_to_string(root.join("examples/minimal-guest/src/lib.rs")).unwrap();
+    assert!(
+        example.ends_with(code),
+        "examples/minimal-guest/src/lib.rs must end with sdk/README.md's step 2 verbatim"
+    );
+    assert_passes_as_root(&guest_backend("myplugin"));
+}

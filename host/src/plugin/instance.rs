@@ -12,9 +12,9 @@ use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{Lifecycle, SnapshotterExports, types as wit};
+use super::component::Plugin;
 use super::convert::error_from_guest;
 use super::output::GuestOutput;
-use super::component::Plugin;
 use super::runtime::{Outcome, TICK};
 use crate::error::{Error, Result};
 use crate::snapshot::Mount;

@@ -26,7 +26,7 @@ mod output;
 pub mod runtime;
 mod wasm;
 
-pub use instance::Limits;
 pub use component::{Plugin, PluginInfo, Role, WIT_PACKAGE};
+pub use instance::Limits;
 pub use runtime::{Counters, CountersSnapshot, Runtime};
 pub use wasm::WasmSnapshotter;

@@ -12,10 +12,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use cap_std::fs::Dir;
 
 use super::bindings::{Lifecycle, SnapshotterExports, types as wit};
+use super::component::{Plugin, Role};
 use super::convert::{info_from_wit, info_to_wit, labels_to_wit, mount_from_wit, usage_from_wit};
 use super::instance::{CallError, Env, Instance, Limits, State};
 use super::mounts;
-use super::component::{Plugin, Role};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::snapshot::{Info, Labels, Mount, Usage};

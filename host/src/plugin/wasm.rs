@@ -302,6 +302,10 @@ impl Snapshotter for WasmSnapshotter {
         };
         drop(idle);
         self.returned.notify_all();
-        Ok(())
+        // A policy owns the rest of its chain: closing it closes what is behind it.
+        match &self.env.next {
+            Some(next) => next.close(),
+            None => Ok(()),
+        }
     }
 }

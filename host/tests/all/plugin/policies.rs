@@ -1,0 +1,308 @@
+//! The example policies (`guests/label-policy`, `guests/quota`) in front of the native
+//! driver: what they refuse, what they rewrite, and that configured permissively they
+//! leave every conformance case passing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use serde_json::json;
+use tempfile::TempDir;
+use wasnap::fault::Faults;
+use wasnap::plugin::{Limits, WasmSnapshotter};
+use wasnap::{Error, ErrorKind, FieldPath, Snapshots, Snapshotter};
+use wasnap_conformance::{Layer, Options, PluginFactory, cases, open_native, run};
+
+use super::{no_labels, plugin};
+use crate::common::{backend_keys, ctx, is_root, labels, metadb, source, tmp};
+
+const SECRET: &str = "containerd.io/snapshot/secret.token";
+const OWNER: &str = "containerd.io/snapshot/owner";
+const DEBUG: &str = "containerd.io/snapshot/debug.trace";
+const MANAGED: &str = "containerd.io/snapshot/managed-by";
+
+/// The policy `name` in front of a native driver, both in one fresh directory.
+struct Chain {
+    dir: TempDir,
+    native: Arc<dyn Snapshotter>,
+    policy: Arc<dyn Snapshotter>,
+}
+
+fn subdir(root: &Path, name: &str) -> std::path::PathBuf {
+    let path = root.join(name);
+    std::fs::create_dir(&path).unwrap();
+    path.canonicalize().unwrap()
+}
+
+fn chain(name: &str, config: serde_json::Value) -> Chain {
+    chain_with(name, config, Limits::default())
+}
+
+fn chain_with(name: &str, config: serde_json::Value, limits: Limits) -> Chain {
+    let dir = tmp();
+    let native = open_native(&subdir(dir.path(), "native")).unwrap();
+    let path = subdir(dir.path(), "policy");
+    let cap = Dir::open_ambient_dir(&path, ambient_authority()).unwrap();
+    let policy =
+        WasmSnapshotter::open(plugin(name), cap, path, Some(native.clone()), limits, &config)
+            .unwrap();
+    Chain { dir, native, policy: Arc::new(policy) }
+}
+
+impl Chain {
+    /// The host's metadata layer over the chain, as the daemon stacks them.
+    fn metadata(&self) -> Snapshots {
+        Snapshots::new(
+            metadb(self.dir.path()),
+            "test",
+            self.policy.clone(),
+            Arc::new(Faults::new()),
+        )
+    }
+}
+
+fn expect(r: wasnap::Result<impl std::fmt::Debug>, kind: ErrorKind, says: &str) -> Error {
+    let e = r.expect_err("the policy refuses");
+    assert_eq!(e.kind(), kind, "{e}");
+    assert!(e.to_string().contains(says), "{e:?} does not say {says:?}");
+    e
+}
+
+#[test]
+fn label_policy_refuses_a_denied_label_and_nothing_is_created() {
+    let c = chain("label-policy", json!({"deny": ["containerd.io/snapshot/secret.*"]}));
+    let denied = labels(&[(SECRET, "x"), (OWNER, "me")]);
+    let says =
+        format!(r#"label "{SECRET}" is refused by rule deny "containerd.io/snapshot/secret.*""#);
+
+    // Straight to the chain, as the metadata layer calls it.
+    expect(c.policy.prepare("ns1/1/k", None, &denied), ErrorKind::InvalidArgument, &says);
+    expect(c.policy.view("ns1/2/v", None, &denied), ErrorKind::InvalidArgument, &says);
+    assert!(backend_keys(c.native.as_ref()).is_empty());
+
+    // Through the metadata layer: the caller sees the same refusal, nothing is recorded.
+    let sn = c.metadata();
+    let ns = ctx("ns1");
+    expect(sn.prepare(&ns, "k", None, &denied), ErrorKind::InvalidArgument, &says);
+    assert!(crate::common::list(&sn, &ns, &[]).unwrap().is_empty());
+    assert!(backend_keys(c.native.as_ref()).is_empty());
+
+    // Commit is judged too, and a refused commit leaves the active snapshot as it was.
+    sn.prepare(&ns, "active", None, &labels(&[(OWNER, "me")])).unwrap();
+    expect(sn.commit(&ns, "done", "active", &denied), ErrorKind::InvalidArgument, &says);
+    let kinds: Vec<_> = backend_keys(c.native.as_ref()).into_iter().map(|i| i.kind).collect();
+    assert_eq!(kinds, [wasnap::Kind::Active]);
+    sn.commit(&ns, "done", "active", &labels(&[(OWNER, "me")])).unwrap();
+
+    // An update that would add a denied label changes neither layer.
+    let mut info = sn.stat(&ns, "done").unwrap();
+    info.labels.insert(SECRET.into(), "y".into());
+    expect(sn.update(&ns, &info, &[]), ErrorKind::InvalidArgument, &says);
+    assert_eq!(sn.stat(&ns, "done").unwrap().labels, labels(&[(OWNER, "me")]));
+}
+
+#[test]
+fn label_policy_rewrites_show_in_the_backend() {
+    let c = chain(
+        "label-policy",
+        json!({"remove": ["containerd.io/snapshot/debug.*"], "set": {MANAGED: "wasnap"},
+               "require": [OWNER], "max_labels": 3}),
+    );
+    let sn = c.metadata();
+    let ns = ctx("ns1");
+    sn.prepare(&ns, "k", None, &labels(&[(OWNER, "me"), (DEBUG, "on")])).unwrap();
+    let bkey = backend_keys(c.native.as_ref()).remove(0).name;
+    assert_eq!(c.native.stat(&bkey).unwrap().labels, labels(&[(OWNER, "me"), (MANAGED, "wasnap")]));
+    // The metadata layer keeps what the caller gave.
+    assert_eq!(sn.stat(&ns, "k").unwrap().labels, labels(&[(OWNER, "me"), (DEBUG, "on")]));
+
+    // Commit, and an update naming one label, are rewritten the same way.
+    sn.commit(&ns, "c", "k", &labels(&[(OWNER, "you"), (MANAGED, "someone")])).unwrap();
+    let cname = backend_keys(c.native.as_ref()).remove(0).name;
+    assert_eq!(
+        c.native.stat(&cname).unwrap().labels,
+        labels(&[(OWNER, "you"), (MANAGED, "wasnap")])
+    );
+    let mut info = c.policy.stat(&cname).unwrap();
+    info.labels = labels(&[(DEBUG, "again")]);
+    let updated =
+        c.policy.update(&info, &[FieldPath::Label(DEBUG.into()), FieldPath::Label(MANAGED.into())]);
+    assert_eq!(updated.unwrap().labels, labels(&[(OWNER, "you"), (MANAGED, "wasnap")]));
+
+    // What the rules require is checked after rewriting.
+    let e = expect(
+        sn.prepare(&ns, "no-owner", None, &labels(&[(DEBUG, "on")])),
+        ErrorKind::InvalidArgument,
+        &format!(r#"label "{OWNER}" is missing (rule require "{OWNER}")"#),
+    );
+    assert!(e.to_string().contains("label-policy: prepare"), "{e}");
+    expect(
+        c.policy.prepare(
+            "ns1/9/many",
+            None,
+            &labels(&[
+                (OWNER, "me"),
+                ("containerd.io/snapshot/a", "1"),
+                ("containerd.io/snapshot/b", "2"),
+            ]),
+        ),
+        ErrorKind::InvalidArgument,
+        "4 labels (after rewriting) are more than rule max_labels 3",
+    );
+}
+
+#[test]
+fn label_policy_refuses_a_configuration_that_cannot_work() {
+    let dir = tmp();
+    let native = open_native(&subdir(dir.path(), "native")).unwrap();
+    let path = subdir(dir.path(), "policy");
+    let cap = Dir::open_ambient_dir(&path, ambient_authority()).unwrap();
+    let err = WasmSnapshotter::open(
+        plugin("label-policy"),
+        cap,
+        path,
+        Some(native),
+        Limits::default(),
+        &json!({"deny": ["containerd.io/*/x"]}),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("'*' may only end a pattern"), "{err}");
+}
+
+#[test]
+fn quota_limits_active_snapshots_per_namespace() {
+    let c = chain("quota", json!({"max_active": 3}));
+    let sn = c.metadata();
+    let (ns1, ns2) = (ctx("ns1"), ctx("ns2"));
+    for k in ["a", "b", "c"] {
+        sn.prepare(&ns1, k, None, &no_labels()).unwrap();
+    }
+    let full = r#"quota: namespace "ns1" has 3 active snapshots (limit 3)"#;
+    expect(sn.prepare(&ns1, "d", None, &no_labels()), ErrorKind::FailedPrecondition, full);
+    assert_eq!(backend_keys(c.native.as_ref()).len(), 3, "the refused prepare made nothing");
+
+    // Another namespace has its own count; views are not active and not counted.
+    for k in ["a", "b", "c"] {
+        sn.prepare(&ns2, k, None, &no_labels()).unwrap();
+    }
+    sn.view(&ns1, "v", None, &no_labels()).unwrap();
+    expect(sn.prepare(&ns1, "d", None, &no_labels()), ErrorKind::FailedPrecondition, full);
+
+    // Removing an active snapshot, or committing it, frees a slot.
+    sn.remove(&ns1, "a").unwrap();
+    sn.prepare(&ns1, "d", None, &no_labels()).unwrap();
+    expect(sn.prepare(&ns1, "e", None, &no_labels()), ErrorKind::FailedPrecondition, full);
+    sn.commit(&ns1, "b-done", "b", &no_labels()).unwrap();
+    sn.prepare(&ns1, "e", Some("b-done"), &no_labels()).unwrap();
+    expect(sn.prepare(&ns1, "f", None, &no_labels()), ErrorKind::FailedPrecondition, full);
+
+    // Stateless: a new instance of the policy over the same backend counts the same.
+    let again = WasmSnapshotter::open(
+        plugin("quota"),
+        Dir::open_ambient_dir(c.dir.path().join("policy"), ambient_authority()).unwrap(),
+        c.dir.path().join("policy").canonicalize().unwrap(),
+        Some(c.native.clone()),
+        Limits::default(),
+        &json!({"max_active": 3}),
+    )
+    .unwrap();
+    expect(again.prepare("ns1/999/f", None, &no_labels()), ErrorKind::FailedPrecondition, full);
+    again.prepare("ns3/999/f", None, &no_labels()).unwrap();
+}
+
+#[test]
+fn quota_limits_bytes_per_namespace() {
+    const LIMIT: u64 = 1 << 20;
+    let c = chain("quota", json!({"max_bytes": LIMIT}));
+    let sn = c.metadata();
+    let (ns1, ns2) = (ctx("ns1"), ctx("ns2"));
+    let mounts = sn.prepare(&ns1, "a", None, &no_labels()).unwrap();
+    sn.prepare(&ns1, "small", None, &no_labels()).unwrap();
+    // The native driver's bind source is a host directory: write into it directly.
+    std::fs::write(source(&mounts).join("big"), vec![0x5a_u8; 2 * LIMIT as usize]).unwrap();
+
+    let e = expect(
+        sn.prepare(&ns1, "b", None, &no_labels()),
+        ErrorKind::FailedPrecondition,
+        r#"quota: namespace "ns1" uses "#,
+    );
+    assert!(e.to_string().contains(&format!("bytes (limit {LIMIT})")), "{e}");
+    expect(sn.view(&ns1, "v", None, &no_labels()), ErrorKind::FailedPrecondition, "uses");
+    assert_eq!(backend_keys(c.native.as_ref()).len(), 2, "the refused calls made nothing");
+    sn.prepare(&ns2, "b", None, &no_labels()).unwrap();
+
+    // Committed layers count too: committing does not free the bytes, removing does.
+    sn.commit(&ns1, "a-done", "a", &no_labels()).unwrap();
+    expect(sn.prepare(&ns1, "b", None, &no_labels()), ErrorKind::FailedPrecondition, "uses");
+    sn.remove(&ns1, "a-done").unwrap();
+    sn.prepare(&ns1, "b", None, &no_labels()).unwrap();
+}
+
+#[test]
+fn quota_holds_when_prepares_race_for_the_last_slots() {
+    const LIMIT: usize = 3;
+    let limits = Limits { instances: 8, ..Limits::default() };
+    let c = chain_with("quota", json!({"max_active": LIMIT}), limits);
+    let results: Vec<wasnap::Result<()>> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..8)
+            .map(|i| {
+                let policy = c.policy.clone();
+                s.spawn(move || policy.prepare(&format!("ns1/{i}/k"), None, &no_labels()).map(drop))
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let admitted = results.iter().filter(|r| r.is_ok()).count();
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    }
+    let left = backend_keys(c.native.as_ref());
+    assert_eq!(left.len(), admitted, "refused prepares left nothing: {left:?}");
+    assert!(admitted <= LIMIT, "{admitted} prepares admitted, limit {LIMIT}");
+}
+
+#[test]
+fn quota_counts_keys_without_a_namespace_together() {
+    let c = chain("quota", json!({"max_active": 1}));
+    c.policy.prepare("plain", None, &no_labels()).unwrap();
+    expect(
+        c.policy.prepare("other", None, &no_labels()),
+        ErrorKind::FailedPrecondition,
+        "quota: keys without a namespace have 1 active snapshots (limit 1)",
+    );
+    c.policy.prepare("ns/1/k", None, &no_labels()).unwrap();
+}
+
+/// Runs the whole suite with `policy` configured by `config` in front of the native
+/// driver; as root nothing may skip.
+fn suite_passes_with(policy: &str, config: serde_json::Value) {
+    let factory =
+        PluginFactory::policies_on_native(vec![Layer::new(plugin(policy)).with_config(config)]);
+    let report = run(&factory, &cases::all(), &Options::default());
+    let mut out = Vec::new();
+    report.write_table(&mut out).unwrap();
+    let table = String::from_utf8(out).unwrap();
+    assert_eq!(report.failed(), 0, "{table}");
+    assert!(report.results.len() >= 21 + 5 + 7, "every case ran:\n{table}");
+    if is_root() {
+        assert_eq!(report.skipped(), 0, "as root nothing may skip:\n{table}");
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root; here we are not");
+    }
+}
+
+#[test]
+fn the_suite_passes_through_a_permissive_label_policy() {
+    suite_passes_with(
+        "label-policy",
+        json!({"deny": ["containerd.io/snapshot/forbidden.*"],
+               "remove": ["containerd.io/snapshot/never-given"], "max_labels": 1000}),
+    );
+}
+
+#[test]
+fn the_suite_passes_through_a_generous_quota() {
+    suite_passes_with("quota", json!({"max_active": 10_000, "max_bytes": 1_u64 << 40}));
+}

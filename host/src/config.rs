@@ -128,6 +128,23 @@ pub struct Config {
     pub gc: GcOptions,
 }
 
+/// Checks a snapshotter name. It names a directory under the root
+/// (`snapshotters/<name>`, a plugin's whole world), so it is one plain path component:
+/// letters, digits, `.`, `_`, `-`, not starting with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty()
+        || name.len() > 128
+        || name.starts_with(['.', '-'])
+        || !name.chars().all(plain)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "snapshotter name {name:?}: use 1 to 128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        )));
+    }
+    Ok(())
+}
+
 fn default_snapshotter() -> String {
     DEFAULT_SNAPSHOTTER.to_owned()
 }
@@ -173,7 +190,27 @@ impl Config {
                 config.snapshotters.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         }
+        // serde lets a unit variant of a tagged enum ignore extra keys, so a misspelt
+        // `policies` under a native or btrfs snapshotter would silently drop the policy
+        // chain. Check those tables by hand.
+        let raw: toml::Table = toml::from_str(text).unwrap_or_default();
+        let tables = raw.get("snapshotters").and_then(|t| t.as_table());
+        for (name, table) in tables.into_iter().flatten() {
+            let Some(table) = table.as_table() else { continue };
+            let driver = table.get("driver").and_then(|d| d.as_str());
+            if matches!(driver, Some("native" | "btrfs")) {
+                if let Some(key) =
+                    table.keys().find(|k| !matches!(k.as_str(), "driver" | "policies"))
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "config {origin}: snapshotter {name:?}: unknown field {key:?} (driver {:?} takes only `policies`)",
+                        driver.unwrap_or_default()
+                    )));
+                }
+            }
+        }
         for (name, s) in &config.snapshotters {
+            validate_name(name).map_err(|e| e.context(format!("config {origin}")))?;
             let plugins = s.policies.iter().chain(match &s.driver {
                 DriverConfig::Wasm(p) => Some(p),
                 _ => None,
@@ -300,6 +337,26 @@ mod tests {
             ("[snapshotters.x]\ndriver = \"native\"\n", "default_snapshotter \"native\""),
             ("default_snapshotter = \"x\"\nsnapshotters = {}\n", "no [snapshotters"),
             ("nonsense", "config t"),
+            (
+                "default_snapshotter = \"x\"\n[snapshotters.x]\ndriver = \"native\"\n[[snapshotters.x.policy]]\npath = \"q.wasm\"\n",
+                "unknown field \"policy\"",
+            ),
+            (
+                "default_snapshotter = \"x\"\n[snapshotters.x]\ndriver = \"btrfs\"\nvolatile = true\n",
+                "unknown field \"volatile\"",
+            ),
+            (
+                "default_snapshotter = \"..\"\n[snapshotters.\"..\"]\ndriver = \"native\"\n",
+                "snapshotter name \"..\"",
+            ),
+            (
+                "default_snapshotter = \"a/b\"\n[snapshotters.\"a/b\"]\ndriver = \"native\"\n",
+                "snapshotter name",
+            ),
+            (
+                "default_snapshotter = \"\"\n[snapshotters.\"\"]\ndriver = \"native\"\n",
+                "snapshotter name",
+            ),
         ] {
             let err = Config::parse(bad, "t").unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);

@@ -77,7 +77,16 @@ impl Global {
         let mut selected = self.snapshotter.clone();
         if let Some(p) = &self.plugin {
             let path = absolute(&crate::plugin::resolve(p)?)?;
-            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned();
+            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_owned();
+            wasnap::config::validate_name(&name)
+                .map_err(|e| e.context(format!("--plugin {}: the file's name", p.display())))?;
+            if config.snapshotters.contains_key(&name) {
+                // Its root would be that snapshotter's directory, with another driver's data.
+                return Err(Error::AlreadyExists(format!(
+                    "--plugin {}: a snapshotter named {name:?} is already configured; rename the .wasm",
+                    p.display()
+                )));
+            }
             let driver = wasnap::host::DriverConfig::Wasm(wasnap::host::PluginConfig::new(path));
             config.snapshotters.insert(name.clone(), driver.into());
             selected.get_or_insert(name);

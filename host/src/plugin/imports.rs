@@ -25,6 +25,9 @@ impl wit::Host for State {}
 
 type WitResult<T> = std::result::Result<T, wit::Error>;
 
+/// Distinct mounts a policy may collect from its next snapshotter in one call.
+const MAX_PASSED_MOUNTS: usize = 1024;
+
 fn tag(plugin: &str, e: Error) -> wit::Error {
     tracing::debug!(plugin, "host call failed: {e}");
     e.into()
@@ -62,15 +65,9 @@ impl host_api::Host for State {
         hostfs::make_whiteout(&self.root, &path).map_err(|e| tag(&self.plugin, e))
     }
     fn log(&mut self, level: host_api::Level, message: String) {
-        // One line per call, and not an unbounded one.
-        let mut message = message;
-        if message.len() > 4096 {
-            let mut cut = 4096;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
+        // Charged to the call's output budget like stderr, one line, and with control
+        // characters escaped so a guest cannot forge other log lines.
+        let Some(message) = self.stderr.take_log_line(&message) else { return };
         let plugin = &*self.plugin;
         match level {
             host_api::Level::Error => tracing::error!(plugin, "{message}"),
@@ -100,9 +97,21 @@ impl State {
         r.map_err(Into::into)
     }
 
-    fn passed_mounts(&mut self, mounts: &[crate::Mount]) -> Vec<wit::Mount> {
-        self.next_mounts.extend_from_slice(mounts);
-        mounts.iter().map(mount_to_wit).collect()
+    /// Remembers what the next snapshotter returned, so the policy may pass it on. The
+    /// list lives in host memory, outside the guest's cap: it keeps distinct mounts only,
+    /// and at most a bounded number of them.
+    fn passed_mounts(&mut self, mounts: &[crate::Mount]) -> WitResult<Vec<wit::Mount>> {
+        for m in mounts {
+            if !self.next_mounts.contains(m) {
+                if self.next_mounts.len() >= MAX_PASSED_MOUNTS {
+                    return Err(wit::Error::FailedPrecondition(format!(
+                        "more than {MAX_PASSED_MOUNTS} distinct mounts from the next snapshotter in one call"
+                    )));
+                }
+                self.next_mounts.push(m.clone());
+            }
+        }
+        Ok(mounts.iter().map(mount_to_wit).collect())
     }
 }
 
@@ -120,7 +129,7 @@ impl next_api::Host for State {
     }
     fn mounts(&mut self, key: String) -> WitResult<Vec<wit::Mount>> {
         let m = self.with_next(|n| n.mounts(&key))?;
-        Ok(self.passed_mounts(&m))
+        self.passed_mounts(&m)
     }
     fn prepare(
         &mut self,
@@ -130,7 +139,7 @@ impl next_api::Host for State {
     ) -> WitResult<Vec<wit::Mount>> {
         let labels = labels_from_wit(labels);
         let m = self.with_next(|n| n.prepare(&key, parent.as_deref(), &labels))?;
-        Ok(self.passed_mounts(&m))
+        self.passed_mounts(&m)
     }
     fn view(
         &mut self,
@@ -140,7 +149,7 @@ impl next_api::Host for State {
     ) -> WitResult<Vec<wit::Mount>> {
         let labels = labels_from_wit(labels);
         let m = self.with_next(|n| n.view(&key, parent.as_deref(), &labels))?;
-        Ok(self.passed_mounts(&m))
+        self.passed_mounts(&m)
     }
     fn commit(&mut self, name: String, key: String, labels: wit::Labels) -> WitResult<()> {
         let labels = labels_from_wit(labels);

@@ -62,7 +62,7 @@ impl Limits {
         Ok(())
     }
 
-    fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
 }
@@ -89,7 +89,7 @@ pub(crate) struct State {
     /// these on as they are.
     pub(crate) next_mounts: Vec<Mount>,
     pub(crate) clock: CallClock,
-    stderr: GuestOutput,
+    pub(crate) stderr: GuestOutput,
     stdout: GuestOutput,
 }
 

@@ -47,7 +47,7 @@ impl Sink {
     }
 
     fn emit(&mut self) {
-        let line = String::from_utf8_lossy(&self.partial).into_owned();
+        let line = escape(&String::from_utf8_lossy(&self.partial));
         self.partial.clear();
         tracing::info!(plugin = &*self.plugin, stream = self.stream, "{line}");
         if self.recent.len() == KEPT_LINES {
@@ -74,6 +74,20 @@ impl Sink {
     }
 }
 
+/// A guest's text as one log line: control characters (newlines, terminal escapes)
+/// are shown escaped, so a guest cannot forge lines or drive the operator's terminal.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// One of a guest's output streams (stdout or stderr), shared by the WASI context and
 /// the host code that ends each call.
 #[derive(Debug, Clone)]
@@ -93,6 +107,23 @@ impl GuestOutput {
 
     fn sink(&self) -> std::sync::MutexGuard<'_, Sink> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A `log` call's message, charged to this stream's budget for the call, cut to
+    /// one line's length and escaped; `None` once the budget is spent.
+    pub(crate) fn take_log_line(&self, message: &str) -> Option<String> {
+        let mut s = self.sink();
+        let len = message.len().min(MAX_LINE);
+        if s.budget < len {
+            s.dropped += message.len() as u64;
+            return None;
+        }
+        s.budget -= len;
+        let mut cut = len;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        Some(escape(&message[..cut]))
     }
 
     /// Flushes and resets the per-call budget; returns the last lines written.
@@ -175,5 +206,22 @@ mod tests {
         }
         out.end_call();
         assert_eq!(out.sink().budget, BUDGET_PER_CALL, "the next call gets a fresh budget");
+    }
+
+    #[test]
+    fn log_lines_are_escaped_and_share_the_budget() {
+        let out = GuestOutput::new("p".into(), "stderr");
+        assert_eq!(out.take_log_line("a\nFAKE line\u{1b}[2J").unwrap(), "a\\nFAKE line\\u{1b}[2J");
+        out.sink().write(b"x\n");
+        assert_eq!(out.end_call(), ["x"]);
+        let long = "é".repeat(MAX_LINE);
+        assert!(out.take_log_line(&long).unwrap().len() <= MAX_LINE);
+        let mut taken = 0;
+        while out.take_log_line(&long).is_some() {
+            taken += 1;
+        }
+        assert!(taken <= BUDGET_PER_CALL / (MAX_LINE - 1), "{taken}");
+        out.end_call();
+        assert!(out.take_log_line("fresh").is_some());
     }
 }

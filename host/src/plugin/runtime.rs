@@ -164,14 +164,23 @@ fn wasmparser_is_component(wasm: &[u8]) -> bool {
 fn store(dir: &Dir, name: &str, component: &Component) -> Result<()> {
     use std::io::Write;
     let bytes = component.serialize().map_err(|e| Error::internal("serialize plugin", e))?;
-    let tmp = format!(".{name}.{}.tmp", std::process::id());
+    // Unique per process and per call: two threads may compile the same plugin at once.
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = format!(".{name}.{}.{seq}.tmp", std::process::id());
     let io = |what: &str| {
         let what = format!("{what} {name}");
         move |e: std::io::Error| Error::internal(what, e)
     };
-    let mut f = dir.create(&tmp).map_err(io("create"))?;
-    f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io("write"))?;
-    dir.rename(&tmp, dir, name).map_err(io("rename"))
+    let mut opts = cap_std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    let mut f = dir.open_with(&tmp, &opts).map_err(io("create"))?;
+    let written =
+        f.write_all(&bytes).and_then(|()| f.sync_all()).and_then(|()| dir.rename(&tmp, dir, name));
+    if written.is_err() {
+        let _ = dir.remove_file(&tmp);
+    }
+    written.map_err(io("write"))
 }
 
 fn hex(bytes: &[u8]) -> String {

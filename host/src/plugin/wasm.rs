@@ -21,6 +21,27 @@ use crate::filter::Filter;
 use crate::snapshot::{Info, Labels, Mount, Usage};
 use crate::snapshotter::{FieldPath, Snapshotter};
 
+/// An instance taken from the pool. Dropped, it goes back if the call left it
+/// healthy, and is dropped (freeing its slot) otherwise: after a trap, and also if a
+/// panic unwinds through the call, so a slot is never lost.
+struct Lease<'a> {
+    owner: &'a WasmSnapshotter,
+    inst: Option<Instance>,
+    healthy: bool,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        match self.inst.take() {
+            Some(i) if self.healthy => self.owner.checkin(i),
+            other => {
+                drop(other);
+                self.owner.discard();
+            }
+        }
+    }
+}
+
 /// Infos asked for per page of a walk.
 const PAGE: u32 = 1000;
 
@@ -82,8 +103,7 @@ impl WasmSnapshotter {
             .map_err(|e| Error::internal("encode plugin config", e))?;
         let env = Env { root: Arc::new(root), root_path, next, limits, config };
         let s = WasmSnapshotter { plugin, env, pool: Mutex::default(), returned: Condvar::new() };
-        let first = s.checkout()?;
-        s.checkin(first);
+        s.checkout()?.healthy = true;
         Ok(s)
     }
 
@@ -101,26 +121,40 @@ impl WasmSnapshotter {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An idle instance, or a new one if the limit allows, or the next one returned.
-    fn checkout(&self) -> Result<Instance> {
+    /// An idle instance, or a new one if the limit allows, or the next one returned
+    /// (waiting at most one call's timeout: a guest blocked in a host wait holds its
+    /// instance, and callers must not queue behind it forever).
+    fn checkout(&self) -> Result<Lease<'_>> {
+        let deadline = std::time::Instant::now() + self.env.limits.timeout();
         let mut pool = self.lock();
         loop {
             if pool.closed {
                 return Err(Error::Unavailable(format!("plugin {:?}: closed", self.plugin.name)));
             }
             if let Some(i) = pool.idle.pop() {
-                return Ok(i);
+                return Ok(Lease { owner: self, inst: Some(i), healthy: false });
             }
             if pool.live < self.env.limits.instances {
                 pool.live += 1;
                 drop(pool);
-                let made = Instance::new(&self.plugin, &self.env);
-                if made.is_err() {
-                    self.discard();
-                }
-                return made;
+                // The slot is the lease's from here: if creating fails (or panics), its
+                // drop gives the slot back.
+                let mut lease = Lease { owner: self, inst: None, healthy: false };
+                lease.inst = Some(Instance::new(&self.plugin, &self.env)?);
+                return Ok(lease);
             }
-            pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "plugin {:?}: all {} instance(s) busy for {} ms",
+                    self.plugin.name, self.env.limits.instances, self.env.limits.timeout_ms
+                )));
+            }
+            pool = self
+                .returned
+                .wait_timeout(pool, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -136,7 +170,9 @@ impl WasmSnapshotter {
     }
 
     fn discard(&self) {
-        self.lock().live -= 1;
+        let mut pool = self.lock();
+        pool.live = pool.live.saturating_sub(1);
+        drop(pool);
         self.returned.notify_one();
     }
 
@@ -149,21 +185,19 @@ impl WasmSnapshotter {
             &mut wasmtime::Store<State>,
         ) -> wasmtime::Result<std::result::Result<R, wit::Error>>,
     ) -> Result<R> {
-        let mut inst = self.checkout()?;
+        let mut lease = self.checkout()?;
+        let inst = lease.inst.as_mut().ok_or_else(|| Error::Internal("empty lease".into()))?;
         match inst.call(&self.plugin, op, f) {
             Ok(v) => {
-                self.checkin(inst);
+                lease.healthy = true;
                 Ok(v)
             }
             Err(CallError::Guest(e)) => {
-                self.checkin(inst);
+                lease.healthy = true;
                 Err(e)
             }
-            Err(e @ CallError::Trapped(_)) => {
-                drop(inst);
-                self.discard();
-                Err(e.into_error())
-            }
+            // The lease drops the instance: it must not be entered again.
+            Err(e @ CallError::Trapped(_)) => Err(e.into_error()),
         }
     }
 

@@ -78,6 +78,11 @@ fn a_plugin_serves_the_snapshot_commands_and_policies_stand_in_front() {
     assert!(ls.contains("committed"), "{ls}");
     // The native driver's namespace of names is the same metadata, another snapshotter.
     assert!(!ok(r, &["ls"]).contains("committed"));
+    // A plugin may not take over a configured snapshotter's name (and directory).
+    let clash = r.join("native.wasm");
+    std::fs::copy(&copy, &clash).unwrap();
+    let (_, err) = fails(r, &["--plugin", clash.to_str().unwrap(), "ls"]);
+    assert!(err.contains("already configured"), "{err}");
 
     // A policy from the command line, configured by a file: quota allows one active.
     let config = r.join("wasnap.toml");

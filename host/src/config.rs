@@ -198,15 +198,14 @@ impl Config {
         for (name, table) in tables.into_iter().flatten() {
             let Some(table) = table.as_table() else { continue };
             let driver = table.get("driver").and_then(|d| d.as_str());
-            if matches!(driver, Some("native" | "btrfs")) {
-                if let Some(key) =
-                    table.keys().find(|k| !matches!(k.as_str(), "driver" | "policies"))
-                {
-                    return Err(Error::InvalidArgument(format!(
-                        "config {origin}: snapshotter {name:?}: unknown field {key:?} (driver {:?} takes only `policies`)",
-                        driver.unwrap_or_default()
-                    )));
-                }
+            let extra = table.keys().find(|k| !matches!(k.as_str(), "driver" | "policies"));
+            if matches!(driver, Some("native" | "btrfs"))
+                && let Some(key) = extra
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "config {origin}: snapshotter {name:?}: unknown field {key:?} (driver {:?} takes only `policies`)",
+                    driver.unwrap_or_default()
+                )));
             }
         }
         for (name, s) in &config.snapshotters {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use wasnap_sdk::store::{DEFAULT_GRACE, Record, Store};
+use wasnap_sdk::store::{DEFAULT_GRACE, Record, Store, dir_names};
 use wasnap_sdk::{Config, Error, Info, Kind, Labels, Mount, Result, Snapshotter, Usage, host, log};
 
 const META: &str = "/meta";
@@ -74,13 +74,11 @@ fn build(dst: &Path, parent: Option<&Record>) -> Result<()> {
 /// parse (garbage too).
 fn numbered(dir: &str, prefix: &str) -> Result<(Vec<u64>, Vec<String>)> {
     let (mut ids, mut other) = (Vec::new(), Vec::new());
-    for entry in fs::read_dir(dir).map_err(io(format!("read {dir}")))? {
-        let name = entry.map_err(io(format!("read {dir}")))?.file_name();
-        let Some(name) = name.to_str() else { continue };
+    for name in dir_names(Path::new(dir))? {
         let Some(rest) = name.strip_prefix(prefix) else { continue };
         match rest.parse::<u64>() {
             Ok(id) => ids.push(id),
-            Err(_) => other.push(name.to_owned()),
+            Err(_) => other.push(name),
         }
     }
     Ok((ids, other))

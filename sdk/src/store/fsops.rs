@@ -68,21 +68,32 @@ pub(crate) fn remove_file(path: &Path) -> Result<bool> {
     }
 }
 
-/// The names in directory `dir` (none if it does not exist).
-pub(crate) fn names(dir: &Path) -> Result<Vec<String>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == IoKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("read directory {}", dir.display()), e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io(format!("read directory {}", dir.display())))?;
-        if let Ok(name) = entry.file_name().into_string() {
-            out.push(name);
+/// The names in directory `dir` (none if it does not exist); names that are not UTF-8
+/// are left out.
+///
+/// Another instance may remove an entry while this one reads the directory. Inside a
+/// guest, wasi-libc looks up each entry as it reads it, so the removal surfaces as
+/// "not found" in the middle of the listing and ends it; the listing is then read again.
+pub fn dir_names(dir: &Path) -> Result<Vec<String>> {
+    const ATTEMPTS: usize = 100;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == IoKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("read directory {}", dir.display()), e)),
+        };
+        match entries
+            .map(|entry| entry.map(|e| e.file_name().into_string().ok()))
+            .collect::<std::io::Result<Vec<_>>>()
+        {
+            Ok(names) => return Ok(names.into_iter().flatten().collect()),
+            Err(e) if e.kind() == IoKind::NotFound => last = Some(e),
+            Err(e) => return Err(Error::io(format!("read directory {}", dir.display()), e)),
         }
     }
-    Ok(out)
+    let e = last.unwrap_or_else(|| IoKind::NotFound.into());
+    Err(Error::io(format!("read directory {} (entries kept vanishing)", dir.display()), e))
 }
 
 /// How long ago `path` was last modified; `None` if it is gone or the clock went back.
@@ -93,7 +104,7 @@ pub(crate) fn age(path: &Path) -> Option<Duration> {
 
 /// The highest id marker in `dir`, 0 if none.
 fn max_id(dir: &Path) -> Result<u64> {
-    Ok(names(dir)?.iter().filter_map(|n| n.parse::<u64>().ok()).max().unwrap_or(0))
+    Ok(dir_names(dir)?.iter().filter_map(|n| n.parse::<u64>().ok()).max().unwrap_or(0))
 }
 
 /// Allocates an id above every id allocated before in `dir`, even by other instances at
@@ -119,7 +130,7 @@ pub(crate) fn allocate_id(dir: &Path, floor: u64) -> Result<u64> {
             remove_file(&path)?;
             continue;
         }
-        for name in names(dir)? {
+        for name in dir_names(dir)? {
             if name.parse::<u64>().is_ok_and(|n| n < candidate) {
                 let _ = fs::remove_file(dir.join(name));
             }

@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime};
 use crate::error::{Error, Result};
 use crate::fieldpath;
 use crate::types::{Info, Kind, Labels};
-pub use fsops::instance_tag;
+pub use fsops::{dir_names, instance_tag};
 use fsops::{io, remove_file, sync_dir, unique, write_new};
 pub use record::{Record, Reservation};
 
@@ -86,7 +86,7 @@ impl Store {
             fs::create_dir_all(&path).map_err(io(format!("create {}", path.display())))?;
         }
         let mut store = Store { dir, grace, floor: 0 };
-        if fsops::names(&store.path(IDS))?.is_empty() {
+        if fsops::dir_names(&store.path(IDS))?.is_empty() {
             // No id markers (a new store, or one whose markers were lost): start above
             // every record there is.
             store.floor = store.all()?.iter().map(|r| r.id).max().unwrap_or(0);
@@ -365,7 +365,7 @@ impl Store {
     /// forgets old leftovers in `tmp/`. Cheap: reads `tmp/` only.
     fn finish_commits(&self) -> Result<()> {
         let tmp_dir = self.path(TMP);
-        for name in fsops::names(&tmp_dir)? {
+        for name in fsops::dir_names(&tmp_dir)? {
             let path = tmp_dir.join(&name);
             if name.starts_with(COMMIT_PREFIX)
                 && let Ok(bytes) = fs::read(&path)
@@ -406,7 +406,7 @@ impl Store {
     pub fn children(&self, key: &str) -> Result<Vec<String>> {
         let dir = self.path(CHILDREN).join(names::encode(key));
         let mut out = Vec::new();
-        for name in fsops::names(&dir)? {
+        for name in fsops::dir_names(&dir)? {
             let marker = dir.join(&name);
             let child = match names::decode(&name) {
                 Some(k) => k,
@@ -437,7 +437,7 @@ impl Store {
 
     fn page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Record>> {
         let mut keys: Vec<(String, String)> = Vec::new();
-        for name in fsops::names(&self.path(RECORDS))? {
+        for name in fsops::dir_names(&self.path(RECORDS))? {
             let key = match names::decode(&name) {
                 Some(k) => k,
                 None if names::is_hashed(&name) => match self.read(&name)? {
@@ -492,7 +492,7 @@ impl Store {
     pub fn inflight(&self) -> Result<BTreeSet<u64>> {
         let dir = self.path(INFLIGHT);
         let mut out = BTreeSet::new();
-        for name in fsops::names(&dir)? {
+        for name in fsops::dir_names(&dir)? {
             let Ok(id) = name.parse::<u64>() else { continue };
             let path = dir.join(&name);
             if fsops::age(&path).is_some_and(|a| a >= self.grace) {

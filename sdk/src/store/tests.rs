@@ -250,7 +250,7 @@ fn repair_keeps_the_committed_record_when_the_commit_marker_is_lost() {
     let s = open(t.path());
     let a = s.create("a", None, Kind::Active, &Labels::new()).unwrap();
     s.commit_until("c", "a", &Labels::new(), CommitStep::Linked).unwrap();
-    for name in fsops::names(&s.dir().join(TMP)).unwrap() {
+    for name in fsops::dir_names(&s.dir().join(TMP)).unwrap() {
         fs::remove_file(s.dir().join(TMP).join(name)).unwrap();
     }
     // An unrelated active snapshot with its own id is kept.

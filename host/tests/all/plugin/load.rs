@@ -1,10 +1,10 @@
 //! Loading plugins: the world check, the compile cache, roles.
 
 use serde_json::json;
-use wasnap::ErrorKind;
 use wasnap::plugin::{Limits, Plugin, Role, WasmSnapshotter};
+use wasnap::{ErrorKind, Snapshotter};
 
-use super::{guest, open, plugin};
+use super::{guest, no_labels, open, plugin};
 use crate::common::tmp;
 
 #[test]
@@ -90,4 +90,28 @@ fn limits_are_checked() {
         let err = open("adversary", json!(null), bad).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     }
+}
+
+/// Several instances of the `copy` guest share one store: while one removes an id marker
+/// or a record another is listing the same directory, and every call must still succeed.
+#[test]
+fn instances_sharing_a_store_do_not_trip_over_each_other() {
+    let limits = Limits { instances: 4, ..Limits::default() };
+    let running = open("copy", serde_json::Value::Null, limits).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let sn = running.s.clone();
+            s.spawn(move || {
+                for i in 0..150 {
+                    let (key, name) = (format!("t{t}-a{i}"), format!("t{t}-c{i}"));
+                    sn.prepare(&key, None, &no_labels()).unwrap();
+                    sn.commit(&name, &key, &no_labels()).unwrap();
+                    sn.remove(&name).unwrap();
+                }
+            });
+        }
+    });
+    let mut left = 0;
+    running.s.walk(&wasnap::Filter::default(), &mut |_| Ok(left += 1)).unwrap();
+    assert_eq!(left, 0);
 }

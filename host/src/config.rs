@@ -114,10 +114,34 @@ impl PluginConfig {
     }
 }
 
+/// The daemon (`wasnap daemon`): where it listens and how it stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonOptions {
+    /// The unix socket it serves on; created owner-only (0600), its directory 0700 if
+    /// the daemon creates it.
+    pub socket: PathBuf,
+    /// After SIGTERM or SIGINT, how long calls in flight may take to finish (seconds)
+    /// before the daemon exits anyway.
+    pub shutdown_timeout_secs: u64,
+}
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/wasnap/wasnap.sock";
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions { socket: PathBuf::from(DEFAULT_SOCKET), shutdown_timeout_secs: 10 }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The state directory (`--root` overrides it) [default: /var/lib/wasnap as root].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
     /// The snapshotter used when a command names none.
     #[serde(default = "default_snapshotter")]
     pub default_snapshotter: String,
@@ -126,6 +150,9 @@ pub struct Config {
     /// Garbage collection: when it runs, how long it may hold writers, what it keeps.
     #[serde(default)]
     pub gc: GcOptions,
+    /// The daemon's socket and shutdown.
+    #[serde(default)]
+    pub daemon: DaemonOptions,
 }
 
 /// Checks a snapshotter name. It names a directory under the root
@@ -160,6 +187,8 @@ impl Default for Config {
                 ("btrfs".to_owned(), DriverConfig::Btrfs.into()),
             ]),
             gc: GcOptions::default(),
+            daemon: DaemonOptions::default(),
+            root: None,
         }
     }
 }
@@ -235,8 +264,16 @@ impl Config {
         Ok(config)
     }
 
-    /// Makes relative plugin paths relative to `base`.
+    /// Makes relative paths (plugins, the root, the socket) relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
+        if let Some(root) = &mut self.root
+            && root.is_relative()
+        {
+            *root = base.join(&*root);
+        }
+        if self.daemon.socket.is_relative() {
+            self.daemon.socket = base.join(&self.daemon.socket);
+        }
         for s in self.snapshotters.values_mut() {
             let driver = match &mut s.driver {
                 DriverConfig::Wasm(p) => Some(p),

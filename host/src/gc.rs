@@ -98,7 +98,7 @@ impl GcOptions {
 }
 
 /// A snapshot record, as the collector names it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SnapshotRef {
     /// Its snapshotter.
     pub snapshotter: String,
@@ -109,7 +109,7 @@ pub struct SnapshotRef {
 }
 
 /// What a collection did (or, dry, would do), and how long each step took.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GcReport {
     /// Nothing was changed.
     pub dry_run: bool,

@@ -27,6 +27,7 @@ use crate::fault::Faults;
 use crate::gc::{Collector, GcReport, Scheduler, Trigger};
 use crate::metadata::{Ctx, Leases, MetaDb, Snapshots};
 use crate::plugin::{Plugin, Role, WasmSnapshotter};
+use crate::probe::Support;
 use crate::snapshotter::Snapshotter;
 
 /// The snapshotter used when none is named: the one that works everywhere.
@@ -296,6 +297,36 @@ impl Host {
         })
     }
 
+    /// The root, the snapshotters (with `selected` as the caller's choice), and what this
+    /// machine supports.
+    pub fn info(&self, selected: &str) -> HostInfo {
+        let support = Support::probe(&self.root);
+        let snapshotters = self
+            .configs
+            .iter()
+            .map(|(name, config)| {
+                let note = driver_phrase(&config.driver, &support);
+                let note = match config.policies.len() {
+                    0 => note,
+                    n => format!("{note}; behind {n} policy plugin(s)"),
+                };
+                SnapshotterNote { name: name.clone(), note }
+            })
+            .collect();
+        HostInfo {
+            root: self.root.clone(),
+            selected_snapshotter: selected.to_owned(),
+            default_snapshotter: self.default_snapshotter().to_owned(),
+            snapshotters,
+            support,
+        }
+    }
+
+    /// Whether the snapshotter `name` has been opened (they open on first use).
+    pub fn is_open(&self, name: &str) -> bool {
+        self.opened.lock().unwrap_or_else(|e| e.into_inner()).contains_key(name)
+    }
+
     /// Closes every backend opened so far.
     pub fn close(&self) -> Result<()> {
         let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
@@ -316,8 +347,57 @@ pub struct LoadedPlugin {
     pub wasm: Arc<WasmSnapshotter>,
 }
 
+/// What [`Host::info`] reports: the root, the snapshotters and what this machine supports.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HostInfo {
+    /// The state directory.
+    pub root: PathBuf,
+    /// The snapshotter the caller selected.
+    pub selected_snapshotter: String,
+    /// The configuration's default snapshotter.
+    pub default_snapshotter: String,
+    /// Every configured snapshotter, with why it is or is not usable here.
+    pub snapshotters: Vec<SnapshotterNote>,
+    /// What the kernel and the root's filesystem support.
+    pub support: Support,
+}
+
+/// A snapshotter in a [`HostInfo`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotterNote {
+    /// Its name.
+    pub name: String,
+    /// Its driver and whether it works here, in a phrase.
+    pub note: String,
+}
+
+/// Why a driver is or is not usable here, in a phrase.
+fn driver_phrase(driver: &DriverConfig, support: &Support) -> String {
+    match driver {
+        DriverConfig::Native => {
+            "copies trees; works on any filesystem, needs no kernel feature".into()
+        }
+        DriverConfig::Overlay(_) if !support.overlay => {
+            "unavailable: this kernel has no overlayfs".into()
+        }
+        DriverConfig::Overlay(_) if support.overlay_lowerdir_plus => {
+            "overlayfs; layers mount one by one (lowerdir+), chains up to 500 layers".into()
+        }
+        DriverConfig::Overlay(_) => {
+            "overlayfs; classic mount(2), chains bounded by one page of options".into()
+        }
+        DriverConfig::Btrfs if !support.btrfs => "unavailable: this kernel has no btrfs".into(),
+        DriverConfig::Btrfs if !support.root_on_btrfs => format!(
+            "unavailable here: the root is on {}, btrfs needs a btrfs root",
+            support.root_filesystem
+        ),
+        DriverConfig::Btrfs => "btrfs subvolumes and snapshots".into(),
+        DriverConfig::Wasm(p) => format!("WebAssembly plugin {}", p.path.display()),
+    }
+}
+
 /// What [`Host::check`] found for one snapshotter.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CheckReport {
     /// The snapshotter.
     pub snapshotter: String,

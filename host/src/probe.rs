@@ -38,7 +38,7 @@ fn kernel_has(fs: &str) -> bool {
 }
 
 /// What the kernel and the root's filesystem support.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Support {
     /// `uname -r`.
     pub kernel: String,

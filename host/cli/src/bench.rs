@@ -417,6 +417,7 @@ fn gc(dir: &Path, sizes: &[usize], smoke: bool, out: &mut dyn Write) -> Result<(
             )]),
             // Measure however long marking takes, rather than give up at the limit.
             gc: GcOptions { max_pause_ms: 600_000, ..defaults.clone() },
+            ..Config::default()
         };
         let host = Host::open_config(&root, Arc::new(Faults::new()), config)?;
         let sn = host.snapshotter(DEFAULT_SNAPSHOTTER)?;

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use wasnap::error::{Error, Result};
 use wasnap::fault::Faults;
-use wasnap::gc::GcOptions;
 use wasnap::host::{Config, DriverConfig, Host, PluginConfig};
 use wasnap::metadata::{Ctx, Snapshots};
 use wasnap::plugin::{Limits, Plugin};
@@ -38,7 +37,7 @@ fn host(root: &Path, guest: &Path, instances: u32) -> Result<Host> {
                 DriverConfig::Wasm(PluginConfig { limits, ..PluginConfig::new(guest) }).into(),
             ),
         ]),
-        gc: GcOptions::default(),
+        ..Config::default()
     };
     Host::open_config(root, Arc::new(Faults::new()), config)
 }

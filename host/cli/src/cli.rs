@@ -280,7 +280,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Plugin(crate::plugin::PluginCommand::Ls) => {
             Some(crate::plugin::ls(&host, g.format, out))
         }
-        Command::Info => Some(crate::output::host_info(out, g.format, &host, &snapshotter)),
+        Command::Info => Some(crate::output::host_info(out, g.format, &host.info(&snapshotter))),
         Command::Lease(cmd) => Some(run_lease(&host, g, &snapshotter, cmd, out)),
         Command::Gc { dry_run: false, check: true } => {
             host.check().and_then(|r| crate::output::check(out, g.format, &r)).into()

@@ -8,9 +8,8 @@ use serde::Serialize;
 
 use wasnap::error::{Error, Result};
 use wasnap::gc::GcReport;
-use wasnap::host::{CheckReport, DEFAULT_SNAPSHOTTER, DriverConfig, Host};
+use wasnap::host::{CheckReport, DEFAULT_SNAPSHOTTER, HostInfo};
 use wasnap::metadata::{Lease, PruneReport, Resource};
-use wasnap::probe::Support;
 use wasnap::snapshot::{Info, Labels, Mount, Usage};
 
 /// Output format of the CLI.
@@ -330,66 +329,16 @@ fn fmt_duration(d: std::time::Duration) -> String {
     if ms < 1.0 { format!("{:.0} µs", ms * 1e3) } else { format!("{ms:.1} ms") }
 }
 
-/// Why a driver is or is not usable here, in a phrase.
-fn driver_note(host: &Host, name: &str, support: &Support) -> String {
-    let Some(config) = host.configs().get(name) else { return "not configured".into() };
-    let note = driver_phrase(&config.driver, support);
-    match config.policies.len() {
-        0 => note,
-        n => format!("{note}; behind {n} policy plugin(s)"),
-    }
-}
-
-fn driver_phrase(driver: &DriverConfig, support: &Support) -> String {
-    match Some(driver) {
-        Some(DriverConfig::Native) => {
-            "copies trees; works on any filesystem, needs no kernel feature".into()
-        }
-        Some(DriverConfig::Overlay(_)) if !support.overlay => {
-            "unavailable: this kernel has no overlayfs".into()
-        }
-        Some(DriverConfig::Overlay(_)) if support.overlay_lowerdir_plus => {
-            "overlayfs; layers mount one by one (lowerdir+), chains up to 500 layers".into()
-        }
-        Some(DriverConfig::Overlay(_)) => {
-            "overlayfs; classic mount(2), chains bounded by one page of options".into()
-        }
-        Some(DriverConfig::Btrfs) if !support.btrfs => {
-            "unavailable: this kernel has no btrfs".into()
-        }
-        Some(DriverConfig::Btrfs) if !support.root_on_btrfs => {
-            format!(
-                "unavailable here: the root is on {}, btrfs needs a btrfs root",
-                support.root_filesystem
-            )
-        }
-        Some(DriverConfig::Btrfs) => "btrfs subvolumes and snapshots".into(),
-        Some(DriverConfig::Wasm(p)) => format!("WebAssembly plugin {}", p.path.display()),
-        None => "not configured".into(),
-    }
-}
-
-pub(crate) fn host_info(out: &mut dyn Write, f: Format, host: &Host, selected: &str) -> Result<()> {
-    let support = Support::probe(host.root());
-    let drivers: Vec<(String, String)> =
-        host.snapshotter_names().map(|n| (n.to_owned(), driver_note(host, n, &support))).collect();
+pub(crate) fn host_info(out: &mut dyn Write, f: Format, info: &HostInfo) -> Result<()> {
     match f {
-        Format::Json => {
-            let v = serde_json::json!({
-                "root": host.root(),
-                "selected_snapshotter": selected,
-                "default_snapshotter": host.default_snapshotter(),
-                "snapshotters": drivers.iter().map(|(n, note)| serde_json::json!({"name": n, "note": note})).collect::<Vec<_>>(),
-                "support": support,
-            });
-            json(out, &v)
-        }
+        Format::Json => json(out, info),
         Format::Table | Format::Junit => {
             let yes = |b: bool| if b { "yes" } else { "no" };
+            let support = &info.support;
             let mut rows = vec![
                 vec![
                     "root".into(),
-                    format!("{} ({})", host.root().display(), support.root_filesystem),
+                    format!("{} ({})", info.root.display(), support.root_filesystem),
                 ],
                 vec!["kernel".into(), support.kernel.clone()],
                 vec![
@@ -399,9 +348,10 @@ pub(crate) fn host_info(out: &mut dyn Write, f: Format, host: &Host, selected: &
                 vec![
                     "snapshotter".into(),
                     format!(
-                        "{selected} (default {}{}; pick another with -s/--driver)",
-                        host.default_snapshotter(),
-                        if host.default_snapshotter() == DEFAULT_SNAPSHOTTER {
+                        "{} (default {}{}; pick another with -s/--driver)",
+                        info.selected_snapshotter,
+                        info.default_snapshotter,
+                        if info.default_snapshotter == DEFAULT_SNAPSHOTTER {
                             ": it works everywhere"
                         } else {
                             ""
@@ -409,8 +359,8 @@ pub(crate) fn host_info(out: &mut dyn Write, f: Format, host: &Host, selected: &
                     ),
                 ],
             ];
-            for (n, note) in drivers {
-                rows.push(vec![format!("  {n}"), note]);
+            for d in &info.snapshotters {
+                rows.push(vec![format!("  {}", d.name), d.note.clone()]);
             }
             table(out, &["", ""], &rows)
         }

@@ -91,7 +91,7 @@ impl std::fmt::Debug for Snapshots {
 }
 
 /// What [`Snapshots::cleanup`] did.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 pub struct PruneReport {
     /// Backend keys removed because no record named them.
     pub removed: Vec<String>,
@@ -551,6 +551,31 @@ impl Snapshots {
             let info = Record::decode(v.value(), key)?.info(key);
             if filter.matches(&info) {
                 f(info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Snapshots::walk`], over every namespace: `f` gets each matching snapshot
+    /// with its namespace, in order of namespace, then key.
+    pub fn walk_all(
+        &self,
+        filters: &[String],
+        f: &mut dyn FnMut(&str, Info) -> Result<()>,
+    ) -> Result<()> {
+        let filter = Filter::parse_all(filters)?;
+        let sn = self.name.as_str();
+        let txn = self.db.read()?;
+        let t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
+        for item in t.range((sn, "", "")..).map_err(kv::e)? {
+            let (k, v) = item.map_err(kv::e)?;
+            let (s, ns, key) = k.value();
+            if s != sn {
+                break;
+            }
+            let info = Record::decode(v.value(), key)?.info(key);
+            if filter.matches(&info) {
+                f(ns, info)?;
             }
         }
         Ok(())

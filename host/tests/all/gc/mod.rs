@@ -48,7 +48,7 @@ fn config(drivers: &[&str], gc: GcOptions) -> Config {
             (d.to_string(), driver.into())
         })
         .collect();
-    Config { default_snapshotter: drivers[0].to_owned(), snapshotters, gc }
+    Config { default_snapshotter: drivers[0].to_owned(), snapshotters, gc, ..Config::default() }
 }
 
 /// A host over `drivers` in a fresh root.

@@ -1,0 +1,13 @@
+//! The wasnap daemon: containerd's snapshots and leases gRPC services, and wasnap's
+//! admin service, over a unix socket; and the client the CLI and the bench use.
+//!
+//! - [`proto`]: the generated messages, servers and clients.
+//! - [`convert`]: host types and errors to and from the wire.
+//! - [`server`]: the services over an open [`wasnap::host::Host`].
+//! - [`serve`]: the daemon's life: the socket, signals, a graceful stop.
+//! - [`client`]: connecting to a daemon, namespace headers, a blocking wrapper.
+
+pub mod client;
+pub mod containerd;
+pub mod convert;
+pub mod proto;

@@ -237,6 +237,9 @@ pub enum Command {
     /// Inspect, compile and list WebAssembly plugins
     #[command(subcommand)]
     Plugin(crate::plugin::PluginCommand),
+    /// Serve the snapshotters over containerd's snapshots and leases gRPC API on a
+    /// unix socket, until SIGTERM or SIGINT
+    Daemon(crate::daemon::DaemonArgs),
 }
 
 /// Parses `KEY=VALUE` arguments.
@@ -269,6 +272,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     }
     if let Command::Bench(args) = &cli.command {
         return crate::bench::run(args, out);
+    }
+    if let Command::Daemon(args) = &cli.command {
+        return crate::daemon::run(args, g, out);
     }
     let root = g.root.clone().unwrap_or_else(default_root);
     let (config, snapshotter) = g.config()?;
@@ -443,6 +449,7 @@ fn run_on(
         | Command::Bench(_)
         | Command::Conformance(_)
         | Command::Plugin(_)
+        | Command::Daemon(_)
         | Command::Info
         | Command::Lease(_)
         | Command::Gc { .. } => unreachable_command(),

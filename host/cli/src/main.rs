@@ -8,6 +8,7 @@ mod bench;
 mod bench_plugins;
 mod cli;
 mod conformance;
+mod daemon;
 mod output;
 mod plugin;
 

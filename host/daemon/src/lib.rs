@@ -11,3 +11,5 @@ pub mod client;
 pub mod containerd;
 pub mod convert;
 pub mod proto;
+pub mod serve;
+pub mod server;

@@ -1,0 +1,166 @@
+//! The daemon's life: open the root, take the socket, serve, stop gracefully.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use wasnap::fault::Faults;
+use wasnap::host::{Config, Host};
+use wasnap::{Error, Result};
+
+use crate::proto::admin::admin_server::AdminServer;
+use crate::proto::leases::leases_server::LeasesServer;
+use crate::proto::snapshots::snapshots_server::SnapshotsServer;
+use crate::server::{AdminService, LeasesService, Shared, SnapshotsService};
+
+/// What a daemon serves, and where.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The state directory.
+    pub root: PathBuf,
+    /// The unix socket to serve on.
+    pub socket: PathBuf,
+    /// The snapshotters and GC settings.
+    pub config: Config,
+    /// After a stop signal, how long calls in flight may take before the daemon exits
+    /// anyway.
+    pub shutdown_timeout: Duration,
+}
+
+impl Options {
+    /// Options from a configuration: its root (or the default root), its socket and its
+    /// shutdown bound.
+    pub fn from_config(config: Config) -> Options {
+        Options {
+            root: config.root.clone().unwrap_or_else(wasnap::host::default_root),
+            socket: config.daemon.socket.clone(),
+            shutdown_timeout: Duration::from_secs(config.daemon.shutdown_timeout_secs),
+            config,
+        }
+    }
+}
+
+/// Runs a daemon until SIGTERM or SIGINT, on a runtime of its own. Returns once the
+/// daemon has stopped and closed the root; an error says why it could not start.
+pub fn run(opts: Options) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wasnap-daemon")
+        .build()
+        .map_err(|e| Error::internal("start the runtime", e))?;
+    rt.block_on(async {
+        let stop = stop_signal()?;
+        serve(opts, stop).await
+    })
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+fn stop_signal() -> Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::internal("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::internal("SIGINT", e))?;
+    Ok(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "stopping: no new connections; finishing calls in flight");
+    })
+}
+
+/// Serves until `stop` resolves, then lets calls in flight finish (within the
+/// configured bound) and closes the root.
+pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    // Opening the root takes its lock: a second daemon on the same root stops here,
+    // before it touches the socket the first one serves on.
+    let root = opts.root.clone();
+    let config = opts.config.clone();
+    let host = tokio::task::spawn_blocking(move || {
+        Host::open_config(&root, Arc::new(Faults::from_env()?), config)
+    })
+    .await
+    .map_err(|e| Error::internal("open the root", e))??;
+    let host = Arc::new(host);
+    let listener = bind(&opts.socket)?;
+    let gc = host.start_gc()?;
+    tracing::info!(socket = %opts.socket.display(), root = %host.root().display(), "serving");
+
+    let shared = Shared::new(host.clone(), opts.socket.clone());
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        stop.await;
+        let _ = stopping_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(SnapshotsService::new(shared.clone())))
+        .add_service(LeasesServer::new(LeasesService::new(shared.clone())))
+        .add_service(AdminServer::new(AdminService::new(shared.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+    let limit = opts.shutdown_timeout;
+    let served = tokio::select! {
+        r = server => r.map_err(|e| Error::internal("serve", e)),
+        () = async move {
+            // Only once stopping: give calls in flight their bound, then go anyway.
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(limit).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(?limit, "calls were still running when the shutdown bound passed; exiting anyway");
+            Ok(())
+        }
+    };
+    let _ = std::fs::remove_file(&opts.socket);
+    drop(gc);
+    let closed = tokio::task::spawn_blocking(move || host.close())
+        .await
+        .map_err(|e| Error::internal("close the root", e))?;
+    tracing::info!("stopped");
+    served.and(closed)
+}
+
+/// Takes the socket: its directory is made owner-only if we create it, a stale socket
+/// (nothing answers) is replaced, a live one is refused, and the new socket is 0600.
+fn bind(socket: &Path) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::internal(format!("create {}", dir.display()), e))?;
+    }
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(Error::AlreadyExists(format!(
+                "{} exists and is not a socket; not replacing it",
+                socket.display()
+            )));
+        }
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Err(Error::AlreadyExists(format!(
+                    "another daemon is serving on {}",
+                    socket.display()
+                )));
+            }
+            std::fs::remove_file(socket)
+                .map_err(|e| Error::internal(format!("remove stale {}", socket.display()), e))?;
+        }
+        Err(_) => {}
+    }
+    // Created owner-only from the start: no moment where others may connect.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let listener = UnixListener::bind(socket);
+    rustix::process::umask(old);
+    let listener =
+        listener.map_err(|e| Error::internal(format!("listen on {}", socket.display()), e))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::internal(format!("chmod {}", socket.display()), e))?;
+    Ok(listener)
+}

@@ -1,0 +1,116 @@
+//! `wasnap.v1.Admin`: status, collections, checks and host info.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+use wasnap::Error;
+use wasnap::host::DriverConfig;
+
+use super::{Shared, handle};
+use crate::proto::admin::admin_server::Admin;
+use crate::proto::admin::*;
+
+/// The admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    shared: Arc<Shared>,
+}
+
+impl AdminService {
+    /// The service over `shared`'s host.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AdminService { shared }
+    }
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+fn json<T: Serialize>(v: &T) -> wasnap::Result<ReportResponse> {
+    serde_json::to_string(v)
+        .map(|json| ReportResponse { json })
+        .map_err(|e| Error::internal("encode report", e))
+}
+
+/// The name of a driver, as configured.
+fn driver_name(d: &DriverConfig) -> &'static str {
+    match d {
+        DriverConfig::Native => "native",
+        DriverConfig::Overlay(_) => "overlay",
+        DriverConfig::Btrfs => "btrfs",
+        DriverConfig::Wasm(_) => "wasm",
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, req: Request<StatusRequest>) -> Reply<StatusResponse> {
+        let shared = self.shared.clone();
+        handle(&self.shared, "Admin.Status", req, move |host, _scope, _r| {
+            let snapshotters = host
+                .configs()
+                .iter()
+                .map(|(name, c)| Snapshotter {
+                    name: name.clone(),
+                    driver: driver_name(&c.driver).into(),
+                    open: host.is_open(name),
+                    policies: c.policies.len() as u32,
+                })
+                .collect();
+            let plugins = host
+                .loaded_plugins()
+                .into_iter()
+                .map(|p| {
+                    let c = p.wasm.plugin().counters().snapshot();
+                    let info = p.wasm.plugin().info();
+                    Plugin {
+                        snapshotter: p.snapshotter,
+                        role: p.role.to_string(),
+                        path: p.path.display().to_string(),
+                        calls: c.calls,
+                        errors: c.errors,
+                        traps: c.traps,
+                        timeouts: c.timeouts,
+                        instances: c.instances,
+                        busy_micros: c.busy_micros,
+                        size: info.size,
+                        sha256: info.digest.clone(),
+                    }
+                })
+                .collect();
+            Ok(StatusResponse {
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id().into(),
+                uptime_ms: shared.uptime().as_millis() as u64,
+                root: host.root().display().to_string(),
+                socket: shared.socket.display().to_string(),
+                default_snapshotter: host.default_snapshotter().into(),
+                snapshotters,
+                plugins,
+                requests: shared.requests.load(std::sync::atomic::Ordering::Relaxed),
+                failed_requests: shared.failed.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .await
+    }
+
+    async fn collect(&self, req: Request<CollectRequest>) -> Reply<ReportResponse> {
+        handle(&self.shared, "Admin.Collect", req, |host, _scope, r| {
+            json(&host.collect(r.dry_run)?)
+        })
+        .await
+    }
+
+    async fn check(&self, req: Request<CheckRequest>) -> Reply<ReportResponse> {
+        handle(&self.shared, "Admin.Check", req, |host, _scope, _r| json(&host.check()?)).await
+    }
+
+    async fn info(&self, req: Request<InfoRequest>) -> Reply<ReportResponse> {
+        handle(&self.shared, "Admin.Info", req, |host, _scope, r| {
+            let selected =
+                if r.snapshotter.is_empty() { host.default_snapshotter() } else { &r.snapshotter };
+            json(&host.info(selected))
+        })
+        .await
+    }
+}

@@ -1,0 +1,220 @@
+//! The services, over one open [`Host`].
+//!
+//! Every call runs its host work on tokio's blocking pool (`spawn_blocking`): the
+//! metadata layer, the drivers and the plugin runtime are synchronous, and plugin calls
+//! even drive a runtime of their own, so none of it may run on the async workers.
+//!
+//! **Namespaces.** A call's namespace comes from the `containerd-namespace` header.
+//! containerd's collector walks and removes with no namespace: such a call sees
+//! exactly the snapshots whose key has the shape containerd gives its keys,
+//! `<namespace>/<number>/…`, in that namespace, and a call naming a key of that shape
+//! acts in the namespace the key names. Snapshots made by other clients (the wasnap
+//! CLI, say, with keys like `base`) are never visible to an unnamespaced call, so
+//! containerd's collector cannot remove what it did not create.
+//!
+//! **Leases.** `wasnap-lease` names a wasnap lease for the call. containerd's own
+//! `containerd-lease` header names containerd's leases, which wasnap does not keep; it
+//! is ignored, and what containerd creates is held until containerd removes it.
+
+mod admin;
+mod leases;
+mod snapshots;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use wasnap::host::Host;
+use wasnap::{Ctx, Error, Result, Snapshots};
+
+pub use admin::AdminService;
+pub use leases::LeasesService;
+pub use snapshots::SnapshotsService;
+
+use crate::client::{LEASE_HEADER, NAMESPACE_HEADER, REQUEST_ID_HEADER};
+
+/// What the services share: the host, and counters for `status`.
+#[derive(Debug)]
+pub struct Shared {
+    host: Arc<Host>,
+    started: Instant,
+    socket: PathBuf,
+    next_id: AtomicU64,
+    requests: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Shared {
+    /// State for services over `host`, serving on `socket`.
+    pub fn new(host: Arc<Host>, socket: PathBuf) -> Arc<Shared> {
+        Arc::new(Shared {
+            host,
+            started: Instant::now(),
+            socket,
+            next_id: AtomicU64::new(1),
+            requests: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        })
+    }
+
+    /// The host.
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+
+    /// How long since the services started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Runs `f` on the blocking pool inside a span for the call, counting and logging
+    /// it; its error becomes the matching gRPC status.
+    async fn call<T: Send + 'static>(
+        self: &Arc<Self>,
+        method: &'static str,
+        meta: &MetadataMap,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> std::result::Result<T, Status> {
+        let id = match meta.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(id) => id.chars().take(64).collect::<String>(),
+            None => format!("w{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+        };
+        let ns = meta.get(NAMESPACE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-");
+        let span = tracing::info_span!("rpc", id = %id, method, ns = %ns);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let inner = span.clone();
+        let result = tokio::task::spawn_blocking(move || inner.in_scope(f))
+            .instrument(span.clone())
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("{method} panicked: {e}"))));
+        let _entered = span.enter();
+        let elapsed = started.elapsed();
+        match result {
+            Ok(v) => {
+                tracing::debug!(?elapsed, "ok");
+                Ok(v)
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                match e.kind() {
+                    wasnap::ErrorKind::Internal | wasnap::ErrorKind::Unavailable => {
+                        tracing::warn!(?elapsed, error = %e, "failed")
+                    }
+                    _ => tracing::debug!(?elapsed, error = %e, "refused"),
+                }
+                Err(crate::convert::status(&e))
+            }
+        }
+    }
+}
+
+/// Who a call is for: a namespace from its header, or none (containerd's collector).
+#[derive(Debug, Clone)]
+pub(crate) enum Scope {
+    Namespace(Ctx),
+    Unnamespaced { lease: Option<String> },
+}
+
+impl Scope {
+    pub(crate) fn of<T>(req: &Request<T>) -> Result<Scope> {
+        let meta = req.metadata();
+        let header = |name: &str| -> Result<Option<String>> {
+            match meta.get(name) {
+                None => Ok(None),
+                Some(v) => v.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
+                    Error::InvalidArgument(format!("header {name}: not printable ASCII"))
+                }),
+            }
+        };
+        let lease = header(LEASE_HEADER)?.filter(|l| !l.is_empty());
+        match header(NAMESPACE_HEADER)?.filter(|n| !n.is_empty()) {
+            Some(ns) => Ok(Scope::Namespace(Ctx::new(&ns)?.with_lease(lease))),
+            None => Ok(Scope::Unnamespaced { lease }),
+        }
+    }
+
+    /// The context for a call about `key`.
+    pub(crate) fn for_key(&self, key: &str) -> Result<Ctx> {
+        match self {
+            Scope::Namespace(ctx) => Ok(ctx.clone()),
+            Scope::Unnamespaced { lease } => match containerd_namespace(key) {
+                Some(ns) => Ok(Ctx::new(ns)?.with_lease(lease.clone())),
+                None => Err(namespace_required(&format!(
+                    "key {key:?} does not start with <namespace>/<number>/ as containerd's keys do"
+                ))),
+            },
+        }
+    }
+
+    /// The context for a call that names no key.
+    pub(crate) fn required(&self) -> Result<Ctx> {
+        match self {
+            Scope::Namespace(ctx) => Ok(ctx.clone()),
+            Scope::Unnamespaced { .. } => Err(namespace_required("this call needs one")),
+        }
+    }
+}
+
+fn namespace_required(why: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "namespace is required: no {NAMESPACE_HEADER} header, and {why}"
+    ))
+}
+
+/// The namespace a containerd backend key names (`<ns>/<digits>/<key>`), if it has that
+/// shape.
+pub(crate) fn containerd_namespace(key: &str) -> Option<&str> {
+    let (ns, rest) = key.split_once('/')?;
+    let (seq, name) = rest.split_once('/')?;
+    let shaped = !ns.is_empty()
+        && !seq.is_empty()
+        && seq.bytes().all(|b| b.is_ascii_digit())
+        && !name.is_empty();
+    shaped.then_some(ns)
+}
+
+/// The snapshotter a request names; empty means the configured default.
+pub(crate) fn snapshotter(host: &Host, name: &str) -> Result<Arc<Snapshots>> {
+    let name = if name.is_empty() { host.default_snapshotter() } else { name };
+    if !host.configs().contains_key(name) {
+        let known: Vec<&str> = host.snapshotter_names().collect();
+        return Err(Error::InvalidArgument(format!(
+            "snapshotter not loaded: {name} (this daemon serves: {})",
+            known.join(", ")
+        )));
+    }
+    host.snapshotter(name)
+}
+
+/// Runs a request's work: `f` gets the scope and the message, on the blocking pool.
+pub(crate) async fn handle<Q: Send + 'static, T: Send + 'static>(
+    shared: &Arc<Shared>,
+    method: &'static str,
+    req: Request<Q>,
+    f: impl FnOnce(&Host, Scope, Q) -> Result<T> + Send + 'static,
+) -> std::result::Result<Response<T>, Status> {
+    let meta = req.metadata().clone();
+    let scope = Scope::of(&req);
+    let msg = req.into_inner();
+    let host = shared.host.clone();
+    shared.call(method, &meta, move || f(&host, scope?, msg)).await.map(Response::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::containerd_namespace;
+
+    #[test]
+    fn containerd_keys_name_their_namespace() {
+        assert_eq!(containerd_namespace("default/3/extract-1 sha256:ab"), Some("default"));
+        assert_eq!(containerd_namespace("k8s.io/12/sha256:ab/c"), Some("k8s.io"));
+        for not in ["base", "default/x/y", "default//y", "/3/y", "default/3/", "default/3"] {
+            assert_eq!(containerd_namespace(not), None, "{not}");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! `containerd.services.snapshots.v1.Snapshots` over the host's metadata layer.
+
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use wasnap::{Error, Labels};
+
+use super::{Scope, Shared, containerd_namespace, handle, snapshotter};
+use crate::convert;
+use crate::proto::snapshots::snapshots_server::Snapshots;
+use crate::proto::snapshots::*;
+
+/// Snapshots in one List batch.
+const BATCH: usize = 100;
+
+/// The snapshots service.
+#[derive(Debug, Clone)]
+pub struct SnapshotsService {
+    shared: Arc<Shared>,
+}
+
+impl SnapshotsService {
+    /// The service over `shared`'s host.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        SnapshotsService { shared }
+    }
+}
+
+fn labels(map: std::collections::HashMap<String, String>) -> Labels {
+    map.into_iter().collect()
+}
+
+fn parent(p: &str) -> Option<&str> {
+    (!p.is_empty()).then_some(p)
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Snapshots for SnapshotsService {
+    async fn prepare(
+        &self,
+        req: Request<PrepareSnapshotRequest>,
+    ) -> Reply<PrepareSnapshotResponse> {
+        handle(&self.shared, "Prepare", req, |host, scope, r| {
+            let ctx = scope.for_key(&r.key)?;
+            let sn = snapshotter(host, &r.snapshotter)?;
+            let mounts = sn.prepare(&ctx, &r.key, parent(&r.parent), &labels(r.labels))?;
+            Ok(PrepareSnapshotResponse { mounts: mounts.into_iter().map(convert::mount).collect() })
+        })
+        .await
+    }
+
+    async fn view(&self, req: Request<ViewSnapshotRequest>) -> Reply<ViewSnapshotResponse> {
+        handle(&self.shared, "View", req, |host, scope, r| {
+            let ctx = scope.for_key(&r.key)?;
+            let sn = snapshotter(host, &r.snapshotter)?;
+            let mounts = sn.view(&ctx, &r.key, parent(&r.parent), &labels(r.labels))?;
+            Ok(ViewSnapshotResponse { mounts: mounts.into_iter().map(convert::mount).collect() })
+        })
+        .await
+    }
+
+    async fn mounts(&self, req: Request<MountsRequest>) -> Reply<MountsResponse> {
+        handle(&self.shared, "Mounts", req, |host, scope, r| {
+            let ctx = scope.for_key(&r.key)?;
+            let mounts = snapshotter(host, &r.snapshotter)?.mounts(&ctx, &r.key)?;
+            Ok(MountsResponse { mounts: mounts.into_iter().map(convert::mount).collect() })
+        })
+        .await
+    }
+
+    async fn commit(&self, req: Request<CommitSnapshotRequest>) -> Reply<()> {
+        handle(&self.shared, "Commit", req, |host, scope, r| {
+            let ctx = scope.for_key(&r.key)?;
+            snapshotter(host, &r.snapshotter)?.commit(&ctx, &r.name, &r.key, &labels(r.labels))
+        })
+        .await
+    }
+
+    async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Reply<()> {
+        handle(&self.shared, "Remove", req, |host, scope, r| {
+            let ctx = scope.for_key(&r.key)?;
+            snapshotter(host, &r.snapshotter)?.remove(&ctx, &r.key)
+        })
+        .await
+    }
+
+    async fn stat(&self, req: Request<StatSnapshotRequest>) -> Reply<StatSnapshotResponse> {
+        handle(&self.shared, "Stat", req, |host, scope, r| {
+            let ctx = scope.for_key(&r.key)?;
+            let info = snapshotter(host, &r.snapshotter)?.stat(&ctx, &r.key)?;
+            Ok(StatSnapshotResponse { info: Some(convert::info(info)) })
+        })
+        .await
+    }
+
+    async fn update(&self, req: Request<UpdateSnapshotRequest>) -> Reply<UpdateSnapshotResponse> {
+        handle(&self.shared, "Update", req, |host, scope, r| {
+            let info = r
+                .info
+                .map(convert::info_from)
+                .ok_or_else(|| Error::InvalidArgument("update: no info given".into()))?;
+            let ctx = scope.for_key(&info.name)?;
+            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+            let info = snapshotter(host, &r.snapshotter)?.update(&ctx, &info, &paths)?;
+            Ok(UpdateSnapshotResponse { info: Some(convert::info(info)) })
+        })
+        .await
+    }
+
+    type ListStream = ReceiverStream<std::result::Result<ListSnapshotsResponse, Status>>;
+
+    async fn list(&self, req: Request<ListSnapshotsRequest>) -> Reply<Self::ListStream> {
+        // The walk runs on the blocking pool and sends batches as it goes, so a large
+        // namespace is never held in memory whole, and a client that goes away ends it.
+        // A failure (a bad filter, say) ends the stream with its status.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (shared, meta, scope) = (self.shared.clone(), req.metadata().clone(), Scope::of(&req));
+        let r = req.into_inner();
+        let host = shared.host().clone();
+        let failed = tx.clone();
+        tokio::spawn(async move {
+            let walk = move || -> wasnap::Result<()> {
+                let scope = scope?;
+                let sn = snapshotter(&host, &r.snapshotter)?;
+                let mut batch = Vec::with_capacity(BATCH);
+                let send = |batch: &mut Vec<Info>| -> wasnap::Result<()> {
+                    let info = std::mem::take(batch);
+                    tx.blocking_send(Ok(ListSnapshotsResponse { info }))
+                        .map_err(|_| Error::Unavailable("list: the client went away".into()))
+                };
+                let mut push = |info: wasnap::Info| {
+                    batch.push(convert::info(info));
+                    if batch.len() == BATCH { send(&mut batch) } else { Ok(()) }
+                };
+                match &scope {
+                    Scope::Namespace(ctx) => sn.walk(ctx, &r.filters, &mut push)?,
+                    Scope::Unnamespaced { .. } => sn.walk_all(&r.filters, &mut |ns, info| {
+                        // Only what containerd made in that namespace (see the module docs).
+                        if containerd_namespace(&info.name) == Some(ns) {
+                            push(info)
+                        } else {
+                            Ok(())
+                        }
+                    })?,
+                }
+                if !batch.is_empty() {
+                    send(&mut batch)?;
+                }
+                Ok(())
+            };
+            if let Err(status) = shared.call("List", &meta, walk).await {
+                let _ = failed.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn usage(&self, req: Request<UsageRequest>) -> Reply<UsageResponse> {
+        handle(&self.shared, "Usage", req, |host, scope, r| {
+            let ctx = scope.for_key(&r.key)?;
+            Ok(convert::usage(snapshotter(host, &r.snapshotter)?.usage(&ctx, &r.key)?))
+        })
+        .await
+    }
+
+    async fn cleanup(&self, req: Request<CleanupRequest>) -> Reply<()> {
+        handle(&self.shared, "Cleanup", req, |host, _scope, r| {
+            let report = snapshotter(host, &r.snapshotter)?.cleanup()?;
+            if let Some((key, why)) = report.failed.first() {
+                return Err(Error::Internal(format!(
+                    "cleanup removed {} and failed on {} (first: {key}: {why})",
+                    report.removed.len(),
+                    report.failed.len()
+                )));
+            }
+            tracing::info!(removed = report.removed.len(), "cleanup");
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,295 @@
+#![allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is what it should do
+
+//! The daemon's services in process, over a real unix socket: containerd's error
+//! codes, namespaces from the header, containerd's unnamespaced collector calls,
+//! streamed lists, leases, and a graceful stop that lets a call in flight finish.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tonic::Code;
+use wasnap::host::{Config, DriverConfig};
+use wasnap_daemon::client::{Client, request};
+use wasnap_daemon::proto::leases as lpb;
+use wasnap_daemon::proto::snapshots::*;
+use wasnap_daemon::serve::{Options, serve};
+
+/// A daemon serving a native snapshotter in a temp dir on tmpfs; stops when dropped.
+struct Daemon {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<wasnap::Result<()>>>,
+}
+
+impl Daemon {
+    async fn start() -> Daemon {
+        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+        let dir = tempfile::Builder::new().prefix("wasnap-daemon-").tempdir_in(base).unwrap();
+        let socket = dir.path().join("run/wasnap.sock");
+        let config = Config {
+            default_snapshotter: "native".into(),
+            snapshotters: BTreeMap::from([("native".into(), DriverConfig::Native.into())]),
+            ..Config::default()
+        };
+        let opts = Options {
+            root: dir.path().join("root"),
+            socket: socket.clone(),
+            config,
+            shutdown_timeout: Duration::from_secs(5),
+        };
+        let (tx, rx) = oneshot::channel();
+        let done = tokio::spawn(serve(opts, async move {
+            let _ = rx.await;
+        }));
+        for _ in 0..500 {
+            if socket.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Daemon { _dir: dir, socket, stop: Some(tx), done: Some(done) }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.unwrap()
+    }
+
+    async fn stop(mut self) -> wasnap::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.take().unwrap().await.unwrap()
+    }
+}
+
+/// The code of a call that must fail.
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => panic!("the call succeeded"),
+        Err(s) => s.code(),
+    }
+}
+
+fn prepare(key: &str, parent: &str) -> PrepareSnapshotRequest {
+    PrepareSnapshotRequest {
+        snapshotter: "native".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    }
+}
+
+fn commit(name: &str, key: &str) -> CommitSnapshotRequest {
+    CommitSnapshotRequest {
+        snapshotter: "native".into(),
+        name: name.into(),
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn stat(key: &str) -> StatSnapshotRequest {
+    StatSnapshotRequest { snapshotter: "native".into(), key: key.into() }
+}
+
+fn remove(key: &str) -> RemoveSnapshotRequest {
+    RemoveSnapshotRequest { snapshotter: "native".into(), key: key.into() }
+}
+
+async fn list(
+    c: &Client,
+    ns: Option<&str>,
+    filters: &[&str],
+) -> Result<Vec<String>, tonic::Status> {
+    let req = ListSnapshotsRequest {
+        snapshotter: "native".into(),
+        filters: filters.iter().map(|f| f.to_string()).collect(),
+    };
+    let mut stream = c.snapshots().list(request(req, ns, None)).await?.into_inner();
+    let mut names = Vec::new();
+    while let Some(batch) = stream.message().await? {
+        names.extend(batch.info.into_iter().map(|i| i.name));
+    }
+    Ok(names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_carry_containerds_codes() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let mut s = c.snapshots();
+    let ns = Some("default");
+
+    assert_eq!(code(s.stat(request(stat("missing"), ns, None)).await), Code::NotFound);
+    s.prepare(request(prepare("a", ""), ns, None)).await.unwrap();
+    assert_eq!(code(s.prepare(request(prepare("a", ""), ns, None)).await), Code::AlreadyExists);
+    // Only committed snapshots may be parents (containerd: "parent is not committed").
+    assert_eq!(code(s.prepare(request(prepare("b", "a"), ns, None)).await), Code::InvalidArgument);
+    s.commit(request(commit("c", "a"), ns, None)).await.unwrap();
+    s.prepare(request(prepare("b", "c"), ns, None)).await.unwrap();
+    assert_eq!(code(s.remove(request(remove("c"), ns, None)).await), Code::FailedPrecondition);
+    assert_eq!(code(list(&c, ns, &["kind=="]).await), Code::InvalidArgument);
+    let bad_ns = s.stat(request(stat("a"), Some("not a namespace!"), None)).await;
+    assert_eq!(code(bad_ns), Code::InvalidArgument);
+    let unknown = StatSnapshotRequest { snapshotter: "nope".into(), key: "c".into() };
+    let err = s.stat(request(unknown, ns, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("snapshotter not loaded: nope"), "{err:?}");
+    // Messages end in the class, as containerd's errdefs write them.
+    let err = s.stat(request(stat("missing"), ns, None)).await.unwrap_err();
+    assert!(err.message().ends_with(": not found"), "{err:?}");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_come_from_the_header_and_containerds_collector_sees_only_its_own() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let mut s = c.snapshots();
+    // containerd's keys carry their namespace; a CLI user's do not.
+    s.prepare(request(prepare("default/1/extract", ""), Some("default"), None)).await.unwrap();
+    s.prepare(request(prepare("k8s.io/7/sha256:ab", ""), Some("k8s.io"), None)).await.unwrap();
+    s.prepare(request(prepare("base", ""), Some("default"), None)).await.unwrap();
+    s.prepare(request(prepare("other/1/x", ""), Some("default"), None)).await.unwrap();
+
+    assert_eq!(
+        list(&c, Some("default"), &[]).await.unwrap(),
+        ["base", "default/1/extract", "other/1/x"]
+    );
+    assert_eq!(list(&c, Some("k8s.io"), &[]).await.unwrap(), ["k8s.io/7/sha256:ab"]);
+    // No header: containerd's collector. It sees what containerd made, in every
+    // namespace, and nothing else ("base", and a key naming another namespace).
+    assert_eq!(list(&c, None, &[]).await.unwrap(), ["default/1/extract", "k8s.io/7/sha256:ab"]);
+    // ... and may stat and remove by key.
+    s.stat(request(stat("k8s.io/7/sha256:ab"), None, None)).await.unwrap();
+    s.remove(request(remove("k8s.io/7/sha256:ab"), None, None)).await.unwrap();
+    assert!(list(&c, Some("k8s.io"), &[]).await.unwrap().is_empty());
+    // A key that names no namespace cannot be acted on without one.
+    let err = s.remove(request(remove("base"), None, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("namespace is required"), "{err:?}");
+    assert_eq!(list(&c, Some("default"), &[]).await.unwrap().len(), 3);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_stream_in_batches_and_filter_and_updates_take_field_paths() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let mut s = c.snapshots();
+    let ns = Some("default");
+    for i in 0..250 {
+        s.prepare(request(prepare(&format!("a{i:03}"), ""), ns, None)).await.unwrap();
+    }
+    s.commit(request(commit("c", "a000"), ns, None)).await.unwrap();
+    let req = ListSnapshotsRequest { snapshotter: "native".into(), filters: vec![] };
+    let mut stream = c.snapshots().list(request(req, ns, None)).await.unwrap().into_inner();
+    let mut batches = Vec::new();
+    while let Some(b) = stream.message().await.unwrap() {
+        batches.push(b.info.len());
+    }
+    assert_eq!(batches.iter().sum::<usize>(), 250);
+    assert!(batches.len() >= 3, "{batches:?}");
+    assert_eq!(list(&c, ns, &["kind==committed"]).await.unwrap(), ["c"]);
+
+    // ctr's label: an Update with labels.KEY paths.
+    let info = Info {
+        name: "c".into(),
+        labels: HashMap::from([("x".to_owned(), "1".to_owned())]),
+        ..Default::default()
+    };
+    let update = UpdateSnapshotRequest {
+        snapshotter: "native".into(),
+        info: Some(info),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["labels.x".into()] }),
+    };
+    let got = s.update(request(update, ns, None)).await.unwrap().into_inner().info.unwrap();
+    assert_eq!(got.labels.get("x").map(String::as_str), Some("1"));
+    assert_eq!(got.kind, Kind::Committed as i32);
+    let bad = UpdateSnapshotRequest {
+        snapshotter: "native".into(),
+        info: Some(Info { name: "c".into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["parent".into()] }),
+    };
+    assert_eq!(s.update(request(bad, ns, None)).await.unwrap_err().code(), Code::InvalidArgument);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_hold_what_is_made_under_them() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let mut l = c.leases();
+    let ns = Some("default");
+    let created = l
+        .create(request(lpb::CreateRequest { id: "l1".into(), labels: HashMap::new() }, ns, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!(created.id, "l1");
+    c.snapshots().prepare(request(prepare("held", ""), ns, Some("l1"))).await.unwrap();
+    let res = l
+        .list_resources(request(lpb::ListResourcesRequest { id: "l1".into() }, ns, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .resources;
+    assert_eq!(res.len(), 1);
+    assert_eq!((res[0].id.as_str(), res[0].r#type.as_str()), ("held", "snapshots/native"));
+    // containerd's own lease header is not ours: ignored, the snapshot is a root.
+    let mut req = request(prepare("containerds", ""), ns, None);
+    req.metadata_mut().insert("containerd-lease", "theirs".parse().unwrap());
+    c.snapshots().prepare(req).await.unwrap();
+    // Deleting the lease with sync collects what only it held.
+    l.delete(request(lpb::DeleteRequest { id: "l1".into(), sync: true }, ns, None)).await.unwrap();
+    assert_eq!(list(&c, ns, &[]).await.unwrap(), ["containerds"]);
+    let err = l.list(request(lpb::ListRequest { filters: vec![] }, None, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_refuses_new_connections_and_a_restart_serves_the_same_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let opts = Options {
+        root: dir.path().join("root"),
+        socket: socket.clone(),
+        config: Config {
+            default_snapshotter: "native".into(),
+            snapshotters: BTreeMap::from([("native".into(), DriverConfig::Native.into())]),
+            ..Config::default()
+        },
+        shutdown_timeout: Duration::from_secs(5),
+    };
+    for round in 0..2 {
+        let (tx, rx) = oneshot::channel::<()>();
+        let done = tokio::spawn(serve(opts.clone(), async move {
+            let _ = rx.await;
+        }));
+        let mut c = None;
+        for _ in 0..500 {
+            if let Ok(client) = Client::connect(&socket).await {
+                c = Some(client);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let c = c.expect("daemon answers");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+        let mut s = c.snapshots();
+        if round == 0 {
+            s.prepare(request(prepare("kept", ""), Some("default"), None)).await.unwrap();
+        } else {
+            s.stat(request(stat("kept"), Some("default"), None)).await.unwrap();
+        }
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), done).await.unwrap().unwrap().unwrap();
+        assert!(!socket.exists(), "the socket is removed on stop");
+        assert!(Client::connect(&socket).await.is_err());
+    }
+}

@@ -313,6 +313,15 @@ mod tests {
     }
 
     #[test]
+    fn the_daemon_example_parses() {
+        let text = include_str!("../../examples/daemon/wasnap.toml");
+        let c = Config::parse(text, "examples/daemon/wasnap.toml").unwrap();
+        assert_eq!(c.default_snapshotter, "wasnap-overlay");
+        assert_eq!(c.daemon.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.snapshotters["wasnap-copy"].policies.len(), 1);
+    }
+
+    #[test]
     fn plugins_and_policy_chains() {
         let doc = include_str!("config.rs");
         let example: String = doc

@@ -85,6 +85,20 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
     .await
     .map_err(|e| Error::internal("open the root", e))??;
     let host = Arc::new(host);
+    // Open every snapshotter now, so a plugin that cannot start is in the log at once
+    // (and `wasnap status` shows it closed) rather than at its first call. The others
+    // serve regardless; a failed one is tried again on its next call.
+    let opening = host.clone();
+    tokio::task::spawn_blocking(move || {
+        let names: Vec<String> = opening.snapshotter_names().map(str::to_owned).collect();
+        for name in names {
+            if let Err(e) = opening.snapshotter(&name) {
+                tracing::warn!(snapshotter = %name, error = %e, "cannot open; its calls will fail until it can");
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::internal("open the snapshotters", e))?;
     let listener = bind(&opts.socket)?;
     let gc = host.start_gc()?;
     tracing::info!(socket = %opts.socket.display(), root = %host.root().display(), "serving");

@@ -112,6 +112,12 @@ fn instances_sharing_a_store_do_not_trip_over_each_other() {
         }
     });
     let mut left = 0;
-    running.s.walk(&wasnap::Filter::default(), &mut |_| Ok(left += 1)).unwrap();
+    running
+        .s
+        .walk(&wasnap::Filter::default(), &mut |_| {
+            left += 1;
+            Ok(())
+        })
+        .unwrap();
     assert_eq!(left, 0);
 }

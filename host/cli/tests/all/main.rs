@@ -8,4 +8,5 @@ mod cli;
 #[allow(dead_code)]
 mod common;
 mod durability;
+mod e2e;
 mod plugins;

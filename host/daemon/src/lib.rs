@@ -10,6 +10,7 @@
 pub mod client;
 pub mod containerd;
 pub mod convert;
+pub mod process;
 pub mod proto;
 pub mod serve;
 pub mod server;

@@ -13,11 +13,12 @@ mod oci;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use wasnap_daemon::client::{Blocking, request};
 use wasnap_daemon::containerd::{self, Containerd};
+use wasnap_daemon::process::DaemonProcess;
 use wasnap_daemon::proto::snapshots::ListSnapshotsRequest;
 
 /// The containerd namespace the tests use.
@@ -45,77 +46,34 @@ macro_rules! require_containerd {
     };
 }
 
-/// A wasnap daemon process; killed (by pid) when dropped.
-struct Daemon {
-    child: Option<Child>,
-    root: PathBuf,
-    socket: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-}
+/// A wasnap daemon process (killed by pid when dropped), and what the tests ask it.
+struct Daemon(DaemonProcess);
 
 impl Daemon {
     fn start(dir: &Path, config: &str) -> Daemon {
-        let path = dir.join("wasnap.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut d = Daemon {
-            child: None,
-            root: dir.join("wasnap-root"),
-            socket: dir.join("wasnap.sock"),
-            config: path,
-            log: dir.join("wasnap.log"),
-        };
-        d.spawn();
-        d
+        let exe = Path::new(env!("CARGO_BIN_EXE_wasnap"));
+        Daemon(DaemonProcess::start(exe, dir, config).unwrap_or_else(|e| panic!("{e}")))
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_wasnap"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--root")
-            .arg(&self.root)
-            .arg("daemon")
-            .arg("--socket")
-            .arg(&self.socket)
-            .env("WASNAP_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("wasnap daemon exited at start ({status}):\n{}", self.log_tail());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "daemon never listened:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.0.spawn().unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn signal(&mut self, sig: rustix::process::Signal) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, sig).unwrap();
-        child.wait().unwrap()
+        self.0.signal(sig).unwrap()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.0.socket().to_path_buf()
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.0.log_tail()
     }
 
     /// The keys wasnap holds for `snapshotter` in the test's namespace.
     fn keys(&self, snapshotter: &str) -> Vec<String> {
-        let c = Blocking::connect(&self.socket).unwrap();
+        let c = Blocking::connect(self.0.socket()).unwrap();
         let req = ListSnapshotsRequest { snapshotter: snapshotter.into(), filters: vec![] };
         c.block_on(async {
             let mut s = c
@@ -131,15 +89,6 @@ impl Daemon {
             }
             keys
         })
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -210,8 +159,8 @@ fn start(scratch: &Scratch) -> (Daemon, Containerd) {
     let cdir = scratch.path().join("containerd");
     std::fs::create_dir(&cdir).unwrap();
     let proxies = BTreeMap::from([
-        ("overlay".to_owned(), daemon.socket.clone()),
-        ("copy".to_owned(), daemon.socket.clone()),
+        ("overlay".to_owned(), daemon.socket()),
+        ("copy".to_owned(), daemon.socket()),
     ]);
     let containerd = Containerd::start(&cdir, &proxies).unwrap();
     (daemon, containerd)

@@ -50,6 +50,11 @@ pub(crate) struct Layout {
     tmp_seq: AtomicU64,
     /// Names in `tmp/` this process is working on right now: reclaim leaves them be.
     busy: Arc<Mutex<HashSet<String>>>,
+    /// Held shared by an install from the moment its tree is renamed to
+    /// `snapshots/<id>` until its record commits, and exclusively by reclaim while it
+    /// decides which `snapshots/<id>` no record names: so reclaim never takes a tree
+    /// whose record is about to commit.
+    installing: std::sync::RwLock<()>,
 }
 
 /// A name in `tmp/` that this process is using; reclaim skips it until it is dropped.
@@ -114,6 +119,7 @@ impl Layout {
             closed: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
             busy: Arc::default(),
+            installing: std::sync::RwLock::new(()),
         })
     }
 
@@ -179,6 +185,7 @@ impl Layout {
         labels: &Labels,
     ) -> Result<Snap> {
         let result = (|| {
+            let _installing = self.installing.read().unwrap_or_else(|e| e.into_inner());
             let mut txn = self.store.begin()?;
             let snap = txn.create(kind, key, parent, labels)?;
             let final_name = Self::snapshot_dir(snap.id);
@@ -267,18 +274,53 @@ impl Layout {
         Ok(())
     }
 
-    /// Deletes every tree in `tmp/` and every `snapshots/<id>` no record names.
-    ///
-    /// A tree being built right now also lives in `tmp/`: the metadata layer holds
-    /// creates off while it cleans up, and a direct user of a driver must do the same.
+    /// Deletes every tree in `tmp/` and every `snapshots/<id>` no record names, while
+    /// creates, commits and removes go on: trees being built or removed in `tmp/` are
+    /// named busy, and a tree being installed is spared through `installing`.
     pub fn reclaim(&self) -> Result<()> {
         self.check_open()?;
-        let ids: HashSet<u64> = self.store.ids()?;
-        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut doomed = Vec::new();
+        // First the unnamed snapshots/<id>: decided, and moved to tmp/ (a rename, so
+        // quick), with installs held off; deleted afterwards with nothing held.
+        let mut moved = Vec::new();
+        {
+            let _no_installs = self.installing.write().unwrap_or_else(|e| e.into_inner());
+            let ids: HashSet<u64> = self.store.ids()?;
+            for entry in self.dir.read_dir(SNAPSHOTS).map_err(io("read snapshots/"))? {
+                let entry = entry.map_err(io("read snapshots/"))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.parse::<u64>().is_ok_and(|id| ids.contains(&id)) {
+                    continue;
+                }
+                let from = format!("{SNAPSHOTS}/{name}");
+                let to = self.tmp_name("reclaim");
+                match self.dir.rename(&from, &self.dir, &to) {
+                    Ok(()) => moved.push(to),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::internal(format!("move {from} to {to}"), e)),
+                }
+            }
+        }
+        for path in &moved {
+            match self.remove_path(path.as_str()) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Then tmp/. List it before reading which names are busy: a name is made busy
+        // before its tree appears, so a listed tree whose name is not busy any more is
+        // one its owner is done with.
+        let mut listed = Vec::new();
         for entry in self.dir.read_dir(TMP).map_err(io("read tmp/"))? {
             let entry = entry.map_err(io("read tmp/"))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+            listed.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        // Busy before ids: a remove commits before its name stops being busy, so a
+        // name not busy here has its removal in the ids read next.
+        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let ids: HashSet<u64> = self.store.ids()?;
+        for name in listed {
             let path = format!("{TMP}/{name}");
             if busy.contains(&path) {
                 continue;
@@ -292,20 +334,17 @@ impl Layout {
             if let Some(id) = removed_id.filter(|id| ids.contains(id)) {
                 let home = Self::snapshot_dir(id);
                 if self.dir.symlink_metadata(&home).is_err() {
-                    self.dir
-                        .rename(&path, &self.dir, &home)
-                        .map_err(io(format!("restore {path} to {home}")))?;
+                    match self.dir.rename(&path, &self.dir, &home) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(Error::internal(format!("restore {path} to {home}"), e));
+                        }
+                    }
                     continue;
                 }
             }
             doomed.push(path);
-        }
-        for entry in self.dir.read_dir(SNAPSHOTS).map_err(io("read snapshots/"))? {
-            let entry = entry.map_err(io("read snapshots/"))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.parse::<u64>().is_ok_and(|id| ids.contains(&id)) {
-                doomed.push(format!("{SNAPSHOTS}/{name}"));
-            }
         }
         for path in doomed {
             match self.remove_path(&path) {

@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// guests/copy, built on demand]
     #[arg(long = "copy-guest", value_name = "WASM")]
     pub copy_guest: Option<PathBuf>,
+    /// Run only the daemon section: the snapshots gRPC API under load, against
+    /// containerd's own overlayfs snapshotter
+    #[arg(long)]
+    pub daemon_only: bool,
 }
 
 pub(crate) struct Stats {
@@ -98,6 +102,9 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     });
     let (sizes, cycles) =
         if args.smoke { (vec![100, 1000], 50) } else { (args.sizes.clone(), args.cycles) };
+    if args.daemon_only {
+        return crate::bench_daemon::run(&base, args.copy_guest.as_deref(), args.smoke, out);
+    }
     let tmp = tempfile::Builder::new().prefix("wasnap-bench-").tempdir_in(&base).map_err(io)?;
     writeln!(
         out,
@@ -205,6 +212,8 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     drivers(args, &base, cycles, &depths, out)?;
     writeln!(out).map_err(io)?;
     crate::bench_plugins::run(&base, args.copy_guest.as_deref(), cycles, args.smoke, out)?;
+    writeln!(out).map_err(io)?;
+    crate::bench_daemon::run(&base, args.copy_guest.as_deref(), args.smoke, out)?;
     writeln!(out).map_err(io)?;
     gc(tmp.path(), &sizes, args.smoke, out)
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 mod bench;
+mod bench_daemon;
 mod bench_plugins;
 mod cli;
 mod conformance;

@@ -6,19 +6,21 @@
 //! against an open [`Host`] (embedded mode).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
 use std::sync::Arc;
 use wasnap::error::{Error, Result};
 
+use wasnap::config::DEFAULT_SOCKET;
 use wasnap::fault::Faults;
 use wasnap::host::{Config, Host, default_root};
 use wasnap::metadata::lease::LABEL_GC_EXPIRE;
 use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE, Resource};
 use wasnap::snapshot::{Info, Labels};
 
+use crate::api::{Api, Local, Remote};
 pub use crate::output::Format;
 
 /// wasnap: a container snapshotter host with containerd's semantics.
@@ -64,6 +66,10 @@ pub struct Global {
     /// first given sees calls first)
     #[arg(long = "policy", global = true, value_name = "POLICY")]
     pub policies: Vec<PathBuf>,
+    /// Go through the wasnap daemon listening on this unix socket instead of opening
+    /// the root in this process (same commands, same output)
+    #[arg(long, global = true, env = "WASNAP_ADDRESS", value_name = "SOCKET")]
+    pub address: Option<PathBuf>,
 }
 
 impl Global {
@@ -240,6 +246,9 @@ pub enum Command {
     /// Serve the snapshotters over containerd's snapshots and leases gRPC API on a
     /// unix socket, until SIGTERM or SIGINT
     Daemon(crate::daemon::DaemonArgs),
+    /// Show a running daemon's uptime, snapshotters and plugins with their counters
+    /// (the daemon at --address, or at /run/wasnap/wasnap.sock)
+    Status,
 }
 
 /// Parses `KEY=VALUE` arguments.
@@ -274,7 +283,19 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         return crate::bench::run(args, out);
     }
     if let Command::Daemon(args) = &cli.command {
+        if g.address.is_some() {
+            return Err(Error::InvalidArgument(
+                "daemon: --address is for clients; the daemon takes --socket".into(),
+            ));
+        }
         return crate::daemon::run(args, g, out);
+    }
+    if let Command::Status = &cli.command {
+        let socket = g.address.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        return crate::output::status(out, g.format, &Remote::status(&socket)?);
+    }
+    if let Some(socket) = &g.address {
+        return run_remote(socket, &cli.command, g, out);
     }
     let root = g.root.clone().unwrap_or_else(default_root);
     let (config, snapshotter) = g.config()?;
@@ -286,33 +307,47 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Plugin(crate::plugin::PluginCommand::Ls) => {
             Some(crate::plugin::ls(&host, g.format, out))
         }
-        Command::Info => Some(crate::output::host_info(out, g.format, &host.info(&snapshotter))),
-        Command::Lease(cmd) => Some(run_lease(&host, g, &snapshotter, cmd, out)),
-        Command::Gc { dry_run: false, check: true } => {
-            host.check().and_then(|r| crate::output::check(out, g.format, &r)).into()
-        }
-        Command::Gc { dry_run, .. } => {
-            host.collect(*dry_run).and_then(|r| crate::output::gc(out, g.format, &r)).into()
-        }
         _ => None,
     };
     if let Some(result) = result {
         return result.and(host.close());
     }
-    let result = run_on(&host, g, &snapshotter, &cli.command, out);
+    let ctx = Ctx::new(&g.namespace)?.with_lease(g.lease.clone());
+    let result = run_on(&Local::new(&host, &snapshotter, ctx), g, &cli.command, out);
     let closed = host.close();
     result.and(closed)
 }
 
-fn run_lease(
-    host: &Host,
-    g: &Global,
-    snapshotter: &str,
-    cmd: &LeaseCommand,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let ctx = Ctx::new(&g.namespace)?;
-    let leases = host.leases();
+/// Runs a command through the daemon at `socket`.
+fn run_remote(socket: &Path, command: &Command, g: &Global, out: &mut dyn Write) -> Result<()> {
+    let local_only = [
+        ("--root", g.root.is_some()),
+        ("--config", g.config.is_some()),
+        ("--plugin", g.plugin.is_some()),
+        ("--policy", !g.policies.is_empty()),
+    ];
+    if let Some((flag, _)) = local_only.iter().find(|(_, set)| *set) {
+        return Err(Error::InvalidArgument(format!(
+            "{flag} configures a root opened in this process; with --address the daemon's own configuration applies"
+        )));
+    }
+    match command {
+        Command::Plugin(crate::plugin::PluginCommand::Ls) => {
+            return crate::plugin::ls_remote(&Remote::status(socket)?, g.format, out);
+        }
+        Command::Plugin(crate::plugin::PluginCommand::Compile { .. }) => {
+            return Err(Error::InvalidArgument(
+                "plugin compile fills this process's cache; the daemon compiles its plugins when it starts".into(),
+            ));
+        }
+        _ => {}
+    }
+    let api = Remote::connect(socket, g.snapshotter.as_deref(), &g.namespace, g.lease.clone())?;
+    run_on(&api, g, command, out)
+}
+
+fn run_lease(api: &dyn Api, g: &Global, cmd: &LeaseCommand, out: &mut dyn Write) -> Result<()> {
+    let snapshotter = api.snapshotter();
     match cmd {
         LeaseCommand::Create { id, labels, expire } => {
             let mut labels = parse_labels(labels)?;
@@ -323,57 +358,56 @@ fn run_lease(
                     humantime::format_rfc3339_seconds(at).to_string(),
                 );
             }
-            let lease = leases.create(&ctx, id.as_deref(), &labels)?;
+            let lease = api.lease_create(id.as_deref(), &labels)?;
             writeln!(out, "{}", lease.id).map_err(|e| Error::internal("write output", e))
         }
         LeaseCommand::Ls { filters } => {
-            crate::output::leases(out, g.format, &leases.list(&ctx, filters)?)
+            crate::output::leases(out, g.format, &api.lease_list(filters)?)
         }
         LeaseCommand::Rm { ids, sync } => {
             for id in ids {
-                if let Some(report) = host.delete_lease(&ctx, id, *sync)? {
+                if let Some(report) = api.lease_delete(id, *sync)? {
                     crate::output::gc(out, g.format, &report)?;
                 }
             }
             Ok(())
         }
-        LeaseCommand::Add { id, keys } => keys
-            .iter()
-            .try_for_each(|k| leases.add_resource(&ctx, id, &Resource::snapshot(snapshotter, k))),
-        LeaseCommand::Remove { id, keys } => keys.iter().try_for_each(|k| {
-            leases.delete_resource(&ctx, id, &Resource::snapshot(snapshotter, k))
-        }),
+        LeaseCommand::Add { id, keys } => {
+            keys.iter().try_for_each(|k| api.lease_add(id, &Resource::snapshot(snapshotter, k)))
+        }
+        LeaseCommand::Remove { id, keys } => {
+            keys.iter().try_for_each(|k| api.lease_remove(id, &Resource::snapshot(snapshotter, k)))
+        }
         LeaseCommand::Resources { id } => {
-            crate::output::resources(out, g.format, &leases.resources(&ctx, id)?)
+            crate::output::resources(out, g.format, &api.lease_resources(id)?)
         }
     }
 }
 
-fn run_on(
-    host: &Host,
-    g: &Global,
-    snapshotter: &str,
-    command: &Command,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let ctx = Ctx::new(&g.namespace)?.with_lease(g.lease.clone());
-    let sn = host.snapshotter(snapshotter)?;
+/// Runs a command through `api`.
+fn run_on(api: &dyn Api, g: &Global, command: &Command, out: &mut dyn Write) -> Result<()> {
     let fmt = g.format;
     match command {
+        Command::Info => crate::output::host_info(out, fmt, &api.info()?),
+        Command::Lease(cmd) => run_lease(api, g, cmd, out),
+        Command::Gc { dry_run: false, check: true } => {
+            crate::output::check(out, fmt, &api.check()?)
+        }
+        Command::Gc { dry_run, .. } => crate::output::gc(out, fmt, &api.collect(*dry_run)?),
         Command::Prepare { key, parent, labels } => {
-            let mounts = sn.prepare(&ctx, key, parent.as_deref(), &parse_labels(labels)?)?;
+            let mounts = api.prepare(key, parent.as_deref(), &parse_labels(labels)?)?;
             crate::output::mounts(out, fmt, &mounts)
         }
         Command::View { key, parent, labels } => {
-            let mounts = sn.view(&ctx, key, Some(parent), &parse_labels(labels)?)?;
+            let mounts = api.view(key, Some(parent), &parse_labels(labels)?)?;
             crate::output::mounts(out, fmt, &mounts)
         }
-        Command::Commit { name, key, labels } => sn.commit(&ctx, name, key, &parse_labels(labels)?),
+        Command::Commit { name, key, labels } => api.commit(name, key, &parse_labels(labels)?),
         Command::Rm { keys } => {
             // Like `ctr snapshots rm`: try each, report each failure, fail if any did.
             let mut failed = Vec::new();
             for key in keys {
-                if let Err(e) = sn.remove(&ctx, key) {
+                if let Err(e) = api.remove(key) {
                     failed.push(e);
                 }
             }
@@ -387,44 +421,25 @@ fn run_on(
                 }
             }
         }
-        Command::Stat { key } => crate::output::info(out, fmt, &sn.stat(&ctx, key)?),
-        Command::Ls { filters } => {
-            let mut infos = Vec::new();
-            sn.walk(&ctx, filters, &mut |i| {
-                infos.push(i);
-                Ok(())
-            })?;
-            crate::output::list(out, fmt, &infos)
-        }
-        Command::Tree => {
-            let mut infos = Vec::new();
-            sn.walk(&ctx, &[], &mut |i| {
-                infos.push(i);
-                Ok(())
-            })?;
-            crate::output::tree(out, fmt, &infos)
-        }
+        Command::Stat { key } => crate::output::info(out, fmt, &api.stat(key)?),
+        Command::Ls { filters } => crate::output::list(out, fmt, &api.list(filters)?),
+        Command::Tree => crate::output::tree(out, fmt, &api.list(&[])?),
         Command::Usage { keys } => {
             let keys: Vec<String> = if keys.is_empty() {
-                let mut all = Vec::new();
-                sn.walk(&ctx, &[], &mut |i: Info| {
-                    all.push(i.name);
-                    Ok(())
-                })?;
-                all
+                api.list(&[])?.into_iter().map(|i: Info| i.name).collect()
             } else {
                 keys.clone()
             };
             let mut rows = Vec::new();
             for k in keys {
-                let u = sn.usage(&ctx, &k)?;
+                let u = api.usage(&k)?;
                 rows.push((k, u));
             }
             crate::output::usage(out, fmt, &rows)
         }
-        Command::Mounts { key } => crate::output::mounts(out, fmt, &sn.mounts(&ctx, key)?),
+        Command::Mounts { key } => crate::output::mounts(out, fmt, &api.mounts(key)?),
         Command::Label { key, labels } => {
-            let mut info = sn.stat(&ctx, key)?;
+            let mut info = api.stat(key)?;
             let mut paths = Vec::new();
             info.labels.clear();
             for (k, v) in parse_labels(labels)? {
@@ -437,22 +452,21 @@ fn run_on(
             if paths.is_empty() {
                 return Err(Error::InvalidArgument("label: give at least one KEY=VALUE".into()));
             }
-            let info = sn.update(&ctx, &info, &paths)?;
+            let info = api.update(&info, &paths)?;
             crate::output::labels(out, fmt, &info.labels)
         }
-        Command::Mount { key, dir } => wasnap::mount::mount_all(&sn.mounts(&ctx, key)?, dir),
-        Command::Cleanup => {
-            let report = sn.cleanup()?;
-            crate::output::prune(out, fmt, &report)
-        }
+        Command::Mount { key, dir } => wasnap::mount::mount_all(&api.mounts(key)?, dir),
+        Command::Cleanup => match api.cleanup()? {
+            Some(report) => crate::output::prune(out, fmt, &report),
+            // The daemon's Cleanup answers with nothing; its log says what went.
+            None => Ok(()),
+        },
         Command::Unmount { .. }
         | Command::Bench(_)
         | Command::Conformance(_)
         | Command::Plugin(_)
         | Command::Daemon(_)
-        | Command::Info
-        | Command::Lease(_)
-        | Command::Gc { .. } => unreachable_command(),
+        | Command::Status => unreachable_command(),
     }
 }
 

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+mod api;
 mod bench;
 mod bench_daemon;
 mod bench_plugins;

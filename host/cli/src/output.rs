@@ -367,6 +367,114 @@ pub(crate) fn host_info(out: &mut dyn Write, f: Format, info: &HostInfo) -> Resu
     }
 }
 
+fn uptime(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s:02}s"),
+        (0, _, _) => format!("{h}h{m:02}m"),
+        _ => format!("{d}d{h:02}h"),
+    }
+}
+
+fn mean_latency(busy_micros: u64, calls: u64) -> String {
+    if calls == 0 {
+        return "-".into();
+    }
+    fmt_duration(std::time::Duration::from_nanos(busy_micros.saturating_mul(1000) / calls))
+}
+
+/// A daemon's status (`wasnap status`).
+pub(crate) fn status(
+    out: &mut dyn Write,
+    f: Format,
+    s: &wasnap_daemon::proto::admin::StatusResponse,
+) -> Result<()> {
+    match f {
+        Format::Json => json(
+            out,
+            &serde_json::json!({
+                "version": s.version,
+                "pid": s.pid,
+                "uptime_ms": s.uptime_ms,
+                "root": s.root,
+                "socket": s.socket,
+                "default_snapshotter": s.default_snapshotter,
+                "requests": s.requests,
+                "failed_requests": s.failed_requests,
+                "snapshotters": s.snapshotters.iter().map(|n| serde_json::json!({
+                    "name": n.name, "driver": n.driver, "open": n.open, "policies": n.policies,
+                })).collect::<Vec<_>>(),
+                "plugins": s.plugins.iter().map(|p| serde_json::json!({
+                    "snapshotter": p.snapshotter, "role": p.role, "path": p.path,
+                    "size": p.size, "sha256": p.sha256,
+                    "counters": {
+                        "calls": p.calls, "errors": p.errors, "traps": p.traps,
+                        "timeouts": p.timeouts, "instances": p.instances,
+                        "busy_micros": p.busy_micros,
+                    },
+                })).collect::<Vec<_>>(),
+            }),
+        ),
+        Format::Table | Format::Junit => {
+            let rows = vec![
+                vec![
+                    "daemon".into(),
+                    format!("wasnap {}, pid {}, up {}", s.version, s.pid, uptime(s.uptime_ms)),
+                ],
+                vec!["root".into(), s.root.clone()],
+                vec!["socket".into(), s.socket.clone()],
+                vec!["requests".into(), format!("{} ({} failed)", s.requests, s.failed_requests)],
+            ];
+            table(out, &["", ""], &rows)?;
+            writeln!(out).map_err(io)?;
+            let rows: Vec<Vec<String>> = s
+                .snapshotters
+                .iter()
+                .map(|n| {
+                    vec![
+                        if n.name == s.default_snapshotter {
+                            format!("{} (default)", n.name)
+                        } else {
+                            n.name.clone()
+                        },
+                        n.driver.clone(),
+                        if n.open { "open".into() } else { "not open".into() },
+                        n.policies.to_string(),
+                    ]
+                })
+                .collect();
+            table(out, &["SNAPSHOTTER", "DRIVER", "STATE", "POLICIES"], &rows)?;
+            if s.plugins.is_empty() {
+                return Ok(());
+            }
+            writeln!(out).map_err(io)?;
+            let rows: Vec<Vec<String>> = s
+                .plugins
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.snapshotter.clone(),
+                        p.role.clone(),
+                        p.calls.to_string(),
+                        p.errors.to_string(),
+                        format!("{} ({} timeouts)", p.traps, p.timeouts),
+                        p.instances.to_string(),
+                        mean_latency(p.busy_micros, p.calls),
+                        p.path.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                out,
+                &["SNAPSHOTTER", "ROLE", "CALLS", "ERRORS", "TRAPS", "INSTANCES", "MEAN", "PLUGIN"],
+                &rows,
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -265,3 +265,59 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
         ))),
     }
 }
+
+/// `wasnap plugin ls` through a daemon: its plugins and their counters since it started.
+pub fn ls_remote(
+    status: &wasnap_daemon::proto::admin::StatusResponse,
+    f: Format,
+    out: &mut dyn Write,
+) -> Result<()> {
+    match f {
+        Format::Json => {
+            let v: Vec<_> = status
+                .plugins
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "snapshotter": p.snapshotter,
+                        "role": p.role,
+                        "path": p.path,
+                        "size": p.size,
+                        "sha256": p.sha256,
+                        "counters": {
+                            "calls": p.calls, "errors": p.errors, "traps": p.traps,
+                            "timeouts": p.timeouts, "instances": p.instances,
+                            "busy_micros": p.busy_micros,
+                        },
+                    })
+                })
+                .collect();
+            serde_json::to_writer_pretty(&mut *out, &v)
+                .map_err(|e| Error::internal("encode JSON", e))?;
+            writeln!(out).map_err(|e| Error::internal("write", e))
+        }
+        _ => {
+            let rows: Vec<Vec<String>> = status
+                .plugins
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.snapshotter.clone(),
+                        p.role.clone(),
+                        p.path.clone(),
+                        format!(
+                            "calls {} errors {} traps {} (timeouts {}) instances {}",
+                            p.calls, p.errors, p.traps, p.timeouts, p.instances
+                        ),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                writeln!(out, "no plugins configured (see `driver = \"wasm\"` and `policies` in the config file)")
+                    .map_err(|e| Error::internal("write", e))?;
+                return Ok(());
+            }
+            table(out, &["SNAPSHOTTER", "ROLE", "PLUGIN", "COUNTERS (DAEMON)"], &rows)
+        }
+    }
+}

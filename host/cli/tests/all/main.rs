@@ -10,3 +10,4 @@ mod common;
 mod durability;
 mod e2e;
 mod plugins;
+mod remote;

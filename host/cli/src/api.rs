@@ -1,0 +1,316 @@
+//! What the commands ask of wasnap, whether it runs in this process (embedded: the
+//! CLI opens the root itself) or in a daemon (`--address`): each command's logic is
+//! written once, against [`Api`].
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use wasnap::Snapshots;
+use wasnap::error::{Error, Result};
+use wasnap::gc::GcReport;
+use wasnap::host::{CheckReport, Host, HostInfo};
+use wasnap::metadata::{Ctx, Lease, PruneReport, Resource};
+use wasnap::snapshot::{Info, Labels, Mount, Usage};
+use wasnap_daemon::client::{Blocking, request};
+use wasnap_daemon::convert;
+use wasnap_daemon::proto::{admin as apb, leases as lpb, snapshots as spb};
+
+/// The operations behind the CLI's commands, for one namespace, snapshotter and lease.
+pub trait Api {
+    /// The snapshotter the commands act on.
+    fn snapshotter(&self) -> &str;
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>>;
+    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>>;
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()>;
+    fn remove(&self, key: &str) -> Result<()>;
+    fn stat(&self, key: &str) -> Result<Info>;
+    fn update(&self, info: &Info, paths: &[String]) -> Result<Info>;
+    fn list(&self, filters: &[String]) -> Result<Vec<Info>>;
+    fn usage(&self, key: &str) -> Result<Usage>;
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
+    /// What a cleanup removed; `None` when the daemon did it (the API does not say).
+    fn cleanup(&self) -> Result<Option<PruneReport>>;
+    fn lease_create(&self, id: Option<&str>, labels: &Labels) -> Result<Lease>;
+    fn lease_list(&self, filters: &[String]) -> Result<Vec<Lease>>;
+    /// Deletes a lease; with `sync`, collects and returns what the collection did.
+    fn lease_delete(&self, id: &str, sync: bool) -> Result<Option<GcReport>>;
+    fn lease_add(&self, id: &str, resource: &Resource) -> Result<()>;
+    fn lease_remove(&self, id: &str, resource: &Resource) -> Result<()>;
+    fn lease_resources(&self, id: &str) -> Result<Vec<Resource>>;
+    fn collect(&self, dry_run: bool) -> Result<GcReport>;
+    fn check(&self) -> Result<Vec<CheckReport>>;
+    fn info(&self) -> Result<HostInfo>;
+}
+
+/// Embedded: the root opened in this process.
+pub struct Local<'h> {
+    host: &'h Host,
+    name: String,
+    ctx: Ctx,
+}
+
+impl<'h> Local<'h> {
+    /// `snapshotter` of `host`, for `ctx`.
+    pub fn new(host: &'h Host, snapshotter: &str, ctx: Ctx) -> Self {
+        Local { host, name: snapshotter.to_owned(), ctx }
+    }
+
+    fn sn(&self) -> Result<Arc<Snapshots>> {
+        self.host.snapshotter(&self.name)
+    }
+}
+
+impl Api for Local<'_> {
+    fn snapshotter(&self) -> &str {
+        &self.name
+    }
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        self.sn()?.prepare(&self.ctx, key, parent, labels)
+    }
+    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        self.sn()?.view(&self.ctx, key, parent, labels)
+    }
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        self.sn()?.commit(&self.ctx, name, key, labels)
+    }
+    fn remove(&self, key: &str) -> Result<()> {
+        self.sn()?.remove(&self.ctx, key)
+    }
+    fn stat(&self, key: &str) -> Result<Info> {
+        self.sn()?.stat(&self.ctx, key)
+    }
+    fn update(&self, info: &Info, paths: &[String]) -> Result<Info> {
+        self.sn()?.update(&self.ctx, info, paths)
+    }
+    fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let mut infos = Vec::new();
+        self.sn()?.walk(&self.ctx, filters, &mut |i| {
+            infos.push(i);
+            Ok(())
+        })?;
+        Ok(infos)
+    }
+    fn usage(&self, key: &str) -> Result<Usage> {
+        self.sn()?.usage(&self.ctx, key)
+    }
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        self.sn()?.mounts(&self.ctx, key)
+    }
+    fn cleanup(&self) -> Result<Option<PruneReport>> {
+        self.sn()?.cleanup().map(Some)
+    }
+    fn lease_create(&self, id: Option<&str>, labels: &Labels) -> Result<Lease> {
+        self.host.leases().create(&self.ctx, id, labels)
+    }
+    fn lease_list(&self, filters: &[String]) -> Result<Vec<Lease>> {
+        self.host.leases().list(&self.ctx, filters)
+    }
+    fn lease_delete(&self, id: &str, sync: bool) -> Result<Option<GcReport>> {
+        self.host.delete_lease(&self.ctx, id, sync)
+    }
+    fn lease_add(&self, id: &str, resource: &Resource) -> Result<()> {
+        self.host.leases().add_resource(&self.ctx, id, resource)
+    }
+    fn lease_remove(&self, id: &str, resource: &Resource) -> Result<()> {
+        self.host.leases().delete_resource(&self.ctx, id, resource)
+    }
+    fn lease_resources(&self, id: &str) -> Result<Vec<Resource>> {
+        self.host.leases().resources(&self.ctx, id)
+    }
+    fn collect(&self, dry_run: bool) -> Result<GcReport> {
+        self.host.collect(dry_run)
+    }
+    fn check(&self) -> Result<Vec<CheckReport>> {
+        self.host.check()
+    }
+    fn info(&self) -> Result<HostInfo> {
+        Ok(self.host.info(&self.name))
+    }
+}
+
+/// Through a daemon, over its socket.
+pub struct Remote {
+    client: Blocking,
+    name: String,
+    namespace: String,
+    lease: Option<String>,
+}
+
+fn report<T: serde::de::DeserializeOwned>(r: apb::ReportResponse) -> Result<T> {
+    serde_json::from_str(&r.json).map_err(|e| Error::internal("decode the daemon's report", e))
+}
+
+impl Remote {
+    /// Connects to the daemon at `socket`; `snapshotter` none means the daemon's default.
+    pub fn connect(
+        socket: &Path,
+        snapshotter: Option<&str>,
+        namespace: &str,
+        lease: Option<String>,
+    ) -> Result<Remote> {
+        Ctx::new(namespace)?;
+        let client = Blocking::connect(socket)?;
+        let name = match snapshotter {
+            Some(s) => s.to_owned(),
+            None => {
+                client
+                    .call(|c| async move { c.admin().status(apb::StatusRequest {}).await })?
+                    .default_snapshotter
+            }
+        };
+        Ok(Remote { client, name, namespace: namespace.to_owned(), lease })
+    }
+
+    /// The daemon's status.
+    pub fn status(socket: &Path) -> Result<apb::StatusResponse> {
+        Blocking::connect(socket)?
+            .call(|c| async move { c.admin().status(apb::StatusRequest {}).await })
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        request(msg, Some(&self.namespace), self.lease.as_deref())
+    }
+
+    fn labels(labels: &Labels) -> HashMap<String, String> {
+        labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+impl Api for Remote {
+    fn snapshotter(&self) -> &str {
+        &self.name
+    }
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        let r = self.req(spb::PrepareSnapshotRequest {
+            snapshotter: self.name.clone(),
+            key: key.into(),
+            parent: parent.unwrap_or_default().into(),
+            labels: Self::labels(labels),
+        });
+        let resp = self.client.call(|c| async move { c.snapshots().prepare(r).await })?;
+        Ok(resp.mounts.into_iter().map(convert::mount_from).collect())
+    }
+    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
+        let r = self.req(spb::ViewSnapshotRequest {
+            snapshotter: self.name.clone(),
+            key: key.into(),
+            parent: parent.unwrap_or_default().into(),
+            labels: Self::labels(labels),
+        });
+        let resp = self.client.call(|c| async move { c.snapshots().view(r).await })?;
+        Ok(resp.mounts.into_iter().map(convert::mount_from).collect())
+    }
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        let r = self.req(spb::CommitSnapshotRequest {
+            snapshotter: self.name.clone(),
+            name: name.into(),
+            key: key.into(),
+            labels: Self::labels(labels),
+            parent: String::new(),
+        });
+        self.client.call(|c| async move { c.snapshots().commit(r).await })
+    }
+    fn remove(&self, key: &str) -> Result<()> {
+        let r = self
+            .req(spb::RemoveSnapshotRequest { snapshotter: self.name.clone(), key: key.into() });
+        self.client.call(|c| async move { c.snapshots().remove(r).await })
+    }
+    fn stat(&self, key: &str) -> Result<Info> {
+        let r =
+            self.req(spb::StatSnapshotRequest { snapshotter: self.name.clone(), key: key.into() });
+        let resp = self.client.call(|c| async move { c.snapshots().stat(r).await })?;
+        resp.info.map(convert::info_from).ok_or_else(|| Error::Internal("stat: no info".into()))
+    }
+    fn update(&self, info: &Info, paths: &[String]) -> Result<Info> {
+        let r = self.req(spb::UpdateSnapshotRequest {
+            snapshotter: self.name.clone(),
+            info: Some(convert::info(info.clone())),
+            update_mask: Some(prost_types::FieldMask { paths: paths.to_vec() }),
+        });
+        let resp = self.client.call(|c| async move { c.snapshots().update(r).await })?;
+        resp.info.map(convert::info_from).ok_or_else(|| Error::Internal("update: no info".into()))
+    }
+    fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let r = self.req(spb::ListSnapshotsRequest {
+            snapshotter: self.name.clone(),
+            filters: filters.to_vec(),
+        });
+        let client = self.client.client().clone();
+        self.client.block_on(async move {
+            let mut stream =
+                client.snapshots().list(r).await.map_err(|s| convert::error(&s))?.into_inner();
+            let mut infos = Vec::new();
+            while let Some(batch) = stream.message().await.map_err(|s| convert::error(&s))? {
+                infos.extend(batch.info.into_iter().map(convert::info_from));
+            }
+            Ok(infos)
+        })
+    }
+    fn usage(&self, key: &str) -> Result<Usage> {
+        let r = self.req(spb::UsageRequest { snapshotter: self.name.clone(), key: key.into() });
+        Ok(convert::usage_from(self.client.call(|c| async move { c.snapshots().usage(r).await })?))
+    }
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let r = self.req(spb::MountsRequest { snapshotter: self.name.clone(), key: key.into() });
+        let resp = self.client.call(|c| async move { c.snapshots().mounts(r).await })?;
+        Ok(resp.mounts.into_iter().map(convert::mount_from).collect())
+    }
+    fn cleanup(&self) -> Result<Option<PruneReport>> {
+        let r = self.req(spb::CleanupRequest { snapshotter: self.name.clone() });
+        self.client.call(|c| async move { c.snapshots().cleanup(r).await }).map(|()| None)
+    }
+    fn lease_create(&self, id: Option<&str>, labels: &Labels) -> Result<Lease> {
+        let r = self.req(lpb::CreateRequest {
+            id: id.unwrap_or_default().into(),
+            labels: Self::labels(labels),
+        });
+        let resp = self.client.call(|c| async move { c.leases().create(r).await })?;
+        resp.lease
+            .map(convert::lease_from)
+            .ok_or_else(|| Error::Internal("create: no lease".into()))
+    }
+    fn lease_list(&self, filters: &[String]) -> Result<Vec<Lease>> {
+        let r = self.req(lpb::ListRequest { filters: filters.to_vec() });
+        let resp = self.client.call(|c| async move { c.leases().list(r).await })?;
+        Ok(resp.leases.into_iter().map(convert::lease_from).collect())
+    }
+    fn lease_delete(&self, id: &str, sync: bool) -> Result<Option<GcReport>> {
+        // The Leases API's sync answers with nothing; delete, then collect, which is
+        // what a sync delete does, so the report can be shown as the embedded CLI does.
+        let r = self.req(lpb::DeleteRequest { id: id.into(), sync: false });
+        self.client.call(|c| async move { c.leases().delete(r).await })?;
+        if sync { self.collect(false).map(Some) } else { Ok(None) }
+    }
+    fn lease_add(&self, id: &str, resource: &Resource) -> Result<()> {
+        let r = self.req(lpb::AddResourceRequest {
+            id: id.into(),
+            resource: Some(convert::resource(resource.clone())),
+        });
+        self.client.call(|c| async move { c.leases().add_resource(r).await })
+    }
+    fn lease_remove(&self, id: &str, resource: &Resource) -> Result<()> {
+        let r = self.req(lpb::DeleteResourceRequest {
+            id: id.into(),
+            resource: Some(convert::resource(resource.clone())),
+        });
+        self.client.call(|c| async move { c.leases().delete_resource(r).await })
+    }
+    fn lease_resources(&self, id: &str) -> Result<Vec<Resource>> {
+        let r = self.req(lpb::ListResourcesRequest { id: id.into() });
+        let resp = self.client.call(|c| async move { c.leases().list_resources(r).await })?;
+        Ok(resp.resources.into_iter().map(convert::resource_from).collect())
+    }
+    fn collect(&self, dry_run: bool) -> Result<GcReport> {
+        let r = self.req(apb::CollectRequest { dry_run });
+        report(self.client.call(|c| async move { c.admin().collect(r).await })?)
+    }
+    fn check(&self) -> Result<Vec<CheckReport>> {
+        let r = self.req(apb::CheckRequest {});
+        report(self.client.call(|c| async move { c.admin().check(r).await })?)
+    }
+    fn info(&self) -> Result<HostInfo> {
+        let r = self.req(apb::InfoRequest { snapshotter: self.name.clone() });
+        report(self.client.call(|c| async move { c.admin().info(r).await })?)
+    }
+}

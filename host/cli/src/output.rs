@@ -385,6 +385,21 @@ fn mean_latency(busy_micros: u64, calls: u64) -> String {
     fmt_duration(std::time::Duration::from_nanos(busy_micros.saturating_mul(1000) / calls))
 }
 
+/// A daemon's plugin as JSON, in the shape `plugin ls --format json` prints.
+pub(crate) fn plugin_json(p: &wasnap_daemon::proto::admin::Plugin) -> serde_json::Value {
+    serde_json::json!({
+        "snapshotter": p.snapshotter,
+        "role": p.role,
+        "path": p.path,
+        "size": p.size,
+        "sha256": p.sha256,
+        "counters": {
+            "calls": p.calls, "errors": p.errors, "traps": p.traps,
+            "timeouts": p.timeouts, "instances": p.instances, "busy_micros": p.busy_micros,
+        },
+    })
+}
+
 /// A daemon's status (`wasnap status`).
 pub(crate) fn status(
     out: &mut dyn Write,
@@ -406,15 +421,7 @@ pub(crate) fn status(
                 "snapshotters": s.snapshotters.iter().map(|n| serde_json::json!({
                     "name": n.name, "driver": n.driver, "open": n.open, "policies": n.policies,
                 })).collect::<Vec<_>>(),
-                "plugins": s.plugins.iter().map(|p| serde_json::json!({
-                    "snapshotter": p.snapshotter, "role": p.role, "path": p.path,
-                    "size": p.size, "sha256": p.sha256,
-                    "counters": {
-                        "calls": p.calls, "errors": p.errors, "traps": p.traps,
-                        "timeouts": p.timeouts, "instances": p.instances,
-                        "busy_micros": p.busy_micros,
-                    },
-                })).collect::<Vec<_>>(),
+                "plugins": s.plugins.iter().map(plugin_json).collect::<Vec<_>>(),
             }),
         ),
         Format::Table | Format::Junit => {

@@ -274,24 +274,7 @@ pub fn ls_remote(
 ) -> Result<()> {
     match f {
         Format::Json => {
-            let v: Vec<_> = status
-                .plugins
-                .iter()
-                .map(|p| {
-                    serde_json::json!({
-                        "snapshotter": p.snapshotter,
-                        "role": p.role,
-                        "path": p.path,
-                        "size": p.size,
-                        "sha256": p.sha256,
-                        "counters": {
-                            "calls": p.calls, "errors": p.errors, "traps": p.traps,
-                            "timeouts": p.timeouts, "instances": p.instances,
-                            "busy_micros": p.busy_micros,
-                        },
-                    })
-                })
-                .collect();
+            let v: Vec<_> = status.plugins.iter().map(crate::output::plugin_json).collect();
             serde_json::to_writer_pretty(&mut *out, &v)
                 .map_err(|e| Error::internal("encode JSON", e))?;
             writeln!(out).map_err(|e| Error::internal("write", e))

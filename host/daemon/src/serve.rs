@@ -52,10 +52,14 @@ pub fn run(opts: Options) -> Result<()> {
         .thread_name("wasnap-daemon")
         .build()
         .map_err(|e| Error::internal("start the runtime", e))?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let stop = stop_signal()?;
         serve(opts, stop).await
-    })
+    });
+    // A call still stuck in a backend past the shutdown bound must not hold the exit:
+    // dropping the runtime would wait for its blocking threads.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

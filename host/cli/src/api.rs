@@ -2,6 +2,7 @@
 //! CLI opens the root itself) or in a daemon (`--address`): each command's logic is
 //! written once, against [`Api`].
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,8 +19,8 @@ use wasnap_daemon::proto::{admin as apb, leases as lpb, snapshots as spb};
 
 /// The operations behind the CLI's commands, for one namespace, snapshotter and lease.
 pub trait Api {
-    /// The snapshotter the commands act on.
-    fn snapshotter(&self) -> &str;
+    /// The name of the snapshotter the commands act on (lease resources name it).
+    fn snapshotter(&self) -> Result<String>;
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>>;
     fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>>;
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()>;
@@ -62,8 +63,8 @@ impl<'h> Local<'h> {
 }
 
 impl Api for Local<'_> {
-    fn snapshotter(&self) -> &str {
-        &self.name
+    fn snapshotter(&self) -> Result<String> {
+        Ok(self.name.clone())
     }
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         self.sn()?.prepare(&self.ctx, key, parent, labels)
@@ -132,7 +133,12 @@ impl Api for Local<'_> {
 /// Through a daemon, over its socket.
 pub struct Remote {
     client: Blocking,
+    /// The request's `snapshotter` field: `-s` as given, or empty for the daemon's
+    /// default.
     name: String,
+    /// The daemon's default, asked for (Admin.Status) only when a command needs the
+    /// name itself and `-s` was not given.
+    default: OnceCell<String>,
     namespace: String,
     lease: Option<String>,
 }
@@ -150,16 +156,13 @@ impl Remote {
         lease: Option<String>,
     ) -> Result<Remote> {
         Ctx::new(namespace)?;
-        let client = Blocking::connect(socket)?;
-        let name = match snapshotter {
-            Some(s) => s.to_owned(),
-            None => {
-                client
-                    .call(|c| async move { c.admin().status(apb::StatusRequest {}).await })?
-                    .default_snapshotter
-            }
-        };
-        Ok(Remote { client, name, namespace: namespace.to_owned(), lease })
+        Ok(Remote {
+            client: Blocking::connect(socket)?,
+            name: snapshotter.unwrap_or_default().to_owned(),
+            default: OnceCell::new(),
+            namespace: namespace.to_owned(),
+            lease,
+        })
     }
 
     /// The daemon's status.
@@ -178,8 +181,16 @@ impl Remote {
 }
 
 impl Api for Remote {
-    fn snapshotter(&self) -> &str {
-        &self.name
+    fn snapshotter(&self) -> Result<String> {
+        if !self.name.is_empty() {
+            return Ok(self.name.clone());
+        }
+        if let Some(name) = self.default.get() {
+            return Ok(name.clone());
+        }
+        let status =
+            self.client.call(|c| async move { c.admin().status(apb::StatusRequest {}).await })?;
+        Ok(self.default.get_or_init(|| status.default_snapshotter).clone())
     }
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         let r = self.req(spb::PrepareSnapshotRequest {

@@ -3,7 +3,7 @@
 //! Verbs and argument order follow `ctr snapshots` (`prepare KEY [PARENT]`,
 //! `view KEY PARENT`, `commit NAME KEY`, `rm KEY...`, `label KEY k=v...`), so people who
 //! know containerd feel at home. The command tree is parsed once here; commands run
-//! against an open [`Host`] (embedded mode).
+//! against [`Api`]: a [`Host`] opened in this process, or the daemon at `--address`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -283,7 +283,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         return crate::bench::run(args, out);
     }
     if let Command::Daemon(args) = &cli.command {
-        if g.address.is_some() {
+        // --address is for clients. From the environment (a shell that exported
+        // WASNAP_ADDRESS for its CLI), it does not concern the daemon; given on the
+        // daemon's own command line, it is a mistake for --socket.
+        let from_env = std::env::var_os("WASNAP_ADDRESS").map(PathBuf::from);
+        if g.address.is_some() && g.address != from_env {
             return Err(Error::InvalidArgument(
                 "daemon: --address is for clients; the daemon takes --socket".into(),
             ));
@@ -321,8 +325,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
 /// Runs a command through the daemon at `socket`.
 fn run_remote(socket: &Path, command: &Command, g: &Global, out: &mut dyn Write) -> Result<()> {
     let local_only = [
-        ("--root", g.root.is_some()),
-        ("--config", g.config.is_some()),
+        ("--root (or WASNAP_ROOT)", g.root.is_some()),
+        ("--config (or WASNAP_CONFIG)", g.config.is_some()),
         ("--plugin", g.plugin.is_some()),
         ("--policy", !g.policies.is_empty()),
     ];
@@ -347,7 +351,6 @@ fn run_remote(socket: &Path, command: &Command, g: &Global, out: &mut dyn Write)
 }
 
 fn run_lease(api: &dyn Api, g: &Global, cmd: &LeaseCommand, out: &mut dyn Write) -> Result<()> {
-    let snapshotter = api.snapshotter();
     match cmd {
         LeaseCommand::Create { id, labels, expire } => {
             let mut labels = parse_labels(labels)?;
@@ -373,10 +376,12 @@ fn run_lease(api: &dyn Api, g: &Global, cmd: &LeaseCommand, out: &mut dyn Write)
             Ok(())
         }
         LeaseCommand::Add { id, keys } => {
-            keys.iter().try_for_each(|k| api.lease_add(id, &Resource::snapshot(snapshotter, k)))
+            let snapshotter = api.snapshotter()?;
+            keys.iter().try_for_each(|k| api.lease_add(id, &Resource::snapshot(&snapshotter, k)))
         }
         LeaseCommand::Remove { id, keys } => {
-            keys.iter().try_for_each(|k| api.lease_remove(id, &Resource::snapshot(snapshotter, k)))
+            let snapshotter = api.snapshotter()?;
+            keys.iter().try_for_each(|k| api.lease_remove(id, &Resource::snapshot(&snapshotter, k)))
         }
         LeaseCommand::Resources { id } => {
             crate::output::resources(out, g.format, &api.lease_resources(id)?)
@@ -439,18 +444,19 @@ fn run_on(api: &dyn Api, g: &Global, command: &Command, out: &mut dyn Write) -> 
         }
         Command::Mounts { key } => crate::output::mounts(out, fmt, &api.mounts(key)?),
         Command::Label { key, labels } => {
+            let labels = parse_labels(labels)?;
+            if labels.is_empty() {
+                return Err(Error::InvalidArgument("label: give at least one KEY=VALUE".into()));
+            }
             let mut info = api.stat(key)?;
             let mut paths = Vec::new();
             info.labels.clear();
-            for (k, v) in parse_labels(labels)? {
+            for (k, v) in labels {
                 paths.push(format!("labels.{k}"));
                 // `k=` removes: an absent label under a `labels.k` path is a delete.
                 if !v.is_empty() {
                     info.labels.insert(k, v);
                 }
-            }
-            if paths.is_empty() {
-                return Err(Error::InvalidArgument("label: give at least one KEY=VALUE".into()));
             }
             let info = api.update(&info, &paths)?;
             crate::output::labels(out, fmt, &info.labels)

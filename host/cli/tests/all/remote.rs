@@ -2,22 +2,69 @@
 //! embedded, errors stay one typed line, and the daemon's life: a second one on the
 //! same root is refused, SIGTERM stops it cleanly, a restart serves the same snapshots.
 
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
+use tempfile::TempDir;
 use wasnap_daemon::process::DaemonProcess;
 
 use crate::common::tmp;
 
-fn wasnap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wasnap"))
+/// A process this test started: killed by its pid and reaped when dropped, so that
+/// nothing outlives a failing or hanging test.
+struct Proc(Option<Child>);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `wasnap ARGS` with `envs` set, for at most two minutes.
+fn wasnap_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_wasnap"))
         .args(args)
         .env_remove("WASNAP_NAMESPACE")
         .env_remove("WASNAP_ROOT")
         .env_remove("WASNAP_ADDRESS")
         .env_remove("WASNAP_CONFIG")
-        .output()
-        .unwrap()
+        .env_remove("WASNAP_SNAPSHOTTER")
+        .env_remove("WASNAP_LEASE")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut proc = Proc(Some(child));
+    let child = proc.0.as_mut().unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{args:?} did not finish");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+fn wasnap(args: &[&str]) -> Output {
+    wasnap_env(args, &[])
 }
 
 fn ok(args: &[&str]) -> String {
@@ -26,11 +73,25 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A failure: exit status 1 and one line `wasnap: ...` on stderr; returns that line.
+fn fails(args: &[&str]) -> String {
+    let out = wasnap(args);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {err}");
+    assert!(err.starts_with("wasnap: ") && err.lines().count() == 1, "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err.trim_end().to_owned()
+}
+
 const CONFIG: &str =
     "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n";
 
 fn daemon(dir: &Path) -> DaemonProcess {
-    DaemonProcess::start(Path::new(env!("CARGO_BIN_EXE_wasnap")), dir, CONFIG).unwrap()
+    daemon_with(dir, CONFIG)
+}
+
+fn daemon_with(dir: &Path, config: &str) -> DaemonProcess {
+    DaemonProcess::start(Path::new(env!("CARGO_BIN_EXE_wasnap")), dir, config).unwrap()
 }
 
 /// Output with what legitimately differs between two roots masked: the root's path,
@@ -49,15 +110,41 @@ fn masked(text: &str, root: &Path) -> String {
     spaces.replace_all(&times.replace_all(&text, "<t>"), "  ").into_owned()
 }
 
+/// Runs `script` in `format`, embedded on a fresh root and through a daemon on
+/// another, both configured by `config`, and asserts that exit status, stdout and
+/// stderr agree (masked). Returns the daemon (with its directories) for more checks.
+fn same_both_ways(script: &[&[&str]], config: &str, format: &str) -> (DaemonProcess, TempDir) {
+    let (embedded, remote) = (tmp(), tmp());
+    let d = daemon_with(remote.path(), config);
+    let config_path = embedded.path().join("wasnap.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let (root, config_s) = (embedded.path().to_str().unwrap(), config_path.to_str().unwrap());
+    let sock = d.socket().to_str().unwrap();
+    for args in script {
+        let mut local = vec!["--root", root, "--config", config_s, "--format", format];
+        let mut through = vec!["--address", sock, "--format", format];
+        local.extend_from_slice(args);
+        through.extend_from_slice(args);
+        let (a, b) = (wasnap(&local), wasnap(&through));
+        let what = format!("{args:?} --format {format}");
+        assert_eq!(a.status.code(), b.status.code(), "{what}: {a:?} {b:?}");
+        let text = |s: &[u8], r: &Path| masked(&String::from_utf8_lossy(s), r);
+        assert_eq!(
+            text(&a.stdout, embedded.path()),
+            text(&b.stdout, d.root()),
+            "{what}: stdout embedded and through the daemon differ"
+        );
+        assert_eq!(
+            text(&a.stderr, embedded.path()),
+            text(&b.stderr, d.root()),
+            "{what}: stderr embedded and through the daemon differ"
+        );
+    }
+    (d, remote)
+}
+
 #[test]
 fn every_command_gives_the_same_output_through_the_daemon() {
-    let (embedded, remote) = (tmp(), tmp());
-    let d = daemon(remote.path());
-    let sock = d.socket().to_str().unwrap().to_owned();
-    let root = embedded.path().to_str().unwrap().to_owned();
-    let config = embedded.path().join("wasnap.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-    let config = config.to_str().unwrap().to_owned();
     let script: &[&[&str]] = &[
         &["prepare", "a", "-l", "k=v"],
         &["commit", "c", "a"],
@@ -67,39 +154,60 @@ fn every_command_gives_the_same_output_through_the_daemon() {
         &["stat", "c"],
         &["ls"],
         &["ls", "--filter", "kind==active"],
+        &["ls", "--filter", "labels.x==1", "--filter", "name==v"],
         &["tree"],
         &["usage"],
         &["usage", "c"],
         &["mounts", "b"],
+        &["-s", "native", "mounts", "v"],
         &["lease", "create", "--id", "L1", "-l", "a=b"],
         &["lease", "ls"],
+        &["lease", "ls", "--filter", "labels.a==b"],
         &["lease", "add", "L1", "c"],
         &["lease", "resources", "L1"],
         &["lease", "remove", "L1", "c"],
         &["--lease", "L1", "prepare", "held"],
+        &["--lease", "L1", "commit", "c-held", "held"],
+        &["lease", "resources", "L1"],
         &["lease", "rm", "--sync", "L1"],
         &["gc", "--dry-run"],
         &["gc", "--check"],
-        &["rm", "b", "v"],
+        &["-n", "other", "prepare", "o"],
         &["-n", "other", "ls"],
         &["info"],
+        // Errors: the same one typed line either way.
+        &["stat", "missing"],
+        &["prepare", "b"],
+        &["view", "v2", "b"],
+        &["commit", "x", "missing"],
+        &["rm", "m1", "m2"],
+        &["rm", "c"],
+        &["label", "c"],
+        &["label", "c", "novalue"],
+        &["ls", "--filter", "kind=="],
+        &["lease", "rm", "nope"],
+        &["lease", "add", "nope", "c"],
+        &["-n", "bad/ns", "ls"],
+        &["usage", "missing"],
+        &["rm", "b", "v"],
     ];
-    for args in script {
-        for format in ["table", "json"] {
-            let mut local = vec!["--root", &root, "--config", &config, "--format", format];
-            let mut through = vec!["--address", sock.as_str(), "--format", format];
-            local.extend_from_slice(args);
-            through.extend_from_slice(args);
-            let (a, b) = (wasnap(&local), wasnap(&through));
-            assert_eq!(a.status.code(), b.status.code(), "{args:?}: {a:?} {b:?}");
-            let text = |o: &Output, r: &Path| masked(&String::from_utf8_lossy(&o.stdout), r);
-            assert_eq!(
-                text(&a, embedded.path()),
-                text(&b, d.root()),
-                "{args:?} --format {format}: embedded and through the daemon differ"
-            );
-        }
+    for format in ["table", "json"] {
+        same_both_ways(script, CONFIG, format);
     }
+}
+
+#[test]
+fn cleanup_through_the_daemon_prints_nothing_and_succeeds() {
+    // The Cleanup RPC answers with nothing, so the client cannot show what went (the
+    // daemon logs it); it prints nothing rather than an empty report it cannot vouch for.
+    let dir = tmp();
+    let d = daemon(dir.path());
+    let sock = d.socket().to_str().unwrap();
+    ok(&["--address", sock, "prepare", "a"]);
+    assert_eq!(ok(&["--address", sock, "cleanup"]), "");
+    assert_eq!(ok(&["--address", sock, "--format", "json", "cleanup"]), "");
+    assert!(ok(&["--address", sock, "gc", "--check"]).contains("0 problems in 1 snapshotters"));
+    assert!(ok(&["--address", sock, "ls"]).contains("a"));
 }
 
 #[test]
@@ -107,18 +215,49 @@ fn errors_through_the_daemon_are_one_typed_line() {
     let dir = tmp();
     let d = daemon(dir.path());
     let sock = d.socket().to_str().unwrap();
-    let out = wasnap(&["--address", sock, "stat", "missing"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("wasnap: ") && err.trim_end().ends_with("not found"), "{err}");
-    let out = wasnap(&["--address", sock, "--root", "/x", "ls"]);
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("--root") && err.contains("invalid argument"), "{err}");
-    let out = wasnap(&["--address", "/nonexistent/wasnap.sock", "ls"]);
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("no wasnap daemon answers at /nonexistent/wasnap.sock"), "{err}");
-    assert!(err.trim_end().ends_with("unavailable"), "{err}");
+    assert_eq!(
+        fails(&["--address", sock, "stat", "missing"]),
+        "wasnap: snapshot \"missing\": not found"
+    );
+    // Flags that configure a root here are refused with --address, not ignored.
+    for flags in [
+        &["--root", "/x"][..],
+        &["--config", "/x.toml"],
+        &["--plugin", "/x.wasm"],
+        &["--policy", "/x.wasm"],
+    ] {
+        let err = fails(&[&["--address", sock][..], flags, &["ls"]].concat());
+        assert!(err.contains(flags[0]) && err.ends_with("invalid argument"), "{err}");
+    }
+    let out = wasnap_env(&["--address", sock, "ls"], &[("WASNAP_ROOT", "/x")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WASNAP_ROOT"), "{out:?}");
+    let err = fails(&["--address", sock, "plugin", "compile", "/x.wasm"]);
+    assert!(err.ends_with("invalid argument"), "{err}");
+    // No daemon: unavailable, naming the socket.
+    for cmd in ["ls", "status"] {
+        let err = fails(&["--address", "/nonexistent/wasnap.sock", cmd]);
+        assert!(err.contains("no wasnap daemon answers at /nonexistent/wasnap.sock"), "{err}");
+        assert!(err.ends_with("unavailable"), "{err}");
+    }
+    // `status` without --address asks the default socket.
+    if !Path::new(wasnap::config::DEFAULT_SOCKET).exists() {
+        let err = fails(&["status"]);
+        assert!(err.contains(wasnap::config::DEFAULT_SOCKET), "{err}");
+    }
+}
+
+#[test]
+fn wasnap_address_in_the_environment_selects_the_daemon() {
+    let dir = tmp();
+    let d = daemon(dir.path());
+    let sock = d.socket().to_str().unwrap();
+    let env = [("WASNAP_ADDRESS", sock)];
+    assert!(wasnap_env(&["prepare", "from-env"], &env).status.success());
+    let out = wasnap_env(&["ls"], &env);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("from-env"), "{out:?}");
+    assert!(ok(&["--address", sock, "ls"]).contains("from-env"));
+    let out = wasnap_env(&["status"], &env);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(sock), "{out:?}");
 }
 
 #[test]
@@ -130,11 +269,83 @@ fn status_shows_the_daemon_and_its_counters() {
     let _ = wasnap(&["--address", sock, "stat", "missing"]);
     let text = ok(&["--address", sock, "status"]);
     assert!(text.contains("native (default)") && text.contains("open"), "{text}");
+    assert!(text.contains(sock) && text.contains(&d.root().display().to_string()), "{text}");
+    assert!(text.contains("requests  ") && text.contains("(1 failed)"), "{text}");
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
-    assert!(json["requests"].as_u64().unwrap() >= 3, "{json}");
-    assert!(json["failed_requests"].as_u64().unwrap() >= 1, "{json}");
+    assert!(json["requests"].as_u64().unwrap() >= 2, "{json}");
+    assert_eq!(json["failed_requests"], 1, "{json}");
     assert_eq!(json["root"], d.root().display().to_string());
+    assert_eq!(json["socket"], sock);
+    assert!(json["pid"].as_u64().unwrap() > 0);
+    assert_eq!(json["snapshotters"][0]["name"], "native");
+    assert_eq!(json["plugins"], serde_json::json!([]));
+}
+
+#[test]
+fn status_and_plugin_ls_show_the_daemons_plugins() {
+    let guest = |n: &str| {
+        let p = wasnap_conformance::guests::path(n).unwrap_or_else(|e| panic!("{e}"));
+        p.to_str().unwrap().to_owned()
+    };
+    let config = format!(
+        "default_snapshotter = \"copy\"\n[snapshotters.copy]\ndriver = \"wasm\"\npath = \"{}\"\n\
+         [[snapshotters.copy.policies]]\npath = \"{}\"\nconfig = {{ max_active = 1 }}\n",
+        guest("copy"),
+        guest("quota")
+    );
+    // The policy's refusal is the same error either way.
+    let script: &[&[&str]] = &[&["prepare", "one"], &["prepare", "two"], &["ls"], &["rm", "one"]];
+    same_both_ways(script, &config, "json");
+    let (d, _dir) = same_both_ways(script, &config, "table");
+
+    let sock = d.socket().to_str().unwrap();
+    let text = ok(&["--address", sock, "status"]);
+    for want in ["copy (default)", "wasm", "backend", "policy", "MEAN", "quota.wasm"] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
+    let plugins = json["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 2, "{json}");
+    for p in plugins {
+        assert!(p["counters"]["calls"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["counters"]["busy_micros"].as_u64().is_some(), "{p}");
+    }
+    // The policy refused `prepare two`.
+    let policy = plugins.iter().find(|p| p["role"] == "policy").unwrap();
+    assert!(policy["counters"]["errors"].as_u64().unwrap() >= 1, "{json}");
+    let ls = ok(&["--address", sock, "plugin", "ls"]);
+    assert!(ls.contains("COUNTERS (DAEMON)") && ls.contains("calls "), "{ls}");
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&["--address", sock, "--format", "json", "plugin", "ls"]))
+            .unwrap();
+    assert_eq!(ls, json["plugins"], "plugin ls and status show a plugin alike");
+}
+
+#[test]
+fn mount_through_the_daemon_mounts_here() {
+    crate::require_root!();
+    let dir = tmp();
+    let d = daemon(dir.path());
+    let sock = d.socket().to_str().unwrap();
+    let (rw, ro) = (dir.path().join("rw"), dir.path().join("ro"));
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    let (rw_s, ro_s) = (rw.to_str().unwrap(), ro.to_str().unwrap());
+    ok(&["--address", sock, "prepare", "a"]);
+    ok(&["--address", sock, "mount", "a", rw_s]);
+    std::fs::write(rw.join("hello"), "from the client").unwrap();
+    ok(&["--address", sock, "unmount", rw_s]);
+    assert!(!rw.join("hello").exists(), "unmounted");
+    ok(&["--address", sock, "commit", "c", "a"]);
+    ok(&["--address", sock, "view", "v", "c"]);
+    ok(&["--address", sock, "mount", "v", ro_s]);
+    let read = std::fs::read_to_string(ro.join("hello"));
+    ok(&["unmount", ro_s]);
+    assert_eq!(read.unwrap(), "from the client");
+    let err = fails(&["--address", sock, "mount", "missing", ro_s]);
+    assert!(err.ends_with("not found"), "{err}");
 }
 
 #[test]
@@ -143,29 +354,38 @@ fn one_daemon_per_root_sigterm_stops_it_and_a_restart_serves_the_same_snapshots(
     let mut d = daemon(dir.path());
     let sock = d.socket().to_str().unwrap().to_owned();
     ok(&["--address", &sock, "prepare", "kept"]);
+    ok(&["--address", &sock, "commit", "kept-c", "kept"]);
     // A second daemon on the same root is refused, clearly, before it touches the socket.
+    let other_sock = dir.path().join("other.sock");
     let second = wasnap(&[
         "--root",
         d.root().to_str().unwrap(),
         "daemon",
         "--socket",
-        dir.path().join("other.sock").to_str().unwrap(),
+        other_sock.to_str().unwrap(),
     ]);
     assert_eq!(second.status.code(), Some(1));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("in use by another process"), "{err}");
+    assert!(!other_sock.exists(), "the refused daemon left no socket");
     // And a second daemon on the same socket (another root) too.
     let other = tmp();
     let third = wasnap(&["--root", other.path().to_str().unwrap(), "daemon", "--socket", &sock]);
     assert_eq!(third.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&third.stderr).contains("another daemon is serving"));
+    // The first one still serves.
+    assert!(ok(&["--address", &sock, "ls"]).contains("kept-c"));
 
-    let started = std::time::Instant::now();
+    let before = ok(&["--address", &sock, "--format", "json", "stat", "kept-c"]);
+    let started = Instant::now();
     let status = d.signal(rustix::process::Signal::TERM).unwrap();
     assert!(status.success(), "SIGTERM exits 0: {status}\n{}", d.log_tail());
-    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     assert!(!d.socket().exists(), "the socket is gone");
     assert!(d.log_tail().contains("stopped"), "{}", d.log_tail());
+    let err = fails(&["--address", &sock, "ls"]);
+    assert!(err.ends_with("unavailable"), "{err}");
     d.spawn().unwrap();
-    assert!(ok(&["--address", &sock, "ls"]).contains("kept"));
+    assert_eq!(ok(&["--address", &sock, "--format", "json", "stat", "kept-c"]), before);
+    assert!(ok(&["--address", &sock, "ls"]).contains("kept-c"));
 }

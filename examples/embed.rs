@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use wasnap::host::{DEFAULT_SNAPSHOTTER, Host};
+use wasnap::root::{DEFAULT_SNAPSHOTTER, Host};
 use wasnap::{Ctx, Labels};
 
 fn main() -> anyhow::Result<()> {

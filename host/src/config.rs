@@ -51,8 +51,8 @@ use serde::{Deserialize, Serialize};
 use crate::driver::overlay::OverlayOptions;
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
-use crate::host::DEFAULT_SNAPSHOTTER;
 use crate::plugin::Limits;
+use crate::root::DEFAULT_SNAPSHOTTER;
 
 /// Which driver serves a snapshotter, and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,7 +165,7 @@ pub fn validate_name(name: &str) -> Result<()> {
         || name.starts_with(['.', '-'])
         || !name.chars().all(plain)
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "snapshotter name {name:?}: use 1 to 128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
         )));
     }
@@ -205,15 +205,15 @@ impl Config {
                 format!(" (line {line}, column {col})")
             });
             let msg = e.message().trim().replace('\n', "; ");
-            Error::InvalidArgument(format!("config {origin}{}: {msg}", at.unwrap_or_default()))
+            Error::invalid_argument(format!("config {origin}{}: {msg}", at.unwrap_or_default()))
         })?;
         if config.snapshotters.is_empty() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "config {origin}: no [snapshotters.NAME] is configured"
             )));
         }
         if !config.snapshotters.contains_key(&config.default_snapshotter) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "config {origin}: default_snapshotter {:?} is not one of the configured snapshotters ({})",
                 config.default_snapshotter,
                 config.snapshotters.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -231,7 +231,7 @@ impl Config {
             if matches!(driver, Some("native" | "btrfs"))
                 && let Some(key) = extra
             {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "config {origin}: snapshotter {name:?}: unknown field {key:?} (driver {:?} takes only `policies`)",
                     driver.unwrap_or_default()
                 )));
@@ -256,7 +256,7 @@ impl Config {
     /// Relative plugin paths are taken relative to the file's directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::InvalidArgument(format!("config {}: {e}", path.display())))?;
+            .map_err(|e| Error::invalid_argument(format!("config {}: {e}", path.display())))?;
         let mut config = Self::parse(&text, &path.display().to_string())?;
         if let Some(base) = path.parent() {
             config.resolve_paths(base);
@@ -289,7 +289,7 @@ impl Config {
 
     /// The configuration as TOML, e.g. to start a file from the defaults.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self).map_err(|e| Error::internal("encode config", e))
+        toml::to_string_pretty(self).map_err(|e| Error::internal(format!("encode config: {e}")))
     }
 }
 

@@ -43,7 +43,7 @@ impl Faults {
                 "error" => Action::Error,
                 "abort" => Action::Abort,
                 other => {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::invalid_argument(format!(
                         "fault action {other:?} for {point:?} (expected error or abort)"
                     )));
                 }
@@ -82,7 +82,7 @@ impl Faults {
         let action = self.lock().get(point).copied();
         match action {
             None => Ok(()),
-            Some(Action::Error) => Err(Error::Internal(format!("injected fault at {point}"))),
+            Some(Action::Error) => Err(Error::internal(format!("injected fault at {point}"))),
             Some(Action::Abort) => {
                 tracing::error!(point, "injected fault: aborting the process");
                 std::process::abort()

@@ -420,7 +420,7 @@ impl<'a> Parser<'a> {
     }
 
     fn error(&self, pos: usize, msg: impl std::fmt::Display) -> Error {
-        Error::InvalidArgument(format!("filter {:?}: {msg} at position {pos}", self.input))
+        Error::invalid_argument(format!("filter {:?}: {msg} at position {pos}", self.input))
     }
 
     fn selectors(&mut self) -> Result<Vec<Selector>> {

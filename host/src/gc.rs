@@ -1,49 +1,31 @@
-//! Garbage collection: containerd's mark and sweep, for snapshots, with one deliberate
-//! difference.
+//! Garbage collection: what runs a collection, and when.
 //!
-//! **Roots.** Snapshots created with no lease in effect (containerd, as a proxy client,
-//! removes what its own collector collects, so wasnap must never collect what containerd
-//! still records); snapshots labelled `containerd.io/gc.root`; snapshots whose
-//! `containerd.io/gc.expire` time has not come; every snapshot an unexpired lease holds;
-//! and, by the retention settings, recently used committed snapshots.
-//! **References.** A snapshot holds its parent; unless held through a flat lease
-//! (`containerd.io/gc.flat`), also what its `containerd.io/gc.ref.snapshot.<snapshotter>`
-//! labels name; and a snapshot labelled `containerd.io/gc.bref.snapshot.<snapshotter>`
-//! is held by the snapshot the label names.
+//! Mark and sweep live beside the tables they read ([`crate::metadata::gc`]); this
+//! module owns the options, the order of the steps, the pruning of backends under
+//! deadlines, and the scheduler.
 //!
-//! **Steps.** Mark and sweep happen in one metadata write transaction, so they see one
-//! consistent state, and are bounded by [`GcOptions::max_pause`]: writers wait at most
-//! that long. Expired leases go in the same transaction. Then each backend prunes what
-//! no record names, children first, with no metadata lock held and every backend call
-//! under [`GcOptions::backend_timeout`]; a backend that fails or hangs is reported and
+//! **Steps.** Mark and sweep happen in one metadata write, so they see one consistent
+//! state, and are bounded by [`GcOptions::max_pause`]: writers wait at most that long.
+//! Expired leases go in the same write. Then each backend prunes what no record names,
+//! children first, with no metadata lock held and every backend call under
+//! [`GcOptions::backend_timeout`]; a backend that fails or hangs is reported and
 //! retried next time. A crash at any step leaves records and backends that the next
 //! collection reconciles: records are swept atomically, and pruning only ever removes
 //! what no record names.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use redb::{ReadableMultimapTable, ReadableTable};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
-use crate::kv::{self, from_nanos};
-use crate::metadata::MetaDb;
-use crate::metadata::Snapshots;
-use crate::metadata::db::{BKEYS, CHILDREN, SNAPSHOTS};
-use crate::metadata::lease::{LABEL_GC_EXPIRE, LABEL_GC_FLAT, LEASE_RESOURCES, LEASES};
-use crate::metadata::record::Record;
-use crate::snapshot::Kind;
+use crate::kv::Durability;
+use crate::metadata::gc::{Marked, mark_and_sweep, mark_read};
+use crate::metadata::{MetaDb, Snapshotter};
 
-/// A snapshot label: the snapshot is a root.
-pub const LABEL_GC_ROOT: &str = "containerd.io/gc.root";
-/// A snapshot label prefix: `…<snapshotter>[/name] = key` holds that snapshot.
-pub const LABEL_GC_REF_SNAPSHOT: &str = "containerd.io/gc.ref.snapshot.";
-/// A snapshot label prefix: `…<snapshotter>[/name] = key` is held by that snapshot.
-pub const LABEL_GC_BREF_SNAPSHOT: &str = "containerd.io/gc.bref.snapshot.";
+pub use crate::metadata::gc::{LABEL_GC_BREF_SNAPSHOT, LABEL_GC_REF_SNAPSHOT, LABEL_GC_ROOT};
 
 /// The host's own retention, applied to committed snapshots that nothing else holds
 /// (what buildkit's prune calls keep-duration and keep-storage).
@@ -129,9 +111,6 @@ pub struct GcReport {
     pub prune: Duration,
 }
 
-type Node = (String, String, String); // (snapshotter, namespace, key)
-type LeaseId = (String, String); // (namespace, id)
-
 /// Runs collections over a metadata database.
 #[derive(Debug)]
 pub struct Collector {
@@ -140,12 +119,6 @@ pub struct Collector {
     opts: GcOptions,
     /// One collection at a time.
     running: Mutex<()>,
-}
-
-fn label_target<'a>(key: &'a str, prefix: &str, value: &'a str) -> Option<(&'a str, &'a str)> {
-    let rest = key.strip_prefix(prefix)?;
-    let snapshotter = rest.split('/').next().unwrap_or(rest);
-    (!snapshotter.is_empty() && !value.is_empty()).then_some((snapshotter, value))
 }
 
 impl Collector {
@@ -161,29 +134,30 @@ impl Collector {
 
     /// One collection: mark, sweep, then prune `backends` (the snapshotters that are
     /// open; others are pruned when next collected with them open).
-    pub fn collect(&self, backends: &[Arc<Snapshots>], dry_run: bool) -> Result<GcReport> {
+    pub fn collect(&self, backends: &[Arc<Snapshotter>], dry_run: bool) -> Result<GcReport> {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = GcReport { dry_run, ..GcReport::default() };
         let started = Instant::now();
-        let txn = self.db.write()?;
-        let (removed, expired) = self.mark(&txn)?;
-        report.mark = started.elapsed();
-        if started.elapsed() > self.opts.max_pause() {
-            return Err(Error::Unavailable(format!(
-                "collection gave up: marking took {:?}, more than the {:?} writers may be held",
-                started.elapsed(),
-                self.opts.max_pause()
-            )));
-        }
-        let sweep_start = Instant::now();
-        if dry_run {
-            drop(txn);
+        let (Marked { removed, expired }, mark, sweep) = if dry_run {
+            (mark_read(&self.db.read()?, &self.opts.retention)?, started.elapsed(), Duration::ZERO)
         } else {
-            self.sweep(&txn, &removed, &expired)?;
-            self.faults.hit("gc.sweep.before-commit")?;
-            txn.commit().map_err(kv::e)?;
-        }
-        report.sweep = sweep_start.elapsed();
+            let (retention, max_pause, faults) =
+                (self.opts.retention.clone(), self.opts.max_pause(), self.faults.clone());
+            self.db.write(Durability::Immediate, move |txn| {
+                let held = Instant::now();
+                let marked = mark_and_sweep(txn, &retention)?;
+                if held.elapsed() > max_pause {
+                    return Err(Error::unavailable(format!(
+                        "collection gave up: mark and sweep took {:?}, more than the {max_pause:?} writers may be held",
+                        held.elapsed()
+                    )));
+                }
+                faults.hit("gc.sweep.before-commit")?;
+                Ok(marked)
+            })?
+        };
+        report.mark = mark;
+        report.sweep = sweep;
         report.removed = removed
             .into_iter()
             .map(|(snapshotter, namespace, key)| SnapshotRef { snapshotter, namespace, key })
@@ -221,156 +195,6 @@ impl Collector {
         }
         report.prune = prune_start.elapsed();
         Ok(report)
-    }
-
-    /// Marks from the roots; returns the unmarked records and the expired leases.
-    fn mark(&self, txn: &redb::WriteTransaction) -> Result<(Vec<Node>, Vec<LeaseId>)> {
-        let now = SystemTime::now();
-        let mut records: HashMap<Node, Record> = HashMap::new();
-        {
-            let t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
-            for item in t.iter().map_err(kv::e)? {
-                let (k, v) = item.map_err(kv::e)?;
-                let (sn, ns, key) = k.value();
-                records.insert((sn.into(), ns.into(), key.into()), Record::decode(v.value(), key)?);
-            }
-        }
-        // Roots, each with whether it is held flat.
-        let mut queue: VecDeque<(Node, bool)> = VecDeque::new();
-        let mut expired = Vec::new();
-        {
-            let leases = txn.open_table(LEASES).map_err(kv::e)?;
-            let resources = txn.open_multimap_table(LEASE_RESOURCES).map_err(kv::e)?;
-            for item in leases.iter().map_err(kv::e)? {
-                let (k, v) = item.map_err(kv::e)?;
-                let (ns, id) = k.value();
-                let stored: serde_json::Value =
-                    serde_json::from_slice(v.value()).unwrap_or_default();
-                let label = |name: &str| stored["labels"][name].as_str().map(str::to_owned);
-                let expires =
-                    label(LABEL_GC_EXPIRE).and_then(|e| humantime::parse_rfc3339_weak(&e).ok());
-                if expires.is_some_and(|t| t < now) {
-                    expired.push((ns.to_owned(), id.to_owned()));
-                    continue;
-                }
-                let flat = label(LABEL_GC_FLAT).is_some();
-                for r in resources.get((ns, id)).map_err(kv::e)? {
-                    let r = r.map_err(kv::e)?;
-                    let (kind, key) = r.value();
-                    if let Some(sn) = kind.strip_prefix("snapshots/") {
-                        queue.push_back(((sn.into(), ns.into(), key.into()), flat));
-                    }
-                }
-            }
-        }
-        let mut held_by: HashMap<Node, Vec<Node>> = HashMap::new();
-        for (node, rec) in &records {
-            let (_, ns, _) = node;
-            let mut root = !rec.collectable && !rec.labels.contains_key(LABEL_GC_EXPIRE);
-            for (k, v) in &rec.labels {
-                if k.starts_with(LABEL_GC_ROOT) {
-                    root = true;
-                } else if k == LABEL_GC_EXPIRE {
-                    // Held until it expires; an unreadable time holds it, to be safe.
-                    root |= humantime::parse_rfc3339_weak(v).map_or(true, |t| t >= now);
-                } else if let Some((bsn, bkey)) = label_target(k, LABEL_GC_BREF_SNAPSHOT, v) {
-                    held_by
-                        .entry((bsn.into(), ns.clone(), bkey.into()))
-                        .or_default()
-                        .push(node.clone());
-                }
-            }
-            if root {
-                queue.push_back((node.clone(), false));
-            }
-        }
-        let mut marked: HashMap<Node, bool> = HashMap::new(); // node -> marked non-flat
-        let visit = |queue: &mut VecDeque<(Node, bool)>, marked: &mut HashMap<Node, bool>| {
-            while let Some((node, flat)) = queue.pop_front() {
-                match marked.get(&node) {
-                    Some(done_full) if *done_full || flat => continue,
-                    _ => {}
-                }
-                marked.insert(node.clone(), !flat);
-                if let Some(holders) = held_by.get(&node) {
-                    queue.extend(holders.iter().map(|h| (h.clone(), false)));
-                }
-                let Some(rec) = records.get(&node) else { continue };
-                let (sn, ns, _) = &node;
-                if let Some(p) = &rec.parent {
-                    queue.push_back(((sn.clone(), ns.clone(), p.clone()), flat));
-                }
-                if !flat {
-                    for (k, v) in &rec.labels {
-                        if let Some((rsn, rkey)) = label_target(k, LABEL_GC_REF_SNAPSHOT, v) {
-                            queue.push_back(((rsn.into(), ns.clone(), rkey.into()), false));
-                        }
-                    }
-                }
-            }
-        };
-        visit(&mut queue, &mut marked);
-
-        // Retention: among committed snapshots nothing holds, keep the most recently
-        // used ones the settings ask for (and what they hold).
-        let r = &self.opts.retention;
-        if r.keep_recent > 0 || r.keep_for_secs.is_some() {
-            let mut unheld: Vec<(&Node, u64)> = records
-                .iter()
-                .filter(|(n, rec)| rec.kind == Kind::Committed && !marked.contains_key(*n))
-                .map(|(n, rec)| (n, rec.updated))
-                .collect();
-            unheld.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-            for (i, (node, updated)) in unheld.into_iter().enumerate() {
-                let recent = i < r.keep_recent;
-                let young = r.keep_for_secs.is_some_and(|secs| {
-                    now.duration_since(from_nanos(updated)).map_or(true, |age| age.as_secs() < secs)
-                });
-                if recent || young {
-                    queue.push_back((node.clone(), false));
-                }
-            }
-            visit(&mut queue, &mut marked);
-        }
-
-        let mut removed: Vec<Node> =
-            records.keys().filter(|n| !marked.contains_key(*n)).cloned().collect();
-        removed.sort();
-        Ok((removed, expired))
-    }
-
-    fn sweep(
-        &self,
-        txn: &redb::WriteTransaction,
-        removed: &[Node],
-        expired: &[(String, String)],
-    ) -> Result<()> {
-        let mut t = txn.open_table(SNAPSHOTS).map_err(kv::e)?;
-        let mut children = txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
-        let mut bkeys = txn.open_multimap_table(BKEYS).map_err(kv::e)?;
-        for (sn, ns, key) in removed {
-            let Some(rec) = t.remove((sn.as_str(), ns.as_str(), key.as_str())).map_err(kv::e)?
-            else {
-                continue;
-            };
-            let rec = Record::decode(rec.value(), key)?;
-            if let Some(p) = &rec.parent {
-                children
-                    .remove((sn.as_str(), ns.as_str(), p.as_str()), key.as_str())
-                    .map_err(kv::e)?;
-            }
-            children.remove_all((sn.as_str(), ns.as_str(), key.as_str())).map_err(kv::e)?;
-            bkeys
-                .remove((sn.as_str(), rec.bkey.as_str()), (ns.as_str(), key.as_str()))
-                .map_err(kv::e)?;
-        }
-        let mut leases = txn.open_table(LEASES).map_err(kv::e)?;
-        let mut resources = txn.open_multimap_table(LEASE_RESOURCES).map_err(kv::e)?;
-        for (ns, id) in expired {
-            leases.remove((ns.as_str(), id.as_str())).map_err(kv::e)?;
-            resources.remove_all((ns.as_str(), id.as_str())).map_err(kv::e)?;
-        }
-        Ok(())
     }
 }
 
@@ -454,7 +278,7 @@ impl Scheduler {
                     }
                 }
             })
-            .map_err(|e| Error::internal("start the collector thread", e))?;
+            .with_context(|| "start the collector thread")?;
         Ok(Scheduler { trigger, thread: Some(thread) })
     }
 }

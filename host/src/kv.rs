@@ -1,45 +1,261 @@
-//! What the metadata layer and the drivers' own record stores share about redb:
-//! opening a database file beneath a directory handle, and turning redb's errors into
-//! the host's.
+//! The root's database: one redb file holding the metadata's tables, each driver's
+//! records and each plugin's key-value store, and the commit path they all share.
+//!
+//! **Group commit.** Every change goes through [`Db::write`] as an *operation*: a
+//! closure that reads and writes inside a write transaction. Callers arriving while a
+//! commit is under way queue their operations; the first of them then leads: it runs
+//! every queued operation in one transaction and commits once, so one `fsync` serves
+//! them all, and each caller is answered only when its change is as durable as it
+//! asked. One caller alone pays one commit, on its own thread, with no hand-off.
+//!
+//! **Operations** must only touch the transaction (no files, no backends: those run
+//! before or after), and must not fail after writing. If one fails anyway, the
+//! transaction is dropped and the others run again in a fresh one, so a failed
+//! operation never leaves half a change behind; that is why they are `FnMut`.
+//!
+//! **Durability.** [`Durability::Immediate`] returns once the change is on disk.
+//! [`Durability::Deferred`] returns once it is committed and visible; it reaches the
+//! disk with the next immediate commit. Drivers and plugin stores under the metadata
+//! layer defer: every change they make is followed by an immediate metadata commit (or,
+//! for removals, repaired by pruning if it is lost), so one fsync per operation covers
+//! both. A crash loses a suffix of deferred commits, never a middle one.
 
-use std::fmt::Display;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cap_std::fs::{Dir, OpenOptions};
+use redb::ReadableDatabase;
 use redb::backends::FileBackend;
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 
-/// Opens (creating if needed) the redb database `name` inside `dir`.
-///
-/// A database held by another process (another wasnap on the same root) is reported as
-/// unavailable with a message that says so, not as a corrupt file.
-pub(crate) fn open(dir: &Dir, name: &str, what: &str) -> Result<redb::Database> {
-    let file = dir
-        .open_with(name, OpenOptions::new().read(true).write(true).create(true))
-        .map_err(|e| Error::internal(format!("open {what} {name:?}"), e))?
-        .into_std();
-    let backend = FileBackend::new(file).map_err(|e| db_error(what, name, e))?;
-    redb::Builder::new().create_with_backend(backend).map_err(|e| db_error(what, name, e))
+/// How durable a change must be when [`Db::write`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk: survives a crash or power cut.
+    Immediate,
+    /// Committed and visible; on disk with the next immediate commit.
+    Deferred,
+}
+
+type Op = Box<dyn FnMut(&redb::WriteTransaction) -> Result<()> + Send>;
+
+/// Where a queued operation stands.
+enum State {
+    Queued,
+    /// Its caller is to lead the next batch.
+    Lead,
+    Done(Result<()>),
+}
+
+struct Waiter {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl Waiter {
+    fn set(&self, state: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        self.wake.notify_one();
+    }
+}
+
+struct Pending {
+    op: Op,
+    durability: Durability,
+    waiter: Arc<Waiter>,
+}
+
+#[derive(Default)]
+struct Group {
+    queue: Vec<Pending>,
+    leading: bool,
+}
+
+/// Counters of the commit path, for benchmarks and `status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommitStats {
+    /// Write transactions committed.
+    pub commits: u64,
+    /// Of those, the ones that synced to disk.
+    pub durable_commits: u64,
+    /// Operations they carried.
+    pub operations: u64,
+}
+
+/// A redb database with group commit.
+pub struct Db {
+    db: redb::Database,
+    group: Mutex<Group>,
+    stats: Mutex<CommitStats>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").finish_non_exhaustive()
+    }
+}
+
+impl Db {
+    /// Opens (creating if needed) the database `name` inside `dir`.
+    ///
+    /// A database held by another process (another wasnap on the same root) is reported
+    /// as unavailable with a message that says so, not as a corrupt file.
+    pub fn open(dir: &Dir, name: &str, what: &str) -> Result<Self> {
+        let file = dir
+            .open_with(name, OpenOptions::new().read(true).write(true).create(true))
+            .with_context(|| format!("open {what} {name:?}"))?
+            .into_std();
+        let backend = FileBackend::new(file).map_err(|e| db_error(what, name, e))?;
+        let db = redb::Builder::new()
+            .create_with_backend(backend)
+            .map_err(|e| db_error(what, name, e))?;
+        Ok(Db { db, group: Mutex::default(), stats: Mutex::default() })
+    }
+
+    /// A read transaction: a consistent view of every committed change, durable or not.
+    pub fn read(&self) -> Result<redb::ReadTransaction> {
+        self.db.begin_read().context("begin a database read")
+    }
+
+    /// Makes every change committed so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.write(Durability::Immediate, |_| Ok(()))
+    }
+
+    /// The commit counters so far.
+    pub fn stats(&self) -> CommitStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `op` in a write transaction, possibly shared with other callers' operations,
+    /// and returns its result once the change is as durable as `durability` asks. See
+    /// the [module documentation](self) for what `op` may do.
+    pub fn write<R: Send + 'static>(
+        &self,
+        durability: Durability,
+        mut op: impl FnMut(&redb::WriteTransaction) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let out: Arc<Mutex<Option<R>>> = Arc::new(Mutex::new(None));
+        let slot = out.clone();
+        let boxed: Op = Box::new(move |txn| {
+            let v = op(txn)?;
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+            Ok(())
+        });
+        let waiter = Arc::new(Waiter { state: Mutex::new(State::Queued), wake: Condvar::new() });
+        let lead = {
+            let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+            g.queue.push(Pending { op: boxed, durability, waiter: waiter.clone() });
+            !std::mem::replace(&mut g.leading, true)
+        };
+        if lead {
+            self.lead();
+        }
+        let result = {
+            let mut st = waiter.state.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                match std::mem::replace(&mut *st, State::Queued) {
+                    State::Done(r) => break r,
+                    State::Lead => {
+                        drop(st);
+                        self.lead();
+                        st = waiter.state.lock().unwrap_or_else(|e| e.into_inner());
+                    }
+                    State::Queued => {
+                        st = waiter.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+        };
+        result?;
+        let v = out.lock().unwrap_or_else(|e| e.into_inner()).take();
+        v.ok_or_else(|| Error::internal("a committed operation left no result"))
+    }
+
+    /// Runs every queued operation in one transaction, answers their callers, and hands
+    /// the lead to the next queued caller (or gives it up).
+    fn lead(&self) {
+        let mut batch =
+            std::mem::take(&mut self.group.lock().unwrap_or_else(|e| e.into_inner()).queue);
+        let results = self.run(&mut batch);
+        for (p, r) in batch.into_iter().zip(results) {
+            p.waiter.set(State::Done(r));
+        }
+        let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+        match g.queue.first() {
+            Some(next) => next.waiter.set(State::Lead),
+            None => g.leading = false,
+        }
+    }
+
+    /// One batch: each operation's result. An operation that fails is left out and the
+    /// rest run again in a fresh transaction, so nothing it wrote survives.
+    fn run(&self, batch: &mut [Pending]) -> Vec<Result<()>> {
+        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        'attempt: loop {
+            let live: Vec<usize> = (0..batch.len()).filter(|i| results[*i].is_none()).collect();
+            if live.is_empty() {
+                break;
+            }
+            let mut txn = match self.db.begin_write() {
+                Ok(t) => t,
+                Err(e) => {
+                    let e = Error::from(e).context("begin a database write");
+                    live.iter().for_each(|i| results[*i] = Some(Err(e.clone())));
+                    break;
+                }
+            };
+            let durable = live.iter().any(|i| batch[*i].durability == Durability::Immediate);
+            if !durable && let Err(e) = txn.set_durability(redb::Durability::None) {
+                let e = Error::from(e).context("defer a commit");
+                live.iter().for_each(|i| results[*i] = Some(Err(e.clone())));
+                break;
+            }
+            for &i in &live {
+                let op = &mut batch[i].op;
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| op(&txn)))
+                    .unwrap_or_else(|_| Err(Error::internal("a database operation panicked")));
+                if let Err(e) = r {
+                    results[i] = Some(Err(e));
+                    drop(txn); // aborts: the failed operation's writes, if any, go too
+                    continue 'attempt;
+                }
+            }
+            let committed = txn.commit().map_err(|e| Error::from(e).context("commit"));
+            {
+                let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+                s.commits += 1;
+                s.durable_commits += u64::from(durable);
+                s.operations += live.len() as u64;
+            }
+            for &i in &live {
+                results[i] = Some(committed.clone());
+            }
+            break;
+        }
+        results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+    }
+}
+
+/// Deferred changes reach the disk when the database is closed, as they would with the
+/// next immediate commit.
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "could not sync the database on close");
+        }
+    }
 }
 
 fn db_error(what: &str, name: &str, e: redb::DatabaseError) -> Error {
     match e {
-        redb::DatabaseError::DatabaseAlreadyOpen => Error::Unavailable(format!(
+        redb::DatabaseError::DatabaseAlreadyOpen => Error::unavailable(format!(
             "{what} {name:?} is in use by another process (is a wasnap daemon running on this root?)"
         )),
-        other => Error::internal(format!("open {what} {name:?}"), other),
+        other => Error::from(other).context(format!("open {what} {name:?}")),
     }
-}
-
-/// Maps any redb error to an internal error with context.
-pub(crate) fn err<E: Into<redb::Error>>(context: impl Display) -> impl FnOnce(E) -> Error {
-    move |e| Error::internal(context, e.into())
-}
-
-/// Shorthand: `.map_err(kv::e)` for redb errors where the operation speaks for itself.
-pub(crate) fn e<E: Into<redb::Error>>(e: E) -> Error {
-    Error::internal("database", e.into())
 }
 
 // Timestamps are stored as nanoseconds since the Unix epoch.
@@ -56,4 +272,109 @@ pub(crate) fn to_nanos(t: SystemTime) -> u64 {
 
 pub(crate) fn from_nanos(n: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::TableDefinition;
+
+    use super::*;
+
+    const T: TableDefinition<'static, u64, u64> = TableDefinition::new("t");
+
+    fn db() -> (tempfile::TempDir, Arc<Db>) {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let cap = Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority()).unwrap();
+        let db = Arc::new(Db::open(&cap, "t.db", "test database").unwrap());
+        (dir, db)
+    }
+
+    fn value(db: &Db, k: u64) -> Option<u64> {
+        let r = db.read().unwrap();
+        let t = r.open_table(T).ok()?;
+        t.get(k).unwrap().map(|g| g.value())
+    }
+
+    #[test]
+    fn concurrent_writers_share_commits_and_each_gets_its_own_answer() {
+        let (_dir, db) = db();
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u64 {
+                        let k = t * 1000 + i;
+                        let got = db
+                            .write(Durability::Immediate, move |txn| {
+                                txn.open_table(T)?.insert(k, k * 2)?;
+                                Ok(k + 1)
+                            })
+                            .unwrap();
+                        assert_eq!(got, k + 1);
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        for t in 0..8u64 {
+            for i in 0..50u64 {
+                assert_eq!(value(&db, t * 1000 + i), Some((t * 1000 + i) * 2));
+            }
+        }
+        let s = db.stats();
+        assert_eq!(s.operations, 400);
+        assert!(s.commits <= 400, "{s:?}");
+    }
+
+    #[test]
+    fn a_failing_operation_leaves_nothing_and_spares_the_others() {
+        let (_dir, db) = db();
+        // Queue three operations behind a slow leader so they share one batch.
+        let slow = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                db.write(Durability::Immediate, |txn| {
+                    std::thread::sleep(Duration::from_millis(200));
+                    txn.open_table(T)?.insert(0, 0)?;
+                    Ok(())
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let ops: Vec<_> = [1u64, 2, 3]
+            .into_iter()
+            .map(|k| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    db.write(Durability::Deferred, move |txn| {
+                        txn.open_table(T)?.insert(k, k)?;
+                        // Writes, then fails: its write must not survive.
+                        if k == 2 { Err(Error::failed_precondition("no")) } else { Ok(k) }
+                    })
+                })
+            })
+            .collect();
+        let results: Vec<_> = ops.into_iter().map(|t| t.join().unwrap()).collect();
+        slow.join().unwrap().unwrap();
+        assert_eq!(results[0].as_ref().unwrap(), &1);
+        assert_eq!(results[1].as_ref().unwrap_err().kind(), crate::ErrorKind::FailedPrecondition);
+        assert_eq!(results[2].as_ref().unwrap(), &3);
+        assert_eq!(value(&db, 1), Some(1));
+        assert_eq!(value(&db, 2), None);
+        assert_eq!(value(&db, 3), Some(3));
+    }
+
+    #[test]
+    fn a_panicking_operation_is_an_error_not_a_dead_database() {
+        let (_dir, db) = db();
+        let e =
+            db.write(Durability::Immediate, |_txn| -> Result<()> { panic!("boom") }).unwrap_err();
+        assert!(e.to_string().contains("panicked"), "{e}");
+        db.write(Durability::Immediate, |txn| {
+            txn.open_table(T)?.insert(9, 9)?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(value(&db, 9), Some(9));
+    }
 }

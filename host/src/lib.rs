@@ -4,6 +4,7 @@
 //! and the `wasnap` binary (daemon and CLI). See ARCHITECTURE.md at the repository root
 //! for the map.
 
+pub mod backend;
 pub mod config;
 pub mod driver;
 pub mod error;
@@ -11,17 +12,19 @@ pub mod fault;
 pub mod filter;
 pub mod fsutil;
 pub mod gc;
-pub mod host;
-mod kv;
+pub mod kv;
 pub mod metadata;
 pub mod mount;
 pub mod plugin;
 pub mod probe;
+pub mod root;
 pub mod snapshot;
-pub mod snapshotter;
+pub mod stack;
 
+pub use backend::{Backend, FieldPath, Wrapper};
+pub use error::Context;
 pub use error::{Error, ErrorKind, Result};
 pub use filter::Filter;
-pub use metadata::{Ctx, Snapshots};
+pub use metadata::{Ctx, Snapshotter};
+pub use root::Host;
 pub use snapshot::{Info, Kind, Labels, Mount, Usage};
-pub use snapshotter::{FieldPath, Snapshotter, Wrapper};

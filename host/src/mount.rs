@@ -67,7 +67,7 @@ pub fn parse_options(options: &[String]) -> ParsedOptions {
 /// If one fails, those already made are unmounted again before the error returns.
 pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
     if mounts.is_empty() {
-        return Err(Error::InvalidArgument("no mounts to perform".into()));
+        return Err(Error::invalid_argument("no mounts to perform"));
     }
     let mut done: Vec<std::path::PathBuf> = Vec::new();
     for m in mounts {
@@ -90,10 +90,15 @@ fn mount_one(m: &Mount, target: &Path) -> Result<()> {
     let opts = parse_options(&m.options);
     let fail = |what: &str, e: rustix::io::Errno| {
         let err = std::io::Error::from(e);
-        Error::internal(format!("{what} {} on {} ({})", m.kind, target.display(), m.source), err)
+        Error::from(err).context(format!(
+            "{what} {} on {} ({})",
+            m.kind,
+            target.display(),
+            m.source
+        ))
     };
     let data = CString::new(opts.data.clone())
-        .map_err(|_| Error::InvalidArgument("mount options contain a NUL byte".into()))?;
+        .map_err(|_| Error::invalid_argument("mount options contain a NUL byte"))?;
     let is_bind = opts.flags.contains(MountFlags::BIND);
     let fstype = if is_bind { "none" } else { m.kind.as_str() };
     let data_arg = if opts.data.is_empty() { None } else { Some(data.as_c_str()) };
@@ -132,7 +137,7 @@ pub fn overlay_lowerdirs(options: &[String]) -> Vec<&str> {
 fn mount_overlay(m: &Mount, target: &Path) -> Result<()> {
     let lowers = overlay_lowerdirs(&m.options);
     if lowers.len() > OVERLAY_MAX_LAYERS {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "overlay mount with {} lower layers: the kernel stacks at most {OVERLAY_MAX_LAYERS}",
             lowers.len()
         )));
@@ -143,13 +148,13 @@ fn mount_overlay(m: &Mount, target: &Path) -> Result<()> {
         Err(NewApi::Unsupported(why)) => {
             let page = rustix::param::page_size();
             if opts.data.len() >= page {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "overlay options are {} bytes, more than one page ({page}), and this kernel cannot take layers one by one ({why})",
                     opts.data.len()
                 )));
             }
             let data = CString::new(opts.data.clone())
-                .map_err(|_| Error::InvalidArgument("mount options contain a NUL byte".into()))?;
+                .map_err(|_| Error::invalid_argument("mount options contain a NUL byte"))?;
             rustix::mount::mount(
                 m.source.as_str(),
                 target,
@@ -158,16 +163,12 @@ fn mount_overlay(m: &Mount, target: &Path) -> Result<()> {
                 Some(data.as_c_str()),
             )
             .map_err(|e| {
-                Error::internal(
-                    format!("mount overlay on {}", target.display()),
-                    std::io::Error::from(e),
-                )
+                Error::from(std::io::Error::from(e))
+                    .context(format!("mount overlay on {}", target.display()))
             })
         }
-        Err(NewApi::Failed(what, e)) => Err(Error::internal(
-            format!("mount overlay on {} ({what})", target.display()),
-            std::io::Error::from(e),
-        )),
+        Err(NewApi::Failed(what, e)) => Err(Error::from(std::io::Error::from(e))
+            .context(format!("mount overlay on {} ({what})", target.display()))),
     }
 }
 
@@ -257,7 +258,7 @@ pub fn overlay_takes_layers_one_by_one() -> bool {
 /// a mount behind.
 pub fn detach(target: &Path) -> Result<()> {
     rustix::mount::unmount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW).map_err(|e| {
-        Error::internal(format!("detach {}", target.display()), std::io::Error::from(e))
+        Error::from(std::io::Error::from(e)).context(format!("detach {}", target.display()))
     })
 }
 
@@ -270,20 +271,18 @@ pub fn unmount(target: &Path) -> Result<()> {
             // EINVAL: not (or no longer) a mount point.
             Err(rustix::io::Errno::INVAL) if unmounted > 0 => return Ok(()),
             Err(rustix::io::Errno::INVAL) => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "{} is not a mount point",
                     target.display()
                 )));
             }
             Err(e) => {
-                return Err(Error::internal(
-                    format!("unmount {}", target.display()),
-                    std::io::Error::from(e),
-                ));
+                return Err(Error::from(std::io::Error::from(e))
+                    .context(format!("unmount {}", target.display())));
             }
         }
         if unmounted > 64 {
-            return Err(Error::Internal(format!(
+            return Err(Error::internal(format!(
                 "unmount {}: still mounted after 64 unmounts",
                 target.display()
             )));

@@ -58,7 +58,7 @@ impl FromStr for Kind {
             "view" => Ok(Kind::View),
             "active" => Ok(Kind::Active),
             "committed" => Ok(Kind::Committed),
-            other => Err(Error::InvalidArgument(format!("unknown snapshot kind {other:?}"))),
+            other => Err(Error::invalid_argument(format!("unknown snapshot kind {other:?}"))),
         }
     }
 }
@@ -117,12 +117,12 @@ pub struct Mount {
 /// Checks one label against containerd's limit.
 pub fn validate_label(key: &str, value: &str) -> Result<()> {
     if key.is_empty() {
-        return Err(Error::InvalidArgument("label key must not be empty".into()));
+        return Err(Error::invalid_argument("label key must not be empty"));
     }
     let len = key.len() + value.len();
     if len > MAX_LABEL_SIZE {
         let shown: String = key.chars().take(64).collect();
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "label {shown:?}: key and value length ({len} bytes) greater than maximum size ({MAX_LABEL_SIZE} bytes)"
         )));
     }

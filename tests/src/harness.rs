@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use wasnap::fault::Faults;
-use wasnap::metadata::{MetaDb, Snapshots};
-use wasnap::{Mount, Snapshotter};
+use wasnap::metadata::{MetaDb, Snapshotter};
+use wasnap::{Backend, Context, Mount};
 
 use crate::report::{CaseResult, Report};
 
@@ -94,20 +94,19 @@ pub trait Factory: Send + Sync {
     /// Opens (creating if needed) a backend whose state lives in `dir`. Called with a
     /// fresh directory for each case, and again with the same one by cases that close
     /// and reopen.
-    fn open(&self, dir: &Path) -> wasnap::Result<Arc<dyn Snapshotter>>;
+    fn open(&self, dir: &Path) -> wasnap::Result<Arc<dyn Backend>>;
 }
 
-/// Opens wasnap's native driver in `dir`: the factory behind `--driver native`.
-pub fn open_native(dir: &Path) -> wasnap::Result<Arc<dyn Snapshotter>> {
-    let cap = cap_dir(dir)?;
-    let native = wasnap::driver::Native::open(cap, dir.to_path_buf(), Arc::new(Faults::new()))?;
-    Ok(Arc::new(native))
+/// Opens wasnap's native driver in `dir`, as [`StackFactory::native`](crate::StackFactory::native)
+/// does: for factories that wrap it.
+pub fn open_native(dir: &Path) -> wasnap::Result<Arc<dyn Backend>> {
+    crate::StackFactory::native().open(dir)
 }
 
 /// The harness is an edge like the CLI: it turns paths it was given into capabilities.
 fn cap_dir(dir: &Path) -> wasnap::Result<cap_std::fs::Dir> {
     cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
-        .map_err(|e| wasnap::Error::internal(format!("open {}", dir.display()), e))
+        .with_context(|| format!("open {}", dir.display()))
 }
 
 /// How to run the suite.
@@ -201,18 +200,18 @@ impl<'a> Env<'a> {
     }
 
     /// Opens the backend under test (again, if it was opened before).
-    pub fn open(&self) -> Result<Arc<dyn Snapshotter>, Fail> {
+    pub fn open(&self) -> Result<Arc<dyn Backend>, Fail> {
         let dir = self.backend_dir();
         std::fs::create_dir_all(&dir)?;
         self.factory.open(&dir).map_err(|e| Fail::Failed(format!("open backend: {e}")))
     }
 
     /// The metadata layer over `backend`, with its database in this case's directory.
-    pub fn metadata(&self, backend: Arc<dyn Snapshotter>) -> Result<Snapshots, Fail> {
+    pub fn metadata(&self, backend: Arc<dyn Backend>) -> Result<Snapshotter, Fail> {
         let dir = self.dir.join("meta");
         std::fs::create_dir_all(&dir)?;
         let db = MetaDb::open(&cap_dir(&dir)?)?;
-        Ok(Snapshots::new(Arc::new(db), "under-test", backend, Arc::new(Faults::new())))
+        Ok(Snapshotter::new(Arc::new(db), "under-test", backend, Arc::new(Faults::new())))
     }
 
     /// A fresh empty directory for the case's own use.

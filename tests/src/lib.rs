@@ -15,7 +15,7 @@
 //! struct Native;
 //! impl Factory for Native {
 //!     fn name(&self) -> String { "native".into() }
-//!     fn open(&self, dir: &std::path::Path) -> wasnap::Result<Arc<dyn wasnap::Snapshotter>> {
+//!     fn open(&self, dir: &std::path::Path) -> wasnap::Result<Arc<dyn wasnap::Backend>> {
 //!         wasnap_conformance::open_native(dir)
 //!     }
 //! }
@@ -24,14 +24,14 @@
 //! ```
 
 pub mod cases;
+mod factory;
 mod fixture;
 pub mod guests;
 mod harness;
 pub mod loopfs;
-pub mod plugin;
 mod report;
 
+pub use factory::StackFactory;
 pub use fixture::{Op, apply, check_equal};
 pub use harness::{Case, Env, Factory, Fail, Group, Options, Outcome, open_native, run};
-pub use plugin::{Backend, Layer, PluginFactory};
 pub use report::{CaseResult, Report};

@@ -6,8 +6,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use wasnap::Context;
 use wasnap::Wrapper;
-use wasnap::{Error, Filter, Info, Labels, Mount, Result, Snapshotter, Usage};
+use wasnap::{Backend, Error, Filter, Info, Labels, Mount, Result, Usage};
 use wasnap_conformance::{Factory, Options, Outcome, Report, cases, open_native, run};
 
 struct Native;
@@ -16,7 +17,7 @@ impl Factory for Native {
     fn name(&self) -> String {
         "native".into()
     }
-    fn open(&self, dir: &Path) -> Result<Arc<dyn Snapshotter>> {
+    fn open(&self, dir: &Path) -> Result<Arc<dyn Backend>> {
         open_native(dir)
     }
 }
@@ -49,9 +50,9 @@ impl Factory for OverlayDriver {
     fn name(&self) -> String {
         "overlay".into()
     }
-    fn open(&self, dir: &Path) -> Result<Arc<dyn Snapshotter>> {
+    fn open(&self, dir: &Path) -> Result<Arc<dyn Backend>> {
         let cap = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
-            .map_err(|e| Error::internal("open", e))?;
+            .with_context(|| "open")?;
         let opts = wasnap::driver::overlay::OverlayOptions::default();
         let faults = Arc::new(wasnap::fault::Faults::new());
         Ok(Arc::new(wasnap::driver::Overlay::open(cap, dir.to_path_buf(), faults, opts)?))
@@ -76,9 +77,9 @@ impl Factory for BtrfsDriver {
     fn name(&self) -> String {
         "btrfs".into()
     }
-    fn open(&self, dir: &Path) -> Result<Arc<dyn Snapshotter>> {
+    fn open(&self, dir: &Path) -> Result<Arc<dyn Backend>> {
         let cap = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
-            .map_err(|e| Error::internal("open", e))?;
+            .with_context(|| "open")?;
         let faults = Arc::new(wasnap::fault::Faults::new());
         Ok(Arc::new(wasnap::driver::Btrfs::open(cap, dir.to_path_buf(), faults)?))
     }
@@ -149,7 +150,7 @@ enum Flaw {
 }
 
 struct Broken {
-    inner: Arc<dyn Snapshotter>,
+    inner: Arc<dyn Backend>,
     flaw: Flaw,
 }
 
@@ -168,7 +169,7 @@ impl Broken {
 }
 
 impl Wrapper for Broken {
-    fn inner(&self) -> &dyn Snapshotter {
+    fn inner(&self) -> &dyn Backend {
         &*self.inner
     }
     fn usage(&self, key: &str) -> Result<Usage> {
@@ -221,7 +222,7 @@ impl Factory for BrokenFactory {
     fn name(&self) -> String {
         format!("native with {:?}", self.0)
     }
-    fn open(&self, dir: &Path) -> Result<Arc<dyn Snapshotter>> {
+    fn open(&self, dir: &Path) -> Result<Arc<dyn Backend>> {
         Ok(Arc::new(Broken { inner: open_native(dir)?, flaw: self.0 }))
     }
 }
@@ -266,8 +267,8 @@ fn a_broken_backend_is_reported_not_propagated() {
         fn name(&self) -> String {
             "panicking".into()
         }
-        fn open(&self, _: &Path) -> Result<Arc<dyn Snapshotter>> {
-            Err(Error::Unavailable("this backend cannot start".into()))
+        fn open(&self, _: &Path) -> Result<Arc<dyn Backend>> {
+            Err(Error::unavailable("this backend cannot start"))
         }
     }
     let report = run(&Panicking, &cases::all(), &Options::default());
@@ -336,11 +337,9 @@ fn mounts_are_undone_even_when_a_case_panics_or_fails() {
 }
 
 /// A guest of `guests/`, loaded as a backend plugin.
-fn guest_backend(name: &str) -> wasnap_conformance::PluginFactory {
+fn guest_backend(name: &str) -> wasnap_conformance::StackFactory {
     let path = wasnap_conformance::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
-    wasnap_conformance::PluginFactory::backend(
-        wasnap_conformance::Layer::load(&path, None).unwrap(),
-    )
+    wasnap_conformance::StackFactory::plugin(wasnap::config::PluginConfig::new(path))
 }
 
 fn assert_passes_as_root(factory: &dyn Factory) {

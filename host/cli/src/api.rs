@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use wasnap::Snapshots;
+use wasnap::Context;
+use wasnap::Snapshotter;
 use wasnap::error::{Error, Result};
 use wasnap::gc::GcReport;
-use wasnap::host::{CheckReport, Host, HostInfo};
 use wasnap::metadata::{Ctx, Lease, PruneReport, Resource};
+use wasnap::root::{CheckReport, Host, HostInfo};
 use wasnap::snapshot::{Info, Labels, Mount, Usage};
 use wasnap_daemon::client::{Blocking, request};
 use wasnap_daemon::convert;
@@ -57,7 +58,7 @@ impl<'h> Local<'h> {
         Local { host, name: snapshotter.to_owned(), ctx }
     }
 
-    fn sn(&self) -> Result<Arc<Snapshots>> {
+    fn sn(&self) -> Result<Arc<Snapshotter>> {
         self.host.snapshotter(&self.name)
     }
 }
@@ -144,7 +145,7 @@ pub struct Remote {
 }
 
 fn report<T: serde::de::DeserializeOwned>(r: apb::ReportResponse) -> Result<T> {
-    serde_json::from_str(&r.json).map_err(|e| Error::internal("decode the daemon's report", e))
+    serde_json::from_str(&r.json).with_context(|| "decode the daemon's report")
 }
 
 impl Remote {
@@ -231,7 +232,7 @@ impl Api for Remote {
         let r =
             self.req(spb::StatSnapshotRequest { snapshotter: self.name.clone(), key: key.into() });
         let resp = self.client.call(|c| async move { c.snapshots().stat(r).await })?;
-        resp.info.map(convert::info_from).ok_or_else(|| Error::Internal("stat: no info".into()))
+        resp.info.map(convert::info_from).ok_or_else(|| Error::internal("stat: no info"))
     }
     fn update(&self, info: &Info, paths: &[String]) -> Result<Info> {
         let r = self.req(spb::UpdateSnapshotRequest {
@@ -240,7 +241,7 @@ impl Api for Remote {
             update_mask: Some(prost_types::FieldMask { paths: paths.to_vec() }),
         });
         let resp = self.client.call(|c| async move { c.snapshots().update(r).await })?;
-        resp.info.map(convert::info_from).ok_or_else(|| Error::Internal("update: no info".into()))
+        resp.info.map(convert::info_from).ok_or_else(|| Error::internal("update: no info"))
     }
     fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
         let r = self.req(spb::ListSnapshotsRequest {
@@ -277,9 +278,7 @@ impl Api for Remote {
             labels: Self::labels(labels),
         });
         let resp = self.client.call(|c| async move { c.leases().create(r).await })?;
-        resp.lease
-            .map(convert::lease_from)
-            .ok_or_else(|| Error::Internal("create: no lease".into()))
+        resp.lease.map(convert::lease_from).ok_or_else(|| Error::internal("create: no lease"))
     }
     fn lease_list(&self, filters: &[String]) -> Result<Vec<Lease>> {
         let r = self.req(lpb::ListRequest { filters: filters.to_vec() });

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use wasnap::Context;
 use wasnap::error::{Error, Result};
 use wasnap::fault::Faults;
 use wasnap::gc::{GcOptions, GcReport};
-use wasnap::host::{Config, DEFAULT_SNAPSHOTTER, DriverConfig, Host};
-use wasnap::metadata::{Ctx, Snapshots};
+use wasnap::metadata::{Ctx, Snapshotter};
+use wasnap::root::{Config, DEFAULT_SNAPSHOTTER, DriverConfig, Host};
 use wasnap::snapshot::Labels;
 
 use wasnap_conformance::loopfs::LoopBtrfs;
@@ -92,7 +93,7 @@ pub(crate) fn timed(mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
 
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
-    let io = |e: std::io::Error| Error::internal("bench", e);
+    let io = |e: std::io::Error| Error::from(e).context("bench");
     let base = args.dir.clone().unwrap_or_else(|| {
         if Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
@@ -253,7 +254,7 @@ fn drivers(
     depths: &[usize],
     out: &mut dyn Write,
 ) -> Result<()> {
-    let io = |e: std::io::Error| Error::internal("bench", e);
+    let io = |e: std::io::Error| Error::from(e).context("bench");
     let root_user = rustix::process::geteuid().is_root();
     let names = ["native", "overlay", "btrfs"];
     let mut cycle_row = vec!["cycles/s (p50)".to_string()];
@@ -328,7 +329,7 @@ fn measure_driver(
     let mut top: Option<String> = None;
     let mut built = 0;
     let target = host.root().join("bench-mnt");
-    std::fs::create_dir_all(&target).map_err(|e| Error::internal("bench", e))?;
+    std::fs::create_dir_all(&target).with_context(|| "bench")?;
     for &depth in depths {
         while built < depth {
             let key = format!("chain-{built}-active");
@@ -368,7 +369,7 @@ fn measure_driver(
 fn write_layer(mounts: &[wasnap::Mount], target: &Path, mount: bool, n: usize) -> Result<()> {
     let write = |dir: &Path| {
         std::fs::write(dir.join(format!("file-{n}")), n.to_string())
-            .map_err(|e| Error::internal("bench: write layer", e))
+            .with_context(|| "bench: write layer")
     };
     if mount {
         wasnap::mount::mount_all(mounts, target)?;
@@ -380,19 +381,19 @@ fn write_layer(mounts: &[wasnap::Mount], target: &Path, mount: bool, n: usize) -
     match (m.kind.as_str(), m.options.iter().find_map(|o| o.strip_prefix("upperdir="))) {
         (_, Some(upper)) => write(Path::new(upper)),
         ("bind", None) => write(Path::new(&m.source)),
-        (kind, None) => Err(Error::FailedPrecondition(format!(
+        (kind, None) => Err(Error::failed_precondition(format!(
             "writing into a {kind} snapshot needs root to mount it"
         ))),
     }
 }
 
-fn make_parent(sn: &Snapshots, ctx: &Ctx) -> Result<String> {
+fn make_parent(sn: &Snapshotter, ctx: &Ctx) -> Result<String> {
     let none = Labels::new();
     let mounts = sn.prepare(ctx, "bench-parent-active", None, &none)?;
     let dir = Path::new(&mounts[0].source);
     for i in 0..100 {
         std::fs::write(dir.join(format!("file-{i}")), vec![b'x'; 10 * 1024])
-            .map_err(|e| Error::internal("write bench parent", e))?;
+            .with_context(|| "write bench parent")?;
     }
     sn.commit(ctx, "bench-parent", "bench-parent-active", &none)?;
     Ok("bench-parent".into())
@@ -407,7 +408,7 @@ const GC_CHAIN: usize = 10;
 /// quarter by a lease deleted before the timed collection, and a quarter by one deleted
 /// before the collection writers run against.
 fn gc(dir: &Path, sizes: &[usize], smoke: bool, out: &mut dyn Write) -> Result<()> {
-    let io = |e: std::io::Error| Error::internal("bench", e);
+    let io = |e: std::io::Error| Error::from(e).context("bench");
     // How long writers run with no collection, for their baseline.
     let idle = if smoke { Duration::from_millis(200) } else { Duration::from_secs(1) };
     let defaults = GcOptions::default();
@@ -506,7 +507,7 @@ fn gc(dir: &Path, sizes: &[usize], smoke: bool, out: &mut dyn Write) -> Result<(
 
 /// Creates the lease `id` and `n` committed snapshots it holds, in chains of
 /// [`GC_CHAIN`] layers.
-fn leased_chains(host: &Host, sn: &Snapshots, ctx: &Ctx, id: &str, n: usize) -> Result<()> {
+fn leased_chains(host: &Host, sn: &Snapshotter, ctx: &Ctx, id: &str, n: usize) -> Result<()> {
     let lease = host.leases().create(ctx, Some(id), &Labels::new())?;
     let ctx = ctx.clone().with_lease(Some(lease.id));
     let none = Labels::new();
@@ -534,7 +535,7 @@ struct Pause {
 
 /// Two threads prepare fresh snapshots (no lease) in a loop, timing each call; after
 /// `idle`, one collection runs; then the writers stop.
-fn writers_during_gc(host: &Host, sn: &Snapshots, ctx: &Ctx, idle: Duration) -> Result<Pause> {
+fn writers_during_gc(host: &Host, sn: &Snapshotter, ctx: &Ctx, idle: Duration) -> Result<Pause> {
     let stop = AtomicBool::new(false);
     let write = |w: usize| -> Result<Vec<(Instant, Duration)>> {
         let none = Labels::new();
@@ -558,7 +559,7 @@ fn writers_during_gc(host: &Host, sn: &Snapshots, ctx: &Ctx, idle: Duration) -> 
         stop.store(true, Ordering::Relaxed);
         let mut calls = Vec::new();
         for w in writers {
-            let done = w.join().map_err(|_| Error::Internal("bench: a writer panicked".into()))?;
+            let done = w.join().map_err(|_| Error::internal("bench: a writer panicked"))?;
             calls.extend(done?);
         }
         Ok::<_, Error>((report?, calls, gc_start, gc_end))

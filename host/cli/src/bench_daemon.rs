@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use wasnap::Context;
 use wasnap::error::{Error, Result};
 use wasnap_daemon::client::{Client, request};
 use wasnap_daemon::containerd::{self, Containerd};
@@ -133,7 +134,7 @@ async fn load(t: &Target, clients: usize, per_client: usize, workload: &str) -> 
     }
     let mut samples = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        samples.extend(r.map_err(|e| Error::internal("bench client", e))??);
+        samples.extend(r.map_err(|e| Error::internal(format!("bench client: {e}")))??);
     }
     let wall = started.elapsed();
     if workload == "stat" {
@@ -150,7 +151,7 @@ async fn load(t: &Target, clients: usize, per_client: usize, workload: &str) -> 
 /// Runs the daemon section: starts a wasnap daemon and a containerd of its own under
 /// `base`, loads each target, prints the table. Skips (and says why) where it cannot run.
 pub fn run(base: &Path, copy_guest: Option<&Path>, smoke: bool, out: &mut dyn Write) -> Result<()> {
-    let io = |e: std::io::Error| Error::internal("bench", e);
+    let io = |e: std::io::Error| Error::from(e).context("bench");
     if !rustix::process::geteuid().is_root() {
         writeln!(out, "daemon: skipped (overlay and containerd need root)").map_err(io)?;
         return Ok(());
@@ -193,7 +194,7 @@ pub fn run(base: &Path, copy_guest: Option<&Path>, smoke: bool, out: &mut dyn Wr
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| Error::internal("bench runtime", e))?;
+                .with_context(|| "bench runtime")?;
             rt.block_on(async {
                 let client = Client::connect(c.address()).await?;
                 client.leases().create(request(lease, Some(NS), None)).await.map_err(st)
@@ -237,7 +238,7 @@ pub fn run(base: &Path, copy_guest: Option<&Path>, smoke: bool, out: &mut dyn Wr
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::internal("bench runtime", e))?;
+        .with_context(|| "bench runtime")?;
     let mut rows = Vec::new();
     for (workload, per_client) in [("prepare+commit+remove", cycles), ("stat", stats)] {
         for clients in [1usize, 8] {

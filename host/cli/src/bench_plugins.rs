@@ -7,13 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use wasnap::Context;
 use wasnap::error::{Error, Result};
 use wasnap::fault::Faults;
-use wasnap::host::{Config, DriverConfig, Host, PluginConfig};
-use wasnap::metadata::{Ctx, Snapshots};
+use wasnap::metadata::{Ctx, Snapshotter};
 use wasnap::plugin::{Limits, Plugin};
+use wasnap::root::{Config, DriverConfig, Host, PluginConfig};
 use wasnap::snapshot::Labels;
-use wasnap::{Filter, Snapshotter};
+use wasnap::{Backend, Filter};
 
 use crate::bench::{Stats, fmt_d, timed};
 use crate::output::table;
@@ -42,7 +43,7 @@ fn host(root: &Path, guest: &Path, instances: u32) -> Result<Host> {
     Host::open_config(root, Arc::new(Faults::new()), config)
 }
 
-fn cycles(sn: &Snapshots, ctx: &Ctx, tag: &str, n: usize, parent: Option<&str>) -> Result<Stats> {
+fn cycles(sn: &Snapshotter, ctx: &Ctx, tag: &str, n: usize, parent: Option<&str>) -> Result<Stats> {
     let none = Labels::new();
     let samples = (0..n)
         .map(|i| {
@@ -59,24 +60,24 @@ fn cycles(sn: &Snapshots, ctx: &Ctx, tag: &str, n: usize, parent: Option<&str>) 
 
 /// A committed parent of 100 small files, written through the backend's bind mount
 /// source (both drivers here return one).
-fn parent(sn: &Snapshots, ctx: &Ctx) -> Result<String> {
+fn parent(sn: &Snapshotter, ctx: &Ctx) -> Result<String> {
     let mounts = sn.prepare(ctx, "bench-parent-a", None, &Labels::new())?;
     let dir = PathBuf::from(&mounts[0].source);
     for i in 0..100 {
         std::fs::write(dir.join(format!("f{i}")), vec![b'x'; 4096])
-            .map_err(|e| Error::internal("write parent file", e))?;
+            .with_context(|| "write parent file")?;
     }
     sn.commit(ctx, "bench-parent", "bench-parent-a", &Labels::new())?;
     Ok("bench-parent".into())
 }
 
-fn direct(backend: &dyn Snapshotter, n: usize) -> Result<(Stats, Stats)> {
+fn direct(backend: &dyn Backend, n: usize) -> Result<(Stats, Stats)> {
     let mut key = None;
     backend.walk(&Filter::default(), &mut |i| {
         key.get_or_insert(i.name);
         Ok(())
     })?;
-    let key = key.ok_or_else(|| Error::Internal("no snapshot to stat".into()))?;
+    let key = key.ok_or_else(|| Error::internal("no snapshot to stat"))?;
     let stat = (0..n).map(|_| timed(|| backend.stat(&key).map(drop))).collect::<Result<_>>()?;
     let mounts = (0..n).map(|_| timed(|| backend.mounts(&key).map(drop))).collect::<Result<_>>()?;
     Ok((Stats::new(stat), Stats::new(mounts)))
@@ -94,7 +95,7 @@ pub fn run(
     smoke: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let io = |e: std::io::Error| Error::internal("bench", e);
+    let io = |e: std::io::Error| Error::from(e).context("bench");
     let guest = match copy_guest(given) {
         Ok(g) => g,
         Err(why) => {
@@ -172,7 +173,7 @@ pub fn run(
         .loaded_plugins()
         .into_iter()
         .find(|p| p.snapshotter == "copy")
-        .ok_or_else(|| Error::Internal("copy plugin not loaded".into()))?;
+        .ok_or_else(|| Error::internal("copy plugin not loaded"))?;
     let pings = if smoke { 1000 } else { 100_000 };
     let nop = Stats::new((0..pings).map(|_| timed(|| wasm_s.wasm.ping())).collect::<Result<_>>()?);
     let mut rows = vec![
@@ -199,9 +200,9 @@ pub fn run(
                     })
                 })
                 .collect();
-            workers.into_iter().try_for_each(|w| {
-                w.join().map_err(|_| Error::Internal("bench worker panicked".into()))?
-            })
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().map_err(|_| Error::internal("bench worker panicked"))?)
         })?;
         let rate = (per * 2) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         rows.push(vec![

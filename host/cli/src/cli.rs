@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use std::sync::Arc;
+use wasnap::Context;
 use wasnap::error::{Error, Result};
 
 use wasnap::config::DEFAULT_SOCKET;
 use wasnap::fault::Faults;
-use wasnap::host::{Config, Host, default_root};
 use wasnap::metadata::lease::LABEL_GC_EXPIRE;
 use wasnap::metadata::{Ctx, DEFAULT_NAMESPACE, Resource};
+use wasnap::root::{Config, Host, default_root};
 use wasnap::snapshot::{Info, Labels};
 
 use crate::api::{Api, Local, Remote};
@@ -46,7 +47,7 @@ pub struct Global {
     /// built-in drivers native, overlay and btrfs]
     #[arg(long, global = true, env = "WASNAP_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Snapshotter to use: a built-in driver (native, overlay, btrfs) or a configured name
+    /// Backend to use: a built-in driver (native, overlay, btrfs) or a configured name
     /// [default: the configuration's default_snapshotter, native]
     #[arg(short = 's', long, visible_alias = "driver", global = true, env = "WASNAP_SNAPSHOTTER")]
     pub snapshotter: Option<String>,
@@ -88,23 +89,23 @@ impl Global {
                 .map_err(|e| e.context(format!("--plugin {}: the file's name", p.display())))?;
             if config.snapshotters.contains_key(&name) {
                 // Its root would be that snapshotter's directory, with another driver's data.
-                return Err(Error::AlreadyExists(format!(
+                return Err(Error::already_exists(format!(
                     "--plugin {}: a snapshotter named {name:?} is already configured; rename the .wasm",
                     p.display()
                 )));
             }
-            let driver = wasnap::host::DriverConfig::Wasm(wasnap::host::PluginConfig::new(path));
+            let driver = wasnap::root::DriverConfig::Wasm(wasnap::root::PluginConfig::new(path));
             config.snapshotters.insert(name.clone(), driver.into());
             selected.get_or_insert(name);
         }
         let selected = selected.unwrap_or_else(|| config.default_snapshotter.clone());
         if !self.policies.is_empty() {
             let s = config.snapshotters.get_mut(&selected).ok_or_else(|| {
-                Error::NotFound(format!("snapshotter {selected:?} (for --policy)"))
+                Error::not_found(format!("snapshotter {selected:?} (for --policy)"))
             })?;
             for p in &self.policies {
                 let path = absolute(&crate::plugin::resolve(p)?)?;
-                s.policies.push(wasnap::host::PluginConfig::new(path));
+                s.policies.push(wasnap::root::PluginConfig::new(path));
             }
         }
         Ok((config, selected))
@@ -112,7 +113,7 @@ impl Global {
 }
 
 fn absolute(p: &std::path::Path) -> Result<PathBuf> {
-    std::path::absolute(p).map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))
+    std::path::absolute(p).map_err(|e| Error::invalid_argument(format!("{}: {e}", p.display())))
 }
 
 /// `wasnap lease` subcommands, after containerd's lease API.
@@ -257,7 +258,7 @@ pub fn parse_labels(args: &[String]) -> Result<Labels> {
         .map(|a| {
             a.split_once('=')
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| Error::InvalidArgument(format!("label {a:?}: expected KEY=VALUE")))
+                .ok_or_else(|| Error::invalid_argument(format!("label {a:?}: expected KEY=VALUE")))
         })
         .collect()
 }
@@ -275,9 +276,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         return crate::plugin::inspect(plugin, None, g.format, out);
     }
     if g.format == Format::Junit {
-        return Err(Error::InvalidArgument(
-            "--format junit is for `wasnap conformance` only".into(),
-        ));
+        return Err(Error::invalid_argument("--format junit is for `wasnap conformance` only"));
     }
     if let Command::Bench(args) = &cli.command {
         return crate::bench::run(args, out);
@@ -288,8 +287,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         // daemon's own command line, it is a mistake for --socket.
         let from_env = std::env::var_os("WASNAP_ADDRESS").map(PathBuf::from);
         if g.address.is_some() && g.address != from_env {
-            return Err(Error::InvalidArgument(
-                "daemon: --address is for clients; the daemon takes --socket".into(),
+            return Err(Error::invalid_argument(
+                "daemon: --address is for clients; the daemon takes --socket",
             ));
         }
         return crate::daemon::run(args, g, out);
@@ -331,7 +330,7 @@ fn run_remote(socket: &Path, command: &Command, g: &Global, out: &mut dyn Write)
         ("--policy", !g.policies.is_empty()),
     ];
     if let Some((flag, _)) = local_only.iter().find(|(_, set)| *set) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "{flag} configures a root opened in this process; with --address the daemon's own configuration applies"
         )));
     }
@@ -340,8 +339,8 @@ fn run_remote(socket: &Path, command: &Command, g: &Global, out: &mut dyn Write)
             return crate::plugin::ls_remote(&Remote::status(socket)?, g.format, out);
         }
         Command::Plugin(crate::plugin::PluginCommand::Compile { .. }) => {
-            return Err(Error::InvalidArgument(
-                "plugin compile fills this process's cache; the daemon compiles its plugins when it starts".into(),
+            return Err(Error::invalid_argument(
+                "plugin compile fills this process's cache; the daemon compiles its plugins when it starts",
             ));
         }
         _ => {}
@@ -362,7 +361,7 @@ fn run_lease(api: &dyn Api, g: &Global, cmd: &LeaseCommand, out: &mut dyn Write)
                 );
             }
             let lease = api.lease_create(id.as_deref(), &labels)?;
-            writeln!(out, "{}", lease.id).map_err(|e| Error::internal("write output", e))
+            writeln!(out, "{}", lease.id).with_context(|| "write output")
         }
         LeaseCommand::Ls { filters } => {
             crate::output::leases(out, g.format, &api.lease_list(filters)?)
@@ -446,7 +445,7 @@ fn run_on(api: &dyn Api, g: &Global, command: &Command, out: &mut dyn Write) -> 
         Command::Label { key, labels } => {
             let labels = parse_labels(labels)?;
             if labels.is_empty() {
-                return Err(Error::InvalidArgument("label: give at least one KEY=VALUE".into()));
+                return Err(Error::invalid_argument("label: give at least one KEY=VALUE"));
             }
             let mut info = api.stat(key)?;
             let mut paths = Vec::new();
@@ -477,7 +476,7 @@ fn run_on(api: &dyn Api, g: &Global, command: &Command, out: &mut dyn Write) -> 
 }
 
 fn unreachable_command() -> Result<()> {
-    Err(Error::Internal("command dispatched twice".into()))
+    Err(Error::internal("command dispatched twice"))
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
+use wasnap::Context;
 use wasnap::error::{Error, Result};
-use wasnap::host::{Config, default_root};
+use wasnap::root::{Config, default_root};
 
 use crate::cli::Global;
 
@@ -34,7 +35,7 @@ pub fn default_config_text() -> Result<String> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(args: &DaemonArgs, g: &Global, out: &mut dyn Write) -> Result<()> {
     if args.print_default_config {
-        return write!(out, "{}", default_config_text()?).map_err(|e| Error::internal("write", e));
+        return write!(out, "{}", default_config_text()?).with_context(|| "write");
     }
     let (config, _) = g.config()?;
     let mut opts = wasnap_daemon::serve::Options::from_config(config);
@@ -43,7 +44,7 @@ pub fn run(args: &DaemonArgs, g: &Global, out: &mut dyn Write) -> Result<()> {
     }
     if let Some(socket) = &args.socket {
         opts.socket = std::path::absolute(socket)
-            .map_err(|e| Error::InvalidArgument(format!("--socket {}: {e}", socket.display())))?;
+            .map_err(|e| Error::invalid_argument(format!("--socket {}: {e}", socket.display())))?;
     }
     wasnap_daemon::serve::run(opts)
 }

@@ -6,10 +6,11 @@ use std::io::Write;
 use clap::ValueEnum;
 use serde::Serialize;
 
+use wasnap::Context;
 use wasnap::error::{Error, Result};
 use wasnap::gc::GcReport;
-use wasnap::host::{CheckReport, DEFAULT_SNAPSHOTTER, HostInfo};
 use wasnap::metadata::{Lease, PruneReport, Resource};
+use wasnap::root::{CheckReport, DEFAULT_SNAPSHOTTER, HostInfo};
 use wasnap::snapshot::{Info, Labels, Mount, Usage};
 
 /// Output format of the CLI.
@@ -24,11 +25,11 @@ pub enum Format {
 }
 
 fn io(e: std::io::Error) -> Error {
-    Error::internal("write output", e)
+    Error::from(e).context("write output")
 }
 
 fn json<T: Serialize + ?Sized>(out: &mut dyn Write, v: &T) -> Result<()> {
-    serde_json::to_writer_pretty(&mut *out, v).map_err(|e| Error::internal("encode JSON", e))?;
+    serde_json::to_writer_pretty(&mut *out, v).with_context(|| "encode JSON")?;
     writeln!(out).map_err(io)
 }
 

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::Subcommand;
+use wasnap::Context;
+use wasnap::Host;
 use wasnap::error::{Error, Result};
-use wasnap::host::Host;
 use wasnap::plugin::{Plugin, PluginInfo, Runtime, WIT_PACKAGE};
 
 use crate::output::{Format, table};
@@ -36,12 +37,15 @@ pub enum PluginCommand {
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if !path.is_dir() {
         if !path.exists() {
-            return Err(Error::InvalidArgument(format!("plugin {}: no such file", path.display())));
+            return Err(Error::invalid_argument(format!(
+                "plugin {}: no such file",
+                path.display()
+            )));
         }
         return Ok(path.to_path_buf());
     }
     if !path.join("Cargo.toml").is_file() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "plugin {}: a directory, but not a crate (no Cargo.toml)",
             path.display()
         )));
@@ -58,10 +62,10 @@ fn build(dir: &Path) -> Result<PathBuf> {
         .arg("--quiet")
         .output()
         .map_err(|e| {
-            Error::FailedPrecondition(format!("run cargo to build {}: {e}", dir.display()))
+            Error::failed_precondition(format!("run cargo to build {}: {e}", dir.display()))
         })?;
     if !out.status.success() {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(Error::failed_precondition(format!(
             "building {} for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
             dir.display(),
             String::from_utf8_lossy(&out.stderr).trim_end()
@@ -87,7 +91,7 @@ fn build(dir: &Path) -> Result<PathBuf> {
         }
     }
     found.ok_or_else(|| {
-        Error::FailedPrecondition(format!(
+        Error::failed_precondition(format!(
             "{} built, but produced no .wasm: is it a `crate-type = [\"cdylib\"]` library?",
             dir.display()
         ))
@@ -96,7 +100,7 @@ fn build(dir: &Path) -> Result<PathBuf> {
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path)
-        .map_err(|e| Error::InvalidArgument(format!("plugin {}: {e}", path.display())))
+        .map_err(|e| Error::invalid_argument(format!("plugin {}: {e}", path.display())))
 }
 
 /// `wasnap plugin inspect`.
@@ -123,14 +127,13 @@ pub fn inspect(
                 "cached": info.cached,
                 "load_micros": info.load_time.as_micros() as u64,
             });
-            serde_json::to_writer_pretty(&mut *out, &v)
-                .map_err(|e| Error::internal("encode JSON", e))?;
-            writeln!(out).map_err(|e| Error::internal("write", e))?;
+            serde_json::to_writer_pretty(&mut *out, &v).with_context(|| "encode JSON")?;
+            writeln!(out).with_context(|| "write")?;
         }
         _ => write_info(out, &path, &info)?,
     }
     info.compatible.map_err(|why| {
-        Error::FailedPrecondition(format!(
+        Error::failed_precondition(format!(
             "plugin {} cannot run on this host: {why}",
             path.display()
         ))
@@ -168,7 +171,7 @@ pub fn compile(host: &Host, plugins: &[PathBuf], f: Format, out: &mut dyn Write)
         let path = resolve(p)?;
         let info = Plugin::inspect(&read(&path)?, Some(&cache))?;
         info.compatible.as_ref().map_err(|why| {
-            Error::FailedPrecondition(format!("plugin {}: {why}", path.display()))
+            Error::failed_precondition(format!("plugin {}: {why}", path.display()))
         })?;
         rows.push(vec![
             path.display().to_string(),
@@ -182,9 +185,8 @@ pub fn compile(host: &Host, plugins: &[PathBuf], f: Format, out: &mut dyn Write)
                 .iter()
                 .map(|r| serde_json::json!({"plugin": r[0], "result": r[1], "time": r[2]}))
                 .collect();
-            serde_json::to_writer_pretty(&mut *out, &v)
-                .map_err(|e| Error::internal("encode JSON", e))?;
-            writeln!(out).map_err(|e| Error::internal("write", e))
+            serde_json::to_writer_pretty(&mut *out, &v).with_context(|| "encode JSON")?;
+            writeln!(out).with_context(|| "write")
         }
         _ => table(out, &["PLUGIN", "RESULT", "TIME"], &rows),
     }
@@ -198,7 +200,7 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
     for name in &names {
         let c = &host.configs()[name];
         let uses_wasm =
-            !c.policies.is_empty() || matches!(c.driver, wasnap::host::DriverConfig::Wasm(_));
+            !c.policies.is_empty() || matches!(c.driver, wasnap::root::DriverConfig::Wasm(_));
         if uses_wasm && let Err(e) = host.snapshotter(name) {
             failed.push(vec![
                 name.clone(),
@@ -228,9 +230,8 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
                     })
                 })
                 .collect();
-            serde_json::to_writer_pretty(&mut *out, &v)
-                .map_err(|e| Error::internal("encode JSON", e))?;
-            writeln!(out).map_err(|e| Error::internal("write", e))?;
+            serde_json::to_writer_pretty(&mut *out, &v).with_context(|| "encode JSON")?;
+            writeln!(out).with_context(|| "write")?;
         }
         _ => {
             let _ = Runtime::get()?;
@@ -252,7 +253,7 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
             rows.extend(failed.iter().cloned());
             if rows.is_empty() {
                 writeln!(out, "no plugins configured (see `driver = \"wasm\"` and `policies` in the config file)")
-                    .map_err(|e| Error::internal("write", e))?;
+                    .with_context(|| "write")?;
                 return Ok(());
             }
             table(out, &["SNAPSHOTTER", "ROLE", "PLUGIN", "COUNTERS (THIS PROCESS)"], &rows)?;
@@ -260,7 +261,7 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
     }
     match failed.len() {
         0 => Ok(()),
-        n => Err(Error::FailedPrecondition(format!(
+        n => Err(Error::failed_precondition(format!(
             "{n} snapshotter(s) with plugins failed to start"
         ))),
     }
@@ -275,9 +276,8 @@ pub fn ls_remote(
     match f {
         Format::Json => {
             let v: Vec<_> = status.plugins.iter().map(crate::output::plugin_json).collect();
-            serde_json::to_writer_pretty(&mut *out, &v)
-                .map_err(|e| Error::internal("encode JSON", e))?;
-            writeln!(out).map_err(|e| Error::internal("write", e))
+            serde_json::to_writer_pretty(&mut *out, &v).with_context(|| "encode JSON")?;
+            writeln!(out).with_context(|| "write")
         }
         _ => {
             let rows: Vec<Vec<String>> = status
@@ -297,7 +297,7 @@ pub fn ls_remote(
                 .collect();
             if rows.is_empty() {
                 writeln!(out, "no plugins configured (see `driver = \"wasm\"` and `policies` in the config file)")
-                    .map_err(|e| Error::internal("write", e))?;
+                    .with_context(|| "write")?;
                 return Ok(());
             }
             table(out, &["SNAPSHOTTER", "ROLE", "PLUGIN", "COUNTERS (DAEMON)"], &rows)

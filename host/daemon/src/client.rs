@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
+use wasnap::Context;
 use wasnap::{Error, Result};
 
 use crate::proto::admin::admin_client::AdminClient;
@@ -42,7 +43,7 @@ impl Client {
             .await
             .map_err(|e| {
                 let cause = std::error::Error::source(&e).map(|c| c.to_string());
-                Error::Unavailable(format!(
+                Error::unavailable(format!(
                     "no wasnap daemon answers at {}: {}",
                     socket.display(),
                     cause.unwrap_or_else(|| e.to_string())
@@ -100,7 +101,7 @@ impl Blocking {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| Error::internal("start a runtime for the client", e))?;
+            .with_context(|| "start a runtime for the client")?;
         let client = rt.block_on(Client::connect(socket))?;
         Ok(Blocking { rt, client })
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use wasnap::Context;
 use wasnap::{Error, Result};
 
 /// Where containerd is looked for, in order, if `WASNAP_CONTAINERD` does not say.
@@ -42,7 +43,7 @@ impl Containerd {
     /// The CRI plugin is disabled. Waits until containerd answers.
     pub fn start(dir: &Path, proxies: &BTreeMap<String, PathBuf>) -> Result<Containerd> {
         let bin = binary().ok_or_else(|| {
-            Error::NotFound("containerd is not installed (apt-get install containerd)".into())
+            Error::not_found("containerd is not installed (apt-get install containerd)")
         })?;
         let address = dir.join("containerd.sock");
         let mut config = format!(
@@ -56,11 +57,10 @@ impl Containerd {
             ));
         }
         let config_path = dir.join("config.toml");
-        std::fs::write(&config_path, config)
-            .map_err(|e| Error::internal("write containerd config", e))?;
+        std::fs::write(&config_path, config).with_context(|| "write containerd config")?;
         let log = std::fs::File::create(dir.join("containerd.log"))
-            .map_err(|e| Error::internal("create containerd log", e))?;
-        let err = log.try_clone().map_err(|e| Error::internal("containerd log", e))?;
+            .with_context(|| "create containerd log")?;
+        let err = log.try_clone().with_context(|| "containerd log")?;
         let child = Command::new(&bin)
             .arg("--config")
             .arg(&config_path)
@@ -68,7 +68,7 @@ impl Containerd {
             .stdout(log)
             .stderr(err)
             .spawn()
-            .map_err(|e| Error::internal(format!("start {}", bin.display()), e))?;
+            .with_context(|| format!("start {}", bin.display()))?;
         let mut c = Containerd { child: Some(child), dir: dir.to_path_buf(), address };
         c.wait_ready(Duration::from_secs(30))?;
         Ok(c)
@@ -80,7 +80,7 @@ impl Containerd {
             if let Some(child) = &mut self.child
                 && let Ok(Some(status)) = child.try_wait()
             {
-                return Err(Error::Internal(format!(
+                return Err(Error::internal(format!(
                     "containerd exited at start ({status}); its log: {}",
                     self.log_tail()
                 )));
@@ -89,7 +89,7 @@ impl Containerd {
                 return Ok(());
             }
             if started.elapsed() > limit {
-                return Err(Error::Unavailable(format!(
+                return Err(Error::unavailable(format!(
                     "containerd did not answer within {limit:?}; its log: {}",
                     self.log_tail()
                 )));
@@ -116,14 +116,14 @@ impl Containerd {
     /// Runs `ctr --address <ours> ARGS…` and returns what it did (a failure to start
     /// ctr is an error; a failing ctr is not: look at the status).
     pub fn ctr(&self, args: &[&str]) -> Result<Output> {
-        let ctr = ctr_binary().ok_or_else(|| Error::NotFound("ctr is not installed".into()))?;
+        let ctr = ctr_binary().ok_or_else(|| Error::not_found("ctr is not installed"))?;
         Command::new(ctr)
             .arg("--address")
             .arg(&self.address)
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| Error::internal("run ctr", e))
+            .with_context(|| "run ctr")
     }
 
     /// The last lines of containerd's log.

@@ -89,7 +89,7 @@ pub fn kind_from(k: i32) -> Result<Kind, Error> {
         Ok(spb::Kind::View) => Ok(Kind::View),
         Ok(spb::Kind::Active) => Ok(Kind::Active),
         Ok(spb::Kind::Committed) => Ok(Kind::Committed),
-        _ => Err(Error::InvalidArgument(format!(
+        _ => Err(Error::invalid_argument(format!(
             "snapshot kind {k} is not one of view, active, committed"
         ))),
     }
@@ -172,20 +172,20 @@ mod tests {
     #[test]
     fn errors_round_trip_with_their_class() {
         for e in [
-            Error::NotFound("snapshot \"k\"".into()),
-            Error::AlreadyExists("x".into()),
-            Error::FailedPrecondition("x".into()),
-            Error::InvalidArgument("x".into()),
-            Error::NotImplemented("x".into()),
-            Error::Unavailable("x".into()),
-            Error::Internal("x".into()),
+            Error::not_found("snapshot \"k\""),
+            Error::already_exists("x"),
+            Error::failed_precondition("x"),
+            Error::invalid_argument("x"),
+            Error::not_implemented("x"),
+            Error::unavailable("x"),
+            Error::internal("x"),
         ] {
             let s = status(&e);
             assert!(s.message().ends_with(&e.kind().to_string()), "{s:?}");
             assert_eq!(error(&s), e);
         }
-        assert_eq!(status(&Error::NotFound("k".into())).code(), Code::NotFound);
-        assert_eq!(status(&Error::NotImplemented("k".into())).code(), Code::Unimplemented);
+        assert_eq!(status(&Error::not_found("k")).code(), Code::NotFound);
+        assert_eq!(status(&Error::not_implemented("k")).code(), Code::Unimplemented);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! - [`proto`]: the generated messages, servers and clients.
 //! - [`convert`]: host types and errors to and from the wire.
-//! - [`server`]: the services over an open [`wasnap::host::Host`].
+//! - [`server`]: the services over an open [`wasnap::Host`].
 //! - [`serve`]: the daemon's life: the socket, signals, a graceful stop.
 //! - [`client`]: connecting to a daemon, namespace headers, a blocking wrapper.
 

@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
+use wasnap::Context;
 use wasnap::{Error, Result};
 
 /// A running `wasnap daemon`.
@@ -26,7 +27,7 @@ impl DaemonProcess {
     /// the log `wasnap.log`. Returns once the socket answers.
     pub fn start(exe: &Path, dir: &Path, config: &str) -> Result<DaemonProcess> {
         let path = dir.join("wasnap.toml");
-        std::fs::write(&path, config).map_err(|e| Error::internal("write daemon config", e))?;
+        std::fs::write(&path, config).with_context(|| "write daemon config")?;
         let mut d = DaemonProcess {
             child: None,
             exe: exe.to_path_buf(),
@@ -42,13 +43,12 @@ impl DaemonProcess {
     /// Starts the process again (after [`DaemonProcess::signal`]) on the same root and
     /// socket; returns once the socket answers.
     pub fn spawn(&mut self) -> Result<()> {
-        let io = |what: &'static str| move |e: std::io::Error| Error::internal(what, e);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
-            .map_err(io("open the daemon log"))?;
-        let err = log.try_clone().map_err(io("open the daemon log"))?;
+            .context("open the daemon log")?;
+        let err = log.try_clone().context("open the daemon log")?;
         let child = Command::new(&self.exe)
             .arg("--config")
             .arg(&self.config)
@@ -62,18 +62,18 @@ impl DaemonProcess {
             .stdout(log)
             .stderr(err)
             .spawn()
-            .map_err(io("start wasnap daemon"))?;
+            .context("start wasnap daemon")?;
         let child = self.child.insert(child);
         let started = Instant::now();
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(Error::Internal(format!(
+                return Err(Error::internal(format!(
                     "wasnap daemon exited at start ({status}):\n{}",
                     self.log_tail()
                 )));
             }
             if started.elapsed() > Duration::from_secs(120) {
-                return Err(Error::Unavailable(format!(
+                return Err(Error::unavailable(format!(
                     "wasnap daemon did not listen within 2 minutes:\n{}",
                     self.log_tail()
                 )));
@@ -86,12 +86,11 @@ impl DaemonProcess {
     /// Sends `sig` and waits for the process to exit.
     pub fn signal(&mut self, sig: Signal) -> Result<ExitStatus> {
         let mut child =
-            self.child.take().ok_or_else(|| Error::FailedPrecondition("not running".into()))?;
+            self.child.take().ok_or_else(|| Error::failed_precondition("not running"))?;
         if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            rustix::process::kill_process(pid, sig)
-                .map_err(|e| Error::internal("signal the daemon", e))?;
+            rustix::process::kill_process(pid, sig).with_context(|| "signal the daemon")?;
         }
-        child.wait().map_err(|e| Error::internal("wait for the daemon", e))
+        child.wait().with_context(|| "wait for the daemon")
     }
 
     /// The socket it serves on.

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use wasnap::Context;
 use wasnap::fault::Faults;
-use wasnap::host::{Config, Host};
+use wasnap::root::{Config, Host};
 use wasnap::{Error, Result};
 
 use crate::proto::admin::admin_server::AdminServer;
@@ -36,7 +37,7 @@ impl Options {
     /// shutdown bound.
     pub fn from_config(config: Config) -> Options {
         Options {
-            root: config.root.clone().unwrap_or_else(wasnap::host::default_root),
+            root: config.root.clone().unwrap_or_else(wasnap::root::default_root),
             socket: config.daemon.socket.clone(),
             shutdown_timeout: Duration::from_secs(config.daemon.shutdown_timeout_secs),
             config,
@@ -51,7 +52,7 @@ pub fn run(opts: Options) -> Result<()> {
         .enable_all()
         .thread_name("wasnap-daemon")
         .build()
-        .map_err(|e| Error::internal("start the runtime", e))?;
+        .with_context(|| "start the runtime")?;
     let result = rt.block_on(async {
         let stop = stop_signal()?;
         serve(opts, stop).await
@@ -65,8 +66,8 @@ pub fn run(opts: Options) -> Result<()> {
 /// Resolves when SIGTERM or SIGINT arrives.
 fn stop_signal() -> Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::internal("SIGTERM", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::internal("SIGINT", e))?;
+    let mut term = signal(SignalKind::terminate()).with_context(|| "SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).with_context(|| "SIGINT")?;
     Ok(async move {
         let which = tokio::select! {
             _ = term.recv() => "SIGTERM",
@@ -87,7 +88,7 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
         Host::open_config(&root, Arc::new(Faults::from_env()?), config)
     })
     .await
-    .map_err(|e| Error::internal("open the root", e))??;
+    .map_err(|e| Error::internal(format!("open the root: {e}")))??;
     let host = Arc::new(host);
     // Open every snapshotter now, so a plugin that cannot start is in the log at once
     // (and `wasnap status` shows it closed) rather than at its first call. The others
@@ -102,7 +103,7 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
         }
     })
     .await
-    .map_err(|e| Error::internal("open the snapshotters", e))?;
+    .map_err(|e| Error::internal(format!("open the snapshotters: {e}")))?;
     let listener = bind(&opts.socket)?;
     let gc = host.start_gc()?;
     tracing::info!(socket = %opts.socket.display(), root = %host.root().display(), "serving");
@@ -120,7 +121,7 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
     let limit = opts.shutdown_timeout;
     let served = tokio::select! {
-        r = server => r.map_err(|e| Error::internal("serve", e)),
+        r = server => r.map_err(|e| Error::internal(format!("serve: {e}"))),
         () = async move {
             // Only once stopping: give calls in flight their bound, then go anyway.
             if stopping_rx.await.is_ok() {
@@ -137,7 +138,7 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
     drop(gc);
     let closed = tokio::task::spawn_blocking(move || host.close())
         .await
-        .map_err(|e| Error::internal("close the root", e))?;
+        .map_err(|e| Error::internal(format!("close the root: {e}")))?;
     tracing::info!("stopped");
     served.and(closed)
 }
@@ -151,24 +152,24 @@ fn bind(socket: &Path) -> Result<UnixListener> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| Error::internal(format!("create {}", dir.display()), e))?;
+            .with_context(|| format!("create {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(socket) {
         Ok(m) if !m.file_type().is_socket() => {
-            return Err(Error::AlreadyExists(format!(
+            return Err(Error::already_exists(format!(
                 "{} exists and is not a socket; not replacing it",
                 socket.display()
             )));
         }
         Ok(_) => {
             if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-                return Err(Error::AlreadyExists(format!(
+                return Err(Error::already_exists(format!(
                     "another daemon is serving on {}",
                     socket.display()
                 )));
             }
             std::fs::remove_file(socket)
-                .map_err(|e| Error::internal(format!("remove stale {}", socket.display()), e))?;
+                .with_context(|| format!("remove stale {}", socket.display()))?;
         }
         Err(_) => {}
     }
@@ -176,9 +177,8 @@ fn bind(socket: &Path) -> Result<UnixListener> {
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let listener = UnixListener::bind(socket);
     rustix::process::umask(old);
-    let listener =
-        listener.map_err(|e| Error::internal(format!("listen on {}", socket.display()), e))?;
+    let listener = listener.with_context(|| format!("listen on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::internal(format!("chmod {}", socket.display()), e))?;
+        .with_context(|| format!("chmod {}", socket.display()))?;
     Ok(listener)
 }

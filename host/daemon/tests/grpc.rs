@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tonic::Code;
-use wasnap::host::{Config, DriverConfig};
+use wasnap::root::{Config, DriverConfig};
 use wasnap_daemon::client::{Client, request};
 use wasnap_daemon::proto::leases as lpb;
 use wasnap_daemon::proto::snapshots::*;

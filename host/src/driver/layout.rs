@@ -1,91 +1,155 @@
-//! What directory-per-snapshot drivers (native, overlay) share: the layout of their
-//! directory and the crash-safe steps around a snapshot's tree.
+//! What every native driver shares: the layout of its directory and one crash-safe
+//! protocol for building, installing, removing and reclaiming a snapshot's data,
+//! whether that data is a directory tree (native, overlay) or a subvolume (btrfs).
 //!
 //! ```text
-//! metadata.db        the driver's records (ids, kinds, parents, labels, usage)
-//! snapshots/<id>/    one directory per snapshot
-//! tmp/               trees being built or deleted; anything here after a crash is garbage
+//! snapshots/<id>     one entry per snapshot: a tree or a subvolume
+//! tmp/               entries being built or deleted; anything here after a crash is garbage
 //! ```
 //!
-//! A tree is built in `tmp/` where no record names it, and renamed to
-//! `snapshots/<id>` inside the record's transaction; a removed tree is renamed into
-//! `tmp/` inside the transaction that forgets it. So after a crash at any step, every
-//! record names a complete tree, and [`Layout::reclaim`] deletes the rest.
+//! **Build.** An entry is built in `tmp/` under a name that is marked busy, then renamed
+//! to `snapshots/<id>` (its id marked busy from before the rename), then recorded. If
+//! the record cannot be written the entry is deleted. So at every moment an entry that
+//! no record names is either busy or garbage.
+//!
+//! **Remove.** The record goes first; then the entry is deleted, or renamed into `tmp/`
+//! for the background to delete. A crash in between leaves an entry no record names.
+//!
+//! **Reclaim.** Lists `snapshots/` and `tmp/`, then reads what is busy, then the ids the
+//! records name, and deletes every entry that is neither. That order is what makes it
+//! safe beside running creates: a busy mark is dropped only after its record is written,
+//! so an entry missed as busy is seen as recorded.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
 
 use crate::driver::storage::{Snap, Store};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
-use crate::fsutil;
 use crate::snapshot::{Kind, Labels, Usage};
 
-const SNAPSHOTS: &str = "snapshots";
-const TMP: &str = "tmp";
+pub(crate) const SNAPSHOTS: &str = "snapshots";
+pub(crate) const TMP: &str = "tmp";
 
-pub(crate) fn io(context: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::internal(context, e)
+/// How a driver makes and unmakes the entry behind a snapshot.
+pub(crate) trait Entries: Send + Sync + std::fmt::Debug {
+    /// Deletes the entry `name` in `dir`, whatever it is (a tree, a subvolume, a stray
+    /// file). Missing is not-found.
+    fn delete(&self, dir: &Dir, name: &str) -> Result<()>;
+
+    /// Makes the entry `name` in `dir` read-only, once it is in place (a btrfs view or
+    /// commit: the kernel renames only writable subvolumes). Nothing by default.
+    fn seal(&self, _dir: &Dir, _name: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// A driver's directory, its records and its fault points.
+/// When a removed snapshot's data is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deletion {
+    /// Before `remove` returns.
+    Now,
+    /// By a background thread, soon after `remove` returns.
+    Background,
+    /// By the next `cleanup` (containerd's asynchronous remove).
+    AtCleanup,
+}
+
+/// A driver's directory, its records, its fault points and its busy marks.
 #[derive(Debug)]
 pub(crate) struct Layout {
-    pub dir: Dir,
+    /// `snapshots/`, opened once.
+    pub snapshots: Dir,
+    /// `tmp/`, opened once.
+    pub tmp: Dir,
     /// The same directory as `dir`, as a host path: used only to build mount sources,
     /// which callers outside the process need.
     pub path: PathBuf,
     pub store: Store,
+    entries: Box<dyn Entries>,
     faults: Arc<Faults>,
     /// The driver's name, for messages and fault point names (`<name>.create.…`).
     name: &'static str,
-    /// Where a snapshot's own layer is inside `snapshots/<id>` (`""`: the directory
-    /// itself; `"fs"` for overlay): what usage measures.
-    layer: &'static str,
     closed: AtomicBool,
     tmp_seq: AtomicU64,
-    /// Names in `tmp/` this process is working on right now: reclaim leaves them be.
-    busy: Arc<Mutex<HashSet<String>>>,
-    /// Held shared by an install from the moment its tree is renamed to
-    /// `snapshots/<id>` until its record commits, and exclusively by reclaim while it
-    /// decides which `snapshots/<id>` no record names: so reclaim never takes a tree
-    /// whose record is about to commit.
-    installing: std::sync::RwLock<()>,
+    busy: Arc<Mutex<Busy>>,
+    /// Entries renamed into `tmp/` by removes, for the background deleter.
+    doomed: Arc<Doomed>,
 }
 
-/// A name in `tmp/` that this process is using; reclaim skips it until it is dropped.
+/// Names in `tmp/` and ids in `snapshots/` this process is working on right now.
+#[derive(Debug, Default)]
+struct Busy {
+    tmp: HashSet<String>,
+    ids: HashSet<u64>,
+}
+
+/// A busy mark, dropped when the work is done.
 #[derive(Debug)]
-pub(crate) struct TmpName {
-    name: String,
-    busy: Arc<Mutex<HashSet<String>>>,
+pub(crate) struct Mark {
+    what: Marked,
+    busy: Arc<Mutex<Busy>>,
 }
 
-impl TmpName {
-    pub fn as_str(&self) -> &str {
-        &self.name
+#[derive(Debug)]
+enum Marked {
+    Tmp(String),
+    Id(u64),
+}
+
+impl Mark {
+    /// The name in `tmp/` this mark holds (empty for an id mark).
+    pub fn name(&self) -> &str {
+        match &self.what {
+            Marked::Tmp(n) => n,
+            Marked::Id(_) => "",
+        }
     }
 }
 
-impl std::fmt::Display for TmpName {
+impl std::fmt::Display for Mark {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name)
+        match &self.what {
+            Marked::Tmp(n) => write!(f, "{TMP}/{n}"),
+            Marked::Id(id) => write!(f, "{SNAPSHOTS}/{id}"),
+        }
     }
 }
 
-impl AsRef<std::path::Path> for TmpName {
-    fn as_ref(&self) -> &std::path::Path {
-        self.name.as_ref()
-    }
-}
-
-impl Drop for TmpName {
+impl Drop for Mark {
     fn drop(&mut self) {
-        self.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.name);
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        match &self.what {
+            Marked::Tmp(n) => busy.tmp.remove(n),
+            Marked::Id(id) => busy.ids.remove(id),
+        };
     }
+}
+
+/// Entries waiting in `tmp/` for the background deleter.
+#[derive(Debug, Default)]
+struct Doomed {
+    queue: Mutex<(Vec<Mark>, bool)>,
+    wake: Condvar,
+}
+
+fn private_subdir(dir: &Dir, sub: &str, path: &std::path::Path) -> Result<Dir> {
+    let mut private = DirBuilder::new();
+    private.mode(0o700);
+    match dir.create_dir_with(sub, &private) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(Error::from(e).context(format!("create {sub}/ in {}", path.display())));
+        }
+    }
+    // Readable (not O_PATH): btrfs ioctls are issued on these descriptors.
+    crate::fsutil::open_dir_nofollow(dir, sub)
+        .with_context(|| format!("open {sub}/ in {}", path.display()))
 }
 
 impl Layout {
@@ -93,47 +157,70 @@ impl Layout {
     pub fn open(
         dir: Dir,
         path: PathBuf,
+        store: Store,
+        entries: Box<dyn Entries>,
         faults: Arc<Faults>,
         name: &'static str,
-        layer: &'static str,
     ) -> Result<Self> {
-        let mut private = DirBuilder::new();
-        private.mode(0o700);
-        for sub in [SNAPSHOTS, TMP] {
-            match dir.create_dir_with(sub, &private) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(Error::internal(format!("create {sub}/ in {}", path.display()), e));
-                }
-            }
-        }
-        let store = Store::open(&dir)?;
+        let snapshots = private_subdir(&dir, SNAPSHOTS, &path)?;
+        let tmp = private_subdir(&dir, TMP, &path)?;
         Ok(Layout {
-            dir,
+            snapshots,
+            tmp,
             path,
             store,
+            entries,
             faults,
             name,
-            layer,
             closed: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
             busy: Arc::default(),
-            installing: std::sync::RwLock::new(()),
+            doomed: Arc::default(),
         })
+    }
+
+    /// Starts the thread that deletes removed entries in the background; it stops when
+    /// the layout is closed or dropped.
+    pub fn start_deleter(self: &Arc<Self>) -> Result<()> {
+        let weak = Arc::downgrade(self);
+        let doomed = self.doomed.clone();
+        std::thread::Builder::new()
+            .name(format!("wasnap-{}-rm", self.name))
+            .spawn(move || loop {
+                let batch = {
+                    let mut q = doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    while q.0.is_empty() && !q.1 {
+                        q = doomed.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                    if q.0.is_empty() {
+                        return;
+                    }
+                    std::mem::take(&mut q.0)
+                };
+                let Some(layout) = weak.upgrade() else { return };
+                for mark in batch {
+                    if let Err(e) = layout.delete_tmp(mark.name()) {
+                        tracing::warn!(path = %mark, error = %e, "could not delete a removed snapshot; cleanup will retry");
+                    }
+                }
+            })
+            .context("start the background deleter")?;
+        Ok(())
     }
 
     /// Unavailable once closed.
     pub fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Unavailable(format!("{} snapshotter is closed", self.name)));
+            return Err(Error::unavailable(format!("{} snapshotter is closed", self.name)));
         }
         Ok(())
     }
 
-    /// Marks the driver closed; idempotent.
+    /// Marks the driver closed; idempotent. Stops the background deleter.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.doomed.wake.notify_all();
     }
 
     /// Fails or aborts if the fault point `<driver>.<point>` is armed.
@@ -142,7 +229,7 @@ impl Layout {
     }
 
     /// `snapshots/<id>`, relative to the driver's directory.
-    pub fn snapshot_dir(id: u64) -> String {
+    pub fn entry(id: u64) -> String {
         format!("{SNAPSHOTS}/{id}")
     }
 
@@ -151,208 +238,228 @@ impl Layout {
         self.path.join(rel).to_string_lossy().into_owned()
     }
 
-    /// A fresh name in `tmp/`, spared by reclaim while the returned guard lives.
-    pub fn tmp_name(&self, what: &str) -> TmpName {
+    /// A fresh name in `tmp/`, spared by reclaim while the returned mark lives.
+    pub fn tmp_name(&self, what: &str) -> Mark {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{TMP}/{what}-{}-{n}", std::process::id());
-        self.busy.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
-        TmpName { name, busy: self.busy.clone() }
+        let name = format!("{what}-{}-{n}", std::process::id());
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).tmp.insert(name.clone());
+        Mark { what: Marked::Tmp(name), busy: self.busy.clone() }
     }
 
-    /// Deletes `rel` (`snapshots/<id>` or `tmp/<name>`) and everything in it, even
-    /// read-only directories when not running as root.
-    pub fn remove_path(&self, rel: &str) -> Result<()> {
-        let (parent, name) = rel.split_once('/').unwrap_or((".", rel));
-        let parent = self.dir.open_dir(parent).map_err(io(format!("open {parent}/")))?;
-        fsutil::remove_tree(&parent, name)
+    fn mark_id(&self, id: u64) -> Mark {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).ids.insert(id);
+        Mark { what: Marked::Id(id), busy: self.busy.clone() }
     }
 
-    /// Checks that `key` is free and `parent` (if any) is committed, before any tree is
-    /// built for nothing. The transaction in [`Layout::install`] checks again.
+    /// Deletes `tmp/<name>`; gone already is fine.
+    pub fn delete_tmp(&self, name: &str) -> Result<()> {
+        match self.entries.delete(&self.tmp, name) {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks that `key` is free and `parent` (if any) is committed, before any entry is
+    /// built for nothing. The record's write checks again.
     pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<Snap>> {
         self.check_open()?;
         self.store.precheck(key, parent)
     }
 
-    /// Records the snapshot and moves the tree built at `tmp` to `snapshots/<id>`, as
-    /// one step: on any failure the record is not written and the tree is deleted.
+    /// Moves the entry built at `tmp/<tmp>` to `snapshots/<id>` (an id from
+    /// [`Store::next_id`]), seals it if `seal`, and records it: on any failure the entry
+    /// is deleted and nothing is recorded.
+    #[allow(clippy::too_many_arguments)]
     pub fn install(
         &self,
-        tmp: &str,
+        tmp: &Mark,
+        id: u64,
+        seal: bool,
         kind: Kind,
         key: &str,
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Snap> {
-        let result = (|| {
-            let _installing = self.installing.read().unwrap_or_else(|e| e.into_inner());
-            let mut txn = self.store.begin()?;
-            let snap = txn.create(kind, key, parent, labels)?;
-            let final_name = Self::snapshot_dir(snap.id);
-            // An id is only taken when its transaction commits; a directory already
-            // under that name is a leftover of a crash before a commit.
-            if self.dir.symlink_metadata(&final_name).is_ok() {
-                self.remove_path(&final_name)?;
+        let _id = self.mark_id(id);
+        let name = id.to_string();
+        let placed = (|| {
+            // Ids are never reused, so an entry already there is a crash's leftover.
+            match self.entries.delete(&self.snapshots, &name) {
+                Err(e) if !e.is_not_found() => return Err(e),
+                _ => {}
             }
             self.fault("create.before-rename")?;
-            self.dir
-                .rename(tmp, &self.dir, &final_name)
-                .map_err(io(format!("rename {tmp} to {final_name}")))?;
-            if let Err(e) = self.fault("create.before-commit").and_then(|()| txn.commit()) {
-                let _ = self.remove_path(&final_name);
-                return Err(e);
-            }
-            Ok(snap)
+            self.tmp
+                .rename(tmp.name(), &self.snapshots, &name)
+                .with_context(|| format!("rename {tmp} to {SNAPSHOTS}/{name}"))
         })();
-        if result.is_err() {
-            let _ = self.remove_path(tmp);
+        if let Err(e) = placed {
+            let _ = self.delete_tmp(tmp.name());
+            return Err(e);
         }
-        result
+        let recorded = (|| {
+            if seal {
+                self.entries.seal(&self.snapshots, &name)?;
+            }
+            self.fault("create.before-commit")?;
+            self.store.create(id, kind, key, parent, labels)
+        })();
+        if recorded.is_err() {
+            let _ = self.entries.delete(&self.snapshots, &name);
+        }
+        recorded
     }
 
-    /// Disk usage of snapshot `id`'s own layer, measured now.
-    pub fn measure(&self, id: u64) -> Result<Usage> {
-        let dir = Self::snapshot_dir(id);
-        let name = if self.layer.is_empty() { dir } else { format!("{dir}/{}", self.layer) };
-        let layer = self.dir.open_dir(&name).map_err(io(format!("open {name}")))?;
-        fsutil::disk_usage(&layer)
+    /// Records the commit of the active snapshot `key` as `name` with the usage measured
+    /// by the caller. Its entry stays where it is.
+    pub fn commit_in_place(
+        &self,
+        name: &str,
+        key: &str,
+        usage: Usage,
+        labels: &Labels,
+    ) -> Result<()> {
+        self.check_open()?;
+        self.fault("commit.before-commit")?;
+        self.store.commit(key, name, usage, labels, None).map(drop)
+    }
+
+    /// Records the commit of the active snapshot `key` (entry `old`) as `name`, whose
+    /// entry the caller built at `tmp` and which becomes `snapshots/<new id>`, then
+    /// deletes the old entry. On failure nothing changes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit_moved(
+        &self,
+        tmp: &Mark,
+        old: u64,
+        new: u64,
+        name: &str,
+        key: &str,
+        usage: Usage,
+        labels: &Labels,
+    ) -> Result<()> {
+        let _id = self.mark_id(new);
+        let entry = new.to_string();
+        let placed = self.fault("commit.before-rename").and_then(|()| {
+            self.tmp
+                .rename(tmp.name(), &self.snapshots, &entry)
+                .with_context(|| format!("rename {tmp} to {SNAPSHOTS}/{entry}"))
+        });
+        if let Err(e) = placed {
+            let _ = self.delete_tmp(tmp.name());
+            return Err(e);
+        }
+        let recorded = (|| {
+            self.entries.seal(&self.snapshots, &entry)?;
+            self.fault("commit.before-commit")?;
+            self.store.commit(key, name, usage, labels, Some(new))
+        })();
+        if let Err(e) = recorded {
+            let _ = self.entries.delete(&self.snapshots, &entry);
+            return Err(e);
+        }
+        // The commit is durable: failing now would lie. No record names the old entry,
+        // so if this delete fails reclaim finds it.
+        if let Err(e) = self
+            .fault("commit.before-delete")
+            .and_then(|()| self.entries.delete(&self.snapshots, &old.to_string()))
+        {
+            tracing::warn!(path = %Self::entry(old), error = %e, "could not delete a committed snapshot's old entry; cleanup will retry");
+        }
+        Ok(())
     }
 
     /// Usage of `key`: stored at commit for committed snapshots (so asking is O(1)),
-    /// measured for the others.
-    pub fn usage(&self, key: &str) -> Result<Usage> {
+    /// measured by `measure` for the others.
+    pub fn usage(&self, key: &str, measure: impl FnOnce(u64) -> Result<Usage>) -> Result<Usage> {
         self.check_open()?;
         let (_, snap) = self.store.get(key)?;
         match snap.usage {
             Some(usage) => Ok(usage),
-            None => self.measure(snap.id),
+            None => measure(snap.id),
         }
     }
 
-    /// Commits the active snapshot `key` as `name`: the tree stays where it is, the
-    /// record changes kind and name, and the layer's usage is measured and stored.
-    pub fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+    /// Forgets `key`, then deletes its entry as `when` says; an entry not deleted now is
+    /// first moved into `tmp/`.
+    pub fn remove(&self, key: &str, when: Deletion) -> Result<()> {
         self.check_open()?;
-        let (info, snap) = self.store.get(key)?;
-        if info.kind != Kind::Active {
-            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
-        }
-        let usage = self.measure(snap.id)?;
-        let mut txn = self.store.begin()?;
-        txn.commit_active(key, name, usage, labels)?;
-        self.fault("commit.before-commit")?;
-        txn.commit()
-    }
-
-    /// Forgets `key` and moves its tree to `tmp/`; with `now`, deletes it too (otherwise
-    /// [`Layout::reclaim`] does, like containerd's asynchronous remove).
-    pub fn remove(&self, key: &str, now: bool) -> Result<()> {
-        self.check_open()?;
-        let mut txn = self.store.begin()?;
-        let (id, _) = txn.remove(key)?;
-        let name = Self::snapshot_dir(id);
-        let doomed = self.tmp_name(&format!("rm-{id}"));
-        // Moved inside the transaction: if the commit fails it is moved back; if we
-        // crash after the commit, reclaim finds it in tmp/.
-        let moved = match self.dir.rename(&name, &self.dir, &doomed) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(Error::internal(format!("rename {name} to {doomed}"), e)),
-        };
-        if let Err(e) = self.fault("remove.before-commit").and_then(|()| txn.commit()) {
-            if moved {
-                let _ = self.dir.rename(&doomed, &self.dir, &name);
+        self.fault("remove.before-commit")?;
+        let (id, _) = self.store.remove(key)?;
+        let name = id.to_string();
+        let deleted = self.fault("remove.before-delete").and_then(|()| {
+            if when == Deletion::Now {
+                return self.entries.delete(&self.snapshots, &name);
             }
-            return Err(e);
-        }
-        if now
-            && moved
-            && let Err(e) = self.remove_path(doomed.as_str())
-        {
-            tracing::warn!(path = %doomed, error = %e, "could not delete a removed snapshot's tree; cleanup will retry");
+            let doomed = self.tmp_name(&format!("rm-{id}"));
+            self.snapshots
+                .rename(&name, &self.tmp, doomed.name())
+                .with_context(|| format!("move {SNAPSHOTS}/{name} to {doomed}"))?;
+            if when == Deletion::Background {
+                let mut q = self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
+                q.0.push(doomed);
+                self.doomed.wake.notify_one();
+            }
+            Ok(())
+        });
+        match deleted {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(path = %Self::entry(id), error = %e,
+                "could not delete a removed snapshot's data; cleanup will retry"),
         }
         Ok(())
     }
 
-    /// Deletes every tree in `tmp/` and every `snapshots/<id>` no record names, while
-    /// creates, commits and removes go on: trees being built or removed in `tmp/` are
-    /// named busy, and a tree being installed is spared through `installing`.
+    /// Deletes every entry in `tmp/` and every `snapshots/<id>` that is neither busy
+    /// nor named by a record, while creates, commits and removes go on.
     pub fn reclaim(&self) -> Result<()> {
         self.check_open()?;
-        let mut doomed = Vec::new();
-        // First the unnamed snapshots/<id>: decided, and moved to tmp/ (a rename, so
-        // quick), with installs held off; deleted afterwards with nothing held.
-        let mut moved = Vec::new();
-        {
-            let _no_installs = self.installing.write().unwrap_or_else(|e| e.into_inner());
-            let ids: HashSet<u64> = self.store.ids()?;
-            for entry in self.dir.read_dir(SNAPSHOTS).map_err(io("read snapshots/"))? {
-                let entry = entry.map_err(io("read snapshots/"))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.parse::<u64>().is_ok_and(|id| ids.contains(&id)) {
-                    continue;
-                }
-                let from = format!("{SNAPSHOTS}/{name}");
-                let to = self.tmp_name("reclaim");
-                match self.dir.rename(&from, &self.dir, &to) {
-                    Ok(()) => moved.push(to),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::internal(format!("move {from} to {to}"), e)),
-                }
+        // What the background deleter has not reached yet is deleted now.
+        let queued =
+            std::mem::take(&mut self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).0);
+        for mark in queued {
+            self.delete_tmp(mark.name())?;
+        }
+        let list = |dir: &Dir, what: &str| -> Result<Vec<String>> {
+            let mut names = Vec::new();
+            for entry in dir.entries().with_context(|| format!("read {what}/"))? {
+                let entry = entry.with_context(|| format!("read {what}/"))?;
+                names.push(entry.file_name().to_string_lossy().into_owned());
             }
-        }
-        for path in &moved {
-            match self.remove_path(path.as_str()) {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
+            Ok(names)
+        };
+        // Listed, then busy, then recorded: see the module documentation.
+        let in_snapshots = list(&self.snapshots, SNAPSHOTS)?;
+        let in_tmp = list(&self.tmp, TMP)?;
+        let (busy_tmp, busy_ids) = {
+            let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            (busy.tmp.clone(), busy.ids.clone())
+        };
+        let ids = self.store.ids()?;
+        let mut first_error = None;
+        let mut delete = |dir: &Dir, what: &str, name: &str| match self.entries.delete(dir, name) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                // One that cannot go (a nested subvolume someone made inside a
+                // container, say) does not keep the others.
+                tracing::warn!(path = %format!("{what}/{name}"), error = %e, "cleanup: could not delete");
+                first_error.get_or_insert(e);
             }
-        }
-        // Then tmp/. List it before reading which names are busy: a name is made busy
-        // before its tree appears, so a listed tree whose name is not busy any more is
-        // one its owner is done with.
-        let mut listed = Vec::new();
-        for entry in self.dir.read_dir(TMP).map_err(io("read tmp/"))? {
-            let entry = entry.map_err(io("read tmp/"))?;
-            listed.push(entry.file_name().to_string_lossy().into_owned());
-        }
-        // Busy before ids: a remove commits before its name stops being busy, so a
-        // name not busy here has its removal in the ids read next.
-        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let ids: HashSet<u64> = self.store.ids()?;
-        for name in listed {
-            let path = format!("{TMP}/{name}");
-            if busy.contains(&path) {
+        };
+        for name in in_snapshots {
+            let id = name.parse::<u64>().ok();
+            if id.is_some_and(|id| ids.contains(&id) || busy_ids.contains(&id)) {
                 continue;
             }
-            // A remove killed before its transaction committed: the record still names
-            // the tree, so it goes back where the record says it is.
-            let removed_id = name
-                .strip_prefix("rm-")
-                .and_then(|r| r.split('-').next())
-                .and_then(|id| id.parse().ok());
-            if let Some(id) = removed_id.filter(|id| ids.contains(id)) {
-                let home = Self::snapshot_dir(id);
-                if self.dir.symlink_metadata(&home).is_err() {
-                    match self.dir.rename(&path, &self.dir, &home) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            return Err(Error::internal(format!("restore {path} to {home}"), e));
-                        }
-                    }
-                    continue;
-                }
-            }
-            doomed.push(path);
+            delete(&self.snapshots, SNAPSHOTS, &name);
         }
-        for path in doomed {
-            match self.remove_path(&path) {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
+        for name in in_tmp {
+            if !busy_tmp.contains(&name) {
+                delete(&self.tmp, TMP, &name);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }

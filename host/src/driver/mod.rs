@@ -1,8 +1,9 @@
 //! Native drivers: backends that live in the host process.
 //!
-//! Architecture invariant: a driver keeps its own records in its own directory
-//! ([`storage`]) and never opens the host's metadata database; it is handed a directory
-//! capability at start-up and touches nothing outside it.
+//! Architecture invariant: a driver keeps its records through its own [`storage::Store`]
+//! (tables of its own, never the metadata's) and its data beneath the directory
+//! capability it is handed at start-up; it touches nothing outside them. Every driver
+//! builds, installs, removes and reclaims its data by the one protocol of [`layout`].
 
 pub mod btrfs;
 mod layout;
@@ -13,3 +14,17 @@ pub mod storage;
 pub use btrfs::Btrfs;
 pub use native::Native;
 pub use overlay::Overlay;
+
+use cap_std::fs::Dir;
+
+use crate::error::Result;
+
+/// Entries that are directory trees (native, overlay).
+#[derive(Debug)]
+struct Trees;
+
+impl layout::Entries for Trees {
+    fn delete(&self, dir: &Dir, name: &str) -> Result<()> {
+        crate::fsutil::remove_tree(dir, name)
+    }
+}

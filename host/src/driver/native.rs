@@ -11,32 +11,42 @@ use std::sync::Arc;
 
 use cap_std::fs::{Dir, Permissions, PermissionsExt};
 
-use super::layout::{Layout, io};
-use crate::driver::storage::Snap;
-use crate::error::Result;
+use super::Trees;
+use super::layout::{Deletion, Layout};
+use crate::backend::{Backend, FieldPath};
+use crate::driver::storage::{Snap, Store};
+use crate::error::{Context, Result};
 use crate::fault::Faults;
 use crate::filter::Filter;
 use crate::fsutil;
 use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
-use crate::snapshotter::{FieldPath, Snapshotter};
 
 /// The native copy-based driver.
 #[derive(Debug)]
 pub struct Native {
-    layout: Layout,
+    layout: Arc<Layout>,
 }
 
 impl Native {
-    /// Opens the driver in `dir` (which is `path` on the host), creating its layout.
+    /// Opens the driver in `dir` (which is `path` on the host) with records of its own
+    /// in `dir`.
     pub fn open(dir: Dir, path: PathBuf, faults: Arc<Faults>) -> Result<Self> {
-        Ok(Native { layout: Layout::open(dir, path, faults, "native", "")? })
+        let store = Store::open(&dir)?;
+        Self::with_store(dir, path, store, faults)
+    }
+
+    /// Opens the driver in `dir` keeping its records in `store`.
+    pub fn with_store(dir: Dir, path: PathBuf, store: Store, faults: Arc<Faults>) -> Result<Self> {
+        let layout = Arc::new(Layout::open(dir, path, store, Box::new(Trees), faults, "native")?);
+        layout.start_deleter()?;
+        Ok(Native { layout })
     }
 
     fn mounts_for(&self, snap: &Snap) -> Vec<Mount> {
         let mode = if snap.kind == Kind::Active { "rw" } else { "ro" };
         vec![Mount {
             kind: "bind".into(),
-            source: self.layout.host_path(&Layout::snapshot_dir(snap.id)),
+            source: self.layout.host_path(&Layout::entry(snap.id)),
             target: String::new(),
             options: vec!["rbind".into(), mode.into()],
         }]
@@ -51,32 +61,36 @@ impl Native {
     ) -> Result<Vec<Mount>> {
         let l = &self.layout;
         let parent_snap = l.precheck(key, parent)?;
+        let id = l.store.next_id()?;
         let tmp = l.tmp_name("new");
-        l.dir.create_dir(&tmp).map_err(io(format!("create {tmp}")))?;
+        l.tmp.create_dir(tmp.name()).with_context(|| format!("create {tmp}"))?;
         let built = (|| {
-            let dst = l.dir.open_dir(&tmp).map_err(io(format!("open {tmp}")))?;
+            let dst = fsutil::open_dir_nofollow(&l.tmp, tmp.name())?;
             match &parent_snap {
                 Some(p) => {
-                    let src_name = Layout::snapshot_dir(p.id);
-                    let src = l.dir.open_dir(&src_name).map_err(io(format!("open {src_name}")))?;
+                    let src = fsutil::open_dir_nofollow(&l.snapshots, &p.id.to_string())?;
                     fsutil::copy_tree(&src, &dst)
                 }
                 None => l
-                    .dir
-                    .set_permissions(&tmp, Permissions::from_mode(0o755))
-                    .map_err(io(format!("chmod {tmp}"))),
+                    .tmp
+                    .set_permissions(tmp.name(), Permissions::from_mode(0o755))
+                    .with_context(|| format!("chmod {tmp}")),
             }
         })();
         if let Err(e) = built {
-            let _ = l.remove_path(tmp.as_str());
+            let _ = l.delete_tmp(tmp.name());
             return Err(e);
         }
-        let snap = l.install(tmp.as_str(), kind, key, parent, labels)?;
+        let snap = l.install(&tmp, id, false, kind, key, parent, labels)?;
         Ok(self.mounts_for(&snap))
+    }
+
+    fn measure(&self, id: u64) -> Result<Usage> {
+        fsutil::disk_usage(&fsutil::open_dir_nofollow(&self.layout.snapshots, &id.to_string())?)
     }
 }
 
-impl Snapshotter for Native {
+impl Backend for Native {
     fn stat(&self, key: &str) -> Result<Info> {
         self.layout.check_open()?;
         Ok(self.layout.store.get(key)?.0)
@@ -84,14 +98,11 @@ impl Snapshotter for Native {
 
     fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
         self.layout.check_open()?;
-        let mut txn = self.layout.store.begin()?;
-        let info = txn.update(info, fieldpaths)?;
-        txn.commit()?;
-        Ok(info)
+        Ok(self.layout.store.update(info, fieldpaths)?.0)
     }
 
     fn usage(&self, key: &str) -> Result<Usage> {
-        self.layout.usage(key)
+        self.layout.usage(key, |id| self.measure(id))
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
@@ -109,11 +120,20 @@ impl Snapshotter for Native {
     }
 
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.layout.commit(name, key, labels)
+        self.layout.check_open()?;
+        let (info, snap) = self.layout.store.get(key)?;
+        if info.kind != Kind::Active {
+            return Err(crate::Error::failed_precondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        // Measured once here, so the usage engines poll is O(1) afterwards.
+        let usage = self.measure(snap.id)?;
+        self.layout.commit_in_place(name, key, usage, labels)
     }
 
     fn remove(&self, key: &str) -> Result<()> {
-        self.layout.remove(key, true)
+        self.layout.remove(key, Deletion::Background)
     }
 
     fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {

@@ -22,14 +22,16 @@ use std::sync::Arc;
 
 use cap_std::fs::{Dir, DirBuilder, DirBuilderExt, MetadataExt};
 
-use super::layout::{Layout, io};
-use crate::driver::storage::Snap;
-use crate::error::{Error, Result};
+use super::Trees;
+use super::layout::{Deletion, Layout};
+use crate::backend::{Backend, FieldPath};
+use crate::driver::storage::{Snap, Store};
+use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::filter::Filter;
+use crate::fsutil;
 use crate::mount::OVERLAY_MAX_LAYERS;
 use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
-use crate::snapshotter::{FieldPath, Snapshotter};
 
 /// The label that, with [`OverlayOptions::upperdir_label`], shows an active snapshot's
 /// upper directory (containerd's `containerd.io/snapshot/overlay.upperdir`).
@@ -50,7 +52,7 @@ pub struct OverlayOptions {
     pub volatile: bool,
     /// Report each snapshot's upper directory in the [`UPPERDIR_LABEL`] label.
     pub upperdir_label: bool,
-    /// Leave removed trees in `tmp/` for [`Snapshotter::cleanup`] to delete, like
+    /// Leave removed trees in `tmp/` for [`Backend::cleanup`] to delete, like
     /// containerd's asynchronous remove, instead of deleting them in `remove`.
     pub async_remove: bool,
 }
@@ -70,29 +72,48 @@ impl Default for OverlayOptions {
 /// The overlay driver.
 #[derive(Debug)]
 pub struct Overlay {
-    layout: Layout,
+    layout: Arc<Layout>,
     opts: OverlayOptions,
 }
 
 impl Overlay {
-    /// Opens the driver in `dir` (which is `path` on the host).
+    /// Opens the driver in `dir` (which is `path` on the host) with records of its own
+    /// in `dir`.
     pub fn open(
         dir: Dir,
         path: PathBuf,
         faults: Arc<Faults>,
         opts: OverlayOptions,
     ) -> Result<Self> {
+        let store = Store::open(&dir)?;
+        Self::with_store(dir, path, store, faults, opts)
+    }
+
+    /// Opens the driver in `dir` keeping its records in `store`.
+    pub fn with_store(
+        dir: Dir,
+        path: PathBuf,
+        store: Store,
+        faults: Arc<Faults>,
+        opts: OverlayOptions,
+    ) -> Result<Self> {
         if !crate::probe::Support::overlay_available() {
-            return Err(Error::FailedPrecondition(
-                "this kernel has no overlayfs (not in /proc/filesystems); use the native driver"
-                    .into(),
+            return Err(Error::failed_precondition(
+                "this kernel has no overlayfs (not in /proc/filesystems); use the native driver",
             ));
         }
-        Ok(Overlay { layout: Layout::open(dir, path, faults, "overlay", "fs")?, opts })
+        let layout = Arc::new(Layout::open(dir, path, store, Box::new(Trees), faults, "overlay")?);
+        layout.start_deleter()?;
+        Ok(Overlay { layout, opts })
     }
 
     fn fs(&self, id: u64) -> String {
-        self.layout.host_path(&format!("{}/fs", Layout::snapshot_dir(id)))
+        self.layout.host_path(&format!("{}/fs", Layout::entry(id)))
+    }
+
+    fn measure(&self, id: u64) -> Result<Usage> {
+        let entry = fsutil::open_dir_nofollow(&self.layout.snapshots, &id.to_string())?;
+        fsutil::disk_usage(&fsutil::open_dir_nofollow(&entry, "fs")?)
     }
 
     fn mounts_for(&self, snap: &Snap) -> Vec<Mount> {
@@ -119,7 +140,7 @@ impl Overlay {
             (_, []) => vec![bind(self.fs(snap.id), "ro")],
             (Kind::Active, [_]) => vec![bind(self.fs(snap.id), "rw")],
             (Kind::Active, [_, lowers @ ..]) => {
-                let dir = Layout::snapshot_dir(snap.id);
+                let dir = Layout::entry(snap.id);
                 if self.opts.volatile {
                     options.push("volatile".into());
                 }
@@ -172,52 +193,49 @@ impl Overlay {
             // count the upper directory against its limit).
             let depth = p.parent_ids.len() + 1;
             if depth > OVERLAY_MAX_LAYERS {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "parent {:?} is {depth} layers deep; overlay stacks at most {OVERLAY_MAX_LAYERS} lower layers, so a snapshot on it could not be mounted",
                     parent.unwrap_or_default()
                 )));
             }
         }
+        let id = l.store.next_id()?;
         let tmp = l.tmp_name("new");
         let built = (|| {
             let mut b = DirBuilder::new();
             b.mode(0o755);
-            l.dir.create_dir_with(&tmp, &b).map_err(io(format!("create {tmp}")))?;
-            l.dir
-                .create_dir_with(format!("{tmp}/fs"), &b)
-                .map_err(io(format!("create {tmp}/fs")))?;
+            l.tmp.create_dir_with(tmp.name(), &b).with_context(|| format!("create {tmp}"))?;
+            let entry = fsutil::open_dir_nofollow(&l.tmp, tmp.name())?;
+            entry.create_dir_with("fs", &b).with_context(|| format!("create {tmp}/fs"))?;
             b.mode(0o711);
-            l.dir
-                .create_dir_with(format!("{tmp}/work"), &b)
-                .map_err(io(format!("create {tmp}/work")))?;
+            entry.create_dir_with("work", &b).with_context(|| format!("create {tmp}/work"))?;
             // The upper directory becomes the root of the mount: give it the owner of
             // the layer below, as containerd does, or a chowned image root is lost.
             if let Some(p) = &parent_snap {
-                let below = l
-                    .dir
-                    .metadata(format!("{}/fs", Layout::snapshot_dir(p.id)))
-                    .map_err(io("stat parent"))?;
+                let below = fsutil::open_dir_nofollow(&l.snapshots, &p.id.to_string())?
+                    .symlink_metadata("fs")
+                    .context("stat the parent's layer")?;
                 rustix::fs::chownat(
-                    &l.dir,
-                    format!("{tmp}/fs"),
+                    &entry,
+                    "fs",
                     Some(rustix::fs::Uid::from_raw(below.uid())),
                     Some(rustix::fs::Gid::from_raw(below.gid())),
                     rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
                 )
-                .map_err(|e| Error::internal("chown new layer", std::io::Error::from(e)))?;
+                .context("chown new layer")?;
             }
             Ok(())
         })();
         if let Err(e) = built {
-            let _ = l.remove_path(tmp.as_str());
+            let _ = l.delete_tmp(tmp.name());
             return Err(e);
         }
-        let snap = l.install(tmp.as_str(), kind, key, parent, labels)?;
+        let snap = l.install(&tmp, id, false, kind, key, parent, labels)?;
         Ok(self.mounts_for(&snap))
     }
 }
 
-impl Snapshotter for Overlay {
+impl Backend for Overlay {
     fn stat(&self, key: &str) -> Result<Info> {
         self.layout.check_open()?;
         let (info, snap) = self.layout.store.get(key)?;
@@ -229,15 +247,12 @@ impl Snapshotter for Overlay {
         // The upper directory label is computed, never stored.
         let mut info = info.clone();
         info.labels.remove(UPPERDIR_LABEL);
-        let mut txn = self.layout.store.begin()?;
-        let updated = txn.update(&info, fieldpaths)?;
-        let (_, snap) = txn.get(&info.name)?;
-        txn.commit()?;
-        Ok(self.with_upperdir(updated, snap.id))
+        let (updated, id) = self.layout.store.update(&info, fieldpaths)?;
+        Ok(self.with_upperdir(updated, id))
     }
 
     fn usage(&self, key: &str) -> Result<Usage> {
-        self.layout.usage(key)
+        self.layout.usage(key, |id| self.measure(id))
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
@@ -255,12 +270,19 @@ impl Snapshotter for Overlay {
     }
 
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        self.layout.check_open()?;
+        let (info, snap) = self.layout.store.get(key)?;
+        if info.kind != Kind::Active {
+            return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
+        }
         // Usage is measured and stored here, so the usage engines poll is O(1).
-        self.layout.commit(name, key, labels)
+        let usage = self.measure(snap.id)?;
+        self.layout.commit_in_place(name, key, usage, labels)
     }
 
     fn remove(&self, key: &str) -> Result<()> {
-        self.layout.remove(key, !self.opts.async_remove)
+        let when = if self.opts.async_remove { Deletion::AtCleanup } else { Deletion::Background };
+        self.layout.remove(key, when)
     }
 
     fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {

@@ -1,35 +1,46 @@
 //! A driver's own records: which backend keys exist, their numeric ids, kinds,
 //! parents, labels and stored usage (the job of containerd's `snapshots/storage`).
 //!
-//! Each driver keeps these in a redb file inside its own directory; they are never in
-//! the host's metadata database. Work on disk happens between [`Store::begin`] and
-//! [`StoreTxn::commit`], so a failed step leaves no record behind.
+//! The records live in tables of their own, keyed by the driver's name. Under a host
+//! they are in the root's database beside the metadata's (never in its tables), and
+//! changes are [deferred](crate::kv::Durability::Deferred): the metadata commit that
+//! follows every change makes it durable with one sync. Opened on its own (tests, the
+//! conformance suite, embedders using a driver directly) a store has a database in the
+//! driver's directory and syncs every change.
+//!
+//! A change that is followed by deleting data the old records name (a btrfs commit
+//! deletes the active subvolume) is synced before the deleting, whatever the store.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use cap_std::fs::Dir;
 use redb::{
-    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
-    TableDefinition,
+    MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::kv;
-use crate::kv::{from_nanos, now_nanos};
+use crate::backend::FieldPath;
+use crate::error::{Context, Error, Result};
+use crate::kv::{Db, Durability, from_nanos, now_nanos};
 use crate::snapshot::{Info, Kind, Labels, Usage};
-use crate::snapshotter::FieldPath;
 
-const SNAPS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshots");
-const CHILDREN: MultimapTableDefinition<'static, &str, &str> =
-    MultimapTableDefinition::new("children");
-const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+/// (driver, key) -> JSON record.
+const SNAPS: TableDefinition<'static, (&str, &str), &[u8]> =
+    TableDefinition::new("driver_snapshots");
+/// (driver, parent) -> child keys.
+const CHILDREN: MultimapTableDefinition<'static, (&str, &str), &str> =
+    MultimapTableDefinition::new("driver_children");
+/// (driver, counter) -> value: the highest id reserved.
+const META: TableDefinition<'static, (&str, &str), u64> = TableDefinition::new("driver_meta");
 const META_ID: &str = "id";
 
-/// The file a driver's records live in, inside its directory.
+/// The file a driver opened on its own keeps its records in, inside its directory; the
+/// file a driver's records were in before they moved into the root's database.
 pub const DRIVER_DB: &str = "metadata.db";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Rec {
     id: u64,
     kind: Kind,
@@ -69,33 +80,45 @@ pub struct Snap {
     pub usage: Option<Usage>,
 }
 
-type Snaps<'t> = redb::Table<'t, &'static str, &'static [u8]>;
-
-fn load(t: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Option<Rec>> {
-    match t.get(key).map_err(kv::e)? {
-        None => Ok(None),
-        Some(g) => serde_json::from_slice(g.value())
-            .map(Some)
-            .map_err(|e| Error::internal(format!("corrupt driver record for {key:?}"), e)),
-    }
+fn not_found(key: &str) -> Error {
+    Error::not_found(format!("snapshot {key:?}"))
 }
 
-fn store(t: &mut Snaps<'_>, key: &str, rec: &Rec) -> Result<()> {
-    let bytes = serde_json::to_vec(rec).map_err(|e| Error::internal("encode driver record", e))?;
-    t.insert(key, bytes.as_slice()).map_err(kv::e)?;
+/// Read access to the records from a read or a write transaction.
+trait Records {
+    fn load(&self, driver: &str, key: &str) -> Result<Option<Rec>>;
+}
+
+macro_rules! records_for {
+    ($t:ty) => {
+        impl Records for $t {
+            fn load(&self, driver: &str, key: &str) -> Result<Option<Rec>> {
+                let t = self.open_table(SNAPS)?;
+                let g = t.get((driver, key))?;
+                g.map(|g| {
+                    serde_json::from_slice(g.value())
+                        .with_context(|| format!("corrupt driver record for {key:?}"))
+                })
+                .transpose()
+            }
+        }
+    };
+}
+records_for!(redb::ReadTransaction);
+records_for!(WriteTransaction);
+
+fn store_rec(txn: &WriteTransaction, driver: &str, key: &str, rec: &Rec) -> Result<()> {
+    let bytes = serde_json::to_vec(rec).context("encode driver record")?;
+    txn.open_table(SNAPS)?.insert((driver, key), bytes.as_slice())?;
     Ok(())
 }
 
-fn not_found(key: &str) -> Error {
-    Error::NotFound(format!("snapshot {key:?}"))
-}
-
-fn snap(t: &impl ReadableTable<&'static str, &'static [u8]>, key: &str, rec: &Rec) -> Result<Snap> {
+fn snap(txn: &impl Records, driver: &str, key: &str, rec: &Rec) -> Result<Snap> {
     let mut parent_ids = Vec::new();
     let mut next = rec.parent.clone();
     while let Some(p) = next {
-        let prec = load(t, &p)?.ok_or_else(|| {
-            Error::Internal(format!("driver record of {key:?} names missing parent {p:?}"))
+        let prec = txn.load(driver, &p)?.ok_or_else(|| {
+            Error::internal(format!("driver record of {key:?} names missing parent {p:?}"))
         })?;
         parent_ids.push(prec.id);
         next = prec.parent;
@@ -103,67 +126,155 @@ fn snap(t: &impl ReadableTable<&'static str, &'static [u8]>, key: &str, rec: &Re
     Ok(Snap { id: rec.id, kind: rec.kind, parent_ids, usage: rec.usage })
 }
 
+/// How many ids one reservation takes: ids are handed out before a tree is built, with
+/// no write; a crash skips the rest of a block, never reuses an id.
+const ID_BLOCK: u64 = 1024;
+
 /// A driver's record store.
 #[derive(Debug)]
 pub struct Store {
-    db: redb::Database,
+    db: Arc<Db>,
+    driver: String,
+    durability: Durability,
+    ids: Mutex<(u64, u64)>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`.
+    /// A store of its own in `dir` (`metadata.db`), syncing every change.
     pub fn open(dir: &Dir) -> Result<Self> {
-        let db = kv::open(dir, DRIVER_DB, "driver database")?;
-        let txn = db.begin_write().map_err(kv::e)?;
-        txn.open_table(SNAPS).map_err(kv::e)?;
-        txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
-        txn.open_table(META).map_err(kv::e)?;
-        txn.commit().map_err(kv::e)?;
-        Ok(Store { db })
+        let db = Arc::new(Db::open(dir, DRIVER_DB, "driver database")?);
+        Self::init(db, "driver".into(), Durability::Immediate)
     }
 
-    /// Starts a change; nothing is visible until [`StoreTxn::commit`].
-    pub fn begin(&self) -> Result<StoreTxn> {
-        Ok(StoreTxn { txn: self.db.begin_write().map_err(kv::err("begin driver write"))? })
+    /// The records of driver `driver` in the shared database `db`, with deferred
+    /// changes (see the module documentation). Records an earlier wasnap kept in
+    /// `dir/metadata.db` are moved in first, once.
+    pub fn shared(db: Arc<Db>, driver: &str, dir: &Dir) -> Result<Self> {
+        let store = Self::init(db, driver.to_owned(), Durability::Deferred)?;
+        store.import_legacy(dir)?;
+        Ok(store)
+    }
+
+    fn init(db: Arc<Db>, driver: String, durability: Durability) -> Result<Self> {
+        db.write(Durability::Immediate, |txn| {
+            txn.open_table(SNAPS)?;
+            txn.open_multimap_table(CHILDREN)?;
+            txn.open_table(META)?;
+            Ok(())
+        })?;
+        Ok(Store { db, driver, durability, ids: Mutex::new((0, 0)) })
+    }
+
+    /// The database the records are in.
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
+    /// Moves the records of a driver database file from before the shared database into
+    /// it, then renames the file aside.
+    fn import_legacy(&self, dir: &Dir) -> Result<()> {
+        const OLD_SNAPS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshots");
+        const OLD_META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+        if dir.symlink_metadata(DRIVER_DB).is_err() {
+            return Ok(());
+        }
+        let (recs, max_id) = {
+            let old = Db::open(dir, DRIVER_DB, "old driver database")?;
+            let txn = old.read()?;
+            let mut recs = Vec::new();
+            if let Ok(t) = txn.open_table(OLD_SNAPS) {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    let rec: Rec = serde_json::from_slice(v.value()).with_context(|| {
+                        format!("corrupt old driver record for {:?}", k.value())
+                    })?;
+                    recs.push((k.value().to_owned(), rec));
+                }
+            }
+            let max_id = match txn.open_table(OLD_META) {
+                Ok(t) => t.get(META_ID)?.map_or(0, |g| g.value()),
+                Err(_) => 0,
+            };
+            (recs, max_id)
+        };
+        let driver = self.driver.clone();
+        let n = recs.len();
+        self.db.write(Durability::Immediate, move |txn| {
+            for (key, rec) in &recs {
+                store_rec(txn, &driver, key, rec)?;
+                if let Some(p) = &rec.parent {
+                    txn.open_multimap_table(CHILDREN)?
+                        .insert((driver.as_str(), p.as_str()), key.as_str())?;
+                }
+            }
+            let mut meta = txn.open_table(META)?;
+            let cur = meta.get((driver.as_str(), META_ID))?.map_or(0, |g| g.value());
+            meta.insert((driver.as_str(), META_ID), cur.max(max_id))?;
+            Ok(())
+        })?;
+        dir.rename(DRIVER_DB, dir, format!("{DRIVER_DB}.imported"))
+            .context("set the old driver database aside")?;
+        tracing::info!(driver = %self.driver, records = n, "moved the driver's records into the root's database");
+        Ok(())
+    }
+
+    /// A fresh id for a snapshot about to be built: never handed out before, even
+    /// across crashes, and taken without a write (ids are reserved in blocks).
+    pub fn next_id(&self) -> Result<u64> {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.0 >= ids.1 {
+            let driver = self.driver.clone();
+            let stored = self.db.write(Durability::Immediate, move |txn| {
+                let mut meta = txn.open_table(META)?;
+                let stored = meta.get((driver.as_str(), META_ID))?.map_or(0, |g| g.value());
+                meta.insert((driver.as_str(), META_ID), stored + ID_BLOCK)?;
+                Ok(stored)
+            })?;
+            *ids = (stored, stored + ID_BLOCK);
+        }
+        ids.0 += 1;
+        Ok(ids.0)
     }
 
     /// The info and on-disk identity of `key`.
     pub fn get(&self, key: &str) -> Result<(Info, Snap)> {
-        let txn = self.db.begin_read().map_err(kv::e)?;
-        let t = txn.open_table(SNAPS).map_err(kv::e)?;
-        let rec = load(&t, key)?.ok_or_else(|| not_found(key))?;
-        Ok((rec.info(key), snap(&t, key, &rec)?))
+        let txn = self.db.read()?;
+        let rec = txn.load(&self.driver, key)?.ok_or_else(|| not_found(key))?;
+        Ok((rec.info(key), snap(&txn, &self.driver, key, &rec)?))
     }
 
     /// Checks, before any work on disk, that `key` is free and `parent` (if any) is a
-    /// committed snapshot, returning the parent. A create's transaction checks again;
-    /// this only spares building a tree or subvolume for nothing.
+    /// committed snapshot, returning the parent. The record's write checks again; this
+    /// only spares building a tree or subvolume for nothing.
     pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<Snap>> {
-        match self.get(key) {
-            Ok(_) => return Err(Error::AlreadyExists(format!("snapshot {key:?}"))),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
+        let txn = self.db.read()?;
+        if txn.load(&self.driver, key)?.is_some() {
+            return Err(Error::already_exists(format!("snapshot {key:?}")));
         }
         let Some(p) = parent else { return Ok(None) };
-        let (info, snap) = self.get(p).map_err(|e| {
-            if e.is_not_found() { Error::NotFound(format!("parent snapshot {p:?}")) } else { e }
-        })?;
-        if info.kind != Kind::Committed {
-            return Err(Error::InvalidArgument(format!(
+        let prec = txn
+            .load(&self.driver, p)?
+            .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
+        if prec.kind != Kind::Committed {
+            return Err(Error::invalid_argument(format!(
                 "parent {p:?} is not a committed snapshot"
             )));
         }
-        Ok(Some(snap))
+        Ok(Some(snap(&txn, &self.driver, p, &prec)?))
     }
 
     /// Calls `f` with every snapshot's info and id.
     pub fn walk(&self, f: &mut dyn FnMut(Info, u64) -> Result<()>) -> Result<()> {
-        let txn = self.db.begin_read().map_err(kv::e)?;
-        let t = txn.open_table(SNAPS).map_err(kv::e)?;
-        for item in t.iter().map_err(kv::e)? {
-            let (k, v) = item.map_err(kv::e)?;
-            let key = k.value();
+        let txn = self.db.read()?;
+        let t = txn.open_table(SNAPS)?;
+        for item in t.range((self.driver.as_str(), "")..)? {
+            let (k, v) = item?;
+            let (driver, key) = k.value();
+            if driver != self.driver {
+                break;
+            }
             let rec: Rec = serde_json::from_slice(v.value())
-                .map_err(|e| Error::internal(format!("corrupt driver record for {key:?}"), e))?;
+                .with_context(|| format!("corrupt driver record for {key:?}"))?;
             f(rec.info(key), rec.id)?;
         }
         Ok(())
@@ -178,134 +289,130 @@ impl Store {
         })?;
         Ok(ids)
     }
-}
 
-/// One change to a [`Store`].
-pub struct StoreTxn {
-    txn: redb::WriteTransaction,
-}
-
-impl std::fmt::Debug for StoreTxn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StoreTxn")
+    fn write<R: Send + 'static>(
+        &self,
+        durability: Option<Durability>,
+        op: impl FnMut(&WriteTransaction, &str) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let driver = self.driver.clone();
+        let mut op = op;
+        self.db.write(durability.unwrap_or(self.durability), move |txn| op(txn, &driver))
     }
-}
 
-impl StoreTxn {
-    /// Records a new snapshot of `kind` and allocates its id. The parent must exist and
-    /// be committed.
+    /// Records a new snapshot `key` of `kind` under the id `id` (from [`Store::next_id`]).
+    /// The key must be free; the parent must exist and be committed.
     pub fn create(
-        &mut self,
+        &self,
+        id: u64,
         kind: Kind,
         key: &str,
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Snap> {
-        let mut t = self.txn.open_table(SNAPS).map_err(kv::e)?;
-        if load(&t, key)?.is_some() {
-            return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
-        }
-        if let Some(p) = parent {
-            let prec =
-                load(&t, p)?.ok_or_else(|| Error::NotFound(format!("parent snapshot {p:?}")))?;
-            if prec.kind != Kind::Committed {
-                return Err(Error::InvalidArgument(format!(
-                    "parent {p:?} is not a committed snapshot"
-                )));
+        let (key, parent, labels) = (key.to_owned(), parent.map(str::to_owned), labels.clone());
+        self.write(None, move |txn, driver| {
+            if txn.load(driver, &key)?.is_some() {
+                return Err(Error::already_exists(format!("snapshot {key:?}")));
             }
-            let mut children = self.txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
-            children.insert(p, key).map_err(kv::e)?;
-        }
-        let id = {
-            let mut meta = self.txn.open_table(META).map_err(kv::e)?;
-            let id = meta.get(META_ID).map_err(kv::e)?.map_or(0, |g| g.value()) + 1;
-            meta.insert(META_ID, id).map_err(kv::e)?;
-            id
-        };
-        let now = now_nanos();
-        let rec = Rec {
-            id,
-            kind,
-            parent: parent.map(str::to_owned),
-            labels: labels.clone(),
-            created: now,
-            updated: now,
-            usage: None,
-        };
-        store(&mut t, key, &rec)?;
-        snap(&t, key, &rec)
+            if let Some(p) = &parent {
+                let prec = txn
+                    .load(driver, p)?
+                    .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
+                if prec.kind != Kind::Committed {
+                    return Err(Error::invalid_argument(format!(
+                        "parent {p:?} is not a committed snapshot"
+                    )));
+                }
+            }
+            let now = now_nanos();
+            let rec = Rec {
+                id,
+                kind,
+                parent: parent.clone(),
+                labels: labels.clone(),
+                created: now,
+                updated: now,
+                usage: None,
+            };
+            if let Some(p) = &parent {
+                txn.open_multimap_table(CHILDREN)?.insert((driver, p.as_str()), key.as_str())?;
+            }
+            store_rec(txn, driver, &key, &rec)?;
+            snap(txn, driver, &key, &rec)
+        })
     }
 
-    /// The info and on-disk identity of `key`, as this change sees it.
-    pub fn get(&self, key: &str) -> Result<(Info, Snap)> {
-        let t = self.txn.open_table(SNAPS).map_err(kv::e)?;
-        let rec = load(&t, key)?.ok_or_else(|| not_found(key))?;
-        Ok((rec.info(key), snap(&t, key, &rec)?))
-    }
-
-    /// Turns the active snapshot `key` into the committed `name`, keeping its id and
-    /// storing its usage. Returns the id.
-    pub fn commit_active(
-        &mut self,
+    /// Turns the active snapshot `key` into the committed `name`, storing its usage and,
+    /// if given, moving it to the id `new_id` (whose data the caller has made). With a
+    /// new id the change is synced, since the caller deletes the old data next.
+    pub fn commit(
+        &self,
         key: &str,
         name: &str,
         usage: Usage,
         labels: &Labels,
+        new_id: Option<u64>,
     ) -> Result<u64> {
-        let mut t = self.txn.open_table(SNAPS).map_err(kv::e)?;
-        if load(&t, name)?.is_some() {
-            return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
-        }
-        let mut rec = load(&t, key)?.ok_or_else(|| not_found(key))?;
-        if rec.kind != Kind::Active {
-            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
-        }
-        t.remove(key).map_err(kv::e)?;
-        if let Some(p) = &rec.parent {
-            let mut children = self.txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
-            children.remove(p.as_str(), key).map_err(kv::e)?;
-            children.insert(p.as_str(), name).map_err(kv::e)?;
-        }
-        let now = now_nanos();
-        rec.kind = Kind::Committed;
-        rec.labels = labels.clone();
-        rec.usage = Some(usage);
-        rec.created = now;
-        rec.updated = now;
-        store(&mut t, name, &rec)?;
-        Ok(rec.id)
+        let (key, name, labels) = (key.to_owned(), name.to_owned(), labels.clone());
+        let durability = new_id.map(|_| Durability::Immediate);
+        self.write(durability, move |txn, driver| {
+            if txn.load(driver, &name)?.is_some() {
+                return Err(Error::already_exists(format!("snapshot {name:?}")));
+            }
+            let mut rec = txn.load(driver, &key)?.ok_or_else(|| not_found(&key))?;
+            if rec.kind != Kind::Active {
+                return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
+            }
+            txn.open_table(SNAPS)?.remove((driver, key.as_str()))?;
+            if let Some(p) = &rec.parent {
+                let mut children = txn.open_multimap_table(CHILDREN)?;
+                children.remove((driver, p.as_str()), key.as_str())?;
+                children.insert((driver, p.as_str()), name.as_str())?;
+            }
+            let now = now_nanos();
+            rec.kind = Kind::Committed;
+            rec.labels = labels.clone();
+            rec.usage = Some(usage);
+            rec.created = now;
+            rec.updated = now;
+            if let Some(id) = new_id {
+                rec.id = id;
+            }
+            store_rec(txn, driver, &name, &rec)?;
+            Ok(rec.id)
+        })
     }
 
     /// Forgets `key`, which must have no children. Returns its id and kind.
-    pub fn remove(&mut self, key: &str) -> Result<(u64, Kind)> {
-        let mut t = self.txn.open_table(SNAPS).map_err(kv::e)?;
-        let rec = load(&t, key)?.ok_or_else(|| not_found(key))?;
-        let mut children = self.txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
-        if children.get(key).map_err(kv::e)?.next().is_some() {
-            return Err(Error::FailedPrecondition(format!(
-                "cannot remove snapshot {key:?} with child"
-            )));
-        }
-        if let Some(p) = &rec.parent {
-            children.remove(p.as_str(), key).map_err(kv::e)?;
-        }
-        t.remove(key).map_err(kv::e)?;
-        Ok((rec.id, rec.kind))
+    pub fn remove(&self, key: &str) -> Result<(u64, Kind)> {
+        let key = key.to_owned();
+        self.write(None, move |txn, driver| {
+            let rec = txn.load(driver, &key)?.ok_or_else(|| not_found(&key))?;
+            let mut children = txn.open_multimap_table(CHILDREN)?;
+            if children.get((driver, key.as_str()))?.next().is_some() {
+                return Err(Error::failed_precondition(format!(
+                    "cannot remove snapshot {key:?} with child"
+                )));
+            }
+            if let Some(p) = &rec.parent {
+                children.remove((driver, p.as_str()), key.as_str())?;
+            }
+            txn.open_table(SNAPS)?.remove((driver, key.as_str()))?;
+            Ok((rec.id, rec.kind))
+        })
     }
 
-    /// Applies a label update to `info.name`.
-    pub fn update(&mut self, info: &Info, paths: &[FieldPath]) -> Result<Info> {
-        let mut t = self.txn.open_table(SNAPS).map_err(kv::e)?;
-        let mut rec = load(&t, &info.name)?.ok_or_else(|| not_found(&info.name))?;
-        FieldPath::apply(paths, &mut rec.labels, &info.labels);
-        crate::snapshot::validate_labels(&rec.labels)?;
-        rec.updated = now_nanos();
-        store(&mut t, &info.name, &rec)?;
-        Ok(rec.info(&info.name))
-    }
-
-    /// Makes the change durable and visible.
-    pub fn commit(self) -> Result<()> {
-        self.txn.commit().map_err(kv::err("commit driver records"))
+    /// Applies a label update to `info.name`; returns the new info and the snapshot's id.
+    pub fn update(&self, info: &Info, paths: &[FieldPath]) -> Result<(Info, u64)> {
+        let (info, paths) = (info.clone(), paths.to_vec());
+        self.write(None, move |txn, driver| {
+            let mut rec = txn.load(driver, &info.name)?.ok_or_else(|| not_found(&info.name))?;
+            FieldPath::apply(&paths, &mut rec.labels, &info.labels);
+            crate::snapshot::validate_labels(&rec.labels)?;
+            rec.updated = now_nanos();
+            store_rec(txn, driver, &info.name, &rec)?;
+            Ok((rec.info(&info.name), rec.id))
+        })
     }
 }

@@ -15,7 +15,7 @@ use super::xattr::{self, Node, Xattr};
 use super::{
     At, Handle, Level, Meta, Stack, child_rel, fstat, list_names, lstat_at, open_dir_at, reopen_dir,
 };
-use crate::error::{Error, Result, ResultExt};
+use crate::error::{Context, Error, Result};
 
 /// Copies the contents of `src` into the empty directory `dst`, preserving file type,
 /// mode (including setuid, setgid and sticky), ownership, access and modification times
@@ -40,7 +40,9 @@ pub fn copy_tree(src: &cap_std::fs::Dir, dst: &cap_std::fs::Dir) -> Result<()> {
     let dst_fd = reopen_dir(dst).map_err(root.err("open destination"))?;
     let dst_meta = fstat(&dst_fd).map_err(root.err("stat destination"))?;
     if src_meta.id() == dst_meta.id() {
-        return Err(Error::internal(root, "source and destination are the same directory"));
+        return Err(Error::internal(format!(
+            "{root}: source and destination are the same directory"
+        )));
     }
     let mut copier = Copier { dst_root: dst.as_fd(), dst_id: dst_meta.id(), links: HashMap::new() };
     let mut stack = Stack::new(Frame::new(src_fd, src_meta, dst_fd, &dst_meta, PathBuf::new())?);
@@ -154,10 +156,10 @@ impl Copier<'_> {
                 copy_entry_meta(sdir, ddir, name, &meta, at)?
             }
             _ => {
-                return Err(Error::internal(
-                    at,
-                    format!("unknown file type (mode {:o})", meta.mode),
-                ));
+                return Err(Error::internal(format!(
+                    "{at}: unknown file type (mode {:o})",
+                    meta.mode
+                )));
             }
         };
         if meta.nlink > 1 {
@@ -178,10 +180,10 @@ impl Copier<'_> {
         let src = open_dir_at(sdir, Path::new(name)).map_err(at.err("open"))?;
         let opened = fstat(&src).map_err(at.err("stat"))?;
         if opened.id() != meta.id() {
-            return Err(Error::internal(at, "directory was replaced during the copy"));
+            return Err(Error::internal(format!("{at}: directory was replaced during the copy")));
         }
         if opened.id() == self.dst_id {
-            return Err(Error::internal(at, "the destination is inside the source"));
+            return Err(Error::internal(format!("{at}: the destination is inside the source")));
         }
         rustix::fs::mkdirat(ddir, name, Mode::RWXU).map_err(at.err("mkdir"))?;
         let dst = open_dir_at(ddir, Path::new(name)).map_err(at.err("open destination"))?;
@@ -196,7 +198,7 @@ impl Copier<'_> {
         let mut parts = first.components().peekable();
         while let Some(part) = parts.next() {
             let Component::Normal(part) = part else {
-                return Err(Error::internal(at, format!("bad link path {first:?}")));
+                return Err(Error::internal(format!("{at}: bad link path {first:?}")));
             };
             let dir = held.as_ref().map_or(self.dst_root, |fd| fd.as_fd());
             if parts.peek().is_none() {
@@ -209,7 +211,7 @@ impl Copier<'_> {
                     .map_err(at.err(format!("open {first:?}")))?,
             );
         }
-        Err(Error::internal(at, "empty link path"))
+        Err(Error::internal(format!("{at}: empty link path")))
     }
 }
 
@@ -228,13 +230,13 @@ fn copy_file(
         File::from(rustix::fs::openat(sdir, name, flags, Mode::empty()).map_err(at.err("open"))?);
     let opened = fstat(&src).map_err(at.err("stat"))?;
     if opened.id() != meta.id() || opened.file_type() != FileType::RegularFile {
-        return Err(Error::internal(at, "file was replaced during the copy"));
+        return Err(Error::internal(format!("{at}: file was replaced during the copy")));
     }
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let dst = File::from(
         rustix::fs::openat(ddir, name, flags, Mode::RUSR | Mode::WUSR).map_err(at.err("create"))?,
     );
-    copy_contents(&src, &dst, &opened).internal(|| format!("{at}: copy contents"))?;
+    copy_contents(&src, &dst, &opened).with_context(|| format!("{at}: copy contents"))?;
     let xattrs = xattr::read(Node::Open(src.as_fd()), at)?;
     apply(Node::Open(dst.as_fd()), &opened, &xattrs, at)?;
     Ok(opened)

@@ -101,6 +101,13 @@ fn open_dir_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat(dir, name, flags, Mode::empty())
 }
 
+/// Opens the directory `name` below `dir` as a readable handle, never following a
+/// symlink (a symlink there is an error, not a way out).
+pub fn open_dir_nofollow(dir: &cap_std::fs::Dir, name: &str) -> Result<cap_std::fs::Dir> {
+    let fd = open_dir_at(dir, Path::new(name))?;
+    Ok(cap_std::fs::Dir::from_std_file(std::fs::File::from(fd)))
+}
+
 /// A readable descriptor for the directory behind a handle, which may be an `O_PATH` one.
 fn reopen_dir(dir: &cap_std::fs::Dir) -> rustix::io::Result<OwnedFd> {
     open_dir_at(dir, Path::new("."))
@@ -142,7 +149,7 @@ impl fmt::Display for At<'_> {
 impl At<'_> {
     /// Turns a failed system call into an internal error naming this entry and `op`.
     fn err(self, op: impl fmt::Display) -> impl FnOnce(Errno) -> Error {
-        move |e| Error::internal(format!("{self}: {op}"), e)
+        move |e| Error::from(e).context(format!("{self}: {op}"))
     }
 }
 
@@ -175,10 +182,9 @@ impl Handle {
             .map_err(at.err("reopen parent"))?;
         let meta = fstat(&fd).map_err(at.err("reopen parent"))?;
         if (meta.dev, meta.ino) != (self.dev, self.ino) {
-            return Err(Error::internal(
-                format!("{at}: reopen parent"),
-                "directory was moved during the walk",
-            ));
+            return Err(Error::internal(format!(
+                "{at}: reopen parent: directory was moved during the walk"
+            )));
         }
         self.fd = Some(fd);
         Ok(())

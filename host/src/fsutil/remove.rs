@@ -21,21 +21,21 @@ pub fn remove_tree(parent: &cap_std::fs::Dir, name: impl AsRef<Path>) -> Result<
     let name = name.as_ref();
     let mut parts = name.components();
     let (Some(Component::Normal(single)), None) = (parts.next(), parts.next()) else {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "remove {name:?}: not a single path component"
         )));
     };
     let at = At { verb: "remove", rel: name };
     let meta = match lstat_at(parent, name) {
         Ok(meta) => meta,
-        Err(Errno::NOENT) => return Err(Error::NotFound(at.to_string())),
+        Err(Errno::NOENT) => return Err(Error::not_found(at.to_string())),
         Err(e) => return Err(at.err("lstat")(e)),
     };
     if meta.file_type() != FileType::Directory {
         return rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(at.err("unlink"));
     }
     let Some(top) = Removal::open(parent.as_fd(), single, name.to_path_buf(), &meta)? else {
-        return Err(Error::NotFound(at.to_string()));
+        return Err(Error::not_found(at.to_string()));
     };
     let mut stack = Stack::new(top);
     while let Some(level) = stack.top_mut() {
@@ -100,7 +100,7 @@ impl Removal {
         };
         let opened = fstat(&fd).map_err(at.err("stat"))?;
         if opened.id() != meta.id() {
-            return Err(Error::internal(at, "directory was replaced during removal"));
+            return Err(Error::internal(format!("{at}: directory was replaced during removal")));
         }
         let names = list_names(fd.as_fd()).map_err(at.err("read directory"))?;
         Ok(Some(Removal {
@@ -137,7 +137,7 @@ fn open_up(dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta, at: At<'_>) -> Result
         Err(e) => return Err(at.err("open")(e)),
     };
     if fstat(&fd).map_err(at.err("stat"))?.id() != meta.id() {
-        return Err(Error::internal(at, "directory was replaced during removal"));
+        return Err(Error::internal(format!("{at}: directory was replaced during removal")));
     }
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     rustix::fs::chmod(path.as_str(), meta.perms() | Mode::RWXU).map_err(at.err("chmod"))

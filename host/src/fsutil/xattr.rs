@@ -125,7 +125,7 @@ pub(super) fn read(node: Node<'_>, at: At<'_>) -> Result<Vec<Xattr>> {
         match node.get(attr) {
             Ok(value) => attrs.push(Xattr { name: name.to_vec(), value }),
             Err(Errno::NODATA | Errno::NOTSUP) => {}
-            Err(e) => return Err(Error::internal(format!("{at}: getxattr {attr:?}"), e)),
+            Err(e) => return Err(Error::from(e).context(format!("{at}: getxattr {attr:?}"))),
         }
     }
     Ok(attrs)
@@ -138,7 +138,7 @@ pub(super) fn write(node: Node<'_>, attrs: &[Xattr], at: At<'_>) -> Result<()> {
         let name = OsStr::from_bytes(&attr.name);
         match node.set(name, &attr.value) {
             Ok(()) | Err(Errno::NOTSUP) => {}
-            Err(e) => return Err(Error::internal(format!("{at}: setxattr {name:?}"), e)),
+            Err(e) => return Err(Error::from(e).context(format!("{at}: setxattr {name:?}"))),
         }
     }
     Ok(())

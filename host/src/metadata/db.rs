@@ -1,12 +1,25 @@
-//! The metadata database: its tables and how it is opened.
+//! The metadata's tables, and the one place that reads and changes them (as containerd
+//! keeps bucket access in `metadata/buckets.go`): a snapshot record together with its
+//! child link and backend-key row, leases and their resources, commit intents, and the
+//! sequence that names backend keys.
+//!
+//! Every change here runs inside an operation of the root's [`Db`](crate::kv::Db): the
+//! callers (`snapshotter`, `lease`, `gc`) decide what to change, these functions keep
+//! the three snapshot tables in step.
+
+use std::sync::Arc;
 
 use cap_std::fs::Dir;
-use redb::{MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    MultimapTableDefinition, ReadableMultimapTable, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
+};
 
+use super::record::{Intent, Record};
 use crate::error::{Error, Result};
-use crate::kv;
+use crate::kv::{Db, Durability};
 
-/// (snapshotter, namespace, key) -> JSON [`Record`](super::record::Record).
+/// (snapshotter, namespace, key) -> JSON [`Record`].
 pub(crate) const SNAPSHOTS: TableDefinition<'static, (&str, &str, &str), &[u8]> =
     TableDefinition::new("snapshots");
 /// (snapshotter, namespace, parent) -> child keys.
@@ -17,70 +30,95 @@ pub(crate) const CHILDREN: MultimapTableDefinition<'static, (&str, &str, &str), 
 /// from the backend only when the last name goes.
 pub(crate) const BKEYS: MultimapTableDefinition<'static, (&str, &str), (&str, &str)> =
     MultimapTableDefinition::new("backend_keys");
+/// (snapshotter, namespace, name) -> JSON [`Intent`]: a commit whose backend step may
+/// have run but whose record has not been written. The name is taken meanwhile.
+pub(crate) const INTENTS: TableDefinition<'static, (&str, &str, &str), &[u8]> =
+    TableDefinition::new("commit_intents");
+/// (namespace, lease id) -> JSON lease record.
+pub(crate) const LEASES: TableDefinition<'static, (&str, &str), &[u8]> =
+    TableDefinition::new("leases");
+/// (namespace, lease id) -> (resource type, resource id).
+pub(crate) const LEASE_RESOURCES: MultimapTableDefinition<'static, (&str, &str), (&str, &str)> =
+    MultimapTableDefinition::new("lease_resources");
 /// Counters and the schema version.
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
-pub(crate) const META_SCHEMA: &str = "schema";
-pub(crate) const META_SEQ: &str = "seq";
+const META_SCHEMA: &str = "schema";
+const META_SEQ: &str = "seq";
 const SCHEMA_VERSION: u64 = 1;
 
-/// The metadata database file name inside the host's root.
+/// The database file inside the host's root.
 pub const METADATA_DB: &str = "metadata.db";
 
-/// The host's metadata database. One per root; a second process opening it gets an
-/// unavailable error.
+/// The host's metadata: its tables in the root's database. One per root; a second
+/// process opening it gets an unavailable error.
 #[derive(Debug)]
 pub struct MetaDb {
-    pub(crate) db: redb::Database,
+    db: Arc<Db>,
     seq: std::sync::Mutex<SeqBlock>,
 }
 
 impl MetaDb {
     /// Opens (creating if needed) `metadata.db` inside `root`.
     pub fn open(root: &Dir) -> Result<Self> {
-        let db = kv::open(root, METADATA_DB, "metadata database")?;
-        let this = MetaDb { db, seq: Default::default() };
-        this.init()?;
-        Ok(this)
+        Self::on(Arc::new(Db::open(root, METADATA_DB, "metadata database")?))
     }
 
-    fn init(&self) -> Result<()> {
-        let txn = self.db.begin_write().map_err(kv::e)?;
-        {
-            txn.open_table(SNAPSHOTS).map_err(kv::e)?;
-            txn.open_multimap_table(CHILDREN).map_err(kv::e)?;
-            txn.open_multimap_table(BKEYS).map_err(kv::e)?;
-            txn.open_table(super::lease::LEASES).map_err(kv::e)?;
-            txn.open_multimap_table(super::lease::LEASE_RESOURCES).map_err(kv::e)?;
-            let mut meta = txn.open_table(META).map_err(kv::e)?;
-            let found = meta.get(META_SCHEMA).map_err(kv::e)?.map(|g| g.value());
+    /// The metadata's tables in `db`, created if missing.
+    pub fn on(db: Arc<Db>) -> Result<Self> {
+        db.write(Durability::Immediate, |txn| {
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_multimap_table(CHILDREN)?;
+            txn.open_multimap_table(BKEYS)?;
+            txn.open_table(INTENTS)?;
+            txn.open_table(LEASES)?;
+            txn.open_multimap_table(LEASE_RESOURCES)?;
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get(META_SCHEMA)?.map(|g| g.value());
             match found {
                 None => {
-                    meta.insert(META_SCHEMA, SCHEMA_VERSION).map_err(kv::e)?;
+                    meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
                 }
                 Some(SCHEMA_VERSION) => {}
                 Some(other) => {
-                    return Err(Error::FailedPrecondition(format!(
+                    return Err(Error::failed_precondition(format!(
                         "metadata database has schema version {other}, this wasnap reads {SCHEMA_VERSION}"
                     )));
                 }
             }
-        }
-        txn.commit().map_err(kv::e)
+            Ok(())
+        })?;
+        Ok(MetaDb { db, seq: Default::default() })
     }
 
-    pub(crate) fn write(&self) -> Result<redb::WriteTransaction> {
-        self.db.begin_write().map_err(kv::err("begin metadata write"))
+    /// The database the tables live in, shared with the root's drivers and plugins.
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
     }
 
+    /// Runs a change of the tables (see [`Db::write`]).
+    pub(crate) fn write<R: Send + 'static>(
+        &self,
+        durability: Durability,
+        op: impl FnMut(&WriteTransaction) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.db.write(durability, op)
+    }
+
+    /// A consistent view of the tables.
     pub(crate) fn read(&self) -> Result<redb::ReadTransaction> {
-        self.db.begin_read().map_err(kv::err("begin metadata read"))
+        self.db.read()
+    }
+
+    /// How many snapshot records there are, over every snapshotter and namespace.
+    pub fn record_count(&self) -> Result<u64> {
+        Ok(self.read()?.open_table(SNAPSHOTS)?.len()?)
     }
 }
 
 /// How many sequence numbers one reservation takes. Creating a snapshot needs a fresh
 /// sequence number before its (slow) backend call; reserving them in blocks keeps that
-/// off the disk's fsync path, and a crash only skips the rest of a block, never reuses it.
+/// off the commit path, and a crash only skips the rest of a block, never reuses it.
 const SEQ_BLOCK: u64 = 1024;
 
 /// The in-memory part of the sequence allocator: `(next, limit]` is reserved on disk.
@@ -91,31 +129,178 @@ struct SeqBlock {
 }
 
 impl MetaDb {
-    /// A sequence number never handed out before, even across crashes. Must not be
-    /// called while this thread holds a write transaction.
+    /// A sequence number never handed out before, even across crashes.
     pub(crate) fn next_seq(&self) -> Result<u64> {
         let mut b = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         if b.next >= b.limit {
-            let txn = self.write()?;
-            let stored = {
-                let mut meta = txn.open_table(META).map_err(kv::e)?;
-                let stored = meta.get(META_SEQ).map_err(kv::e)?.map_or(0, |g| g.value());
-                meta.insert(META_SEQ, stored + SEQ_BLOCK).map_err(kv::e)?;
-                stored
-            };
-            txn.commit().map_err(kv::e)?;
+            let stored = self.write(Durability::Immediate, |txn| {
+                let mut meta = txn.open_table(META)?;
+                let stored = meta.get(META_SEQ)?.map_or(0, |g| g.value());
+                meta.insert(META_SEQ, stored + SEQ_BLOCK)?;
+                Ok(stored)
+            })?;
             b.next = stored;
             b.limit = stored + SEQ_BLOCK;
         }
         b.next += 1;
         Ok(b.next)
     }
+}
 
-    /// A sequence number reserved inside `txn`: it is only taken if `txn` commits.
-    pub(crate) fn reserve_in(txn: &redb::WriteTransaction) -> Result<u64> {
-        let mut meta = txn.open_table(META).map_err(kv::e)?;
-        let seq = meta.get(META_SEQ).map_err(kv::e)?.map_or(0, |g| g.value()) + 1;
-        meta.insert(META_SEQ, seq).map_err(kv::e)?;
-        Ok(seq)
+/// A sequence number taken inside `txn`: only taken if `txn` commits.
+pub(crate) fn reserve_seq(txn: &WriteTransaction) -> Result<u64> {
+    let mut meta = txn.open_table(META)?;
+    let seq = meta.get(META_SEQ)?.map_or(0, |g| g.value()) + 1;
+    meta.insert(META_SEQ, seq)?;
+    Ok(seq)
+}
+
+/// Read access to the snapshot tables, from a read or a write transaction.
+pub(crate) trait Tables {
+    /// The record of `key`, if there is one.
+    fn record(&self, sn: &str, ns: &str, key: &str) -> Result<Option<Record>>;
+    /// Whether `key` has a child.
+    fn has_children(&self, sn: &str, ns: &str, key: &str) -> Result<bool>;
+    /// The commit under way to `name`, if any.
+    fn intent(&self, sn: &str, ns: &str, name: &str) -> Result<Option<Intent>>;
+}
+
+fn decode_opt<T>(bytes: Option<&[u8]>, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<Option<T>> {
+    bytes.map(f).transpose()
+}
+
+macro_rules! tables_for {
+    ($t:ty) => {
+        impl Tables for $t {
+            fn record(&self, sn: &str, ns: &str, key: &str) -> Result<Option<Record>> {
+                let t = self.open_table(SNAPSHOTS)?;
+                let g = t.get((sn, ns, key))?;
+                decode_opt(g.as_ref().map(|g| g.value()), |b| Record::decode(b, key))
+            }
+            fn has_children(&self, sn: &str, ns: &str, key: &str) -> Result<bool> {
+                let c = self.open_multimap_table(CHILDREN)?;
+                Ok(c.get((sn, ns, key))?.next().is_some())
+            }
+            fn intent(&self, sn: &str, ns: &str, name: &str) -> Result<Option<Intent>> {
+                let t = self.open_table(INTENTS)?;
+                let g = t.get((sn, ns, name))?;
+                decode_opt(g.as_ref().map(|g| g.value()), |b| Intent::decode(b, name))
+            }
+        }
+    };
+}
+tables_for!(redb::ReadTransaction);
+tables_for!(WriteTransaction);
+
+/// Writes the record of `key`, new or replacing one with the same parent and backend
+/// key, with its child link and backend-key row.
+pub(crate) fn put_record(
+    txn: &WriteTransaction,
+    sn: &str,
+    ns: &str,
+    key: &str,
+    rec: &Record,
+) -> Result<()> {
+    txn.open_table(SNAPSHOTS)?.insert((sn, ns, key), rec.encode()?.as_slice())?;
+    if let Some(p) = &rec.parent {
+        txn.open_multimap_table(CHILDREN)?.insert((sn, ns, p.as_str()), key)?;
     }
+    txn.open_multimap_table(BKEYS)?.insert((sn, rec.bkey.as_str()), (ns, key))?;
+    Ok(())
+}
+
+/// Deletes the record of `key` with its child link and backend-key row, and any child
+/// links left under it. Returns the record and whether it was the last one naming its
+/// backend key. The caller has checked that `key` has no children it wants kept.
+pub(crate) fn delete_record(
+    txn: &WriteTransaction,
+    sn: &str,
+    ns: &str,
+    key: &str,
+) -> Result<Option<(Record, bool)>> {
+    let rec = {
+        let mut t = txn.open_table(SNAPSHOTS)?;
+        let Some(g) = t.remove((sn, ns, key))? else { return Ok(None) };
+        Record::decode(g.value(), key)?
+    };
+    let mut children = txn.open_multimap_table(CHILDREN)?;
+    if let Some(p) = &rec.parent {
+        children.remove((sn, ns, p.as_str()), key)?;
+    }
+    children.remove_all((sn, ns, key))?;
+    let mut bkeys = txn.open_multimap_table(BKEYS)?;
+    bkeys.remove((sn, rec.bkey.as_str()), (ns, key))?;
+    let last = bkeys.get((sn, rec.bkey.as_str()))?.next().is_none();
+    Ok(Some((rec, last)))
+}
+
+/// Replaces the record of `from` by `to` under the name `name` (a commit): the parent's
+/// child link and the backend-key rows follow.
+pub(crate) fn rename_record(
+    txn: &WriteTransaction,
+    sn: &str,
+    ns: &str,
+    from: &str,
+    name: &str,
+    to: &Record,
+) -> Result<()> {
+    delete_record(txn, sn, ns, from)?;
+    put_record(txn, sn, ns, name, to)
+}
+
+/// Records that a commit to `name` is under way.
+pub(crate) fn put_intent(
+    txn: &WriteTransaction,
+    sn: &str,
+    ns: &str,
+    name: &str,
+    intent: &Intent,
+) -> Result<()> {
+    txn.open_table(INTENTS)?.insert((sn, ns, name), intent.encode()?.as_slice())?;
+    Ok(())
+}
+
+/// Forgets the commit under way to `name`.
+pub(crate) fn delete_intent(txn: &WriteTransaction, sn: &str, ns: &str, name: &str) -> Result<()> {
+    txn.open_table(INTENTS)?.remove((sn, ns, name))?;
+    Ok(())
+}
+
+/// Every commit under way for snapshotter `sn`: (namespace, name, intent).
+pub(crate) fn intents(
+    txn: &redb::ReadTransaction,
+    sn: &str,
+) -> Result<Vec<(String, String, Intent)>> {
+    let t = txn.open_table(INTENTS)?;
+    let mut out = Vec::new();
+    for item in t.range((sn, "", "")..)? {
+        let (k, v) = item?;
+        let (s, ns, name) = k.value();
+        if s != sn {
+            break;
+        }
+        out.push((ns.to_owned(), name.to_owned(), Intent::decode(v.value(), name)?));
+    }
+    Ok(out)
+}
+
+/// Every backend key some record or commit under way names for snapshotter `sn`.
+pub(crate) fn named_bkeys(
+    txn: &redb::ReadTransaction,
+    sn: &str,
+) -> Result<std::collections::HashSet<String>> {
+    let bkeys = txn.open_multimap_table(BKEYS)?;
+    let mut named = std::collections::HashSet::new();
+    for item in bkeys.range((sn, "")..)? {
+        let (k, _) = item?;
+        let (s, bkey) = k.value();
+        if s != sn {
+            break;
+        }
+        named.insert(bkey.to_owned());
+    }
+    for (_, _, intent) in intents(txn, sn)? {
+        named.insert(intent.bname);
+    }
+    Ok(named)
 }

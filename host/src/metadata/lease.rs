@@ -7,22 +7,15 @@
 
 use std::time::SystemTime;
 
-use redb::{MultimapTableDefinition, ReadableTable, TableDefinition};
+use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::Ctx;
-use super::db::MetaDb;
-use crate::error::{Error, Result};
+use super::db::{LEASE_RESOURCES, LEASES, MetaDb};
+use crate::error::{Context, Error, Result};
 use crate::filter::{Adaptor, Filter, map_field};
-use crate::kv::{self, from_nanos, now_nanos};
+use crate::kv::{Durability, from_nanos, now_nanos};
 use crate::snapshot::{Labels, validate_labels};
-
-/// (namespace, lease id) -> JSON lease record.
-pub(crate) const LEASES: TableDefinition<'static, (&str, &str), &[u8]> =
-    TableDefinition::new("leases");
-/// (namespace, lease id) -> (resource type, resource id).
-pub(crate) const LEASE_RESOURCES: MultimapTableDefinition<'static, (&str, &str), (&str, &str)> =
-    MultimapTableDefinition::new("lease_resources");
 
 /// A lease label: after this RFC 3339 time the lease no longer holds anything.
 pub const LABEL_GC_EXPIRE: &str = "containerd.io/gc.expire";
@@ -84,7 +77,7 @@ impl Resource {
     fn validate(&self) -> Result<()> {
         match self.kind.strip_prefix("snapshots/") {
             Some(sn) if !sn.is_empty() && !sn.contains('/') && !self.id.is_empty() => Ok(()),
-            _ => Err(Error::NotImplemented(format!(
+            _ => Err(Error::not_implemented(format!(
                 "lease resource type {:?}: wasnap leases hold snapshots (snapshots/<snapshotter>)",
                 self.kind
             ))),
@@ -93,45 +86,52 @@ impl Resource {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Stored {
-    created: u64,
+pub(crate) struct Stored {
+    pub created: u64,
     #[serde(default)]
-    labels: Labels,
+    pub labels: Labels,
 }
 
-fn decode(ns_id: &str, bytes: &[u8]) -> Result<Stored> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::internal(format!("corrupt lease {ns_id:?}"), e))
+pub(crate) fn decode(ns_id: &str, bytes: &[u8]) -> Result<Stored> {
+    serde_json::from_slice(bytes).with_context(|| format!("corrupt lease {ns_id:?}"))
 }
 
 fn not_found(id: &str) -> Error {
-    Error::NotFound(format!("lease {id:?}"))
+    Error::not_found(format!("lease {id:?}"))
 }
 
-/// Adds `resource` to the lease named in `ctx` (if any) inside `txn`; the lease must
-/// exist, as in containerd.
-pub(crate) fn hold_in(txn: &redb::WriteTransaction, ctx: &Ctx, resource: &Resource) -> Result<()> {
-    let Some(lease) = ctx.lease() else { return Ok(()) };
-    let leases = txn.open_table(LEASES).map_err(kv::e)?;
-    if leases.get((ctx.namespace(), lease)).map_err(kv::e)?.is_none() {
-        return Err(not_found(lease));
-    }
-    let mut res = txn.open_multimap_table(LEASE_RESOURCES).map_err(kv::e)?;
-    res.insert((ctx.namespace(), lease), (resource.kind.as_str(), resource.id.as_str()))
-        .map_err(kv::e)?;
+/// Whether the lease `id` exists in `ns`.
+pub(crate) fn exists(txn: &WriteTransaction, ns: &str, id: &str) -> Result<bool> {
+    Ok(txn.open_table(LEASES)?.get((ns, id))?.is_some())
+}
+
+/// Not-found unless the lease `id` exists in `ns`.
+pub(crate) fn check_exists(txn: &WriteTransaction, ns: &str, id: &str) -> Result<()> {
+    if exists(txn, ns, id)? { Ok(()) } else { Err(not_found(id)) }
+}
+
+/// Adds `resource` to the lease `id` in `ns`, which must exist, as in containerd.
+pub(crate) fn hold_in(
+    txn: &WriteTransaction,
+    ns: &str,
+    id: &str,
+    resource: &Resource,
+) -> Result<()> {
+    check_exists(txn, ns, id)?;
+    let mut res = txn.open_multimap_table(LEASE_RESOURCES)?;
+    res.insert((ns, id), (resource.kind.as_str(), resource.id.as_str()))?;
     Ok(())
 }
 
-/// Drops `resource` from the lease named in `ctx` (if any) inside `txn`.
+/// Drops `resource` from the lease `id` in `ns`.
 pub(crate) fn release_in(
-    txn: &redb::WriteTransaction,
-    ctx: &Ctx,
+    txn: &WriteTransaction,
+    ns: &str,
+    id: &str,
     resource: &Resource,
 ) -> Result<()> {
-    let Some(lease) = ctx.lease() else { return Ok(()) };
-    let mut res = txn.open_multimap_table(LEASE_RESOURCES).map_err(kv::e)?;
-    res.remove((ctx.namespace(), lease), (resource.kind.as_str(), resource.id.as_str()))
-        .map_err(kv::e)?;
+    let mut res = txn.open_multimap_table(LEASE_RESOURCES)?;
+    res.remove((ns, id), (resource.kind.as_str(), resource.id.as_str()))?;
     Ok(())
 }
 
@@ -152,54 +152,53 @@ impl Leases {
         validate_labels(labels)?;
         if let Some(exp) = labels.get(LABEL_GC_EXPIRE) {
             humantime::parse_rfc3339_weak(exp).map_err(|e| {
-                Error::InvalidArgument(format!(
+                Error::invalid_argument(format!(
                     "label {LABEL_GC_EXPIRE}={exp:?}: not an RFC 3339 time ({e})"
                 ))
             })?;
         }
         let id = match id {
-            Some("") => return Err(Error::InvalidArgument("lease id must not be empty".into())),
+            Some("") => return Err(Error::invalid_argument("lease id must not be empty")),
             Some(id) => id.to_owned(),
             None => generated_id(),
         };
         let created = now_nanos();
-        let txn = self.db.write()?;
-        {
-            let mut t = txn.open_table(LEASES).map_err(kv::e)?;
-            if t.get((ctx.namespace(), id.as_str())).map_err(kv::e)?.is_some() {
-                return Err(Error::AlreadyExists(format!("lease {id:?}")));
+        let bytes = serde_json::to_vec(&Stored { created, labels: labels.clone() })
+            .context("encode lease")?;
+        let (ns, lid) = (ctx.namespace().to_owned(), id.clone());
+        self.db.write(Durability::Immediate, move |txn| {
+            let mut t = txn.open_table(LEASES)?;
+            if t.get((ns.as_str(), lid.as_str()))?.is_some() {
+                return Err(Error::already_exists(format!("lease {lid:?}")));
             }
-            let bytes = serde_json::to_vec(&Stored { created, labels: labels.clone() })
-                .map_err(|e| Error::internal("encode lease", e))?;
-            t.insert((ctx.namespace(), id.as_str()), bytes.as_slice()).map_err(kv::e)?;
-        }
-        txn.commit().map_err(kv::e)?;
+            t.insert((ns.as_str(), lid.as_str()), bytes.as_slice())?;
+            Ok(())
+        })?;
         Ok(Lease { id, created: from_nanos(created), labels: labels.clone() })
     }
 
     /// Deletes a lease and its resource list (not the resources: the next collection
     /// decides their fate).
     pub fn delete(&self, ctx: &Ctx, id: &str) -> Result<()> {
-        let txn = self.db.write()?;
-        {
-            let mut t = txn.open_table(LEASES).map_err(kv::e)?;
-            if t.remove((ctx.namespace(), id)).map_err(kv::e)?.is_none() {
-                return Err(not_found(id));
+        let (ns, id) = (ctx.namespace().to_owned(), id.to_owned());
+        self.db.write(Durability::Immediate, move |txn| {
+            let mut t = txn.open_table(LEASES)?;
+            if t.remove((ns.as_str(), id.as_str()))?.is_none() {
+                return Err(not_found(&id));
             }
-            let mut res = txn.open_multimap_table(LEASE_RESOURCES).map_err(kv::e)?;
-            res.remove_all((ctx.namespace(), id)).map_err(kv::e)?;
-        }
-        txn.commit().map_err(kv::e)
+            txn.open_multimap_table(LEASE_RESOURCES)?.remove_all((ns.as_str(), id.as_str()))?;
+            Ok(())
+        })
     }
 
     /// The namespace's leases matching any of `filters` (fields `id`, `labels.<k>`).
     pub fn list(&self, ctx: &Ctx, filters: &[String]) -> Result<Vec<Lease>> {
         let filter = Filter::parse_all(filters)?;
         let txn = self.db.read()?;
-        let t = txn.open_table(LEASES).map_err(kv::e)?;
+        let t = txn.open_table(LEASES)?;
         let mut out = Vec::new();
-        for item in t.range((ctx.namespace(), "")..).map_err(kv::e)? {
-            let (k, v) = item.map_err(kv::e)?;
+        for item in t.range((ctx.namespace(), "")..)? {
+            let (k, v) = item?;
             let (ns, id) = k.value();
             if ns != ctx.namespace() {
                 break;
@@ -217,35 +216,30 @@ impl Leases {
     /// Adds a resource to a lease.
     pub fn add_resource(&self, ctx: &Ctx, id: &str, resource: &Resource) -> Result<()> {
         resource.validate()?;
-        let txn = self.db.write()?;
-        hold_in(&txn, &ctx.clone().with_lease(Some(id.to_owned())), resource)?;
-        txn.commit().map_err(kv::e)
+        let (ns, id, resource) = (ctx.namespace().to_owned(), id.to_owned(), resource.clone());
+        self.db.write(Durability::Immediate, move |txn| hold_in(txn, &ns, &id, &resource))
     }
 
     /// Removes a resource from a lease.
     pub fn delete_resource(&self, ctx: &Ctx, id: &str, resource: &Resource) -> Result<()> {
-        let txn = self.db.write()?;
-        {
-            let t = txn.open_table(LEASES).map_err(kv::e)?;
-            if t.get((ctx.namespace(), id)).map_err(kv::e)?.is_none() {
-                return Err(not_found(id));
-            }
-        }
-        release_in(&txn, &ctx.clone().with_lease(Some(id.to_owned())), resource)?;
-        txn.commit().map_err(kv::e)
+        let (ns, id, resource) = (ctx.namespace().to_owned(), id.to_owned(), resource.clone());
+        self.db.write(Durability::Immediate, move |txn| {
+            check_exists(txn, &ns, &id)?;
+            release_in(txn, &ns, &id, &resource)
+        })
     }
 
     /// What a lease holds.
     pub fn resources(&self, ctx: &Ctx, id: &str) -> Result<Vec<Resource>> {
         let txn = self.db.read()?;
-        let t = txn.open_table(LEASES).map_err(kv::e)?;
-        if t.get((ctx.namespace(), id)).map_err(kv::e)?.is_none() {
+        let t = txn.open_table(LEASES)?;
+        if t.get((ctx.namespace(), id))?.is_none() {
             return Err(not_found(id));
         }
-        let res = txn.open_multimap_table(LEASE_RESOURCES).map_err(kv::e)?;
+        let res = txn.open_multimap_table(LEASE_RESOURCES)?;
         let mut out = Vec::new();
-        for v in res.get((ctx.namespace(), id)).map_err(kv::e)? {
-            let v = v.map_err(kv::e)?;
+        for v in res.get((ctx.namespace(), id))? {
+            let v = v?;
             let (kind, rid) = v.value();
             out.push(Resource { kind: kind.to_owned(), id: rid.to_owned() });
         }

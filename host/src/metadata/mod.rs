@@ -2,20 +2,21 @@
 //!
 //! It owns namespaces, the mapping from a user's key to the backend key
 //! (`<ns>/<seq>/<key>`), labels, parent/child links and timestamps, all in one redb
-//! database, and drives a backend [`Snapshotter`](crate::Snapshotter) that only ever
+//! database, and drives a backend [`Backend`](crate::Backend) that only ever
 //! sees backend keys.
 //!
 //! Architecture invariant: this module is the only one that opens the metadata database,
 //! and backends never see a namespace.
 
 pub(crate) mod db;
+pub mod gc;
 pub mod lease;
 pub(crate) mod record;
-mod snapshots;
+mod snapshotter;
 
 pub use db::MetaDb;
 pub use lease::{Lease, Leases, Resource};
-pub use snapshots::{PruneReport, Snapshots};
+pub use snapshotter::{PruneReport, Recovery, Snapshotter};
 
 use crate::error::{Error, Result};
 
@@ -60,7 +61,7 @@ impl Ctx {
 }
 
 fn validate_namespace(ns: &str) -> Result<()> {
-    let invalid = |why: &str| Err(Error::InvalidArgument(format!("namespace {ns:?}: {why}")));
+    let invalid = |why: &str| Err(Error::invalid_argument(format!("namespace {ns:?}: {why}")));
     if ns.is_empty() {
         return invalid("must not be empty");
     }

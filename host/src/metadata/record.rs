@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::kv::from_nanos;
 use crate::snapshot::{Info, Kind, Labels};
 
@@ -25,16 +25,20 @@ pub(crate) struct Record {
     /// (containerd, as a proxy client, removes what its own collector collects).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub collectable: bool,
+    /// An active snapshot being committed: the name it is being committed as. Remove,
+    /// update and another commit of it wait for that commit to end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committing: Option<String>,
 }
 
 impl Record {
     pub fn encode(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| Error::internal("encode snapshot record", e))
+        serde_json::to_vec(self).with_context(|| "encode snapshot record")
     }
 
     pub fn decode(bytes: &[u8], key: &str) -> Result<Self> {
         serde_json::from_slice(bytes)
-            .map_err(|e| Error::internal(format!("corrupt metadata record for {key:?}"), e))
+            .with_context(|| format!("corrupt metadata record for {key:?}"))
     }
 
     pub fn info(&self, name: &str) -> Info {
@@ -46,5 +50,34 @@ impl Record {
             created: from_nanos(self.created),
             updated: from_nanos(self.updated),
         }
+    }
+}
+
+/// A commit under way: written before the backend commits, replaced by the committed
+/// record after. After a crash, whichever of `bkey` and `bname` the backend holds says
+/// whether the commit is finished or undone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Intent {
+    /// The active snapshot's key.
+    pub key: String,
+    /// Its backend key.
+    pub bkey: String,
+    /// The backend key of the committed snapshot.
+    pub bname: String,
+    /// The committed snapshot's labels.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
+    /// The lease the commit runs under, which will hold the committed snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+}
+
+impl Intent {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).context("encode commit intent")
+    }
+
+    pub fn decode(bytes: &[u8], name: &str) -> Result<Self> {
+        serde_json::from_slice(bytes).with_context(|| format!("corrupt commit intent for {name:?}"))
     }
 }

@@ -86,15 +86,15 @@ impl Plugin {
         let rt = Runtime::get()?;
         let (component, info) = inspect_component(rt, wasm, cache).map_err(context)?;
         if let Err(why) = &info.compatible {
-            return Err(context(Error::InvalidArgument(why.clone())));
+            return Err(context(Error::invalid_argument(why.clone())));
         }
         let pre = rt.linker().instantiate_pre(&component).map_err(|e| {
-            context(Error::InvalidArgument(format!("cannot link against this host: {e:#}")))
+            context(Error::invalid_argument(format!("cannot link against this host: {e:#}")))
         })?;
         let lifecycle = LifecycleIndices::new(&pre)
-            .map_err(|e| context(Error::InvalidArgument(format!("{e:#}"))))?;
+            .map_err(|e| context(Error::invalid_argument(format!("{e:#}"))))?;
         let snapshotter = SnapshotterIndices::new(&pre)
-            .map_err(|e| context(Error::InvalidArgument(format!("{e:#}"))))?;
+            .map_err(|e| context(Error::invalid_argument(format!("{e:#}"))))?;
         Ok(Arc::new(Plugin {
             name: name.into(),
             pre,

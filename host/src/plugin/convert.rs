@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::bindings::types as wit;
 use crate::error::Error;
+use crate::error::ErrorKind;
 use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
 
 /// A guest's error, with the plugin named so the operator knows where it came from.
@@ -26,14 +27,14 @@ pub(crate) fn error_from_guest(plugin: &str, e: wit::Error) -> Error {
 impl From<Error> for wit::Error {
     fn from(e: Error) -> Self {
         let m = e.message().to_owned();
-        match e {
-            Error::NotFound(_) => wit::Error::NotFound(m),
-            Error::AlreadyExists(_) => wit::Error::AlreadyExists(m),
-            Error::FailedPrecondition(_) => wit::Error::FailedPrecondition(m),
-            Error::InvalidArgument(_) => wit::Error::InvalidArgument(m),
-            Error::NotImplemented(_) => wit::Error::NotImplemented(m),
-            Error::Unavailable(_) => wit::Error::Unavailable(m),
-            Error::Internal(_) => wit::Error::Internal(m),
+        match e.kind() {
+            ErrorKind::NotFound => wit::Error::NotFound(m),
+            ErrorKind::AlreadyExists => wit::Error::AlreadyExists(m),
+            ErrorKind::FailedPrecondition => wit::Error::FailedPrecondition(m),
+            ErrorKind::InvalidArgument => wit::Error::InvalidArgument(m),
+            ErrorKind::NotImplemented => wit::Error::NotImplemented(m),
+            ErrorKind::Unavailable => wit::Error::Unavailable(m),
+            ErrorKind::Internal => wit::Error::Internal(m),
         }
     }
 }

@@ -46,12 +46,14 @@ pub fn copy_tree(root: &Dir, src: &str, dst: &str) -> Result<()> {
     let to = Target::open(root, dst, false, &ctx)?;
     let src_id = id(&fstat(&src_fd, &ctx)?);
     if is_below(to.dir(root), src_id, id(&fstat(root, &ctx)?), &ctx)? {
-        return Err(Error::InvalidArgument(format!("{ctx}: the destination is inside the source")));
+        return Err(Error::invalid_argument(format!(
+            "{ctx}: the destination is inside the source"
+        )));
     }
     let (parent, name) = (to.dir(root), to.name()?);
     // Owner-only until the copy applies the source's mode at the very end.
     rustix::fs::mkdirat(parent, name, Mode::RWXU).map_err(|e| match e {
-        Errno::EXIST => Error::AlreadyExists(format!("{ctx}: destination")),
+        Errno::EXIST => Error::already_exists(format!("{ctx}: destination")),
         e => sys(&format!("{ctx}: create destination"), e),
     })?;
     let copied = to
@@ -111,7 +113,7 @@ pub fn chown(root: &Dir, path: &str, uid: u32, gid: u32) -> Result<()> {
 pub fn chmod(root: &Dir, path: &str, mode: u32) -> Result<()> {
     let ctx = format!("chmod {path:?} to {mode:#o}");
     if mode & !0o7777 != 0 {
-        return Err(Error::InvalidArgument(format!("{ctx}: only permission bits may be set")));
+        return Err(Error::invalid_argument(format!("{ctx}: only permission bits may be set")));
     }
     let target = Target::open(root, path, false, &ctx)?;
     // An O_PATH descriptor pins the inode without following a final symlink, so the
@@ -120,7 +122,7 @@ pub fn chmod(root: &Dir, path: &str, mode: u32) -> Result<()> {
     let fd = rustix::fs::openat(target.dir(root), target.name()?, flags, Mode::empty())
         .map_err(|e| sys(&ctx, e))?;
     if FileType::from_raw_mode(fstat(&fd, &ctx)?.st_mode) == FileType::Symlink {
-        return Err(Error::InvalidArgument(format!("{ctx}: is a symlink, which has no mode")));
+        return Err(Error::invalid_argument(format!("{ctx}: is a symlink, which has no mode")));
     }
     // `fchmod` does not take O_PATH descriptors; their /proc link names exactly the inode.
     let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
@@ -163,7 +165,7 @@ pub fn list_xattrs(root: &Dir, path: &str) -> Result<Vec<String>> {
         .filter(|n| !n.is_empty())
         .map(|n| {
             String::from_utf8(n.to_vec()).map_err(|_| {
-                Error::Internal(format!("{ctx}: name {:?} is not UTF-8", OsStr::from_bytes(n)))
+                Error::internal(format!("{ctx}: name {:?} is not UTF-8", OsStr::from_bytes(n)))
             })
         })
         .collect()
@@ -230,12 +232,12 @@ impl Target {
     /// Checks `path` and opens its directory part. `root_ok` allows `.`.
     fn open(root: &Dir, path: &str, root_ok: bool, ctx: &str) -> Result<Target> {
         let parts = components(path)
-            .map_err(|why| Error::InvalidArgument(format!("{ctx}: path {path:?} {why}")))?;
+            .map_err(|why| Error::invalid_argument(format!("{ctx}: path {path:?} {why}")))?;
         let Some((last, dirs)) = parts.split_last() else {
             if root_ok {
                 return Ok(Target { parent: None, name: None });
             }
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{ctx}: path {path:?} names the plugin root itself"
             )));
         };
@@ -263,7 +265,7 @@ impl Target {
     fn name(&self) -> Result<&OsStr> {
         self.name
             .as_deref()
-            .ok_or_else(|| Error::Internal("a path to the plugin root got past the check".into()))
+            .ok_or_else(|| Error::internal("a path to the plugin root got past the check"))
     }
 
     /// Where the attributes of the target are read and written, never through a final
@@ -284,7 +286,7 @@ impl Target {
                     FileType::Directory => return Err(sys(ctx, e)),
                     _ => "is not a directory",
                 };
-                Err(Error::InvalidArgument(format!("{ctx}: {what}")))
+                Err(Error::invalid_argument(format!("{ctx}: {what}")))
             }
             Err(e) => Err(sys(ctx, e)),
         }
@@ -295,7 +297,7 @@ impl Target {
 /// length) and its refusals come back as invalid-argument or failed-precondition.
 fn xattr_name<'a>(name: &'a str, ctx: &str) -> Result<&'a OsStr> {
     if name.is_empty() || name.contains('\0') {
-        return Err(Error::InvalidArgument(format!("{ctx}: not a valid attribute name")));
+        return Err(Error::invalid_argument(format!("{ctx}: not a valid attribute name")));
     }
     Ok(OsStr::new(name))
 }
@@ -328,7 +330,7 @@ fn is_below(
         }
         current = up;
     }
-    Err(Error::Internal(format!("{ctx}: the destination is more than {MAX_ANCESTORS} levels deep")))
+    Err(Error::internal(format!("{ctx}: the destination is more than {MAX_ANCESTORS} levels deep")))
 }
 
 /// Device and inode: what makes two directory handles the same directory.
@@ -359,22 +361,22 @@ fn lstat(dir: BorrowedFd<'_>, name: &OsStr, ctx: &str) -> Result<Stat> {
 fn sys(ctx: &str, e: Errno) -> Error {
     let message = format!("{ctx}: {}", io::Error::from(e));
     match e {
-        Errno::NOENT => Error::NotFound(message),
-        Errno::EXIST | Errno::NOTEMPTY => Error::AlreadyExists(message),
+        Errno::NOENT => Error::not_found(message),
+        Errno::EXIST | Errno::NOTEMPTY => Error::already_exists(message),
         Errno::INVAL
         | Errno::NOTDIR
         | Errno::LOOP
         | Errno::NAMETOOLONG
         | Errno::RANGE
-        | Errno::TOOBIG => Error::InvalidArgument(message),
+        | Errno::TOOBIG => Error::invalid_argument(message),
         Errno::PERM
         | Errno::ACCESS
         | Errno::NOTSUP
         | Errno::ROFS
         | Errno::NOSPC
         | Errno::DQUOT
-        | Errno::MLINK => Error::FailedPrecondition(message),
-        _ => Error::Internal(message),
+        | Errno::MLINK => Error::failed_precondition(message),
+        _ => Error::internal(message),
     }
 }
 
@@ -383,10 +385,10 @@ fn sys(ctx: &str, e: Errno) -> Error {
 fn open_error(ctx: &str, dir: &Path, e: &io::Error) -> Error {
     match (e.kind(), e.raw_os_error()) {
         (io::ErrorKind::PermissionDenied, None) => {
-            Error::InvalidArgument(format!("{ctx}: {dir:?} leads outside the plugin root"))
+            Error::invalid_argument(format!("{ctx}: {dir:?} leads outside the plugin root"))
         }
         (_, Some(code)) => sys(&format!("{ctx}: open {dir:?}"), Errno::from_raw_os_error(code)),
-        (io::ErrorKind::NotFound, None) => Error::NotFound(format!("{ctx}: open {dir:?}: {e}")),
-        _ => Error::internal(format!("{ctx}: open {dir:?}"), e),
+        (io::ErrorKind::NotFound, None) => Error::not_found(format!("{ctx}: open {dir:?}: {e}")),
+        _ => Error::internal(format!("{ctx}: open {dir:?}: {e}")),
     }
 }

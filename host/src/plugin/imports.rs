@@ -10,9 +10,9 @@ use super::bindings::{host_api, next_api, policy, types as wit};
 use super::convert::{info_from_wit, info_to_wit, labels_from_wit, mount_to_wit, usage_to_wit};
 use super::hostfs;
 use super::instance::State;
+use crate::backend::{Backend, FieldPath};
 use crate::error::Error;
 use crate::filter::Filter;
-use crate::snapshotter::{FieldPath, Snapshotter};
 
 pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
@@ -82,10 +82,7 @@ impl host_api::Host for State {
 impl State {
     /// Runs `f` on the next snapshotter; its time is not charged to this call's
     /// deadline (the next snapshotter has its own).
-    fn with_next<R>(
-        &mut self,
-        f: impl FnOnce(&dyn Snapshotter) -> crate::Result<R>,
-    ) -> WitResult<R> {
+    fn with_next<R>(&mut self, f: impl FnOnce(&dyn Backend) -> crate::Result<R>) -> WitResult<R> {
         let Some(next) = self.next.clone() else {
             return Err(wit::Error::NotImplemented(
                 "this plugin is a backend: it has no next snapshotter".into(),

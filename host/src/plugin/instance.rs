@@ -16,9 +16,9 @@ use super::component::Plugin;
 use super::convert::error_from_guest;
 use super::output::GuestOutput;
 use super::runtime::{Outcome, TICK};
-use crate::error::{Error, Result};
+use crate::backend::Backend;
+use crate::error::{Context, Error, Result};
 use crate::snapshot::Mount;
-use crate::snapshotter::Snapshotter;
 
 /// What one plugin may use. Each snapshotter and each policy has its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,7 +46,7 @@ impl Default for Limits {
 
 impl Limits {
     pub(crate) fn check(&self) -> Result<()> {
-        let bad = |what: &str| Err(Error::InvalidArgument(format!("plugin limit {what}")));
+        let bad = |what: &str| Err(Error::invalid_argument(format!("plugin limit {what}")));
         if self.memory_mib == 0 || self.memory_mib > 4096 {
             return bad("memory_mib must be between 1 and 4096");
         }
@@ -71,7 +71,7 @@ impl Limits {
 pub(crate) struct Env {
     pub(crate) root: Arc<Dir>,
     pub(crate) root_path: std::path::PathBuf,
-    pub(crate) next: Option<Arc<dyn Snapshotter>>,
+    pub(crate) next: Option<Arc<dyn Backend>>,
     pub(crate) limits: Limits,
     /// The plugin's configuration, as the JSON text `lifecycle.init` receives.
     pub(crate) config: String,
@@ -84,7 +84,7 @@ pub(crate) struct State {
     limits: StoreLimits,
     pub(crate) plugin: Arc<str>,
     pub(crate) root: Arc<Dir>,
-    pub(crate) next: Option<Arc<dyn Snapshotter>>,
+    pub(crate) next: Option<Arc<dyn Backend>>,
     /// Mounts the next snapshotter returned during the current call: a policy may pass
     /// these on as they are.
     pub(crate) next_mounts: Vec<Mount>,
@@ -142,7 +142,7 @@ impl Instance {
         let stdout = GuestOutput::new(plugin.name.clone(), "stdout");
         let stderr = GuestOutput::new(plugin.name.clone(), "stderr");
         let wasi = build_wasi(&env.root_path, &stdout, &stderr)
-            .map_err(|e| Error::internal(format!("plugin {:?}: set up WASI", plugin.name), e))?;
+            .with_context(|| format!("plugin {:?}: set up WASI", plugin.name))?;
         let limits = StoreLimitsBuilder::new()
             .memory_size((env.limits.memory_mib as usize) << 20)
             .trap_on_grow_failure(true)
@@ -175,20 +175,19 @@ impl Instance {
             }
             Ok(UpdateDeadline::Continue(ticks(clock.budget - used)))
         });
-        let mut inst =
-            (|| -> Result<Instance> {
-                start_call(&mut store);
-                let instance = plugin.pre.instantiate(&mut store).map_err(|e| {
-                    Error::Unavailable(format!("plugin {:?}: instantiate: {e:#}", plugin.name))
-                })?;
-                let lifecycle = plugin.lifecycle.load(&mut store, &instance).map_err(|e| {
-                    Error::internal(format!("plugin {:?}: exports", plugin.name), e)
-                })?;
-                let exports = plugin.snapshotter.load(&mut store, &instance).map_err(|e| {
-                    Error::internal(format!("plugin {:?}: exports", plugin.name), e)
-                })?;
-                Ok(Instance { store, lifecycle, exports })
-            })()?;
+        let mut inst = (|| -> Result<Instance> {
+            start_call(&mut store);
+            let instance = plugin.pre.instantiate(&mut store).map_err(|e| {
+                Error::unavailable(format!("plugin {:?}: instantiate: {e:#}", plugin.name))
+            })?;
+            let lifecycle = plugin.lifecycle.load(&mut store, &instance).map_err(|e| {
+                Error::from(e).context(format!("plugin {:?}: exports", plugin.name))
+            })?;
+            let exports = plugin.snapshotter.load(&mut store, &instance).map_err(|e| {
+                Error::from(e).context(format!("plugin {:?}: exports", plugin.name))
+            })?;
+            Ok(Instance { store, lifecycle, exports })
+        })()?;
         plugin.counters.instance_created();
         let config = env.config.clone();
         inst.call(plugin, "init", |lc, _, store| lc.call_init(store, &config))
@@ -277,14 +276,14 @@ fn describe_trap(
     if trap.downcast_ref::<DeadlineExceeded>().is_some()
         || trap.downcast_ref::<Trap>() == Some(&Trap::Interrupt)
     {
-        return Error::Unavailable(format!(
+        return Error::unavailable(format!(
             "{head}: ran past its deadline of {} ms and was stopped",
             budget.as_millis()
         ));
     }
     let full = format!("{trap:#}");
     if full.contains("forcing trap when growing memory") {
-        return Error::Internal(format!("{head}: exceeded its memory limit and was stopped"));
+        return Error::internal(format!("{head}: exceeded its memory limit and was stopped"));
     }
     let what = match trap.downcast_ref::<Trap>() {
         Some(Trap::UnreachableCodeReached) if !stderr.is_empty() => "panicked".to_owned(),
@@ -296,7 +295,7 @@ fn describe_trap(
     } else {
         format!("; it wrote: {}", stderr.join(" | "))
     };
-    Error::Internal(format!("{head}: {what}{said}"))
+    Error::internal(format!("{head}: {what}{said}"))
 }
 
 fn build_wasi(

@@ -5,7 +5,7 @@
 //! - [`Plugin`]: a compiled component, checked against this host's WIT, ready to
 //!   instantiate (`InstancePre`). Shared by every snapshotter that uses it.
 //! - [`WasmSnapshotter`]: a plugin bound to its own root directory, implementing the
-//!   host's [`Snapshotter`](crate::Snapshotter) trait, so the metadata layer, GC and CLI
+//!   host's [`Backend`](crate::Backend) trait, so the metadata layer, GC and CLI
 //!   treat it like a native driver. A policy is a `WasmSnapshotter` with a `next`.
 //! - [`hostfs`] and [`mounts`]: what the host does for a guest inside its root, and how
 //!   the mounts a guest returns are checked and resolved.

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use cap_std::fs::Dir;
 
 use super::hostfs::components;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::snapshot::Mount;
 
 #[cfg(test)]
@@ -64,7 +64,7 @@ const OVERLAY_SPECIAL: &[char] = &[':', ',', '\\'];
 pub fn resolve(root: &Dir, root_path: &Path, mounts: Vec<Mount>) -> Result<Vec<Mount>> {
     let root_real = real_path(root).map_err(|e| e.context("resolve the plugin root"))?;
     if root_real != root_path {
-        return Err(Error::Internal(format!(
+        return Err(Error::internal(format!(
             "plugin root {root_path:?} is not the directory the plugin was given \
              ({root_real:?})"
         )));
@@ -210,12 +210,12 @@ fn once(seen: &mut bool, key: &str) -> Result<()> {
 /// and one renamed meanwhile is somewhere else.
 fn real_path(dir: &Dir) -> Result<PathBuf> {
     let link = format!("/proc/self/fd/{}", dir.as_fd().as_raw_fd());
-    let path = std::fs::read_link(&link).map_err(|e| Error::internal(format!("read {link}"), e))?;
-    let opened = rustix::fs::fstat(dir).map_err(|e| Error::internal("stat directory", e))?;
+    let path = std::fs::read_link(&link).with_context(|| format!("read {link}"))?;
+    let opened = rustix::fs::fstat(dir).with_context(|| "stat directory")?;
     let found = rustix::fs::stat(&path).ok();
     let same = found.is_some_and(|st| (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino));
     if !path.is_absolute() || !same {
-        return Err(Error::Internal(format!(
+        return Err(Error::internal(format!(
             "directory was moved or removed while being resolved (last at {path:?})"
         )));
     }
@@ -233,7 +233,7 @@ fn open_error(what: &str, rel: &str, e: &io::Error) -> Error {
         (_, Some(code)) if code == rustix::io::Errno::LOOP.raw_os_error() => {
             "has too many levels of symlinks".to_owned()
         }
-        _ => return Error::internal(format!("open {what} {rel:?}"), e),
+        _ => return Error::internal(format!("open {what} {rel:?}: {e}")),
     };
     invalid(format!("{what} {rel:?} {why}"))
 }
@@ -243,5 +243,5 @@ fn not_allowed(option: &str) -> Error {
 }
 
 fn invalid(message: impl Into<String>) -> Error {
-    Error::InvalidArgument(message.into())
+    Error::invalid_argument(message.into())
 }

@@ -25,7 +25,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::instance::State;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 
 /// How often the epoch advances: the resolution of call deadlines.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -54,7 +54,7 @@ impl Runtime {
         RUNTIME
             .get_or_init(|| Runtime::new().map_err(|e| format!("{e:#}")))
             .as_ref()
-            .map_err(|e| Error::Internal(format!("start the plugin runtime: {e}")))
+            .map_err(|e| Error::internal(format!("start the plugin runtime: {e}")))
     }
 
     fn new() -> wasmtime::Result<Self> {
@@ -130,12 +130,12 @@ impl Runtime {
             }
         }
         if !wasmparser_is_component(wasm) {
-            return Err(Error::InvalidArgument(
-                "not a WebAssembly component (a core module, or not wasm at all): build the plugin for wasm32-wasip2".into(),
+            return Err(Error::invalid_argument(
+                "not a WebAssembly component (a core module, or not wasm at all): build the plugin for wasm32-wasip2",
             ));
         }
         let component = Component::new(&self.engine, wasm)
-            .map_err(|e| Error::InvalidArgument(format!("compile plugin: {e:#}")))?;
+            .map_err(|e| Error::invalid_argument(format!("compile plugin: {e:#}")))?;
         if let Some(dir) = cache
             && let Err(e) = store(dir, &name, &component)
         {
@@ -163,24 +163,20 @@ fn wasmparser_is_component(wasm: &[u8]) -> bool {
 
 fn store(dir: &Dir, name: &str, component: &Component) -> Result<()> {
     use std::io::Write;
-    let bytes = component.serialize().map_err(|e| Error::internal("serialize plugin", e))?;
+    let bytes = component.serialize().with_context(|| "serialize plugin")?;
     // Unique per process and per call: two threads may compile the same plugin at once.
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let tmp = format!(".{name}.{}.{seq}.tmp", std::process::id());
-    let io = |what: &str| {
-        let what = format!("{what} {name}");
-        move |e: std::io::Error| Error::internal(what, e)
-    };
     let mut opts = cap_std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
-    let mut f = dir.open_with(&tmp, &opts).map_err(io("create"))?;
+    let mut f = dir.open_with(&tmp, &opts).with_context(|| format!("create {name}"))?;
     let written =
         f.write_all(&bytes).and_then(|()| f.sync_all()).and_then(|()| dir.rename(&tmp, dir, name));
     if written.is_err() {
         let _ = dir.remove_file(&tmp);
     }
-    written.map_err(io("write"))
+    written.with_context(|| format!("write {name}"))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1,4 +1,4 @@
-//! The adapter: a plugin bound to its root, as a [`Snapshotter`].
+//! The adapter: a plugin bound to its root, as a [`Backend`].
 //!
 //! Calls go to an instance from a small pool: one call per instance at a time, at most
 //! [`Limits::instances`] instances. An instance that traps (panic, memory limit,
@@ -16,21 +16,21 @@ use super::component::{Plugin, Role};
 use super::convert::{info_from_wit, info_to_wit, labels_to_wit, mount_from_wit, usage_from_wit};
 use super::instance::{CallError, Env, Instance, Limits, State};
 use super::mounts;
-use crate::error::{Error, Result};
+use crate::backend::{Backend, FieldPath};
+use crate::error::{Context, Error, Result};
 use crate::filter::Filter;
 use crate::snapshot::{Info, Labels, Mount, Usage};
-use crate::snapshotter::{FieldPath, Snapshotter};
 
 /// An instance taken from the pool. Dropped, it goes back if the call left it
 /// healthy, and is dropped (freeing its slot) otherwise: after a trap, and also if a
 /// panic unwinds through the call, so a slot is never lost.
-struct Lease<'a> {
+struct Checkout<'a> {
     owner: &'a WasmSnapshotter,
     inst: Option<Instance>,
     healthy: bool,
 }
 
-impl Drop for Lease<'_> {
+impl Drop for Checkout<'_> {
     fn drop(&mut self) {
         match self.inst.take() {
             Some(i) if self.healthy => self.owner.checkin(i),
@@ -79,28 +79,27 @@ impl WasmSnapshotter {
         plugin: Arc<Plugin>,
         root: Dir,
         root_path: PathBuf,
-        next: Option<Arc<dyn Snapshotter>>,
+        next: Option<Arc<dyn Backend>>,
         limits: Limits,
         config: &serde_json::Value,
     ) -> Result<Self> {
         limits.check()?;
         match (plugin.role(), next.is_some()) {
             (Role::Backend, true) => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "plugin {:?} is a backend (world `backend`), not a policy: it cannot stand in front of another snapshotter",
                     plugin.name
                 )));
             }
             (Role::Policy, false) => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "plugin {:?} is a policy (world `policy`): it needs a snapshotter behind it, it cannot be a backend",
                     plugin.name
                 )));
             }
             _ => {}
         }
-        let config = serde_json::to_string(config)
-            .map_err(|e| Error::internal("encode plugin config", e))?;
+        let config = serde_json::to_string(config).with_context(|| "encode plugin config")?;
         let env = Env { root: Arc::new(root), root_path, next, limits, config };
         let s = WasmSnapshotter { plugin, env, pool: Mutex::default(), returned: Condvar::new() };
         s.checkout()?.healthy = true;
@@ -124,28 +123,28 @@ impl WasmSnapshotter {
     /// An idle instance, or a new one if the limit allows, or the next one returned
     /// (waiting at most one call's timeout: a guest blocked in a host wait holds its
     /// instance, and callers must not queue behind it forever).
-    fn checkout(&self) -> Result<Lease<'_>> {
+    fn checkout(&self) -> Result<Checkout<'_>> {
         let deadline = std::time::Instant::now() + self.env.limits.timeout();
         let mut pool = self.lock();
         loop {
             if pool.closed {
-                return Err(Error::Unavailable(format!("plugin {:?}: closed", self.plugin.name)));
+                return Err(Error::unavailable(format!("plugin {:?}: closed", self.plugin.name)));
             }
             if let Some(i) = pool.idle.pop() {
-                return Ok(Lease { owner: self, inst: Some(i), healthy: false });
+                return Ok(Checkout { owner: self, inst: Some(i), healthy: false });
             }
             if pool.live < self.env.limits.instances {
                 pool.live += 1;
                 drop(pool);
-                // The slot is the lease's from here: if creating fails (or panics), its
+                // The slot is the checkout's from here: if creating fails (or panics), its
                 // drop gives the slot back.
-                let mut lease = Lease { owner: self, inst: None, healthy: false };
-                lease.inst = Some(Instance::new(&self.plugin, &self.env)?);
-                return Ok(lease);
+                let mut checkout = Checkout { owner: self, inst: None, healthy: false };
+                checkout.inst = Some(Instance::new(&self.plugin, &self.env)?);
+                return Ok(checkout);
             }
             let now = std::time::Instant::now();
             if now >= deadline {
-                return Err(Error::Unavailable(format!(
+                return Err(Error::unavailable(format!(
                     "plugin {:?}: all {} instance(s) busy for {} ms",
                     self.plugin.name, self.env.limits.instances, self.env.limits.timeout_ms
                 )));
@@ -185,18 +184,18 @@ impl WasmSnapshotter {
             &mut wasmtime::Store<State>,
         ) -> wasmtime::Result<std::result::Result<R, wit::Error>>,
     ) -> Result<R> {
-        let mut lease = self.checkout()?;
-        let inst = lease.inst.as_mut().ok_or_else(|| Error::Internal("empty lease".into()))?;
+        let mut checkout = self.checkout()?;
+        let inst = checkout.inst.as_mut().ok_or_else(|| Error::internal("empty checkout"))?;
         match inst.call(&self.plugin, op, f) {
             Ok(v) => {
-                lease.healthy = true;
+                checkout.healthy = true;
                 Ok(v)
             }
             Err(CallError::Guest(e)) => {
-                lease.healthy = true;
+                checkout.healthy = true;
                 Err(e)
             }
-            // The lease drops the instance: it must not be entered again.
+            // The checkout drops the instance: it must not be entered again.
             Err(e @ CallError::Trapped(_)) => Err(e.into_error()),
         }
     }
@@ -241,7 +240,7 @@ fn paths_to_wit(paths: &[FieldPath]) -> Vec<String> {
         .collect()
 }
 
-impl Snapshotter for WasmSnapshotter {
+impl Backend for WasmSnapshotter {
     fn stat(&self, key: &str) -> Result<Info> {
         self.call("stat", |_, ex, st| ex.call_stat(st, key)).map(info_from_wit)
     }
@@ -280,7 +279,7 @@ impl Snapshotter for WasmSnapshotter {
 
     fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
         let name = &self.plugin.name;
-        let bad = |why: String| Error::Internal(format!("plugin {name:?}: list: {why}"));
+        let bad = |why: String| Error::internal(format!("plugin {name:?}: list: {why}"));
         let mut after: Option<String> = None;
         let mut total: u64 = 0;
         loop {

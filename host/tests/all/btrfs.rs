@@ -4,19 +4,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 
-use btrfs_uapi::subvolume::{
-    SubvolumeFlags, snapshot_create, subvolume_create, subvolume_flags_set, subvolume_list,
-};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use wasnap::driver::Btrfs;
+use wasnap::driver::btrfs::ioctl::{set_readonly, snapshot_create, subvolume_create};
 use wasnap::fault::{Action, Faults};
-use wasnap::{ErrorKind, Filter, Kind, Labels, Snapshots, Snapshotter};
+use wasnap::{Backend, ErrorKind, Filter, Kind, Labels, Snapshotter};
 
 use crate::common::*;
 use crate::loop_btrfs;
@@ -36,17 +33,26 @@ fn driver(fs: &LoopBtrfs, name: &str, faults: Arc<Faults>) -> Arc<Btrfs> {
     Arc::new(Btrfs::open(dir, path, faults).unwrap())
 }
 
-/// Live subvolumes of the filesystem: id → path from its top.
+/// Live subvolumes of the filesystem: id → path from its top, as `btrfs subvolume list`
+/// (btrfs-progs) shows them: deleted ones that the cleaner has not reaped yet are left out.
 fn subvolumes(fs: &LoopBtrfs) -> BTreeMap<u64, String> {
     let top = fs::File::open(&fs.mountpoint).unwrap();
-    // Deleted subvolumes linger in the tree until a transaction commits; those that are
-    // unlinked have no back reference (parent 0).
-    btrfs_uapi::filesystem::sync(top.as_fd()).unwrap();
-    subvolume_list(top.as_fd())
+    rustix::fs::syncfs(&top).unwrap();
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "list"])
+        .arg(&fs.mountpoint)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "btrfs subvolume list: {}", String::from_utf8_lossy(&out.stderr));
+    // "ID 257 gen 9 top level 5 path tmp/new-1-1"
+    String::from_utf8(out.stdout)
         .unwrap()
-        .into_iter()
-        .filter(|s| s.parent_id != 0)
-        .map(|s| (s.root_id, s.name))
+        .lines()
+        .map(|l| {
+            let id = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let path = l.split_once(" path ").unwrap().1.to_owned();
+            (id, path)
+        })
         .collect()
 }
 
@@ -58,12 +64,12 @@ fn subvolid(mounts: &[wasnap::Mount]) -> u64 {
 }
 
 /// The snapshots the driver shows: key → kind.
-fn visible(b: &dyn Snapshotter) -> BTreeMap<String, Kind> {
+fn visible(b: &dyn Backend) -> BTreeMap<String, Kind> {
     backend_keys(b).into_iter().map(|i| (i.name, i.kind)).collect()
 }
 
 /// Every subvolume on disk belongs to a record, and every record has its subvolume.
-fn assert_disk_matches_records(fs: &LoopBtrfs, b: &dyn Snapshotter, context: &str) {
+fn assert_disk_matches_records(fs: &LoopBtrfs, b: &dyn Backend, context: &str) {
     let on_disk: BTreeSet<u64> = subvolumes(fs).into_keys().collect();
     let named: BTreeSet<u64> = visible(b).keys().map(|k| subvolid(&b.mounts(k).unwrap())).collect();
     assert_eq!(on_disk, named, "{context}: subvolumes {:?}", subvolumes(fs));
@@ -92,7 +98,7 @@ fn snapshots_are_subvolumes_that_really_mount() {
     let target = fs.scratch("target").unwrap();
     let faults = Arc::new(Faults::new());
     let backend = driver(&fs, "d", faults.clone());
-    let sn = Snapshots::new(metadb(&meta), "btrfs", backend, faults);
+    let sn = Snapshotter::new(metadb(&meta), "btrfs", backend, faults);
     let c = ctx("default");
 
     let m = sn.prepare(&c, "a", None, &none()).unwrap();
@@ -112,7 +118,11 @@ fn snapshots_are_subvolumes_that_really_mount() {
     assert_eq!(sn.stat(&c, "base").unwrap().kind, Kind::Committed);
     assert_eq!(sn.usage(&c, "base").unwrap(), measured, "usage stored at commit");
     let subs = subvolumes(&fs);
-    assert_eq!(subs.values().collect::<Vec<_>>(), ["d/snapshots/1"], "the active one is gone");
+    assert_eq!(
+        subs.values().collect::<Vec<_>>(),
+        ["d/snapshots/2"],
+        "the commit is a new subvolume and the active one is gone"
+    );
 
     // A view is read-only and sees the parent's files.
     let v = sn.view(&c, "v", Some("base"), &none()).unwrap();
@@ -192,9 +202,9 @@ fn usage_of_a_committed_snapshot_is_the_figure_stored_at_commit() {
 
     // Behind the driver's back the committed subvolume is made writable and grows; the
     // stored figure does not move, which is what makes asking O(1).
-    let sub = fs::File::open(fs.mountpoint.join("d/snapshots/1")).unwrap();
-    subvolume_flags_set(sub.as_fd(), SubvolumeFlags::empty()).unwrap();
-    fs::write(fs.mountpoint.join("d/snapshots/1/more"), vec![1u8; 1 << 20]).unwrap();
+    let sub = fs::File::open(fs.mountpoint.join("d/snapshots/2")).unwrap();
+    set_readonly(&sub, false).unwrap();
+    fs::write(fs.mountpoint.join("d/snapshots/2/more"), vec![1u8; 1 << 20]).unwrap();
     assert_eq!(b.usage("base").unwrap(), active);
 }
 
@@ -255,22 +265,24 @@ fn cleanup_reclaims_hand_made_leftovers_and_close_is_idempotent() {
     let d = fs.mountpoint.join("d");
     let open = |p: &str| fs::File::open(d.join(p)).unwrap();
     let name = |s: &str| std::ffi::CString::new(s).unwrap();
-    // What interrupted work leaves: a subvolume in tmp/, subvolumes under ids no record
-    // has (one read-only), a recorded id in the wrong area, and a plain directory.
-    subvolume_create(open("tmp").as_fd(), &name("new-1-1"), &[]).unwrap();
-    subvolume_create(open("active").as_fd(), &name("77"), &[]).unwrap();
-    snapshot_create(open("snapshots").as_fd(), open("snapshots/1").as_fd(), &name("99"), true, &[])
-        .unwrap();
-    snapshot_create(open("active").as_fd(), open("snapshots/1").as_fd(), &name("1"), false, &[])
-        .unwrap();
-    fs::create_dir_all(d.join("view/junk/sub")).unwrap();
+    // What interrupted work leaves: subvolumes in tmp/ (one read-only), subvolumes under
+    // ids no record has (one read-only), and a plain directory tree.
+    subvolume_create(open("tmp"), &name("new-1-1")).unwrap();
+    snapshot_create(open("tmp"), open("snapshots/2"), &name("commit-1-2"), true).unwrap();
+    subvolume_create(open("snapshots"), &name("77")).unwrap();
+    snapshot_create(open("snapshots"), open("snapshots/2"), &name("99"), true).unwrap();
+    fs::create_dir_all(d.join("snapshots/junk/sub")).unwrap();
+    fs::create_dir_all(d.join("tmp/junk/sub")).unwrap();
     assert_eq!(subvolumes(&fs).len(), 6);
     b.cleanup().unwrap();
     assert_disk_matches_records(&fs, b.as_ref(), "after cleanup");
-    for area in ["tmp", "active"] {
-        assert_eq!(fs::read_dir(d.join(area)).unwrap().count(), 0, "{area}/");
-    }
-    assert!(!d.join("view/junk").exists());
+    assert_eq!(fs::read_dir(d.join("tmp")).unwrap().count(), 0, "tmp/");
+    let mut left: Vec<String> = fs::read_dir(d.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["2", "3"], "the committed snapshot and the view");
 
     b.close().unwrap();
     b.close().unwrap();

@@ -13,7 +13,7 @@ use wasnap::driver::Native;
 use wasnap::fault::Faults;
 use wasnap::metadata::MetaDb;
 use wasnap::snapshot::LABEL_SNAPSHOT_REF;
-use wasnap::{Ctx, Error, Filter, Info, Kind, Labels, Mount, Result, Snapshots, Snapshotter};
+use wasnap::{Backend, Ctx, Error, Filter, Info, Kind, Labels, Mount, Result, Snapshotter};
 
 /// A fresh directory on tmpfs: these tests are about logic, not the disk.
 pub fn tmp() -> TempDir {
@@ -76,7 +76,7 @@ pub fn metadb(root: &Path) -> Arc<MetaDb> {
 pub struct Stack {
     pub dir: TempDir,
     pub faults: Arc<Faults>,
-    pub sn: Snapshots,
+    pub sn: Snapshotter,
 }
 
 impl Stack {
@@ -90,21 +90,21 @@ pub fn native_stack() -> Stack {
     let dir = tmp();
     let faults = Arc::new(Faults::new());
     let backend = native(dir.path(), faults.clone());
-    let sn = Snapshots::new(metadb(dir.path()), "native", backend, faults.clone());
+    let sn = Snapshotter::new(metadb(dir.path()), "native", backend, faults.clone());
     Stack { dir, faults, sn }
 }
 
 /// A stack over an arbitrary backend made from the native driver.
-pub fn stack_with(wrap: impl FnOnce(Arc<Native>) -> Arc<dyn Snapshotter>) -> Stack {
+pub fn stack_with(wrap: impl FnOnce(Arc<Native>) -> Arc<dyn Backend>) -> Stack {
     let dir = tmp();
     let faults = Arc::new(Faults::new());
     let backend = wrap(native(dir.path(), faults.clone()));
-    let sn = Snapshots::new(metadb(dir.path()), "test", backend, faults.clone());
+    let sn = Snapshotter::new(metadb(dir.path()), "test", backend, faults.clone());
     Stack { dir, faults, sn }
 }
 
 /// All infos of a namespace, sorted by name.
-pub fn list(sn: &Snapshots, ctx: &Ctx, filters: &[&str]) -> Result<Vec<Info>> {
+pub fn list(sn: &Snapshotter, ctx: &Ctx, filters: &[&str]) -> Result<Vec<Info>> {
     let filters: Vec<String> = filters.iter().map(|s| s.to_string()).collect();
     let mut v = Vec::new();
     sn.walk(ctx, &filters, &mut |i| {
@@ -120,7 +120,7 @@ pub fn names(infos: &[Info]) -> Vec<String> {
 }
 
 /// Every snapshot the backend holds, by backend key.
-pub fn backend_keys(b: &dyn Snapshotter) -> Vec<Info> {
+pub fn backend_keys(b: &dyn Backend) -> Vec<Info> {
     let mut v = Vec::new();
     b.walk(&Filter::default(), &mut |i| {
         v.push(i);
@@ -164,25 +164,25 @@ impl Flaky {
 }
 
 impl Wrapper for Flaky {
-    fn inner(&self) -> &dyn Snapshotter {
+    fn inner(&self) -> &dyn Backend {
         &*self.inner
     }
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         self.seen_labels.lock().unwrap().push(labels.clone());
         if self.fail_prepare.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable("flaky backend: prepare refused".into()));
+            return Err(Error::unavailable("flaky backend: prepare refused"));
         }
         let m = self.inner.prepare(key, parent, labels)?;
         if self.fail_prepare_after_work.load(Ordering::SeqCst) {
             // Like a backend that cleans up its own half-made snapshot before failing.
             self.inner.remove(key)?;
-            return Err(Error::Internal("flaky backend: failed mid-prepare".into()));
+            return Err(Error::internal("flaky backend: failed mid-prepare"));
         }
         Ok(m)
     }
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
         if self.fail_commit.load(Ordering::SeqCst) {
-            return Err(Error::Internal("flaky backend: commit failed".into()));
+            return Err(Error::internal("flaky backend: commit failed"));
         }
         self.inner.commit(name, key, labels)
     }
@@ -196,7 +196,7 @@ pub struct Dedup {
 }
 
 impl Wrapper for Dedup {
-    fn inner(&self) -> &dyn Snapshotter {
+    fn inner(&self) -> &dyn Backend {
         &*self.inner
     }
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
@@ -209,7 +209,7 @@ impl Wrapper for Dedup {
                 Ok(())
             })?;
             if hit {
-                return Err(Error::AlreadyExists(format!("target {target:?}")));
+                return Err(Error::already_exists(format!("target {target:?}")));
             }
         }
         self.inner.prepare(key, parent, labels)

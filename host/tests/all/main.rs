@@ -11,3 +11,4 @@ mod metadata;
 mod native;
 mod overlay;
 mod plugin;
+mod races;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use wasnap::fault::Action;
 use wasnap::snapshot::{LABEL_SNAPSHOT_REF, MAX_LABEL_SIZE};
-use wasnap::{ErrorKind, Info, Kind, Labels, Snapshotter};
+use wasnap::{Backend, ErrorKind, Info, Kind, Labels};
 
 use crate::common::*;
 

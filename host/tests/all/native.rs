@@ -5,7 +5,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 
 use rustix::fs::{Mode, XattrFlags};
-use wasnap::{ErrorKind, Labels, Snapshotter};
+use wasnap::{Backend, ErrorKind, Labels};
 
 use crate::common::*;
 use crate::require_root;
@@ -192,48 +192,4 @@ fn a_failed_step_inside_the_driver_leaves_nothing() {
     assert!(source(&m).is_dir(), "and its tree, moved back");
     n.remove("k").unwrap();
     assert!(!source(&m).exists());
-}
-
-/// containerd calls Cleanup whenever its collector has run, while other clients go on
-/// creating: a cleanup must never take the tree of a snapshot whose record is about to
-/// commit. (It once did, between an install's rename into `snapshots/<id>` and its
-/// commit, leaving a record that names no tree.)
-#[test]
-fn cleanup_running_alongside_creates_takes_nothing_live() {
-    let stack = native_stack();
-    let ctx = ctx("default");
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let cleaner = s.spawn(|| {
-            let mut runs = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                stack.sn.cleanup().unwrap();
-                runs += 1;
-            }
-            runs
-        });
-        let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            for i in 0..300 {
-                let (key, name) = (format!("a{i}"), format!("c{i}"));
-                stack.sn.prepare(&ctx, &key, None, &Labels::new()).unwrap();
-                stack.sn.usage(&ctx, &key).unwrap();
-                stack.sn.commit(&ctx, &name, &key, &Labels::new()).unwrap();
-                if i % 2 == 0 {
-                    stack.sn.remove(&ctx, &name).unwrap();
-                }
-            }
-        }));
-        // Stop the cleaner even when the work failed, or the scope would wait forever.
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Err(panic) = work {
-            std::panic::resume_unwind(panic);
-        }
-        assert!(cleaner.join().unwrap() > 0);
-    });
-    // Every snapshot left has its tree: usage reads it.
-    for info in list(&stack.sn, &ctx, &[]).unwrap() {
-        stack.sn.usage(&ctx, &info.name).unwrap();
-    }
-    let check = stack.sn.missing(std::time::Duration::from_secs(10)).unwrap();
-    assert!(check.is_empty(), "records without trees: {check:?}");
 }

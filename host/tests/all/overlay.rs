@@ -11,7 +11,7 @@ use wasnap::driver::Overlay;
 use wasnap::driver::overlay::{OverlayOptions, UPPERDIR_LABEL};
 use wasnap::fault::{Action, Faults};
 use wasnap::mount::{OVERLAY_MAX_LAYERS, mount_all, overlay_lowerdirs, unmount};
-use wasnap::{ErrorKind, Kind, Labels, Snapshotter};
+use wasnap::{Backend, ErrorKind, Kind, Labels};
 
 use crate::common::*;
 use crate::require_root;
@@ -226,17 +226,25 @@ fn every_interrupted_step_leaves_no_visible_snapshot_and_cleanup_reclaims() {
 }
 
 #[test]
-fn a_remove_killed_before_its_commit_gets_its_tree_back() {
+fn a_remove_cut_short_keeps_the_record_or_leaves_only_garbage() {
     let dir = tmp();
-    let b = overlay(dir.path(), Arc::new(Faults::new()), OverlayOptions::default());
+    let faults = Arc::new(Faults::new());
+    let b = overlay(dir.path(), faults.clone(), OverlayOptions::default());
     b.prepare("a", None, &none()).unwrap();
     let up = upper(&b, "a");
     fs::write(up.join("f"), "data").unwrap();
-    // What a kill inside remove leaves: the tree moved to tmp/, the record kept.
-    let id = up.parent().unwrap().file_name().unwrap().to_str().unwrap().to_owned();
-    fs::rename(up.parent().unwrap(), dir.path().join(format!("overlay/tmp/rm-{id}-1-0"))).unwrap();
+    // Cut before the record goes: the snapshot is whole.
+    faults.arm("overlay.remove.before-commit", Action::Error);
+    b.remove("a").unwrap_err();
+    faults.disarm("overlay.remove.before-commit");
     b.cleanup().unwrap();
-    assert_eq!(fs::read_to_string(up.join("f")).unwrap(), "data", "the tree is back");
+    assert_eq!(fs::read_to_string(up.join("f")).unwrap(), "data", "the tree is kept");
+    // Cut after: the record is gone and its tree is garbage for cleanup.
+    faults.arm("overlay.remove.before-delete", Action::Error);
     b.remove("a").unwrap();
-    assert!(!up.exists());
+    faults.disarm("overlay.remove.before-delete");
+    assert!(b.stat("a").unwrap_err().is_not_found());
+    assert!(up.exists(), "left for cleanup");
+    b.cleanup().unwrap();
+    assert!(!up.parent().unwrap().exists(), "cleanup took it");
 }

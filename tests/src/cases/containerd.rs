@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use wasnap::{ErrorKind, FieldPath, Filter, Info, Kind, Labels, Mount, Snapshotter};
+use wasnap::{Backend, ErrorKind, FieldPath, Filter, Info, Kind, Labels, Mount};
 
 use super::helpers::{expect_any_err, expect_err, expected};
 use crate::fixture::{Op, apply, check_equal};
@@ -223,7 +223,7 @@ fn nonempty(mounts: &[Mount], what: &str) -> Result<(), Fail> {
 /// Prepares `key` on `parent` with containerd's labels and mounts it.
 fn prepare_mounted<'e>(
     env: &'e Env<'_>,
-    b: &dyn Snapshotter,
+    b: &dyn Backend,
     key: &str,
     parent: Option<&str>,
 ) -> Result<Mounted<'e>, Fail> {
@@ -306,7 +306,7 @@ fn info_diff(want: &Info, got: &Info) -> Option<String> {
 }
 
 /// Names of the snapshots a walk with containerd filter strings `filters` visits, sorted.
-fn walk_names(b: &dyn Snapshotter, filters: &[&str]) -> Result<Vec<String>, Fail> {
+fn walk_names(b: &dyn Backend, filters: &[&str]) -> Result<Vec<String>, Fail> {
     let filter = Filter::parse_all(filters)
         .map_err(|e| Fail::Failed(format!("parse filters {filters:?}: {e}")))?;
     let mut names = Vec::new();
@@ -328,7 +328,7 @@ fn walk_names(b: &dyn Snapshotter, filters: &[&str]) -> Result<Vec<String>, Fail
 /// in the snapshot and in the plain directory, as containerd leaves it out on overlayfs.
 fn check_snapshots(
     env: &Env<'_>,
-    b: &dyn Snapshotter,
+    b: &dyn Backend,
     tag: &str,
     layers: &[Vec<Op>],
     dir_rename_may_exdev: bool,
@@ -606,7 +606,7 @@ fn prepare_view(env: &Env<'_>) -> Result<(), Fail> {
 
 /// containerd's `baseTestSnapshots`: c1 <- c2 committed, a1 on c2 and a2 without parent
 /// active, v1 on c2 and v2 without parent views; all empty.
-fn base_test_snapshots(b: &dyn Snapshotter) -> wasnap::Result<()> {
+fn base_test_snapshots(b: &dyn Backend) -> wasnap::Result<()> {
     b.prepare("c1-a", None, &opt())?;
     b.commit("c1", "c1-a", &opt())?;
     b.prepare("c2-a", Some("c1"), &opt())?;
@@ -986,7 +986,7 @@ fn view_readonly(env: &Env<'_>) -> Result<(), Fail> {
 
 /// containerd's `createNamedSnapshots`: `<p>c1` <- `<p>c2` committed, with the active
 /// `<p>a1` and the view `<p>v1` on `<p>c2`.
-fn create_named_snapshots(b: &dyn Snapshotter, p: &str) -> wasnap::Result<Vec<String>> {
+fn create_named_snapshots(b: &dyn Backend, p: &str) -> wasnap::Result<Vec<String>> {
     let (c1, c2) = (format!("{p}c1"), format!("{p}c2"));
     b.prepare(&format!("{c1}-a"), None, &opt())?;
     b.commit(&c1, &format!("{c1}-a"), &opt())?;
@@ -1028,7 +1028,7 @@ fn stat_in_walk(env: &Env<'_>) -> Result<(), Fail> {
                             "stat inside the walk callback disagrees with walk about {:?}: walk vs stat: {d}",
                             si.name
                         ));
-                        Err(wasnap::Error::FailedPrecondition("stop the walk".into()))
+                        Err(wasnap::Error::failed_precondition("stop the walk"))
                     }
                 },
                 Err(e) => {
@@ -1170,7 +1170,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
-    use wasnap::{Filter, Info, Labels, Mount, Snapshotter, Wrapper};
+    use wasnap::{Backend, Filter, Info, Labels, Mount, Wrapper};
 
     use super::CASES;
     use crate::harness::{Case, Factory, Options, Outcome, open_native, run};
@@ -1182,7 +1182,7 @@ mod tests {
         fn name(&self) -> String {
             "native".into()
         }
-        fn open(&self, dir: &Path) -> wasnap::Result<Arc<dyn Snapshotter>> {
+        fn open(&self, dir: &Path) -> wasnap::Result<Arc<dyn Backend>> {
             open_native(dir)
         }
     }
@@ -1256,12 +1256,12 @@ mod tests {
     }
 
     struct Broken {
-        inner: Arc<dyn Snapshotter>,
+        inner: Arc<dyn Backend>,
         how: Breakage,
     }
 
     impl Wrapper for Broken {
-        fn inner(&self) -> &dyn Snapshotter {
+        fn inner(&self) -> &dyn Backend {
             &*self.inner
         }
         fn prepare(
@@ -1329,7 +1329,7 @@ mod tests {
         fn name(&self) -> String {
             format!("native, broken: {:?}", self.0)
         }
-        fn open(&self, dir: &Path) -> wasnap::Result<Arc<dyn Snapshotter>> {
+        fn open(&self, dir: &Path) -> wasnap::Result<Arc<dyn Backend>> {
             Ok(Arc::new(Broken { inner: open_native(dir)?, how: self.0 }))
         }
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use wasnap::{ErrorKind, Kind, Labels, Snapshotter};
+use wasnap::{Backend, ErrorKind, Kind, Labels};
 
 use super::helpers::{
     check_active, check_view, expect_any_err, expect_err, expected, layer, no_labels, walk_all,
@@ -122,7 +122,7 @@ fn concurrent_prepares(env: &Env<'_>) -> Result<(), Fail> {
     let failures: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let b: Arc<dyn Snapshotter> = b.clone();
+                let b: Arc<dyn Backend> = b.clone();
                 s.spawn(move || -> Result<(), String> {
                     for i in 0..per_thread {
                         let key = format!("t{t}-{i}");

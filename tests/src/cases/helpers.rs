@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use wasnap::{ErrorKind, Labels, Snapshotter};
+use wasnap::{Backend, ErrorKind, Labels};
 
 use crate::fixture::{Op, apply, check_equal};
 use crate::harness::{Env, Fail};
@@ -60,7 +60,7 @@ pub(crate) fn no_labels() -> Labels {
 /// Prepares `key` on `parent`, mounts it, applies `ops` and unmounts.
 pub(crate) fn write_active(
     env: &Env<'_>,
-    b: &dyn Snapshotter,
+    b: &dyn Backend,
     key: &str,
     parent: Option<&str>,
     ops: &[Op],
@@ -74,7 +74,7 @@ pub(crate) fn write_active(
 /// Makes the committed layer `name` on `parent` holding `ops` (through `<name>-active`).
 pub(crate) fn layer(
     env: &Env<'_>,
-    b: &dyn Snapshotter,
+    b: &dyn Backend,
     name: &str,
     parent: Option<&str>,
     ops: &[Op],
@@ -98,7 +98,7 @@ pub(crate) fn expected(env: &Env<'_>, layers: &[&[Op]]) -> Result<PathBuf, Fail>
 /// view is removed again.
 pub(crate) fn check_view(
     env: &Env<'_>,
-    b: &dyn Snapshotter,
+    b: &dyn Backend,
     parent: &str,
     want: &Path,
 ) -> Result<(), Fail> {
@@ -115,7 +115,7 @@ pub(crate) fn check_view(
 /// Checks, through a mount, that active snapshot `key` holds the tree at `want`.
 pub(crate) fn check_active(
     env: &Env<'_>,
-    b: &dyn Snapshotter,
+    b: &dyn Backend,
     key: &str,
     want: &Path,
 ) -> Result<(), Fail> {
@@ -126,7 +126,7 @@ pub(crate) fn check_active(
 }
 
 /// Every snapshot the backend holds, sorted by name.
-pub(crate) fn walk_all(b: &dyn Snapshotter, filter: &str) -> Result<Vec<wasnap::Info>, Fail> {
+pub(crate) fn walk_all(b: &dyn Backend, filter: &str) -> Result<Vec<wasnap::Info>, Fail> {
     let f = wasnap::Filter::parse_all(&[filter])?;
     let mut v = Vec::new();
     b.walk(&f, &mut |i| {

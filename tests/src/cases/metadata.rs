@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use wasnap::Wrapper;
-use wasnap::metadata::Snapshots;
+use wasnap::metadata::Snapshotter;
 use wasnap::snapshot::{LABEL_SNAPSHOT_REF, MAX_LABEL_SIZE};
-use wasnap::{Ctx, Error, ErrorKind, Kind, Labels, Mount, Snapshotter};
+use wasnap::{Backend, Ctx, Error, ErrorKind, Kind, Labels, Mount};
 
 use super::helpers::{expect_err, no_labels, walk_all};
 use crate::harness::{Case, Env, Fail, Group};
@@ -62,12 +62,12 @@ fn ctx(ns: &str) -> Result<Ctx, Fail> {
     Ok(Ctx::new(ns)?)
 }
 
-fn stack(env: &Env<'_>) -> Result<(Snapshots, Arc<dyn Snapshotter>), Fail> {
+fn stack(env: &Env<'_>) -> Result<(Snapshotter, Arc<dyn Backend>), Fail> {
     let b = env.open()?;
     Ok((env.metadata(b.clone())?, b))
 }
 
-fn list(sn: &Snapshots, c: &Ctx, filters: &[&str]) -> Result<Vec<String>, Fail> {
+fn list(sn: &Snapshotter, c: &Ctx, filters: &[&str]) -> Result<Vec<String>, Fail> {
     let filters: Vec<String> = filters.iter().map(|s| s.to_string()).collect();
     let mut v = Vec::new();
     sn.walk(c, &filters, &mut |i| {
@@ -222,12 +222,12 @@ fn filters(env: &Env<'_>) -> Result<(), Fail> {
 
 /// Forwards to the backend under test, refusing prepares while told to.
 struct Refusing {
-    inner: Arc<dyn Snapshotter>,
+    inner: Arc<dyn Backend>,
     refuse: AtomicBool,
 }
 
 impl Wrapper for Refusing {
-    fn inner(&self) -> &dyn Snapshotter {
+    fn inner(&self) -> &dyn Backend {
         &*self.inner
     }
     fn prepare(
@@ -237,7 +237,7 @@ impl Wrapper for Refusing {
         labels: &Labels,
     ) -> wasnap::Result<Vec<Mount>> {
         if self.refuse.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable("refused by the test".into()));
+            return Err(Error::unavailable("refused by the test"));
         }
         self.inner.prepare(key, parent, labels)
     }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use wasnap::host::Host;
+use wasnap::Host;
 use wasnap::{ErrorKind, Kind, Labels};
 
 use crate::common::*;
@@ -101,24 +101,90 @@ fn a_crash_between_backend_and_record_is_reclaimed_by_cleanup() {
     }
 }
 
+/// Whichever way a cut-short commit went, the snapshot exists with its data, as active
+/// `a` or committed `base`, and nothing else is left: no orphan, no record without data.
+fn assert_one_whole_snapshot(root: &Path) -> Kind {
+    let host = Host::open(root).unwrap();
+    let sn = host.snapshotter("native").unwrap();
+    let c = ctx("default");
+    let left = list(&sn, &c, &[]).unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let key = &left[0].name;
+    assert!(
+        (key == "a" && left[0].kind == Kind::Active)
+            || (key == "base" && left[0].kind == Kind::Committed),
+        "{left:?}"
+    );
+    let m = sn.mounts(&c, key).unwrap();
+    assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "data", "{key}");
+    for report in host.check().unwrap() {
+        assert!(report.orphans.is_empty() && report.missing.is_empty(), "{report:?}");
+    }
+    left[0].kind
+}
+
 #[test]
-fn a_crash_after_the_backend_committed_converges() {
+fn a_commit_cut_short_after_the_backend_is_finished_at_the_next_open() {
     let dir = disk_tmp();
     let root = dir.path();
-    ok(wasnap(root, None, &["prepare", "a"]));
-    let out = wasnap(root, Some("metadata.commit.after-backend=abort"), &["commit", "base", "a"]);
-    assert!(crashed(&out), "{:?}", out.status);
-    // The commit was never acknowledged: the active record is what the metadata says.
-    let listed = ok(wasnap(root, None, &["ls"]));
-    assert!(
-        listed.contains("a ") && listed.contains("active") && !listed.contains("base"),
-        "{listed}"
-    );
-    ok(wasnap(root, None, &["cleanup"]));
-    assert_eq!(backend_count(root), 0, "the unacknowledged commit's data is reclaimed");
-    // The stale active record can be removed even though its backend data is gone.
-    ok(wasnap(root, None, &["rm", "a"]));
-    assert_eq!(ok(wasnap(root, None, &["ls"])).lines().count(), 1, "header only");
+    let c = ctx("default");
+    {
+        let faults = std::sync::Arc::new(wasnap::fault::Faults::new());
+        let host = Host::open_with(root, faults.clone()).unwrap();
+        let sn = host.snapshotter("native").unwrap();
+        let m = sn.prepare(&c, "a", None, &Labels::new()).unwrap();
+        std::fs::write(source(&m).join("f"), "data").unwrap();
+        faults.arm("metadata.commit.after-backend", wasnap::fault::Action::Error);
+        sn.commit(&c, "base", "a", &labels(&[("l", "v")])).unwrap_err();
+        // Until the commit is settled, the active snapshot cannot be changed under it.
+        let e = sn.remove(&c, "a").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        host.close().unwrap();
+    }
+    // The backend had committed: the next open finishes the commit.
+    assert_eq!(assert_one_whole_snapshot(root), Kind::Committed);
+    let host = Host::open(root).unwrap();
+    let sn = host.snapshotter("native").unwrap();
+    assert_eq!(sn.stat(&c, "base").unwrap().labels, labels(&[("l", "v")]));
+}
+
+#[test]
+fn a_commit_cut_short_before_the_backend_is_undone_at_the_next_open() {
+    let dir = disk_tmp();
+    let root = dir.path();
+    let c = ctx("default");
+    {
+        let faults = std::sync::Arc::new(wasnap::fault::Faults::new());
+        let host = Host::open_with(root, faults.clone()).unwrap();
+        let sn = host.snapshotter("native").unwrap();
+        let m = sn.prepare(&c, "a", None, &Labels::new()).unwrap();
+        std::fs::write(source(&m).join("f"), "data").unwrap();
+        faults.arm("metadata.commit.before-backend", wasnap::fault::Action::Error);
+        sn.commit(&c, "base", "a", &Labels::new()).unwrap_err();
+        // A backend step that failed undoes the intent at once.
+        sn.stat(&c, "a").unwrap();
+        host.close().unwrap();
+    }
+    assert_eq!(assert_one_whole_snapshot(root), Kind::Active);
+}
+
+#[test]
+fn a_process_killed_at_any_step_of_a_commit_leaves_one_whole_snapshot() {
+    for point in [
+        "metadata.commit.before-backend",
+        "native.commit.before-commit",
+        "metadata.commit.after-backend",
+    ] {
+        let dir = disk_tmp();
+        let root = dir.path();
+        let m = ok(wasnap(root, None, &["--format", "json", "prepare", "a"]));
+        let mounts: serde_json::Value = serde_json::from_str(&m).unwrap();
+        let src = mounts[0]["source"].as_str().unwrap().to_owned();
+        std::fs::write(Path::new(&src).join("f"), "data").unwrap();
+        let out = wasnap(root, Some(&format!("{point}=abort")), &["commit", "base", "a"]);
+        assert!(crashed(&out), "{point}: {:?}", out.status);
+        assert_one_whole_snapshot(root);
+    }
 }
 
 #[test]
@@ -163,8 +229,8 @@ fn overlay_killed_between_the_steps_of_commit_and_remove_converges() {
     assert!(listed.contains("child") && !listed.contains("done"), "{listed}");
     ok(wasnap(root, None, &ov(&["commit", "done", "child"])));
 
-    // Killed inside the driver's remove, after the tree moved out of the way: the
-    // record is still there and the tree is back or reclaimable; nothing is lost.
+    // Killed inside the driver's remove, before its record went: the metadata removal
+    // stands, and the backend snapshot no record names is pruned by cleanup.
     ok(wasnap(root, None, &ov(&["prepare", "scratch", "done"])));
     let out = wasnap(root, Some("overlay.remove.before-commit=abort"), &ov(&["rm", "scratch"]));
     assert!(crashed(&out), "{:?}", out.status);

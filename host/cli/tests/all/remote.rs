@@ -105,6 +105,9 @@ fn masked(text: &str, root: &Path) -> String {
     let text = text.replace(&root.display().to_string(), "<root>");
     let seq = regex::Regex::new(r"/\d+/").unwrap();
     let text = seq.replace_all(&text, "/<n>/");
+    // Drivers number their snapshots' directories from blocks each process reserves.
+    let ids = regex::Regex::new(r"snapshots/\d+").unwrap();
+    let text = ids.replace_all(&text, "snapshots/<id>");
     // Tables pad to the longest cell: squeeze runs of spaces.
     let spaces = regex::Regex::new(r" {2,}").unwrap();
     spaces.replace_all(&times.replace_all(&text, "<t>"), "  ").into_owned()

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use tonic::{Request, Response, Status};
-use wasnap::Error;
-use wasnap::host::DriverConfig;
+use wasnap::Context;
+use wasnap::root::DriverConfig;
 
 use super::{Shared, handle};
 use crate::proto::admin::admin_server::Admin;
@@ -27,9 +27,7 @@ impl AdminService {
 type Reply<T> = std::result::Result<Response<T>, Status>;
 
 fn json<T: Serialize>(v: &T) -> wasnap::Result<ReportResponse> {
-    serde_json::to_string(v)
-        .map(|json| ReportResponse { json })
-        .map_err(|e| Error::internal("encode report", e))
+    serde_json::to_string(v).map(|json| ReportResponse { json }).with_context(|| "encode report")
 }
 
 /// The name of a driver, as configured.

@@ -26,7 +26,7 @@ impl LeasesService {
 type Reply<T> = std::result::Result<Response<T>, Status>;
 
 fn resource(r: Option<Resource>) -> wasnap::Result<wasnap::metadata::Resource> {
-    r.map(convert::resource_from).ok_or_else(|| Error::InvalidArgument("no resource given".into()))
+    r.map(convert::resource_from).ok_or_else(|| Error::invalid_argument("no resource given"))
 }
 
 #[tonic::async_trait]

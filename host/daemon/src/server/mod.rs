@@ -8,7 +8,7 @@
 //! containerd's collector walks and removes with no namespace: such a call sees
 //! exactly the snapshots whose key has the shape containerd gives its keys,
 //! `<namespace>/<number>/…`, in that namespace, and a call naming a key of that shape
-//! acts in the namespace the key names. Snapshots made by other clients (the wasnap
+//! acts in the namespace the key names. Snapshotter made by other clients (the wasnap
 //! CLI, say, with keys like `base`) are never visible to an unnamespaced call, so
 //! containerd's collector cannot remove what it did not create.
 //!
@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
-use wasnap::host::Host;
-use wasnap::{Ctx, Error, Result, Snapshots};
+use wasnap::Host;
+use wasnap::{Ctx, Error, Result, Snapshotter};
 
 pub use admin::AdminService;
 pub use leases::LeasesService;
@@ -91,7 +91,7 @@ impl Shared {
         let result = tokio::task::spawn_blocking(move || inner.in_scope(f))
             .instrument(span.clone())
             .await
-            .unwrap_or_else(|e| Err(Error::Internal(format!("{method} panicked: {e}"))));
+            .unwrap_or_else(|e| Err(Error::internal(format!("{method} panicked: {e}"))));
         let _entered = span.enter();
         let elapsed = started.elapsed();
         match result {
@@ -127,7 +127,7 @@ impl Scope {
             match meta.get(name) {
                 None => Ok(None),
                 Some(v) => v.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
-                    Error::InvalidArgument(format!("header {name}: not printable ASCII"))
+                    Error::invalid_argument(format!("header {name}: not printable ASCII"))
                 }),
             }
         };
@@ -161,7 +161,7 @@ impl Scope {
 }
 
 fn namespace_required(why: &str) -> Error {
-    Error::FailedPrecondition(format!(
+    Error::failed_precondition(format!(
         "namespace is required: no {NAMESPACE_HEADER} header, and {why}"
     ))
 }
@@ -179,11 +179,11 @@ pub(crate) fn containerd_namespace(key: &str) -> Option<&str> {
 }
 
 /// The snapshotter a request names; empty means the configured default.
-pub(crate) fn snapshotter(host: &Host, name: &str) -> Result<Arc<Snapshots>> {
+pub(crate) fn snapshotter(host: &Host, name: &str) -> Result<Arc<Snapshotter>> {
     let name = if name.is_empty() { host.default_snapshotter() } else { name };
     if !host.configs().contains_key(name) {
         let known: Vec<&str> = host.snapshotter_names().collect();
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "snapshotter not loaded: {name} (this daemon serves: {})",
             known.join(", ")
         )));

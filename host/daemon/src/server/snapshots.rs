@@ -101,7 +101,7 @@ impl Snapshots for SnapshotsService {
             let info = r
                 .info
                 .map(convert::info_from)
-                .ok_or_else(|| Error::InvalidArgument("update: no info given".into()))?;
+                .ok_or_else(|| Error::invalid_argument("update: no info given"))?;
             let ctx = scope.for_key(&info.name)?;
             let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
             let info = snapshotter(host, &r.snapshotter)?.update(&ctx, &info, &paths)?;
@@ -129,7 +129,7 @@ impl Snapshots for SnapshotsService {
                 let send = |batch: &mut Vec<Info>| -> wasnap::Result<()> {
                     let info = std::mem::take(batch);
                     tx.blocking_send(Ok(ListSnapshotsResponse { info }))
-                        .map_err(|_| Error::Unavailable("list: the client went away".into()))
+                        .map_err(|_| Error::unavailable("list: the client went away"))
                 };
                 let mut push = |info: wasnap::Info| {
                     batch.push(convert::info(info));
@@ -170,7 +170,7 @@ impl Snapshots for SnapshotsService {
         handle(&self.shared, "Cleanup", req, |host, _scope, r| {
             let report = snapshotter(host, &r.snapshotter)?.cleanup()?;
             if let Some((key, why)) = report.failed.first() {
-                return Err(Error::Internal(format!(
+                return Err(Error::internal(format!(
                     "cleanup removed {} and failed on {} (first: {key}: {why})",
                     report.removed.len(),
                     report.failed.len()

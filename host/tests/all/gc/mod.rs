@@ -13,10 +13,10 @@ use wasnap::driver::Native;
 use wasnap::driver::overlay::OverlayOptions;
 use wasnap::fault::{Action, Faults};
 use wasnap::gc::{Collector, GcOptions, GcReport, Retention};
-use wasnap::host::{Config, DriverConfig, Host};
 use wasnap::metadata::{Leases, Resource};
+use wasnap::root::{Config, DriverConfig, Host};
 use wasnap::snapshot::LABEL_SNAPSHOT_REF;
-use wasnap::{Ctx, ErrorKind, Labels, Result, Snapshots, Snapshotter};
+use wasnap::{Backend, Ctx, ErrorKind, Labels, Result, Snapshotter};
 
 use crate::common::*;
 
@@ -69,7 +69,7 @@ impl Env {
         Env::new(tmp(), &["native"], gc)
     }
 
-    fn sn(&self, name: &str) -> Arc<Snapshots> {
+    fn sn(&self, name: &str) -> Arc<Snapshotter> {
         self.host.snapshotter(name).unwrap()
     }
 
@@ -95,14 +95,14 @@ impl Env {
 }
 
 /// Prepares `<name>-active` on `parent` and commits it as `name` with `l`.
-fn commit(sn: &Snapshots, c: &Ctx, name: &str, parent: Option<&str>, l: &[(&str, &str)]) {
+fn commit(sn: &Snapshotter, c: &Ctx, name: &str, parent: Option<&str>, l: &[(&str, &str)]) {
     let active = format!("{name}-active");
     sn.prepare(c, &active, parent, &none()).unwrap();
     sn.commit(c, name, &active, &labels(l)).unwrap();
 }
 
 /// The keys of a namespace, sorted.
-fn keys(sn: &Snapshots, ns: &str) -> Vec<String> {
+fn keys(sn: &Snapshotter, ns: &str) -> Vec<String> {
     names(&list(sn, &ctx(ns), &[]).unwrap())
 }
 
@@ -117,12 +117,12 @@ fn pruned(r: &GcReport) -> Vec<String> {
 }
 
 /// The backend's keys, sorted.
-fn bkeys(sn: &Snapshots) -> Vec<String> {
+fn bkeys(sn: &Snapshotter) -> Vec<String> {
     backend_keys(sn.backend().as_ref()).into_iter().map(|i| i.name).collect()
 }
 
 /// The backend key (`<ns>/<seq>/<key>`) of the record `key` in `ns`.
-fn bkey(sn: &Snapshots, ns: &str, key: &str) -> String {
+fn bkey(sn: &Snapshotter, ns: &str, key: &str) -> String {
     let found: Vec<String> = bkeys(sn)
         .into_iter()
         .filter(|b| {
@@ -141,7 +141,7 @@ fn set<I: IntoIterator<Item = S>, S: Into<String>>(items: I) -> BTreeSet<String>
 }
 
 /// Sets (`Some`) or deletes (`None`) one label of `key`.
-fn set_label(sn: &Snapshots, c: &Ctx, key: &str, label: &str, value: Option<&str>) {
+fn set_label(sn: &Snapshotter, c: &Ctx, key: &str, label: &str, value: Option<&str>) {
     let mut info = sn.stat(c, key).unwrap();
     match value {
         Some(v) => info.labels.insert(label.to_owned(), v.to_owned()),

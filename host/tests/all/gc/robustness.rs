@@ -95,7 +95,7 @@ impl Stuck {
 }
 
 impl Wrapper for Stuck {
-    fn inner(&self) -> &dyn Snapshotter {
+    fn inner(&self) -> &dyn Backend {
         &*self.inner
     }
     fn remove(&self, key: &str) -> Result<()> {
@@ -116,7 +116,7 @@ fn a_hanging_backend_neither_wedges_the_collection_nor_holds_writers() {
     let faults = Arc::new(Faults::new());
     let backend = Stuck::new(native(dir.path(), faults.clone()));
     let db = metadb(dir.path());
-    let sn = Arc::new(Snapshots::new(db.clone(), "native", backend.clone(), faults.clone()));
+    let sn = Arc::new(Snapshotter::new(db.clone(), "native", backend.clone(), faults.clone()));
     let leases = Leases::new(db.clone());
     let opts = GcOptions { backend_timeout_ms: 200, ..GcOptions::default() };
     let collector = Arc::new(Collector::new(db, faults, opts));
@@ -286,10 +286,9 @@ fn a_collection_that_fails_before_pruning_leaves_orphans_the_next_one_prunes() {
 fn a_backend_snapshot_two_namespaces_share_is_pruned_only_when_both_records_go() {
     let dir = tmp();
     let faults = Arc::new(Faults::new());
-    let backend: Arc<dyn Snapshotter> =
-        Arc::new(Dedup { inner: native(dir.path(), faults.clone()) });
+    let backend: Arc<dyn Backend> = Arc::new(Dedup { inner: native(dir.path(), faults.clone()) });
     let db = metadb(dir.path());
-    let sn = Arc::new(Snapshots::new(db.clone(), "native", backend, faults.clone()));
+    let sn = Arc::new(Snapshotter::new(db.clone(), "native", backend, faults.clone()));
     let leases = Leases::new(db.clone());
     let collector = Collector::new(db, faults, GcOptions::default());
     let target = labels(&[(LABEL_SNAPSHOT_REF, "sha256:shared")]);

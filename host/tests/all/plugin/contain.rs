@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use wasnap::plugin::Limits;
-use wasnap::{ErrorKind, Filter, Snapshotter};
+use wasnap::{Backend, ErrorKind, Filter};
 
 use super::{no_labels, open, tight, while_another_plugin_works};
 

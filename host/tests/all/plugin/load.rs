@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use wasnap::plugin::{Limits, Plugin, Role, WasmSnapshotter};
-use wasnap::{ErrorKind, Snapshotter};
+use wasnap::{Backend, ErrorKind};
 
 use super::{guest, no_labels, open, plugin};
 use crate::common::tmp;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use wasnap::plugin::{Limits, Plugin, WasmSnapshotter};
-use wasnap::{Labels, Snapshotter};
+use wasnap::{Backend, Labels};
 
 use crate::common::tmp;
 

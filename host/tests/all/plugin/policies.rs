@@ -9,10 +9,11 @@ use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use serde_json::json;
 use tempfile::TempDir;
+use wasnap::config::PluginConfig;
 use wasnap::fault::Faults;
 use wasnap::plugin::{Limits, WasmSnapshotter};
-use wasnap::{Error, ErrorKind, FieldPath, Snapshots, Snapshotter};
-use wasnap_conformance::{Layer, Options, PluginFactory, cases, open_native, run};
+use wasnap::{Backend, Error, ErrorKind, FieldPath, Snapshotter};
+use wasnap_conformance::{Options, StackFactory, cases, open_native, run};
 
 use super::{no_labels, plugin};
 use crate::common::{backend_keys, ctx, is_root, labels, metadb, source, tmp};
@@ -25,8 +26,8 @@ const MANAGED: &str = "containerd.io/snapshot/managed-by";
 /// The policy `name` in front of a native driver, both in one fresh directory.
 struct Chain {
     dir: TempDir,
-    native: Arc<dyn Snapshotter>,
-    policy: Arc<dyn Snapshotter>,
+    native: Arc<dyn Backend>,
+    policy: Arc<dyn Backend>,
 }
 
 fn subdir(root: &Path, name: &str) -> std::path::PathBuf {
@@ -52,8 +53,8 @@ fn chain_with(name: &str, config: serde_json::Value, limits: Limits) -> Chain {
 
 impl Chain {
     /// The host's metadata layer over the chain, as the daemon stacks them.
-    fn metadata(&self) -> Snapshots {
-        Snapshots::new(
+    fn metadata(&self) -> Snapshotter {
+        Snapshotter::new(
             metadb(self.dir.path()),
             "test",
             self.policy.clone(),
@@ -278,8 +279,9 @@ fn quota_counts_keys_without_a_namespace_together() {
 /// Runs the whole suite with `policy` configured by `config` in front of the native
 /// driver; as root nothing may skip.
 fn suite_passes_with(policy: &str, config: serde_json::Value) {
-    let factory =
-        PluginFactory::policies_on_native(vec![Layer::new(plugin(policy)).with_config(config)]);
+    let mut p = PluginConfig::new(super::guest(policy));
+    p.config = Some(toml::Value::try_from(config).unwrap());
+    let factory = StackFactory::native().with_policies(vec![p]);
     let report = run(&factory, &cases::all(), &Options::default());
     let mut out = Vec::new();
     report.write_table(&mut out).unwrap();

@@ -14,21 +14,21 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
 pub use crate::config::{Config, DriverConfig, PluginConfig, SnapshotterConfig};
-use crate::driver::{Btrfs, Native, Overlay};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::gc::{Collector, GcReport, Scheduler, Trigger};
-use crate::metadata::{Ctx, Leases, MetaDb, Snapshots};
-use crate::plugin::{Plugin, Role, WasmSnapshotter};
+use crate::metadata::{Ctx, Leases, MetaDb, Snapshotter};
+use crate::plugin::Plugin;
 use crate::probe::Support;
-use crate::snapshotter::Snapshotter;
+pub use crate::stack::LoadedPlugin;
+use crate::stack::{Place, Plugins};
 
 /// The snapshotter used when none is named: the one that works everywhere.
 pub const DEFAULT_SNAPSHOTTER: &str = "native";
@@ -59,10 +59,60 @@ pub struct Host {
     faults: Arc<Faults>,
     configs: BTreeMap<String, SnapshotterConfig>,
     default_snapshotter: String,
-    opened: Mutex<BTreeMap<String, Arc<Snapshots>>>,
+    /// One slot per configured snapshotter: opening one never holds a lock another
+    /// snapshotter's calls need.
+    slots: BTreeMap<String, Slot>,
     plugins: Mutex<Vec<LoadedPlugin>>,
+    loader: Plugins,
     trigger: Arc<Trigger>,
     collector: Arc<Collector>,
+}
+
+/// Where one snapshotter stands.
+#[derive(Debug, Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    opened: Condvar,
+}
+
+#[derive(Debug, Default)]
+enum SlotState {
+    #[default]
+    Closed,
+    Opening,
+    Open(Arc<Snapshotter>),
+    /// The last open failed; another is not tried before `retry`.
+    Failed {
+        error: Error,
+        retry: Instant,
+        attempts: u32,
+    },
+}
+
+/// Waits between attempts to open a snapshotter that failed: doubling from the first,
+/// up to the last.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// How a configured snapshotter stands, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum SnapshotterState {
+    /// Not asked for yet (snapshotters open on first use).
+    Closed,
+    /// Being opened now.
+    Opening,
+    /// Serving.
+    Open,
+    /// Its last open failed; the reason, and when it is tried again (seconds from now).
+    Failed {
+        /// Why.
+        error: String,
+        /// Attempts so far.
+        attempts: u32,
+        /// Seconds until the next attempt may run.
+        retry_in_secs: u64,
+    },
 }
 
 impl Host {
@@ -79,15 +129,18 @@ impl Host {
 
     /// Opens the root serving the snapshotters `config` names.
     pub fn open_config(root: &Path, faults: Arc<Faults>, config: Config) -> Result<Self> {
-        let io = |what: &str| {
-            let what = format!("{what} {}", root.display());
-            move |e: std::io::Error| Error::internal(what, e)
-        };
-        create_private_dir(root).map_err(io("create root"))?;
-        let root = root.canonicalize().map_err(io("resolve root"))?;
-        let dir = Dir::open_ambient_dir(&root, ambient_authority()).map_err(io("open root"))?;
+        let at = |what: &str| format!("{what} {}", root.display());
+        create_private_dir(root).with_context(|| at("create root"))?;
+        let root = root.canonicalize().with_context(|| at("resolve root"))?;
+        let dir =
+            Dir::open_ambient_dir(&root, ambient_authority()).with_context(|| at("open root"))?;
         let db = Arc::new(MetaDb::open(&dir)?);
         let collector = Arc::new(Collector::new(db.clone(), faults.clone(), config.gc));
+        let cache = {
+            let place = Place { root: &dir, root_path: &root, db: None };
+            crate::stack::private_dir(&place, "plugins/cache")?.0
+        };
+        let slots = config.snapshotters.keys().map(|n| (n.clone(), Slot::default())).collect();
         Ok(Host {
             root,
             dir,
@@ -95,8 +148,9 @@ impl Host {
             faults,
             configs: config.snapshotters,
             default_snapshotter: config.default_snapshotter,
-            opened: Mutex::new(BTreeMap::new()),
+            slots,
             plugins: Mutex::default(),
+            loader: Plugins::new(Some(cache)),
             trigger: Arc::default(),
             collector,
         })
@@ -112,102 +166,99 @@ impl Host {
         &self.db
     }
 
-    /// The snapshotter called `name`, opening its driver on first use.
-    pub fn snapshotter(&self, name: &str) -> Result<Arc<Snapshots>> {
-        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = opened.get(name) {
-            return Ok(s.clone());
-        }
-        let config = self.configs.get(name).ok_or_else(|| {
+    /// The snapshotter called `name`, opening its stack on first use. Callers of one
+    /// snapshotter wait for its opening; nobody else does. A snapshotter that failed to
+    /// open is tried again on use, at most once a second at first and at least once a
+    /// minute, and says why in the meantime.
+    pub fn snapshotter(&self, name: &str) -> Result<Arc<Snapshotter>> {
+        let slot = self.slots.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.configs.keys().map(String::as_str).collect();
-            Error::NotFound(format!("snapshotter {name:?} (configured: {})", known.join(", ")))
+            Error::not_found(format!("snapshotter {name:?} (configured: {})", known.join(", ")))
         })?;
-        let backend = self
-            .open_driver(name, config)
-            .map_err(|e| e.context(format!("snapshotter {name:?}")))?;
-        let s = Arc::new(
-            Snapshots::new(self.db.clone(), name, backend, self.faults.clone())
-                .with_trigger(self.trigger.clone()),
-        );
-        opened.insert(name.to_owned(), s.clone());
-        Ok(s)
-    }
-
-    fn open_driver(&self, name: &str, config: &SnapshotterConfig) -> Result<Arc<dyn Snapshotter>> {
-        let (dir, path) = self.private_dir(&format!("snapshotters/{name}"))?;
-        let mut backend: Arc<dyn Snapshotter> = match &config.driver {
-            DriverConfig::Native => Arc::new(Native::open(dir, path, self.faults.clone())?),
-            DriverConfig::Overlay(opts) => {
-                Arc::new(Overlay::open(dir, path, self.faults.clone(), opts.clone())?)
+        let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        let attempts = loop {
+            match &*st {
+                SlotState::Open(s) => return Ok(s.clone()),
+                SlotState::Opening => {
+                    st = slot.opened.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                SlotState::Failed { error, retry, attempts } => {
+                    if Instant::now() < *retry {
+                        return Err(error.clone());
+                    }
+                    break *attempts;
+                }
+                SlotState::Closed => break 0,
             }
-            DriverConfig::Btrfs => Arc::new(Btrfs::open(dir, path, self.faults.clone())?),
-            DriverConfig::Wasm(p) => self.open_plugin(name, Role::Backend, p, dir, path, None)?,
         };
-        // The first policy listed sees a call first, so the chain is built from the back.
-        for (i, p) in config.policies.iter().enumerate().rev() {
-            let stem = p.path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
-            let (dir, path) = self.private_dir(&format!("policies/{name}/{i}-{stem}"))?;
-            backend = self.open_plugin(name, Role::Policy, p, dir, path, Some(backend))?;
-        }
-        Ok(backend)
+        *st = SlotState::Opening;
+        drop(st);
+        let opened = self.open_snapshotter(name);
+        let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        *st = match &opened {
+            Ok(s) => SlotState::Open(s.clone()),
+            Err(error) => {
+                let wait = RETRY_FIRST.saturating_mul(1 << attempts.min(6)).min(RETRY_MAX);
+                tracing::warn!(snapshotter = name, error = %error, retry_in = ?wait, "could not open the snapshotter");
+                SlotState::Failed {
+                    error: error.clone(),
+                    retry: Instant::now() + wait,
+                    attempts: attempts + 1,
+                }
+            }
+        };
+        slot.opened.notify_all();
+        opened
     }
 
-    /// A directory under the root, created if needed (owner-only), with its host path.
-    fn private_dir(&self, rel: &str) -> Result<(Dir, PathBuf)> {
-        let io = |what: &'static str| {
-            let rel = rel.to_owned();
-            move |e: std::io::Error| Error::internal(format!("{what} {rel}"), e)
-        };
-        let mut builder = cap_std::fs::DirBuilder::new();
-        {
-            use cap_std::fs::DirBuilderExt;
-            builder.recursive(true).mode(0o700);
+    fn open_snapshotter(&self, name: &str) -> Result<Arc<Snapshotter>> {
+        let config = &self.configs[name];
+        let place = Place { root: &self.dir, root_path: &self.root, db: Some(self.db.db()) };
+        let stack = crate::stack::open(name, config, &place, &self.faults, &self.loader)
+            .map_err(|e| e.context(format!("snapshotter {name:?}")))?;
+        let s = Snapshotter::new(self.db.clone(), name, stack.backend.clone(), self.faults.clone())
+            .with_trigger(self.trigger.clone())
+            .with_shared_db(stack.shared_db);
+        let recovered =
+            s.recover().map_err(|e| e.context(format!("snapshotter {name:?}: recover commits")));
+        if let Err(e) = recovered {
+            let _ = stack.backend.close();
+            return Err(e);
         }
-        self.dir.create_dir_with(rel, &builder).map_err(io("create"))?;
-        let dir = self.dir.open_dir(rel).map_err(io("open"))?;
-        Ok((dir, self.root.join(rel)))
+        self.plugins.lock().unwrap_or_else(|e| e.into_inner()).extend(stack.plugins);
+        Ok(Arc::new(s))
     }
 
-    fn open_plugin(
-        &self,
-        snapshotter: &str,
-        role: Role,
-        config: &PluginConfig,
-        dir: Dir,
-        path: PathBuf,
-        next: Option<Arc<dyn Snapshotter>>,
-    ) -> Result<Arc<dyn Snapshotter>> {
-        let plugin = self.load_plugin(&config.path)?;
-        let wasm = WasmSnapshotter::open(
-            plugin.clone(),
-            dir,
-            path,
-            next,
-            config.limits.clone(),
-            &config.config_json(),
-        )?;
-        let wasm = Arc::new(wasm);
-        self.plugins.lock().unwrap_or_else(|e| e.into_inner()).push(LoadedPlugin {
-            snapshotter: snapshotter.to_owned(),
-            role,
-            path: config.path.clone(),
-            wasm: wasm.clone(),
-        });
-        Ok(wasm)
+    /// How each configured snapshotter stands.
+    pub fn snapshotter_states(&self) -> BTreeMap<String, SnapshotterState> {
+        let now = Instant::now();
+        self.slots
+            .iter()
+            .map(|(name, slot)| {
+                let st = match &*slot.state.lock().unwrap_or_else(|e| e.into_inner()) {
+                    SlotState::Closed => SnapshotterState::Closed,
+                    SlotState::Opening => SnapshotterState::Opening,
+                    SlotState::Open(_) => SnapshotterState::Open,
+                    SlotState::Failed { error, retry, attempts } => SnapshotterState::Failed {
+                        error: error.to_string(),
+                        attempts: *attempts,
+                        retry_in_secs: retry.saturating_duration_since(now).as_secs(),
+                    },
+                };
+                (name.clone(), st)
+            })
+            .collect()
     }
 
     /// Compiles the plugin at `path` (or loads it from the root's cache).
     pub fn load_plugin(&self, path: &Path) -> Result<Arc<Plugin>> {
-        let wasm = std::fs::read(path)
-            .map_err(|e| Error::InvalidArgument(format!("plugin {}: {e}", path.display())))?;
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
-        let (cache, _) = self.private_dir("plugins/cache")?;
-        Plugin::load(name, &wasm, Some(&cache))
+        self.loader.load(path)
     }
 
     /// The plugin cache directory (compiled components).
     pub fn plugin_cache(&self) -> Result<Dir> {
-        self.private_dir("plugins/cache").map(|(d, _)| d)
+        let place = Place { root: &self.dir, root_path: &self.root, db: None };
+        crate::stack::private_dir(&place, "plugins/cache").map(|(d, _)| d)
     }
 
     /// Every plugin this host has started so far, with the snapshotter it serves.
@@ -243,7 +294,7 @@ impl Host {
     }
 
     /// Every configured snapshotter that opens; those that do not are reported.
-    fn open_all(&self) -> (Vec<Arc<Snapshots>>, Vec<(String, Error)>) {
+    fn open_all(&self) -> (Vec<Arc<Snapshotter>>, Vec<(String, Error)>) {
         let mut open = Vec::new();
         let mut failed = Vec::new();
         for name in self.configs.keys() {
@@ -293,7 +344,7 @@ impl Host {
         let opts = self.collector.options().clone();
         Scheduler::start(self.trigger.clone(), opts, move || match host.upgrade() {
             Some(h) => h.collect(false),
-            None => Err(Error::Unavailable("host closed".into())),
+            None => Err(Error::unavailable("host closed")),
         })
     }
 
@@ -324,27 +375,23 @@ impl Host {
 
     /// Whether the snapshotter `name` has been opened (they open on first use).
     pub fn is_open(&self, name: &str) -> bool {
-        self.opened.lock().unwrap_or_else(|e| e.into_inner()).contains_key(name)
+        self.slots.get(name).is_some_and(|slot| {
+            matches!(*slot.state.lock().unwrap_or_else(|e| e.into_inner()), SlotState::Open(_))
+        })
     }
 
     /// Closes every backend opened so far.
     pub fn close(&self) -> Result<()> {
-        let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        opened.values().try_for_each(|s| s.close())
+        let mut first_error = None;
+        for slot in self.slots.values() {
+            if let SlotState::Open(s) = &*slot.state.lock().unwrap_or_else(|e| e.into_inner())
+                && let Err(e) = s.close()
+            {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
-}
-
-/// A plugin a [`Host`] started, and where.
-#[derive(Debug, Clone)]
-pub struct LoadedPlugin {
-    /// The snapshotter it serves (as its backend or as one of its policies).
-    pub snapshotter: String,
-    /// Backend or policy.
-    pub role: Role,
-    /// The `.wasm` it was loaded from.
-    pub path: PathBuf,
-    /// The running plugin.
-    pub wasm: Arc<WasmSnapshotter>,
 }
 
 /// What [`Host::info`] reports: the root, the snapshotters and what this machine supports.

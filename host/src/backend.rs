@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::filter::Filter;
 use crate::snapshot::{Info, Labels, Mount, Usage};
 
-/// The fields of [`Info`] that [`Snapshotter::update`] may change, parsed from
+/// The fields of [`Info`] that [`Backend::update`] may change, parsed from
 /// containerd's field paths (`labels`, `labels.<key>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldPath {
@@ -29,7 +29,7 @@ impl FieldPath {
         } else if let Some(key) = path.strip_prefix("labels.") {
             Ok(FieldPath::Label(key.to_owned()))
         } else {
-            Err(crate::Error::InvalidArgument(format!(
+            Err(crate::Error::invalid_argument(format!(
                 "cannot update {path:?} field on snapshot {snapshot:?}"
             )))
         }
@@ -76,7 +76,7 @@ impl FieldPath {
 ///   `f` stops the walk and is returned.
 /// - `cleanup` reclaims space held by removed snapshots (may be slow); `close` releases
 ///   resources; every call after `close` may fail with unavailable.
-pub trait Snapshotter: Send + Sync {
+pub trait Backend: Send + Sync {
     /// What is known about one snapshot.
     fn stat(&self, key: &str) -> Result<Info>;
 
@@ -112,59 +112,59 @@ pub trait Snapshotter: Send + Sync {
 }
 
 /// A backend in front of another: every call goes to [`Wrapper::inner`] unless the
-/// wrapper overrides it. Implement this (not [`Snapshotter`]) for middleware such as
+/// wrapper overrides it. Implement this (not [`Backend`]) for middleware such as
 /// fault injection, admission checks or metrics, and override only what you change.
 pub trait Wrapper: Send + Sync {
     /// The backend calls are passed to.
-    fn inner(&self) -> &dyn Snapshotter;
+    fn inner(&self) -> &dyn Backend;
 
-    /// See [`Snapshotter::stat`].
+    /// See [`Backend::stat`].
     fn stat(&self, key: &str) -> Result<Info> {
         self.inner().stat(key)
     }
-    /// See [`Snapshotter::update`].
+    /// See [`Backend::update`].
     fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
         self.inner().update(info, fieldpaths)
     }
-    /// See [`Snapshotter::usage`].
+    /// See [`Backend::usage`].
     fn usage(&self, key: &str) -> Result<Usage> {
         self.inner().usage(key)
     }
-    /// See [`Snapshotter::mounts`].
+    /// See [`Backend::mounts`].
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         self.inner().mounts(key)
     }
-    /// See [`Snapshotter::prepare`].
+    /// See [`Backend::prepare`].
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         self.inner().prepare(key, parent, labels)
     }
-    /// See [`Snapshotter::view`].
+    /// See [`Backend::view`].
     fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         self.inner().view(key, parent, labels)
     }
-    /// See [`Snapshotter::commit`].
+    /// See [`Backend::commit`].
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
         self.inner().commit(name, key, labels)
     }
-    /// See [`Snapshotter::remove`].
+    /// See [`Backend::remove`].
     fn remove(&self, key: &str) -> Result<()> {
         self.inner().remove(key)
     }
-    /// See [`Snapshotter::walk`].
+    /// See [`Backend::walk`].
     fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
         self.inner().walk(filter, f)
     }
-    /// See [`Snapshotter::cleanup`].
+    /// See [`Backend::cleanup`].
     fn cleanup(&self) -> Result<()> {
         self.inner().cleanup()
     }
-    /// See [`Snapshotter::close`].
+    /// See [`Backend::close`].
     fn close(&self) -> Result<()> {
         self.inner().close()
     }
 }
 
-impl<W: Wrapper> Snapshotter for W {
+impl<W: Wrapper> Backend for W {
     fn stat(&self, key: &str) -> Result<Info> {
         Wrapper::stat(self, key)
     }

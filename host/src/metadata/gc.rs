@@ -1,0 +1,220 @@
+//! Mark and sweep over the metadata's tables: containerd's `metadata/gc.go`, for
+//! snapshots, beside the tables it reads. What runs a collection (options, timing,
+//! pruning backends, scheduling) is [`crate::gc`].
+//!
+//! **Roots.** Snapshots created with no lease in effect (containerd, as a proxy client,
+//! removes what its own collector collects, so wasnap must never collect what containerd
+//! still records); snapshots labelled `containerd.io/gc.root`; snapshots whose
+//! `containerd.io/gc.expire` time has not come; every snapshot an unexpired lease holds;
+//! an active snapshot with a commit under way; and, by the retention settings, recently
+//! used committed snapshots.
+//! **References.** A snapshot holds its parent; unless held through a flat lease
+//! (`containerd.io/gc.flat`), also what its `containerd.io/gc.ref.snapshot.<snapshotter>`
+//! labels name; and a snapshot labelled `containerd.io/gc.bref.snapshot.<snapshotter>`
+//! is held by the snapshot the label names.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use redb::{ReadableMultimapTable, ReadableTable, WriteTransaction};
+
+use super::db::{self, LEASE_RESOURCES, LEASES, SNAPSHOTS};
+use super::lease::{LABEL_GC_EXPIRE, LABEL_GC_FLAT};
+use super::record::Record;
+use crate::error::Result;
+use crate::gc::Retention;
+use crate::kv::from_nanos;
+use crate::snapshot::Kind;
+
+/// A snapshot label: the snapshot is a root.
+pub const LABEL_GC_ROOT: &str = "containerd.io/gc.root";
+/// A snapshot label prefix: `…<snapshotter>[/name] = key` holds that snapshot.
+pub const LABEL_GC_REF_SNAPSHOT: &str = "containerd.io/gc.ref.snapshot.";
+/// A snapshot label prefix: `…<snapshotter>[/name] = key` is held by that snapshot.
+pub const LABEL_GC_BREF_SNAPSHOT: &str = "containerd.io/gc.bref.snapshot.";
+
+/// (snapshotter, namespace, key).
+pub(crate) type Node = (String, String, String);
+/// (namespace, lease id).
+pub(crate) type LeaseId = (String, String);
+
+/// What a mark found: the records nothing holds and the leases that have expired.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Marked {
+    pub removed: Vec<Node>,
+    pub expired: Vec<LeaseId>,
+}
+
+/// Everything a mark reads, loaded from one transaction.
+struct State {
+    records: HashMap<Node, Record>,
+    /// Per live lease: its resources, and whether it is flat.
+    leases: Vec<(LeaseId, bool, Vec<Node>)>,
+    expired: Vec<LeaseId>,
+}
+
+macro_rules! load_for {
+    ($name:ident, $t:ty) => {
+        fn $name(txn: &$t, now: SystemTime) -> Result<State> {
+            let mut records = HashMap::new();
+            for item in txn.open_table(SNAPSHOTS)?.iter()? {
+                let (k, v) = item?;
+                let (sn, ns, key) = k.value();
+                records.insert((sn.into(), ns.into(), key.into()), Record::decode(v.value(), key)?);
+            }
+            let mut leases = Vec::new();
+            let mut expired = Vec::new();
+            let resources = txn.open_multimap_table(LEASE_RESOURCES)?;
+            for item in txn.open_table(LEASES)?.iter()? {
+                let (k, v) = item?;
+                let (ns, id) = k.value();
+                // An unreadable lease holds what it holds, to be safe.
+                let labels =
+                    super::lease::decode(id, v.value()).map(|s| s.labels).unwrap_or_default();
+                let expires =
+                    labels.get(LABEL_GC_EXPIRE).and_then(|e| humantime::parse_rfc3339_weak(e).ok());
+                if expires.is_some_and(|t| t < now) {
+                    expired.push((ns.to_owned(), id.to_owned()));
+                    continue;
+                }
+                let mut held = Vec::new();
+                for r in resources.get((ns, id))? {
+                    let r = r?;
+                    let (kind, key) = r.value();
+                    if let Some(sn) = kind.strip_prefix("snapshots/") {
+                        held.push((sn.into(), ns.into(), key.into()));
+                    }
+                }
+                leases.push((
+                    (ns.to_owned(), id.to_owned()),
+                    labels.contains_key(LABEL_GC_FLAT),
+                    held,
+                ));
+            }
+            Ok(State { records, leases, expired })
+        }
+    };
+}
+load_for!(load_read, redb::ReadTransaction);
+load_for!(load_write, WriteTransaction);
+
+fn label_target<'a>(key: &'a str, prefix: &str, value: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = key.strip_prefix(prefix)?;
+    let snapshotter = rest.split('/').next().unwrap_or(rest);
+    (!snapshotter.is_empty() && !value.is_empty()).then_some((snapshotter, value))
+}
+
+/// Marks from the roots in a read transaction: what a sweep would remove now.
+pub(crate) fn mark_read(txn: &redb::ReadTransaction, retention: &Retention) -> Result<Marked> {
+    let now = SystemTime::now();
+    Ok(mark(load_read(txn, now)?, now, retention))
+}
+
+/// Marks and sweeps in one write transaction; also says how long each took.
+pub(crate) fn mark_and_sweep(
+    txn: &WriteTransaction,
+    retention: &Retention,
+) -> Result<(Marked, Duration, Duration)> {
+    let now = SystemTime::now();
+    let started = Instant::now();
+    let marked = mark(load_write(txn, now)?, now, retention);
+    let marking = started.elapsed();
+    sweep(txn, &marked)?;
+    Ok((marked, marking, started.elapsed() - marking))
+}
+
+fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
+    let State { records, leases, expired } = state;
+    // Roots, each with whether it is held flat.
+    let mut queue: VecDeque<(Node, bool)> = VecDeque::new();
+    for (_, flat, held) in leases {
+        queue.extend(held.into_iter().map(|n| (n, flat)));
+    }
+    let mut held_by: HashMap<Node, Vec<Node>> = HashMap::new();
+    for (node, rec) in &records {
+        let (_, ns, _) = node;
+        let mut root = !rec.collectable && !rec.labels.contains_key(LABEL_GC_EXPIRE);
+        root |= rec.committing.is_some();
+        for (k, v) in &rec.labels {
+            if k.starts_with(LABEL_GC_ROOT) {
+                root = true;
+            } else if k == LABEL_GC_EXPIRE {
+                // Held until it expires; an unreadable time holds it, to be safe.
+                root |= humantime::parse_rfc3339_weak(v).map_or(true, |t| t >= now);
+            } else if let Some((bsn, bkey)) = label_target(k, LABEL_GC_BREF_SNAPSHOT, v) {
+                held_by
+                    .entry((bsn.into(), ns.clone(), bkey.into()))
+                    .or_default()
+                    .push(node.clone());
+            }
+        }
+        if root {
+            queue.push_back((node.clone(), false));
+        }
+    }
+    let mut marked: HashMap<Node, bool> = HashMap::new(); // node -> marked non-flat
+    let visit = |queue: &mut VecDeque<(Node, bool)>, marked: &mut HashMap<Node, bool>| {
+        while let Some((node, flat)) = queue.pop_front() {
+            match marked.get(&node) {
+                Some(done_full) if *done_full || flat => continue,
+                _ => {}
+            }
+            marked.insert(node.clone(), !flat);
+            if let Some(holders) = held_by.get(&node) {
+                queue.extend(holders.iter().map(|h| (h.clone(), false)));
+            }
+            let Some(rec) = records.get(&node) else { continue };
+            let (sn, ns, _) = &node;
+            if let Some(p) = &rec.parent {
+                queue.push_back(((sn.clone(), ns.clone(), p.clone()), flat));
+            }
+            if !flat {
+                for (k, v) in &rec.labels {
+                    if let Some((rsn, rkey)) = label_target(k, LABEL_GC_REF_SNAPSHOT, v) {
+                        queue.push_back(((rsn.into(), ns.clone(), rkey.into()), false));
+                    }
+                }
+            }
+        }
+    };
+    visit(&mut queue, &mut marked);
+
+    // Retention: among committed snapshots nothing holds, keep the most recently used
+    // ones the settings ask for (and what they hold).
+    if retention.keep_recent > 0 || retention.keep_for_secs.is_some() {
+        let mut unheld: Vec<(&Node, u64)> = records
+            .iter()
+            .filter(|(n, rec)| rec.kind == Kind::Committed && !marked.contains_key(*n))
+            .map(|(n, rec)| (n, rec.updated))
+            .collect();
+        unheld.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        for (i, (node, updated)) in unheld.into_iter().enumerate() {
+            let recent = i < retention.keep_recent;
+            let young = retention.keep_for_secs.is_some_and(|secs| {
+                now.duration_since(from_nanos(updated)).map_or(true, |age| age.as_secs() < secs)
+            });
+            if recent || young {
+                queue.push_back((node.clone(), false));
+            }
+        }
+        visit(&mut queue, &mut marked);
+    }
+
+    let mut removed: Vec<Node> =
+        records.keys().filter(|n| !marked.contains_key(*n)).cloned().collect();
+    removed.sort();
+    Marked { removed, expired }
+}
+
+fn sweep(txn: &WriteTransaction, marked: &Marked) -> Result<()> {
+    for (sn, ns, key) in &marked.removed {
+        db::delete_record(txn, sn, ns, key)?;
+    }
+    let mut leases = txn.open_table(LEASES)?;
+    let mut resources = txn.open_multimap_table(LEASE_RESOURCES)?;
+    for (ns, id) in &marked.expired {
+        leases.remove((ns.as_str(), id.as_str()))?;
+        resources.remove_all((ns.as_str(), id.as_str()))?;
+    }
+    Ok(())
+}

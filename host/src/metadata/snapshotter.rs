@@ -1,0 +1,923 @@
+//! One snapshotter as its users see it: namespaced keys over a backend that knows only
+//! backend keys.
+//!
+//! No backend call runs inside a metadata write: a create reserves a backend key, calls
+//! the backend, then records; a commit records its intent, calls the backend, then
+//! replaces the active record by the committed one; an update that reaches the backend
+//! calls it before recording. A slow or stuck backend therefore delays its own callers
+//! only, never another snapshotter's writes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Ctx;
+use super::db::{self, MetaDb, SNAPSHOTS, Tables};
+use super::lease::{self, Resource};
+use super::record::{Intent, Record};
+use crate::backend::{Backend, FieldPath};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fault::Faults;
+use crate::filter::Filter;
+use crate::kv::{Durability, now_nanos, to_nanos};
+use crate::snapshot::{
+    Info, Kind, LABEL_SNAPSHOT_REF, Labels, Mount, Usage, inherited_labels, validate_labels,
+};
+
+/// A named snapshotter: the metadata layer in front of one backend.
+///
+/// Every mutation is atomic from the caller's view: a backend failure leaves no record
+/// behind, a record that cannot be stored after the backend succeeded has its backend
+/// snapshot removed again, and a commit cut short by a crash is finished or undone when
+/// the snapshotter is next opened ([`Snapshotter::recover`]).
+pub struct Snapshotter {
+    db: Arc<MetaDb>,
+    name: String,
+    backend: Arc<dyn Backend>,
+    faults: Arc<Faults>,
+    /// Backend keys a create or commit has made (or is making) in the backend but not
+    /// yet recorded. Pruning spares them; it holds no lock that would stop writers.
+    inflight: Mutex<HashMap<String, usize>>,
+    /// Told of removals and other mutations, so a scheduler can collect.
+    trigger: Option<Arc<crate::gc::Trigger>>,
+    /// The backend keeps its records in the metadata's own database, so its changes
+    /// reach the disk no later than the metadata changes that follow them.
+    shared_db: bool,
+    /// Updates that change what the backend sees go one at a time, so the backend and
+    /// the record agree on a snapshot's inherited labels.
+    backend_updates: Mutex<()>,
+}
+
+/// Marks a backend key as in flight for as long as it lives.
+struct InFlight<'a> {
+    set: &'a Mutex<HashMap<String, usize>>,
+    bkey: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(set: &'a Mutex<HashMap<String, usize>>, bkey: &str) -> Self {
+        *set.lock().unwrap_or_else(|e| e.into_inner()).entry(bkey.to_owned()).or_default() += 1;
+        InFlight { set, bkey: bkey.to_owned() }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = set.get_mut(&self.bkey) {
+            *n -= 1;
+            if *n == 0 {
+                set.remove(&self.bkey);
+            }
+        }
+    }
+}
+
+/// Runs a backend call on its own thread and gives up waiting after `deadline`: a
+/// backend that hangs costs that call (and a parked thread), never the caller.
+pub(crate) fn with_deadline<T: Send + 'static>(
+    deadline: Duration,
+    what: String,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("wasnap-backend-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| Error::from(e).context("spawn a backend call"))?;
+    match rx.recv_timeout(deadline) {
+        Ok(r) => r,
+        Err(_) => Err(Error::unavailable(format!("{what}: no answer within {deadline:?}"))),
+    }
+}
+
+impl std::fmt::Debug for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshotter").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// What [`Snapshotter::cleanup`] did.
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
+pub struct PruneReport {
+    /// Backend keys removed because no record named them.
+    pub removed: Vec<String>,
+    /// Backend keys that could not be removed, with the reason; retried next time.
+    pub failed: Vec<(String, String)>,
+}
+
+/// What [`Snapshotter::recover`] did with the commits a crash cut short.
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
+pub struct Recovery {
+    /// Commits the backend had finished: their records are written now ((namespace, name)).
+    pub finished: Vec<(String, String)>,
+    /// Commits the backend had not made: the active snapshots stay ((namespace, key)).
+    pub undone: Vec<(String, String)>,
+    /// Commits whose snapshot the backend holds under neither key: reported, the active
+    /// record is kept ((namespace, key, why)).
+    pub lost: Vec<(String, String, String)>,
+}
+
+fn not_found(key: &str) -> Error {
+    Error::not_found(format!("snapshot {key:?}"))
+}
+
+fn committing(key: &str, name: &str) -> Error {
+    Error::failed_precondition(format!("snapshot {key:?} is being committed as {name:?}"))
+}
+
+/// Whether mounts give read-only access only: what views and committed snapshots must
+/// return, whatever the backend.
+fn check_readonly(key: &str, kind: Kind, mounts: &[Mount]) -> Result<()> {
+    if kind == Kind::Active {
+        return Ok(());
+    }
+    for m in mounts {
+        let ro = m.options.iter().any(|o| o == "ro");
+        let upper = m.options.iter().any(|o| o.starts_with("upperdir="));
+        if !ro || upper {
+            return Err(Error::internal(format!(
+                "the backend returned a writable {} mount for the {kind} snapshot {key:?}; refused",
+                m.kind
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Snapshotter {
+    /// The snapshotter `name`, recording into `db` and storing data in `backend`.
+    pub fn new(
+        db: Arc<MetaDb>,
+        name: impl Into<String>,
+        backend: Arc<dyn Backend>,
+        faults: Arc<Faults>,
+    ) -> Self {
+        Snapshotter {
+            db,
+            name: name.into(),
+            backend,
+            faults,
+            inflight: Mutex::new(HashMap::new()),
+            trigger: None,
+            shared_db: false,
+            backend_updates: Mutex::new(()),
+        }
+    }
+
+    /// Tells `trigger` of every removal and mutation from now on.
+    #[must_use]
+    pub fn with_trigger(mut self, trigger: Arc<crate::gc::Trigger>) -> Self {
+        self.trigger = Some(trigger);
+        self
+    }
+
+    /// Declares that the backend keeps its records in the metadata's own database
+    /// (drivers and plugins opened by the host do), so a commit's intent need not be
+    /// synced on its own: anything that makes the backend's change durable makes the
+    /// intent, written before it, durable too.
+    #[must_use]
+    pub fn with_shared_db(mut self, shared: bool) -> Self {
+        self.shared_db = shared;
+        self
+    }
+
+    fn mutated(&self) {
+        if let Some(t) = &self.trigger {
+            t.mutation();
+        }
+    }
+
+    /// The snapshotter's name (`native`, ...).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The backend behind the metadata.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// A backend's error as the caller should read it: the backend keys in it replaced
+    /// by the caller's names.
+    fn in_user_terms(&self, e: Error, names: &[(&str, &str)]) -> Error {
+        e.map_message(|m| {
+            names.iter().fold(
+                m.to_owned(),
+                |m, (bkey, key)| {
+                    if bkey.is_empty() { m } else { m.replace(bkey, key) }
+                },
+            )
+        })
+    }
+
+    /// Adds `key` to the lease in effect for the call, if any.
+    fn hold(&self, ctx: &Ctx, key: &str) -> Result<()> {
+        let Some(lease) = ctx.lease() else { return Ok(()) };
+        let (ns, lease) = (ctx.namespace().to_owned(), lease.to_owned());
+        let res = Resource::snapshot(&self.name, key);
+        self.db.write(Durability::Immediate, move |txn| lease::hold_in(txn, &ns, &lease, &res))
+    }
+
+    fn record(&self, ctx: &Ctx, key: &str) -> Result<Record> {
+        self.db.read()?.record(&self.name, ctx.namespace(), key)?.ok_or_else(|| not_found(key))
+    }
+
+    /// What is known about `key`.
+    pub fn stat(&self, ctx: &Ctx, key: &str) -> Result<Info> {
+        Ok(self.record(ctx, key)?.info(key))
+    }
+
+    /// Changes the labels of `info.name`: with no field paths all labels are replaced;
+    /// `labels` replaces all, `labels.<k>` sets or (if absent from `info`) deletes one.
+    /// Any other field path is invalid-argument.
+    pub fn update(&self, ctx: &Ctx, info: &Info, fieldpaths: &[String]) -> Result<Info> {
+        if info.name.is_empty() {
+            return Err(Error::invalid_argument("snapshot name must not be empty"));
+        }
+        let paths = FieldPath::parse_all(fieldpaths, &info.name)?;
+        let key = info.name.as_str();
+        let apply = |rec: &Record| -> Result<Record> {
+            let mut rec = rec.clone();
+            FieldPath::apply(&paths, &mut rec.labels, &info.labels);
+            validate_labels(&rec.labels)?;
+            rec.updated = now_nanos();
+            Ok(rec)
+        };
+        let current = self.record(ctx, key)?;
+        let touches_backend =
+            inherited_labels(&apply(&current)?.labels) != inherited_labels(&current.labels);
+        // Only updates the backend sees take turns; the others go straight to the record.
+        let _turn =
+            touches_backend.then(|| self.backend_updates.lock().unwrap_or_else(|e| e.into_inner()));
+        let current = if touches_backend { self.record(ctx, key)? } else { current };
+        if let Some(name) = &current.committing {
+            return Err(committing(key, name));
+        }
+        let new = apply(&current)?;
+        let after = inherited_labels(&new.labels);
+        if after != inherited_labels(&current.labels) {
+            let mut inner = new.info(&new.bkey);
+            inner.labels = after;
+            self.backend
+                .update(&inner, &[FieldPath::Labels])
+                .map_err(|e| self.in_user_terms(e, &[(&new.bkey, key)]))?;
+        }
+        let (sn, ns, k) = (self.name.clone(), ctx.namespace().to_owned(), key.to_owned());
+        let expected = current.clone();
+        let written = new.clone();
+        let stored = self.db.write(Durability::Immediate, move |txn| {
+            // The record must still be the one the update was computed from.
+            match txn.record(&sn, &ns, &k)? {
+                Some(r) if r == expected => db::put_record(txn, &sn, &ns, &k, &written),
+                Some(_) => Err(Error::failed_precondition(format!(
+                    "snapshot {k:?} changed during the update; retry"
+                ))),
+                None => Err(not_found(&k)),
+            }
+        });
+        if let Err(e) = stored {
+            if touches_backend {
+                tracing::error!(snapshotter = %self.name, key, error = %e,
+                    "the backend took the new labels but the record could not be written");
+            }
+            return Err(e);
+        }
+        self.mutated();
+        Ok(new.info(key))
+    }
+
+    /// Disk usage of `key` itself.
+    pub fn usage(&self, ctx: &Ctx, key: &str) -> Result<Usage> {
+        let rec = self.record(ctx, key)?;
+        self.backend.usage(&rec.bkey).map_err(|e| self.in_user_terms(e, &[(&rec.bkey, key)]))
+    }
+
+    /// The mounts of `key`. Those of views and committed snapshots are read-only,
+    /// whatever the backend says.
+    pub fn mounts(&self, ctx: &Ctx, key: &str) -> Result<Vec<Mount>> {
+        let rec = self.record(ctx, key)?;
+        let mounts = self
+            .backend
+            .mounts(&rec.bkey)
+            .map_err(|e| self.in_user_terms(e, &[(&rec.bkey, key)]))?;
+        check_readonly(key, rec.kind, &mounts)?;
+        Ok(mounts)
+    }
+
+    /// Creates the active snapshot `key` on `parent`.
+    pub fn prepare(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Vec<Mount>> {
+        self.create(ctx, key, parent, labels, Kind::Active)
+    }
+
+    /// Creates the read-only view `key` of `parent`.
+    pub fn view(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Vec<Mount>> {
+        self.create(ctx, key, parent, labels, Kind::View)
+    }
+
+    fn create(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+        kind: Kind,
+    ) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::invalid_argument("snapshot key must not be empty"));
+        }
+        let parent = parent.filter(|p| !p.is_empty());
+        validate_labels(labels)?;
+        let target = labels.get(LABEL_SNAPSHOT_REF).filter(|t| !t.is_empty());
+        let (sn, ns) = (self.name.as_str(), ctx.namespace());
+
+        // Phase 1: check the names and reserve a backend key, holding no write lock.
+        let bparent = {
+            let txn = self.db.read()?;
+            if let Some(target) = target
+                && txn.record(sn, ns, target)?.is_some()
+            {
+                // As containerd does: the caller's lease now holds what it found.
+                self.hold(ctx, target)?;
+                return Err(Error::already_exists(format!("target snapshot {target:?}")));
+            }
+            if txn.record(sn, ns, key)?.is_some() || txn.intent(sn, ns, key)?.is_some() {
+                self.hold(ctx, key)?;
+                return Err(Error::already_exists(format!("snapshot {key:?}")));
+            }
+            match parent {
+                None => None,
+                Some(p) => {
+                    let prec = txn
+                        .record(sn, ns, p)?
+                        .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
+                    if prec.kind != Kind::Committed {
+                        return Err(Error::invalid_argument(format!(
+                            "parent {p:?} is not a committed snapshot"
+                        )));
+                    }
+                    Some(prec.bkey)
+                }
+            }
+        };
+        let bkey = format!("{ns}/{}/{key}", self.db.next_seq()?);
+        let _inflight = InFlight::new(&self.inflight, &bkey);
+
+        // Phase 2: the backend, outside any transaction (it may copy a whole tree).
+        let inherited = inherited_labels(labels);
+        let made = match kind {
+            Kind::View => self.backend.view(&bkey, bparent.as_deref(), &inherited),
+            _ => self.backend.prepare(&bkey, bparent.as_deref(), &inherited),
+        };
+        let names =
+            [(bkey.as_str(), key), (bparent.as_deref().unwrap_or(""), parent.unwrap_or(""))];
+        let now = now_nanos();
+        let (rec_key, rec, mounts, created, mut refused) = match made {
+            Ok(mounts) => {
+                check_readonly(key, kind, &mounts)
+                    .inspect_err(|_| self.remove_backend(&bkey, "its mounts were refused"))?;
+                let rec = Record {
+                    bkey: bkey.clone(),
+                    kind,
+                    parent: parent.map(str::to_owned),
+                    labels: labels.clone(),
+                    created: now,
+                    updated: now,
+                    collectable: ctx.lease().is_some(),
+                    committing: None,
+                };
+                (key.to_owned(), rec, mounts, Some(bkey.clone()), None)
+            }
+            Err(e) if e.is_already_exists() => {
+                let Some(target) = target else {
+                    // A fresh backend key cannot exist; do not let the caller mistake
+                    // this for its own key existing.
+                    return Err(Error::internal(format!(
+                        "unexpected error from snapshotter {sn:?}: {}",
+                        self.in_user_terms(e, &names)
+                    )));
+                };
+                let mut rec = self.backend_target(target, bparent.as_deref(), parent, labels)?;
+                rec.collectable = ctx.lease().is_some();
+                let err =
+                    Error::already_exists(format!("target snapshot {target:?} from snapshotter"));
+                (target.clone(), rec, Vec::new(), None, Some(err))
+            }
+            Err(e) => return Err(self.in_user_terms(e, &names)),
+        };
+
+        // Phase 3: record it, re-checking what phase 1 saw.
+        let stored = self.faults.hit("metadata.create.after-backend").and_then(|()| {
+            let (sn, ns) = (sn.to_owned(), ns.to_owned());
+            let (lease, parent) = (ctx.lease().map(str::to_owned), parent.map(str::to_owned));
+            let (rec_key, rec, bparent) = (rec_key.clone(), rec.clone(), bparent.clone());
+            let target = target.cloned();
+            self.db.write(Durability::Immediate, move |txn| {
+                if txn.record(&sn, &ns, &rec_key)?.is_some()
+                    || txn.intent(&sn, &ns, &rec_key)?.is_some()
+                {
+                    // Someone else made it meanwhile: the caller's lease holds theirs.
+                    if let Some(l) = &lease {
+                        lease::hold_in(txn, &ns, l, &Resource::snapshot(&sn, &rec_key))?;
+                    }
+                    return Ok(false);
+                }
+                if let Some(p) = &parent {
+                    let prec = txn
+                        .record(&sn, &ns, p)?
+                        .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
+                    if Some(&prec.bkey) != bparent.as_ref() {
+                        return Err(Error::invalid_argument(format!(
+                            "mismatched parent {p:?} from target {target:?}"
+                        )));
+                    }
+                }
+                if let Some(l) = &lease {
+                    lease::hold_in(txn, &ns, l, &Resource::snapshot(&sn, &rec_key))?;
+                }
+                db::put_record(txn, &sn, &ns, &rec_key, &rec)?;
+                Ok(true)
+            })
+        });
+        match stored {
+            Ok(true) => {}
+            Ok(false) if refused.is_none() => {
+                refused = Some(Error::already_exists(format!("snapshot {rec_key:?}")));
+            }
+            Ok(false) => {}
+            Err(e) => refused = Some(e),
+        }
+        if let Some(err) = refused {
+            if let Some(created) = created {
+                // The record is not stored: the backend snapshot must not outlive it.
+                self.remove_backend(&created, "its record could not be stored");
+            }
+            return Err(err);
+        }
+        self.mutated();
+        Ok(mounts)
+    }
+
+    /// Removes a backend snapshot that no record will name; a failure is left to
+    /// pruning.
+    fn remove_backend(&self, bkey: &str, why: &str) {
+        if let Err(e) = self.backend.remove(bkey) {
+            tracing::error!(snapshotter = %self.name, bkey, error = %e,
+                "failed to remove a backend snapshot ({why}); cleanup will retry");
+        }
+    }
+
+    /// The backend said a snapshot for `target` exists already (it de-duplicates by
+    /// `containerd.io/snapshot.ref`): find it, and build the record that names it here.
+    fn backend_target(
+        &self,
+        target: &str,
+        bparent: Option<&str>,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Record> {
+        let mut found: Option<Info> = None;
+        self.backend.walk(&Filter::default(), &mut |i| {
+            if found.is_none()
+                && i.kind == Kind::Committed
+                && i.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target)
+                && i.parent.as_deref() == bparent
+            {
+                found = Some(i);
+            }
+            Ok(())
+        })?;
+        let t = found
+            .ok_or_else(|| Error::not_found(format!("target snapshot {target:?} in backend")))?;
+        let mut all = t.labels.clone();
+        all.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(Record {
+            bkey: t.name,
+            kind: Kind::Committed,
+            parent: parent.map(str::to_owned),
+            labels: all,
+            created: to_nanos(t.created),
+            updated: to_nanos(t.updated),
+            collectable: false,
+            committing: None,
+        })
+    }
+
+    /// Commits the active snapshot `key` as `name` with `labels`; `key` stops existing.
+    ///
+    /// Three steps, none holding a write lock across the backend: record the intent
+    /// (the name is taken, `key` is marked as committing), commit in the backend, then
+    /// replace the active record by the committed one. A crash between them is repaired
+    /// by [`Snapshotter::recover`]: the active snapshot or the committed one exists with
+    /// its data, never neither.
+    pub fn commit(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::invalid_argument("snapshot name must not be empty"));
+        }
+        validate_labels(labels)?;
+        let (sn, ns) = (self.name.clone(), ctx.namespace().to_owned());
+        let lease = ctx.lease().map(str::to_owned);
+
+        // Step 1: the intent.
+        let (intent, old) = {
+            let (sn, ns, name, key) = (sn.clone(), ns.clone(), name.to_owned(), key.to_owned());
+            let (labels, lease) = (labels.clone(), lease.clone());
+            let durability =
+                if self.shared_db { Durability::Deferred } else { Durability::Immediate };
+            self.db.write(durability, move |txn| {
+                if let Some(l) = &lease {
+                    lease::check_exists(txn, &ns, l)?;
+                }
+                if txn.record(&sn, &ns, &name)?.is_some() || txn.intent(&sn, &ns, &name)?.is_some()
+                {
+                    return Err(Error::already_exists(format!("snapshot {name:?}")));
+                }
+                let mut rec = txn.record(&sn, &ns, &key)?.ok_or_else(|| not_found(&key))?;
+                if rec.kind != Kind::Active {
+                    return Err(Error::failed_precondition(format!(
+                        "snapshot {key:?} is a {} snapshot, only active snapshots can be committed",
+                        rec.kind
+                    )));
+                }
+                if let Some(other) = &rec.committing {
+                    return Err(committing(&key, other));
+                }
+                let intent = Intent {
+                    key: key.clone(),
+                    bkey: rec.bkey.clone(),
+                    bname: format!("{ns}/{}/{name}", db::reserve_seq(txn)?),
+                    labels: labels.clone(),
+                    lease: lease.clone(),
+                };
+                db::put_intent(txn, &sn, &ns, &name, &intent)?;
+                let old = rec.clone();
+                rec.committing = Some(name.clone());
+                db::put_record(txn, &sn, &ns, &key, &rec)?;
+                Ok((intent, old))
+            })?
+        };
+        let _inflight = InFlight::new(&self.inflight, &intent.bname);
+
+        // Step 2: the backend.
+        let done = self
+            .faults
+            .hit("metadata.commit.before-backend")
+            .and_then(|()| {
+                self.backend.commit(&intent.bname, &intent.bkey, &inherited_labels(labels))
+            })
+            .map_err(|e| self.in_user_terms(e, &[(&intent.bname, name), (&intent.bkey, key)]));
+        if let Err(e) = done {
+            if let Err(undo) = self.end_intent(&ns, name, &intent, Some(&old), None) {
+                tracing::error!(snapshotter = %sn, key, error = %undo,
+                    "could not undo the intent of a failed commit; the next open will");
+            }
+            return Err(e);
+        }
+
+        // Step 3: the committed record.
+        let now = now_nanos();
+        let committed = Record {
+            bkey: intent.bname.clone(),
+            kind: Kind::Committed,
+            parent: old.parent.clone(),
+            labels: labels.clone(),
+            created: now,
+            updated: now,
+            collectable: lease.is_some(),
+            committing: None,
+        };
+        self.faults
+            .hit("metadata.commit.after-backend")
+            .and_then(|()| self.end_intent(&ns, name, &intent, None, Some(committed)))
+            .inspect_err(|e| {
+                tracing::error!(snapshotter = %sn, key, name, error = %e,
+                    "the backend committed but the record could not be written; the next open finishes the commit");
+            })?;
+        self.mutated();
+        Ok(())
+    }
+
+    /// Ends the commit `intent` to `name`: with `committed`, writes that record in place
+    /// of the active one; otherwise puts the active record back as it was (`old`, or
+    /// the stored one with its mark cleared).
+    fn end_intent(
+        &self,
+        ns: &str,
+        name: &str,
+        intent: &Intent,
+        old: Option<&Record>,
+        committed: Option<Record>,
+    ) -> Result<()> {
+        let (sn, ns, name) = (self.name.clone(), ns.to_owned(), name.to_owned());
+        let (intent, old) = (intent.clone(), old.cloned());
+        self.db.write(Durability::Immediate, move |txn| {
+            match txn.intent(&sn, &ns, &name)? {
+                Some(i) if i == intent => {}
+                _ => return Ok(()), // ended already (by recovery in another process, say)
+            }
+            db::delete_intent(txn, &sn, &ns, &name)?;
+            let Some(active) = txn.record(&sn, &ns, &intent.key)? else { return Ok(()) };
+            match &committed {
+                Some(rec) => {
+                    if let Some(l) = &intent.lease {
+                        // The lease may have gone meanwhile; the snapshot is then not
+                        // held by it, as with any lease deleted after a commit.
+                        lease::release_in(txn, &ns, l, &Resource::snapshot(&sn, &intent.key))?;
+                        if lease::exists(txn, &ns, l)? {
+                            lease::hold_in(txn, &ns, l, &Resource::snapshot(&sn, &name))?;
+                        }
+                    }
+                    let mut rec = rec.clone();
+                    rec.parent = active.parent.clone();
+                    db::rename_record(txn, &sn, &ns, &intent.key, &name, &rec)
+                }
+                None => {
+                    let mut back = old.clone().unwrap_or(active);
+                    back.committing = None;
+                    db::put_record(txn, &sn, &ns, &intent.key, &back)
+                }
+            }
+        })
+    }
+
+    /// Finishes or undoes every commit a crash cut short, by asking the backend which
+    /// of the two keys it holds. Run when the snapshotter is opened, before any call.
+    pub fn recover(&self) -> Result<Recovery> {
+        let mut report = Recovery::default();
+        let pending = db::intents(&self.db.read()?, &self.name)?;
+        for (ns, name, intent) in pending {
+            let held = |bkey: &str| match self.backend.stat(bkey) {
+                Ok(info) => Ok(Some(info.kind)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e),
+            };
+            match (held(&intent.bname)?, held(&intent.bkey)?) {
+                (Some(Kind::Committed), _) => {
+                    let now = now_nanos();
+                    let rec = Record {
+                        bkey: intent.bname.clone(),
+                        kind: Kind::Committed,
+                        parent: None, // taken from the active record
+                        labels: intent.labels.clone(),
+                        created: now,
+                        updated: now,
+                        collectable: intent.lease.is_some(),
+                        committing: None,
+                    };
+                    self.end_intent(&ns, &name, &intent, None, Some(rec))?;
+                    tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
+                        "finished a commit a crash had cut short");
+                    report.finished.push((ns, name));
+                }
+                (_, Some(Kind::Active)) => {
+                    self.end_intent(&ns, &name, &intent, None, None)?;
+                    tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key,
+                        "undid a commit a crash had cut short; the active snapshot stays");
+                    report.undone.push((ns, intent.key.clone()));
+                }
+                (found_new, found_old) => {
+                    let why = format!(
+                        "the backend holds neither {:?} ({found_old:?}) nor {:?} ({found_new:?})",
+                        intent.bkey, intent.bname
+                    );
+                    self.end_intent(&ns, &name, &intent, None, None)?;
+                    tracing::error!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
+                        "a commit cut short by a crash left no data: {why}");
+                    report.lost.push((ns, intent.key.clone(), why));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Removes `key`, which must have no children. The backend snapshot goes when no
+    /// record names it any more; if the backend fails to remove it, the metadata removal
+    /// stands and [`Snapshotter::cleanup`] retries.
+    pub fn remove(&self, ctx: &Ctx, key: &str) -> Result<()> {
+        let (sn, ns, k) = (self.name.clone(), ctx.namespace().to_owned(), key.to_owned());
+        let lease = ctx.lease().map(str::to_owned);
+        let (bkey, last) = self.db.write(Durability::Immediate, move |txn| {
+            let rec = txn.record(&sn, &ns, &k)?.ok_or_else(|| not_found(&k))?;
+            if let Some(name) = &rec.committing {
+                return Err(committing(&k, name));
+            }
+            if txn.has_children(&sn, &ns, &k)? {
+                return Err(Error::failed_precondition(format!(
+                    "cannot remove snapshot {k:?} with child"
+                )));
+            }
+            if let Some(l) = &lease {
+                lease::release_in(txn, &ns, l, &Resource::snapshot(&sn, &k))?;
+            }
+            let (rec, last) = db::delete_record(txn, &sn, &ns, &k)?.ok_or_else(|| not_found(&k))?;
+            Ok((rec.bkey, last))
+        })?;
+        if let Some(t) = &self.trigger {
+            t.deletion();
+        }
+        if last {
+            match self
+                .faults
+                .hit("metadata.remove.backend")
+                .and_then(|()| self.backend.remove(&bkey))
+            {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!(snapshotter = %self.name, bkey, error = %e,
+                    "backend failed to remove a snapshot no record names any more; cleanup will retry"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for each snapshot in the namespace that matches any of `filters`
+    /// (containerd's filter syntax; none means all).
+    pub fn walk(
+        &self,
+        ctx: &Ctx,
+        filters: &[String],
+        f: &mut dyn FnMut(Info) -> Result<()>,
+    ) -> Result<()> {
+        let filter = Filter::parse_all(filters)?;
+        let (sn, ns) = (self.name.as_str(), ctx.namespace());
+        let txn = self.db.read()?;
+        let t = txn.open_table(SNAPSHOTS)?;
+        for item in t.range((sn, ns, "")..)? {
+            let (k, v) = item?;
+            let (s, n, key) = k.value();
+            if s != sn || n != ns {
+                break;
+            }
+            let info = Record::decode(v.value(), key)?.info(key);
+            if filter.matches(&info) {
+                f(info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Snapshotter::walk`], over every namespace: `f` gets each matching snapshot
+    /// with its namespace, in order of namespace, then key.
+    pub fn walk_all(
+        &self,
+        filters: &[String],
+        f: &mut dyn FnMut(&str, Info) -> Result<()>,
+    ) -> Result<()> {
+        let filter = Filter::parse_all(filters)?;
+        let sn = self.name.as_str();
+        let txn = self.db.read()?;
+        let t = txn.open_table(SNAPSHOTS)?;
+        for item in t.range((sn, "", "")..)? {
+            let (k, v) = item?;
+            let (s, ns, key) = k.value();
+            if s != sn {
+                break;
+            }
+            let info = Record::decode(v.value(), key)?.info(key);
+            if filter.matches(&info) {
+                f(ns, info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes from the backend every snapshot that no record names (children before
+    /// parents; one still holding children is skipped, as containerd does), then asks
+    /// the backend to reclaim space. Each backend call gets one minute.
+    pub fn cleanup(&self) -> Result<PruneReport> {
+        self.prune(Duration::from_secs(60), true)
+    }
+
+    /// The backend keys no record names and no call has in flight: what a prune would
+    /// remove, children first. Changes nothing.
+    pub fn orphans(&self, deadline: Duration) -> Result<Vec<String>> {
+        // Walk the backend first, then read what is in flight, then the records.
+        let backend = self.backend.clone();
+        let parents: HashMap<String, Option<String>> =
+            with_deadline(deadline, format!("walk of snapshotter {:?}", self.name), move || {
+                let mut parents = HashMap::new();
+                backend.walk(&Filter::default(), &mut |i| {
+                    parents.insert(i.name, i.parent);
+                    Ok(())
+                })?;
+                Ok(parents)
+            })?;
+        // In flight before records: a key the walk saw is either still in flight when
+        // we read that set, or its record (or intent) committed before we read the
+        // records (a mark is dropped only after its record commits). Read the other way
+        // round, a create finishing between the two reads would be in neither, and be
+        // pruned alive.
+        let inflight: Vec<String> =
+            self.inflight.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        let mut named = db::named_bkeys(&self.db.read()?, &self.name)?;
+        named.extend(inflight);
+        let depth = |key: &str| {
+            let mut k = key.to_owned();
+            let mut d = 0usize;
+            while let Some(Some(p)) = parents.get(&k) {
+                d += 1;
+                k = p.clone();
+                if d > parents.len() {
+                    break; // a cycle in a broken backend; do not spin
+                }
+            }
+            d
+        };
+        let mut orphans: Vec<(usize, &String)> =
+            parents.keys().filter(|k| !named.contains(*k)).map(|k| (depth(k), k)).collect();
+        orphans.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        Ok(orphans.into_iter().map(|(_, k)| k.clone()).collect())
+    }
+
+    /// Backend keys that records name but the backend does not have. Changes nothing.
+    pub fn missing(&self, deadline: Duration) -> Result<Vec<String>> {
+        let backend = self.backend.clone();
+        let present: HashSet<String> =
+            with_deadline(deadline, format!("walk of snapshotter {:?}", self.name), move || {
+                let mut present = HashSet::new();
+                backend.walk(&Filter::default(), &mut |i| {
+                    present.insert(i.name);
+                    Ok(())
+                })?;
+                Ok(present)
+            })?;
+        let inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let intents: HashSet<String> = db::intents(&self.db.read()?, &self.name)?
+            .into_iter()
+            .map(|(_, _, i)| i.bname)
+            .collect();
+        let mut missing: Vec<String> = db::named_bkeys(&self.db.read()?, &self.name)?
+            .into_iter()
+            .filter(|k| !present.contains(k) && !inflight.contains_key(k) && !intents.contains(k))
+            .collect();
+        missing.sort();
+        Ok(missing)
+    }
+
+    /// Removes the orphans [`Snapshotter::orphans`] finds, each backend call under
+    /// `deadline`; one that fails or hangs is reported and retried next time, and
+    /// writers are never held up. With `reclaim`, the backend's `cleanup` follows.
+    pub fn prune(&self, deadline: Duration, reclaim: bool) -> Result<PruneReport> {
+        let sn = self.name.clone();
+        let mut report = PruneReport::default();
+        for bkey in self.orphans(deadline)? {
+            let backend = self.backend.clone();
+            let key = bkey.clone();
+            let faults = self.faults.clone();
+            let removed = with_deadline(
+                deadline,
+                format!("remove {bkey:?} from snapshotter {sn:?}"),
+                move || {
+                    faults.hit("gc.prune.remove")?;
+                    backend.remove(&key)
+                },
+            );
+            match removed {
+                Ok(()) => report.removed.push(bkey),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(snapshotter = %sn, bkey, error = %e, "prune: could not remove; will retry");
+                    report.failed.push((bkey, e.to_string()));
+                }
+            }
+        }
+        // Removals a backend defers reach the disk now, not at some later commit: a
+        // prune that reports a removal must not see it undone by a crash.
+        self.db.db().flush()?;
+        if reclaim {
+            let backend = self.backend.clone();
+            match with_deadline(deadline, format!("cleanup of snapshotter {sn:?}"), move || {
+                backend.cleanup()
+            }) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotImplemented => {}
+                Err(e) => {
+                    tracing::warn!(snapshotter = %sn, error = %e, "backend cleanup failed; will retry");
+                    report.failed.push(("(cleanup)".into(), e.to_string()));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Closes the backend.
+    pub fn close(&self) -> Result<()> {
+        self.backend.close()
+    }
+}

@@ -1,0 +1,201 @@
+//! Opening a snapshotter's backend stack from its configuration: the driver or backend
+//! plugin that stores the snapshots, and the policy plugins in front of it.
+//!
+//! This is the one place that does it. The host opens every configured snapshotter
+//! through [`open`], and so do `wasnap conformance` and the conformance suite's
+//! factory, so a configuration means the same thing (driver options included) to all.
+//! A stack that fails to open part way closes what it had opened and registers
+//! nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
+
+use crate::backend::Backend;
+use crate::config::{DriverConfig, PluginConfig, SnapshotterConfig};
+use crate::driver::storage::Store;
+use crate::driver::{Btrfs, Native, Overlay};
+use crate::error::{Context, Error, Result};
+use crate::fault::Faults;
+use crate::kv::Db;
+use crate::plugin::{Plugin, Role, WasmSnapshotter};
+
+/// Compiled plugins by path, so a `.wasm` used by several snapshotters (or opened again
+/// for every case of a conformance run) is read and compiled once. Compiled code is also
+/// cached on disk in `cache`, if given.
+#[derive(Debug, Default)]
+pub struct Plugins {
+    cache: Option<Dir>,
+    loaded: Mutex<HashMap<PathBuf, Arc<Plugin>>>,
+}
+
+impl Plugins {
+    /// A loader using `cache` (a directory the host owns) for compiled code.
+    pub fn new(cache: Option<Dir>) -> Self {
+        Plugins { cache, loaded: Mutex::default() }
+    }
+
+    /// The plugin at `path`, compiled (or loaded from the cache) on first use.
+    pub fn load(&self, path: &Path) -> Result<Arc<Plugin>> {
+        if let Some(p) = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
+            return Ok(p.clone());
+        }
+        let wasm = std::fs::read(path)
+            .map_err(|e| Error::invalid_argument(format!("plugin {}: {e}", path.display())))?;
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+        let plugin = Plugin::load(name, &wasm, self.cache.as_ref())?;
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_owned(), plugin.clone());
+        Ok(plugin)
+    }
+}
+
+/// A plugin a stack started, and where.
+#[derive(Debug, Clone)]
+pub struct LoadedPlugin {
+    /// The snapshotter it serves (as its backend or as one of its policies).
+    pub snapshotter: String,
+    /// Backend or policy.
+    pub role: Role,
+    /// The `.wasm` it was loaded from.
+    pub path: PathBuf,
+    /// The running plugin.
+    pub wasm: Arc<WasmSnapshotter>,
+}
+
+/// Where a stack keeps its state: a root directory (the host's root, or a conformance
+/// case's directory), its host path, and the database drivers keep their records in
+/// (`None`: each driver keeps its own in its directory).
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    /// The directory under which `snapshotters/<name>` and `policies/<name>/` are made.
+    pub root: &'a Dir,
+    /// Its host path, for mount sources.
+    pub root_path: &'a Path,
+    /// The shared database, if any.
+    pub db: Option<&'a Arc<Db>>,
+}
+
+/// An opened stack.
+pub struct Stack {
+    /// What the metadata layer calls: the first policy, or the backend.
+    pub backend: Arc<dyn Backend>,
+    /// The plugins it started, backend first.
+    pub plugins: Vec<LoadedPlugin>,
+    /// Whether the backend's records are in the shared database.
+    pub shared_db: bool,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack").field("plugins", &self.plugins).finish_non_exhaustive()
+    }
+}
+
+/// A directory under `place.root`, created if needed (owner-only), with its host path.
+pub fn private_dir(place: &Place<'_>, rel: &str) -> Result<(Dir, PathBuf)> {
+    let mut builder = DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    place.root.create_dir_with(rel, &builder).with_context(|| format!("create {rel}"))?;
+    let dir = place.root.open_dir(rel).with_context(|| format!("open {rel}"))?;
+    Ok((dir, place.root_path.join(rel)))
+}
+
+/// Opens the stack of snapshotter `name` as `config` describes it, in `place`.
+pub fn open(
+    name: &str,
+    config: &SnapshotterConfig,
+    place: &Place<'_>,
+    faults: &Arc<Faults>,
+    plugins: &Plugins,
+) -> Result<Stack> {
+    crate::config::validate_name(name)?;
+    let mut started: Vec<LoadedPlugin> = Vec::new();
+    let opened = open_chain(name, config, place, faults, plugins, &mut started);
+    match opened {
+        Ok((backend, shared_db)) => Ok(Stack { backend, plugins: started, shared_db }),
+        Err(e) => {
+            // Close what did open, front first: a policy closes what is behind it.
+            if let Some(first) = started.last() {
+                let _ = first.wasm.close();
+            }
+            Err(e)
+        }
+    }
+}
+
+fn open_chain(
+    name: &str,
+    config: &SnapshotterConfig,
+    place: &Place<'_>,
+    faults: &Arc<Faults>,
+    plugins: &Plugins,
+    started: &mut Vec<LoadedPlugin>,
+) -> Result<(Arc<dyn Backend>, bool)> {
+    let (dir, path) = private_dir(place, &format!("snapshotters/{name}"))?;
+    let store = |dir: &Dir| match place.db {
+        Some(db) => Store::shared(db.clone(), name, dir),
+        None => Store::open(dir),
+    };
+    let mut backend: Arc<dyn Backend> = match &config.driver {
+        DriverConfig::Native => {
+            let s = store(&dir)?;
+            Arc::new(Native::with_store(dir, path, s, faults.clone())?)
+        }
+        DriverConfig::Overlay(opts) => {
+            let s = store(&dir)?;
+            Arc::new(Overlay::with_store(dir, path, s, faults.clone(), opts.clone())?)
+        }
+        DriverConfig::Btrfs => {
+            let s = store(&dir)?;
+            Arc::new(Btrfs::with_store(dir, path, s, faults.clone())?)
+        }
+        DriverConfig::Wasm(p) => {
+            let wasm = open_plugin(name, Role::Backend, p, plugins, dir, path, None)?;
+            started.push(loaded(name, Role::Backend, p, &wasm));
+            wasm
+        }
+    };
+    let shared_db = place.db.is_some() && !matches!(config.driver, DriverConfig::Wasm(_));
+    // The first policy listed sees a call first, so the chain is built from the back.
+    for (i, p) in config.policies.iter().enumerate().rev() {
+        let stem = p.path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
+        let (dir, path) = private_dir(place, &format!("policies/{name}/{i}-{stem}"))?;
+        let wasm = open_plugin(name, Role::Policy, p, plugins, dir, path, Some(backend))?;
+        started.push(loaded(name, Role::Policy, p, &wasm));
+        backend = wasm;
+    }
+    Ok((backend, shared_db))
+}
+
+fn loaded(name: &str, role: Role, p: &PluginConfig, wasm: &Arc<WasmSnapshotter>) -> LoadedPlugin {
+    LoadedPlugin { snapshotter: name.to_owned(), role, path: p.path.clone(), wasm: wasm.clone() }
+}
+
+fn open_plugin(
+    name: &str,
+    role: Role,
+    config: &PluginConfig,
+    plugins: &Plugins,
+    dir: Dir,
+    path: PathBuf,
+    next: Option<Arc<dyn Backend>>,
+) -> Result<Arc<WasmSnapshotter>> {
+    let plugin = plugins.load(&config.path)?;
+    let wasm = WasmSnapshotter::open(
+        plugin,
+        dir,
+        path,
+        next,
+        config.limits.clone(),
+        &config.config_json(),
+    )
+    .map_err(|e| {
+        e.context(format!("snapshotter {name:?}: {role} plugin {}", config.path.display()))
+    })?;
+    Ok(Arc::new(wasm))
+}

@@ -1,0 +1,119 @@
+//! Cleanup running beside creates, commits and removes, on every native driver, as a
+//! host stacks them (records in the root's shared database): it must take nothing a
+//! record names or a create is about to record.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use wasnap::config::DriverConfig;
+use wasnap::driver::overlay::OverlayOptions;
+use wasnap::fault::Faults;
+use wasnap::metadata::MetaDb;
+use wasnap::stack::{Place, Plugins};
+use wasnap::{Labels, Snapshotter};
+
+use crate::common::*;
+use crate::loop_btrfs;
+
+/// The snapshotter `driver` in `root`, opened the way a host opens it.
+fn host_stack(root: &Path, driver: DriverConfig) -> Snapshotter {
+    let root = root.canonicalize().unwrap();
+    let cap = cap_std::fs::Dir::open_ambient_dir(&root, cap_std::ambient_authority()).unwrap();
+    let db = Arc::new(MetaDb::open(&cap).unwrap());
+    let faults = Arc::new(Faults::new());
+    let place = Place { root: &cap, root_path: &root, db: Some(db.db()) };
+    let stack =
+        wasnap::stack::open("sn", &driver.into(), &place, &faults, &Plugins::default()).unwrap();
+    Snapshotter::new(db, "sn", stack.backend, faults).with_shared_db(stack.shared_db)
+}
+
+/// Every record's data is on disk: the paths its mounts name exist (a btrfs mount names
+/// a subvolume id, which `mounts` finds by opening the subvolume).
+fn assert_data_present(sn: &Snapshotter) {
+    let ctx = ctx("default");
+    for info in list(sn, &ctx, &[]).unwrap() {
+        let mounts = sn.mounts(&ctx, &info.name).unwrap_or_else(|e| panic!("{}: {e}", info.name));
+        for m in mounts {
+            let paths: Vec<String> = match m.kind.as_str() {
+                "bind" => vec![m.source.clone()],
+                "overlay" => m
+                    .options
+                    .iter()
+                    .filter_map(|o| o.split_once('='))
+                    .filter(|(k, _)| matches!(*k, "lowerdir" | "upperdir" | "workdir"))
+                    .flat_map(|(_, v)| v.split(':').map(str::to_owned).collect::<Vec<_>>())
+                    .collect(),
+                _ => vec![],
+            };
+            for p in paths {
+                assert!(Path::new(&p).is_dir(), "{}: {p} is gone", info.name);
+            }
+        }
+    }
+    let missing = sn.missing(std::time::Duration::from_secs(10)).unwrap();
+    assert!(missing.is_empty(), "records without data: {missing:?}");
+}
+
+/// `rounds` of prepare, commit and (every other one) remove, with cleanup looping
+/// beside them the whole time.
+fn cleanup_beside_creates(sn: &Snapshotter, rounds: usize) {
+    let ctx = ctx("default");
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let cleaner = s.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(Ordering::Relaxed) {
+                sn.cleanup().unwrap();
+                runs += 1;
+            }
+            runs
+        });
+        let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut parent: Option<String> = None;
+            for i in 0..rounds {
+                let (key, name) = (format!("a{i}"), format!("c{i}"));
+                sn.prepare(&ctx, &key, parent.as_deref(), &Labels::new()).unwrap();
+                sn.usage(&ctx, &key).unwrap();
+                sn.commit(&ctx, &name, &key, &Labels::new()).unwrap();
+                sn.view(&ctx, &format!("v{i}"), Some(&name), &Labels::new()).unwrap();
+                if i % 2 == 0 {
+                    sn.remove(&ctx, &format!("v{i}")).unwrap();
+                } else {
+                    parent = Some(name);
+                }
+            }
+        }));
+        // Stop the cleaner even when the work failed, or the scope would wait forever.
+        stop.store(true, Ordering::Relaxed);
+        if let Err(panic) = work {
+            std::panic::resume_unwind(panic);
+        }
+        assert!(cleaner.join().unwrap() > 0);
+    });
+    assert_data_present(sn);
+    sn.cleanup().unwrap();
+    assert_data_present(sn);
+}
+
+#[test]
+fn cleanup_beside_creates_takes_nothing_live_native() {
+    let dir = tmp();
+    cleanup_beside_creates(&host_stack(dir.path(), DriverConfig::Native), 300);
+}
+
+#[test]
+fn cleanup_beside_creates_takes_nothing_live_overlay() {
+    crate::require_root!();
+    let dir = tmp();
+    let sn = host_stack(dir.path(), DriverConfig::Overlay(OverlayOptions::default()));
+    cleanup_beside_creates(&sn, 300);
+}
+
+#[test]
+fn cleanup_beside_creates_takes_nothing_live_btrfs() {
+    let fs = loop_btrfs!(512);
+    let root = fs.mountpoint.join("root");
+    std::fs::create_dir(&root).unwrap();
+    cleanup_beside_creates(&host_stack(&root, DriverConfig::Btrfs), 100);
+}

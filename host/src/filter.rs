@@ -93,6 +93,15 @@ pub struct Filter {
     alternatives: Vec<Vec<Selector>>,
 }
 
+/// Most selectors a filter (all its alternatives together) may have.
+pub const MAX_SELECTORS: usize = 64;
+/// Most bytes of filter text one call may give.
+pub const MAX_FILTER_BYTES: usize = 16 * 1024;
+/// Most memory one `~=` regular expression may compile to (the `regex` crate's size
+/// limit). Real filters need a few KiB; a hostile one (`\w{40}\w{40}` repeated) would
+/// otherwise take megabytes and seconds each.
+const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+
 impl Filter {
     /// Parses one filter string. The empty string matches everything; anything else,
     /// including a string of only whitespace, must be a valid selector list.
@@ -100,7 +109,19 @@ impl Filter {
         if expr.is_empty() {
             return Ok(Filter::default());
         }
+        if expr.len() > MAX_FILTER_BYTES {
+            return Err(Error::invalid_argument(format!(
+                "filter of {} bytes: at most {MAX_FILTER_BYTES}",
+                expr.len()
+            )));
+        }
         let selectors = Parser::new(expr).selectors()?;
+        if selectors.len() > MAX_SELECTORS {
+            return Err(Error::invalid_argument(format!(
+                "filter with {} selectors: at most {MAX_SELECTORS}",
+                selectors.len()
+            )));
+        }
         Ok(Filter { alternatives: vec![selectors] })
     }
 
@@ -108,12 +129,24 @@ impl Filter {
     /// them, matches everything. Every string is checked, so a malformed one is an error
     /// even when another already matches everything.
     pub fn parse_all<S: AsRef<str>>(exprs: &[S]) -> Result<Filter> {
-        let mut alternatives = Vec::with_capacity(exprs.len());
+        let bytes: usize = exprs.iter().map(|e| e.as_ref().len()).sum();
+        if bytes > MAX_FILTER_BYTES {
+            return Err(Error::invalid_argument(format!(
+                "filters of {bytes} bytes: at most {MAX_FILTER_BYTES}"
+            )));
+        }
+        let mut alternatives: Vec<Vec<Selector>> = Vec::with_capacity(exprs.len());
         let mut match_all = exprs.is_empty();
         for expr in exprs {
             let filter = Filter::parse(expr.as_ref())?;
             match_all |= filter.is_match_all();
             alternatives.extend(filter.alternatives);
+            let selectors: usize = alternatives.iter().map(Vec::len).sum();
+            if selectors > MAX_SELECTORS {
+                return Err(Error::invalid_argument(format!(
+                    "filters with more than {MAX_SELECTORS} selectors in all"
+                )));
+            }
         }
         if match_all {
             alternatives.clear();
@@ -473,7 +506,12 @@ impl<'a> Parser<'a> {
             "==" => Op::Equal(value),
             "!=" => Op::NotEqual(value),
             // Octal escapes are on because Go's RE2 syntax has them (`\0`, `\123`).
-            _ => match RegexBuilder::new(&value).octal(true).build() {
+            _ => match RegexBuilder::new(&value)
+                .octal(true)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .dfa_size_limit(REGEX_SIZE_LIMIT)
+                .build()
+            {
                 Ok(re) => Op::Matches(re),
                 Err(e) => {
                     let problem = regex_problem(&e);
@@ -767,6 +805,27 @@ mod tests {
         {
             invalid(expr);
         }
+    }
+
+    #[test]
+    fn hostile_filters_fail_fast_as_invalid_arguments() {
+        let started = std::time::Instant::now();
+        let one = r"a~=\w{40}\w{40}";
+        let e = Filter::parse(one).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{e}");
+        let many = vec![one; 400];
+        assert_eq!(Filter::parse_all(&many).unwrap_err().kind(), crate::ErrorKind::InvalidArgument);
+        let joined = many.join(",");
+        assert_eq!(Filter::parse(&joined).unwrap_err().kind(), crate::ErrorKind::InvalidArgument);
+        let selectors = vec!["a==b"; MAX_SELECTORS + 1].join(",");
+        assert!(Filter::parse(&selectors).unwrap_err().to_string().contains("selectors"));
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+        // Real filters still parse.
+        Filter::parse(r#"name~=^extract-[0-9a-f]{12}$,labels."a.b"==c"#).unwrap();
     }
 
     #[test]

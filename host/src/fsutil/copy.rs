@@ -13,7 +13,8 @@ use rustix::io::Errno;
 
 use super::xattr::{self, Node, Xattr};
 use super::{
-    At, Handle, Level, Meta, Stack, child_rel, fstat, list_names, lstat_at, open_dir_at, reopen_dir,
+    At, Handle, Level, Meta, Stack, child_rel, fstat, list_names, lstat_at, open_in_tree,
+    open_pinned, pin_in_tree, reopen_dir,
 };
 use crate::error::{Context, Error, Result};
 
@@ -35,6 +36,7 @@ use crate::error::{Context, Error, Result};
 /// present in `dst` is an error; on error `dst` is left partly filled.
 pub fn copy_tree(src: &cap_std::fs::Dir, dst: &cap_std::fs::Dir) -> Result<()> {
     let root = At { verb: "copy", rel: Path::new("") };
+    // Pinned: both roots are the handles given.
     let src_fd = reopen_dir(src).map_err(root.err("open source"))?;
     let src_meta = fstat(&src_fd).map_err(root.err("stat source"))?;
     let dst_fd = reopen_dir(dst).map_err(root.err("open destination"))?;
@@ -47,6 +49,7 @@ pub fn copy_tree(src: &cap_std::fs::Dir, dst: &cap_std::fs::Dir) -> Result<()> {
     let mut copier = Copier { dst_root: dst.as_fd(), dst_id: dst_meta.id(), links: HashMap::new() };
     let mut stack = Stack::new(Frame::new(src_fd, src_meta, dst_fd, &dst_meta, PathBuf::new())?);
     while let Some(frame) = stack.top_mut() {
+        super::deadline::check("copy")?;
         match frame.names.next() {
             Some(name) => {
                 if let Some(child) = copier.entry(frame, &name)? {
@@ -78,6 +81,7 @@ struct Frame {
 impl Frame {
     fn new(src: OwnedFd, meta: Meta, dst: OwnedFd, dst_meta: &Meta, rel: PathBuf) -> Result<Frame> {
         let at = At { verb: "copy", rel: &rel };
+        // Pinned: the directory just opened and checked.
         let xattrs = xattr::read(Node::Open(src.as_fd()), at)?;
         let names = list_names(src.as_fd()).map_err(at.err("read directory"))?;
         Ok(Frame {
@@ -95,6 +99,7 @@ impl Frame {
     }
 
     fn finish(&self) -> Result<()> {
+        // Pinned: the destination directory this frame made and holds.
         let fd = self.dst.fd().map_err(self.at().err("apply metadata"))?;
         apply(Node::Open(fd), &self.meta, &self.xattrs, self.at())
     }
@@ -128,6 +133,7 @@ impl Copier<'_> {
         let at = At { verb: "copy", rel: &rel };
         let sdir = parent.src.fd().map_err(at.err("source directory"))?;
         let ddir = parent.dst.fd().map_err(at.err("destination directory"))?;
+        // No-follow: `name` is from the listing of the pinned `sdir`.
         let meta = lstat_at(sdir, Path::new(name)).map_err(at.err("lstat"))?;
         let kind = meta.file_type();
         if kind == FileType::Directory {
@@ -143,6 +149,8 @@ impl Copier<'_> {
         let meta = match kind {
             FileType::RegularFile => copy_file(sdir, ddir, name, &meta, at)?,
             FileType::Symlink => {
+                // No-follow: readlink reads the last component itself (EINVAL if it is
+                // no longer a symlink); symlinkat creates, never follows (EEXIST).
                 let target = rustix::fs::readlinkat(sdir, name.as_os_str(), Vec::new())
                     .map_err(at.err("readlink"))?;
                 rustix::fs::symlinkat(target.as_c_str(), ddir, name.as_os_str())
@@ -151,6 +159,7 @@ impl Copier<'_> {
             }
             FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
                 let perms = Mode::from_raw_mode(meta.mode & 0o777);
+                // No-follow: mknodat creates, never follows (EEXIST). Nothing is opened.
                 rustix::fs::mknodat(ddir, name.as_os_str(), kind, perms, meta.rdev)
                     .map_err(at.err("mknod"))?;
                 copy_entry_meta(sdir, ddir, name, &meta, at)?
@@ -177,7 +186,9 @@ impl Copier<'_> {
         rel: PathBuf,
     ) -> Result<Frame> {
         let at = At { verb: "copy", rel: &rel };
-        let src = open_dir_at(sdir, Path::new(name)).map_err(at.err("open"))?;
+        // In tree: no symlink followed, no mount crossed; then checked against the lstat.
+        let src = open_in_tree(sdir, Path::new(name), OFlags::RDONLY | OFlags::DIRECTORY)
+            .map_err(at.open_err("open"))?;
         let opened = fstat(&src).map_err(at.err("stat"))?;
         if opened.id() != meta.id() {
             return Err(Error::internal(format!("{at}: directory was replaced during the copy")));
@@ -185,8 +196,10 @@ impl Copier<'_> {
         if opened.id() == self.dst_id {
             return Err(Error::internal(format!("{at}: the destination is inside the source")));
         }
+        // No-follow: mkdirat creates, never follows (EEXIST); the destination is the host's.
         rustix::fs::mkdirat(ddir, name, Mode::RWXU).map_err(at.err("mkdir"))?;
-        let dst = open_dir_at(ddir, Path::new(name)).map_err(at.err("open destination"))?;
+        let dst = open_in_tree(ddir, Path::new(name), OFlags::RDONLY | OFlags::DIRECTORY)
+            .map_err(at.err("open destination"))?;
         let dst_meta = fstat(&dst).map_err(at.err("stat destination"))?;
         Frame::new(src, opened, dst, &dst_meta, rel)
     }
@@ -202,9 +215,11 @@ impl Copier<'_> {
             };
             let dir = held.as_ref().map_or(self.dst_root, |fd| fd.as_fd());
             if parts.peek().is_none() {
+                // No-follow: linkat without AT_SYMLINK_FOLLOW links `part` itself.
                 return rustix::fs::linkat(dir, part, ddir, name, AtFlags::empty())
                     .map_err(at.err(format!("link to {first:?}")));
             }
+            // No-follow, one component at a time, in the destination only.
             let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             held = Some(
                 rustix::fs::openat(dir, part, flags, Mode::empty())
@@ -223,20 +238,22 @@ fn copy_file(
     meta: &Meta,
     at: At<'_>,
 ) -> Result<Meta> {
-    // O_NONBLOCK: if a fifo was swapped in after the lstat, opening it must not hang.
-    let flags =
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
-    let src =
-        File::from(rustix::fs::openat(sdir, name, flags, Mode::empty()).map_err(at.err("open"))?);
-    let opened = fstat(&src).map_err(at.err("stat"))?;
+    // Pinned before it is opened: a fifo or device swapped in after the lstat is refused
+    // here, never opened (which could hang, or wake a driver); a symlink is pinned as
+    // itself, a mount point refused.
+    let pinned = pin_in_tree(sdir, Path::new(name)).map_err(at.open_err("open"))?;
+    let opened = fstat(&pinned).map_err(at.err("stat"))?;
     if opened.id() != meta.id() || opened.file_type() != FileType::RegularFile {
         return Err(Error::internal(format!("{at}: file was replaced during the copy")));
     }
+    let src = File::from(open_pinned(pinned.as_fd()).map_err(at.err("open"))?);
+    // No-follow: O_CREAT | O_EXCL never follows, and makes a new inode.
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let dst = File::from(
         rustix::fs::openat(ddir, name, flags, Mode::RUSR | Mode::WUSR).map_err(at.err("create"))?,
     );
     copy_contents(&src, &dst, &opened).with_context(|| format!("{at}: copy contents"))?;
+    // Pinned: both files are open.
     let xattrs = xattr::read(Node::Open(src.as_fd()), at)?;
     apply(Node::Open(dst.as_fd()), &opened, &xattrs, at)?;
     Ok(opened)
@@ -250,6 +267,8 @@ fn copy_entry_meta(
     meta: &Meta,
     at: At<'_>,
 ) -> Result<Meta> {
+    // No-follow: l*xattr calls on the listed name in the pinned directory (a read; an
+    // entry swapped in meanwhile only gives other attributes to the host's copy).
     let xattrs = xattr::read(Node::Entry(sdir, name), at)?;
     apply(Node::Entry(ddir, name), meta, &xattrs, at)?;
     Ok(*meta)
@@ -258,6 +277,8 @@ fn copy_entry_meta(
 /// Gives `target` the owner, xattrs, mode and times of `meta`, in that order.
 fn apply(target: Node<'_>, meta: &Meta, xattrs: &[Xattr], at: At<'_>) -> Result<()> {
     let (uid, gid) = (Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)));
+    // Pinned (`Open`) or no-follow (`Entry`, AT_SYMLINK_NOFOLLOW / l*xattr / pinned chmod)
+    // for every step below; an `Entry` is one the copy just made in the destination.
     let chowned = match target {
         Node::Open(fd) => rustix::fs::fchown(fd, uid, gid),
         Node::Entry(dir, name) => {
@@ -279,9 +300,7 @@ fn apply(target: Node<'_>, meta: &Meta, xattrs: &[Xattr], at: At<'_>) -> Result<
     if meta.file_type() != FileType::Symlink {
         match target {
             Node::Open(fd) => rustix::fs::fchmod(fd, meta.perms()),
-            Node::Entry(dir, name) => {
-                rustix::fs::chmodat(dir, name, meta.perms(), AtFlags::empty())
-            }
+            Node::Entry(dir, name) => super::chmod_nofollow(dir, name, meta.perms()),
         }
         .map_err(at.err("chmod"))?;
     }

@@ -3,10 +3,15 @@
 //!
 //! Everything works relative to capability handles (`cap_std::fs::Dir`) through `*at`
 //! system calls with `O_NOFOLLOW`, so a symlink inside a tree never leads outside it.
-//! Walks are iterative and keep a bounded number of directories open: deep trees
-//! neither overflow the stack nor exhaust file descriptors.
+//! Entries of a tree are opened with `openat2` beneath their directory, so a mount point
+//! inside a tree is refused rather than crossed (`open_in_tree`), and a file is opened
+//! for reading only after an `O_PATH` descriptor showed it is one (`open_pinned`): a
+//! device or fifo swapped in is never opened. Walks are iterative and keep a bounded
+//! number of directories open: deep trees neither overflow the stack nor exhaust file
+//! descriptors.
 
 mod copy;
+pub mod deadline;
 mod remove;
 mod usage;
 pub(crate) mod xattr;
@@ -16,18 +21,19 @@ mod tests;
 
 use std::ffi::OsString;
 use std::fmt;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 
 pub use copy::copy_tree;
 pub use remove::remove_tree;
-pub use usage::disk_usage;
+pub use usage::{disk_usage, measure_and_sync};
 
 /// How many directory levels of a walk hold open descriptors. Deeper levels close their
 /// ancestors and reopen them through `..` on the way back up.
@@ -88,15 +94,21 @@ impl Meta {
 }
 
 fn fstat(fd: impl AsFd) -> rustix::io::Result<Meta> {
+    // Pinned: describes the descriptor's own inode.
     rustix::fs::fstat(fd).map(|st| Meta::from_stat(&st))
 }
 
+/// `lstat` of the entry `name` in `dir`.
 fn lstat_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<Meta> {
+    // No-follow: a final symlink is described, not followed.
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| Meta::from_stat(&st))
 }
 
-/// Opens the directory `name` below `dir` for reading, refusing to follow a symlink.
+/// Opens the directory `name` below `dir` for reading, refusing to follow a symlink. For
+/// directories the host named itself (a mount point there is followed, on purpose); an
+/// entry found inside a tree is opened with [`open_in_tree`].
 fn open_dir_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<OwnedFd> {
+    // No-follow: a final symlink is ELOOP/ENOTDIR; O_DIRECTORY opens nothing else.
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     rustix::fs::openat(dir, name, flags, Mode::empty())
 }
@@ -108,14 +120,93 @@ pub fn open_dir_nofollow(dir: &cap_std::fs::Dir, name: &str) -> Result<cap_std::
     Ok(cap_std::fs::Dir::from_std_file(std::fs::File::from(fd)))
 }
 
+/// How an entry of a tree is resolved: beneath its directory, no symlink (nor magic
+/// link) followed, no mount crossed.
+const IN_TREE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
+
+/// Set once `openat2` turned out to be missing (Linux before 5.6).
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// Opens the entry `name` (one component, from a listing) of `dir` with `flags`, never
+/// following it if it is a symlink and never crossing into a mount on it: a mount point
+/// inside a tree is `EXDEV`, so a walk cannot reach, change or remove another
+/// filesystem's files through it. Kernels without `openat2` get `openat` with
+/// `O_NOFOLLOW`, which follows no symlink but cannot refuse a mount.
+fn open_in_tree(dir: impl AsFd, name: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        match rustix::fs::openat2(dir.as_fd(), name, flags, Mode::empty(), IN_TREE) {
+            Err(Errno::NOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+            other => return other,
+        }
+    }
+    rustix::fs::openat(dir, name, flags, Mode::empty())
+}
+
+/// Pins the entry `name` of a tree with an `O_PATH` descriptor: never following a final
+/// symlink (a symlink is pinned as itself), never crossing a mount, and opening nothing
+/// (no device driver is woken, no fifo blocks).
+fn pin_in_tree(dir: impl AsFd, name: &Path) -> rustix::io::Result<OwnedFd> {
+    open_in_tree(dir, name, OFlags::PATH)
+}
+
+/// The `/proc/self/fd` link of `fd`: resolving it lands on exactly the inode `fd` holds,
+/// wherever its names have gone since.
+fn proc_link(fd: BorrowedFd<'_>) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Opens the inode held by the `O_PATH` descriptor `pinned` for reading, through its
+/// `/proc/self/fd` link. Only a regular file or a directory is opened (`EINVAL`
+/// otherwise), so no device or fifo is ever opened by a name someone else controls;
+/// `O_NONBLOCK` keeps a lease holder from stalling the open.
+pub(crate) fn open_pinned(pinned: BorrowedFd<'_>) -> rustix::io::Result<OwnedFd> {
+    let kind = FileType::from_raw_mode(rustix::fs::fstat(pinned)?.st_mode);
+    if !matches!(kind, FileType::RegularFile | FileType::Directory) {
+        return Err(Errno::INVAL);
+    }
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    // Pinned: the magic link names the inode checked above, not a path.
+    rustix::fs::open(proc_link(pinned).as_str(), flags, Mode::empty())
+}
+
+/// Sets the permission bits of the inode held by the `O_PATH` descriptor `pinned`
+/// through its `/proc/self/fd` link (`fchmod` takes no `O_PATH` descriptor, `chmodat`
+/// cannot refuse to follow). A symlink, which has no mode of its own, is `ELOOP`.
+pub(crate) fn chmod_pinned(pinned: BorrowedFd<'_>, mode: Mode) -> rustix::io::Result<()> {
+    if FileType::from_raw_mode(rustix::fs::fstat(pinned)?.st_mode) == FileType::Symlink {
+        return Err(Errno::LOOP);
+    }
+    // Pinned: the magic link names the inode checked above, not a path.
+    rustix::fs::chmod(proc_link(pinned).as_str(), mode)
+}
+
+/// Sets the permission bits of the entry `name` in `dir` without following it: the
+/// entry is pinned ([`pin_in_tree`]) and changed through [`chmod_pinned`], so a symlink
+/// swapped in meanwhile is never followed, and nothing is opened for real (which could
+/// block on a fifo or wake a device).
+pub(crate) fn chmod_nofollow(
+    dir: impl AsFd,
+    name: &std::ffi::OsStr,
+    mode: Mode,
+) -> rustix::io::Result<()> {
+    let fd = pin_in_tree(dir, Path::new(name))?;
+    chmod_pinned(fd.as_fd(), mode)
+}
+
 /// A readable descriptor for the directory behind a handle, which may be an `O_PATH` one.
 fn reopen_dir(dir: &cap_std::fs::Dir) -> rustix::io::Result<OwnedFd> {
+    // Pinned: `.` is the handle's own directory.
     open_dir_at(dir, Path::new("."))
 }
 
 /// The names in a directory, without `.` and `..`. Reading them all up front lets the
 /// walk release the listing before descending, so wide trees cost memory, not descriptors.
 fn list_names(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<OsString>> {
+    // Pinned: rustix reopens `.` of `dir` to read it.
     let mut listing = rustix::fs::Dir::read_from(dir)?;
     let mut names = Vec::new();
     while let Some(entry) = listing.read() {
@@ -151,6 +242,16 @@ impl At<'_> {
     fn err(self, op: impl fmt::Display) -> impl FnOnce(Errno) -> Error {
         move |e| Error::from(e).context(format!("{self}: {op}"))
     }
+
+    /// As [`At::err`] for opening an entry with [`open_in_tree`], which refuses a mount.
+    fn open_err(self, op: impl fmt::Display) -> impl FnOnce(Errno) -> Error {
+        move |e| match e {
+            Errno::XDEV => Error::failed_precondition(format!(
+                "{self}: {op}: a mount point, which is never crossed"
+            )),
+            e => self.err(op)(e),
+        }
+    }
 }
 
 /// The path of `name` inside the directory at `rel`.
@@ -178,6 +279,7 @@ impl Handle {
     /// Reopens this directory as the parent of `child`. Checking device and inode makes
     /// `..` safe: it can only yield the very directory that was open before.
     fn reopen_from(&mut self, child: &Handle, at: At<'_>) -> Result<()> {
+        // `..` of the open child, accepted only if it is the very directory closed before.
         let fd = open_dir_at(child.fd().map_err(at.err("reopen parent"))?, Path::new(".."))
             .map_err(at.err("reopen parent"))?;
         let meta = fstat(&fd).map_err(at.err("reopen parent"))?;

@@ -1,13 +1,16 @@
 //! Removing a tree: never following symlinks, never recursing on the call stack.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, OFlags};
 use rustix::io::Errno;
 
-use super::{At, Handle, Level, Meta, Stack, child_rel, fstat, list_names, lstat_at, open_dir_at};
+use super::{
+    At, Handle, Level, Meta, Stack, child_rel, chmod_pinned, fstat, list_names, lstat_at,
+    open_in_tree,
+};
 use crate::error::{Error, Result};
 
 /// Removes the entry `name` of `parent` and, if it is a directory, everything below it.
@@ -16,7 +19,8 @@ use crate::error::{Error, Result};
 /// without root as long as the caller owns them.
 ///
 /// `name` must be a single path component. A missing `name` is [`Error::NotFound`];
-/// entries vanishing during the walk are not errors.
+/// entries vanishing during the walk are not errors. A mount point in the tree is an
+/// error: nothing of the mounted filesystem is touched.
 pub fn remove_tree(parent: &cap_std::fs::Dir, name: impl AsRef<Path>) -> Result<()> {
     let name = name.as_ref();
     let mut parts = name.components();
@@ -26,12 +30,14 @@ pub fn remove_tree(parent: &cap_std::fs::Dir, name: impl AsRef<Path>) -> Result<
         )));
     };
     let at = At { verb: "remove", rel: name };
+    // No-follow: `name` is one component of the pinned `parent`.
     let meta = match lstat_at(parent, name) {
         Ok(meta) => meta,
         Err(Errno::NOENT) => return Err(Error::not_found(at.to_string())),
         Err(e) => return Err(at.err("lstat")(e)),
     };
     if meta.file_type() != FileType::Directory {
+        // No-follow: unlinkat removes the name itself, never what a symlink points to.
         return rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(at.err("unlink"));
     }
     let Some(top) = Removal::open(parent.as_fd(), single, name.to_path_buf(), &meta)? else {
@@ -39,10 +45,12 @@ pub fn remove_tree(parent: &cap_std::fs::Dir, name: impl AsRef<Path>) -> Result<
     };
     let mut stack = Stack::new(top);
     while let Some(level) = stack.top_mut() {
+        super::deadline::check("remove")?;
         if let Some(child) = level.names.next() {
             let rel = child_rel(&level.rel, &child);
             let at = At { verb: "remove", rel: &rel };
             let dir = level.dir.fd().map_err(at.err("directory"))?;
+            // No-follow: `child` is from the listing of the pinned `dir`.
             let meta = match lstat_at(dir, Path::new(&child)) {
                 Ok(meta) => meta,
                 Err(Errno::NOENT) => continue,
@@ -54,6 +62,7 @@ pub fn remove_tree(parent: &cap_std::fs::Dir, name: impl AsRef<Path>) -> Result<
                 }
                 continue;
             }
+            // No-follow: unlinkat removes the name itself (EISDIR if a directory came).
             match rustix::fs::unlinkat(dir, child.as_os_str(), AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(e) => return Err(at.err("unlink")(e)),
@@ -63,6 +72,7 @@ pub fn remove_tree(parent: &cap_std::fs::Dir, name: impl AsRef<Path>) -> Result<
                 Some(up) => up.dir.fd().map_err(done.at().err("parent directory"))?,
                 None => parent.as_fd(),
             };
+            // Pinned parent, no-follow: rmdir removes only an empty directory by that name.
             match rustix::fs::unlinkat(dir, done.name.as_os_str(), AtFlags::REMOVEDIR) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(e) => return Err(done.at().err("rmdir")(e)),
@@ -93,10 +103,11 @@ impl Removal {
         if meta.mode & 0o700 != 0o700 {
             open_up(dir, name, meta, at)?;
         }
-        let fd = match open_dir_at(dir, Path::new(name)) {
+        // In tree: no symlink followed, no mount crossed; then checked against the lstat.
+        let fd = match open_in_tree(dir, Path::new(name), OFlags::RDONLY | OFlags::DIRECTORY) {
             Ok(fd) => fd,
             Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(None),
-            Err(e) => return Err(at.err("open")(e)),
+            Err(e) => return Err(at.open_err("open")(e)),
         };
         let opened = fstat(&fd).map_err(at.err("stat"))?;
         if opened.id() != meta.id() {
@@ -130,15 +141,15 @@ impl Level for Removal {
 /// An `O_PATH` descriptor needs no permission on the directory itself, and `chmod` through
 /// its `/proc/self/fd` link changes exactly that inode, whatever happens to `name`.
 fn open_up(dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta, at: At<'_>) -> Result<()> {
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+    // Pinned in tree: no symlink followed, no mount crossed (a mounted directory's mode is
+    // never changed), and the inode checked against the lstat before its mode changes.
+    let fd = match open_in_tree(dir, Path::new(name), OFlags::PATH | OFlags::DIRECTORY) {
         Ok(fd) => fd,
         Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(()),
-        Err(e) => return Err(at.err("open")(e)),
+        Err(e) => return Err(at.open_err("open")(e)),
     };
     if fstat(&fd).map_err(at.err("stat"))?.id() != meta.id() {
         return Err(Error::internal(format!("{at}: directory was replaced during removal")));
     }
-    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    rustix::fs::chmod(path.as_str(), meta.perms() | Mode::RWXU).map_err(at.err("chmod"))
+    chmod_pinned(fd.as_fd(), meta.perms() | rustix::fs::Mode::RWXU).map_err(at.err("chmod"))
 }

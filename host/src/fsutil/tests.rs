@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -294,4 +295,248 @@ fn remove_tree_opens_up_read_only_dirs_and_never_follows_symlinks() {
     assert_eq!(nested.kind(), ErrorKind::InvalidArgument);
     remove_tree(&parent, "keep").expect("remove keep");
     assert!(!keep.exists());
+}
+
+/// A tmpfs mounted at `target` for the length of a test, detached when dropped.
+struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    /// None (the test is skipped) where mounting is not allowed.
+    fn new(target: &Path, mode: &str) -> Option<TmpfsMount> {
+        let data = std::ffi::CString::new(format!("mode={mode}")).expect("mount data");
+        let flags = rustix::mount::MountFlags::empty();
+        match rustix::mount::mount("wasnap-test", target, "tmpfs", flags, data.as_c_str()) {
+            Ok(()) => Some(TmpfsMount(target.to_path_buf())),
+            Err(e) => {
+                eprintln!("skipped: cannot mount a tmpfs: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+#[test]
+fn walks_never_cross_a_mount_inside_the_tree() {
+    if skip_unless_root("walks_never_cross_a_mount_inside_the_tree") {
+        return;
+    }
+    let (tmp, src, dst) = roots();
+    fs::write(src.join("f"), b"f").expect("write");
+    fs::create_dir(src.join("m")).expect("mkdir");
+    let Some(_mount) = TmpfsMount::new(&src.join("m"), "0500") else { return };
+    fs::write(src.join("m/outside"), b"another filesystem's").expect("write");
+
+    let err = copy_tree(&open(&src), &open(&dst)).expect_err("a mount in the source");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("mount point"), "{err}");
+    assert!(!dst.join("m/outside").exists());
+
+    // Counted as the entry it is, never descended into.
+    let usage = disk_usage(&open(&src)).expect("usage");
+    assert_eq!(usage.inodes, 3, "{usage:?}");
+    super::measure_and_sync(&open(&src)).expect("sync");
+
+    // Read-only (0500) as removal sees it, so removal would first chmod it: neither that
+    // nor any unlink reaches the mounted filesystem.
+    let err = remove_tree(&open(tmp.path()), "src").expect_err("a mount in the tree");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert_eq!(fs::read(src.join("m/outside")).expect("still there"), b"another filesystem's");
+    assert_eq!(fs::metadata(src.join("m")).expect("stat").mode() & 0o7777, 0o500);
+}
+
+#[test]
+fn a_reopened_parent_must_be_the_directory_closed_before() {
+    let tmp = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    fs::create_dir_all(tmp.path().join("a/b")).expect("mkdir");
+    fs::create_dir(tmp.path().join("c")).expect("mkdir");
+    let at = super::At { verb: "test", rel: Path::new("a/b") };
+    let handle = |path: &Path| {
+        let fd = super::open_dir_at(CWD, path).expect("open");
+        let meta = super::fstat(&fd).expect("stat");
+        super::Handle::new(fd, &meta)
+    };
+    let mut parent = handle(&tmp.path().join("a"));
+    let child = handle(&tmp.path().join("a/b"));
+    parent.fd = None;
+    parent.reopen_from(&child, at).expect("not moved");
+
+    // The child moved elsewhere mid-walk: its `..` is another directory now, refused.
+    parent.fd = None;
+    fs::rename(tmp.path().join("a/b"), tmp.path().join("c/b")).expect("rename");
+    let err = parent.reopen_from(&child, at).expect_err("moved");
+    assert!(err.to_string().contains("moved during the walk"), "{err}");
+    assert!(parent.fd.is_none());
+}
+
+#[test]
+fn only_regular_files_and_directories_are_opened_through_a_pin() {
+    let tmp = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    let p = |name: &str| tmp.path().join(name);
+    fs::write(p("file"), b"x").expect("write");
+    rustix::fs::mknodat(CWD, p("fifo"), FileType::Fifo, Mode::from(0o600), 0).expect("mkfifo");
+    std::os::unix::fs::symlink("file", p("link")).expect("symlink");
+    let dir = fs::File::open(tmp.path()).expect("open");
+    let pin = |name: &str| super::pin_in_tree(&dir, Path::new(name)).expect("pin");
+
+    // A fifo with no writer would block a reading open forever; it is refused unopened.
+    assert_eq!(super::open_pinned(pin("fifo").as_fd()).unwrap_err(), rustix::io::Errno::INVAL);
+    // A symlink is pinned as itself, never followed.
+    let link = pin("link");
+    assert_eq!(super::fstat(&link).expect("stat").file_type(), FileType::Symlink);
+    assert_eq!(super::open_pinned(link.as_fd()).unwrap_err(), rustix::io::Errno::INVAL);
+    assert_eq!(
+        super::chmod_pinned(link.as_fd(), Mode::from(0o777)).unwrap_err(),
+        rustix::io::Errno::LOOP
+    );
+    assert_eq!(fs::metadata(p("file")).expect("stat").mode() & 0o777, 0o644 & !umask());
+    let mut read = String::new();
+    std::io::Read::read_to_string(
+        &mut fs::File::from(super::open_pinned(pin("file").as_fd()).expect("open")),
+        &mut read,
+    )
+    .expect("read");
+    assert_eq!(read, "x");
+    // Only one component, beneath the directory.
+    for bad in ["..", "/etc", "link/x"] {
+        assert!(super::pin_in_tree(&dir, Path::new(bad)).is_err(), "{bad}");
+    }
+
+    if is_root() {
+        // A device is never opened either (a whiteout, 0:0, would fail with ENXIO).
+        let whiteout = rustix::fs::makedev(0, 0);
+        rustix::fs::mknodat(CWD, p("wh"), FileType::CharacterDevice, Mode::empty(), whiteout)
+            .expect("mknod");
+        assert_eq!(super::open_pinned(pin("wh").as_fd()).unwrap_err(), rustix::io::Errno::INVAL);
+    }
+}
+
+fn umask() -> u32 {
+    let old = rustix::process::umask(Mode::empty());
+    rustix::process::umask(old);
+    old.bits()
+}
+
+/// Every path below `root`, never following a symlink.
+fn names_below(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if fs::symlink_metadata(&path).expect("lstat").is_dir() {
+                todo.push(path.clone());
+            }
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Swaps the entries `a` and `b` of `dir` back and forth until dropped.
+struct Swapper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Swapper {
+    fn start(dir: &Path, a: &str, b: &str) -> Swapper {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, dir, a, b) = (stop.clone(), dir.to_path_buf(), a.to_owned(), b.to_owned());
+        let thread = std::thread::spawn(move || {
+            let fd = fs::File::open(&dir).expect("open");
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let exchange = rustix::fs::RenameFlags::EXCHANGE;
+                let _ = rustix::fs::renameat_with(&fd, a.as_str(), &fd, b.as_str(), exchange);
+            }
+        });
+        Swapper { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Swapper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn entries_swapped_during_a_walk_are_never_followed_or_opened() {
+    let tmp = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).expect("mkdir");
+    fs::write(outside.join("secret"), b"s").expect("write");
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("d/sub")).expect("mkdir");
+    fs::write(src.join("d/sub/f"), b"in the tree").expect("write");
+    fs::write(src.join("file"), b"file").expect("write");
+    std::os::unix::fs::symlink(&outside, src.join("link")).expect("symlink");
+    // As root, a device (0:0, a whiteout: opening it fails with ENXIO); else a fifo.
+    if is_root() {
+        let dev = rustix::fs::makedev(0, 0);
+        rustix::fs::mknodat(CWD, src.join("node"), FileType::CharacterDevice, Mode::empty(), dev)
+    } else {
+        rustix::fs::mknodat(CWD, src.join("node"), FileType::Fifo, Mode::from(0o600), 0)
+    }
+    .expect("mknod");
+
+    // A directory and a symlink out of the tree trade places, and so do a file and a
+    // device, while the tree is copied and measured over and over.
+    let _dirs = Swapper::start(&src, "d", "link");
+    let _files = Swapper::start(&src, "file", "node");
+    for round in 0..400 {
+        let dst = tmp.path().join(format!("dst{round}"));
+        fs::create_dir(&dst).expect("mkdir");
+        // An entry that changed type between its lstat and its use fails the copy; the
+        // device is never opened (which here would fail with ENXIO instead).
+        if let Err(e) = copy_tree(&open(&src), &open(&dst)) {
+            let msg = e.to_string();
+            assert!(!msg.contains("No such device or address"), "round {round}: {msg}");
+        }
+        let copied = names_below(&dst);
+        assert!(copied.iter().all(|p| !p.ends_with("secret")), "round {round}: {copied:?}");
+        remove_tree(&open(tmp.path()), format!("dst{round}")).expect("remove a copy");
+        let usage = super::measure_and_sync(&open(&src)).expect("usage");
+        // root, d, d/sub, d/sub/f, file, link, node; never what `outside` holds.
+        assert!(usage.inodes <= 7, "round {round}: {usage:?}");
+    }
+    drop((_dirs, _files));
+    assert_eq!(fs::read(outside.join("secret")).expect("outside untouched"), b"s");
+}
+
+#[test]
+fn removal_racing_a_symlink_swap_never_reaches_outside() {
+    let tmp = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).expect("mkdir");
+    for round in 0..50 {
+        fs::write(outside.join("precious"), b"p").expect("write");
+        let doomed = tmp.path().join("doomed");
+        fs::create_dir_all(doomed.join("d")).expect("mkdir");
+        for i in 0..20 {
+            fs::write(doomed.join(format!("d/f{i}")), b"f").expect("write");
+        }
+        fs::write(doomed.join("d/precious"), b"in the tree").expect("write");
+        std::os::unix::fs::symlink(&outside, doomed.join("link")).expect("symlink");
+        {
+            let _swap = Swapper::start(&doomed, "d", "link");
+            // It may fail ("replaced during removal"); it must never follow the link.
+            let _ = remove_tree(&open(tmp.path()), "doomed");
+        }
+        assert_eq!(fs::read(outside.join("precious")).expect("round {round}"), b"p");
+        match remove_tree(&open(tmp.path()), "doomed") {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => panic!("round {round}: {e}"),
+        }
+    }
+    assert_eq!(fs::read_dir(&outside).expect("read_dir").count(), 1);
 }

@@ -30,14 +30,21 @@ pub(crate) enum Node<'a> {
 
 impl Node<'_> {
     /// The entry's path through the parent's descriptor. Resolving the magic link
-    /// `/proc/self/fd/N` lands exactly on the open parent, and `name` is a single component
-    /// from a directory listing, so the path cannot leave the tree; the `l*` calls then keep
-    /// a final symlink from being followed.
-    fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+    /// `/proc/self/fd/N` lands exactly on the open parent, and `name` must be a single
+    /// component (from a directory listing; anything else is `EINVAL`), so the path cannot
+    /// leave the tree; the `l*` calls then keep a final symlink from being followed.
+    fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<PathBuf> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+            return Err(Errno::INVAL);
+        }
         let mut path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
         path.push(name);
-        path
+        Ok(path)
     }
+
+    // Each call below is pinned (`f*` on an open descriptor) or no-follow (`l*` on a
+    // listed name in a pinned directory, through `proc_path`).
 
     pub(crate) fn list(self) -> SysResult<Vec<u8>> {
         match self {
@@ -45,7 +52,7 @@ impl Node<'_> {
                 sized(|| rustix::fs::flistxattr_query(fd), |buf| rustix::fs::flistxattr(fd, buf))
             }
             Node::Entry(dir, name) => {
-                let path = Self::proc_path(dir, name);
+                let path = Self::proc_path(dir, name)?;
                 sized(
                     || rustix::fs::llistxattr_query(&path),
                     |buf| rustix::fs::llistxattr(&path, buf),
@@ -61,7 +68,7 @@ impl Node<'_> {
                 |buf| rustix::fs::fgetxattr(fd, attr, buf),
             ),
             Node::Entry(dir, name) => {
-                let path = Self::proc_path(dir, name);
+                let path = Self::proc_path(dir, name)?;
                 sized(
                     || rustix::fs::lgetxattr_query(&path, attr),
                     |buf| rustix::fs::lgetxattr(&path, attr, buf),
@@ -74,15 +81,8 @@ impl Node<'_> {
         match self {
             Node::Open(fd) => rustix::fs::fsetxattr(fd, attr, value, XattrFlags::empty()),
             Node::Entry(dir, name) => {
-                rustix::fs::lsetxattr(Self::proc_path(dir, name), attr, value, XattrFlags::empty())
+                rustix::fs::lsetxattr(Self::proc_path(dir, name)?, attr, value, XattrFlags::empty())
             }
-        }
-    }
-
-    pub(crate) fn remove(self, attr: &OsStr) -> SysResult<()> {
-        match self {
-            Node::Open(fd) => rustix::fs::fremovexattr(fd, attr),
-            Node::Entry(dir, name) => rustix::fs::lremovexattr(Self::proc_path(dir, name), attr),
         }
     }
 }
@@ -171,5 +171,12 @@ mod tests {
         // The symlink itself has no attributes; following it would show the file's.
         let on_link = read(Node::Entry(dir.as_fd(), OsStr::new("l")), at).expect("read link");
         assert!(on_link.iter().all(|a| !a.name.starts_with(b"user.")), "{on_link:?}");
+
+        // Only a single component is ever looked up below the pinned directory.
+        for name in ["", ".", "..", "../f", "sub/f"] {
+            let node = Node::Entry(dir.as_fd(), OsStr::new(name));
+            assert_eq!(node.list().unwrap_err(), Errno::INVAL, "{name:?}");
+            assert_eq!(node.set(OsStr::new("user.x"), b"1").unwrap_err(), Errno::INVAL, "{name:?}");
+        }
     }
 }

@@ -109,6 +109,13 @@ pub trait Backend: Send + Sync {
 
     /// Releases everything the backend holds. Calling it twice is not an error.
     fn close(&self) -> Result<()>;
+
+    /// Snapshots whose data is missing or damaged though the backend has a record of
+    /// them, with what is wrong: what `wasnap gc --check` and a starting daemon report.
+    /// Changes nothing. A backend that cannot tell says nothing (the default).
+    fn verify(&self) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// A backend in front of another: every call goes to [`Wrapper::inner`] unless the
@@ -162,6 +169,10 @@ pub trait Wrapper: Send + Sync {
     fn close(&self) -> Result<()> {
         self.inner().close()
     }
+    /// See [`Backend::verify`].
+    fn verify(&self) -> Result<Vec<(String, String)>> {
+        self.inner().verify()
+    }
 }
 
 impl<W: Wrapper> Backend for W {
@@ -197,5 +208,8 @@ impl<W: Wrapper> Backend for W {
     }
     fn close(&self) -> Result<()> {
         Wrapper::close(self)
+    }
+    fn verify(&self) -> Result<Vec<(String, String)>> {
+        Wrapper::verify(self)
     }
 }

@@ -77,11 +77,24 @@ pub struct SnapshotterConfig {
     /// Policy plugins (world `policy`), in the order calls pass through them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PluginConfig>,
+    /// Native drivers: sync a layer's data before its commit is recorded, so that no
+    /// committed snapshot names a layer a power cut could truncate [default: true].
+    /// `false` trusts the page cache, as containerd's own snapshotters do.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub sync_commits: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl From<DriverConfig> for SnapshotterConfig {
     fn from(driver: DriverConfig) -> Self {
-        SnapshotterConfig { driver, policies: Vec::new() }
+        SnapshotterConfig { driver, policies: Vec::new(), sync_commits: true }
     }
 }
 
@@ -227,12 +240,14 @@ impl Config {
         for (name, table) in tables.into_iter().flatten() {
             let Some(table) = table.as_table() else { continue };
             let driver = table.get("driver").and_then(|d| d.as_str());
-            let extra = table.keys().find(|k| !matches!(k.as_str(), "driver" | "policies"));
+            let extra = table
+                .keys()
+                .find(|k| !matches!(k.as_str(), "driver" | "policies" | "sync_commits"));
             if matches!(driver, Some("native" | "btrfs"))
                 && let Some(key) = extra
             {
                 return Err(Error::invalid_argument(format!(
-                    "config {origin}: snapshotter {name:?}: unknown field {key:?} (driver {:?} takes only `policies`)",
+                    "config {origin}: snapshotter {name:?}: unknown field {key:?} (driver {:?} takes only `policies` and `sync_commits`)",
                     driver.unwrap_or_default()
                 )));
             }

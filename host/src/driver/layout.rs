@@ -33,6 +33,8 @@ use crate::fault::Faults;
 use crate::snapshot::{Kind, Labels, Usage};
 
 pub(crate) const SNAPSHOTS: &str = "snapshots";
+/// Layers with more inodes than this are synced with one `syncfs` at commit.
+const PER_FILE_SYNC_MAX: u64 = 256;
 pub(crate) const TMP: &str = "tmp";
 
 /// How a driver makes and unmakes the entry behind a snapshot.
@@ -75,6 +77,8 @@ pub(crate) struct Layout {
     /// The driver's name, for messages and fault point names (`<name>.create.…`).
     name: &'static str,
     closed: AtomicBool,
+    /// Sync a layer's data before its commit is recorded (see [`Layout::settle`]).
+    sync_commits: AtomicBool,
     tmp_seq: AtomicU64,
     busy: Arc<Mutex<Busy>>,
     /// Entries renamed into `tmp/` by removes, for the background deleter.
@@ -173,6 +177,7 @@ impl Layout {
             faults,
             name,
             closed: AtomicBool::new(false),
+            sync_commits: AtomicBool::new(true),
             tmp_seq: AtomicU64::new(0),
             busy: Arc::default(),
             doomed: Arc::default(),
@@ -206,6 +211,31 @@ impl Layout {
             })
             .context("start the background deleter")?;
         Ok(())
+    }
+
+    /// Whether commits sync their layer's data before they are recorded (the default).
+    pub fn set_sync_commits(&self, sync: bool) {
+        self.sync_commits.store(sync, Ordering::Relaxed);
+    }
+
+    /// Measures a layer being committed (`layer`, inside the entry of snapshot `id`)
+    /// and, unless turned off, makes its data durable first, so that no committed
+    /// record ever names a layer a power cut could truncate (containerd#5854's class).
+    /// A small layer is synced file by file; a large one with one `syncfs` of its
+    /// filesystem, which is cheaper than thousands of `fsync`s. The name of the entry in
+    /// `snapshots/` is synced too.
+    pub fn settle(&self, layer: &Dir) -> Result<Usage> {
+        let usage = crate::fsutil::disk_usage(layer)?;
+        if !self.sync_commits.load(Ordering::Relaxed) {
+            return Ok(usage);
+        }
+        if usage.inodes > PER_FILE_SYNC_MAX {
+            rustix::fs::syncfs(layer).context("syncfs a committed layer")?;
+        } else {
+            crate::fsutil::measure_and_sync(layer)?;
+        }
+        rustix::fs::fsync(&self.snapshots).context("sync snapshots/")?;
+        Ok(usage)
     }
 
     /// Unavailable once closed.
@@ -351,6 +381,12 @@ impl Layout {
         }
         let recorded = (|| {
             self.entries.seal(&self.snapshots, &entry)?;
+            // The old entry is deleted once the record changes: the new one (made by a
+            // snapshot, which a filesystem may keep in memory until its next commit)
+            // and its name must be on disk first.
+            if self.sync_commits.load(Ordering::Relaxed) {
+                rustix::fs::syncfs(&self.snapshots).context("syncfs a committed snapshot")?;
+            }
             self.fault("commit.before-commit")?;
             self.store.commit(key, name, usage, labels, Some(new))
         })();
@@ -409,6 +445,28 @@ impl Layout {
                 "could not delete a removed snapshot's data; cleanup will retry"),
         }
         Ok(())
+    }
+
+    /// Records whose entry is missing (or whose `layer` inside it is), with why.
+    pub fn verify(&self, layer: &str) -> Result<Vec<(String, String)>> {
+        self.check_open()?;
+        let mut bad = Vec::new();
+        self.store.walk(&mut |info, id| {
+            let rel = if layer.is_empty() { id.to_string() } else { format!("{id}/{layer}") };
+            match rustix::fs::statat(
+                &self.snapshots,
+                rel.as_str(),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            ) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => {
+                    bad.push((info.name, format!("its data {SNAPSHOTS}/{rel} is gone")));
+                }
+                Err(e) => bad.push((info.name, format!("{SNAPSHOTS}/{rel}: {e}"))),
+            }
+            Ok(())
+        })?;
+        Ok(bad)
     }
 
     /// Deletes every entry in `tmp/` and every `snapshots/<id>` that is neither busy

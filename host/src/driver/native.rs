@@ -35,6 +35,12 @@ impl Native {
         Self::with_store(dir, path, store, faults)
     }
 
+    /// Whether commits sync the layer's data before recording it (the default), or
+    /// trust the page cache, as containerd's native snapshotter does.
+    pub fn set_sync_commits(&self, sync: bool) {
+        self.layout.set_sync_commits(sync);
+    }
+
     /// Opens the driver in `dir` keeping its records in `store`.
     pub fn with_store(dir: Dir, path: PathBuf, store: Store, faults: Arc<Faults>) -> Result<Self> {
         let layout = Arc::new(Layout::open(dir, path, store, Box::new(Trees), faults, "native")?);
@@ -128,7 +134,9 @@ impl Backend for Native {
             )));
         }
         // Measured once here, so the usage engines poll is O(1) afterwards.
-        let usage = self.measure(snap.id)?;
+        let usage = self
+            .layout
+            .settle(&fsutil::open_dir_nofollow(&self.layout.snapshots, &snap.id.to_string())?)?;
         self.layout.commit_in_place(name, key, usage, labels)
     }
 
@@ -148,5 +156,9 @@ impl Backend for Native {
     fn close(&self) -> Result<()> {
         self.layout.close();
         Ok(())
+    }
+
+    fn verify(&self) -> Result<Vec<(String, String)>> {
+        self.layout.verify("")
     }
 }

@@ -89,6 +89,11 @@ impl Overlay {
         Self::with_store(dir, path, store, faults, opts)
     }
 
+    /// Whether commits sync the layer's data before recording it (the default).
+    pub fn set_sync_commits(&self, sync: bool) {
+        self.layout.set_sync_commits(sync);
+    }
+
     /// Opens the driver in `dir` keeping its records in `store`.
     pub fn with_store(
         dir: Dir,
@@ -276,7 +281,8 @@ impl Backend for Overlay {
             return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
         }
         // Usage is measured and stored here, so the usage engines poll is O(1).
-        let usage = self.measure(snap.id)?;
+        let entry = fsutil::open_dir_nofollow(&self.layout.snapshots, &snap.id.to_string())?;
+        let usage = self.layout.settle(&fsutil::open_dir_nofollow(&entry, "fs")?)?;
         self.layout.commit_in_place(name, key, usage, labels)
     }
 
@@ -301,5 +307,9 @@ impl Backend for Overlay {
     fn close(&self) -> Result<()> {
         self.layout.close();
         Ok(())
+    }
+
+    fn verify(&self) -> Result<Vec<(String, String)>> {
+        self.layout.verify("fs")
     }
 }

@@ -870,6 +870,15 @@ impl Snapshotter {
         Ok(missing)
     }
 
+    /// Snapshots whose data the backend says is missing or damaged: (backend key, why).
+    /// Changes nothing.
+    pub fn damaged(&self, deadline: Duration) -> Result<Vec<(String, String)>> {
+        let backend = self.backend.clone();
+        with_deadline(deadline, format!("verify snapshotter {:?}", self.name), move || {
+            backend.verify()
+        })
+    }
+
     /// Removes the orphans [`Snapshotter::orphans`] finds, each backend call under
     /// `deadline`; one that fails or hangs is reported and retried next time, and
     /// writers are never held up. With `reclaim`, the backend's `cleanup` follows.

@@ -193,3 +193,23 @@ fn a_failed_step_inside_the_driver_leaves_nothing() {
     n.remove("k").unwrap();
     assert!(!source(&m).exists());
 }
+
+#[test]
+fn a_record_whose_data_is_gone_is_reported_and_kept() {
+    let dir = tmp();
+    let host =
+        wasnap::Host::open_with(dir.path(), std::sync::Arc::new(wasnap::fault::Faults::new()))
+            .unwrap();
+    let sn = host.snapshotter("native").unwrap();
+    let c = ctx("default");
+    let m = sn.prepare(&c, "a", None, &Labels::new()).unwrap();
+    sn.commit(&c, "base", "a", &Labels::new()).unwrap();
+    // The disk loses the layer behind the host's back.
+    std::fs::remove_dir_all(source(&m)).unwrap();
+    let report = host.check().unwrap().into_iter().find(|r| r.snapshotter == "native").unwrap();
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert!(report.damaged[0].1.contains("is gone"), "{report:?}");
+    assert_eq!(report.problems(), 1, "{report:?}");
+    // Reported, never dropped: the record is still there for the operator to decide.
+    sn.stat(&c, "base").unwrap();
+}

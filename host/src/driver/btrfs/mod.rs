@@ -116,6 +116,11 @@ impl Btrfs {
         Ok(Btrfs { layout, device })
     }
 
+    /// Whether commits sync the new subvolume before recording it (the default).
+    pub fn set_sync_commits(&self, sync: bool) {
+        self.layout.set_sync_commits(sync);
+    }
+
     /// The subvolume id of `snapshots/<id>`, which mounts name it by.
     fn subvol_id(&self, id: u64) -> Result<u64> {
         let fd = fsutil::open_dir_nofollow(&self.layout.snapshots, &id.to_string())?;
@@ -248,6 +253,10 @@ impl Backend for Btrfs {
     fn close(&self) -> Result<()> {
         self.layout.close();
         Ok(())
+    }
+
+    fn verify(&self) -> Result<Vec<(String, String)>> {
+        self.layout.verify("")
     }
 }
 

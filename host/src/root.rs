@@ -332,6 +332,7 @@ impl Host {
                     snapshotter: s.name().to_owned(),
                     orphans: s.orphans(timeout)?,
                     missing: s.missing(timeout)?,
+                    damaged: s.damaged(timeout)?,
                 })
             })
             .collect()
@@ -452,6 +453,17 @@ pub struct CheckReport {
     pub orphans: Vec<String>,
     /// Backend keys records name that the backend does not have.
     pub missing: Vec<String>,
+    /// Backend keys the backend has a record of but whose data is missing or damaged,
+    /// with what is wrong.
+    #[serde(default)]
+    pub damaged: Vec<(String, String)>,
+}
+
+impl CheckReport {
+    /// How many problems it lists.
+    pub fn problems(&self) -> usize {
+        self.orphans.len() + self.missing.len() + self.damaged.len()
+    }
 }
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {

@@ -20,7 +20,7 @@ use crate::driver::{Btrfs, Native, Overlay};
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::kv::Db;
-use crate::plugin::{Plugin, Role, WasmSnapshotter};
+use crate::plugin::{Plugin, Role, Space, WasmSnapshotter};
 
 /// Compiled plugins by path, so a `.wasm` used by several snapshotters (or opened again
 /// for every case of a conformance run) is read and compiled once. Compiled code is also
@@ -137,35 +137,45 @@ fn open_chain(
     started: &mut Vec<LoadedPlugin>,
 ) -> Result<(Arc<dyn Backend>, bool)> {
     let (dir, path) = private_dir(place, &format!("snapshotters/{name}"))?;
+    let dir_clone = dir.try_clone().context("open the snapshotter's directory")?;
     let store = |dir: &Dir| match place.db {
         Some(db) => Store::shared(db.clone(), name, dir),
         None => Store::open(dir),
     };
     let mut backend: Arc<dyn Backend> = match &config.driver {
         DriverConfig::Native => {
-            let s = store(&dir)?;
-            Arc::new(Native::with_store(dir, path, s, faults.clone())?)
+            let d = Native::with_store(dir, path, store(&dir_clone)?, faults.clone())?;
+            d.set_sync_commits(config.sync_commits);
+            Arc::new(d)
         }
         DriverConfig::Overlay(opts) => {
-            let s = store(&dir)?;
-            Arc::new(Overlay::with_store(dir, path, s, faults.clone(), opts.clone())?)
+            let d =
+                Overlay::with_store(dir, path, store(&dir_clone)?, faults.clone(), opts.clone())?;
+            d.set_sync_commits(config.sync_commits);
+            Arc::new(d)
         }
         DriverConfig::Btrfs => {
-            let s = store(&dir)?;
-            Arc::new(Btrfs::with_store(dir, path, s, faults.clone())?)
+            let d = Btrfs::with_store(dir, path, store(&dir_clone)?, faults.clone())?;
+            d.set_sync_commits(config.sync_commits);
+            Arc::new(d)
         }
         DriverConfig::Wasm(p) => {
-            let wasm = open_plugin(name, Role::Backend, p, plugins, dir, path, None)?;
+            let wasm =
+                open_plugin(name, name, Role::Backend, p, plugins, place, (dir, path), None)?;
             started.push(loaded(name, Role::Backend, p, &wasm));
             wasm
         }
     };
-    let shared_db = place.db.is_some() && !matches!(config.driver, DriverConfig::Wasm(_));
+    // Drivers, plugins' layers and their key-value stores all keep their records in the
+    // shared database when there is one.
+    let shared_db = place.db.is_some();
     // The first policy listed sees a call first, so the chain is built from the back.
     for (i, p) in config.policies.iter().enumerate().rev() {
         let stem = p.path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
         let (dir, path) = private_dir(place, &format!("policies/{name}/{i}-{stem}"))?;
-        let wasm = open_plugin(name, Role::Policy, p, plugins, dir, path, Some(backend))?;
+        let space = format!("{name}/policy-{i}");
+        let wasm =
+            open_plugin(name, &space, Role::Policy, p, plugins, place, (dir, path), Some(backend))?;
         started.push(loaded(name, Role::Policy, p, &wasm));
         backend = wasm;
     }
@@ -176,26 +186,24 @@ fn loaded(name: &str, role: Role, p: &PluginConfig, wasm: &Arc<WasmSnapshotter>)
     LoadedPlugin { snapshotter: name.to_owned(), role, path: p.path.clone(), wasm: wasm.clone() }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn open_plugin(
     name: &str,
+    space: &str,
     role: Role,
     config: &PluginConfig,
     plugins: &Plugins,
-    dir: Dir,
-    path: PathBuf,
+    place: &Place<'_>,
+    (dir, path): (Dir, PathBuf),
     next: Option<Arc<dyn Backend>>,
 ) -> Result<Arc<WasmSnapshotter>> {
     let plugin = plugins.load(&config.path)?;
-    let wasm = WasmSnapshotter::open(
-        plugin,
-        dir,
-        path,
-        next,
-        config.limits.clone(),
-        &config.config_json(),
-    )
-    .map_err(|e| {
-        e.context(format!("snapshotter {name:?}: {role} plugin {}", config.path.display()))
-    })?;
+    let kv_bytes = config.limits.kv_mib.saturating_mul(1 << 20);
+    let space = Space::open(space, &dir, &path, place.db, role == Role::Backend, kv_bytes)?;
+    let wasm =
+        WasmSnapshotter::open(plugin, space, next, config.limits.clone(), &config.config_json())
+            .map_err(|e| {
+                e.context(format!("snapshotter {name:?}: {role} plugin {}", config.path.display()))
+            })?;
     Ok(Arc::new(wasm))
 }

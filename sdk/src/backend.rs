@@ -17,24 +17,37 @@ use crate::wit::wasnap::snapshotter::types as w;
 /// garbage collection, validates labels, and calls the backend with opaque keys (which
 /// contain `/`). Every method has the contract the WIT `snapshotter` interface states;
 /// `wasnap conformance --plugin` checks it. [`Store`](crate::store::Store) does the
-/// record-keeping part of it for plugins that keep one directory per snapshot.
+/// record-keeping part of it.
 ///
 /// The host makes one value per instance with [`Snapshotter::init`] and calls the other
 /// methods on it one at a time, so `&self` needs no locking; state that must outlive the
-/// instance (and be seen by the host's other instances) belongs in files under the
-/// plugin's root.
+/// instance (and be seen by the host's other instances) belongs in the key-value store
+/// ([`kv`](crate::kv), or the [`Store`](crate::store::Store) built on it).
+///
+/// A plugin that keeps its records in a [`Store`](crate::store::Store) returns it from
+/// [`Snapshotter::store`] and gets `stat`, `update` and `list` from it.
 pub trait Snapshotter: Sized + 'static {
     /// Makes the plugin from its configuration (see [`Config::parse`]). An error fails
     /// loading the plugin.
     fn init(config: Config) -> Result<Self>;
 
+    /// The store holding the plugin's records, if it keeps them in one: the default
+    /// `stat`, `update` and `list` answer from it.
+    fn store(&self) -> Option<&crate::store::Store> {
+        None
+    }
+
     /// What is known about `key`; not-found if it does not exist.
-    fn stat(&self, key: &str) -> Result<Info>;
+    fn stat(&self, key: &str) -> Result<Info> {
+        need_store(self.store(), "stat")?.stat(key)
+    }
 
     /// Changes the labels of `info.name` as `fieldpaths` say (see
     /// [`fieldpath::apply`](crate::fieldpath::apply)) and returns the new info. Kind, name,
     /// parent and `created` never change; `updated` moves forward.
-    fn update(&self, info: &Info, fieldpaths: &[String]) -> Result<Info>;
+    fn update(&self, info: &Info, fieldpaths: &[String]) -> Result<Info> {
+        need_store(self.store(), "update")?.update(info, fieldpaths)
+    }
 
     /// Disk space used by `key` itself, not counting its parents.
     fn usage(&self, key: &str) -> Result<Usage>;
@@ -61,13 +74,26 @@ pub trait Snapshotter: Sized + 'static {
 
     /// One page of a walk over every snapshot in ascending byte order of name: at most
     /// `limit` infos with names strictly greater than `after`. A shorter page ends the walk.
-    fn list(&self, after: Option<&str>, limit: u32) -> Result<Vec<Info>>;
+    fn list(&self, after: Option<&str>, limit: u32) -> Result<Vec<Info>> {
+        need_store(self.store(), "list")?.list(after, limit)
+    }
 
     /// Reclaims space left by removed snapshots without touching live ones. Does nothing
     /// unless overridden.
     fn cleanup(&self) -> Result<()> {
         Ok(())
     }
+}
+
+fn need_store<'a>(
+    store: Option<&'a crate::store::Store>,
+    op: &str,
+) -> Result<&'a crate::store::Store> {
+    store.ok_or_else(|| {
+        Error::NotImplemented(format!(
+            "{op}: the plugin neither implements it nor returns a Store from Snapshotter::store"
+        ))
+    })
 }
 
 /// Checks a page before it leaves the plugin, so that an author sees a clear error here

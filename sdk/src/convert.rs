@@ -3,7 +3,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
-use crate::types::{Info, Kind, Labels, Mount, Usage};
+use crate::layers::Layer;
+use crate::types::{Info, Kind, Labels, Mount, OverlayFlags, Usage};
 use crate::wit::wasnap::snapshotter::types as w;
 
 impl From<Kind> for w::Kind {
@@ -92,13 +93,41 @@ impl From<w::UsageInfo> for Usage {
 
 impl From<Mount> for w::Mount {
     fn from(m: Mount) -> Self {
-        w::Mount { type_: m.kind, source: m.source, target: m.target, options: m.options }
+        match m {
+            Mount::Bind { layer, readonly } => {
+                w::Mount::Bind(w::BindMount { layer: layer.0, readonly })
+            }
+            Mount::Overlay { lowers, upper, flags } => {
+                let mut f = w::OverlayFlags::empty();
+                f.set(w::OverlayFlags::INDEX_OFF, flags.index_off);
+                f.set(w::OverlayFlags::USERXATTR, flags.userxattr);
+                f.set(w::OverlayFlags::VOLATILE, flags.volatile);
+                w::Mount::Overlay(w::OverlayMount {
+                    lowers: lowers.into_iter().map(|l| l.0).collect(),
+                    upper: upper.map(|u| u.0),
+                    flags: f,
+                })
+            }
+            Mount::Passed(i) => w::Mount::Passed(i),
+        }
     }
 }
 
 impl From<w::Mount> for Mount {
     fn from(m: w::Mount) -> Self {
-        Mount { kind: m.type_, source: m.source, target: m.target, options: m.options }
+        match m {
+            w::Mount::Bind(b) => Mount::Bind { layer: Layer(b.layer), readonly: b.readonly },
+            w::Mount::Overlay(o) => Mount::Overlay {
+                lowers: o.lowers.into_iter().map(Layer).collect(),
+                upper: o.upper.map(Layer),
+                flags: OverlayFlags {
+                    index_off: o.flags.contains(w::OverlayFlags::INDEX_OFF),
+                    userxattr: o.flags.contains(w::OverlayFlags::USERXATTR),
+                    volatile: o.flags.contains(w::OverlayFlags::VOLATILE),
+                },
+            },
+            w::Mount::Passed(i) => Mount::Passed(i),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Logging to the host's log, where each line is tagged with the plugin's name.
 //!
-//! A guest has no stdout or stderr of its own worth reading; these go through the `host.log`
+//! A guest has no stdout or stderr of its own worth reading; these go through the `log`
 //! import. Outside a wasm guest (unit tests) they print to stderr.
 //!
 //! ```no_run
@@ -32,7 +32,7 @@ pub fn log(level: Level, message: impl Display) {
 
 #[cfg(target_arch = "wasm32")]
 fn write(level: Level, message: &str) {
-    use crate::wit::wasnap::snapshotter::host::{Level as L, log};
+    use crate::wit::wasnap::snapshotter::log::{Level as L, log};
     let level = match level {
         Level::Error => L::Error,
         Level::Warn => L::Warn,

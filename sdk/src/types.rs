@@ -5,14 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
 use std::str::FromStr;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::host::relative;
+use crate::layers::Layer;
 
 /// Labels on a snapshot, ordered so that encodings and comparisons are stable.
 pub type Labels = BTreeMap<String, String>;
@@ -87,93 +86,76 @@ pub struct Usage {
     pub inodes: u64,
 }
 
-/// One mount that makes a snapshot visible, as containerd's `mount.Mount`.
-///
-/// Paths in it are relative to the plugin's root; build mounts with [`Mount::bind`],
-/// [`Mount::overlay`] and [`Mount::overlay_readonly`], which take the same paths `std::fs`
-/// takes inside the guest (`/snapshots/1`) and make them relative (`snapshots/1`).
+/// Options the host may add to an overlay mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OverlayFlags {
+    /// `index=off`: a layer may be the lower layer of several upper layers (containerd
+    /// sets it where the kernel has it; the default).
+    pub index_off: bool,
+    /// `userxattr`: overlay metadata in `user.*` xattrs (rootless kernels).
+    pub userxattr: bool,
+    /// `volatile`: no syncs to the upper layer (throwaway containers).
+    pub volatile: bool,
+}
+
+impl Default for OverlayFlags {
+    fn default() -> Self {
+        OverlayFlags { index_off: true, userxattr: false, volatile: false }
+    }
+}
+
+/// One mount that makes a snapshot visible. It names layers, never paths: the host
+/// writes the real mount from its own paths.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// The mount type: `bind` or `overlay`.
-    pub kind: String,
-    /// A root-relative path for `bind`; `overlay` for `overlay`.
-    pub source: String,
-    /// Where below the mount point this mount goes; empty for the mount point itself.
-    pub target: String,
-    /// Options in mount(8) form: `rbind`, `ro`, `lowerdir=a:b`, ...
-    pub options: Vec<String>,
+pub enum Mount {
+    /// A bind mount of one layer.
+    Bind {
+        /// The layer.
+        layer: Layer,
+        /// Read-only (views and committed snapshots must be).
+        readonly: bool,
+    },
+    /// An overlay of layers.
+    Overlay {
+        /// The lower layers, top (nearest parent) first.
+        lowers: Vec<Layer>,
+        /// The writable layer of an active snapshot; `None` for a read-only overlay.
+        upper: Option<Layer>,
+        /// Options the host adds.
+        flags: OverlayFlags,
+    },
+    /// The mount at this index among those the next snapshotter returned during this
+    /// call, passed on unchanged: what a policy returns when it forwards.
+    Passed(u32),
 }
 
 impl Mount {
-    /// A recursive bind mount of `path`: read-only (`ro`) or writable (`rw`).
-    pub fn bind(path: impl AsRef<Path>, readonly: bool) -> Result<Mount> {
-        Ok(Mount {
-            kind: "bind".into(),
-            source: relative(path)?,
-            target: String::new(),
-            options: vec!["rbind".into(), if readonly { "ro" } else { "rw" }.into()],
-        })
+    /// A bind mount of `layer`: read-only or writable.
+    pub fn bind(layer: Layer, readonly: bool) -> Mount {
+        Mount::Bind { layer, readonly }
     }
 
-    /// A writable overlay: `lowers` (nearest parent first) under `upper`, with the work
-    /// directory `work` (on the same filesystem as `upper`).
-    pub fn overlay<P: AsRef<Path>>(
-        lowers: &[P],
-        upper: impl AsRef<Path>,
-        work: impl AsRef<Path>,
-    ) -> Result<Mount> {
-        let mut options = Vec::with_capacity(3);
-        if !lowers.is_empty() {
-            options.push(format!("lowerdir={}", lowerdirs(lowers)?));
-        }
-        options.push(format!("upperdir={}", overlay_path(upper)?));
-        options.push(format!("workdir={}", overlay_path(work)?));
-        Ok(Mount {
-            kind: "overlay".into(),
-            source: "overlay".into(),
-            target: String::new(),
-            options,
-        })
+    /// A writable overlay: `lowers` (nearest parent first) under `upper`, with
+    /// `index=off`.
+    pub fn overlay(lowers: Vec<Layer>, upper: Layer) -> Mount {
+        Mount::Overlay { lowers, upper: Some(upper), flags: OverlayFlags::default() }
     }
 
-    /// A read-only overlay of `lowers` (nearest parent first), with no upper directory.
-    /// The kernel wants at least two lowers here; for one, use a read-only
-    /// [`Mount::bind`], as containerd does.
-    pub fn overlay_readonly<P: AsRef<Path>>(lowers: &[P]) -> Result<Mount> {
-        if lowers.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a read-only overlay needs at least one lower directory".into(),
-            ));
-        }
-        Ok(Mount {
-            kind: "overlay".into(),
-            source: "overlay".into(),
-            target: String::new(),
-            options: vec!["ro".into(), format!("lowerdir={}", lowerdirs(lowers)?)],
-        })
+    /// A read-only overlay of `lowers` (nearest parent first), with `index=off`. The
+    /// kernel wants at least two lowers here; for one, use a read-only [`Mount::bind`],
+    /// as containerd does.
+    pub fn overlay_readonly(lowers: Vec<Layer>) -> Mount {
+        Mount::Overlay { lowers, upper: None, flags: OverlayFlags::default() }
     }
 
-    /// Whether the options make this mount read-only.
+    /// Whether this mount is read-only (a passed mount: unknown, so `false`).
     pub fn is_readonly(&self) -> bool {
-        self.options.iter().any(|o| o == "ro")
+        match self {
+            Mount::Bind { readonly, .. } => *readonly,
+            Mount::Overlay { upper, .. } => upper.is_none(),
+            Mount::Passed(_) => false,
+        }
     }
-}
-
-/// A path for an overlay option: root-relative, and free of the option syntax's own
-/// separators.
-fn overlay_path(path: impl AsRef<Path>) -> Result<String> {
-    let rel = relative(path)?;
-    if rel.contains([':', ',']) {
-        return Err(Error::InvalidArgument(format!(
-            "overlay path {rel:?} contains ':' or ',', which the option syntax cannot carry"
-        )));
-    }
-    Ok(rel)
-}
-
-fn lowerdirs<P: AsRef<Path>>(lowers: &[P]) -> Result<String> {
-    let parts: Vec<String> = lowers.iter().map(overlay_path).collect::<Result<_>>()?;
-    Ok(parts.join(":"))
 }
 
 /// Checks one label against containerd's limit: a non-empty key, and key plus value at
@@ -202,22 +184,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mounts_use_root_relative_paths() {
-        let m = Mount::bind("/snapshots/7", false).unwrap();
-        assert_eq!(m.source, "snapshots/7");
-        assert_eq!(m.options, ["rbind", "rw"]);
+    fn mounts_name_layers() {
+        let m = Mount::bind(Layer(7), false);
         assert!(!m.is_readonly());
-        assert!(Mount::bind("snapshots/7", true).unwrap().is_readonly());
-
-        let m = Mount::overlay(&["/s/2/fs", "/s/1/fs"], "/s/3/fs", "/s/3/work").unwrap();
-        assert_eq!(m.options, ["lowerdir=s/2/fs:s/1/fs", "upperdir=s/3/fs", "workdir=s/3/work"]);
-        let none: [&str; 0] = [];
-        let m = Mount::overlay(&none, "/s/3/fs", "/s/3/work").unwrap();
-        assert_eq!(m.options, ["upperdir=s/3/fs", "workdir=s/3/work"]);
-        let m = Mount::overlay_readonly(&["/a", "/b"]).unwrap();
-        assert_eq!(m.options, ["ro", "lowerdir=a:b"]);
-        assert!(Mount::overlay_readonly(&none).is_err());
-        assert!(Mount::overlay(&["/a:b"], "/u", "/w").is_err());
+        assert!(Mount::bind(Layer(7), true).is_readonly());
+        let m = Mount::overlay(vec![Layer(2), Layer(1)], Layer(3));
+        assert!(!m.is_readonly());
+        assert!(Mount::overlay_readonly(vec![Layer(2), Layer(1)]).is_readonly());
+        let Mount::Overlay { flags, .. } = m else { unreachable!() };
+        assert!(flags.index_off);
     }
 
     #[test]

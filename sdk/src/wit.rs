@@ -16,7 +16,7 @@
 
 wit_bindgen::generate!({
     path: "../wit/snapshotter.wit",
-    world: "wasnap:snapshotter/policy",
+    world: "wasnap:snapshotter/sdk",
     pub_export_macro: true,
     export_macro_name: "export_wit",
     default_bindings_module: "wasnap_sdk::wit",

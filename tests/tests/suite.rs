@@ -338,7 +338,7 @@ fn mounts_are_undone_even_when_a_case_panics_or_fails() {
 
 /// A guest of `guests/`, loaded as a backend plugin.
 fn guest_backend(name: &str) -> wasnap_conformance::StackFactory {
-    let path = wasnap_conformance::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
+    let path = wasnap_test_util::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
     wasnap_conformance::StackFactory::plugin(wasnap::config::PluginConfig::new(path))
 }
 
@@ -371,7 +371,7 @@ fn the_overlay_layout_guest_passes_every_case() {
 
 #[test]
 fn the_sdk_readme_guest_is_the_one_tested_and_passes_every_case() {
-    let root = wasnap_conformance::guests::workspace_root();
+    let root = wasnap_test_util::guests::workspace_root();
     let readme = std::fs::read_to_string(root.join("sdk/README.md")).unwrap();
     let step2 = readme.split("### 2. A snapshotter").nth(1).unwrap();
     let code = step2.split("```rust\n").nth(1).unwrap().split("```").next().unwrap();

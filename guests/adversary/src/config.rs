@@ -26,12 +26,66 @@ pub enum Mode {
     Spin,
     Hog,
     Panic,
-    Escape,
+    /// prepare, view and mounts return a mount picked by the end of the key.
+    BadMount,
     HugeWalk(Walk),
     SlowInit,
     BadInit,
     /// Writes this many bytes to stdout and as many to stderr, then behaves well.
     Stdout(usize),
+    /// Fails with an error message this long, with forged log lines in it.
+    FloodError(usize),
+    /// Opens files in its private directory, keeping them, until refused.
+    FdBomb,
+    /// Calls one host function on the victim layer this many times.
+    Hammer(Op, u32),
+    /// Tries every way it has to name, rename or replace a layer or its ancestors.
+    Ancestors,
+}
+
+/// The host function mode `hammer` calls, on the path `victim` of the victim layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    ReadDir,
+    ReadFile,
+    WriteFile,
+    MakeDir,
+    Symlink,
+    RemoveEntry,
+    SetMode,
+    SetOwner,
+    SetXattr,
+    GetXattr,
+    MakeWhiteout,
+    /// Clones the victim layer and removes the clone.
+    Clone,
+    /// Measures the victim layer.
+    Usage,
+    /// Swaps `victim` in the victim layer for a symlink leading out and back, as a second
+    /// instance racing the first would.
+    Swap,
+}
+
+impl Op {
+    pub fn parse(name: &str) -> Option<Op> {
+        Some(match name {
+            "read-dir" => Op::ReadDir,
+            "read-file" => Op::ReadFile,
+            "write-file" => Op::WriteFile,
+            "make-dir" => Op::MakeDir,
+            "symlink" => Op::Symlink,
+            "remove-entry" => Op::RemoveEntry,
+            "set-mode" => Op::SetMode,
+            "set-owner" => Op::SetOwner,
+            "set-xattr" => Op::SetXattr,
+            "get-xattr" => Op::GetXattr,
+            "make-whiteout" => Op::MakeWhiteout,
+            "clone" => Op::Clone,
+            "usage" => Op::Usage,
+            "swap" => Op::Swap,
+            _ => return None,
+        })
+    }
 }
 
 /// The parsed configuration.
@@ -41,6 +95,8 @@ pub struct Config {
     /// When set, only calls with a key or name containing this string misbehave, so one
     /// instance can fail a call and then serve the next one.
     pub only: Option<String>,
+    /// Where the symlinks mode `hammer` makes point (a path outside the layer).
+    pub target: Option<String>,
 }
 
 const DEFAULT_WALK: u32 = 1_000_000;
@@ -51,7 +107,7 @@ static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
 /// The configuration `init` stored; `good` before `init` has run.
 pub fn get() -> Config {
     let config = CONFIG.lock().unwrap_or_else(PoisonError::into_inner);
-    config.clone().unwrap_or(Config { mode: Mode::Good, only: None })
+    config.clone().unwrap_or(Config { mode: Mode::Good, only: None, target: None })
 }
 
 pub fn set(config: Config) {
@@ -66,7 +122,7 @@ impl Config {
             |why: String| Error::InvalidArgument(format!("adversary: config {json}: {why}"));
         let value: Value = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
         let object = match value {
-            Value::Null => return Ok(Self { mode: Mode::Good, only: None }),
+            Value::Null => return Ok(Self { mode: Mode::Good, only: None, target: None }),
             Value::Object(object) => object,
             other => return Err(invalid(format!("expected null or an object, got {other}"))),
         };
@@ -75,7 +131,21 @@ impl Config {
             Some("spin") => Mode::Spin,
             Some("hog") => Mode::Hog,
             Some("panic") => Mode::Panic,
-            Some("escape") => Mode::Escape,
+            Some("bad-mount") => Mode::BadMount,
+            Some("flood-error") => {
+                let bytes = number(&object, "bytes").map_err(&invalid)?.unwrap_or(1 << 20);
+                Mode::FloodError(
+                    usize::try_from(bytes).map_err(|e| invalid(format!("bytes: {e}")))?,
+                )
+            }
+            Some("fd-bomb") => Mode::FdBomb,
+            Some("ancestors") => Mode::Ancestors,
+            Some("hammer") => {
+                let op = string(&object, "op").map_err(&invalid)?.unwrap_or("");
+                let op = Op::parse(op).ok_or_else(|| invalid(format!("unknown op {op:?}")))?;
+                let n = number(&object, "iterations").map_err(&invalid)?.unwrap_or(1000);
+                Mode::Hammer(op, u32::try_from(n).map_err(|e| invalid(format!("iterations: {e}")))?)
+            }
             Some("huge-walk") => Mode::HugeWalk(walk(&object).map_err(&invalid)?),
             Some("slow-init") => Mode::SlowInit,
             Some("bad-init") => Mode::BadInit,
@@ -87,7 +157,8 @@ impl Config {
             Some(other) => return Err(invalid(format!("unknown mode {other:?}"))),
         };
         let only = string(&object, "only").map_err(&invalid)?.map(str::to_owned);
-        Ok(Self { mode, only })
+        let target = string(&object, "target").map_err(&invalid)?.map(str::to_owned);
+        Ok(Self { mode, only, target })
     }
 }
 

@@ -1,7 +1,8 @@
 //! A backend plugin that misbehaves on purpose. It exists only for the host's tests, which
 //! load it to prove that the sandbox contains a plugin that spins, hogs memory, panics,
-//! floods its output, returns mounts that try to escape its root, or walks without end.
-//! See README.md for the configuration of each mode.
+//! floods its output or its errors, opens without end, returns mounts that break the
+//! host's rules, walks without end, races host functions against swaps, or tries to
+//! reach above its layers and its private directory. See README.md for each mode.
 //!
 //! With the configuration `null` or `{"mode": "good"}` it is a small but correct
 //! in-memory snapshotter (`store`), so a test can check that the host recovers once a
@@ -51,7 +52,34 @@ impl lifecycle::Guest for Adversary {
 
 impl snapshotter::Guest for Adversary {
     fn stat(key: String) -> Result<Info, Error> {
-        misbehave::common(Call::new("stat", &[&key]));
+        let call = Call::new("stat", &[&key]);
+        misbehave::common(call);
+        // The attacks that answer in an error run on `stat` of a key that names them.
+        if call.targeted() {
+            match config::get().mode {
+                Mode::FloodError(bytes) if key.contains("flood") => {
+                    return Err(misbehave::flood_error(bytes));
+                }
+                Mode::FdBomb if key.contains("fdbomb") => return Err(misbehave::fd_bomb()),
+                Mode::Hammer(op, n) if key.contains("hammer") => {
+                    // `hammer-<op>` picks another op than the configuration's: two
+                    // instances of one plugin can race two different calls.
+                    let op = key
+                        .rsplit_once("hammer-")
+                        .and_then(|(_, o)| config::Op::parse(o))
+                        .unwrap_or(op);
+                    let (ok, refused) = misbehave::hammer(op, n)?;
+                    return Err(Error::Unavailable(format!(
+                        "hammered: {ok} ok, {refused} refused"
+                    )));
+                }
+                Mode::Ancestors if key.contains("ancestors") => {
+                    let broke = misbehave::ancestors()?;
+                    return Err(Error::Unavailable(format!("ancestors: broke {broke:?}")));
+                }
+                _ => {}
+            }
+        }
         store::stat(&key)
     }
 
@@ -69,21 +97,24 @@ impl snapshotter::Guest for Adversary {
         let call = Call::new("mounts", &[&key]);
         misbehave::common(call);
         let mounts = store::mounts(&key)?;
-        Ok(escape_if_asked(call, &key, mounts))
+        Ok(bad_if_asked(call, &key, mounts))
     }
 
     fn prepare(key: String, parent: Option<String>, labels: Labels) -> Result<Vec<Mount>, Error> {
         let call = Call::new("prepare", &[&key]);
         misbehave::common(call);
         let mounts = store::create(&key, parent.as_deref(), labels, Kind::Active)?;
-        Ok(escape_if_asked(call, &key, mounts))
+        if key.contains("victim") {
+            misbehave::set_victim(store::layer_of(&key)?)?;
+        }
+        Ok(bad_if_asked(call, &key, mounts))
     }
 
     fn view(key: String, parent: Option<String>, labels: Labels) -> Result<Vec<Mount>, Error> {
         let call = Call::new("view", &[&key]);
         misbehave::common(call);
         let mounts = store::create(&key, parent.as_deref(), labels, Kind::View)?;
-        Ok(escape_if_asked(call, &key, mounts))
+        Ok(bad_if_asked(call, &key, mounts))
     }
 
     fn commit(name: String, key: String, labels: Labels) -> Result<(), Error> {
@@ -113,11 +144,13 @@ impl snapshotter::Guest for Adversary {
     }
 }
 
-/// In mode `escape`, swaps the good mounts of `key` for the escape its name asks for.
-fn escape_if_asked(call: Call<'_>, key: &str, mounts: Vec<Mount>) -> Vec<Mount> {
-    if config::get().mode == Mode::Escape && call.targeted() {
-        misbehave::escape(key, mounts)
-    } else {
-        mounts
+/// In mode `bad-mount`, swaps the good mounts of `key` for the bad ones its name asks for.
+fn bad_if_asked(call: Call<'_>, key: &str, mounts: Vec<Mount>) -> Vec<Mount> {
+    if config::get().mode != Mode::BadMount || !call.targeted() {
+        return mounts;
+    }
+    match store::layer_of(key) {
+        Ok(own) => misbehave::bad_mount(key, own, mounts),
+        Err(_) => mounts,
     }
 }

@@ -4,8 +4,11 @@ use std::hint::black_box;
 use std::io::{self, Write};
 use std::sync::{Mutex, PoisonError};
 
-use crate::bindings::wasnap::snapshotter::types::{Info, Kind, Mount, Timestamp};
-use crate::config::{self, Mode, Walk};
+use crate::bindings::wasnap::snapshotter::types::{
+    BindMount, Error, Info, Kind, Mount, OverlayFlags, OverlayMount, Timestamp,
+};
+use crate::bindings::wasnap::snapshotter::{kv, layers};
+use crate::config::{self, Mode, Op, Walk};
 
 /// One snapshotter call: its name and the keys or names it was given.
 #[derive(Clone, Copy, Debug)]
@@ -40,7 +43,15 @@ pub fn common(call: Call<'_>) {
         Mode::Hog => hog(),
         Mode::Panic => panic!("adversary: deliberate panic in {}", call.name),
         Mode::Stdout(bytes) => noise(bytes),
-        Mode::Good | Mode::Escape | Mode::HugeWalk(_) | Mode::SlowInit | Mode::BadInit => {}
+        Mode::Good
+        | Mode::BadMount
+        | Mode::HugeWalk(_)
+        | Mode::SlowInit
+        | Mode::BadInit
+        | Mode::FloodError(_)
+        | Mode::FdBomb
+        | Mode::Hammer(..)
+        | Mode::Ancestors => {}
     }
 }
 
@@ -89,75 +100,169 @@ fn write_repeated(out: &mut impl Write, chunk: &[u8], bytes: usize) -> io::Resul
     out.flush()
 }
 
-/// The escapes mode `escape` tries, chosen by how the key ends.
-const ESCAPES: [&str; 11] = [
-    "abs", "dotdot", "symlink", "type", "option", "suid", "dev", "inject", "target", "devsrc",
-    "workdir",
-];
-
-/// Replaces the good mounts of a snapshot by one that tries to leave the root, picked
-/// by the end of `key`; a key that names no escape keeps its good mounts.
-pub fn escape(key: &str, good: Vec<Mount>) -> Vec<Mount> {
-    let Some(escape) = ESCAPES.iter().find(|escape| key.ends_with(*escape)) else {
-        return good;
+/// The mounts mode `bad-mount` returns, chosen by how the key ends; each breaks one rule
+/// the host must enforce. `own` is the snapshot's own (good) layer.
+pub fn bad_mount(key: &str, own: u64, good: Vec<Mount>) -> Vec<Mount> {
+    let overlay = |lowers: Vec<u64>, upper: Option<u64>| {
+        Mount::Overlay(OverlayMount { lowers, upper, flags: OverlayFlags::INDEX_OFF })
     };
-    let Some(template) = good.first().cloned() else {
-        return good;
-    };
-    let bind = |source: &str| Mount { source: source.to_owned(), ..template.clone() };
-    let with_options = |extra: &[&str]| {
-        let mut mount = template.clone();
-        mount.options.extend(extra.iter().map(|o| (*o).to_owned()));
-        mount
-    };
-    let overlay = |options: String| Mount {
-        type_: "overlay".to_owned(),
-        source: "overlay".to_owned(),
-        target: String::new(),
-        options: vec![options],
-    };
-    let mount = match *escape {
-        "abs" => bind("/etc"),
-        "dotdot" => bind("../../etc"),
-        "symlink" => {
-            make_outward_link();
-            bind("link/etc")
-        }
-        "type" => Mount {
-            type_: "proc".to_owned(),
-            source: "proc".to_owned(),
-            target: String::new(),
-            options: Vec::new(),
-        },
-        "option" => with_options(&["suid", "dev"]),
-        "suid" => with_options(&["suid"]),
-        "dev" => with_options(&["dev"]),
-        // A comma inside a value smuggles a second option past a naive check.
-        "inject" => overlay(format!("lowerdir={},upperdir=/etc", template.source)),
-        "workdir" => overlay(format!(
-            "lowerdir={},upperdir={},workdir=../../tmp",
-            template.source, template.source
-        )),
-        "target" => Mount { target: "../../x".to_owned(), ..template.clone() },
-        "devsrc" => bind("snap/../../../dev"),
-        _ => template.clone(),
-    };
-    vec![mount]
+    if key.ends_with("foreign") {
+        // A layer this plugin never held (another snapshotter's, say).
+        vec![Mount::Bind(BindMount { layer: 999_999_999, readonly: false })]
+    } else if key.ends_with("twice") {
+        vec![overlay(vec![own], Some(own))]
+    } else if key.ends_with("passed") {
+        // A backend has no next snapshotter to pass a mount from.
+        vec![Mount::Passed(0)]
+    } else if key.ends_with("deep") {
+        vec![overlay(vec![own; 501], None)]
+    } else if key.ends_with("removed") {
+        let gone = layers::create(None).unwrap_or(own);
+        let _ = layers::remove(gone);
+        vec![Mount::Bind(BindMount { layer: gone, readonly: true })]
+    } else if key.ends_with("writable") {
+        // Writable whatever the snapshot's kind: the metadata layer refuses it for a view.
+        vec![Mount::Bind(BindMount { layer: own, readonly: false })]
+    } else if key.ends_with("many") {
+        (0..100).map(|_| Mount::Bind(BindMount { layer: own, readonly: true })).collect()
+    } else {
+        good
+    }
 }
 
-/// Creates `/link` pointing out of the root. WASI implementations may refuse an absolute
-/// target, so a chain of `..` that reaches the host's `/` from any depth is the
-/// fallback. Failures are ignored: then `link/etc` simply does not exist, which the host
-/// must refuse as well.
-fn make_outward_link() {
-    let deep_parent = [".."; 32].join("/");
-    for target in ["/", deep_parent.as_str()] {
-        match symlink(target, "/link") {
-            Ok(()) => return,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return,
-            Err(_) => {}
+/// An error message `bytes` long with forged log lines in it.
+pub fn flood_error(bytes: usize) -> Error {
+    let mut text = String::from(
+        "adversary failed\n2026-12-04T00:00:00.000000Z ERROR wasnap::root: forged: the host is compromised\r\x1b[2K",
+    );
+    while text.len() < bytes {
+        text.push_str("\nflood ");
+    }
+    Error::Internal(text)
+}
+
+/// Opens files in the private directory, keeping them open, until the host refuses;
+/// says how many it got.
+pub fn fd_bomb() -> Error {
+    static KEPT: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
+    for i in 0..1_000_000u32 {
+        match std::fs::File::create(format!("/bomb-{}", i % 4)) {
+            Ok(f) => kept.push(f),
+            Err(e) => {
+                return Error::FailedPrecondition(format!(
+                    "fd-bomb: opened {} then: {e}",
+                    kept.len()
+                ));
+            }
         }
     }
+    Error::Internal(format!("fd-bomb: opened {} files and nothing stopped it", kept.len()))
+}
+
+/// The key-value key holding the victim layer's id (written by a `prepare` whose key
+/// contains `victim`, read by the attacks).
+pub const VICTIM: &str = "victim-layer";
+
+/// Calls `op` on the victim layer `n` times, ignoring refusals; says how many calls
+/// succeeded and how many were refused.
+pub fn hammer(op: Op, n: u32) -> Result<(u32, u32), Error> {
+    let layer = victim()?;
+    let target = config::get().target.unwrap_or_else(|| "../../../../../../../../sentinel".into());
+    let target = target.as_str();
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..n {
+        let r = match op {
+            Op::ReadDir => layers::read_dir(layer, "victim").map(drop),
+            Op::ReadFile => layers::read_file(layer, "victim").map(drop),
+            Op::WriteFile => layers::write_file(layer, "victim", b"written through", 0o777),
+            Op::MakeDir => layers::make_dir(layer, "victim/sub", 0o777),
+            Op::Symlink => layers::symlink(layer, "victim/link", target),
+            Op::RemoveEntry => layers::remove_entry(layer, "victim/x"),
+            Op::SetMode => layers::set_mode(layer, "victim", 0o6777),
+            Op::SetOwner => layers::set_owner(layer, "victim", 4242, 4242),
+            Op::SetXattr => layers::set_xattr(layer, "victim", "user.adversary", b"owned"),
+            Op::GetXattr => layers::get_xattr(layer, "victim", "user.x").map(drop),
+            Op::MakeWhiteout => layers::make_whiteout(layer, "victim/wh"),
+            Op::Clone => layers::clone(layer).and_then(layers::remove),
+            Op::Usage => layers::usage(layer).map(drop),
+            Op::Swap => {
+                // What a second instance racing a clone or a chmod does inside the layer.
+                let _ = layers::remove_entry(layer, "victim");
+                let r = layers::symlink(layer, "victim", target);
+                let _ = layers::remove_entry(layer, "victim");
+                let _ = if i % 2 == 0 {
+                    layers::make_whiteout(layer, "victim")
+                } else {
+                    layers::write_file(layer, "victim", b"plain", 0o600)
+                };
+                r
+            }
+        };
+        if r.is_ok() {
+            ok += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    Ok((ok, refused))
+}
+
+fn victim() -> Result<u64, Error> {
+    let entry = kv::get(VICTIM)?.ok_or_else(|| Error::NotFound("no victim layer yet".into()))?;
+    let bytes: [u8; 8] = entry.value.try_into().map_err(|_| Error::Internal("victim id".into()))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+/// Records `layer` as the victim of the attacks.
+pub fn set_victim(layer: u64) -> Result<(), Error> {
+    let put = kv::Write::Put((VICTIM.to_owned(), layer.to_le_bytes().to_vec()));
+    kv::commit(&[], &[put]).map(drop)
+}
+
+/// Tries every way it has to reach above a layer or above its private directory; every
+/// one must fail or stay inside. Returns what succeeded that must not have.
+pub fn ancestors() -> Result<Vec<String>, Error> {
+    let layer = victim()?;
+    let mut broke = Vec::new();
+    let mut must_fail = |what: &str, ok: bool| {
+        if ok {
+            broke.push(what.to_owned());
+        }
+    };
+    // Through the layer's functions: the layer's root and anything above it.
+    must_fail("remove-entry .", layers::remove_entry(layer, ".").is_ok());
+    for path in ["..", "../x", "/x", "a/../../x", "../../../../etc/passwd"] {
+        must_fail(
+            &format!("write-file {path}"),
+            layers::write_file(layer, path, b"x", 0o644).is_ok(),
+        );
+        must_fail(&format!("make-dir {path}"), layers::make_dir(layer, path, 0o755).is_ok());
+        must_fail(&format!("remove-entry {path}"), layers::remove_entry(layer, path).is_ok());
+        must_fail(&format!("set-mode {path}"), layers::set_mode(layer, path, 0o777).is_ok());
+    }
+    // A symlink inside the layer pointing up: never followed by the host.
+    let _ = layers::symlink(layer, "up", "../../../..");
+    for path in ["up/x", "up/etc/passwd", "up/.."] {
+        must_fail(
+            &format!("write-file {path}"),
+            layers::write_file(layer, path, b"x", 0o644).is_ok(),
+        );
+        must_fail(&format!("read-file {path}"), layers::read_file(layer, path).is_ok());
+        must_fail(&format!("set-owner {path}"), layers::set_owner(layer, path, 1, 1).is_ok());
+    }
+    // Through WASI: the private directory's parent, by name and through a symlink.
+    must_fail("wasi list /..", std::fs::metadata("/../layers").is_ok());
+    must_fail("wasi rename / away", std::fs::rename("/", "/moved").is_ok());
+    let _ = symlink("../../..", "/up");
+    must_fail("wasi read through /up", std::fs::read_dir("/up/layers").is_ok());
+    must_fail("wasi write through /up", std::fs::write("/up/x", b"x").is_ok());
+    // Layers it does not hold.
+    let other = layers::create(None)?;
+    layers::remove(other)?;
+    must_fail("remove a removed layer", layers::remove(other).is_ok());
+    must_fail("remove a layer never made", layers::remove(u64::MAX).is_ok());
+    Ok(broke)
 }
 
 /// `std::os::wasi::fs::symlink_path` is still unstable; the deprecated portable function
@@ -227,24 +332,5 @@ mod tests {
         assert!(walk(Walk::Unordered, Some(&after), 3).iter().all(|info| info.name < after));
         let page = walk(Walk::Descending, None, 3);
         assert!(names(&page).windows(2).all(|pair| pair[0] > pair[1]));
-    }
-
-    #[test]
-    fn escapes_follow_the_key() {
-        let good = vec![Mount {
-            type_: "bind".to_owned(),
-            source: "snap/0/fs".to_owned(),
-            target: String::new(),
-            options: vec!["rbind".to_owned(), "rw".to_owned()],
-        }];
-        let escaped = |key: &str| escape(key, good.clone()).remove(0);
-        assert_eq!(escaped("ns/1/abs").source, "/etc");
-        assert_eq!(escaped("ns/1/dotdot").source, "../../etc");
-        assert_eq!(escaped("ns/1/devsrc").source, "snap/../../../dev");
-        assert_eq!(escaped("ns/1/type").type_, "proc");
-        assert_eq!(escaped("ns/1/target").target, "../../x");
-        assert_eq!(escaped("ns/1/dev").options, ["rbind", "rw", "dev"]);
-        assert_eq!(escaped("ns/1/inject").options, ["lowerdir=snap/0/fs,upperdir=/etc"]);
-        assert_eq!(escaped("ns/1/plain").source, "snap/0/fs");
     }
 }

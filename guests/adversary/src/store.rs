@@ -1,35 +1,27 @@
 //! The well-behaved part: a minimal snapshotter whose records live in memory, so they
-//! die with the instance, and whose contents live in `snap/<n>/fs` under the root.
+//! die with the instance, and whose contents live in layers the host makes.
 //!
 //! It is only as correct as the host's recovery tests need; it keeps no state across
 //! instances and does not share records with other instances of itself.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::bindings::wasnap::snapshotter::host;
+use crate::bindings::wasnap::snapshotter::layers;
 use crate::bindings::wasnap::snapshotter::types::{
-    Error, Info, Kind, Labels, Mount, Timestamp, UsageInfo,
+    BindMount, Error, Info, Kind, Labels, Mount, Timestamp, UsageInfo,
 };
 
 struct Record {
     info: Info,
-    /// `snap/<n>`, relative to the root; the snapshot's contents are in its `fs` child.
-    dir: String,
+    layer: u64,
 }
 
-struct State {
-    records: BTreeMap<String, Record>,
-    /// The next `<n>` to try for a new directory.
-    next: u64,
-}
+static STATE: Mutex<BTreeMap<String, Record>> = Mutex::new(BTreeMap::new());
 
-static STATE: Mutex<State> = Mutex::new(State { records: BTreeMap::new(), next: 0 });
-
-fn state() -> MutexGuard<'static, State> {
+fn state() -> MutexGuard<'static, BTreeMap<String, Record>> {
     STATE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -37,8 +29,12 @@ fn not_found(doing: &str, key: &str) -> Error {
     Error::NotFound(format!("{doing}: snapshot {key:?} does not exist"))
 }
 
-fn io_error(doing: &str, path: &str, e: &io::Error) -> Error {
-    Error::Internal(format!("{doing}: {path}: {e}"))
+fn get<'a>(
+    state: &'a BTreeMap<String, Record>,
+    doing: &str,
+    key: &str,
+) -> Result<&'a Record, Error> {
+    state.get(key).ok_or_else(|| not_found(doing, key))
 }
 
 pub fn now() -> Timestamp {
@@ -46,52 +42,29 @@ pub fn now() -> Timestamp {
     Timestamp { seconds: since.as_secs(), nanoseconds: since.subsec_nanos() }
 }
 
-/// The one mount of a snapshot whose contents are at `fs`.
-pub fn bind(fs: &str, kind: Kind) -> Mount {
-    let access = if kind == Kind::Active { "rw" } else { "ro" };
-    Mount {
-        type_: "bind".to_owned(),
-        source: fs.to_owned(),
-        target: String::new(),
-        options: vec!["rbind".to_owned(), access.to_owned()],
-    }
+/// The one mount of a snapshot of `kind` whose contents are in `layer`.
+pub fn bind(layer: u64, kind: Kind) -> Mount {
+    Mount::Bind(BindMount { layer, readonly: kind != Kind::Active })
 }
 
-impl State {
-    /// Claims a fresh `snap/<n>`. An earlier instance may have left directories behind,
-    /// and another instance may be claiming at the same time, so a taken name is skipped
-    /// rather than reused.
-    fn claim_dir(&mut self, doing: &str) -> Result<String, Error> {
-        std::fs::create_dir_all("/snap").map_err(|e| io_error(doing, "snap", &e))?;
-        loop {
-            let dir = format!("snap/{}", self.next);
-            self.next += 1;
-            match std::fs::create_dir(format!("/{dir}")) {
-                Ok(()) => return Ok(dir),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_error(doing, &dir, &e)),
-            }
-        }
-    }
-
-    fn get(&self, doing: &str, key: &str) -> Result<&Record, Error> {
-        self.records.get(key).ok_or_else(|| not_found(doing, key))
-    }
+/// The layer of `key`.
+pub fn layer_of(key: &str) -> Result<u64, Error> {
+    Ok(get(&state(), "layer", key)?.layer)
 }
 
 pub fn stat(key: &str) -> Result<Info, Error> {
-    Ok(state().get("stat", key)?.info.clone())
+    Ok(get(&state(), "stat", key)?.info.clone())
 }
 
 pub fn mounts(key: &str) -> Result<Vec<Mount>, Error> {
     let state = state();
-    let record = state.get("mounts", key)?;
-    Ok(vec![bind(&format!("{}/fs", record.dir), record.info.kind)])
+    let record = get(&state, "mounts", key)?;
+    Ok(vec![bind(record.layer, record.info.kind)])
 }
 
 pub fn usage(key: &str) -> Result<UsageInfo, Error> {
-    let dir = state().get("usage", key)?.dir.clone();
-    host::disk_usage(&format!("{dir}/fs"))
+    let layer = get(&state(), "usage", key)?.layer;
+    layers::usage(layer)
 }
 
 /// `prepare` (kind active) and `view` (kind view).
@@ -103,34 +76,21 @@ pub fn create(
 ) -> Result<Vec<Mount>, Error> {
     let doing = format!("creating snapshot {key:?}");
     let mut state = state();
-    if state.records.contains_key(key) {
+    if state.contains_key(key) {
         return Err(Error::AlreadyExists(format!("{doing}: it already exists")));
     }
-    let parent_dir = match parent {
-        None => None,
+    let layer = match parent {
+        None => layers::create(None)?,
         Some(parent) => {
-            let record = state.get(&doing, parent)?;
+            let record = get(&state, &doing, parent)?;
             if record.info.kind != Kind::Committed {
                 return Err(Error::FailedPrecondition(format!(
                     "{doing}: parent {parent:?} is not committed"
                 )));
             }
-            Some(record.dir.clone())
+            layers::clone(record.layer)?
         }
     };
-    let dir = state.claim_dir(&doing)?;
-    let fs = format!("{dir}/fs");
-    let filled = match parent_dir {
-        Some(parent_dir) => host::copy_tree(&format!("{parent_dir}/fs"), &fs),
-        None => std::fs::create_dir(format!("/{fs}"))
-            .map_err(|e| io_error(&doing, &fs, &e))
-            .and_then(|()| host::chmod(&fs, 0o755)),
-    };
-    if let Err(e) = filled {
-        // Best effort: the directory is ours alone and nothing records it.
-        let _ = host::remove_tree(&dir);
-        return Err(e);
-    }
     let time = now();
     let info = Info {
         name: key.to_owned(),
@@ -140,22 +100,20 @@ pub fn create(
         created: time,
         updated: time,
     };
-    state.records.insert(key.to_owned(), Record { info, dir });
-    Ok(vec![bind(&fs, kind)])
+    state.insert(key.to_owned(), Record { info, layer });
+    Ok(vec![bind(layer, kind)])
 }
 
 pub fn commit(name: &str, key: &str, labels: Labels) -> Result<(), Error> {
     let doing = format!("committing {key:?} as {name:?}");
     let mut state = state();
-    if state.get(&doing, key)?.info.kind != Kind::Active {
+    if get(&state, &doing, key)?.info.kind != Kind::Active {
         return Err(Error::FailedPrecondition(format!("{doing}: {key:?} is not active")));
     }
-    if state.records.contains_key(name) {
+    if state.contains_key(name) {
         return Err(Error::AlreadyExists(format!("{doing}: {name:?} already exists")));
     }
-    let Some(active) = state.records.remove(key) else {
-        return Err(not_found(&doing, key));
-    };
+    let Some(active) = state.remove(key) else { return Err(not_found(&doing, key)) };
     let time = now();
     let info = Info {
         name: name.to_owned(),
@@ -165,23 +123,22 @@ pub fn commit(name: &str, key: &str, labels: Labels) -> Result<(), Error> {
         created: time,
         updated: time,
     };
-    state.records.insert(name.to_owned(), Record { info, dir: active.dir });
+    state.insert(name.to_owned(), Record { info, layer: active.layer });
     Ok(())
 }
 
 pub fn remove(key: &str) -> Result<(), Error> {
     let doing = format!("removing {key:?}");
     let mut state = state();
-    let dir = state.get(&doing, key)?.dir.clone();
-    let child = state.records.values().find(|r| r.info.parent.as_deref() == Some(key));
-    if let Some(child) = child {
+    let layer = get(&state, &doing, key)?.layer;
+    if let Some(child) = state.values().find(|r| r.info.parent.as_deref() == Some(key)) {
         return Err(Error::FailedPrecondition(format!(
             "{doing}: {:?} has it as parent",
             child.info.name
         )));
     }
-    host::remove_tree(&dir)?;
-    state.records.remove(key);
+    layers::remove(layer)?;
+    state.remove(key);
     Ok(())
 }
 
@@ -190,9 +147,7 @@ pub fn remove(key: &str) -> Result<(), Error> {
 pub fn update(info: Info, fieldpaths: &[String]) -> Result<Info, Error> {
     let doing = format!("updating {:?}", info.name);
     let mut state = state();
-    let Some(record) = state.records.get_mut(&info.name) else {
-        return Err(not_found(&doing, &info.name));
-    };
+    let Some(record) = state.get_mut(&info.name) else { return Err(not_found(&doing, &info.name)) };
     let wanted: BTreeMap<&str, &str> =
         info.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut labels: BTreeMap<String, String> = record.info.labels.iter().cloned().collect();
@@ -231,6 +186,6 @@ fn later(time: Timestamp, previous: Timestamp) -> Timestamp {
 pub fn list(after: Option<&str>, limit: u32) -> Result<Vec<Info>, Error> {
     let state = state();
     let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-    let page = state.records.range::<str, _>((start, Bound::Unbounded));
+    let page = state.range::<str, _>((start, Bound::Unbounded));
     Ok(page.take(limit as usize).map(|(_, record)| record.info.clone()).collect())
 }

@@ -1,92 +1,31 @@
 //! `copy`: a copy-based snapshotter as a WebAssembly guest, the twin of the host's native
 //! driver, and the example of a backend built on `wasnap-sdk`.
 //!
-//! Every snapshot is a full directory tree: prepare and view copy the parent's tree
-//! (through the host, which keeps modes, owners, times, xattrs, links and devices), and the
-//! mounts are bind mounts of it. Inside the plugin's root:
+//! Every snapshot is a layer holding its whole tree: prepare and view clone the parent's
+//! layer (the host copies it, keeping modes, owners, times, xattrs, links and devices),
+//! and the mounts are bind mounts of it. The records live in the host's key-value store
+//! (`wasnap_sdk::store::Store`), so any number of instances may serve one snapshotter.
 //!
-//! ```text
-//! meta/              the records (wasnap_sdk::store::Store)
-//! snapshots/<id>/    one tree per snapshot
-//! tmp-<id>/          a tree being built for snapshot <id>
-//! ```
-//!
-//! A tree is built in `tmp-<id>`, renamed to `snapshots/<id>`, and only then is the record
-//! written; remove forgets the record before deleting the tree. So after a crash at any
-//! step every record names a complete tree, and what no record names is left for
-//! `cleanup`.
-//!
-//! Configuration (all optional): `{"grace_secs": 600}`, how old a half-built tree or a
-//! reservation of another instance must be before cleanup takes it for a crash's.
+//! A layer is made before its record is written and removed after its record is gone,
+//! so a crash leaves at most a layer no record names, which `cleanup` removes.
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use wasnap_sdk::store::{Record, Store};
+use wasnap_sdk::{Config, Kind, Labels, Layer, Mount, Result, Snapshotter, Usage, log};
 
-use serde::Deserialize;
-use wasnap_sdk::store::{DEFAULT_GRACE, Record, Store, dir_names};
-use wasnap_sdk::{Config, Error, Info, Kind, Labels, Mount, Result, Snapshotter, Usage, host, log};
-
-const META: &str = "/meta";
-const SNAPSHOTS: &str = "/snapshots";
-const TMP_PREFIX: &str = "tmp-";
-
-#[derive(Debug, Default, Deserialize)]
+/// Its configuration: none.
+#[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {
-    /// Seconds after which what another instance left half done counts as a crash's.
-    grace_secs: Option<u64>,
-}
+struct Settings {}
 
-/// The snapshotter: its records; the trees live beside them in the root.
+/// The snapshotter: its records.
 #[derive(Debug)]
 struct Copy {
     store: Store,
 }
 
-/// Where snapshot `id`'s tree lives.
-fn tree(id: u64) -> PathBuf {
-    Path::new(SNAPSHOTS).join(id.to_string())
-}
-
-/// Where snapshot `id`'s tree is built.
-fn tmp_tree(id: u64) -> PathBuf {
-    PathBuf::from(format!("/{TMP_PREFIX}{id}"))
-}
-
-fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::io(what, e)
-}
-
-/// Fills the new tree at `dst`: a copy of the parent's, or an empty root with mode 0755
-/// (WASI creates directories with the host's default mode, which need not be that).
-fn build(dst: &Path, parent: Option<&Record>) -> Result<()> {
-    match parent {
-        Some(p) => host::copy_tree(tree(p.id), dst),
-        None => {
-            fs::create_dir(dst).map_err(io(format!("create {}", dst.display())))?;
-            host::chmod(dst, 0o755)
-        }
-    }
-}
-
-/// The numbers that name entries of `dir` as `<prefix><n>`, and the names that do not
-/// parse (garbage too).
-fn numbered(dir: &str, prefix: &str) -> Result<(Vec<u64>, Vec<String>)> {
-    let (mut ids, mut other) = (Vec::new(), Vec::new());
-    for name in dir_names(Path::new(dir))? {
-        let Some(rest) = name.strip_prefix(prefix) else { continue };
-        match rest.parse::<u64>() {
-            Ok(id) => ids.push(id),
-            Err(_) => other.push(name),
-        }
-    }
-    Ok((ids, other))
-}
-
 impl Copy {
-    fn mounts_for(rec: &Record) -> Result<Vec<Mount>> {
-        Ok(vec![Mount::bind(tree(rec.id), rec.kind != Kind::Active)?])
+    fn mounts_for(rec: &Record) -> Vec<Mount> {
+        vec![Mount::bind(rec.layer, rec.kind != Kind::Active)]
     }
 
     fn create(
@@ -96,69 +35,31 @@ impl Copy {
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Vec<Mount>> {
-        let reservation = self.store.reserve(key, parent)?;
-        let id = reservation.id;
-        let tmp = tmp_tree(id);
-        let home = tree(id);
-        let placed = build(&tmp, reservation.parent.as_ref())
-            .map_err(|e| e.context(format!("build the tree of {key:?}")))
-            .and_then(|()| {
-                // Ids are never reused: a tree here is a crash's leftover from before the
-                // allocator passed this id.
-                if fs::symlink_metadata(&home).is_ok() {
-                    host::remove_tree(&home)?;
-                }
-                fs::rename(&tmp, &home).map_err(io(format!(
-                    "rename {} to {}",
-                    tmp.display(),
-                    home.display()
-                )))
-            });
-        if let Err(e) = placed {
-            let _ = host::remove_tree(&tmp);
-            return Err(e);
-        }
-        match self.store.insert(reservation, kind, labels) {
-            Ok(rec) => Self::mounts_for(&rec),
-            Err(e) => {
-                let _ = host::remove_tree(&home);
-                Err(e)
-            }
-        }
-    }
-
-    /// Removes `path`, keeping the first failure for the caller while going on.
-    fn reclaim(path: &Path, first_error: &mut Option<Error>) {
-        if let Err(e) = host::remove_tree(path) {
-            log::warn(format_args!("cleanup: could not remove {}: {e}", path.display()));
-            first_error.get_or_insert(e);
-        }
+        let rec = self.store.create(kind, key, parent, labels, |p| match p {
+            Some(p) => Layer::clone_of(p.layer),
+            None => Layer::create(),
+        })?;
+        Ok(Self::mounts_for(&rec))
     }
 }
 
 impl Snapshotter for Copy {
     fn init(config: Config) -> Result<Self> {
-        let settings: Settings = config.parse()?;
-        let grace = settings.grace_secs.map_or(DEFAULT_GRACE, Duration::from_secs);
-        fs::create_dir_all(SNAPSHOTS).map_err(io(format!("create {SNAPSHOTS}")))?;
-        Ok(Copy { store: Store::open_with_grace(META, grace)? })
+        // No settings: any is refused, so a typo in the host's config is not ignored.
+        let _: Settings = config.parse()?;
+        Ok(Copy { store: Store::new() })
     }
 
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.store.stat(key)
-    }
-
-    fn update(&self, info: &Info, fieldpaths: &[String]) -> Result<Info> {
-        self.store.update(info, fieldpaths)
+    fn store(&self) -> Option<&Store> {
+        Some(&self.store)
     }
 
     fn usage(&self, key: &str) -> Result<Usage> {
-        let rec = self.store.get(key)?;
-        host::disk_usage(tree(rec.id))
+        self.store.get(key)?.layer.usage()
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        Self::mounts_for(&self.store.get(key)?)
+        Ok(Self::mounts_for(&self.store.get(key)?))
     }
 
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
@@ -170,48 +71,51 @@ impl Snapshotter for Copy {
     }
 
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        // The tree stays where it is: committed and active differ only in the record.
         self.store.commit(name, key, labels).map(drop)
     }
 
     fn remove(&self, key: &str) -> Result<()> {
         let rec = self.store.remove(key)?;
-        // The snapshot is gone once its record is; a tree left here is cleanup's.
-        if let Err(e) = host::remove_tree(tree(rec.id)) {
-            log::warn(format_args!("remove {key:?}: tree left for cleanup: {e}"));
+        // The record is gone; a layer left by a failure here is cleanup's.
+        if let Err(e) = rec.layer.remove() {
+            log::warn(format_args!("remove {key:?}: {} stays for cleanup: {e}", rec.layer));
         }
         Ok(())
     }
 
-    fn list(&self, after: Option<&str>, limit: u32) -> Result<Vec<Info>> {
-        self.store.list(after, limit)
-    }
-
     fn cleanup(&self) -> Result<()> {
-        self.store.repair()?;
-        // Listings first, then what is in flight, then the records: a create in another
-        // instance reserves its id before its tree exists and lets go of it only after
-        // its record is written, so a tree listed here is in one of the two later reads.
-        let (trees, stray_trees) = numbered(SNAPSHOTS, "")?;
-        let (building, stray_tmps) = numbered("/", TMP_PREFIX)?;
-        let busy = self.store.inflight()?;
-        let live = self.store.ids()?;
-        let mut first_error = None;
-        for id in trees.into_iter().filter(|id| !live.contains(id) && !busy.contains(id)) {
-            Self::reclaim(&tree(id), &mut first_error);
+        let removed = self.store.reclaim_layers()?;
+        if !removed.is_empty() {
+            log::info(format_args!("cleanup removed {} layers no record named", removed.len()));
         }
-        for id in building.into_iter().filter(|id| !busy.contains(id)) {
-            Self::reclaim(&tmp_tree(id), &mut first_error);
-        }
-        let strays = stray_trees
-            .into_iter()
-            .map(|n| Path::new(SNAPSHOTS).join(n))
-            .chain(stray_tmps.into_iter().map(|n| Path::new("/").join(n)));
-        for path in strays {
-            Self::reclaim(&path, &mut first_error);
-        }
-        first_error.map_or(Ok(()), Err)
+        Ok(())
     }
 }
 
 wasnap_sdk::export_backend!(Copy);
+
+#[cfg(test)]
+mod tests {
+    use wasnap_sdk::testing::Harness;
+
+    use super::*;
+
+    #[test]
+    fn a_child_starts_as_a_copy_of_its_parent_and_changes_alone() {
+        let h = Harness::new_temp();
+        let _in = h.enter();
+        let c = Copy::init(Config::new("null")).unwrap();
+        let m = c.prepare("a", None, &Labels::new()).unwrap();
+        let Mount::Bind { layer, readonly: false } = m[0] else { panic!("{m:?}") };
+        layer.write_file("f", b"parent", 0o644).unwrap();
+        c.commit("base", "a", &Labels::new()).unwrap();
+        let m = c.prepare("b", Some("base"), &Labels::new()).unwrap();
+        let Mount::Bind { layer: child, .. } = m[0] else { panic!("{m:?}") };
+        assert_eq!(child.read_file("f").unwrap(), b"parent");
+        child.write_file("f", b"child", 0o644).unwrap();
+        assert_eq!(layer.read_file("f").unwrap(), b"parent");
+        let Mount::Bind { readonly: true, .. } = c.mounts("base").unwrap()[0] else { panic!() };
+        c.remove("b").unwrap();
+        assert!(std::fs::metadata(h.layer_path(child)).is_err(), "its layer went with it");
+    }
+}

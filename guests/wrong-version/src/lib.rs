@@ -1,5 +1,5 @@
-//! A backend plugin built against `wasnap:snapshotter@0.2.0` (see `wit/snapshotter.wit`)
-//! rather than the host's `@0.1.0`. It exists only for the host's tests: loading it must
+//! A backend plugin built against `wasnap:snapshotter@0.1.0` (see `wit/snapshotter.wit`),
+//! the ABI before the host's `@0.2.0`. It exists only for the host's tests: loading it must
 //! fail with a message that names both versions. Were it ever run, every call would
 //! answer not-implemented.
 

@@ -1,4 +1,6 @@
-//! How results are printed: aligned tables for people, JSON for programs.
+//! How results are printed: aligned tables for people, JSON for programs. [`table`] is
+//! public for the workspace's dev benchmark (`wasnap-bench`), which prints as `wasnap
+//! bench` does.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -33,8 +35,9 @@ fn json<T: Serialize + ?Sized>(out: &mut dyn Write, v: &T) -> Result<()> {
     writeln!(out).map_err(io)
 }
 
-/// Writes rows as columns separated by at least two spaces.
-pub(crate) fn table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+/// Writes rows as columns separated by at least two spaces, under `header` (left out
+/// when every title is empty); the last column is not padded.
+pub fn table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -317,9 +320,12 @@ pub(crate) fn check(out: &mut dyn Write, f: Format, reports: &[CheckReport]) -> 
                 rows.extend(r.missing.iter().map(|k| {
                     vec![r.snapshotter.clone(), k.clone(), "record without backend snapshot".into()]
                 }));
+                rows.extend(r.damaged.iter().map(|(k, why)| {
+                    vec![r.snapshotter.clone(), k.clone(), format!("data damaged: {why}")]
+                }));
             }
             table(out, &["SNAPSHOTTER", "BACKEND KEY", "PROBLEM"], &rows)?;
-            let n: usize = reports.iter().map(|r| r.orphans.len() + r.missing.len()).sum();
+            let n: usize = reports.iter().map(CheckReport::problems).sum();
             writeln!(out, "{n} problems in {} snapshotters", reports.len()).map_err(io)
         }
     }
@@ -421,6 +427,7 @@ pub(crate) fn status(
                 "failed_requests": s.failed_requests,
                 "snapshotters": s.snapshotters.iter().map(|n| serde_json::json!({
                     "name": n.name, "driver": n.driver, "open": n.open, "policies": n.policies,
+                    "state": n.state, "error": n.error, "retry_in_secs": n.retry_in_secs,
                 })).collect::<Vec<_>>(),
                 "plugins": s.plugins.iter().map(plugin_json).collect::<Vec<_>>(),
             }),
@@ -448,7 +455,14 @@ pub(crate) fn status(
                             n.name.clone()
                         },
                         n.driver.clone(),
-                        if n.open { "open".into() } else { "not open".into() },
+                        match n.state.as_str() {
+                            "failed" => {
+                                format!("failed (retry in {}s): {}", n.retry_in_secs, n.error)
+                            }
+                            "" if n.open => "open".into(),
+                            "" | "closed" => "not open".into(),
+                            other => other.into(),
+                        },
                         n.policies.to_string(),
                     ]
                 })

@@ -1,9 +1,7 @@
-//! `wasnap plugin inspect|compile|ls`, and turning `--plugin`/`--policy` arguments into
-//! `.wasm` paths (building a guest crate's directory first when given one).
+//! `wasnap plugin inspect|compile|ls`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use clap::Subcommand;
 use wasnap::Context;
@@ -12,12 +10,13 @@ use wasnap::error::{Error, Result};
 use wasnap::plugin::{Plugin, PluginInfo, Runtime, WIT_PACKAGE};
 
 use crate::output::{Format, table};
+use crate::wasm::resolve;
 
 /// `wasnap plugin` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
-    /// Show what a plugin is: its world, imports, exports, size, and whether this host
-    /// can run it (exits non-zero, saying why, if not)
+    /// Show what a plugin is: its world, the capabilities it asks for, imports, exports,
+    /// size, and whether this host can run it (exits non-zero, saying why, if not)
     Inspect {
         /// A `.wasm` component, or a guest crate's directory (built first)
         plugin: PathBuf,
@@ -31,71 +30,6 @@ pub enum PluginCommand {
     /// List the configured plugins, start each, and show its counters
     #[command(alias = "list")]
     Ls,
-}
-
-/// A `.wasm` path as given, or the component built from a guest crate's directory.
-pub fn resolve(path: &Path) -> Result<PathBuf> {
-    if !path.is_dir() {
-        if !path.exists() {
-            return Err(Error::invalid_argument(format!(
-                "plugin {}: no such file",
-                path.display()
-            )));
-        }
-        return Ok(path.to_path_buf());
-    }
-    if !path.join("Cargo.toml").is_file() {
-        return Err(Error::invalid_argument(format!(
-            "plugin {}: a directory, but not a crate (no Cargo.toml)",
-            path.display()
-        )));
-    }
-    build(path)
-}
-
-/// Builds the crate in `dir` for wasm32-wasip2 and returns its component.
-fn build(dir: &Path) -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(dir)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--message-format=json"])
-        .arg("--quiet")
-        .output()
-        .map_err(|e| {
-            Error::failed_precondition(format!("run cargo to build {}: {e}", dir.display()))
-        })?;
-    if !out.status.success() {
-        return Err(Error::failed_precondition(format!(
-            "building {} for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr).trim_end()
-        )));
-    }
-    // The crate's own artifact is the last compiler-artifact message with a .wasm.
-    let manifest = dir.join("Cargo.toml").canonicalize().unwrap_or_default();
-    let mut found = None;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if msg["reason"] != "compiler-artifact" {
-            continue;
-        }
-        let ours = msg["manifest_path"].as_str().map(Path::new) == Some(manifest.as_path());
-        let wasm = msg["filenames"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|f| f.as_str())
-            .find(|f| f.ends_with(".wasm"));
-        if let (true, Some(w)) = (ours, wasm) {
-            found = Some(PathBuf::from(w));
-        }
-    }
-    found.ok_or_else(|| {
-        Error::failed_precondition(format!(
-            "{} built, but produced no .wasm: is it a `crate-type = [\"cdylib\"]` library?",
-            dir.display()
-        ))
-    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -122,6 +56,7 @@ pub fn inspect(
                 "sha256": info.digest,
                 "imports": info.imports,
                 "exports": info.exports,
+                "capabilities": info.capabilities,
                 "compatible": info.compatible.is_ok(),
                 "problem": info.compatible.as_ref().err(),
                 "cached": info.cached,
@@ -158,6 +93,7 @@ fn write_info(out: &mut dyn Write, path: &Path, info: &PluginInfo) -> Result<()>
         vec!["sha256".into(), info.digest.clone()],
         vec!["load".into(), format!("{:.1} ms ({how})", info.load_time.as_secs_f64() * 1e3)],
     ];
+    rows.extend(info.capabilities.iter().map(|c| vec!["may".into(), c.clone()]));
     rows.extend(info.imports.iter().map(|i| vec!["imports".into(), i.clone()]));
     rows.extend(info.exports.iter().map(|e| vec!["exports".into(), e.clone()]));
     table(out, &["", ""], &rows)

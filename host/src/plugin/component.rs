@@ -7,14 +7,14 @@ use cap_std::fs::Dir;
 use wasmtime::component::{Component, InstancePre};
 
 use super::bindings::{LifecycleIndices, SnapshotterIndices};
-use super::instance::State;
 use super::runtime::{Counters, Runtime, SharedCounters};
+use super::state::State;
 use crate::error::{Error, Result};
 
 /// The WIT package (and version) this host speaks: `wit/snapshotter.wit`.
-pub const WIT_PACKAGE: &str = "wasnap:snapshotter@0.1.0";
+pub const WIT_PACKAGE: &str = "wasnap:snapshotter@0.2.0";
 const NAMESPACE: &str = "wasnap:snapshotter/";
-const VERSION: &str = "0.1.0";
+const VERSION: &str = "0.2.0";
 
 /// Which world a plugin targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -48,6 +48,8 @@ pub struct PluginInfo {
     pub imports: Vec<String>,
     /// Every interface (or function) it exports.
     pub exports: Vec<String>,
+    /// What its imports let it do, in words: the capabilities it asks the host for.
+    pub capabilities: Vec<String>,
     /// Whether this host can load it; if not, why.
     pub compatible: std::result::Result<(), String>,
     /// Whether the compiled code came from the cache.
@@ -143,17 +145,53 @@ fn inspect_component(
     let imports: Vec<String> = ty.imports(rt.engine()).map(|(n, _)| n.to_owned()).collect();
     let exports: Vec<String> = ty.exports(rt.engine()).map(|(n, _)| n.to_owned()).collect();
     let (role, compatible) = check_world(&imports, &exports);
+    let capabilities = capabilities(&imports);
     let info = PluginInfo {
         role,
         size: wasm.len() as u64,
         digest: loaded.digest,
         imports,
         exports,
+        capabilities,
         compatible,
         cached: loaded.cached,
         load_time: loaded.elapsed,
     };
     Ok((component, info))
+}
+
+/// What a component's imports let it do, one line per capability, most powerful first.
+fn capabilities(imports: &[String]) -> Vec<String> {
+    let has = |prefix: &str| imports.iter().any(|n| n.starts_with(prefix));
+    let mut out = Vec::new();
+    if has("wasnap:snapshotter/layers") {
+        out.push("layers: make, clone and remove layers, and change their contents".into());
+    }
+    if has("wasnap:snapshotter/snapshotter") {
+        out.push("snapshotter: call the next snapshotter of its chain (a policy)".into());
+    }
+    if has("wasnap:snapshotter/kv") {
+        out.push("kv: its own transactional key-value store".into());
+    }
+    if has("wasi:filesystem") {
+        out.push("filesystem: its private directory only (preopened as /)".into());
+    }
+    if has("wasnap:snapshotter/log") {
+        out.push("log: lines in the host's log, bounded per call".into());
+    }
+    if has("wasi:cli/std") || has("wasi:cli/terminal") {
+        out.push("stdio: stdout and stderr into the host's log, bounded per call; no stdin".into());
+    }
+    if has("wasi:clocks") {
+        out.push("clocks: read the time".into());
+    }
+    if has("wasi:random") {
+        out.push("random: random bytes".into());
+    }
+    if has("wasi:sockets") {
+        out.push("sockets: linked but denied: no network is given".into());
+    }
+    out
 }
 
 /// Decides the role from the names a component imports and exports, and whether this
@@ -215,20 +253,31 @@ mod tests {
     #[test]
     fn worlds_and_versions() {
         let exports =
-            s(&["wasnap:snapshotter/lifecycle@0.1.0", "wasnap:snapshotter/snapshotter@0.1.0"]);
-        let backend = s(&["wasi:cli/stdout@0.2.6", "wasnap:snapshotter/host@0.1.0"]);
+            s(&["wasnap:snapshotter/lifecycle@0.2.0", "wasnap:snapshotter/snapshotter@0.2.0"]);
+        let backend = s(&[
+            "wasi:cli/stdout@0.2.6",
+            "wasnap:snapshotter/layers@0.2.0",
+            "wasnap:snapshotter/kv@0.2.0",
+        ]);
         assert_eq!(check_world(&backend, &exports), (Some(Role::Backend), Ok(())));
-        let mut policy = backend.clone();
-        policy.push("wasnap:snapshotter/snapshotter@0.1.0".into());
+        let mut policy = s(&["wasnap:snapshotter/kv@0.2.0"]);
+        policy.push("wasnap:snapshotter/snapshotter@0.2.0".into());
         assert_eq!(check_world(&policy, &exports), (Some(Role::Policy), Ok(())));
+        let caps = capabilities(&backend);
+        assert!(caps[0].starts_with("layers:"), "{caps:?}");
+        assert!(caps.iter().any(|c| c.starts_with("kv:")), "{caps:?}");
 
-        let old = s(&["wasnap:snapshotter/host@0.2.0"]);
-        let (role, why) = check_world(&old, &exports);
+        let old = s(&["wasnap:snapshotter/host@0.1.0"]);
+        let old_exports =
+            s(&["wasnap:snapshotter/lifecycle@0.1.0", "wasnap:snapshotter/snapshotter@0.1.0"]);
+        let (role, why) = check_world(&old, &old_exports);
         assert_eq!(role, None);
-        assert!(why.unwrap_err().contains("built against wasnap:snapshotter@0.2.0"));
+        let why = why.unwrap_err();
+        assert!(why.contains("built against wasnap:snapshotter@0.1.0"), "{why}");
+        assert!(why.contains("this host speaks wasnap:snapshotter@0.2.0"), "{why}");
 
         let (_, why) = check_world(&backend, &exports[..1]);
-        assert!(why.unwrap_err().contains("does not export wasnap:snapshotter/snapshotter@0.1.0"));
+        assert!(why.unwrap_err().contains("does not export wasnap:snapshotter/snapshotter@0.2.0"));
 
         let mut foreign = backend.clone();
         foreign.push("acme:net/socket".into());

@@ -8,9 +8,34 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::bindings::types as wit;
 use crate::error::Error;
 use crate::error::ErrorKind;
-use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
+use crate::snapshot::{Info, Kind, Labels, Usage};
 
-/// A guest's error, with the plugin named so the operator knows where it came from.
+/// Most bytes of a guest's error message the host keeps.
+pub(crate) const MAX_ERROR: usize = 4096;
+
+/// A guest's text as the host repeats it (in logs, in gRPC messages): at most
+/// [`MAX_ERROR`] bytes, control characters escaped, so a guest can neither flood nor
+/// forge lines.
+pub(crate) fn guest_text(text: &str) -> String {
+    let mut end = text.len().min(MAX_ERROR);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    // Escaping can make the kept part longer: cut again after it.
+    let mut out = super::output::escape(&text[..end]);
+    let mut kept = out.len().min(MAX_ERROR);
+    while !out.is_char_boundary(kept) {
+        kept -= 1;
+    }
+    out.truncate(kept);
+    if end < text.len() || kept < out.len() {
+        out.push_str(&format!(" [{} more bytes cut]", text.len() - end));
+    }
+    out
+}
+
+/// A guest's error, with the plugin named so the operator knows where it came from (the
+/// innermost plugin, when the error passed through policies).
 pub(crate) fn error_from_guest(plugin: &str, e: wit::Error) -> Error {
     let (kind, msg) = match e {
         wit::Error::NotFound(m) => (crate::ErrorKind::NotFound, m),
@@ -21,7 +46,12 @@ pub(crate) fn error_from_guest(plugin: &str, e: wit::Error) -> Error {
         wit::Error::Unavailable(m) => (crate::ErrorKind::Unavailable, m),
         wit::Error::Internal(m) => (crate::ErrorKind::Internal, m),
     };
-    Error::new(kind, format!("plugin {plugin:?}: {msg}"))
+    let msg = guest_text(&msg);
+    if msg.starts_with("plugin \"") {
+        Error::new(kind, msg)
+    } else {
+        Error::new(kind, format!("plugin {plugin:?}: {msg}"))
+    }
 }
 
 impl From<Error> for wit::Error {
@@ -111,20 +141,6 @@ pub(crate) fn usage_to_wit(u: Usage) -> wit::UsageInfo {
     wit::UsageInfo { size: u.size, inodes: u.inodes }
 }
 
-/// A guest's mount, not yet checked: see [`super::mounts`].
-pub(crate) fn mount_from_wit(m: wit::Mount) -> Mount {
-    Mount { kind: m.type_, source: m.source, target: m.target, options: m.options }
-}
-
-pub(crate) fn mount_to_wit(m: &Mount) -> wit::Mount {
-    wit::Mount {
-        type_: m.kind.clone(),
-        source: m.source.clone(),
-        target: m.target.clone(),
-        options: m.options.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +160,21 @@ mod tests {
             assert_eq!(back.kind(), kind);
             assert_eq!(back.message(), "plugin \"p\": x");
         }
+    }
+
+    #[test]
+    fn guest_text_is_bounded_and_cannot_forge_lines() {
+        let forged = "fine\n2026-12-04T00:00:00Z ERROR wasnap: root compromised";
+        let e = error_from_guest("p", wit::Error::Internal(forged.into()));
+        assert!(!e.message().contains('\n'), "{}", e.message());
+        let flood = "x".repeat(1 << 20);
+        let e = error_from_guest("p", wit::Error::Internal(flood));
+        assert!(e.message().len() < MAX_ERROR + 100, "{}", e.message().len());
+        assert!(e.message().ends_with("more bytes cut]"));
+        // Passed on by a policy, the innermost plugin is named once.
+        let inner = error_from_guest("quota", wit::Error::FailedPrecondition("full".into()));
+        let outer = error_from_guest("label", inner.into());
+        assert_eq!(outer.message(), "plugin \"quota\": full");
     }
 
     #[test]

@@ -1,24 +1,27 @@
-//! What the host gives a guest: WASI (one directory, nothing else), the `host`
-//! interface (file work inside the guest's root) and, for a policy, the imported
-//! `snapshotter` (the next snapshotter in its chain).
+//! What the host gives a guest: WASI (one private directory, nothing else), `layers`
+//! (backends), `kv`, `log` and, for a policy, the imported `snapshotter` (the next
+//! snapshotter in its chain).
 
 use std::time::Instant;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use super::bindings::{host_api, next_api, policy, types as wit};
-use super::convert::{info_from_wit, info_to_wit, labels_from_wit, mount_to_wit, usage_to_wit};
-use super::hostfs;
-use super::instance::State;
+use super::bindings::{kv_api, layers_api, log_api, next_api, policy, types as wit};
+use super::convert::{info_from_wit, info_to_wit, labels_from_wit, usage_to_wit};
+use super::layers;
+use super::space::{Check, Write};
+use super::state::State;
 use crate::backend::{Backend, FieldPath};
-use crate::error::Error;
+use crate::error::Result;
 use crate::filter::Filter;
+use crate::fsutil::deadline;
 
 pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
-    // The policy world is the backend world plus the imported snapshotter; a backend
-    // simply never imports it.
-    policy::Policy::add_to_linker::<State, HasSelf<State>>(linker, |s| s)
+    // The policy world is types, kv, log and the imported snapshotter; a backend adds
+    // layers (and never imports the snapshotter).
+    policy::Policy::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?;
+    layers_api::add_to_linker::<State, HasSelf<State>>(linker, |s| s)
 }
 
 impl wit::Host for State {}
@@ -28,53 +31,146 @@ type WitResult<T> = std::result::Result<T, wit::Error>;
 /// Distinct mounts a policy may collect from its next snapshotter in one call.
 const MAX_PASSED_MOUNTS: usize = 1024;
 
-fn tag(plugin: &str, e: Error) -> wit::Error {
-    tracing::debug!(plugin, "host call failed: {e}");
-    e.into()
+impl State {
+    fn answer<T>(&self, r: Result<T>) -> WitResult<T> {
+        r.map_err(|e| {
+            tracing::debug!(plugin = &*self.plugin, "host call refused: {e}");
+            e.into()
+        })
+    }
+
+    /// Runs bulk work under the call's deadline.
+    fn bounded<T>(&mut self, f: impl FnOnce(&State) -> Result<T>) -> WitResult<T> {
+        let r = deadline::within(Some(self.clock.deadline()), || f(self));
+        self.answer(r)
+    }
+
+    /// Runs `f` on layer `id`'s directory, opened for this call.
+    fn in_layer<T>(
+        &mut self,
+        id: u64,
+        f: impl FnOnce(&std::os::fd::OwnedFd) -> Result<T>,
+    ) -> WitResult<T> {
+        self.bounded(|s| {
+            let fd = s.space.open_layer(s.call, id)?;
+            f(&fd).map_err(|e| e.context(format!("layer {id}")))
+        })
+    }
 }
 
-impl host_api::Host for State {
-    fn copy_tree(&mut self, src: String, dst: String) -> WitResult<()> {
-        hostfs::copy_tree(&self.root, &src, &dst).map_err(|e| tag(&self.plugin, e))
+impl layers_api::Host for State {
+    fn create(&mut self, owner_of: Option<u64>) -> WitResult<u64> {
+        self.bounded(|s| s.space.create_layer(s.call, owner_of))
     }
-    fn remove_tree(&mut self, path: String) -> WitResult<()> {
-        hostfs::remove_tree(&self.root, &path).map_err(|e| tag(&self.plugin, e))
+    fn clone(&mut self, source: u64) -> WitResult<u64> {
+        self.bounded(|s| s.space.clone_layer(s.call, source))
     }
-    fn disk_usage(&mut self, path: String) -> WitResult<wit::UsageInfo> {
-        hostfs::disk_usage(&self.root, &path).map(usage_to_wit).map_err(|e| tag(&self.plugin, e))
+    fn remove(&mut self, layer: u64) -> WitResult<()> {
+        self.bounded(|s| s.space.remove_layer(s.call, layer))
     }
-    fn chown(&mut self, path: String, uid: u32, gid: u32) -> WitResult<()> {
-        hostfs::chown(&self.root, &path, uid, gid).map_err(|e| tag(&self.plugin, e))
+    fn usage(&mut self, layer: u64) -> WitResult<wit::UsageInfo> {
+        self.bounded(|s| s.space.layer_usage(s.call, layer)).map(usage_to_wit)
     }
-    fn chmod(&mut self, path: String, mode: u32) -> WitResult<()> {
-        hostfs::chmod(&self.root, &path, mode).map_err(|e| tag(&self.plugin, e))
+    fn list(&mut self) -> WitResult<Vec<u64>> {
+        let r = self.space.list_layers(self.call);
+        self.answer(r)
     }
-    fn set_xattr(&mut self, path: String, name: String, value: Vec<u8>) -> WitResult<()> {
-        hostfs::set_xattr(&self.root, &path, &name, &value).map_err(|e| tag(&self.plugin, e))
+    fn read_dir(&mut self, layer: u64, path: String) -> WitResult<Vec<String>> {
+        self.in_layer(layer, |fd| layers::read_dir(fd, &path))
     }
-    fn get_xattr(&mut self, path: String, name: String) -> WitResult<Option<Vec<u8>>> {
-        hostfs::get_xattr(&self.root, &path, &name).map_err(|e| tag(&self.plugin, e))
+    fn read_file(&mut self, layer: u64, path: String) -> WitResult<Vec<u8>> {
+        self.in_layer(layer, |fd| layers::read_file(fd, &path))
     }
-    fn list_xattrs(&mut self, path: String) -> WitResult<Vec<String>> {
-        hostfs::list_xattrs(&self.root, &path).map_err(|e| tag(&self.plugin, e))
+    fn write_file(
+        &mut self,
+        layer: u64,
+        path: String,
+        contents: Vec<u8>,
+        mode: u32,
+    ) -> WitResult<()> {
+        self.in_layer(layer, |fd| layers::write_file(fd, &path, &contents, mode))
     }
-    fn remove_xattr(&mut self, path: String, name: String) -> WitResult<()> {
-        hostfs::remove_xattr(&self.root, &path, &name).map_err(|e| tag(&self.plugin, e))
+    fn make_dir(&mut self, layer: u64, path: String, mode: u32) -> WitResult<()> {
+        self.in_layer(layer, |fd| layers::make_dir(fd, &path, mode))
     }
-    fn make_whiteout(&mut self, path: String) -> WitResult<()> {
-        hostfs::make_whiteout(&self.root, &path).map_err(|e| tag(&self.plugin, e))
+    fn symlink(&mut self, layer: u64, path: String, target: String) -> WitResult<()> {
+        self.in_layer(layer, |fd| layers::symlink(fd, &path, &target))
     }
-    fn log(&mut self, level: host_api::Level, message: String) {
+    fn remove_entry(&mut self, layer: u64, path: String) -> WitResult<()> {
+        self.in_layer(layer, |fd| layers::remove_entry(fd, &path))
+    }
+    fn set_mode(&mut self, layer: u64, path: String, mode: u32) -> WitResult<()> {
+        self.in_layer(layer, |fd| layers::set_mode(fd, &path, mode))
+    }
+    fn set_owner(&mut self, layer: u64, path: String, uid: u32, gid: u32) -> WitResult<()> {
+        self.in_layer(layer, |fd| layers::set_owner(fd, &path, uid, gid))
+    }
+    fn set_xattr(
+        &mut self,
+        layer: u64,
+        path: String,
+        name: String,
+        value: Vec<u8>,
+    ) -> WitResult<()> {
+        self.in_layer(layer, |fd| layers::set_xattr(fd, &path, &name, &value))
+    }
+    fn get_xattr(&mut self, layer: u64, path: String, name: String) -> WitResult<Option<Vec<u8>>> {
+        self.in_layer(layer, |fd| layers::get_xattr(fd, &path, &name))
+    }
+    fn make_whiteout(&mut self, layer: u64, path: String) -> WitResult<()> {
+        self.in_layer(layer, |fd| layers::make_whiteout(fd, &path))
+    }
+}
+
+impl kv_api::Host for State {
+    fn get(&mut self, key: String) -> WitResult<Option<kv_api::Entry>> {
+        let r = self.space.kv_get(&key);
+        self.answer(r).map(|e| e.map(|(revision, value)| kv_api::Entry { value, revision }))
+    }
+    fn range(
+        &mut self,
+        start: String,
+        end: Option<String>,
+        limit: u32,
+    ) -> WitResult<Vec<(String, kv_api::Entry)>> {
+        let r = self.space.kv_range(&start, end.as_deref(), limit);
+        self.answer(r).map(|v| {
+            v.into_iter()
+                .map(|(k, revision, value)| (k, kv_api::Entry { value, revision }))
+                .collect()
+        })
+    }
+    fn commit(
+        &mut self,
+        checks: Vec<kv_api::Check>,
+        writes: Vec<kv_api::Write>,
+    ) -> WitResult<bool> {
+        let checks =
+            checks.into_iter().map(|c| Check { key: c.key, revision: c.revision }).collect();
+        let writes = writes
+            .into_iter()
+            .map(|w| match w {
+                kv_api::Write::Put((k, v)) => Write::Put(k, v),
+                kv_api::Write::Delete(k) => Write::Delete(k),
+            })
+            .collect();
+        let r = self.space.kv_commit(checks, writes);
+        self.answer(r)
+    }
+}
+
+impl log_api::Host for State {
+    fn log(&mut self, level: log_api::Level, message: String) {
         // Charged to the call's output budget like stderr, one line, and with control
         // characters escaped so a guest cannot forge other log lines.
         let Some(message) = self.stderr.take_log_line(&message) else { return };
         let plugin = &*self.plugin;
         match level {
-            host_api::Level::Error => tracing::error!(plugin, "{message}"),
-            host_api::Level::Warn => tracing::warn!(plugin, "{message}"),
-            host_api::Level::Info => tracing::info!(plugin, "{message}"),
-            host_api::Level::Debug => tracing::debug!(plugin, "{message}"),
-            host_api::Level::Trace => tracing::trace!(plugin, "{message}"),
+            log_api::Level::Error => tracing::error!(plugin, "{message}"),
+            log_api::Level::Warn => tracing::warn!(plugin, "{message}"),
+            log_api::Level::Info => tracing::info!(plugin, "{message}"),
+            log_api::Level::Debug => tracing::debug!(plugin, "{message}"),
+            log_api::Level::Trace => tracing::trace!(plugin, "{message}"),
         }
     }
 }
@@ -82,7 +178,7 @@ impl host_api::Host for State {
 impl State {
     /// Runs `f` on the next snapshotter; its time is not charged to this call's
     /// deadline (the next snapshotter has its own).
-    fn with_next<R>(&mut self, f: impl FnOnce(&dyn Backend) -> crate::Result<R>) -> WitResult<R> {
+    fn with_next<R>(&mut self, f: impl FnOnce(&dyn Backend) -> Result<R>) -> WitResult<R> {
         let Some(next) = self.next.clone() else {
             return Err(wit::Error::NotImplemented(
                 "this plugin is a backend: it has no next snapshotter".into(),
@@ -94,21 +190,26 @@ impl State {
         r.map_err(Into::into)
     }
 
-    /// Remembers what the next snapshotter returned, so the policy may pass it on. The
-    /// list lives in host memory, outside the guest's cap: it keeps distinct mounts only,
-    /// and at most a bounded number of them.
-    fn passed_mounts(&mut self, mounts: &[crate::Mount]) -> WitResult<Vec<wit::Mount>> {
+    /// Keeps what the next snapshotter returned, so the policy may pass it on, and hands
+    /// the policy indexes into that list. Distinct mounts only, and a bounded number.
+    fn passed_mounts(&mut self, mounts: Vec<crate::Mount>) -> WitResult<Vec<wit::Mount>> {
+        let mut out = Vec::with_capacity(mounts.len());
         for m in mounts {
-            if !self.next_mounts.contains(m) {
-                if self.next_mounts.len() >= MAX_PASSED_MOUNTS {
-                    return Err(wit::Error::FailedPrecondition(format!(
-                        "more than {MAX_PASSED_MOUNTS} distinct mounts from the next snapshotter in one call"
-                    )));
+            let i = match self.next_mounts.iter().position(|k| *k == m) {
+                Some(i) => i,
+                None => {
+                    if self.next_mounts.len() >= MAX_PASSED_MOUNTS {
+                        return Err(wit::Error::FailedPrecondition(format!(
+                            "more than {MAX_PASSED_MOUNTS} distinct mounts from the next snapshotter in one call"
+                        )));
+                    }
+                    self.next_mounts.push(m);
+                    self.next_mounts.len() - 1
                 }
-                self.next_mounts.push(m.clone());
-            }
+            };
+            out.push(wit::Mount::Passed(i as u32));
         }
-        Ok(mounts.iter().map(mount_to_wit).collect())
+        Ok(out)
     }
 }
 
@@ -118,7 +219,7 @@ impl next_api::Host for State {
     }
     fn update(&mut self, info: wit::Info, fieldpaths: Vec<String>) -> WitResult<wit::Info> {
         let info = info_from_wit(info);
-        let paths = FieldPath::parse_all(&fieldpaths, &info.name)?;
+        let paths = FieldPath::parse_all(&fieldpaths, &info.name).map_err(wit::Error::from)?;
         self.with_next(|n| n.update(&info, &paths)).map(|i| info_to_wit(&i))
     }
     fn usage(&mut self, key: String) -> WitResult<wit::UsageInfo> {
@@ -126,7 +227,7 @@ impl next_api::Host for State {
     }
     fn mounts(&mut self, key: String) -> WitResult<Vec<wit::Mount>> {
         let m = self.with_next(|n| n.mounts(&key))?;
-        self.passed_mounts(&m)
+        self.passed_mounts(m)
     }
     fn prepare(
         &mut self,
@@ -136,7 +237,7 @@ impl next_api::Host for State {
     ) -> WitResult<Vec<wit::Mount>> {
         let labels = labels_from_wit(labels);
         let m = self.with_next(|n| n.prepare(&key, parent.as_deref(), &labels))?;
-        self.passed_mounts(&m)
+        self.passed_mounts(m)
     }
     fn view(
         &mut self,
@@ -146,7 +247,7 @@ impl next_api::Host for State {
     ) -> WitResult<Vec<wit::Mount>> {
         let labels = labels_from_wit(labels);
         let m = self.with_next(|n| n.view(&key, parent.as_deref(), &labels))?;
-        self.passed_mounts(&m)
+        self.passed_mounts(m)
     }
     fn commit(&mut self, name: String, key: String, labels: wit::Labels) -> WitResult<()> {
         let labels = labels_from_wit(labels);

@@ -1,139 +1,39 @@
 //! One instance of a plugin: its store (WASI context, limits, the guest's root) and
 //! how a call into it is made, timed, bounded and, if it traps, reported.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cap_std::fs::Dir;
-use serde::{Deserialize, Serialize};
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use super::bindings::{Lifecycle, SnapshotterExports, types as wit};
 use super::component::Plugin;
 use super::convert::error_from_guest;
 use super::output::GuestOutput;
-use super::runtime::{Outcome, TICK};
+use super::runtime::Outcome;
+use super::space::{CallId, Space, next_call};
+use super::state::{CallClock, DeadlineExceeded, Limits, MAX_TABLE_ENTRIES, State, ticks};
 use crate::backend::Backend;
 use crate::error::{Context, Error, Result};
 use crate::snapshot::Mount;
 
-/// What one plugin may use. Each snapshotter and each policy has its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// Most linear memory one instance may have, in MiB. Growing past it traps the
-    /// call (with an error saying so) and the instance is replaced.
-    pub memory_mib: u64,
-    /// Most time one call may run, in milliseconds; time spent in the next
-    /// snapshotter of a chain does not count. Past it the call fails as unavailable
-    /// and the instance is replaced.
-    pub timeout_ms: u64,
-    /// Instances that may serve calls at once. Each instance handles one call at a
-    /// time; more than one is safe only for a plugin that keeps no state in memory.
-    pub instances: u32,
-    /// Most snapshots one walk may return before it is cut off as runaway.
-    pub max_walk: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { memory_mib: 256, timeout_ms: 60_000, instances: 1, max_walk: 10_000_000 }
-    }
-}
-
-impl Limits {
-    pub(crate) fn check(&self) -> Result<()> {
-        let bad = |what: &str| Err(Error::invalid_argument(format!("plugin limit {what}")));
-        if self.memory_mib == 0 || self.memory_mib > 4096 {
-            return bad("memory_mib must be between 1 and 4096");
-        }
-        if self.timeout_ms == 0 {
-            return bad("timeout_ms must be positive");
-        }
-        if self.instances == 0 || self.instances > 64 {
-            return bad("instances must be between 1 and 64");
-        }
-        if self.max_walk == 0 {
-            return bad("max_walk must be positive");
-        }
-        Ok(())
-    }
-
-    pub(crate) fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
-}
-
 /// Where and how instances of one snapshotter's plugin run.
 pub(crate) struct Env {
-    pub(crate) root: Arc<Dir>,
-    pub(crate) root_path: std::path::PathBuf,
+    pub(crate) space: Arc<Space>,
     pub(crate) next: Option<Arc<dyn Backend>>,
     pub(crate) limits: Limits,
     /// The plugin's configuration, as the JSON text `lifecycle.init` receives.
     pub(crate) config: String,
 }
 
-/// A store's data: what host functions and WASI see of the world.
-pub(crate) struct State {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limits: StoreLimits,
-    pub(crate) plugin: Arc<str>,
-    pub(crate) root: Arc<Dir>,
-    pub(crate) next: Option<Arc<dyn Backend>>,
-    /// Mounts the next snapshotter returned during the current call: a policy may pass
-    /// these on as they are.
-    pub(crate) next_mounts: Vec<Mount>,
-    pub(crate) clock: CallClock,
-    pub(crate) stderr: GuestOutput,
-    stdout: GuestOutput,
-}
-
-impl WasiView for State {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
-    }
-}
-
-/// The time of the call in progress, minus time spent in the next snapshotter.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CallClock {
-    started: Instant,
-    pub(crate) nested: Duration,
-    budget: Duration,
-}
-
-impl CallClock {
-    fn used(&self) -> Duration {
-        self.started.elapsed().saturating_sub(self.nested)
-    }
-}
-
-/// The error a call's epoch callback raises when its time is up.
-#[derive(Debug)]
-struct DeadlineExceeded;
-
-impl std::fmt::Display for DeadlineExceeded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("deadline exceeded")
-    }
-}
-
-impl std::error::Error for DeadlineExceeded {}
-
 /// A live instance and its exports.
 pub(crate) struct Instance {
     store: Store<State>,
     lifecycle: Lifecycle,
     exports: SnapshotterExports,
-}
-
-fn ticks(d: Duration) -> u64 {
-    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+    counters: super::runtime::SharedCounters,
 }
 
 impl Instance {
@@ -141,25 +41,24 @@ impl Instance {
     pub(crate) fn new(plugin: &Plugin, env: &Env) -> Result<Self> {
         let stdout = GuestOutput::new(plugin.name.clone(), "stdout");
         let stderr = GuestOutput::new(plugin.name.clone(), "stderr");
-        let wasi = build_wasi(&env.root_path, &stdout, &stderr)
+        let wasi = build_wasi(env.space.private(), &stdout, &stderr)
             .with_context(|| format!("plugin {:?}: set up WASI", plugin.name))?;
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_TABLE_ENTRIES);
         let limits = StoreLimitsBuilder::new()
             .memory_size((env.limits.memory_mib as usize) << 20)
             .trap_on_grow_failure(true)
             .build();
         let state = State {
             wasi,
-            table: ResourceTable::new(),
+            table,
             limits,
             plugin: plugin.name.clone(),
-            root: env.root.clone(),
+            space: env.space.clone(),
             next: env.next.clone(),
+            call: next_call(),
             next_mounts: Vec::new(),
-            clock: CallClock {
-                started: Instant::now(),
-                nested: Duration::ZERO,
-                budget: env.limits.timeout(),
-            },
+            clock: CallClock::new(env.limits.timeout()),
             stdout,
             stderr,
         };
@@ -186,13 +85,37 @@ impl Instance {
             let exports = plugin.snapshotter.load(&mut store, &instance).map_err(|e| {
                 Error::from(e).context(format!("plugin {:?}: exports", plugin.name))
             })?;
-            Ok(Instance { store, lifecycle, exports })
+            Ok(Instance { store, lifecycle, exports, counters: plugin.counters.clone() })
         })()?;
         plugin.counters.instance_created();
         let config = env.config.clone();
-        inst.call(plugin, "init", |lc, _, store| lc.call_init(store, &config))
-            .map_err(|e| e.context("init"))?;
+        let init = inst.call(plugin, "init", |lc, _, store| lc.call_init(store, &config));
+        inst.finish();
+        init.map_err(|e| e.context("init"))?;
         Ok(inst)
+    }
+
+    /// The call in progress (or the last one).
+    pub(crate) fn call_id(&self) -> CallId {
+        self.store.data().call
+    }
+
+    /// The plugin's space.
+    pub(crate) fn space(&self) -> &Arc<Space> {
+        &self.store.data().space
+    }
+
+    /// What the next snapshotter returned during the call in progress.
+    pub(crate) fn passed(&self) -> &[Mount] {
+        &self.store.data().next_mounts
+    }
+
+    /// Ends the call in progress, however it went: the layers it made stop being
+    /// pending, and what its next snapshotter returned is forgotten.
+    pub(crate) fn finish(&mut self) {
+        let data = self.store.data_mut();
+        data.space.settle(data.call);
+        data.next_mounts.clear();
     }
 
     /// Calls into the guest with the call's deadline armed. `Err` with a trap means the
@@ -212,7 +135,6 @@ impl Instance {
         let elapsed = self.store.data().clock.started.elapsed();
         let said = self.store.data().stderr.end_call();
         self.store.data().stdout.end_call();
-        self.store.data_mut().next_mounts.clear();
         match result {
             Ok(Ok(v)) => {
                 plugin.counters.record(elapsed, Outcome::Ok);
@@ -235,11 +157,18 @@ impl Instance {
 }
 
 fn start_call(store: &mut Store<State>) {
-    let clock = &mut store.data_mut().clock;
-    clock.started = Instant::now();
-    clock.nested = Duration::ZERO;
-    let budget = clock.budget;
+    let data = store.data_mut();
+    data.call = next_call();
+    data.clock.started = Instant::now();
+    data.clock.nested = Duration::ZERO;
+    let budget = data.clock.budget;
     store.set_epoch_deadline(ticks(budget));
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.counters.instance_dropped();
+    }
 }
 
 /// How a call failed.
@@ -281,7 +210,12 @@ fn describe_trap(
             budget.as_millis()
         ));
     }
-    let full = format!("{trap:#}");
+    let full = format!("{trap:?}");
+    if full.contains("resource table has no free keys") {
+        return Error::internal(format!(
+            "{head}: held more than {MAX_TABLE_ENTRIES} open files, directories or streams at once, the limit of one instance, and was stopped"
+        ));
+    }
     if full.contains("forcing trap when growing memory") {
         return Error::internal(format!("{head}: exceeded its memory limit and was stopped"));
     }
@@ -299,7 +233,7 @@ fn describe_trap(
 }
 
 fn build_wasi(
-    root: &Path,
+    root: &std::path::Path,
     stdout: &GuestOutput,
     stderr: &GuestOutput,
 ) -> wasmtime::Result<WasiCtx> {

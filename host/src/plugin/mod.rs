@@ -1,32 +1,40 @@
 //! WebAssembly plugins: backends and policies as sandboxed components.
 //!
-//! - [`runtime`]: the one wasmtime `Engine` (pooling allocator, epoch interruption) and
-//!   the on-disk cache of compiled components.
-//! - [`Plugin`]: a compiled component, checked against this host's WIT, ready to
-//!   instantiate (`InstancePre`). Shared by every snapshotter that uses it.
-//! - [`WasmSnapshotter`]: a plugin bound to its own root directory, implementing the
-//!   host's [`Backend`](crate::Backend) trait, so the metadata layer, GC and CLI
-//!   treat it like a native driver. A policy is a `WasmSnapshotter` with a `next`.
-//! - [`hostfs`] and [`mounts`]: what the host does for a guest inside its root, and how
-//!   the mounts a guest returns are checked and resolved.
+//! The threat model: a guest is hostile. It controls every byte it returns and every
+//! file in its private directory, may run several instances that race each other, and
+//! whoever mounts what it returned does so later, by path. So a guest holds
+//! capabilities, never paths:
+//! - its WASI preopen is its private [`Space`] directory, which no mount names;
+//! - the directories mounts name are layers the host makes, clones and removes outside
+//!   it ([`space`]); the guest names them by number and reaches their contents through
+//!   host functions that resolve beneath them ([`beneath`], `layers`);
+//! - mounts it returns name layers; the host writes the paths ([`mounts`]);
+//! - its records live in the host's transactional key-value store ([`space`]);
+//! - every call is bounded: deadline (epochs, and bulk host work), memory, table
+//!   entries, error and log sizes; a trap ends that call with a typed error.
 //!
-//! Architecture invariant: a guest reaches nothing but its own root. Its WASI context
-//! has one preopened directory and no environment, arguments, network or inherited
-//! stdio; host functions act through a `cap_std::fs::Dir` of that root; mount paths it
-//! returns are resolved beneath the root or refused.
+//! Modules, leaves first: [`state`] (a store's data and limits) ← `imports` (what a
+//! guest may call) ← [`runtime`] (the engine, the linker, the compile cache) ←
+//! `component` ([`Plugin`]: a compiled, checked component) ← `instance` (one store, a
+//! call under its deadline) ← `wasm` ([`WasmSnapshotter`], the [`Backend`](crate::Backend)
+//! adapter and its instance pool).
 
+pub mod beneath;
 mod bindings;
 mod component;
 mod convert;
-pub mod hostfs;
 mod imports;
 mod instance;
+mod layers;
 pub mod mounts;
 mod output;
 pub mod runtime;
+pub mod space;
+pub mod state;
 mod wasm;
 
 pub use component::{Plugin, PluginInfo, Role, WIT_PACKAGE};
-pub use instance::Limits;
 pub use runtime::{Counters, CountersSnapshot, Runtime};
+pub use space::Space;
+pub use state::Limits;
 pub use wasm::WasmSnapshotter;

@@ -76,7 +76,7 @@ impl Sink {
 
 /// A guest's text as one log line: control characters (newlines, terminal escapes)
 /// are shown escaped, so a guest cannot forge lines or drive the operator's terminal.
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() && c != '\t' {

@@ -2,7 +2,7 @@
 //!
 //! One `Engine` serves every plugin: it owns the pooling allocator (instances come from
 //! preallocated slots, memories are initialised copy-on-write), and one thread advances
-//! its epoch every [`TICK`], which is how a call's deadline interrupts a guest that
+//! its epoch every [`TICK`](super::state::TICK), which is how a call's deadline interrupts a guest that
 //! does not return. Each store still caps its own memory and time (see
 //! [`Limits`](super::Limits)).
 //!
@@ -24,11 +24,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::instance::State;
+use super::state::{State, TICK};
 use crate::error::{Context, Error, Result};
-
-/// How often the epoch advances: the resolution of call deadlines.
-pub const TICK: Duration = Duration::from_millis(5);
 
 /// Instances that may exist at once in the process, over all plugins.
 const POOL_INSTANCES: u32 = 512;
@@ -115,13 +112,18 @@ impl Runtime {
         let digest = hex(&Sha256::digest(wasm));
         let name = format!("{digest}-{}.cwasm", self.hash);
         if let Some(dir) = cache
-            && let Ok(bytes) = dir.read(&name)
+            && dir.symlink_metadata(&name).is_ok_and(|m| m.is_file())
         {
-            // SAFETY: the bytes come from the host's private cache, from a file only
-            // `store` below writes (whole, by rename), named by the hash of the source
-            // and of this engine's compatibility; wasmtime still checks the header.
+            // Mapped, not read: the file is opened through the cache directory's
+            // descriptor (its /proc link), so the capability still decides what is read.
+            let path = format!("/proc/self/fd/{}/{name}", std::os::fd::AsRawFd::as_raw_fd(dir));
+            // SAFETY: the file is in the host's private cache, written only by `store`
+            // below (whole, by rename), under a name made of the hash of the source and of
+            // this engine's compatibility; wasmtime still checks its header. The file
+            // stays mapped while the component lives: it must be replaced (rename) or
+            // unlinked, never rewritten in place, or the mapping faults.
             #[allow(unsafe_code)]
-            let loaded = unsafe { Component::deserialize(&self.engine, &bytes) };
+            let loaded = unsafe { Component::deserialize_file(&self.engine, &path) };
             match loaded {
                 Ok(c) => {
                     return Ok((c, Loaded { cached: true, elapsed: started.elapsed(), digest }));
@@ -202,6 +204,7 @@ pub struct Counters {
     traps: AtomicU64,
     timeouts: AtomicU64,
     instances: AtomicU64,
+    live: AtomicU64,
     busy_nanos: AtomicU64,
 }
 
@@ -218,6 +221,9 @@ pub struct CountersSnapshot {
     pub timeouts: u64,
     /// Instances created (the first, and one for each replaced after a trap).
     pub instances: u64,
+    /// Instances alive now. Each holds a slot of the engine's pool; a plugin that fails
+    /// to open, or an instance that traps, gives its slot back.
+    pub live: u64,
     /// Total time spent in calls, in microseconds.
     pub busy_micros: u64,
 }
@@ -242,6 +248,11 @@ impl Counters {
 
     pub(crate) fn instance_created(&self) {
         self.instances.fetch_add(1, Ordering::Relaxed);
+        self.live.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn instance_dropped(&self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The counters now.
@@ -252,6 +263,7 @@ impl Counters {
             traps: self.traps.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
             instances: self.instances.load(Ordering::Relaxed),
+            live: self.live.load(Ordering::Relaxed),
             busy_micros: self.busy_nanos.load(Ordering::Relaxed) / 1000,
         }
     }

@@ -6,16 +6,15 @@
 //! fresh one, initialised again; the failed call returns a typed error and nothing
 //! else notices.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-
-use cap_std::fs::Dir;
 
 use super::bindings::{Lifecycle, SnapshotterExports, types as wit};
 use super::component::{Plugin, Role};
-use super::convert::{info_from_wit, info_to_wit, labels_to_wit, mount_from_wit, usage_from_wit};
-use super::instance::{CallError, Env, Instance, Limits, State};
+use super::convert::{info_from_wit, info_to_wit, labels_to_wit, usage_from_wit};
+use super::instance::{CallError, Env, Instance};
 use super::mounts;
+use super::space::Space;
+use super::state::{Limits, State};
 use crate::backend::{Backend, FieldPath};
 use crate::error::{Context, Error, Result};
 use crate::filter::Filter;
@@ -57,7 +56,7 @@ impl std::fmt::Debug for WasmSnapshotter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmSnapshotter")
             .field("plugin", &self.plugin.name)
-            .field("root", &self.env.root_path)
+            .field("space", &self.env.space)
             .field("policy", &self.env.next.is_some())
             .finish()
     }
@@ -72,13 +71,12 @@ struct Pool {
 }
 
 impl WasmSnapshotter {
-    /// Binds `plugin` to its root (`root`, which is `root_path` on the host) and starts
-    /// its first instance, so that a plugin that cannot start fails here, clearly.
-    /// A backend takes no `next`; a policy requires one.
+    /// Binds `plugin` to its space (made with layers for a backend) and starts its first
+    /// instance, so that a plugin that cannot start fails here, clearly. A backend takes
+    /// no `next`; a policy requires one.
     pub fn open(
         plugin: Arc<Plugin>,
-        root: Dir,
-        root_path: PathBuf,
+        space: Arc<Space>,
         next: Option<Arc<dyn Backend>>,
         limits: Limits,
         config: &serde_json::Value,
@@ -100,10 +98,29 @@ impl WasmSnapshotter {
             _ => {}
         }
         let config = serde_json::to_string(config).with_context(|| "encode plugin config")?;
-        let env = Env { root: Arc::new(root), root_path, next, limits, config };
+        if plugin.role() == Role::Backend && !space.has_layers() {
+            return Err(Error::internal("a backend plugin's space must have layers"));
+        }
+        let env = Env { space, next, limits, config };
         let s = WasmSnapshotter { plugin, env, pool: Mutex::default(), returned: Condvar::new() };
         s.checkout()?.healthy = true;
         Ok(s)
+    }
+
+    /// Opens `plugin` in the directory `dir` (host path `path`), in a space of its own
+    /// there with a database of its own: what a plugin opened outside a host (a test, an
+    /// embedder) uses.
+    pub fn open_in(
+        plugin: Arc<Plugin>,
+        dir: &cap_std::fs::Dir,
+        path: &std::path::Path,
+        next: Option<Arc<dyn Backend>>,
+        limits: Limits,
+        config: &serde_json::Value,
+    ) -> Result<Self> {
+        let layers = plugin.role() == Role::Backend;
+        let space = Space::open(plugin.name(), dir, path, None, layers, limits.kv_mib << 20)?;
+        Self::open(plugin, space, next, limits, config)
     }
 
     /// The plugin.
@@ -184,12 +201,27 @@ impl WasmSnapshotter {
             &mut wasmtime::Store<State>,
         ) -> wasmtime::Result<std::result::Result<R, wit::Error>>,
     ) -> Result<R> {
+        self.call_then(op, f, |_, v| Ok(v))
+    }
+
+    /// As [`WasmSnapshotter::call`], with `then` run on the answer before the call ends
+    /// (while the layers it made are still its own).
+    fn call_then<R, T>(
+        &self,
+        op: &str,
+        f: impl FnOnce(
+            &Lifecycle,
+            &SnapshotterExports,
+            &mut wasmtime::Store<State>,
+        ) -> wasmtime::Result<std::result::Result<R, wit::Error>>,
+        then: impl FnOnce(&Instance, R) -> Result<T>,
+    ) -> Result<T> {
         let mut checkout = self.checkout()?;
         let inst = checkout.inst.as_mut().ok_or_else(|| Error::internal("empty checkout"))?;
-        match inst.call(&self.plugin, op, f) {
+        let result = match inst.call(&self.plugin, op, f) {
             Ok(v) => {
                 checkout.healthy = true;
-                Ok(v)
+                then(inst, v)
             }
             Err(CallError::Guest(e)) => {
                 checkout.healthy = true;
@@ -197,22 +229,9 @@ impl WasmSnapshotter {
             }
             // The checkout drops the instance: it must not be entered again.
             Err(e @ CallError::Trapped(_)) => Err(e.into_error()),
-        }
-    }
-
-    /// Checks and resolves the mounts a guest returned. A policy may also pass on
-    /// mounts exactly as its next snapshotter gave them.
-    fn resolve(
-        &self,
-        op: &str,
-        (got, passed): (Vec<wit::Mount>, Vec<Mount>),
-    ) -> Result<Vec<Mount>> {
-        let got: Vec<Mount> = got.into_iter().map(mount_from_wit).collect();
-        if !passed.is_empty() && got.iter().all(|m| passed.contains(m)) {
-            return Ok(got);
-        }
-        mounts::resolve(&self.env.root, &self.env.root_path, got)
-            .map_err(|e| e.context(format!("plugin {:?}: {op}", self.plugin.name)))
+        };
+        inst.finish();
+        result
     }
 
     fn mounts_call(
@@ -223,10 +242,15 @@ impl WasmSnapshotter {
             &mut wasmtime::Store<State>,
         ) -> wasmtime::Result<std::result::Result<Vec<wit::Mount>, wit::Error>>,
     ) -> Result<Vec<Mount>> {
-        let got = self.call(op, |_, ex, st| {
-            Ok(f(ex, &mut *st)?.map(|m| (m, st.data().next_mounts.clone())))
-        })?;
-        self.resolve(op, got)
+        let name = self.plugin.name.clone();
+        self.call_then(
+            op,
+            |_, ex, st| f(ex, st),
+            |inst, got| {
+                mounts::resolve(inst.space(), inst.call_id(), got, inst.passed())
+                    .map_err(|e| e.context(format!("plugin {name:?}: {op}")))
+            },
+        )
     }
 }
 
@@ -340,5 +364,13 @@ impl Backend for WasmSnapshotter {
             Some(next) => next.close(),
             None => Ok(()),
         }
+    }
+
+    fn verify(&self) -> Result<Vec<(String, String)>> {
+        let mut bad = self.env.space.verify()?;
+        if let Some(next) = &self.env.next {
+            bad.extend(next.verify()?);
+        }
+        Ok(bad)
     }
 }

@@ -1,11 +1,10 @@
-//! What the store keeps per snapshot, and a create's reservation.
+//! What the store keeps per snapshot.
 
-use std::fs;
-use std::path::PathBuf;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::layers::Layer;
 use crate::types::{Info, Kind, Labels};
 
 /// One snapshot's record.
@@ -13,9 +12,9 @@ use crate::types::{Info, Kind, Labels};
 pub struct Record {
     /// The key (active, view) or name (committed).
     pub name: String,
-    /// A number unique to this snapshot for the life of the store: name its files by it.
-    /// Commit keeps it.
-    pub id: u64,
+    /// The layer holding the snapshot's files (its own layer: for an overlay-style
+    /// snapshotter, the upper or the committed layer). Commit keeps it.
+    pub layer: Layer,
     /// Its kind.
     pub kind: Kind,
     /// The committed snapshot it is based on.
@@ -30,14 +29,9 @@ pub struct Record {
     /// Last change.
     #[serde(with = "nanos")]
     pub updated: SystemTime,
-    /// Anything else the plugin keeps about the snapshot (see [`Store::set_data`](super::Store::set_data)); commit
-    /// keeps it.
+    /// Anything else the plugin keeps about the snapshot; commit keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
-    /// For a committed record: the key it was committed from, so that a commit cut short
-    /// can be finished.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) committed_from: Option<String>,
 }
 
 impl Record {
@@ -51,26 +45,6 @@ impl Record {
             created: self.created,
             updated: self.updated,
         }
-    }
-}
-
-/// A key checked free and an id allocated for it, before the plugin builds anything on
-/// disk; [`Store::insert`](super::Store::insert) turns it into a record. While it lives, [`Store::inflight`](super::Store::inflight)
-/// names its id, so a cleanup running in another instance spares what is being built.
-#[derive(Debug)]
-pub struct Reservation {
-    /// The id the new snapshot will have.
-    pub id: u64,
-    /// The key the new snapshot will have.
-    pub key: String,
-    /// The parent's record, checked to be committed.
-    pub parent: Option<Record>,
-    pub(super) marker: PathBuf,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.marker);
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use crate::common::*;
 
 fn guest(name: &str) -> String {
-    let p = wasnap_conformance::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
+    let p = wasnap_test_util::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
     p.to_str().unwrap().to_owned()
 }
 
@@ -41,9 +41,11 @@ fn fails(root: &Path, args: &[&str]) -> (String, String) {
 fn inspect_says_what_a_plugin_is_and_whether_it_runs_here() {
     let dir = tmp();
     let out = ok(dir.path(), &["plugin", "inspect", &guest("copy")]);
-    assert!(out.contains("backend (wasnap:snapshotter@0.1.0)"), "{out}");
+    assert!(out.contains("backend (wasnap:snapshotter@0.2.0)"), "{out}");
     assert!(out.contains("runs here  yes"), "{out}");
-    assert!(out.contains("wasnap:snapshotter/host@0.1.0"), "{out}");
+    assert!(out.contains("wasnap:snapshotter/layers@0.2.0"), "{out}");
+    assert!(out.contains("may        layers: make, clone and remove layers"), "{out}");
+    assert!(out.contains("may        kv: its own transactional key-value store"), "{out}");
     let out = ok(dir.path(), &["plugin", "inspect", &guest("quota"), "--format", "json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["role"], "policy");
@@ -51,7 +53,8 @@ fn inspect_says_what_a_plugin_is_and_whether_it_runs_here() {
 
     let (out, err) = fails(dir.path(), &["plugin", "inspect", &guest("wrong-version")]);
     assert!(out.contains("runs here  no"), "{out}");
-    assert!(err.contains("built against wasnap:snapshotter@0.2.0"), "{err}");
+    assert!(err.contains("built against wasnap:snapshotter@0.1.0"), "{err}");
+    assert!(err.contains("this host speaks wasnap:snapshotter@0.2.0"), "{err}");
     let (_, err) = fails(dir.path(), &["plugin", "inspect", "/nonexistent.wasm"]);
     assert!(err.contains("no such file"), "{err}");
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 use wasnap::Context;
-use wasnap::root::DriverConfig;
+use wasnap::root::{DriverConfig, SnapshotterState};
 
 use super::{Shared, handle};
 use crate::proto::admin::admin_server::Admin;
@@ -45,14 +45,28 @@ impl Admin for AdminService {
     async fn status(&self, req: Request<StatusRequest>) -> Reply<StatusResponse> {
         let shared = self.shared.clone();
         handle(&self.shared, "Admin.Status", req, move |host, _scope, _r| {
+            let states = host.snapshotter_states();
             let snapshotters = host
                 .configs()
                 .iter()
-                .map(|(name, c)| Snapshotter {
-                    name: name.clone(),
-                    driver: driver_name(&c.driver).into(),
-                    open: host.is_open(name),
-                    policies: c.policies.len() as u32,
+                .map(|(name, c)| {
+                    let (state, error, retry_in_secs) = match states.get(name) {
+                        Some(SnapshotterState::Failed { error, retry_in_secs, .. }) => {
+                            ("failed", error.clone(), *retry_in_secs)
+                        }
+                        Some(SnapshotterState::Open) => ("open", String::new(), 0),
+                        Some(SnapshotterState::Opening) => ("opening", String::new(), 0),
+                        _ => ("closed", String::new(), 0),
+                    };
+                    Snapshotter {
+                        name: name.clone(),
+                        driver: driver_name(&c.driver).into(),
+                        open: state == "open",
+                        policies: c.policies.len() as u32,
+                        state: state.into(),
+                        error,
+                        retry_in_secs,
+                    }
                 })
                 .collect();
             let plugins = host
@@ -70,6 +84,7 @@ impl Admin for AdminService {
                         traps: c.traps,
                         timeouts: c.timeouts,
                         instances: c.instances,
+                        live_instances: c.live,
                         busy_micros: c.busy_micros,
                         size: info.size,
                         sha256: info.digest.clone(),

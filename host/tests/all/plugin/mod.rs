@@ -6,6 +6,7 @@
 mod contain;
 mod load;
 mod policies;
+mod sandbox;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::common::tmp;
 
 /// The built guest `name`; building the guests is part of the test.
 pub fn guest(name: &str) -> PathBuf {
-    wasnap_conformance::guests::path(name).unwrap_or_else(|e| panic!("{e}"))
+    wasnap_test_util::guests::path(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The plugin `name`, compiled once per test process.
@@ -54,7 +55,7 @@ pub fn open_plugin(
     let root = tmp();
     let path = root.path().canonicalize().unwrap();
     let dir = cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority()).unwrap();
-    let s = WasmSnapshotter::open(plugin, dir, path, None, limits, &config)?;
+    let s = WasmSnapshotter::open_in(plugin, &dir, &path, None, limits, &config)?;
     Ok(Running { s: Arc::new(s), root })
 }
 

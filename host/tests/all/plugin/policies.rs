@@ -46,7 +46,7 @@ fn chain_with(name: &str, config: serde_json::Value, limits: Limits) -> Chain {
     let path = subdir(dir.path(), "policy");
     let cap = Dir::open_ambient_dir(&path, ambient_authority()).unwrap();
     let policy =
-        WasmSnapshotter::open(plugin(name), cap, path, Some(native.clone()), limits, &config)
+        WasmSnapshotter::open_in(plugin(name), &cap, &path, Some(native.clone()), limits, &config)
             .unwrap();
     Chain { dir, native, policy: Arc::new(policy) }
 }
@@ -159,10 +159,10 @@ fn label_policy_refuses_a_configuration_that_cannot_work() {
     let native = open_native(&subdir(dir.path(), "native")).unwrap();
     let path = subdir(dir.path(), "policy");
     let cap = Dir::open_ambient_dir(&path, ambient_authority()).unwrap();
-    let err = WasmSnapshotter::open(
+    let err = WasmSnapshotter::open_in(
         plugin("label-policy"),
-        cap,
-        path,
+        &cap,
+        &path,
         Some(native),
         Limits::default(),
         &json!({"deny": ["containerd.io/*/x"]}),
@@ -200,10 +200,10 @@ fn quota_limits_active_snapshots_per_namespace() {
     expect(sn.prepare(&ns1, "f", None, &no_labels()), ErrorKind::FailedPrecondition, full);
 
     // Stateless: a new instance of the policy over the same backend counts the same.
-    let again = WasmSnapshotter::open(
+    let again = WasmSnapshotter::open_in(
         plugin("quota"),
-        Dir::open_ambient_dir(c.dir.path().join("policy"), ambient_authority()).unwrap(),
-        c.dir.path().join("policy").canonicalize().unwrap(),
+        &Dir::open_ambient_dir(subdir(c.dir.path(), "policy-2"), ambient_authority()).unwrap(),
+        &c.dir.path().join("policy-2").canonicalize().unwrap(),
         Some(c.native.clone()),
         Limits::default(),
         &json!({"max_active": 3}),

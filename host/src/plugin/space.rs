@@ -1,0 +1,607 @@
+//! What one plugin owns on the host: its private directory, its layers, its key-value
+//! store. Shared by every instance of the plugin, so invariants across records hold
+//! however many instances run.
+//!
+//! ```text
+//! <dir>/state/         the plugin's private directory: its WASI preopen, nothing else
+//! <dir>/layers/<id>    a layer's contents (backends only); what mounts name
+//! <dir>/work/<id>      overlay's work directory for layer <id> used as an upper layer
+//! <dir>/tmp/           layers being made; anything here after a crash is garbage
+//! ```
+//!
+//! The layer registry and the key-value store are tables of the root's database (or,
+//! for a plugin opened on its own, of a database in `<dir>`), keyed by the space's name.
+//! Under a host their changes are deferred like a driver's: the metadata commit that
+//! follows every backend call makes them durable.
+//!
+//! A layer is made in `tmp/`, renamed to `layers/<id>`, then registered; until the call
+//! that made it returns it is *pending*, visible to that call only. So a cleanup in one
+//! instance never takes a layer another instance is about to record.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use rustix::fs::{AtFlags, Gid, Mode, Uid};
+
+use crate::error::{Context, Error, Result};
+use crate::fsutil;
+use crate::kv::{Db, Durability, now_nanos};
+use crate::snapshot::Usage;
+
+/// (space, layer id) -> when it was made (nanoseconds since the epoch).
+const LAYERS: TableDefinition<'static, (&str, u64), u64> = TableDefinition::new("plugin_layers");
+/// (space, key) -> revision (8 bytes, little-endian) followed by the value.
+const KV: TableDefinition<'static, (&str, &str), &[u8]> = TableDefinition::new("plugin_kv");
+/// (space, counter) -> value.
+const META: TableDefinition<'static, (&str, &str), u64> = TableDefinition::new("plugin_meta");
+const META_LAYER: &str = "layer";
+const META_REVISION: &str = "revision";
+const META_BYTES: &str = "bytes";
+
+/// The database file of a plugin opened on its own, in its directory.
+const OWN_DB: &str = "plugin.db";
+const STATE: &str = "state";
+const LAYERS_DIR: &str = "layers";
+const WORK_DIR: &str = "work";
+const TMP_DIR: &str = "tmp";
+
+/// Longest key, value, and most writes of one change, and most entries of one range.
+pub(crate) const MAX_KEY: usize = 1024;
+pub(crate) const MAX_VALUE: usize = 1 << 20;
+pub(crate) const MAX_WRITES: usize = 1024;
+pub(crate) const MAX_RANGE: u32 = 10_000;
+/// Most bytes of values one range returns; a range stops early past it.
+const MAX_RANGE_BYTES: usize = 16 << 20;
+/// Layer ids are handed out from blocks reserved in the registry.
+const ID_BLOCK: u64 = 256;
+
+/// A guest call, as layers know it: a layer made during a call is that call's until it
+/// returns.
+pub(crate) type CallId = u64;
+
+/// A fresh call id.
+pub(crate) fn next_call() -> CallId {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One plugin's world on the host.
+pub struct Space {
+    name: String,
+    private: PathBuf,
+    db: Arc<Db>,
+    durability: Durability,
+    layers: Option<LayerDirs>,
+    kv_max_bytes: u64,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space").field("name", &self.name).field("private", &self.private).finish()
+    }
+}
+
+/// The directories of a backend's layers.
+struct LayerDirs {
+    /// The host path of the plugin's directory: mounts name paths below it.
+    path: PathBuf,
+    layers: Dir,
+    work: Dir,
+    tmp: Dir,
+    /// Layers being made by a call still in progress: layer -> call.
+    pending: Mutex<HashMap<u64, CallId>>,
+    ids: Mutex<(u64, u64)>,
+    tmp_seq: AtomicU64,
+}
+
+fn subdir(dir: &Dir, name: &str, path: &Path) -> Result<Dir> {
+    let mut b = DirBuilder::new();
+    b.mode(0o700);
+    // No-follow: mkdirat creates, never follows; the open below refuses a symlink. The
+    // names are the host's, in the plugin's directory, which no guest reaches.
+    match dir.create_dir_with(name, &b) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::from(e).context(format!("create {}/{name}", path.display()))),
+    }
+    fsutil::open_dir_nofollow(dir, name).with_context(|| format!("open {}/{name}", path.display()))
+}
+
+fn decode_entry(bytes: &[u8]) -> Result<(u64, Vec<u8>)> {
+    if bytes.len() < 8 {
+        return Err(Error::internal("corrupt key-value entry: shorter than its revision"));
+    }
+    let (rev, value) = bytes.split_at(8);
+    let rev = u64::from_le_bytes(rev.try_into().map_err(|_| Error::internal("revision"))?);
+    Ok((rev, value.to_vec()))
+}
+
+/// A key-value check: `key` has `revision` (none: not set).
+#[derive(Debug, Clone)]
+pub(crate) struct Check {
+    pub key: String,
+    pub revision: Option<u64>,
+}
+
+/// A key-value write.
+#[derive(Debug, Clone)]
+pub(crate) enum Write {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+impl Space {
+    /// The space `name` in the plugin directory `dir` (host path `path`), with layers if
+    /// `layers`. `db` is the root's shared database; without one the space keeps a
+    /// database of its own in `dir`. Leftovers of a crash (half-made layers, layers no
+    /// registry names) are deleted: no call runs yet.
+    pub fn open(
+        name: &str,
+        dir: &Dir,
+        path: &Path,
+        db: Option<&Arc<Db>>,
+        layers: bool,
+        kv_max_bytes: u64,
+    ) -> Result<Arc<Space>> {
+        let (db, durability) = match db {
+            Some(db) => (db.clone(), Durability::Deferred),
+            None => (Arc::new(Db::open(dir, OWN_DB, "plugin database")?), Durability::Immediate),
+        };
+        db.write(Durability::Immediate, |txn| {
+            txn.open_table(LAYERS)?;
+            txn.open_table(KV)?;
+            txn.open_table(META)?;
+            Ok(())
+        })?;
+        subdir(dir, STATE, path)?;
+        let layers = if layers {
+            Some(LayerDirs {
+                path: path.to_owned(),
+                layers: subdir(dir, LAYERS_DIR, path)?,
+                work: subdir(dir, WORK_DIR, path)?,
+                tmp: subdir(dir, TMP_DIR, path)?,
+                pending: Mutex::default(),
+                ids: Mutex::new((0, 0)),
+                tmp_seq: AtomicU64::new(0),
+            })
+        } else {
+            None
+        };
+        let space = Arc::new(Space {
+            name: name.to_owned(),
+            private: path.join(STATE),
+            db,
+            durability,
+            layers,
+            kv_max_bytes,
+        });
+        space.reclaim()?;
+        Ok(space)
+    }
+
+    /// The plugin's private directory on the host: its WASI preopen.
+    pub fn private(&self) -> &Path {
+        &self.private
+    }
+
+    /// Whether the plugin has layers (a backend).
+    pub fn has_layers(&self) -> bool {
+        self.layers.is_some()
+    }
+
+    fn dirs(&self) -> Result<&LayerDirs> {
+        self.layers
+            .as_ref()
+            .ok_or_else(|| Error::not_implemented("a policy has no layers of its own"))
+    }
+
+    fn registered(&self) -> Result<Vec<u64>> {
+        let txn = self.db.read()?;
+        let t = txn.open_table(LAYERS)?;
+        let mut ids = Vec::new();
+        for item in t.range((self.name.as_str(), 0)..=(self.name.as_str(), u64::MAX))? {
+            ids.push(item?.0.value().1);
+        }
+        Ok(ids)
+    }
+
+    fn is_registered(&self, id: u64) -> Result<bool> {
+        let txn = self.db.read()?;
+        Ok(txn.open_table(LAYERS)?.get((self.name.as_str(), id))?.is_some())
+    }
+
+    /// Deletes what a crash left: everything in `tmp/`, and layers and work directories
+    /// no registry entry names.
+    fn reclaim(&self) -> Result<()> {
+        let Some(d) = &self.layers else { return Ok(()) };
+        let known: std::collections::HashSet<u64> = self.registered()?.into_iter().collect();
+        // Pinned: listings of the host's own directories; each name is then removed with
+        // remove_tree, which follows no symlink and crosses no mount.
+        let names = |dir: &Dir| -> Result<Vec<String>> {
+            let mut out = Vec::new();
+            for e in dir.entries().context("read a layer directory")? {
+                out.push(
+                    e.context("read a layer directory")?.file_name().to_string_lossy().into_owned(),
+                );
+            }
+            Ok(out)
+        };
+        for name in names(&d.tmp)? {
+            fsutil::remove_tree(&d.tmp, &name)?;
+        }
+        for (dir, what) in [(&d.layers, LAYERS_DIR), (&d.work, WORK_DIR)] {
+            for name in names(dir)? {
+                if !name.parse::<u64>().is_ok_and(|id| known.contains(&id)) {
+                    tracing::info!(space = %self.name, entry = %format!("{what}/{name}"), "deleting what a crash left");
+                    fsutil::remove_tree(dir, &name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // --- layers ---
+
+    /// Whether `call` may use layer `id`: it is registered and not another call's
+    /// pending layer.
+    fn usable(&self, call: CallId, id: u64) -> Result<()> {
+        let d = self.dirs()?;
+        if let Some(owner) = d.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
+            && *owner != call
+        {
+            return Err(Error::failed_precondition(format!(
+                "layer {id} is being made by another call"
+            )));
+        }
+        if !self.is_registered(id)? {
+            return Err(Error::not_found(format!("layer {id}")));
+        }
+        Ok(())
+    }
+
+    fn next_id(&self, d: &LayerDirs) -> Result<u64> {
+        let mut ids = d.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.0 >= ids.1 {
+            let name = self.name.clone();
+            let stored = self.db.write(Durability::Immediate, move |txn| {
+                let mut meta = txn.open_table(META)?;
+                let stored = meta.get((name.as_str(), META_LAYER))?.map_or(0, |g| g.value());
+                meta.insert((name.as_str(), META_LAYER), stored + ID_BLOCK)?;
+                Ok(stored)
+            })?;
+            *ids = (stored, stored + ID_BLOCK);
+        }
+        ids.0 += 1;
+        Ok(ids.0)
+    }
+
+    /// Makes a layer for `call`: `build` fills `tmp/<name>` (which it must create), then
+    /// the layer is moved into place and registered, pending until the call returns.
+    fn make(&self, call: CallId, build: impl FnOnce(&Dir, &str) -> Result<()>) -> Result<u64> {
+        let d = self.dirs()?;
+        let id = self.next_id(d)?;
+        let tmp = format!("{id}-{}", d.tmp_seq.fetch_add(1, Ordering::Relaxed));
+        // No-follow: rename moves the name itself, between two of the host's directories.
+        let made = build(&d.tmp, &tmp).and_then(|()| {
+            d.tmp
+                .rename(&tmp, &d.layers, id.to_string())
+                .with_context(|| format!("move the new layer {id} into place"))
+        });
+        if let Err(e) = made {
+            let _ = fsutil::remove_tree(&d.tmp, &tmp);
+            return Err(e);
+        }
+        d.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, call);
+        let name = self.name.clone();
+        let registered = self.db.write(self.durability, move |txn| {
+            txn.open_table(LAYERS)?.insert((name.as_str(), id), now_nanos())?;
+            Ok(())
+        });
+        if let Err(e) = registered {
+            d.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            let _ = fsutil::remove_tree(&d.layers, id.to_string());
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// An empty layer (mode 0755), owned like the root of `owner_of` if given.
+    pub(crate) fn create_layer(&self, call: CallId, owner_of: Option<u64>) -> Result<u64> {
+        let owner = match owner_of {
+            Some(src) => {
+                let fd = self.open_layer(call, src)?;
+                // Pinned: the layer's root, opened without following.
+                let st = rustix::fs::fstat(&fd).context("stat the owner's layer")?;
+                Some((st.st_uid, st.st_gid))
+            }
+            None => None,
+        };
+        self.make(call, |tmp, name| {
+            let mut b = DirBuilder::new();
+            b.mode(0o755);
+            // No-follow: mkdirat creates, never follows; tmp/ is the host's alone.
+            tmp.create_dir_with(name, &b)
+                .with_context(|| format!("create layer directory {name}"))?;
+            let fd = fsutil::open_dir_nofollow(tmp, name)?;
+            // Pinned: fchmod and fchown act on the directory just opened.
+            // The mode asked for, whatever the umask.
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755)).context("chmod a new layer")?;
+            if let Some((uid, gid)) = owner {
+                rustix::fs::fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+                    .context("chown a new layer")?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A new layer holding a copy of `source`.
+    pub(crate) fn clone_layer(&self, call: CallId, source: u64) -> Result<u64> {
+        let src = self.open_layer(call, source)?;
+        self.make(call, |tmp, name| {
+            // No-follow: mkdirat creates, never follows; copy_tree walks from the pinned
+            // source root and follows no symlink, crosses no mount inside it.
+            tmp.create_dir(name).with_context(|| format!("create layer directory {name}"))?;
+            let dst = fsutil::open_dir_nofollow(tmp, name)?;
+            fsutil::copy_tree(&Dir::from_std_file(std::fs::File::from(src)), &dst)
+                .map_err(|e| e.context(format!("copy layer {source}")))
+        })
+    }
+
+    /// Removes layer `id` and its work directory.
+    pub(crate) fn remove_layer(&self, call: CallId, id: u64) -> Result<()> {
+        self.usable(call, id)?;
+        let d = self.dirs()?;
+        let name = self.name.clone();
+        self.db.write(self.durability, move |txn| {
+            txn.open_table(LAYERS)?.remove((name.as_str(), id))?;
+            Ok(())
+        })?;
+        d.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        // Moved aside first: a removal cut short by the deadline leaves garbage in tmp/,
+        // not a half-deleted layer under a registered-looking name.
+        let doomed = format!("rm-{id}-{}", d.tmp_seq.fetch_add(1, Ordering::Relaxed));
+        // No-follow: rename moves the layer's own name; remove_tree never follows.
+        match d.layers.rename(id.to_string(), &d.tmp, &doomed) {
+            Ok(()) => fsutil::remove_tree(&d.tmp, &doomed)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::from(e).context(format!("move layer {id} aside"))),
+        }
+        match fsutil::remove_tree(&d.work, id.to_string()) {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Disk usage of layer `id`.
+    pub(crate) fn layer_usage(&self, call: CallId, id: u64) -> Result<Usage> {
+        let fd = self.open_layer(call, id)?;
+        // Pinned: the walk starts at the layer's root descriptor.
+        fsutil::disk_usage(&Dir::from_std_file(std::fs::File::from(fd)))
+    }
+
+    /// Every layer `call` may see, ascending.
+    pub(crate) fn list_layers(&self, call: CallId) -> Result<Vec<u64>> {
+        let d = self.dirs()?;
+        let pending = d.pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut ids: Vec<u64> = self
+            .registered()?
+            .into_iter()
+            .filter(|id| pending.get(id).is_none_or(|owner| *owner == call))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Opens layer `id` (a directory the host made) for `call`.
+    pub(crate) fn open_layer(&self, call: CallId, id: u64) -> Result<std::os::fd::OwnedFd> {
+        self.usable(call, id)?;
+        let d = self.dirs()?;
+        let flags = rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC;
+        // No-follow: a symlink at layers/<id> is an error; O_DIRECTORY opens nothing else.
+        rustix::fs::openat(&d.layers, id.to_string(), flags, Mode::empty()).map_err(|e| {
+            Error::from(e)
+                .context(format!("open layer {id} (registered, but its directory is gone)"))
+        })
+    }
+
+    /// The host path of layer `id`'s contents, for a mount, if `call` may use it.
+    pub(crate) fn layer_path(&self, call: CallId, id: u64) -> Result<String> {
+        self.usable(call, id)?;
+        self.host_path(&format!("{LAYERS_DIR}/{id}"))
+    }
+
+    /// The host path of layer `id`'s overlay work directory, made if missing.
+    pub(crate) fn work_path(&self, call: CallId, id: u64) -> Result<String> {
+        self.usable(call, id)?;
+        let d = self.dirs()?;
+        let mut b = DirBuilder::new();
+        b.mode(0o711);
+        // No-follow: mkdirat creates, never follows; work/ is the host's alone.
+        match d.work.create_dir_with(id.to_string(), &b) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Only a directory the host made is ever a work directory. No-follow.
+                let st = rustix::fs::statat(&d.work, id.to_string(), AtFlags::SYMLINK_NOFOLLOW)
+                    .context("stat a work directory")?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    != rustix::fs::FileType::Directory
+                {
+                    return Err(Error::internal(format!("work/{id} is not a directory")));
+                }
+            }
+            Err(e) => return Err(Error::from(e).context(format!("create work/{id}"))),
+        }
+        self.host_path(&format!("{WORK_DIR}/{id}"))
+    }
+
+    fn host_path(&self, rel: &str) -> Result<String> {
+        let d = self.dirs()?;
+        let path = d.path.join(rel);
+        let s = path
+            .to_str()
+            .ok_or_else(|| Error::internal("a plugin directory's path is not UTF-8"))?;
+        // overlayfs parses these in its options; the host chose the path, so this is a
+        // misconfiguration, not the guest's doing.
+        if s.contains([':', ',', '\\']) {
+            return Err(Error::failed_precondition(format!(
+                "the plugin's directory {} holds ':', ',' or '\\', which overlay mounts cannot name",
+                d.path.display()
+            )));
+        }
+        Ok(s.to_owned())
+    }
+
+    /// Ends `call`: the layers it made are no longer pending.
+    pub(crate) fn settle(&self, call: CallId) {
+        if let Some(d) = &self.layers {
+            d.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, owner| *owner != call);
+        }
+    }
+
+    /// Layers registered whose directory is gone: (layer, why).
+    pub(crate) fn verify(&self) -> Result<Vec<(String, String)>> {
+        let Some(d) = &self.layers else { return Ok(Vec::new()) };
+        let mut bad = Vec::new();
+        for id in self.registered()? {
+            // No-follow: lstat of the layer's own name.
+            if rustix::fs::statat(&d.layers, id.to_string(), AtFlags::SYMLINK_NOFOLLOW).is_err() {
+                bad.push((format!("layer {id}"), format!("{LAYERS_DIR}/{id} is gone")));
+            }
+        }
+        Ok(bad)
+    }
+
+    // --- key-value ---
+
+    /// The entry of `key`.
+    pub(crate) fn kv_get(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        check_key(key)?;
+        let txn = self.db.read()?;
+        let t = txn.open_table(KV)?;
+        let g = t.get((self.name.as_str(), key))?;
+        g.map(|g| decode_entry(g.value())).transpose()
+    }
+
+    /// Keys from `start` up to `end`, at most `limit`.
+    pub(crate) fn kv_range(
+        &self,
+        start: &str,
+        end: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        check_key(start)?;
+        if let Some(e) = end {
+            check_key(e)?;
+        }
+        let limit = limit.min(MAX_RANGE) as usize;
+        let txn = self.db.read()?;
+        let t = txn.open_table(KV)?;
+        let name = self.name.as_str();
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in t.range((name, start)..)? {
+            let (k, v) = item?;
+            let (space, key) = k.value();
+            if space != name || end.is_some_and(|e| key >= e) || out.len() >= limit {
+                break;
+            }
+            let (rev, value) = decode_entry(v.value())?;
+            bytes += value.len() + key.len();
+            out.push((key.to_owned(), rev, value));
+            if bytes > MAX_RANGE_BYTES {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `writes` if every check holds; false if one does not.
+    pub(crate) fn kv_commit(&self, checks: Vec<Check>, writes: Vec<Write>) -> Result<bool> {
+        if writes.len() > MAX_WRITES || checks.len() > MAX_WRITES {
+            return Err(Error::invalid_argument(format!(
+                "a change has at most {MAX_WRITES} checks and {MAX_WRITES} writes"
+            )));
+        }
+        for c in &checks {
+            check_key(&c.key)?;
+        }
+        for w in &writes {
+            match w {
+                Write::Put(k, v) => {
+                    check_key(k)?;
+                    if v.len() > MAX_VALUE {
+                        return Err(Error::invalid_argument(format!(
+                            "value of {k:?} is {} bytes, more than {MAX_VALUE}",
+                            v.len()
+                        )));
+                    }
+                }
+                Write::Delete(k) => check_key(k)?,
+            }
+        }
+        let (name, max) = (self.name.clone(), self.kv_max_bytes);
+        self.db.write(self.durability, move |txn| commit_in(txn, &name, &checks, &writes, max))
+    }
+}
+
+fn check_key(key: &str) -> Result<()> {
+    if key.len() > MAX_KEY {
+        return Err(Error::invalid_argument(format!(
+            "key is {} bytes, more than {MAX_KEY}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn commit_in(
+    txn: &WriteTransaction,
+    name: &str,
+    checks: &[Check],
+    writes: &[Write],
+    max_bytes: u64,
+) -> Result<bool> {
+    let mut kv = txn.open_table(KV)?;
+    for c in checks {
+        let found = match kv.get((name, c.key.as_str()))? {
+            Some(g) => Some(decode_entry(g.value())?.0),
+            None => None,
+        };
+        if found != c.revision {
+            return Ok(false);
+        }
+    }
+    let mut meta = txn.open_table(META)?;
+    let rev = meta.get((name, META_REVISION))?.map_or(0, |g| g.value()) + 1;
+    let mut size = meta.get((name, META_BYTES))?.map_or(0, |g| g.value());
+    for w in writes {
+        let key = match w {
+            Write::Put(k, _) | Write::Delete(k) => k.as_str(),
+        };
+        if let Some(old) = kv.remove((name, key))? {
+            size = size.saturating_sub((key.len() + old.value().len()) as u64);
+        }
+        if let Write::Put(k, v) = w {
+            let mut bytes = Vec::with_capacity(8 + v.len());
+            bytes.extend_from_slice(&rev.to_le_bytes());
+            bytes.extend_from_slice(v);
+            size += (k.len() + bytes.len()) as u64;
+            kv.insert((name, k.as_str()), bytes.as_slice())?;
+        }
+    }
+    if size > max_bytes {
+        return Err(Error::failed_precondition(format!(
+            "the plugin's key-value store would hold {size} bytes, more than its limit of {max_bytes}"
+        )));
+    }
+    meta.insert((name, META_REVISION), rev)?;
+    meta.insert((name, META_BYTES), size)?;
+    Ok(true)
+}

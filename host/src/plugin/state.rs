@@ -1,0 +1,148 @@
+//! What a plugin's store holds: the WASI context, the limits, the plugin's space on the
+//! host, the call in progress and its clock. Host functions (`imports`) and the call
+//! machinery (`instance`) both work on it; it depends on neither.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::output::GuestOutput;
+use super::space::{CallId, Space};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::snapshot::Mount;
+
+/// How often the engine's epoch advances: the resolution of call deadlines.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// Most resources (open files, directories, streams) one instance may hold in its WASI
+/// table: a guest that opens without end gets an error, not the host's descriptors.
+pub(crate) const MAX_TABLE_ENTRIES: usize = 1024;
+
+/// What one plugin may use. Each snapshotter and each policy has its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most linear memory one instance may have, in MiB. Growing past it traps the
+    /// call (with an error saying so) and the instance is replaced.
+    pub memory_mib: u64,
+    /// Most time one call may run, in milliseconds; time spent in the next
+    /// snapshotter of a chain does not count. Past it the call fails as unavailable
+    /// and the instance is replaced; bulk host work (copying, measuring, removing a
+    /// layer) stops at it too.
+    pub timeout_ms: u64,
+    /// Instances that may serve calls at once. Each instance handles one call at a
+    /// time; their records are shared through the key-value store, so any plugin built
+    /// on it may run several.
+    pub instances: u32,
+    /// Most snapshots one walk may return before it is cut off as runaway.
+    pub max_walk: u64,
+    /// Most bytes (keys and values) the plugin's key-value store may hold, in MiB.
+    pub kv_mib: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_mib: 256,
+            timeout_ms: 60_000,
+            instances: 1,
+            max_walk: 10_000_000,
+            kv_mib: 1024,
+        }
+    }
+}
+
+impl Limits {
+    pub(crate) fn check(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::invalid_argument(format!("plugin limit {what}")));
+        if self.memory_mib == 0 || self.memory_mib > 4096 {
+            return bad("memory_mib must be between 1 and 4096");
+        }
+        if self.timeout_ms == 0 {
+            return bad("timeout_ms must be positive");
+        }
+        if self.instances == 0 || self.instances > 64 {
+            return bad("instances must be between 1 and 64");
+        }
+        if self.max_walk == 0 {
+            return bad("max_walk must be positive");
+        }
+        if self.kv_mib == 0 {
+            return bad("kv_mib must be positive");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// A store's data: what host functions and WASI see of the world.
+pub(crate) struct State {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    pub(crate) plugin: Arc<str>,
+    pub(crate) space: Arc<Space>,
+    pub(crate) next: Option<Arc<dyn Backend>>,
+    /// The call in progress.
+    pub(crate) call: CallId,
+    /// Mounts the next snapshotter returned during the current call: a policy passes
+    /// them on by index.
+    pub(crate) next_mounts: Vec<Mount>,
+    pub(crate) clock: CallClock,
+    pub(crate) stderr: GuestOutput,
+    pub(crate) stdout: GuestOutput,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// The time of the call in progress, minus time spent in the next snapshotter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallClock {
+    pub(crate) started: Instant,
+    pub(crate) nested: Duration,
+    pub(crate) budget: Duration,
+}
+
+impl CallClock {
+    pub(crate) fn new(budget: Duration) -> Self {
+        CallClock { started: Instant::now(), nested: Duration::ZERO, budget }
+    }
+
+    pub(crate) fn used(&self) -> Duration {
+        self.started.elapsed().saturating_sub(self.nested)
+    }
+
+    /// When the call's time runs out, as things stand: what bulk host work stops at.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.started + self.nested + self.budget
+    }
+}
+
+/// The error a call's epoch callback raises when its time is up.
+#[derive(Debug)]
+pub(crate) struct DeadlineExceeded;
+
+impl std::fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("deadline exceeded")
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
+
+/// `d` in epoch ticks, at least one.
+pub(crate) fn ticks(d: Duration) -> u64 {
+    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+}

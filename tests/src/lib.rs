@@ -26,7 +26,6 @@
 pub mod cases;
 mod factory;
 mod fixture;
-pub mod guests;
 mod harness;
 pub mod loopfs;
 mod report;

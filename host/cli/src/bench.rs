@@ -3,6 +3,10 @@
 //! It always builds a fresh root in a temporary directory (under `--dir`), says which
 //! filesystem that is (metadata cost differs by orders of magnitude between tmpfs and a
 //! disk), and never asserts a time: `--smoke` only proves the benchmark still runs.
+//! The plugin section loads the `copy` guest from `--guest-dir` (or `--copy-guest`) and
+//! never builds it: without one it is skipped, saying how to build it. The daemon
+//! against containerd, side by side, is the workspace's dev benchmark (`wasnap-bench
+//! daemon`, in `tests/bench`): a shipped binary does not launch containerd.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -24,6 +28,7 @@ use wasnap::snapshot::Labels;
 use wasnap_conformance::loopfs::LoopBtrfs;
 
 use crate::output::table;
+use crate::stats::{Stats, fmt_d, timed};
 
 /// Options of `wasnap bench`.
 #[derive(Debug, Args)]
@@ -46,49 +51,13 @@ pub struct BenchArgs {
     /// A directory on btrfs for the btrfs driver (without one, btrfs is reported skipped)
     #[arg(long)]
     pub btrfs_dir: Option<PathBuf>,
-    /// The `copy` guest to compare with the native driver [default: the workspace's
-    /// guests/copy, built on demand]
+    /// A directory holding the `copy` guest (`copy.wasm`) to compare with the native
+    /// driver; without it (or `--copy-guest`), the plugin section is skipped
+    #[arg(long, env = "WASNAP_GUESTS_DIR", value_name = "DIR")]
+    pub guest_dir: Option<PathBuf>,
+    /// The `copy` guest's `.wasm` itself (before `--guest-dir`)
     #[arg(long = "copy-guest", value_name = "WASM")]
     pub copy_guest: Option<PathBuf>,
-    /// Run only the daemon section: the snapshots gRPC API under load, against
-    /// containerd's own overlayfs snapshotter
-    #[arg(long)]
-    pub daemon_only: bool,
-}
-
-pub(crate) struct Stats {
-    n: usize,
-    total: Duration,
-    samples: Vec<Duration>,
-}
-
-impl Stats {
-    pub(crate) fn new(mut samples: Vec<Duration>) -> Self {
-        samples.sort();
-        let total = samples.iter().sum();
-        Stats { n: samples.len(), total, samples }
-    }
-    pub(crate) fn pct(&self, p: f64) -> Duration {
-        if self.samples.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((self.samples.len() - 1) as f64 * p).round() as usize;
-        self.samples[i]
-    }
-    pub(crate) fn per_sec(&self) -> f64 {
-        self.n as f64 / self.total.as_secs_f64().max(1e-9)
-    }
-}
-
-pub(crate) fn fmt_d(d: Duration) -> String {
-    let us = d.as_secs_f64() * 1e6;
-    if us < 1000.0 { format!("{us:.1} µs") } else { format!("{:.2} ms", us / 1000.0) }
-}
-
-pub(crate) fn timed(mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
-    let t = Instant::now();
-    f()?;
-    Ok(t.elapsed())
 }
 
 /// Runs the benchmark.
@@ -103,9 +72,6 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     });
     let (sizes, cycles) =
         if args.smoke { (vec![100, 1000], 50) } else { (args.sizes.clone(), args.cycles) };
-    if args.daemon_only {
-        return crate::bench_daemon::run(&base, args.copy_guest.as_deref(), args.smoke, out);
-    }
     let tmp = tempfile::Builder::new().prefix("wasnap-bench-").tempdir_in(&base).map_err(io)?;
     writeln!(
         out,
@@ -212,11 +178,29 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let depths = if args.smoke { vec![1, 10] } else { args.depths.clone() };
     drivers(args, &base, cycles, &depths, out)?;
     writeln!(out).map_err(io)?;
-    crate::bench_plugins::run(&base, args.copy_guest.as_deref(), cycles, args.smoke, out)?;
-    writeln!(out).map_err(io)?;
-    crate::bench_daemon::run(&base, args.copy_guest.as_deref(), args.smoke, out)?;
+    match copy_guest(args) {
+        Ok(guest) => crate::bench_plugins::run(&base, &guest, cycles, args.smoke, out)?,
+        Err(why) => writeln!(
+            out,
+            "plugin section skipped: {why} (build copy.wasm with: cargo build --release \
+             --target wasm32-wasip2 -p copy, then pass --guest-dir target/wasm32-wasip2/release)"
+        )
+        .map_err(io)?,
+    }
     writeln!(out).map_err(io)?;
     gc(tmp.path(), &sizes, args.smoke, out)
+}
+
+/// The `copy` guest the plugin section loads (never builds), or why there is none.
+fn copy_guest(args: &BenchArgs) -> std::result::Result<PathBuf, String> {
+    let (guest, missing) = match (&args.copy_guest, &args.guest_dir) {
+        (Some(wasm), _) => (wasm.clone(), format!("no copy guest at {}", wasm.display())),
+        (None, Some(dir)) => (dir.join("copy.wasm"), format!("no copy.wasm in {}", dir.display())),
+        (None, None) => {
+            return Err("no --guest-dir, WASNAP_GUESTS_DIR or --copy-guest given".into());
+        }
+    };
+    if guest.is_file() { Ok(guest) } else { Err(missing) }
 }
 
 /// One driver's root for the side-by-side comparison, or why it cannot run here. For

@@ -16,16 +16,8 @@ use wasnap::root::{Config, DriverConfig, Host, PluginConfig};
 use wasnap::snapshot::Labels;
 use wasnap::{Backend, Filter};
 
-use crate::bench::{Stats, fmt_d, timed};
 use crate::output::table;
-
-/// The `copy` guest: the one given, or the workspace's, built on demand.
-fn copy_guest(given: Option<&Path>) -> std::result::Result<PathBuf, String> {
-    match given {
-        Some(p) => Ok(p.to_path_buf()),
-        None => wasnap_conformance::guests::path("copy"),
-    }
-}
+use crate::stats::{Stats, fmt_d, timed};
 
 fn host(root: &Path, guest: &Path, instances: u32) -> Result<Host> {
     let limits = Limits { instances, ..Limits::default() };
@@ -87,22 +79,9 @@ fn ratio(native: f64, guest: f64) -> String {
     format!("{:.2}x", guest / native.max(1e-12))
 }
 
-/// Runs the plugin section.
-pub fn run(
-    base: &Path,
-    given: Option<&Path>,
-    n: usize,
-    smoke: bool,
-    out: &mut dyn Write,
-) -> Result<()> {
+/// Runs the plugin section against the `copy` guest at `guest`.
+pub fn run(base: &Path, guest: &Path, n: usize, smoke: bool, out: &mut dyn Write) -> Result<()> {
     let io = |e: std::io::Error| Error::from(e).context("bench");
-    let guest = match copy_guest(given) {
-        Ok(g) => g,
-        Err(why) => {
-            writeln!(out, "plugins: skipped, no copy guest ({why}); pass --plugin").map_err(io)?;
-            return Ok(());
-        }
-    };
     let tmp =
         tempfile::Builder::new().prefix("wasnap-bench-plugins-").tempdir_in(base).map_err(io)?;
     writeln!(
@@ -115,7 +94,7 @@ pub fn run(
     .map_err(io)?;
 
     // Load: cold compiles; warm deserializes from the cache the cold load filled.
-    let wasm = std::fs::read(&guest).map_err(io)?;
+    let wasm = std::fs::read(guest).map_err(io)?;
     let cache_dir = tmp.path().join("cache");
     std::fs::create_dir(&cache_dir).map_err(io)?;
     let cache =
@@ -127,7 +106,7 @@ pub fn run(
             .collect::<Result<_>>()?,
     );
 
-    let h = host(&tmp.path().join("root"), &guest, 1)?;
+    let h = host(&tmp.path().join("root"), guest, 1)?;
     let ctx = Ctx::new("bench")?;
     let native = h.snapshotter("native")?;
     let copy = h.snapshotter("copy")?;
@@ -186,7 +165,7 @@ pub fn run(
 
     // Two clients at once: one instance (calls take turns) against two.
     for instances in [1, 2] {
-        let h = host(&tmp.path().join(format!("root-{instances}")), &guest, instances)?;
+        let h = host(&tmp.path().join(format!("root-{instances}")), guest, instances)?;
         let copy = h.snapshotter("copy")?;
         let started = std::time::Instant::now();
         let per = n.max(2) / 2;
@@ -213,5 +192,100 @@ pub fn run(
         h.close()?;
     }
     table(out, &["PLUGIN CALLS", "P50 / VALUE", "P99"], &rows)?;
+    stuck_guest(tmp.path(), guest, n, out)
+}
+
+/// How long the stuck guest stays stuck (its deadline); the run beside it stops early.
+const STUCK_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The native driver's prepare+remove latency alone, and while a guest of the same root
+/// is stuck in `commit` (the `adversary` guest, spinning until its deadline): a stuck
+/// plugin must hold nothing the others need. Skipped, saying so, when the adversary
+/// guest is not beside the `copy` guest (it is a test guest, built by the tests).
+fn stuck_guest(base: &Path, guest: &Path, n: usize, out: &mut dyn Write) -> Result<()> {
+    let io = |e: std::io::Error| Error::from(e).context("bench");
+    let adversary = guest.with_file_name("adversary.wasm");
+    if !adversary.is_file() {
+        writeln!(out, "\nstuck guest: skipped, no {} (the tests build it)", adversary.display())
+            .map_err(io)?;
+        return Ok(());
+    }
+    let config: toml::Value = toml::from_str(
+        r#"mode = "spin"
+only = "stuck""#,
+    )
+    .map_err(|e| Error::internal(format!("bench config: {e}")))?;
+    let stuck_plugin = PluginConfig {
+        config: Some(config),
+        limits: Limits { timeout_ms: STUCK_FOR.as_millis() as u64, ..Limits::default() },
+        ..PluginConfig::new(&adversary)
+    };
+    let cfg = Config {
+        default_snapshotter: "native".into(),
+        snapshotters: BTreeMap::from([
+            ("native".to_owned(), DriverConfig::Native.into()),
+            ("stuck".to_owned(), DriverConfig::Wasm(stuck_plugin).into()),
+        ]),
+        ..Config::default()
+    };
+    let h = Host::open_config(&base.join("root-stuck"), Arc::new(Faults::new()), cfg)?;
+    let (native, stuck) = (h.snapshotter("native")?, h.snapshotter("stuck")?);
+    let ctx = Ctx::new("bench")?;
+    let ops = n.max(50);
+    let run = |tag: &str| -> Result<Stats> {
+        let until = std::time::Instant::now() + STUCK_FOR / 2;
+        let samples = (0..ops)
+            .take_while(|_| std::time::Instant::now() < until)
+            .map(|i| {
+                let key = format!("{tag}-{i}");
+                timed(|| {
+                    native.prepare(&ctx, &key, None, &Labels::new())?;
+                    native.remove(&ctx, &key)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Stats::new(samples))
+    };
+    run("warm")?;
+    let alone = run("alone")?;
+    stuck.prepare(&ctx, "k", None, &Labels::new())?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let committing = {
+        let stuck = stuck.clone();
+        std::thread::spawn(move || {
+            let ctx = Ctx::new("bench").expect("a valid namespace");
+            let r = stuck.commit(&ctx, "stuck-name", "k", &Labels::new());
+            let _ = tx.send(());
+            r
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let beside = run("beside")?;
+    let still_stuck = rx.try_recv().is_err();
+    // The guest's deadline ends the commit with unavailable.
+    let ended = committing.join().map_err(|_| Error::internal("the stuck commit panicked"))?;
+    if ended.is_ok() {
+        return Err(Error::internal("the stuck guest's commit succeeded"));
+    }
+    let rows = vec![
+        vec![
+            "native prepare+remove p50".into(),
+            fmt_d(alone.pct(0.5)),
+            fmt_d(beside.pct(0.5)),
+            ratio(alone.pct(0.5).as_secs_f64(), beside.pct(0.5).as_secs_f64()),
+        ],
+        vec![
+            "native prepare+remove p99".into(),
+            fmt_d(alone.pct(0.99)),
+            fmt_d(beside.pct(0.99)),
+            ratio(alone.pct(0.99).as_secs_f64(), beside.pct(0.99).as_secs_f64()),
+        ],
+    ];
+    writeln!(out).map_err(io)?;
+    table(out, &["BESIDE A GUEST STUCK IN COMMIT", "ALONE", "BESIDE", "BESIDE/ALONE"], &rows)?;
+    if !still_stuck {
+        writeln!(out, "  (the guest came unstuck before the run ended: the figures understate it)")
+            .map_err(io)?;
+    }
     Ok(())
 }

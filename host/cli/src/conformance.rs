@@ -8,7 +8,7 @@ use wasnap::config::DriverConfig;
 use wasnap::error::{Context, Error, Result};
 use wasnap_conformance::{Options, StackFactory, cases};
 
-use crate::cli::Global;
+use crate::global::Global;
 use crate::output::{Format, table};
 
 /// Options of `wasnap conformance`.

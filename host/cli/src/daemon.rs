@@ -8,7 +8,7 @@ use wasnap::Context;
 use wasnap::error::{Error, Result};
 use wasnap::root::{Config, default_root};
 
-use crate::cli::Global;
+use crate::global::Global;
 
 /// Options of `wasnap daemon`.
 #[derive(Debug, Args)]

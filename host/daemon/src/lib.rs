@@ -8,9 +8,7 @@
 //! - [`client`]: connecting to a daemon, namespace headers, a blocking wrapper.
 
 pub mod client;
-pub mod containerd;
 pub mod convert;
-pub mod process;
 pub mod proto;
 pub mod serve;
 pub mod server;

@@ -101,6 +101,24 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
                 tracing::warn!(snapshotter = %name, error = %e, "cannot open; its calls will fail until it can");
             }
         }
+        // Nothing is dropped silently: what a crash or a failing disk left inconsistent
+        // is in the log from the start (and in `wasnap gc --check`).
+        match opening.check() {
+            Ok(reports) => {
+                for r in reports.iter().filter(|r| r.problems() > 0) {
+                    for bkey in &r.missing {
+                        tracing::error!(snapshotter = %r.snapshotter, bkey, "a record names a snapshot its backend does not have");
+                    }
+                    for (bkey, why) in &r.damaged {
+                        tracing::error!(snapshotter = %r.snapshotter, bkey, "a snapshot's data is damaged: {why}");
+                    }
+                    if !r.orphans.is_empty() {
+                        tracing::info!(snapshotter = %r.snapshotter, count = r.orphans.len(), "backend snapshots no record names; the next collection prunes them");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not check the snapshotters at start"),
+        }
     })
     .await
     .map_err(|e| Error::internal(format!("open the snapshotters: {e}")))?;

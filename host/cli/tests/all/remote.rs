@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
-use wasnap_daemon::process::DaemonProcess;
+use wasnap_test_util::process::DaemonProcess;
 
 use crate::common::tmp;
 
@@ -288,7 +288,7 @@ fn status_shows_the_daemon_and_its_counters() {
 #[test]
 fn status_and_plugin_ls_show_the_daemons_plugins() {
     let guest = |n: &str| {
-        let p = wasnap_conformance::guests::path(n).unwrap_or_else(|e| panic!("{e}"));
+        let p = wasnap_test_util::guests::path(n).unwrap_or_else(|e| panic!("{e}"));
         p.to_str().unwrap().to_owned()
     };
     let config = format!(

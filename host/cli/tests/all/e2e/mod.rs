@@ -17,9 +17,9 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use wasnap_daemon::client::{Blocking, request};
-use wasnap_daemon::containerd::{self, Containerd};
-use wasnap_daemon::process::DaemonProcess;
 use wasnap_daemon::proto::snapshots::ListSnapshotsRequest;
+use wasnap_test_util::containerd::{self, Containerd};
+use wasnap_test_util::process::DaemonProcess;
 
 /// The containerd namespace the tests use.
 const NS: &str = "wasnap-e2e";
@@ -154,7 +154,7 @@ fn config(copy_guest: &Path) -> String {
 }
 
 fn start(scratch: &Scratch) -> (Daemon, Containerd) {
-    let guest = wasnap_conformance::guests::path("copy").unwrap();
+    let guest = wasnap_test_util::guests::path("copy").unwrap();
     let daemon = Daemon::start(scratch.path(), &config(&guest));
     let cdir = scratch.path().join("containerd");
     std::fs::create_dir(&cdir).unwrap();

@@ -4,8 +4,10 @@
 //! request in a process builds every guest of the workspace in one `cargo build` (in
 //! release mode, into `target/guests`, a target directory of its own so that it never
 //! waits on the lock of the `cargo test` that runs it); later requests reuse the
-//! result, and cargo itself makes a rebuild a no-op when nothing changed. Set
-//! `WASNAP_GUESTS_DIR` to a directory of prebuilt `.wasm` files to skip the build.
+//! result, and cargo itself makes a rebuild a no-op when nothing changed. The `.wasm`
+//! files land in `target/guests/wasm32-wasip2/release` (`wasnap bench --guest-dir`
+//! takes that directory). Set `WASNAP_GUESTS_DIR` to a directory of prebuilt `.wasm`
+//! files to skip the build.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,9 +25,9 @@ pub const ALL: &[&str] = &[
     "myplugin",
 ];
 
-/// The workspace root (this crate lives in `tests/`).
+/// The workspace root (this crate lives in `tests/util/`, two levels below it).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("/")).to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap_or(Path::new("/")).to_path_buf()
 }
 
 /// The path of the built guest `package` (e.g. `copy`, `label-policy`).
@@ -64,4 +66,14 @@ fn build_all() -> Result<PathBuf, String> {
         ));
     }
     Ok(target.join("wasm32-wasip2/release"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_workspace_root_is_the_workspace_root() {
+        let manifest = std::fs::read_to_string(super::workspace_root().join("Cargo.toml"))
+            .unwrap_or_else(|e| panic!("the workspace root's Cargo.toml: {e}"));
+        assert!(manifest.contains("[workspace]"), "not the workspace's manifest:\n{manifest}");
+    }
 }

@@ -1,4 +1,4 @@
-//! `wasnap bench`, daemon: a load generator speaking containerd's snapshots gRPC API,
+//! `wasnap-bench daemon`: a load generator speaking containerd's snapshots gRPC API,
 //! running the same workloads at 1 and 8 concurrent clients against containerd's own
 //! overlayfs snapshotter (through containerd's snapshots service), against wasnap's
 //! overlay driver and `copy` guest (straight to the wasnap daemon), and against wasnap
@@ -11,14 +11,13 @@ use std::time::{Duration, Instant};
 
 use wasnap::Context;
 use wasnap::error::{Error, Result};
+use wasnap_cli::output::table;
+use wasnap_cli::stats::{Stats, fmt_d};
 use wasnap_daemon::client::{Client, request};
-use wasnap_daemon::containerd::{self, Containerd};
 use wasnap_daemon::convert;
-use wasnap_daemon::process::DaemonProcess;
 use wasnap_daemon::proto::snapshots::*;
-
-use crate::bench::{Stats, fmt_d};
-use crate::output::table;
+use wasnap_test_util::containerd::{self, Containerd};
+use wasnap_test_util::process::DaemonProcess;
 
 const NS: &str = "bench";
 
@@ -148,9 +147,16 @@ async fn load(t: &Target, clients: usize, per_client: usize, workload: &str) -> 
     })
 }
 
-/// Runs the daemon section: starts a wasnap daemon and a containerd of its own under
-/// `base`, loads each target, prints the table. Skips (and says why) where it cannot run.
-pub fn run(base: &Path, copy_guest: Option<&Path>, smoke: bool, out: &mut dyn Write) -> Result<()> {
+/// Runs the daemon benchmark: starts a wasnap daemon (the binary `wasnap`) and a
+/// containerd of its own under `base`, loads each target, prints the table. Skips (and
+/// says why) where it cannot run.
+pub fn run(
+    base: &Path,
+    copy_guest: Option<&Path>,
+    wasnap: &Path,
+    smoke: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::from(e).context("bench");
     if !rustix::process::geteuid().is_root() {
         writeln!(out, "daemon: skipped (overlay and containerd need root)").map_err(io)?;
@@ -158,7 +164,7 @@ pub fn run(base: &Path, copy_guest: Option<&Path>, smoke: bool, out: &mut dyn Wr
     }
     let guest = match copy_guest {
         Some(g) => g.to_path_buf(),
-        None => match wasnap_conformance::guests::path("copy") {
+        None => match wasnap_test_util::guests::path("copy") {
             Ok(g) => g,
             Err(why) => {
                 writeln!(out, "daemon: skipped (no copy guest: {why})").map_err(io)?;
@@ -168,13 +174,12 @@ pub fn run(base: &Path, copy_guest: Option<&Path>, smoke: bool, out: &mut dyn Wr
     };
     let tmp =
         tempfile::Builder::new().prefix("wasnap-bench-daemon-").tempdir_in(base).map_err(io)?;
-    let exe = std::env::current_exe().map_err(io)?;
     let config = format!(
         "default_snapshotter = \"overlay\"\n[snapshotters.overlay]\ndriver = \"overlay\"\n\
          [snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\n",
         guest.display().to_string()
     );
-    let daemon = DaemonProcess::start(&exe, tmp.path(), &config)?;
+    let daemon = DaemonProcess::start(wasnap, tmp.path(), &config)?;
     let mut targets = Vec::new();
     let peer = match containerd::binary() {
         None => {

@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// The `copy` guest's `.wasm` itself (before `--guest-dir`)
     #[arg(long = "copy-guest", value_name = "WASM")]
     pub copy_guest: Option<PathBuf>,
+    /// Directory on a real disk for the cost of durable commits (syncing on tmpfs costs
+    /// nothing, so the figure only means something on a disk)
+    #[arg(long, default_value = "/var/tmp")]
+    pub disk_dir: PathBuf,
 }
 
 /// Runs the benchmark.
@@ -188,7 +192,119 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         .map_err(io)?,
     }
     writeln!(out).map_err(io)?;
+    durability(&args.disk_dir, if args.smoke { 10 } else { 100 }, out)?;
+    writeln!(out).map_err(io)?;
     gc(tmp.path(), &sizes, args.smoke, out)
+}
+
+/// Files written into each layer of the durability section, and their size.
+const DURABLE_FILES: usize = 16;
+const DURABLE_FILE_BYTES: usize = 4096;
+
+/// What a durable commit costs: the same layer lifetime (prepare, write a few small
+/// files, commit, remove) with `sync_commits` on and off, per driver, on `dir`'s
+/// filesystem. The two settings alternate cycle by cycle, so a disk that slows down
+/// over the run weighs on both alike.
+fn durability(dir: &Path, cycles: usize, out: &mut dyn Write) -> Result<()> {
+    let io = |e: std::io::Error| Error::from(e).context("bench");
+    let fs = wasnap::probe::filesystem_name(dir);
+    let tmp = match tempfile::Builder::new().prefix("wasnap-bench-").tempdir_in(dir) {
+        Ok(t) => t,
+        Err(e) => {
+            writeln!(out, "durability section skipped: cannot use {}: {e}", dir.display())
+                .map_err(io)?;
+            return Ok(());
+        }
+    };
+    let root_user = rustix::process::geteuid().is_root();
+    let drivers: Vec<(&str, DriverConfig)> =
+        if root_user && wasnap::probe::Support::overlay_available() {
+            vec![
+                ("native", DriverConfig::Native),
+                ("overlay", DriverConfig::Overlay(Default::default())),
+            ]
+        } else {
+            vec![("native", DriverConfig::Native)]
+        };
+    let mut snapshotters = BTreeMap::new();
+    for (name, driver) in &drivers {
+        for sync in [true, false] {
+            let mut config = wasnap::config::SnapshotterConfig::from(driver.clone());
+            config.sync_commits = sync;
+            snapshotters.insert(format!("{name}-sync-{sync}"), config);
+        }
+    }
+    let config = Config {
+        default_snapshotter: format!("{}-sync-true", drivers[0].0),
+        snapshotters,
+        ..Config::default()
+    };
+    let host = Host::open_config(&tmp.path().join("root"), Arc::new(Faults::new()), config)?;
+    let ctx = Ctx::new("bench-sync")?;
+    let none = Labels::new();
+    let target = tmp.path().join("mnt");
+    std::fs::create_dir_all(&target).map_err(io)?;
+    let mut rows = Vec::new();
+    for (name, _) in &drivers {
+        let synced = host.snapshotter(&format!("{name}-sync-true"))?;
+        let unsynced = host.snapshotter(&format!("{name}-sync-false"))?;
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for i in 0..cycles {
+            for (sn, samples) in [(&synced, &mut on), (&unsynced, &mut off)] {
+                let (key, committed) = (format!("sync-a-{i}"), format!("sync-c-{i}"));
+                let mounts = sn.prepare(&ctx, &key, None, &none)?;
+                write_files(&mounts, &target, root_user)?;
+                samples.push(timed(|| sn.commit(&ctx, &committed, &key, &none))?);
+                sn.remove(&ctx, &committed)?;
+            }
+        }
+        let (on, off) = (Stats::new(on), Stats::new(off));
+        let ratio = on.pct(0.5).as_secs_f64() / off.pct(0.5).as_secs_f64().max(1e-9);
+        rows.push(vec![
+            name.to_string(),
+            on.n.to_string(),
+            fmt_d(on.pct(0.5)),
+            fmt_d(on.pct(0.99)),
+            fmt_d(off.pct(0.5)),
+            fmt_d(off.pct(0.99)),
+            format!("{ratio:.1}x"),
+        ]);
+    }
+    host.close()?;
+    table(
+        out,
+        &[
+            "COMMIT COST",
+            "N",
+            "SYNCED P50",
+            "SYNCED P99",
+            "UNSYNCED P50",
+            "UNSYNCED P99",
+            "SYNCED/UNSYNCED",
+        ],
+        &rows,
+    )?;
+    writeln!(
+        out,
+        "  commit of a layer holding {DURABLE_FILES} files of {} KiB, root in {} ({fs}); \
+         sync_commits = false in a snapshotter's config trades this for the power-cut window",
+        DURABLE_FILE_BYTES / 1024,
+        dir.display()
+    )
+    .map_err(io)?;
+    Ok(())
+}
+
+/// Writes the durability section's files into a fresh active snapshot.
+fn write_files(mounts: &[wasnap::Mount], target: &Path, mount: bool) -> Result<()> {
+    let write = |dir: &Path| -> Result<()> {
+        for f in 0..DURABLE_FILES {
+            std::fs::write(dir.join(format!("file-{f}")), [b'd'; DURABLE_FILE_BYTES])
+                .with_context(|| "bench: write layer")?;
+        }
+        Ok(())
+    };
+    in_layer(mounts, target, mount, write)
 }
 
 /// The `copy` guest the plugin section loads (never builds), or why there is none.
@@ -348,13 +464,22 @@ fn measure_driver(
     Ok((cycle_cell, cells))
 }
 
-/// Writes layer `n`'s file into a fresh active snapshot: through a real mount when we
-/// may mount, otherwise straight into the directory a bind or overlay mount would show.
+/// Writes layer `n`'s file into a fresh active snapshot.
 fn write_layer(mounts: &[wasnap::Mount], target: &Path, mount: bool, n: usize) -> Result<()> {
-    let write = |dir: &Path| {
+    in_layer(mounts, target, mount, |dir| {
         std::fs::write(dir.join(format!("file-{n}")), n.to_string())
             .with_context(|| "bench: write layer")
-    };
+    })
+}
+
+/// Runs `write` on an active snapshot's tree: through a real mount when we may mount,
+/// otherwise straight in the directory a bind or overlay mount would show.
+fn in_layer(
+    mounts: &[wasnap::Mount],
+    target: &Path,
+    mount: bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     if mount {
         wasnap::mount::mount_all(mounts, target)?;
         let r = write(target);

@@ -117,3 +117,61 @@ pub fn run(args: &ConformanceArgs, g: &Global, out: &mut dyn Write) -> Result<()
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use wasnap::driver::overlay::OverlayOptions;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        global: Global,
+    }
+
+    /// The suite runs the stack the configuration describes, driver options included
+    /// (it once ran a default overlay whatever the file said).
+    #[test]
+    fn configured_overlay_options_and_policies_reach_the_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasnap.toml");
+        std::fs::write(
+            &path,
+            r#"
+default_snapshotter = "fast"
+[snapshotters.fast]
+driver = "overlay"
+volatile = true
+async_remove = true
+index_off = false
+
+[[snapshotters.fast.policies]]
+path = "/opt/policy.wasm"
+"#,
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["wasnap", "--config", path.to_str().unwrap()]);
+        let stack = factory(&cli.global).unwrap();
+        let config = stack.config();
+        let DriverConfig::Overlay(opts) = &config.driver else {
+            panic!("expected the overlay driver, got {:?}", config.driver)
+        };
+        assert_eq!(
+            *opts,
+            OverlayOptions {
+                volatile: true,
+                async_remove: true,
+                index_off: false,
+                ..Default::default()
+            }
+        );
+        assert_eq!(config.policies.len(), 1);
+        assert_eq!(config.policies[0].path, PathBuf::from("/opt/policy.wasm"));
+
+        let cli = Cli::parse_from(["wasnap", "--config", path.to_str().unwrap(), "-s", "nope"]);
+        let err = factory(&cli.global).unwrap_err();
+        assert!(err.to_string().contains("\"nope\""), "{err}");
+    }
+}

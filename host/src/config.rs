@@ -52,7 +52,9 @@ use crate::driver::overlay::OverlayOptions;
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
 use crate::plugin::Limits;
-use crate::root::DEFAULT_SNAPSHOTTER;
+
+/// The snapshotter used when none is named: the one that works everywhere.
+pub const DEFAULT_SNAPSHOTTER: &str = "native";
 
 /// Which driver serves a snapshotter, and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -23,20 +23,11 @@ use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::kv::Durability;
 use crate::metadata::gc::{Marked, mark_and_sweep, mark_read};
-use crate::metadata::{MetaDb, Snapshotter};
+use crate::metadata::{Changes, MetaDb, Snapshotter};
 
-pub use crate::metadata::gc::{LABEL_GC_BREF_SNAPSHOT, LABEL_GC_REF_SNAPSHOT, LABEL_GC_ROOT};
-
-/// The host's own retention, applied to committed snapshots that nothing else holds
-/// (what buildkit's prune calls keep-duration and keep-storage).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Retention {
-    /// Keep this many of the most recently used ones.
-    pub keep_recent: usize,
-    /// Keep those used within this long (seconds).
-    pub keep_for_secs: Option<u64>,
-}
+pub use crate::metadata::gc::{
+    LABEL_GC_BREF_SNAPSHOT, LABEL_GC_REF_SNAPSHOT, LABEL_GC_ROOT, Retention,
+};
 
 /// How collections run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,17 +204,15 @@ struct TriggerState {
     stop: bool,
 }
 
-impl Trigger {
-    /// A removal happened.
-    pub fn deletion(&self) {
+impl Changes for Trigger {
+    fn deletion(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.deletions += 1;
         s.mutations += 1;
         self.wake.notify_all();
     }
 
-    /// Some other mutation happened.
-    pub fn mutation(&self) {
+    fn mutation(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.mutations += 1;
         self.wake.notify_all();

@@ -5,7 +5,9 @@
 //!
 //! Layout of a root:
 //! ```text
-//! metadata.db                 the host's metadata (namespaces, keys, labels, links)
+//! metadata.db                 the root's one database: the metadata (namespaces, keys,
+//!                             labels, links, leases), each driver's records, each
+//!                             plugin's layer registry and key-value store
 //! snapshotters/<name>/        each snapshotter's own directory, its backend's to manage
 //!                             (a wasm backend's root: the only directory it sees)
 //! policies/<name>/<i>-<stem>/ the root of the i-th policy plugin in front of <name>
@@ -20,7 +22,9 @@ use std::time::{Duration, Instant};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
-pub use crate::config::{Config, DriverConfig, PluginConfig, SnapshotterConfig};
+pub use crate::config::{
+    Config, DEFAULT_SNAPSHOTTER, DriverConfig, PluginConfig, SnapshotterConfig,
+};
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::gc::{Collector, GcReport, Scheduler, Trigger};
@@ -29,9 +33,6 @@ use crate::plugin::Plugin;
 use crate::probe::Support;
 pub use crate::stack::LoadedPlugin;
 use crate::stack::{Place, Plugins};
-
-/// The snapshotter used when none is named: the one that works everywhere.
-pub const DEFAULT_SNAPSHOTTER: &str = "native";
 
 /// The root used when none is given: `/var/lib/wasnap` for root, otherwise
 /// `$XDG_DATA_HOME/wasnap` (or `~/.local/share/wasnap`).

@@ -30,7 +30,7 @@ use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
 use crate::driver::storage::{Snap, Store};
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
-use crate::snapshot::{Kind, Labels, Usage};
+use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
 
 pub(crate) const SNAPSHOTS: &str = "snapshots";
 /// Layers with more inodes than this are synced with one `syncfs` at commit.
@@ -49,6 +49,210 @@ pub(crate) trait Entries: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 }
+
+/// A driver on this layout: only what differs between drivers. Every backend call is
+/// answered for all of them alike, by [`on_layout!`], so a rule about records, kinds,
+/// usage or removal is written once.
+pub(crate) trait OnLayout: Send + Sync + std::fmt::Debug {
+    /// Where a snapshot's tree is inside its entry: `""` (the entry itself) or the name
+    /// of a subdirectory.
+    const TREE: &'static str;
+
+    fn layout(&self) -> &Layout;
+
+    /// Makes a new snapshot's entry as `tmp/<tmp>`: empty, or from its parent (the
+    /// parent's key and record).
+    fn build_entry(&self, tmp: &str, parent: Option<(&str, &Snap)>) -> Result<()>;
+
+    /// Whether an entry of this kind is sealed (made read-only) once in place.
+    fn seals(&self, _kind: Kind) -> bool {
+        false
+    }
+
+    /// The mounts of a recorded snapshot.
+    fn mounts_for(&self, snap: &Snap) -> Result<Vec<Mount>>;
+
+    /// Commits the active snapshot `key` (checked to be active) as `name`.
+    fn commit_active(&self, name: &str, key: &str, active: &Snap, labels: &Labels) -> Result<()>;
+
+    /// When a removed snapshot's data is deleted.
+    fn deletion(&self) -> Deletion;
+
+    /// A stored record as callers see it (overlay adds a computed label).
+    fn present(&self, info: Info, _id: u64) -> Info {
+        info
+    }
+
+    /// Labels that are computed by [`OnLayout::present`], never stored.
+    fn computed_labels(&self) -> &'static [&'static str] {
+        &[]
+    }
+}
+
+/// The backend calls every driver on this layout answers alike; [`on_layout!`] makes a
+/// driver's `Backend` impl of them.
+pub(crate) mod answer {
+    use super::{Layout, OnLayout};
+    use crate::backend::FieldPath;
+    use crate::error::{Error, Result};
+    use crate::filter::Filter;
+    use crate::fsutil;
+    use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
+
+    pub fn stat<D: OnLayout>(d: &D, key: &str) -> Result<Info> {
+        let l = d.layout();
+        l.check_open()?;
+        let (info, snap) = l.store.get(key)?;
+        Ok(d.present(info, snap.id))
+    }
+
+    pub fn update<D: OnLayout>(d: &D, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
+        let l = d.layout();
+        l.check_open()?;
+        let mut info = info.clone();
+        for label in d.computed_labels() {
+            info.labels.remove(*label);
+        }
+        let (updated, id) = l.store.update(&info, fieldpaths)?;
+        Ok(d.present(updated, id))
+    }
+
+    pub fn usage<D: OnLayout>(d: &D, key: &str) -> Result<Usage> {
+        let l: &Layout = d.layout();
+        l.usage(key, |id| {
+            let entry = fsutil::open_dir_nofollow(&l.snapshots, &id.to_string())?;
+            match D::TREE {
+                "" => fsutil::disk_usage(&entry),
+                tree => fsutil::disk_usage(&fsutil::open_dir_nofollow(&entry, tree)?),
+            }
+        })
+    }
+
+    pub fn create<D: OnLayout>(
+        d: &D,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<Vec<Mount>> {
+        let snap = d.layout().build(kind, key, parent, labels, d.seals(kind), |tmp, p| {
+            d.build_entry(tmp, parent.zip(p))
+        })?;
+        d.mounts_for(&snap)
+    }
+
+    pub fn mounts<D: OnLayout>(d: &D, key: &str) -> Result<Vec<Mount>> {
+        let l = d.layout();
+        l.check_open()?;
+        let (_, snap) = l.store.get(key)?;
+        d.mounts_for(&snap)
+    }
+
+    pub fn commit<D: OnLayout>(d: &D, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        let l = d.layout();
+        l.check_open()?;
+        let (info, snap) = l.store.get(key)?;
+        if info.kind != Kind::Active {
+            return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
+        }
+        d.commit_active(name, key, &snap, labels)
+    }
+
+    pub fn walk<D: OnLayout>(
+        d: &D,
+        filter: &Filter,
+        f: &mut dyn FnMut(Info) -> Result<()>,
+    ) -> Result<()> {
+        let l = d.layout();
+        l.check_open()?;
+        l.store.walk(&mut |info, id| {
+            let info = d.present(info, id);
+            if filter.matches(&info) { f(info) } else { Ok(()) }
+        })
+    }
+}
+
+/// Implements `Backend` for a driver from its [`OnLayout`] impl, with [`answer`]'s
+/// calls. (A macro, not a blanket impl: that would overlap the one for `Wrapper`.)
+macro_rules! on_layout {
+    ($driver:ty) => {
+        impl $crate::backend::Backend for $driver {
+            fn stat(&self, key: &str) -> $crate::error::Result<$crate::snapshot::Info> {
+                $crate::driver::layout::answer::stat(self, key)
+            }
+            fn update(
+                &self,
+                info: &$crate::snapshot::Info,
+                paths: &[$crate::backend::FieldPath],
+            ) -> $crate::error::Result<$crate::snapshot::Info> {
+                $crate::driver::layout::answer::update(self, info, paths)
+            }
+            fn usage(&self, key: &str) -> $crate::error::Result<$crate::snapshot::Usage> {
+                $crate::driver::layout::answer::usage(self, key)
+            }
+            fn mounts(&self, key: &str) -> $crate::error::Result<Vec<$crate::snapshot::Mount>> {
+                $crate::driver::layout::answer::mounts(self, key)
+            }
+            fn prepare(
+                &self,
+                key: &str,
+                parent: Option<&str>,
+                l: &$crate::snapshot::Labels,
+            ) -> $crate::error::Result<Vec<$crate::snapshot::Mount>> {
+                $crate::driver::layout::answer::create(
+                    self,
+                    $crate::snapshot::Kind::Active,
+                    key,
+                    parent,
+                    l,
+                )
+            }
+            fn view(
+                &self,
+                key: &str,
+                parent: Option<&str>,
+                l: &$crate::snapshot::Labels,
+            ) -> $crate::error::Result<Vec<$crate::snapshot::Mount>> {
+                $crate::driver::layout::answer::create(
+                    self,
+                    $crate::snapshot::Kind::View,
+                    key,
+                    parent,
+                    l,
+                )
+            }
+            fn commit(
+                &self,
+                name: &str,
+                key: &str,
+                labels: &$crate::snapshot::Labels,
+            ) -> $crate::error::Result<()> {
+                $crate::driver::layout::answer::commit(self, name, key, labels)
+            }
+            fn remove(&self, key: &str) -> $crate::error::Result<()> {
+                self.layout().remove(key, self.deletion())
+            }
+            fn walk(
+                &self,
+                filter: &$crate::filter::Filter,
+                f: &mut dyn FnMut($crate::snapshot::Info) -> $crate::error::Result<()>,
+            ) -> $crate::error::Result<()> {
+                $crate::driver::layout::answer::walk(self, filter, f)
+            }
+            fn cleanup(&self) -> $crate::error::Result<()> {
+                self.layout().reclaim()
+            }
+            fn close(&self) -> $crate::error::Result<()> {
+                self.layout().close();
+                Ok(())
+            }
+            fn verify(&self) -> $crate::error::Result<Vec<(String, String)>> {
+                self.layout().verify(<$driver as $crate::driver::layout::OnLayout>::TREE)
+            }
+        }
+    };
+}
+pub(crate) use on_layout;
 
 /// When a removed snapshot's data is deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +498,29 @@ impl Layout {
     pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<Snap>> {
         self.check_open()?;
         self.store.precheck(key, parent)
+    }
+
+    /// A prepare or view on this layout: checks `key` and `parent`, has `build` make the
+    /// new entry as `tmp/<name>` (given that name and the parent's record), and installs
+    /// it. A failed build leaves nothing behind.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+        seal: bool,
+        build: impl FnOnce(&str, Option<&Snap>) -> Result<()>,
+    ) -> Result<Snap> {
+        let parent_snap = self.precheck(key, parent)?;
+        let id = self.store.next_id()?;
+        let tmp = self.tmp_name("new");
+        if let Err(e) = build(tmp.name(), parent_snap.as_ref()) {
+            let _ = self.delete_tmp(tmp.name());
+            return Err(e);
+        }
+        self.install(&tmp, id, seal, kind, key, parent, labels)
     }
 
     /// Moves the entry built at `tmp/<tmp>` to `snapshots/<id>` (an id from

@@ -3,7 +3,9 @@
 //! Architecture invariant: a driver keeps its records through its own [`storage::Store`]
 //! (tables of its own, never the metadata's) and its data beneath the directory
 //! capability it is handed at start-up; it touches nothing outside them. Every driver
-//! builds, installs, removes and reclaims its data by the one protocol of [`layout`].
+//! builds, installs, removes and reclaims its data by the one protocol of [`layout`],
+//! and says only what differs ([`layout::OnLayout`]: how an entry is built, mounted and
+//! committed); the backend calls are answered for all of them by the same code.
 
 pub mod btrfs;
 mod layout;

@@ -12,14 +12,12 @@ use std::sync::Arc;
 use cap_std::fs::{Dir, Permissions, PermissionsExt};
 
 use super::Trees;
-use super::layout::{Deletion, Layout};
-use crate::backend::{Backend, FieldPath};
+use super::layout::{Deletion, Layout, OnLayout, TMP, on_layout};
 use crate::driver::storage::{Snap, Store};
 use crate::error::{Context, Result};
 use crate::fault::Faults;
-use crate::filter::Filter;
 use crate::fsutil;
-use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
+use crate::snapshot::{Kind, Labels, Mount};
 
 /// The native copy-based driver.
 #[derive(Debug)]
@@ -47,118 +45,51 @@ impl Native {
         layout.start_deleter()?;
         Ok(Native { layout })
     }
+}
 
-    fn mounts_for(&self, snap: &Snap) -> Vec<Mount> {
+impl OnLayout for Native {
+    const TREE: &'static str = "";
+
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn mounts_for(&self, snap: &Snap) -> Result<Vec<Mount>> {
         let mode = if snap.kind == Kind::Active { "rw" } else { "ro" };
-        vec![Mount {
+        Ok(vec![Mount {
             kind: "bind".into(),
             source: self.layout.host_path(&Layout::entry(snap.id)),
             target: String::new(),
             options: vec!["rbind".into(), mode.into()],
-        }]
+        }])
     }
 
-    fn create(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: Option<&str>,
-        labels: &Labels,
-    ) -> Result<Vec<Mount>> {
+    fn build_entry(&self, tmp: &str, parent: Option<(&str, &Snap)>) -> Result<()> {
         let l = &self.layout;
-        let parent_snap = l.precheck(key, parent)?;
-        let id = l.store.next_id()?;
-        let tmp = l.tmp_name("new");
-        l.tmp.create_dir(tmp.name()).with_context(|| format!("create {tmp}"))?;
-        let built = (|| {
-            let dst = fsutil::open_dir_nofollow(&l.tmp, tmp.name())?;
-            match &parent_snap {
-                Some(p) => {
-                    let src = fsutil::open_dir_nofollow(&l.snapshots, &p.id.to_string())?;
-                    fsutil::copy_tree(&src, &dst)
-                }
-                None => l
-                    .tmp
-                    .set_permissions(tmp.name(), Permissions::from_mode(0o755))
-                    .with_context(|| format!("chmod {tmp}")),
+        l.tmp.create_dir(tmp).with_context(|| format!("create {TMP}/{tmp}"))?;
+        let dst = fsutil::open_dir_nofollow(&l.tmp, tmp)?;
+        match parent {
+            Some((_, p)) => {
+                let src = fsutil::open_dir_nofollow(&l.snapshots, &p.id.to_string())?;
+                fsutil::copy_tree(&src, &dst)
             }
-        })();
-        if let Err(e) = built {
-            let _ = l.delete_tmp(tmp.name());
-            return Err(e);
+            None => l
+                .tmp
+                .set_permissions(tmp, Permissions::from_mode(0o755))
+                .with_context(|| format!("chmod {TMP}/{tmp}")),
         }
-        let snap = l.install(&tmp, id, false, kind, key, parent, labels)?;
-        Ok(self.mounts_for(&snap))
     }
 
-    fn measure(&self, id: u64) -> Result<Usage> {
-        fsutil::disk_usage(&fsutil::open_dir_nofollow(&self.layout.snapshots, &id.to_string())?)
-    }
-}
-
-impl Backend for Native {
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.layout.check_open()?;
-        Ok(self.layout.store.get(key)?.0)
-    }
-
-    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
-        self.layout.check_open()?;
-        Ok(self.layout.store.update(info, fieldpaths)?.0)
-    }
-
-    fn usage(&self, key: &str) -> Result<Usage> {
-        self.layout.usage(key, |id| self.measure(id))
-    }
-
-    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        self.layout.check_open()?;
-        let (_, snap) = self.layout.store.get(key)?;
-        Ok(self.mounts_for(&snap))
-    }
-
-    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
-    }
-
-    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
-    }
-
-    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.layout.check_open()?;
-        let (info, snap) = self.layout.store.get(key)?;
-        if info.kind != Kind::Active {
-            return Err(crate::Error::failed_precondition(format!(
-                "snapshot {key:?} is not active"
-            )));
-        }
+    fn commit_active(&self, name: &str, key: &str, active: &Snap, labels: &Labels) -> Result<()> {
         // Measured once here, so the usage engines poll is O(1) afterwards.
-        let usage = self
-            .layout
-            .settle(&fsutil::open_dir_nofollow(&self.layout.snapshots, &snap.id.to_string())?)?;
-        self.layout.commit_in_place(name, key, usage, labels)
+        let l = &self.layout;
+        let usage = l.settle(&fsutil::open_dir_nofollow(&l.snapshots, &active.id.to_string())?)?;
+        l.commit_in_place(name, key, usage, labels)
     }
 
-    fn remove(&self, key: &str) -> Result<()> {
-        self.layout.remove(key, Deletion::Background)
-    }
-
-    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
-        self.layout.check_open()?;
-        self.layout.store.walk(&mut |info, _| if filter.matches(&info) { f(info) } else { Ok(()) })
-    }
-
-    fn cleanup(&self) -> Result<()> {
-        self.layout.reclaim()
-    }
-
-    fn close(&self) -> Result<()> {
-        self.layout.close();
-        Ok(())
-    }
-
-    fn verify(&self) -> Result<Vec<(String, String)>> {
-        self.layout.verify("")
+    fn deletion(&self) -> Deletion {
+        Deletion::Background
     }
 }
+
+on_layout!(Native);

@@ -23,15 +23,13 @@ use std::sync::Arc;
 use cap_std::fs::{Dir, DirBuilder, DirBuilderExt, MetadataExt};
 
 use super::Trees;
-use super::layout::{Deletion, Layout};
-use crate::backend::{Backend, FieldPath};
+use super::layout::{Deletion, Layout, OnLayout, TMP, on_layout};
 use crate::driver::storage::{Snap, Store};
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
-use crate::filter::Filter;
 use crate::fsutil;
 use crate::mount::OVERLAY_MAX_LAYERS;
-use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
+use crate::snapshot::{Info, Kind, Labels, Mount};
 
 /// The label that, with [`OverlayOptions::upperdir_label`], shows an active snapshot's
 /// upper directory (containerd's `containerd.io/snapshot/overlay.upperdir`).
@@ -116,12 +114,26 @@ impl Overlay {
         self.layout.host_path(&format!("{}/fs", Layout::entry(id)))
     }
 
-    fn measure(&self, id: u64) -> Result<Usage> {
-        let entry = fsutil::open_dir_nofollow(&self.layout.snapshots, &id.to_string())?;
-        fsutil::disk_usage(&fsutil::open_dir_nofollow(&entry, "fs")?)
+    fn lowerdir(&self, ids: &[u64]) -> String {
+        ids.iter().map(|id| self.fs(*id)).collect::<Vec<_>>().join(":")
     }
 
-    fn mounts_for(&self, snap: &Snap) -> Vec<Mount> {
+    fn with_upperdir(&self, mut info: Info, id: u64) -> Info {
+        if self.opts.upperdir_label {
+            info.labels.insert(UPPERDIR_LABEL.into(), self.fs(id));
+        }
+        info
+    }
+}
+
+impl OnLayout for Overlay {
+    const TREE: &'static str = "fs";
+
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn mounts_for(&self, snap: &Snap) -> Result<Vec<Mount>> {
         let bind = |source: String, mode: &str| Mount {
             kind: "bind".into(),
             source,
@@ -141,7 +153,7 @@ impl Overlay {
         if self.opts.userxattr {
             options.push("userxattr".to_string());
         }
-        match (snap.kind, layers.as_slice()) {
+        Ok(match (snap.kind, layers.as_slice()) {
             (_, []) => vec![bind(self.fs(snap.id), "ro")],
             (Kind::Active, [_]) => vec![bind(self.fs(snap.id), "rw")],
             (Kind::Active, [_, lowers @ ..]) => {
@@ -170,146 +182,66 @@ impl Overlay {
                     options,
                 }]
             }
-        }
+        })
     }
 
-    fn lowerdir(&self, ids: &[u64]) -> String {
-        ids.iter().map(|id| self.fs(*id)).collect::<Vec<_>>().join(":")
-    }
-
-    fn with_upperdir(&self, mut info: Info, id: u64) -> Info {
-        if self.opts.upperdir_label {
-            info.labels.insert(UPPERDIR_LABEL.into(), self.fs(id));
-        }
-        info
-    }
-
-    fn create(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: Option<&str>,
-        labels: &Labels,
-    ) -> Result<Vec<Mount>> {
+    fn build_entry(&self, tmp: &str, parent: Option<(&str, &Snap)>) -> Result<()> {
         let l = &self.layout;
-        let parent_snap = l.precheck(key, parent)?;
-        if let Some(p) = &parent_snap {
+        if let Some((key, p)) = parent {
             // The parent and its ancestors become the lower layers (the kernel does not
             // count the upper directory against its limit).
             let depth = p.parent_ids.len() + 1;
             if depth > OVERLAY_MAX_LAYERS {
                 return Err(Error::invalid_argument(format!(
-                    "parent {:?} is {depth} layers deep; overlay stacks at most {OVERLAY_MAX_LAYERS} lower layers, so a snapshot on it could not be mounted",
-                    parent.unwrap_or_default()
+                    "parent {key:?} is {depth} layers deep; overlay stacks at most {OVERLAY_MAX_LAYERS} lower layers, so a snapshot on it could not be mounted"
                 )));
             }
         }
-        let id = l.store.next_id()?;
-        let tmp = l.tmp_name("new");
-        let built = (|| {
-            let mut b = DirBuilder::new();
-            b.mode(0o755);
-            l.tmp.create_dir_with(tmp.name(), &b).with_context(|| format!("create {tmp}"))?;
-            let entry = fsutil::open_dir_nofollow(&l.tmp, tmp.name())?;
-            entry.create_dir_with("fs", &b).with_context(|| format!("create {tmp}/fs"))?;
-            b.mode(0o711);
-            entry.create_dir_with("work", &b).with_context(|| format!("create {tmp}/work"))?;
-            // The upper directory becomes the root of the mount: give it the owner of
-            // the layer below, as containerd does, or a chowned image root is lost.
-            if let Some(p) = &parent_snap {
-                let below = fsutil::open_dir_nofollow(&l.snapshots, &p.id.to_string())?
-                    .symlink_metadata("fs")
-                    .context("stat the parent's layer")?;
-                rustix::fs::chownat(
-                    &entry,
-                    "fs",
-                    Some(rustix::fs::Uid::from_raw(below.uid())),
-                    Some(rustix::fs::Gid::from_raw(below.gid())),
-                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .context("chown new layer")?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = built {
-            let _ = l.delete_tmp(tmp.name());
-            return Err(e);
+        let mut b = DirBuilder::new();
+        b.mode(0o755);
+        l.tmp.create_dir_with(tmp, &b).with_context(|| format!("create {TMP}/{tmp}"))?;
+        let entry = fsutil::open_dir_nofollow(&l.tmp, tmp)?;
+        entry.create_dir_with("fs", &b).with_context(|| format!("create {TMP}/{tmp}/fs"))?;
+        b.mode(0o711);
+        entry.create_dir_with("work", &b).with_context(|| format!("create {TMP}/{tmp}/work"))?;
+        // The upper directory becomes the root of the mount: give it the owner of the
+        // layer below, as containerd does, or a chowned image root is lost.
+        if let Some((_, p)) = parent {
+            let below = fsutil::open_dir_nofollow(&l.snapshots, &p.id.to_string())?
+                .symlink_metadata("fs")
+                .context("stat the parent's layer")?;
+            rustix::fs::chownat(
+                &entry,
+                "fs",
+                Some(rustix::fs::Uid::from_raw(below.uid())),
+                Some(rustix::fs::Gid::from_raw(below.gid())),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .context("chown new layer")?;
         }
-        let snap = l.install(&tmp, id, false, kind, key, parent, labels)?;
-        Ok(self.mounts_for(&snap))
-    }
-}
-
-impl Backend for Overlay {
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.layout.check_open()?;
-        let (info, snap) = self.layout.store.get(key)?;
-        Ok(self.with_upperdir(info, snap.id))
-    }
-
-    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
-        self.layout.check_open()?;
-        // The upper directory label is computed, never stored.
-        let mut info = info.clone();
-        info.labels.remove(UPPERDIR_LABEL);
-        let (updated, id) = self.layout.store.update(&info, fieldpaths)?;
-        Ok(self.with_upperdir(updated, id))
-    }
-
-    fn usage(&self, key: &str) -> Result<Usage> {
-        self.layout.usage(key, |id| self.measure(id))
-    }
-
-    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        self.layout.check_open()?;
-        let (_, snap) = self.layout.store.get(key)?;
-        Ok(self.mounts_for(&snap))
-    }
-
-    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
-    }
-
-    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
-    }
-
-    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.layout.check_open()?;
-        let (info, snap) = self.layout.store.get(key)?;
-        if info.kind != Kind::Active {
-            return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
-        }
-        // Usage is measured and stored here, so the usage engines poll is O(1).
-        let entry = fsutil::open_dir_nofollow(&self.layout.snapshots, &snap.id.to_string())?;
-        let usage = self.layout.settle(&fsutil::open_dir_nofollow(&entry, "fs")?)?;
-        self.layout.commit_in_place(name, key, usage, labels)
-    }
-
-    fn remove(&self, key: &str) -> Result<()> {
-        let when = if self.opts.async_remove { Deletion::AtCleanup } else { Deletion::Background };
-        self.layout.remove(key, when)
-    }
-
-    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
-        self.layout.check_open()?;
-        let labelled = self.opts.upperdir_label;
-        self.layout.store.walk(&mut |info, id| {
-            let info = if labelled { self.with_upperdir(info, id) } else { info };
-            if filter.matches(&info) { f(info) } else { Ok(()) }
-        })
-    }
-
-    fn cleanup(&self) -> Result<()> {
-        self.layout.reclaim()
-    }
-
-    fn close(&self) -> Result<()> {
-        self.layout.close();
         Ok(())
     }
 
-    fn verify(&self) -> Result<Vec<(String, String)>> {
-        self.layout.verify("fs")
+    fn commit_active(&self, name: &str, key: &str, active: &Snap, labels: &Labels) -> Result<()> {
+        // Usage is measured and stored here, so the usage engines poll is O(1).
+        let l = &self.layout;
+        let entry = fsutil::open_dir_nofollow(&l.snapshots, &active.id.to_string())?;
+        let usage = l.settle(&fsutil::open_dir_nofollow(&entry, Self::TREE)?)?;
+        l.commit_in_place(name, key, usage, labels)
+    }
+
+    fn deletion(&self) -> Deletion {
+        if self.opts.async_remove { Deletion::AtCleanup } else { Deletion::Background }
+    }
+
+    fn present(&self, info: Info, id: u64) -> Info {
+        self.with_upperdir(info, id)
+    }
+
+    fn computed_labels(&self) -> &'static [&'static str] {
+        // The upper directory label is computed, never stored.
+        &[UPPERDIR_LABEL]
     }
 }
+
+on_layout!(Overlay);

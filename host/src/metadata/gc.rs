@@ -17,16 +17,27 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use redb::{ReadableMultimapTable, ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
 
 use super::db::{self, LEASE_RESOURCES, LEASES, SNAPSHOTS};
 use super::lease::{LABEL_GC_EXPIRE, LABEL_GC_FLAT};
 use super::record::Record;
 use crate::error::Result;
-use crate::gc::Retention;
 use crate::kv::from_nanos;
 use crate::snapshot::Kind;
 
 /// A snapshot label: the snapshot is a root.
+/// The host's own retention, applied to committed snapshots that nothing else holds
+/// (what buildkit's prune calls keep-duration and keep-storage).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// Keep this many of the most recently used ones.
+    pub keep_recent: usize,
+    /// Keep those used within this long (seconds).
+    pub keep_for_secs: Option<u64>,
+}
+
 pub const LABEL_GC_ROOT: &str = "containerd.io/gc.root";
 /// A snapshot label prefix: `…<snapshotter>[/name] = key` holds that snapshot.
 pub const LABEL_GC_REF_SNAPSHOT: &str = "containerd.io/gc.ref.snapshot.";

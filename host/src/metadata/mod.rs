@@ -15,6 +15,15 @@ pub(crate) mod record;
 mod snapshotter;
 
 pub use db::MetaDb;
+
+/// Told of every change the metadata layer makes. What decides when to collect
+/// garbage listens ([`crate::gc::Trigger`]); the metadata layer knows nothing of it.
+pub trait Changes: Send + Sync + std::fmt::Debug {
+    /// A snapshot was removed.
+    fn deletion(&self);
+    /// Something else changed.
+    fn mutation(&self);
+}
 pub use lease::{Lease, Leases, Resource};
 pub use snapshotter::{PruneReport, Recovery, Snapshotter};
 

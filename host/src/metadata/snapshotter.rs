@@ -41,7 +41,7 @@ pub struct Snapshotter {
     /// yet recorded. Pruning spares them; it holds no lock that would stop writers.
     inflight: Mutex<HashMap<String, usize>>,
     /// Told of removals and other mutations, so a scheduler can collect.
-    trigger: Option<Arc<crate::gc::Trigger>>,
+    trigger: Option<Arc<dyn super::Changes>>,
     /// The backend keeps its records in the metadata's own database, so its changes
     /// reach the disk no later than the metadata changes that follow them.
     shared_db: bool,
@@ -171,7 +171,7 @@ impl Snapshotter {
 
     /// Tells `trigger` of every removal and mutation from now on.
     #[must_use]
-    pub fn with_trigger(mut self, trigger: Arc<crate::gc::Trigger>) -> Self {
+    pub fn with_trigger(mut self, trigger: Arc<dyn super::Changes>) -> Self {
         self.trigger = Some(trigger);
         self
     }

@@ -23,14 +23,12 @@ use std::sync::Arc;
 use cap_std::fs::Dir;
 use rustix::fs::{AtFlags, FileType, Mode};
 
-use super::layout::{Deletion, Entries, Layout};
-use crate::backend::{Backend, FieldPath};
+use super::layout::{Deletion, Entries, Layout, OnLayout, TMP, on_layout};
 use crate::driver::storage::{Snap, Store};
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
-use crate::filter::Filter;
 use crate::fsutil;
-use crate::snapshot::{Info, Kind, Labels, Mount, Usage};
+use crate::snapshot::{Kind, Labels, Mount};
 
 pub mod ioctl;
 
@@ -134,7 +132,7 @@ impl Btrfs {
             .with_context(|| format!("snapshot {} to tmp/{into}", Layout::entry(id)))
     }
 
-    fn mounts_for(&self, kind: Kind, subvolid: u64) -> Vec<Mount> {
+    fn mounts_of(&self, kind: Kind, subvolid: u64) -> Vec<Mount> {
         let mode = if kind == Kind::Active { "rw" } else { "ro" };
         vec![Mount {
             kind: "btrfs".into(),
@@ -143,78 +141,41 @@ impl Btrfs {
             options: vec![format!("subvolid={subvolid}"), mode.into()],
         }]
     }
-
-    fn measure(&self, id: u64) -> Result<Usage> {
-        fsutil::disk_usage(&fsutil::open_dir_nofollow(&self.layout.snapshots, &id.to_string())?)
-    }
-
-    fn create(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: Option<&str>,
-        labels: &Labels,
-    ) -> Result<Vec<Mount>> {
-        let l = &self.layout;
-        let parent_snap = l.precheck(key, parent)?;
-        let id = l.store.next_id()?;
-        let tmp = l.tmp_name("new");
-        let built = match &parent_snap {
-            Some(p) => self.snapshot_into_tmp(p.id, tmp.name()),
-            None => subvolume_create(&l.tmp, &cstr(tmp.name())?)
-                .with_context(|| format!("create subvolume {tmp}"))
-                .and_then(|()| {
-                    // The new root's mode follows the umask; containerd's is 0755.
-                    let fd = fsutil::open_dir_nofollow(&l.tmp, tmp.name())?;
-                    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
-                        .with_context(|| format!("chmod {tmp}"))
-                }),
-        };
-        if let Err(e) = built {
-            let _ = l.delete_tmp(tmp.name());
-            return Err(e);
-        }
-        let snap = l.install(&tmp, id, kind != Kind::Active, kind, key, parent, labels)?;
-        Ok(self.mounts_for(kind, self.subvol_id(snap.id)?))
-    }
 }
 
-impl Backend for Btrfs {
-    fn stat(&self, key: &str) -> Result<Info> {
-        self.layout.check_open()?;
-        Ok(self.layout.store.get(key)?.0)
+impl OnLayout for Btrfs {
+    const TREE: &'static str = "";
+
+    fn layout(&self) -> &Layout {
+        &self.layout
     }
 
-    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> Result<Info> {
-        self.layout.check_open()?;
-        Ok(self.layout.store.update(info, fieldpaths)?.0)
+    fn mounts_for(&self, snap: &Snap) -> Result<Vec<Mount>> {
+        Ok(self.mounts_of(snap.kind, self.subvol_id(snap.id)?))
     }
 
-    fn usage(&self, key: &str) -> Result<Usage> {
-        self.layout.usage(key, |id| self.measure(id))
-    }
-
-    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        self.layout.check_open()?;
-        let (_, Snap { kind, id, .. }) = self.layout.store.get(key)?;
-        Ok(self.mounts_for(kind, self.subvol_id(id)?))
-    }
-
-    fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
-    }
-
-    fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
-    }
-
-    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+    fn build_entry(&self, tmp: &str, parent: Option<(&str, &Snap)>) -> Result<()> {
         let l = &self.layout;
-        l.check_open()?;
-        let (info, snap) = l.store.get(key)?;
-        if info.kind != Kind::Active {
-            return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
+        match parent {
+            Some((_, p)) => self.snapshot_into_tmp(p.id, tmp),
+            None => {
+                subvolume_create(&l.tmp, &cstr(tmp)?)
+                    .with_context(|| format!("create subvolume {TMP}/{tmp}"))?;
+                // The new root's mode follows the umask; containerd's is 0755.
+                let fd = fsutil::open_dir_nofollow(&l.tmp, tmp)?;
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                    .with_context(|| format!("chmod {TMP}/{tmp}"))
+            }
         }
+    }
+
+    fn seals(&self, kind: Kind) -> bool {
+        // The kernel renames only writable subvolumes: views are made read-only in place.
+        kind != Kind::Active
+    }
+
+    fn commit_active(&self, name: &str, key: &str, snap: &Snap, labels: &Labels) -> Result<()> {
+        let l = &self.layout;
         let new = l.store.next_id()?;
         let tmp = l.tmp_name("commit");
         if let Err(e) = self.snapshot_into_tmp(snap.id, tmp.name()) {
@@ -235,28 +196,10 @@ impl Backend for Btrfs {
         l.commit_moved(&tmp, snap.id, new, name, key, usage, labels)
     }
 
-    fn remove(&self, key: &str) -> Result<()> {
+    fn deletion(&self) -> Deletion {
         // Deleting a subvolume is one quick ioctl (the kernel reclaims its space in the
         // background), so it happens at once.
-        self.layout.remove(key, Deletion::Now)
-    }
-
-    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
-        self.layout.check_open()?;
-        self.layout.store.walk(&mut |info, _| if filter.matches(&info) { f(info) } else { Ok(()) })
-    }
-
-    fn cleanup(&self) -> Result<()> {
-        self.layout.reclaim()
-    }
-
-    fn close(&self) -> Result<()> {
-        self.layout.close();
-        Ok(())
-    }
-
-    fn verify(&self) -> Result<Vec<(String, String)>> {
-        self.layout.verify("")
+        Deletion::Now
     }
 }
 
@@ -343,6 +286,8 @@ fn unescape(field: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+on_layout!(Btrfs);
 
 #[cfg(test)]
 mod tests {

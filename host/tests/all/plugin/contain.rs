@@ -91,6 +91,35 @@ fn mounts_that_break_the_rules_are_refused() {
     assert!(!m[0].source.starts_with(root.join("state").to_str().unwrap()), "{m:?}");
 }
 
+/// A backend that hands out a writable mount for a view or a committed snapshot is
+/// refused above every backend, by the metadata layer, and the view leaves no record.
+#[test]
+fn a_writable_mount_for_a_view_is_refused_by_the_metadata_layer() {
+    use std::sync::Arc;
+    use wasnap::fault::Faults;
+    use wasnap::metadata::{Ctx, Snapshotter};
+
+    let r = open("adversary", json!({"mode": "bad-mount"}), Limits::default()).unwrap();
+    let meta = crate::common::tmp();
+    let sn = Snapshotter::new(
+        crate::common::metadb(meta.path()),
+        "adversary",
+        r.s.clone(),
+        Arc::new(Faults::new()),
+    );
+    let ctx = Ctx::new("default").unwrap();
+    // Writable is right for an active snapshot.
+    let m = sn.prepare(&ctx, "a-writable", None, &no_labels()).unwrap();
+    assert!(m[0].options.iter().any(|o| o == "rw"), "{m:?}");
+    sn.commit(&ctx, "base", "a-writable", &no_labels()).unwrap();
+    let err = sn.view(&ctx, "v-writable", Some("base"), &no_labels()).unwrap_err();
+    assert!(err.to_string().contains("writable bind mount for the view snapshot"), "{err}");
+    assert_eq!(sn.stat(&ctx, "v-writable").unwrap_err().kind(), ErrorKind::NotFound);
+    // A view the guest mounts correctly is read-only, and its mounts stay so.
+    let m = sn.view(&ctx, "v", Some("base"), &no_labels()).unwrap();
+    assert!(m[0].options.iter().any(|o| o == "ro"), "{m:?}");
+}
+
 #[test]
 fn walks_that_run_away_are_cut_off() {
     let r = open("adversary", json!({"mode": "huge-walk", "count": 5000}), tight()).unwrap();

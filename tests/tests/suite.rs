@@ -369,6 +369,18 @@ fn the_overlay_layout_guest_passes_every_case() {
     assert_passes_as_root(&guest_backend("overlay-layout"));
 }
 
+/// The example policies, each in front of the native driver with its default
+/// configuration, change nothing a snapshotter must do.
+#[test]
+fn the_example_policies_pass_every_case_in_front_of_native() {
+    for name in ["label-policy", "quota"] {
+        let path = wasnap_test_util::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
+        let factory = wasnap_conformance::StackFactory::native()
+            .with_policies(vec![wasnap::config::PluginConfig::new(path)]);
+        assert_passes_as_root(&factory);
+    }
+}
+
 #[test]
 fn the_sdk_readme_guest_is_the_one_tested_and_passes_every_case() {
     let root = wasnap_test_util::guests::workspace_root();

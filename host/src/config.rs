@@ -157,7 +157,8 @@ pub struct Config {
     /// The state directory (`--root` overrides it) [default: /var/lib/wasnap as root].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<PathBuf>,
-    /// The snapshotter used when a command names none.
+    /// The snapshotter used when a command names none [default: the only one
+    /// configured, else native].
     #[serde(default = "default_snapshotter")]
     pub default_snapshotter: String,
     /// Every snapshotter the root serves, by name.
@@ -211,7 +212,7 @@ impl Default for Config {
 impl Config {
     /// Parses a configuration, checking that it names what it uses.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             // toml renders a multi-line snippet; a CLI error is one line: say where.
             let at = e.span().map(|span| {
                 let before = &text[..span.start.min(text.len())];
@@ -227,17 +228,24 @@ impl Config {
                 "config {origin}: no [snapshotters.NAME] is configured"
             )));
         }
+        // A file that configures one snapshotter and names no default means that one.
+        let raw: toml::Table = toml::from_str(text).unwrap_or_default();
+        if !raw.contains_key("default_snapshotter")
+            && let [only] = config.snapshotters.keys().collect::<Vec<_>>()[..]
+        {
+            config.default_snapshotter = only.clone();
+        }
         if !config.snapshotters.contains_key(&config.default_snapshotter) {
             return Err(Error::invalid_argument(format!(
-                "config {origin}: default_snapshotter {:?} is not one of the configured snapshotters ({})",
+                "config {origin}: default_snapshotter {:?} is not one of the configured snapshotters ({}); set default_snapshotter = {:?} (or another of them) in the file",
                 config.default_snapshotter,
-                config.snapshotters.keys().cloned().collect::<Vec<_>>().join(", ")
+                config.snapshotters.keys().cloned().collect::<Vec<_>>().join(", "),
+                config.snapshotters.keys().next().map(String::as_str).unwrap_or_default(),
             )));
         }
         // serde lets a unit variant of a tagged enum ignore extra keys, so a misspelt
         // `policies` under a native or btrfs snapshotter would silently drop the policy
         // chain. Check those tables by hand.
-        let raw: toml::Table = toml::from_str(text).unwrap_or_default();
         let tables = raw.get("snapshotters").and_then(|t| t.as_table());
         for (name, table) in tables.into_iter().flatten() {
             let Some(table) = table.as_table() else { continue };
@@ -382,6 +390,9 @@ mod tests {
                 Config::parse(&format!("default_snapshotter = \"x\"\n{bad}"), "t").unwrap_err();
             assert!(err.to_string().contains(says), "{bad:?} -> {err}");
         }
+        // One snapshotter and no default: that one is the default.
+        let one = Config::parse("[snapshotters.mine]\ndriver = \"native\"\n", "t").unwrap();
+        assert_eq!(one.default_snapshotter, "mine");
     }
 
     #[test]
@@ -396,7 +407,10 @@ mod tests {
         for (bad, says) in [
             ("[snapshotters.x]\ndriver = \"zfs\"\n", "zfs"),
             ("[snapshotters.x]\ndriver = \"overlay\"\nvolatil = true\n", "volatil"),
-            ("[snapshotters.x]\ndriver = \"native\"\n", "default_snapshotter \"native\""),
+            (
+                "[snapshotters.x]\ndriver = \"native\"\n[snapshotters.y]\ndriver = \"native\"\n",
+                "default_snapshotter \"native\" is not one of the configured snapshotters (x, y); set default_snapshotter = \"x\"",
+            ),
             ("default_snapshotter = \"x\"\nsnapshotters = {}\n", "no [snapshotters"),
             ("nonsense", "config t"),
             (

@@ -200,7 +200,10 @@ impl Host {
             Ok(s) => SlotState::Open(s.clone()),
             Err(error) => {
                 let wait = RETRY_FIRST.saturating_mul(1 << attempts.min(6)).min(RETRY_MAX);
-                tracing::warn!(snapshotter = name, error = %error, retry_in = ?wait, "could not open the snapshotter");
+                // The caller gets the error (the CLI prints it, the daemon logs it at
+                // start and answers it); `status` keeps it. A warning here would say it
+                // twice.
+                tracing::info!(snapshotter = name, error = %error, retry_in = ?wait, "could not open the snapshotter");
                 SlotState::Failed {
                     error: error.clone(),
                     retry: Instant::now() + wait,

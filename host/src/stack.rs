@@ -160,8 +160,7 @@ fn open_chain(
             Arc::new(d)
         }
         DriverConfig::Wasm(p) => {
-            let wasm =
-                open_plugin(name, name, Role::Backend, p, plugins, place, (dir, path), None)?;
+            let wasm = open_plugin(name, Role::Backend, p, plugins, place, (dir, path), None)?;
             started.push(loaded(name, Role::Backend, p, &wasm));
             wasm
         }
@@ -175,7 +174,7 @@ fn open_chain(
         let (dir, path) = private_dir(place, &format!("policies/{name}/{i}-{stem}"))?;
         let space = format!("{name}/policy-{i}");
         let wasm =
-            open_plugin(name, &space, Role::Policy, p, plugins, place, (dir, path), Some(backend))?;
+            open_plugin(&space, Role::Policy, p, plugins, place, (dir, path), Some(backend))?;
         started.push(loaded(name, Role::Policy, p, &wasm));
         backend = wasm;
     }
@@ -188,7 +187,6 @@ fn loaded(name: &str, role: Role, p: &PluginConfig, wasm: &Arc<WasmSnapshotter>)
 
 #[allow(clippy::too_many_arguments)]
 fn open_plugin(
-    name: &str,
     space: &str,
     role: Role,
     config: &PluginConfig,
@@ -202,8 +200,6 @@ fn open_plugin(
     let space = Space::open(space, &dir, &path, place.db, role == Role::Backend, kv_bytes)?;
     let wasm =
         WasmSnapshotter::open(plugin, space, next, config.limits.clone(), &config.config_json())
-            .map_err(|e| {
-                e.context(format!("snapshotter {name:?}: {role} plugin {}", config.path.display()))
-            })?;
+            .map_err(|e| e.context(format!("{role} plugin {}", config.path.display())))?;
     Ok(Arc::new(wasm))
 }

@@ -42,6 +42,10 @@ pub struct Global {
     /// -s names another
     #[arg(long, global = true, value_name = "PLUGIN")]
     pub plugin: Option<PathBuf>,
+    /// The configuration `--plugin`'s `init` receives, as JSON (what `config = {...}`
+    /// under a `driver = "wasm"` snapshotter gives it)
+    #[arg(long, global = true, value_name = "JSON", requires = "plugin")]
+    pub plugin_config: Option<String>,
     /// Put this policy plugin in front of the selected snapshotter (repeatable; the
     /// first given sees calls first)
     #[arg(long = "policy", global = true, value_name = "POLICY")]
@@ -73,7 +77,11 @@ impl Global {
                     p.display()
                 )));
             }
-            let driver = wasnap::root::DriverConfig::Wasm(wasnap::root::PluginConfig::new(path));
+            let mut plugin = wasnap::root::PluginConfig::new(path);
+            if let Some(json) = &self.plugin_config {
+                plugin.config = plugin_config(json)?;
+            }
+            let driver = wasnap::root::DriverConfig::Wasm(plugin);
             config.snapshotters.insert(name.clone(), driver.into());
             selected.get_or_insert(name);
         }
@@ -89,6 +97,19 @@ impl Global {
         }
         Ok((config, selected))
     }
+}
+
+/// `--plugin-config`: JSON, kept as the TOML value a configuration file would hold
+/// (`null` is no configuration).
+fn plugin_config(json: &str) -> Result<Option<toml::Value>> {
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::invalid_argument(format!("--plugin-config {json:?}: {e}"))
+    };
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(&e))?;
+    if value.is_null() {
+        return Ok(None);
+    }
+    toml::Value::try_from(value).map(Some).map_err(|e| bad(&e))
 }
 
 fn absolute(p: &std::path::Path) -> Result<PathBuf> {

@@ -125,3 +125,48 @@ fn conformance_runs_against_a_plugin() {
     );
     assert!(out.contains("policy label_policy -> native"), "{out}");
 }
+
+/// What a new plugin author hit: the config `--plugin` cannot pass, backend keys in a
+/// plugin's errors, a default snapshotter the file does not configure.
+#[test]
+fn a_plugin_author_gets_config_through_user_keys_back_and_a_hint() {
+    let dir = tmp();
+    let r = dir.path();
+    // The configuration reaches init: this mode refuses to initialise, saying so.
+    let adversary = guest("adversary");
+    let (_, err) =
+        fails(r, &["--plugin", &adversary, "--plugin-config", r#"{"mode": "bad-init"}"#, "ls"]);
+    assert!(err.contains("mode bad-init always refuses"), "{err}");
+    let (_, err) = fails(r, &["--plugin", &adversary, "--plugin-config", "{not json", "ls"]);
+    assert!(err.contains("--plugin-config"), "{err}");
+    let out = run(r, &["--plugin-config", "{}", "ls"]);
+    assert_eq!(out.status.code(), Some(2), "--plugin-config needs --plugin");
+
+    // Errors from a plugin name the user's key, never the backend's `<ns>/<seq>/<key>`.
+    let copy = guest("copy");
+    ok(r, &["--plugin", &copy, "prepare", "a"]);
+    let (_, err) = fails(r, &["--plugin", &copy, "prepare", "a"]);
+    assert!(err.contains("snapshot \"a\"") && err.contains("already exists"), "{err}");
+    assert!(!err.contains("default/"), "{err}");
+    let (_, err) = fails(r, &["--plugin", &copy, "commit", "c", "missing"]);
+    assert!(err.contains("\"missing\"") && !err.contains("default/"), "{err}");
+
+    // The SDK README's config: one snapshotter and no default_snapshotter means that
+    // one; with two and a default that is neither, the error says what to set.
+    let config = r.join("mine.toml");
+    let mine = format!("[snapshotters.mine]\ndriver = \"wasm\"\npath = {copy:?}\n");
+    std::fs::write(&config, &mine).unwrap();
+    ok(r, &["--config", config.to_str().unwrap(), "prepare", "in-mine"]);
+    let ls = ok(r, &["--config", config.to_str().unwrap(), "ls"]);
+    assert!(ls.contains("in-mine"), "{ls}");
+    let ls = ok(r, &["--plugin", &copy, "ls"]);
+    assert!(!ls.contains("in-mine"), "the file's default is mine, not copy: {ls}");
+    std::fs::write(&config, format!("{mine}[snapshotters.other]\ndriver = \"native\"\n")).unwrap();
+    let (_, err) = fails(r, &["--config", config.to_str().unwrap(), "ls"]);
+    assert!(err.contains(r#"is not one of the configured snapshotters (mine, other)"#), "{err}");
+    assert!(err.contains(r#"set default_snapshotter = "mine""#), "{err}");
+
+    let help = ok(r, &["--help"]);
+    assert!(!help.contains("later"), "{help}");
+    assert!(help.contains("--address"), "{help}");
+}

@@ -112,12 +112,30 @@ pub struct PluginConfig {
     /// Memory, time and concurrency limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The sha256 the `.wasm` must have (hex, optionally `sha256:`-prefixed): a file
+    /// with another digest is refused, naming both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl PluginConfig {
     /// A plugin at `path` with no configuration and the default limits.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        PluginConfig { path: path.into(), config: None, limits: Limits::default() }
+        PluginConfig { path: path.into(), config: None, limits: Limits::default(), sha256: None }
+    }
+
+    /// The pinned digest as 64 lowercase hex digits, if one is set; invalid-argument
+    /// if it is not a sha256.
+    pub fn pinned(&self) -> Result<Option<String>> {
+        let Some(pin) = &self.sha256 else { return Ok(None) };
+        let hex = pin.strip_prefix("sha256:").unwrap_or(pin).to_ascii_lowercase();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::invalid_argument(format!(
+                "plugin {}: sha256 {pin:?} is not 64 hex digits",
+                self.path.display()
+            )));
+        }
+        Ok(Some(hex))
     }
 
     /// The configuration as the JSON value `init` receives (`null` when there is none).
@@ -271,6 +289,7 @@ impl Config {
             for p in plugins {
                 p.limits
                     .check()
+                    .and_then(|()| p.pinned().map(drop))
                     .map_err(|e| e.context(format!("config {origin}: snapshotter {name:?}")))?;
             }
         }

@@ -254,9 +254,10 @@ impl Host {
             .collect()
     }
 
-    /// Compiles the plugin at `path` (or loads it from the root's cache).
-    pub fn load_plugin(&self, path: &Path) -> Result<Arc<Plugin>> {
-        self.loader.load(path)
+    /// Compiles the plugin `config` names (or loads it from the root's cache), checked
+    /// against its pinned digest.
+    pub fn load_plugin(&self, config: &PluginConfig) -> Result<Arc<Plugin>> {
+        self.loader.load(config)
     }
 
     /// The plugin cache directory (compiled components).

@@ -37,8 +37,23 @@ impl Plugins {
         Plugins { cache, loaded: Mutex::default() }
     }
 
-    /// The plugin at `path`, compiled (or loaded from the cache) on first use.
-    pub fn load(&self, path: &Path) -> Result<Arc<Plugin>> {
+    /// The plugin `config` names, compiled (or loaded from the cache) on first use, and
+    /// checked against its pinned digest, if any.
+    pub fn load(&self, config: &PluginConfig) -> Result<Arc<Plugin>> {
+        let plugin = self.load_path(&config.path)?;
+        if let Some(pin) = config.pinned()? {
+            let digest = &plugin.info().digest;
+            if *digest != pin {
+                return Err(Error::failed_precondition(format!(
+                    "plugin {}: its sha256 is {digest}, but the configuration pins {pin}",
+                    config.path.display()
+                )));
+            }
+        }
+        Ok(plugin)
+    }
+
+    fn load_path(&self, path: &Path) -> Result<Arc<Plugin>> {
         if let Some(p) = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
             return Ok(p.clone());
         }
@@ -195,7 +210,7 @@ fn open_plugin(
     (dir, path): (Dir, PathBuf),
     next: Option<Arc<dyn Backend>>,
 ) -> Result<Arc<WasmSnapshotter>> {
-    let plugin = plugins.load(&config.path)?;
+    let plugin = plugins.load(config)?;
     let kv_bytes = config.limits.kv_mib.saturating_mul(1 << 20);
     let space = Space::open(space, &dir, &path, place.db, role == Role::Backend, kv_bytes)?;
     let wasm =

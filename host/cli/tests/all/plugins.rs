@@ -170,3 +170,42 @@ fn a_plugin_author_gets_config_through_user_keys_back_and_a_hint() {
     assert!(!help.contains("later"), "{help}");
     assert!(help.contains("--address"), "{help}");
 }
+
+/// A configuration can pin a plugin's sha256: the right file loads, another is refused
+/// naming both digests, and a pin that is not a sha256 is a configuration error.
+#[test]
+fn a_pinned_digest_loads_only_that_plugin() {
+    let dir = tmp();
+    let r = dir.path();
+    let copy = guest("copy");
+    let info = ok(r, &["plugin", "inspect", &copy, "--format", "json"]);
+    let digest = serde_json::from_str::<serde_json::Value>(&info).unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(digest.len(), 64, "{info}");
+    let config = r.join("pinned.toml");
+    let write = |pin: &str| {
+        std::fs::write(
+            &config,
+            format!("[snapshotters.c]\ndriver = \"wasm\"\npath = {copy:?}\nsha256 = {pin:?}\n"),
+        )
+        .unwrap();
+    };
+    let c = config.to_str().unwrap();
+
+    write(&format!("sha256:{}", digest.to_uppercase()));
+    ok(r, &["--config", c, "prepare", "pinned"]);
+    assert!(ok(r, &["--config", c, "ls"]).contains("pinned"));
+
+    let other = "0".repeat(64);
+    write(&other);
+    let (_, err) = fails(r, &["--config", c, "ls"]);
+    assert!(err.contains(&format!("its sha256 is {digest}")), "{err}");
+    assert!(err.contains(&format!("the configuration pins {other}")), "{err}");
+    assert!(err.contains("failed precondition"), "{err}");
+
+    write("abc");
+    let (_, err) = fails(r, &["--config", c, "ls"]);
+    assert!(err.contains("is not 64 hex digits") && err.contains("invalid argument"), "{err}");
+}

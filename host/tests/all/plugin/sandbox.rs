@@ -301,7 +301,7 @@ fn a_thousand_failed_chain_opens_leave_no_instance_behind() {
             wasnap::stack::open(&format!("s{i}"), &config, &place, &faults, &loader).unwrap_err();
         assert!(e.to_string().contains("is a backend"), "{e}");
     }
-    let counters = loader.load(&good.path).unwrap().counters().snapshot();
+    let counters = loader.load(&good).unwrap().counters().snapshot();
     assert!(counters.instances >= 1000, "{counters:?}");
     assert_eq!(counters.live, 0, "{counters:?}");
     let _ = is_root();

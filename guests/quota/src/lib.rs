@@ -18,15 +18,30 @@
 //! Refusals are failed-precondition, e.g. `quota: namespace "ns1" has 3 active
 //! snapshots (limit 3)`, and the next snapshotter is not called.
 //!
-//! The policy keeps no state: it counts through the next snapshotter (`list`, `usage`)
-//! on every call it checks, so it is right after restarts, across instances, and when
-//! snapshots are made or removed behind it. Two prepares racing for the last slot could
-//! both pass a count taken before either exists, so a prepare counts again after its
-//! snapshot is made and removes it if the namespace went over the limit: the limit
-//! holds, and in the worst case both racers are refused.
+//! **How the active limit holds.** Each namespace's count, and a marker per active key,
+//! live in the plugin's key-value store. A prepare *reserves* a slot in one transaction
+//! (read the count, refuse at the limit, write count + 1 and the key's marker) before it
+//! calls the next snapshotter, and gives the slot back if that fails; commit and remove
+//! give it back once they succeed. Transactions that race are retried by the store, so
+//! however many instances run, no more prepares than the limit are ever admitted, and a
+//! prepare costs two key-value reads, not a walk of the namespace.
+//!
+//! The count is seeded from the next snapshotter the first time a namespace is seen, so
+//! snapshots made before the policy was configured count. A slot held by a snapshot
+//! removed behind the policy, or left reserved by a crash, is found when the namespace
+//! is at its limit: each marker is checked against the next snapshotter (`stat`), and
+//! those no longer active are given back before the prepare is refused. A reservation
+//! whose prepare has not been seen to succeed may belong to a prepare still running in
+//! another instance, so when its snapshot is missing it is given back only once it is
+//! older than [`STALE_SECS`].
+//!
+//! `max_bytes` keeps no state: it sums `usage` through the next snapshotter on every
+//! call it checks.
 
 use serde::Deserialize;
-use wasnap_sdk::{Config, Error, Info, Kind, Labels, Mount, Next, Policy, Result, WALK_PAGE, log};
+use wasnap_sdk::{
+    Config, Error, Info, Kind, Labels, Mount, Next, Policy, Result, WALK_PAGE, kv, log,
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,22 +153,11 @@ impl Quota {
         ))
     }
 
-    /// Refuses a new snapshot in `ns` if a limit is reached: the active count only for an
-    /// active snapshot.
-    fn admit(&self, next: &Next, ns: &str, active: bool) -> Result<()> {
-        let max_active = self.max_active.filter(|_| active);
-        if max_active.is_none() && self.max_bytes.is_none() {
-            return Ok(());
-        }
-        let t = self.tally(next, ns, self.max_bytes.is_some())?;
-        if let Some(limit) = max_active
-            && t.active >= limit
-        {
-            return Err(Self::active_error(ns, t.active, limit));
-        }
-        if let Some(limit) = self.max_bytes
-            && t.bytes >= limit
-        {
+    /// Refuses a new snapshot in `ns` if its bytes limit is reached.
+    fn admit_bytes(&self, next: &Next, ns: &str) -> Result<()> {
+        let Some(limit) = self.max_bytes else { return Ok(()) };
+        let t = self.tally(next, ns, true)?;
+        if t.bytes >= limit {
             return Err(Error::FailedPrecondition(format!(
                 "quota: {} {} {} bytes (limit {limit})",
                 subject(ns),
@@ -163,6 +167,153 @@ impl Quota {
         }
         Ok(())
     }
+
+    /// Seeds the count of `ns` from the next snapshotter, the first time it is seen.
+    fn ensure_counted(&self, next: &Next, ns: &str) -> Result<()> {
+        if kv::get(&count_key(ns))?.is_some() {
+            return Ok(());
+        }
+        let mut active = Vec::new();
+        each_in(next, ns, |info| {
+            if info.kind == Kind::Active {
+                active.push(info.name);
+            }
+            Ok(())
+        })
+        .map_err(|e| e.context(format!("quota: count the snapshots of {}", subject(ns))))?;
+        kv::transact(|t| {
+            if t.get(&count_key(ns))?.is_some() {
+                return Ok(()); // another instance seeded it meanwhile
+            }
+            t.put_json(&count_key(ns), &(active.len() as u64))?;
+            for key in &active {
+                t.put_json(&held_key(ns, key), &MADE)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Takes a slot of `ns` for `key`, in one transaction.
+    fn reserve(&self, ns: &str, key: &str, limit: u64) -> Result<Reserved> {
+        kv::transact(|t| {
+            if t.get(&held_key(ns, key))?.is_some() {
+                // Active already: the prepare fails as already-exists and must not give
+                // back the slot that snapshot holds.
+                return Ok(Reserved::AlreadyHeld);
+            }
+            let n = t.get_json::<u64>(&count_key(ns))?.unwrap_or(0);
+            if n >= limit {
+                return Ok(Reserved::Full(n));
+            }
+            t.put_json(&count_key(ns), &(n + 1))?;
+            t.put_json(&held_key(ns, key), &Marker { since: now_secs() })?;
+            Ok(Reserved::Taken)
+        })
+    }
+
+    /// Records that the prepare holding `key`'s slot made its snapshot, so that from now
+    /// on its absence means it was removed.
+    fn made(&self, ns: &str, key: &str) -> Result<()> {
+        kv::transact(|t| {
+            if t.get(&held_key(ns, key))?.is_some() {
+                t.put_json(&held_key(ns, key), &MADE)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Gives back the slot `key` holds in `ns`, if it holds one.
+    fn release(&self, ns: &str, key: &str) -> Result<()> {
+        kv::transact(|t| {
+            if t.get(&held_key(ns, key))?.is_none() {
+                return Ok(());
+            }
+            let n = t.get_json::<u64>(&count_key(ns))?.unwrap_or(0);
+            t.put_json(&count_key(ns), &n.saturating_sub(1))?;
+            t.delete(&held_key(ns, key));
+            Ok(())
+        })
+    }
+
+    /// Gives back the slots of `ns` whose key is no longer an active snapshot of the
+    /// next snapshotter (a crash between reserving and preparing, a commit or remove
+    /// cut short after the next snapshotter's, a removal behind the policy).
+    fn reconcile(&self, next: &Next, ns: &str) -> Result<()> {
+        let prefix = held_key(ns, "");
+        let now = now_secs();
+        for (name, entry) in kv::scan(&prefix)? {
+            let key = &name[prefix.len()..];
+            // An unreadable marker is as good as an old one.
+            let since = serde_json::from_slice::<Marker>(&entry.value).map_or(0, |m| m.since);
+            let stale = match next.stat(key) {
+                Ok(info) => info.kind != Kind::Active,
+                // Made and gone since; or not made yet (another instance's prepare may
+                // be running), where only an old reservation is a crash's leftover.
+                Err(e) if e.is_not_found() => since == 0 || now.saturating_sub(since) > STALE_SECS,
+                Err(e) => return Err(e.context(format!("quota: check {key:?}"))),
+            };
+            if stale {
+                log::info(format_args!("quota: {key:?} is no longer active; its slot is free"));
+                self.release(ns, key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves a slot for a prepare of `key`, or refuses it; `true` if a slot was
+    /// taken (and must be given back if the prepare fails).
+    fn take_slot(&self, next: &Next, ns: &str, key: &str) -> Result<bool> {
+        let Some(limit) = self.max_active else { return Ok(false) };
+        self.ensure_counted(next, ns)?;
+        let mut reserved = self.reserve(ns, key, limit)?;
+        if matches!(reserved, Reserved::Full(_)) {
+            self.reconcile(next, ns)?;
+            reserved = self.reserve(ns, key, limit)?;
+        }
+        match reserved {
+            Reserved::Taken => Ok(true),
+            Reserved::AlreadyHeld => Ok(false),
+            Reserved::Full(n) => Err(Self::active_error(ns, n, limit)),
+        }
+    }
+}
+
+/// How old a reservation whose snapshot was never made must be before it is taken for
+/// the leftover of a crash: far longer than any prepare runs.
+const STALE_SECS: u64 = 600;
+
+/// What a slot's marker holds: when it was reserved (seconds since the epoch), for a
+/// prepare not known to have made its snapshot yet; 0 once it has.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Marker {
+    since: u64,
+}
+
+/// A marker for a snapshot that exists (or existed).
+const MADE: Marker = Marker { since: 0 };
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What [`Quota::reserve`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reserved {
+    Taken,
+    AlreadyHeld,
+    /// The namespace holds this many, the limit or more.
+    Full(u64),
+}
+
+/// The key-value key holding the number of active snapshots of `ns`.
+fn count_key(ns: &str) -> String {
+    format!("count/{ns}")
+}
+
+/// The key-value key marking `key` as holding a slot of `ns` (`held/<ns>/` is the
+/// prefix of them all; the empty namespace's is `held//`).
+fn held_key(ns: &str, key: &str) -> String {
+    format!("held/{ns}/{key}")
 }
 
 impl Policy for Quota {
@@ -179,25 +330,20 @@ impl Policy for Quota {
         labels: &Labels,
     ) -> Result<Vec<Mount>> {
         let ns = namespace_of(key);
-        self.admit(next, ns, true)?;
-        let mounts = next.prepare(key, parent, labels)?;
-        if let Some(limit) = self.max_active {
-            // Another prepare may have passed the same count meanwhile: count again, now
-            // that this snapshot is there, and take it back if there are too many (or if
-            // they cannot be counted: the call fails, so it must leave nothing).
-            let refusal = match self.tally(next, ns, false) {
-                Ok(after) if after.active <= limit => None,
-                Ok(after) => Some(Self::active_error(ns, after.active - 1, limit)),
-                Err(e) => Some(e),
+        let taken = self.take_slot(next, ns, key)?;
+        let made = self.admit_bytes(next, ns).and_then(|()| next.prepare(key, parent, labels));
+        if taken {
+            let recorded = match &made {
+                // The call fails, so it must leave nothing: not even the slot.
+                Err(_) => self.release(ns, key),
+                Ok(_) => self.made(ns, key),
             };
-            if let Some(refusal) = refusal {
-                if let Err(e) = next.remove(key) {
-                    log::warn(format_args!("quota: could not take back {key:?}: {e}"));
-                }
-                return Err(refusal);
+            if let Err(e) = recorded {
+                // Found and fixed when the namespace is next at its limit.
+                log::warn(format_args!("quota: could not record the slot of {key:?}: {e}"));
             }
         }
-        Ok(mounts)
+        made
     }
 
     fn view(
@@ -207,8 +353,34 @@ impl Policy for Quota {
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Vec<Mount>> {
-        self.admit(next, namespace_of(key), false)?;
+        self.admit_bytes(next, namespace_of(key))?;
         next.view(key, parent, labels)
+    }
+
+    fn commit(&self, next: &Next, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        next.commit(name, key, labels)?;
+        self.give_back(key);
+        Ok(())
+    }
+
+    fn remove(&self, next: &Next, key: &str) -> Result<()> {
+        next.remove(key)?;
+        self.give_back(key);
+        Ok(())
+    }
+}
+
+impl Quota {
+    /// After `key` stopped being active: its slot is free. The call itself succeeded, so
+    /// a failure here is logged, and the slot is found free when the namespace is next
+    /// at its limit.
+    fn give_back(&self, key: &str) {
+        if self.max_active.is_none() {
+            return;
+        }
+        if let Err(e) = self.release(namespace_of(key), key) {
+            log::warn(format_args!("quota: could not give back the slot of {key:?}: {e}"));
+        }
     }
 }
 

@@ -160,7 +160,7 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Check a backend against the conformance suite (containerd's snapshotter tests)
     Conformance(crate::conformance::ConformanceArgs),
-    /// Inspect, compile and list WebAssembly plugins
+    /// Make, build, test, inspect, compile and list WebAssembly plugins
     #[command(subcommand)]
     Plugin(crate::plugin::PluginCommand),
     /// Serve the snapshotters over containerd's snapshots and leases gRPC API on a
@@ -191,8 +191,21 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     if let Command::Conformance(args) = &cli.command {
         return crate::conformance::run(args, g, out);
     }
-    if let Command::Plugin(crate::plugin::PluginCommand::Inspect { plugin }) = &cli.command {
-        return crate::plugin::inspect(plugin, None, g.format, out);
+    match &cli.command {
+        Command::Plugin(crate::plugin::PluginCommand::Inspect { plugin }) => {
+            return crate::plugin::inspect(plugin, None, g.format, out);
+        }
+        Command::Plugin(crate::plugin::PluginCommand::New { name, world, dir, sdk }) => {
+            let policy = *world == crate::plugin::World::Policy;
+            return crate::scaffold::new(name, policy, dir.as_deref(), sdk.as_deref(), out);
+        }
+        Command::Plugin(crate::plugin::PluginCommand::Build { dir }) => {
+            return crate::plugin::build(dir, out);
+        }
+        Command::Plugin(crate::plugin::PluginCommand::Test { plugin, suite }) => {
+            return crate::plugin::test(plugin, suite, g.format, out);
+        }
+        _ => {}
     }
     if g.format == Format::Junit {
         return Err(Error::invalid_argument("--format junit is for `wasnap conformance` only"));

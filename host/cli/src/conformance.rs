@@ -42,9 +42,18 @@ fn factory(g: &Global) -> Result<StackFactory> {
     Ok(StackFactory::new(s.clone()))
 }
 
-/// Runs (or lists) the suite; fails if any case failed.
+/// Runs (or lists) the suite against the configured stack; fails if any case failed.
 pub fn run(args: &ConformanceArgs, g: &Global, out: &mut dyn Write) -> Result<()> {
-    let format = g.format;
+    run_on(args, g.format, || factory(g), out)
+}
+
+/// Runs (or lists) the suite against the stack `factory` makes.
+pub fn run_on(
+    args: &ConformanceArgs,
+    format: Format,
+    factory: impl FnOnce() -> Result<StackFactory>,
+    out: &mut dyn Write,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::from(e).context("write report");
     let all = cases::all();
     let mut opts = Options { patterns: args.patterns.clone(), ..Options::default() };
@@ -84,7 +93,7 @@ pub fn run(args: &ConformanceArgs, g: &Global, out: &mut dyn Write) -> Result<()
             }
         };
     }
-    let factory = factory(g)?;
+    let factory = factory()?;
     let btrfs = matches!(factory.config().driver, DriverConfig::Btrfs);
     // The btrfs driver needs its directory on btrfs: without one, make a scratch btrfs
     // on a loop device for the run (its image on the real disk), and remove it after.

@@ -18,6 +18,7 @@ mod daemon;
 mod global;
 pub mod output;
 mod plugin;
+mod scaffold;
 pub mod stats;
 mod wasm;
 

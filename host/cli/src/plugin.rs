@@ -30,6 +30,87 @@ pub enum PluginCommand {
     /// List the configured plugins, start each, and show its counters
     #[command(alias = "list")]
     Ls,
+    /// Create a plugin crate to start from: a backend (the SDK README's snapshotter) or
+    /// a policy; it builds and passes the suite as it is
+    New {
+        /// The crate's name (lowercase letters, digits, '-', '_')
+        name: String,
+        /// What it is: a backend (stores snapshots) or a policy (in front of another
+        /// snapshotter)
+        #[arg(long, value_enum, default_value_t = World::Backend)]
+        world: World,
+        /// Where to create it [default: ./NAME]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The wasnap-sdk crate to depend on [default: the sdk/ of the sources this
+        /// wasnap was built from]
+        #[arg(long, value_name = "PATH")]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate for wasm32-wasip2 and print its component's path
+    Build {
+        /// The crate's directory
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Build a plugin crate and run the conformance suite against it: a backend on its
+    /// own, a policy in front of the native driver
+    Test {
+        /// The crate's directory (or a built .wasm)
+        #[arg(default_value = ".", value_name = "DIR")]
+        plugin: PathBuf,
+        #[command(flatten)]
+        suite: crate::conformance::ConformanceArgs,
+    },
+}
+
+/// The world a new plugin exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum World {
+    /// A snapshotter that stores snapshots in layers.
+    Backend,
+    /// A snapshotter in front of another.
+    Policy,
+}
+
+/// `wasnap plugin build`.
+pub fn build(dir: &Path, out: &mut dyn Write) -> Result<()> {
+    if !dir.join("Cargo.toml").is_file() {
+        return Err(Error::invalid_argument(format!(
+            "{}: not a plugin crate (no Cargo.toml); `wasnap plugin new NAME` makes one",
+            dir.display()
+        )));
+    }
+    let wasm = resolve(dir)?;
+    writeln!(out, "{}", wasm.display()).with_context(|| "write")
+}
+
+/// `wasnap plugin test`: the suite against the plugin, in the place its role gives it.
+pub fn test(
+    dir: &Path,
+    suite: &crate::conformance::ConformanceArgs,
+    f: Format,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let wasm = resolve(dir)?;
+    let info = Plugin::inspect(&read(&wasm)?, None)?;
+    info.compatible
+        .as_ref()
+        .map_err(|why| Error::failed_precondition(format!("plugin {}: {why}", wasm.display())))?;
+    let plugin =
+        wasnap::config::PluginConfig::new(std::path::absolute(&wasm).with_context(|| "path")?);
+    let role = info.role;
+    crate::conformance::run_on(
+        suite,
+        f,
+        || match role {
+            Some(wasnap::plugin::Role::Policy) => {
+                Ok(wasnap_conformance::StackFactory::native().with_policies(vec![plugin]))
+            }
+            _ => Ok(wasnap_conformance::StackFactory::plugin(plugin)),
+        },
+        out,
+    )
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

@@ -209,3 +209,63 @@ fn a_pinned_digest_loads_only_that_plugin() {
     let (_, err) = fails(r, &["--config", c, "ls"]);
     assert!(err.contains("is not 64 hex digits") && err.contains("invalid argument"), "{err}");
 }
+
+/// A new author's loop is three commands: `plugin new`, `plugin build`, `plugin test`,
+/// and the scaffold passes the suite as it is, as a backend and as a policy.
+#[test]
+fn a_new_plugin_builds_and_passes_the_suite_in_three_commands() {
+    let workspace = wasnap_test_util::guests::workspace_root();
+    for world in ["backend", "policy"] {
+        let dir = tmp();
+        let krate = dir.path().join("my-plug");
+        let created = ok(
+            dir.path(),
+            &["plugin", "new", "my-plug", "--world", world, "--dir", krate.to_str().unwrap()],
+        );
+        assert!(created.contains(&format!("created {world} plugin my-plug")), "{created}");
+        for file in ["Cargo.toml", "src/lib.rs", "wasnap.toml", "README.md"] {
+            assert!(krate.join(file).is_file(), "{world}: no {file}");
+        }
+        // A second `new` into the same place refuses rather than overwrite.
+        let again = run(
+            dir.path(),
+            &["plugin", "new", "my-plug", "--world", world, "--dir", krate.to_str().unwrap()],
+        );
+        assert_eq!(again.status.code(), Some(1));
+
+        // The workspace's lock file and its guests' target directory: the build reuses
+        // what the workspace compiled instead of fetching and compiling it again.
+        std::fs::copy(workspace.join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
+        let in_crate = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_wasnap"))
+                .arg("--root")
+                .arg(dir.path().join("root"))
+                .args(args)
+                .current_dir(&krate)
+                .env("CARGO_TARGET_DIR", workspace.join("target/guests"))
+                .env_remove("WASNAP_CONFIG")
+                .output()
+                .expect("run wasnap")
+        };
+        let built = in_crate(&["plugin", "build"]);
+        let stderr = String::from_utf8_lossy(&built.stderr);
+        assert!(built.status.success(), "{world}: build: {stderr}");
+        let wasm = String::from_utf8(built.stdout).unwrap();
+        assert!(wasm.trim_end().ends_with("my_plug.wasm"), "{wasm}");
+        assert!(std::path::Path::new(wasm.trim_end()).is_file(), "{wasm}");
+
+        let tested = in_crate(&["plugin", "test"]);
+        let report = String::from_utf8_lossy(&tested.stdout);
+        assert!(
+            tested.status.success(),
+            "{world}: {report}{}",
+            String::from_utf8_lossy(&tested.stderr)
+        );
+        let summary =
+            if world == "policy" { "policy my_plug -> native: " } else { "plugin my_plug: " };
+        assert!(
+            report.contains(summary) && report.contains(" passed, 0 failed, 0 skipped"),
+            "{report}"
+        );
+    }
+}

@@ -2,15 +2,21 @@
 //! backend plugin, policies in front of either. Each case's directory gets the stack
 //! the configuration describes, opened by [`wasnap::stack::open`], the same code that
 //! opens it in a host, so `wasnap conformance` checks exactly what a daemon would run.
+//!
+//! A policy may set labels on what it passes on; the next snapshotter stores them, and
+//! the suite's backend cases, which call the stack directly, would see labels the case
+//! never gave. [`StackFactory::ignoring_labels`] names those labels, and they are left
+//! out of everything the stack returns, so the suite checks the rest exactly.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use wasnap::backend::{FieldPath, Wrapper};
 use wasnap::config::{DriverConfig, PluginConfig, SnapshotterConfig};
 use wasnap::driver::overlay::OverlayOptions;
 use wasnap::fault::Faults;
 use wasnap::stack::{Place, Plugins};
-use wasnap::{Backend, Context};
+use wasnap::{Backend, Context, Filter, Info};
 
 /// A [`crate::Factory`] that opens a snapshotter configuration in each case's
 /// directory. Compiled plugins are kept for the whole run.
@@ -18,12 +24,13 @@ use wasnap::{Backend, Context};
 pub struct StackFactory {
     config: SnapshotterConfig,
     plugins: Arc<Plugins>,
+    ignored: Arc<Vec<String>>,
 }
 
 impl StackFactory {
     /// The stack `config` describes.
     pub fn new(config: SnapshotterConfig) -> Self {
-        StackFactory { config, plugins: Arc::new(Plugins::new(None)) }
+        StackFactory { config, plugins: Arc::new(Plugins::new(None)), ignored: Arc::default() }
     }
 
     /// The native copy driver.
@@ -50,6 +57,14 @@ impl StackFactory {
     #[must_use]
     pub fn with_policies(mut self, policies: Vec<PluginConfig>) -> Self {
         self.config.policies = policies;
+        self
+    }
+
+    /// The same stack, with labels matching `patterns` (a key, or a prefix ending in
+    /// `*`) left out of what it returns: the labels a policy in it sets.
+    #[must_use]
+    pub fn ignoring_labels(mut self, patterns: Vec<String>) -> Self {
+        self.ignored = Arc::new(patterns);
         self
     }
 
@@ -83,6 +98,50 @@ impl crate::Factory for StackFactory {
             .with_context(|| format!("open {}", root.display()))?;
         let place = Place { root: &cap, root_path: &root, db: None };
         let faults = Arc::new(Faults::new());
-        Ok(wasnap::stack::open("case", &self.config, &place, &faults, &self.plugins)?.backend)
+        let backend = wasnap::stack::open("case", &self.config, &place, &faults, &self.plugins)?;
+        if self.ignored.is_empty() {
+            return Ok(backend.backend);
+        }
+        Ok(Arc::new(Ignoring { inner: backend.backend, patterns: self.ignored.clone() }))
+    }
+}
+
+/// A stack whose answers leave out the labels matching `patterns`.
+struct Ignoring {
+    inner: Arc<dyn Backend>,
+    patterns: Arc<Vec<String>>,
+}
+
+impl Ignoring {
+    fn strip(&self, mut info: Info) -> Info {
+        info.labels.retain(|k, _| {
+            !self.patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => k.starts_with(prefix),
+                None => k == p,
+            })
+        });
+        info
+    }
+}
+
+impl Wrapper for Ignoring {
+    fn inner(&self) -> &dyn Backend {
+        self.inner.as_ref()
+    }
+
+    fn stat(&self, key: &str) -> wasnap::Result<Info> {
+        self.inner.stat(key).map(|i| self.strip(i))
+    }
+
+    fn update(&self, info: &Info, fieldpaths: &[FieldPath]) -> wasnap::Result<Info> {
+        self.inner.update(info, fieldpaths).map(|i| self.strip(i))
+    }
+
+    fn walk(
+        &self,
+        filter: &Filter,
+        f: &mut dyn FnMut(Info) -> wasnap::Result<()>,
+    ) -> wasnap::Result<()> {
+        self.inner.walk(filter, &mut |i| f(self.strip(i)))
     }
 }

@@ -381,6 +381,27 @@ fn the_example_policies_pass_every_case_in_front_of_native() {
     }
 }
 
+/// A policy that sets a label passes once the suite is told which label is the
+/// policy's; told nothing, the cases that compare labels see it and fail.
+#[test]
+fn a_label_setting_policy_passes_when_its_labels_are_named() {
+    let path = wasnap_test_util::guests::path("label-policy").unwrap_or_else(|e| panic!("{e}"));
+    let mut policy = wasnap::config::PluginConfig::new(path);
+    let set = serde_json::json!({"set": {"containerd.io/snapshot/team": "blue"}});
+    policy.config = Some(toml::Value::try_from(set).unwrap());
+    let factory = wasnap_conformance::StackFactory::native().with_policies(vec![policy]);
+
+    let report = run(&factory, &cases::all(), &Options::default());
+    for case in ["Update", "CloseAndReopen"] {
+        assert!(
+            matches!(outcome(&report, case), Outcome::Failed(why) if why.contains("team")),
+            "{case}: {:?}",
+            outcome(&report, case)
+        );
+    }
+    assert_passes_as_root(&factory.ignoring_labels(vec!["containerd.io/snapshot/team".into()]));
+}
+
 #[test]
 fn the_sdk_readme_guest_is_the_one_tested_and_passes_every_case() {
     let root = wasnap_test_util::guests::workspace_root();

@@ -26,6 +26,10 @@ pub struct ConformanceArgs {
     /// Where each case's temporary directory goes [default: /dev/shm if present]
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Labels a policy in the stack sets (a key, or a prefix ending in `*`;
+    /// repeatable): left out of what the stack returns before the suite compares it
+    #[arg(long = "ignore-label", value_name = "PATTERN")]
+    pub ignore_labels: Vec<String>,
 }
 
 /// What `-s`, `--config`, `--plugin` and `--policy` select: the configured stack,
@@ -93,7 +97,7 @@ pub fn run_on(
             }
         };
     }
-    let factory = factory()?;
+    let factory = factory()?.ignoring_labels(args.ignore_labels.clone());
     let btrfs = matches!(factory.config().driver, DriverConfig::Btrfs);
     // The btrfs driver needs its directory on btrfs: without one, make a scratch btrfs
     // on a loop device for the run (its image on the real disk), and remove it after.

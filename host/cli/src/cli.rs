@@ -199,6 +199,15 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             let policy = *world == crate::plugin::World::Policy;
             return crate::scaffold::new(name, policy, dir.as_deref(), sdk.as_deref(), out);
         }
+        Command::Plugin(crate::plugin::PluginCommand::Package { plugin, output, reference }) => {
+            let wasm = crate::wasm::resolve(plugin)?;
+            return crate::package::package(&wasm, output, reference, out);
+        }
+        Command::Plugin(crate::plugin::PluginCommand::Install { source, reference }) => {
+            let root = g.root.clone().unwrap_or_else(default_root);
+            let dir = root.join("plugins/installed");
+            return crate::package::install(source, reference.as_deref(), &dir, out).map(drop);
+        }
         Command::Plugin(crate::plugin::PluginCommand::Build { dir }) => {
             return crate::plugin::build(dir, out);
         }

@@ -17,6 +17,7 @@ mod conformance;
 mod daemon;
 mod global;
 pub mod output;
+mod package;
 mod plugin;
 mod scaffold;
 pub mod stats;

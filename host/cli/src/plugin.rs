@@ -47,6 +47,28 @@ pub enum PluginCommand {
         #[arg(long, value_name = "PATH")]
         sdk: Option<PathBuf>,
     },
+    /// Write a plugin as an OCI artifact: an image layout directory, or its tar when
+    /// OUTPUT ends in .tar, which any OCI tool can push to a registry
+    Package {
+        /// A `.wasm` component, or a guest crate's directory (built first)
+        plugin: PathBuf,
+        /// The layout directory (new) or `.tar` to write
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The name the manifest is tagged with in the layout
+        #[arg(long = "ref", default_value = "latest")]
+        reference: String,
+    },
+    /// Install a plugin into the root (`plugins/installed/<sha256>.wasm`) from a
+    /// package (layout directory or tar) or a `.wasm`, checking every digest, and print
+    /// the configuration that pins it
+    Install {
+        /// The package or `.wasm`
+        source: PathBuf,
+        /// Which manifest of the package [default: the only one]
+        #[arg(long = "ref")]
+        reference: Option<String>,
+    },
     /// Build a plugin crate for wasm32-wasip2 and print its component's path
     Build {
         /// The crate's directory

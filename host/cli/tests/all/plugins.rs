@@ -269,3 +269,68 @@ fn a_new_plugin_builds_and_passes_the_suite_in_three_commands() {
         );
     }
 }
+
+/// A plugin packaged as an OCI image layout (a directory, or its tar) installs back
+/// byte for byte, pinned; a package whose component blob was changed is refused.
+#[test]
+fn a_packaged_plugin_installs_back_pinned_and_a_tampered_one_is_refused() {
+    let dir = tmp();
+    let r = dir.path();
+    let copy = guest("copy");
+    let info = ok(r, &["plugin", "inspect", &copy, "--format", "json"]);
+    let digest = serde_json::from_str::<serde_json::Value>(&info).unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let layout = r.join("layout");
+    let tarball = r.join("copy.tar");
+    let packaged = ok(r, &["plugin", "package", &copy, "-o", layout.to_str().unwrap()]);
+    assert!(packaged.contains(&digest), "{packaged}");
+    ok(r, &["plugin", "package", &copy, "-o", tarball.to_str().unwrap(), "--ref", "v1"]);
+
+    // The layout is an OCI image layout: a marker, an index naming one manifest whose
+    // layer is the component.
+    assert!(std::fs::read_to_string(layout.join("oci-layout")).unwrap().contains("1.0.0"));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(layout.join("blobs/sha256").join(&manifest_digest[7..])).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["layers"][0]["mediaType"], "application/wasm");
+    assert_eq!(manifest["layers"][0]["digest"], format!("sha256:{digest}"));
+    assert_eq!(manifest["annotations"]["dev.wasnap.plugin.world"], "backend");
+    assert_eq!(manifest["annotations"]["dev.wasnap.plugin.wit"], "wasnap:snapshotter@0.2.0");
+
+    let installed = r.join("plugins/installed").join(format!("{digest}.wasm"));
+    for (source, reference) in [(&layout, "latest"), (&tarball, "v1")] {
+        let _ = std::fs::remove_file(&installed);
+        let out = ok(r, &["plugin", "install", source.to_str().unwrap(), "--ref", reference]);
+        assert!(out.contains(&format!("sha256 = \"{digest}\"")), "{out}");
+        assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(&copy).unwrap());
+    }
+    let (_, err) = fails(r, &["plugin", "install", tarball.to_str().unwrap(), "--ref", "nope"]);
+    assert!(err.contains("no manifest nope"), "{err}");
+
+    // What install prints is a configuration that loads.
+    let config = r.join("installed.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[snapshotters.c]\ndriver = \"wasm\"\npath = {:?}\nsha256 = \"{digest}\"\n",
+            installed.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    ok(r, &["--config", config.to_str().unwrap(), "prepare", "from-a-package"]);
+
+    // One byte of the component changed: its digest no longer matches the manifest.
+    let blob = layout.join("blobs/sha256").join(&digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let (_, err) = fails(r, &["plugin", "install", layout.to_str().unwrap()]);
+    assert!(err.contains("damaged or was tampered with") && err.contains(&digest), "{err}");
+}

@@ -77,6 +77,24 @@ pub struct Space {
     durability: Durability,
     layers: Option<LayerDirs>,
     kv_max_bytes: u64,
+    /// Bumped after each change to this space's key-value rows, which only
+    /// [`Space::kv_commit`] makes.
+    kv_generation: AtomicU64,
+    /// A read view of the key-value table, reused by reads while no change has been
+    /// made since it was taken, and for at most [`KV_VIEW_FOR`] (so it never holds old
+    /// pages of the database for long): a `get` is then one lookup, not a transaction.
+    kv_view: Mutex<Option<KvView>>,
+}
+
+/// How long a read view of the key-value table is reused.
+const KV_VIEW_FOR: std::time::Duration = std::time::Duration::from_millis(20);
+
+type KvTable = redb::ReadOnlyTable<(&'static str, &'static str), &'static [u8]>;
+
+struct KvView {
+    generation: u64,
+    taken: std::time::Instant,
+    table: Arc<KvTable>,
 }
 
 impl std::fmt::Debug for Space {
@@ -178,6 +196,8 @@ impl Space {
             durability,
             layers,
             kv_max_bytes,
+            kv_generation: AtomicU64::new(0),
+            kv_view: Mutex::new(None),
         });
         space.reclaim()?;
         Ok(space)
@@ -483,10 +503,26 @@ impl Space {
     /// The entry of `key`.
     pub(crate) fn kv_get(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>> {
         check_key(key)?;
-        let txn = self.db.read()?;
-        let t = txn.open_table(KV)?;
+        let t = self.kv_view()?;
         let g = t.get((self.name.as_str(), key))?;
         g.map(|g| decode_entry(g.value())).transpose()
+    }
+
+    /// The current read view of the key-value table (see [`Space::kv_view`]'s field).
+    /// A change this space committed before the call is always in it: the generation is
+    /// bumped before `kv_commit` returns, and a view taken before that is not reused.
+    fn kv_view(&self) -> Result<Arc<KvTable>> {
+        let generation = self.kv_generation.load(Ordering::Acquire);
+        let mut view = self.kv_view.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = view.as_ref()
+            && v.generation == generation
+            && v.taken.elapsed() < KV_VIEW_FOR
+        {
+            return Ok(v.table.clone());
+        }
+        let table = Arc::new(self.db.read()?.open_table(KV)?);
+        *view = Some(KvView { generation, taken: std::time::Instant::now(), table: table.clone() });
+        Ok(table)
     }
 
     /// Keys from `start` up to `end`, at most `limit`.
@@ -547,7 +583,12 @@ impl Space {
             }
         }
         let (name, max) = (self.name.clone(), self.kv_max_bytes);
-        self.db.write(self.durability, move |txn| commit_in(txn, &name, &checks, &writes, max))
+        let committed =
+            self.db.write(self.durability, move |txn| commit_in(txn, &name, &checks, &writes, max));
+        if matches!(committed, Ok(true)) {
+            self.kv_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        committed
     }
 }
 
@@ -604,4 +645,41 @@ fn commit_in(
     meta.insert((name, META_REVISION), rev)?;
     meta.insert((name, META_BYTES), size)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads reuse a view of the table, yet never miss a change this space committed
+    /// before them, nor one another space (another plugin) committed to its own keys.
+    #[test]
+    fn a_read_after_a_commit_sees_it_though_reads_reuse_a_view() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().canonicalize().unwrap();
+        let dir = Dir::open_ambient_dir(&path, cap_std::ambient_authority()).unwrap();
+        let db = Arc::new(Db::open(&dir, "root.db", "test database").unwrap());
+        dir.create_dir("a").unwrap();
+        dir.create_dir("b").unwrap();
+        let open = |name: &str| {
+            let sub = dir.open_dir(name).unwrap();
+            Space::open(name, &sub, &path.join(name), Some(&db), false, 1 << 20).unwrap()
+        };
+        let (a, b) = (open("a"), open("b"));
+        let put = |s: &Space, v: &[u8]| {
+            assert!(s.kv_commit(Vec::new(), vec![Write::Put("k".into(), v.to_vec())]).unwrap());
+        };
+        for round in 0..200u32 {
+            let before = a.kv_get("k").unwrap();
+            let v = round.to_le_bytes();
+            put(&a, &v);
+            let after = a.kv_get("k").unwrap().expect("just written");
+            assert_eq!(after.1, v, "round {round}: the read after the commit saw {before:?}");
+            assert!(before.is_none_or(|(rev, _)| rev < after.0));
+            put(&b, b"other");
+            assert_eq!(a.kv_get("k").unwrap().unwrap().1, v, "another space's key is its own");
+        }
+        assert!(a.kv_commit(Vec::new(), vec![Write::Delete("k".into())]).unwrap());
+        assert_eq!(a.kv_get("k").unwrap(), None);
+    }
 }

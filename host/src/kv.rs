@@ -274,6 +274,54 @@ pub(crate) fn from_nanos(n: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(n)
 }
 
+/// Ids that are never handed out twice, even across crashes, taken without a write:
+/// the counter `(owner, key)` of a `(&str, &str) -> u64` table is moved on by a block
+/// at a time (one immediate commit), and ids are handed out from the block in memory.
+/// A crash loses the rest of a block, never reuses an id.
+pub(crate) struct IdBlocks {
+    table: redb::TableDefinition<'static, (&'static str, &'static str), u64>,
+    owner: String,
+    key: &'static str,
+    block: u64,
+    /// The last id handed out and the end of the reserved block.
+    next: std::sync::Mutex<(u64, u64)>,
+}
+
+impl std::fmt::Debug for IdBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdBlocks").field("owner", &self.owner).field("key", &self.key).finish()
+    }
+}
+
+impl IdBlocks {
+    pub(crate) fn new(
+        table: redb::TableDefinition<'static, (&'static str, &'static str), u64>,
+        owner: &str,
+        key: &'static str,
+        block: u64,
+    ) -> Self {
+        IdBlocks { table, owner: owner.to_owned(), key, block, next: std::sync::Mutex::new((0, 0)) }
+    }
+
+    /// A fresh id.
+    pub(crate) fn next(&self, db: &Db) -> Result<u64> {
+        let mut ids = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.0 >= ids.1 {
+            let (table, owner, key, block) = (self.table, self.owner.clone(), self.key, self.block);
+            let stored = db.write(Durability::Immediate, move |txn| {
+                use redb::ReadableTable;
+                let mut t = txn.open_table(table)?;
+                let stored = t.get((owner.as_str(), key))?.map_or(0, |g| g.value());
+                t.insert((owner.as_str(), key), stored + block)?;
+                Ok(stored)
+            })?;
+            *ids = (stored, stored + block);
+        }
+        ids.0 += 1;
+        Ok(ids.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use redb::TableDefinition;

@@ -12,7 +12,7 @@
 //! deletes the active subvolume) is synced before the deleting, whatever the store.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cap_std::fs::Dir;
 use redb::{
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::FieldPath;
 use crate::error::{Context, Error, Result};
-use crate::kv::{Db, Durability, from_nanos, now_nanos};
+use crate::kv::{Db, Durability, IdBlocks, from_nanos, now_nanos};
 use crate::snapshot::{Info, Kind, Labels, Usage};
 
 /// (driver, key) -> JSON record.
@@ -136,7 +136,7 @@ pub struct Store {
     db: Arc<Db>,
     driver: String,
     durability: Durability,
-    ids: Mutex<(u64, u64)>,
+    ids: IdBlocks,
 }
 
 impl Store {
@@ -162,7 +162,8 @@ impl Store {
             txn.open_table(META)?;
             Ok(())
         })?;
-        Ok(Store { db, driver, durability, ids: Mutex::new((0, 0)) })
+        let ids = IdBlocks::new(META, &driver, META_ID, ID_BLOCK);
+        Ok(Store { db, driver, durability, ids })
     }
 
     /// The database the records are in.
@@ -221,19 +222,7 @@ impl Store {
     /// A fresh id for a snapshot about to be built: never handed out before, even
     /// across crashes, and taken without a write (ids are reserved in blocks).
     pub fn next_id(&self) -> Result<u64> {
-        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        if ids.0 >= ids.1 {
-            let driver = self.driver.clone();
-            let stored = self.db.write(Durability::Immediate, move |txn| {
-                let mut meta = txn.open_table(META)?;
-                let stored = meta.get((driver.as_str(), META_ID))?.map_or(0, |g| g.value());
-                meta.insert((driver.as_str(), META_ID), stored + ID_BLOCK)?;
-                Ok(stored)
-            })?;
-            *ids = (stored, stored + ID_BLOCK);
-        }
-        ids.0 += 1;
-        Ok(ids.0)
+        self.ids.next(&self.db)
     }
 
     /// The info and on-disk identity of `key`.

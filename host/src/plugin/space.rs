@@ -29,7 +29,7 @@ use rustix::fs::{AtFlags, Gid, Mode, Uid};
 
 use crate::error::{Context, Error, Result};
 use crate::fsutil;
-use crate::kv::{Db, Durability, now_nanos};
+use crate::kv::{Db, Durability, IdBlocks, now_nanos};
 use crate::snapshot::Usage;
 
 /// (space, layer id) -> when it was made (nanoseconds since the epoch).
@@ -112,7 +112,7 @@ struct LayerDirs {
     tmp: Dir,
     /// Layers being made by a call still in progress: layer -> call.
     pending: Mutex<HashMap<u64, CallId>>,
-    ids: Mutex<(u64, u64)>,
+    ids: IdBlocks,
     tmp_seq: AtomicU64,
 }
 
@@ -183,7 +183,7 @@ impl Space {
                 work: subdir(dir, WORK_DIR, path)?,
                 tmp: subdir(dir, TMP_DIR, path)?,
                 pending: Mutex::default(),
-                ids: Mutex::new((0, 0)),
+                ids: IdBlocks::new(META, name, META_LAYER, ID_BLOCK),
                 tmp_seq: AtomicU64::new(0),
             })
         } else {
@@ -284,19 +284,7 @@ impl Space {
     }
 
     fn next_id(&self, d: &LayerDirs) -> Result<u64> {
-        let mut ids = d.ids.lock().unwrap_or_else(|e| e.into_inner());
-        if ids.0 >= ids.1 {
-            let name = self.name.clone();
-            let stored = self.db.write(Durability::Immediate, move |txn| {
-                let mut meta = txn.open_table(META)?;
-                let stored = meta.get((name.as_str(), META_LAYER))?.map_or(0, |g| g.value());
-                meta.insert((name.as_str(), META_LAYER), stored + ID_BLOCK)?;
-                Ok(stored)
-            })?;
-            *ids = (stored, stored + ID_BLOCK);
-        }
-        ids.0 += 1;
-        Ok(ids.0)
+        d.ids.next(&self.db)
     }
 
     /// Makes a layer for `call`: `build` fills `tmp/<name>` (which it must create), then

@@ -37,4 +37,4 @@ pub use component::{Plugin, PluginInfo, Role, WIT_PACKAGE};
 pub use runtime::{Counters, CountersSnapshot, Runtime};
 pub use space::Space;
 pub use state::Limits;
-pub use wasm::WasmSnapshotter;
+pub use wasm::{PoolUse, WasmSnapshotter};

@@ -62,6 +62,17 @@ impl std::fmt::Debug for WasmSnapshotter {
     }
 }
 
+/// How a plugin's instance pool is used, at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolUse {
+    /// Instances in a call (or being started).
+    pub busy: u32,
+    /// Instances waiting for a call.
+    pub idle: u32,
+    /// The most it may have ([`Limits::instances`]).
+    pub limit: u32,
+}
+
 #[derive(Default)]
 struct Pool {
     idle: Vec<Instance>,
@@ -126,6 +137,13 @@ impl WasmSnapshotter {
     /// The plugin.
     pub fn plugin(&self) -> &Arc<Plugin> {
         &self.plugin
+    }
+
+    /// How its instance pool is used now.
+    pub fn pool(&self) -> PoolUse {
+        let pool = self.lock();
+        let idle = pool.idle.len() as u32;
+        PoolUse { busy: pool.live.saturating_sub(idle), idle, limit: self.env.limits.instances }
     }
 
     /// Calls the guest's `ping`: a round trip that does nothing.

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use cap_std::ambient_authority;
@@ -58,12 +58,15 @@ pub struct Host {
     dir: Dir,
     db: Arc<MetaDb>,
     faults: Arc<Faults>,
-    configs: BTreeMap<String, SnapshotterConfig>,
+    /// How each snapshotter is served; a reload may change its plugins' settings.
+    configs: RwLock<BTreeMap<String, SnapshotterConfig>>,
     default_snapshotter: String,
     /// One slot per configured snapshotter: opening one never holds a lock another
     /// snapshotter's calls need.
     slots: BTreeMap<String, Slot>,
     plugins: Mutex<Vec<LoadedPlugin>>,
+    /// One reload at a time.
+    reloading: Mutex<()>,
     loader: Plugins,
     trigger: Arc<Trigger>,
     collector: Arc<Collector>,
@@ -147,10 +150,11 @@ impl Host {
             dir,
             db,
             faults,
-            configs: config.snapshotters,
+            configs: RwLock::new(config.snapshotters),
             default_snapshotter: config.default_snapshotter,
             slots,
             plugins: Mutex::default(),
+            reloading: Mutex::default(),
             loader: Plugins::new(Some(cache)),
             trigger: Arc::default(),
             collector,
@@ -173,7 +177,7 @@ impl Host {
     /// minute, and says why in the meantime.
     pub fn snapshotter(&self, name: &str) -> Result<Arc<Snapshotter>> {
         let slot = self.slots.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.configs.keys().map(String::as_str).collect();
+            let known: Vec<&str> = self.slots.keys().map(String::as_str).collect();
             Error::not_found(format!("snapshotter {name:?} (configured: {})", known.join(", ")))
         })?;
         let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -216,7 +220,8 @@ impl Host {
     }
 
     fn open_snapshotter(&self, name: &str) -> Result<Arc<Snapshotter>> {
-        let config = &self.configs[name];
+        let config = self.configs.read().unwrap_or_else(|e| e.into_inner())[name].clone();
+        let config = &config;
         let place = Place { root: &self.dir, root_path: &self.root, db: Some(self.db.db()) };
         let stack = crate::stack::open(name, config, &place, &self.faults, &self.loader)
             .map_err(|e| e.context(format!("snapshotter {name:?}")))?;
@@ -271,6 +276,160 @@ impl Host {
         self.plugins.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Loads again the plugins of the snapshotters `names` (every snapshotter if none),
+    /// without stopping them: each plugin whose file or settings changed is swapped for
+    /// its new version once that version has started, new calls go to it and calls in
+    /// flight finish on the old one. A version that fails to load, check or `init` leaves
+    /// the old one serving, with the reason in its [`LoadedPlugin::reload_error`] and the
+    /// log.
+    ///
+    /// With `config` (the configuration file read again), plugins take their path, pin,
+    /// `init` configuration and limits from it. Anything else about a snapshotter (its
+    /// driver, how many policies it has, their order) applies only from a restart: a
+    /// snapshotter whose configuration changed that way is reported failed, untouched.
+    pub fn reload(
+        &self,
+        names: &[String],
+        config_file: Option<&Config>,
+    ) -> Result<Vec<ReloadReport>> {
+        if let Some(unknown) = names.iter().find(|n| !self.slots.contains_key(*n)) {
+            let known: Vec<&str> = self.slots.keys().map(String::as_str).collect();
+            return Err(Error::not_found(format!(
+                "snapshotter {unknown:?} (configured: {})",
+                known.join(", ")
+            )));
+        }
+        {
+            let configs = self.configs.read().unwrap_or_else(|e| e.into_inner());
+            let plain = |n: &&String| {
+                let c = &configs[n.as_str()];
+                c.policies.is_empty() && !matches!(c.driver, DriverConfig::Wasm(_))
+            };
+            if let Some(plain) = names.iter().find(plain) {
+                return Err(Error::invalid_argument(format!(
+                    "snapshotter {plain:?} runs no plugin: there is nothing to reload"
+                )));
+            }
+        }
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let targets: Vec<&String> = match names {
+            [] => self.slots.keys().collect(),
+            _ => names.iter().collect(),
+        };
+        let mut reports = Vec::new();
+        for name in targets {
+            // The snapshotter's configuration after this reload, or why the new one
+            // cannot be taken.
+            let mut config =
+                self.configs.read().unwrap_or_else(|e| e.into_inner())[name.as_str()].clone();
+            let mut refused = None;
+            let mut changed = false;
+            if let Some(new) = config_file {
+                match new.snapshotters.get(name.as_str()) {
+                    None => {
+                        refused = Some(format!(
+                            "snapshotter {name:?} is no longer in the configuration; it is removed at the next start"
+                        ))
+                    }
+                    Some(c) if !same_but_plugins(&config, c) => {
+                        refused = Some(format!(
+                            "snapshotter {name:?} changed beyond its plugins' settings (driver, policies or their order); that applies at the next start"
+                        ))
+                    }
+                    Some(c) => {
+                        changed = *c != config;
+                        config = c.clone();
+                    }
+                }
+            }
+            let mine: Vec<LoadedPlugin> = self
+                .loaded_plugins()
+                .into_iter()
+                .filter(|p| &p.snapshotter == name)
+                .collect();
+            if mine.is_empty() && !names.is_empty() {
+                reports.push(ReloadReport {
+                    plugin: name.clone(),
+                    path: PathBuf::new(),
+                    from: String::new(),
+                    to: String::new(),
+                    outcome: ReloadOutcome::NotOpen,
+                    error: refused.clone(),
+                });
+            }
+            let mut all_serve = true;
+            for p in mine {
+                let wanted = match p.policy {
+                    Some(i) => config.policies.get(i).cloned(),
+                    None => match &config.driver {
+                        DriverConfig::Wasm(c) => Some(c.clone()),
+                        _ => None,
+                    },
+                }
+                .unwrap_or_else(|| p.config.clone());
+                let report = self.reload_one(&p, &wanted, refused.clone());
+                all_serve &= report.outcome != ReloadOutcome::Failed;
+                reports.push(report);
+            }
+            // Kept for the snapshotter's next opening only once every plugin of it runs
+            // the new settings (or it is not open): what opens is what was serving.
+            if changed && refused.is_none() && all_serve {
+                self.configs.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), config);
+            }
+        }
+        Ok(reports)
+    }
+
+    fn reload_one(&self, p: &LoadedPlugin, wanted: &PluginConfig, refused: Option<String>) -> ReloadReport {
+        let old = p.wasm.plugin();
+        let from = old.info().digest.clone();
+        let tried = match refused {
+            Some(why) => Err(Error::failed_precondition(why)),
+            None => self.loader.load(wanted).and_then(|new| {
+                if new.info().digest == from && *wanted == p.config {
+                    return Ok((new, false));
+                }
+                p.wasm
+                    .reload(new.clone(), wanted.limits.clone(), &wanted.config_json())
+                    .map(|()| (new, true))
+            }),
+        };
+        let mut report = ReloadReport {
+            plugin: p.id(),
+            path: wanted.path.clone(),
+            from: from.clone(),
+            to: from,
+            outcome: ReloadOutcome::Unchanged,
+            error: None,
+        };
+        let now = std::time::SystemTime::now();
+        let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = plugins.iter_mut().find(|e| Arc::ptr_eq(&e.wasm, &p.wasm));
+        match tried {
+            Ok((_, false)) => {}
+            Ok((new, true)) => {
+                report.to = new.info().digest.clone();
+                report.outcome = ReloadOutcome::Reloaded;
+                tracing::info!(plugin = %report.plugin, from = %report.from, to = %report.to, "plugin reloaded");
+                if let Some(e) = entry {
+                    e.path = wanted.path.clone();
+                    e.config = wanted.clone();
+                    e.loaded_at = now;
+                    e.reload_error = None;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(plugin = %report.plugin, error = %error, "reload failed; the version loaded before keeps serving");
+                report.outcome = ReloadOutcome::Failed;
+                report.error = Some(error.to_string());
+                if let Some(e) = entry {
+                    e.reload_error = Some((error.to_string(), now));
+                }
+            }
+        }
+        report
+    }
+
     /// The snapshotter commands use when they name none.
     pub fn default_snapshotter(&self) -> &str {
         &self.default_snapshotter
@@ -278,12 +437,18 @@ impl Host {
 
     /// Names of the configured snapshotters.
     pub fn snapshotter_names(&self) -> impl Iterator<Item = &str> {
-        self.configs.keys().map(String::as_str)
+        self.slots.keys().map(String::as_str)
     }
 
-    /// How each configured snapshotter is served.
-    pub fn configs(&self) -> &BTreeMap<String, SnapshotterConfig> {
-        &self.configs
+    /// Whether a snapshotter called `name` is configured.
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.slots.contains_key(name)
+    }
+
+    /// How each configured snapshotter is served (with its plugins' settings as last
+    /// reloaded).
+    pub fn configs(&self) -> BTreeMap<String, SnapshotterConfig> {
+        self.configs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The lease manager.
@@ -302,7 +467,7 @@ impl Host {
     fn open_all(&self) -> (Vec<Arc<Snapshotter>>, Vec<(String, Error)>) {
         let mut open = Vec::new();
         let mut failed = Vec::new();
-        for name in self.configs.keys() {
+        for name in self.slots.keys() {
             match self.snapshotter(name) {
                 Ok(s) => open.push(s),
                 Err(e) => failed.push((format!("snapshotter {name:?}"), e)),
@@ -359,7 +524,7 @@ impl Host {
     pub fn info(&self, selected: &str) -> HostInfo {
         let support = Support::probe(&self.root);
         let snapshotters = self
-            .configs
+            .configs()
             .iter()
             .map(|(name, config)| {
                 let note = driver_phrase(&config.driver, &support);
@@ -398,6 +563,55 @@ impl Host {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// What a reload did to one plugin.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReloadReport {
+    /// The plugin: its snapshotter, and `/policy-<i>` for a policy.
+    pub plugin: String,
+    /// The `.wasm` it was (to be) loaded from.
+    pub path: PathBuf,
+    /// sha256 of the version serving before.
+    pub from: String,
+    /// sha256 of the version serving after.
+    pub to: String,
+    /// What happened.
+    pub outcome: ReloadOutcome,
+    /// Why it failed (or, for a snapshotter not open, why its new configuration was not
+    /// taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How a reload went for one plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadOutcome {
+    /// The new version serves.
+    Reloaded,
+    /// Neither the file nor its settings changed.
+    Unchanged,
+    /// The old version keeps serving; see the error.
+    Failed,
+    /// The snapshotter is not open: it loads its plugins at first use.
+    NotOpen,
+}
+
+/// Whether two configurations of a snapshotter differ at most in their plugins'
+/// settings: what a reload can apply.
+fn same_but_plugins(a: &SnapshotterConfig, b: &SnapshotterConfig) -> bool {
+    let blank = |c: &SnapshotterConfig| {
+        let mut c = c.clone();
+        for p in &mut c.policies {
+            *p = PluginConfig::new("");
+        }
+        if let DriverConfig::Wasm(p) = &mut c.driver {
+            *p = PluginConfig::new("");
+        }
+        c
+    };
+    blank(a) == blank(b)
 }
 
 /// What [`Host::info`] reports: the root, the snapshotters and what this machine supports.

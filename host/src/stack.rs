@@ -23,12 +23,37 @@ use crate::kv::Db;
 use crate::plugin::{Plugin, Role, Space, WasmSnapshotter};
 
 /// Compiled plugins by path, so a `.wasm` used by several snapshotters (or opened again
-/// for every case of a conformance run) is read and compiled once. Compiled code is also
+/// for every case of a conformance run) is read and compiled once, until the file
+/// changes: each load checks the file's identity (device, inode, size, change time), so
+/// a new version put in its place (a reload) is read again. Compiled code is also
 /// cached on disk in `cache`, if given.
 #[derive(Debug, Default)]
 pub struct Plugins {
     cache: Option<Dir>,
-    loaded: Mutex<HashMap<PathBuf, Arc<Plugin>>>,
+    loaded: Mutex<HashMap<PathBuf, (FileId, Arc<Plugin>)>>,
+}
+
+/// What tells one version of a file from another without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+    mtime: (i64, i64),
+}
+
+impl FileId {
+    fn of(m: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        }
+    }
 }
 
 impl Plugins {
@@ -54,17 +79,24 @@ impl Plugins {
     }
 
     fn load_path(&self, path: &Path) -> Result<Arc<Plugin>> {
-        if let Some(p) = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
+        use std::io::Read;
+        let bad = |e: std::io::Error| Error::invalid_argument(format!("plugin {}: {e}", path.display()));
+        // The identity is taken from the open file, so it describes the bytes read.
+        let mut file = std::fs::File::open(path).map_err(bad)?;
+        let id = FileId::of(&file.metadata().map_err(bad)?);
+        if let Some((seen, p)) = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).get(path)
+            && *seen == id
+        {
             return Ok(p.clone());
         }
-        let wasm = std::fs::read(path)
-            .map_err(|e| Error::invalid_argument(format!("plugin {}: {e}", path.display())))?;
+        let mut wasm = Vec::with_capacity(id.size as usize);
+        file.read_to_end(&mut wasm).map_err(bad)?;
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
         let plugin = Plugin::load(name, &wasm, self.cache.as_ref())?;
         self.loaded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(path.to_owned(), plugin.clone());
+            .insert(path.to_owned(), (id, plugin.clone()));
         Ok(plugin)
     }
 }
@@ -76,10 +108,29 @@ pub struct LoadedPlugin {
     pub snapshotter: String,
     /// Backend or policy.
     pub role: Role,
+    /// For a policy, its place in the snapshotter's `policies` (0 sees calls first).
+    pub policy: Option<usize>,
     /// The `.wasm` it was loaded from.
     pub path: PathBuf,
+    /// The configuration it runs with (its path, pin, `init` configuration, limits).
+    pub config: PluginConfig,
+    /// When the version now serving was loaded.
+    pub loaded_at: std::time::SystemTime,
+    /// The last reload that failed since that version was loaded: why, and when.
+    pub reload_error: Option<(String, std::time::SystemTime)>,
     /// The running plugin.
     pub wasm: Arc<WasmSnapshotter>,
+}
+
+impl LoadedPlugin {
+    /// `snapshotter` for its backend, `snapshotter/policy-<i>` for a policy: how
+    /// reports name it.
+    pub fn id(&self) -> String {
+        match self.policy {
+            Some(i) => format!("{}/policy-{i}", self.snapshotter),
+            None => self.snapshotter.clone(),
+        }
+    }
 }
 
 /// Where a stack keeps its state: a root directory (the host's root, or a conformance
@@ -176,7 +227,7 @@ fn open_chain(
         }
         DriverConfig::Wasm(p) => {
             let wasm = open_plugin(name, Role::Backend, p, plugins, place, (dir, path), None)?;
-            started.push(loaded(name, Role::Backend, p, &wasm));
+            started.push(loaded(name, None, p, &wasm));
             wasm
         }
     };
@@ -190,14 +241,28 @@ fn open_chain(
         let space = format!("{name}/policy-{i}");
         let wasm =
             open_plugin(&space, Role::Policy, p, plugins, place, (dir, path), Some(backend))?;
-        started.push(loaded(name, Role::Policy, p, &wasm));
+        started.push(loaded(name, Some(i), p, &wasm));
         backend = wasm;
     }
     Ok((backend, shared_db))
 }
 
-fn loaded(name: &str, role: Role, p: &PluginConfig, wasm: &Arc<WasmSnapshotter>) -> LoadedPlugin {
-    LoadedPlugin { snapshotter: name.to_owned(), role, path: p.path.clone(), wasm: wasm.clone() }
+fn loaded(
+    name: &str,
+    policy: Option<usize>,
+    p: &PluginConfig,
+    wasm: &Arc<WasmSnapshotter>,
+) -> LoadedPlugin {
+    LoadedPlugin {
+        snapshotter: name.to_owned(),
+        role: if policy.is_some() { Role::Policy } else { Role::Backend },
+        policy,
+        path: p.path.clone(),
+        config: p.clone(),
+        loaded_at: std::time::SystemTime::now(),
+        reload_error: None,
+        wasm: wasm.clone(),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

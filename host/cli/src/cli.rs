@@ -238,6 +238,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         let socket = g.address.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
         return crate::output::status(out, g.format, &Remote::status(&socket)?);
     }
+    if let Command::Plugin(crate::plugin::PluginCommand::Reload { snapshotters }) = &cli.command {
+        let socket = g.address.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        return crate::plugin::reload(&socket, snapshotters, g.format, out);
+    }
     if let Some(socket) = &g.address {
         return run_remote(socket, &cli.command, g, out);
     }

@@ -39,6 +39,12 @@ pub fn run(args: &DaemonArgs, g: &Global, out: &mut dyn Write) -> Result<()> {
     }
     let (config, _) = g.config()?;
     let mut opts = wasnap_daemon::serve::Options::from_config(config);
+    // A reload reads the configuration as the daemon did at start: the file again, with
+    // the command line's --plugin and --policy.
+    let again = g.clone();
+    opts.reconfigure = Some(wasnap_daemon::server::Reconfigure(std::sync::Arc::new(move || {
+        again.config().map(|(c, _)| c)
+    })));
     if let Some(root) = &g.root {
         opts.root = root.clone();
     }

@@ -14,7 +14,7 @@ use wasnap::root::Config;
 use crate::output::Format;
 
 /// Options every command takes.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Global {
     /// State directory [default: /var/lib/wasnap as root, else $XDG_DATA_HOME/wasnap]
     #[arg(long, global = true, env = "WASNAP_ROOT")]

@@ -400,11 +400,24 @@ pub(crate) fn plugin_json(p: &wasnap_daemon::proto::admin::Plugin) -> serde_json
         "path": p.path,
         "size": p.size,
         "sha256": p.sha256,
+        "id": p.id,
+        "loaded_at": rfc3339_ms(p.loaded_at_unix_ms),
+        "reloads": p.reloads,
+        "reload_error": (!p.reload_error.is_empty()).then(|| serde_json::json!({
+            "error": p.reload_error, "at": rfc3339_ms(p.reload_failed_at_unix_ms),
+        })),
+        "pool": { "busy": p.busy_instances, "limit": p.instance_limit },
         "counters": {
             "calls": p.calls, "errors": p.errors, "traps": p.traps,
             "timeouts": p.timeouts, "instances": p.instances, "busy_micros": p.busy_micros,
         },
     })
+}
+
+/// Milliseconds since the epoch as an RFC 3339 time (UTC, seconds).
+fn rfc3339_ms(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// A daemon's status (`wasnap status`).
@@ -477,12 +490,21 @@ pub(crate) fn status(
                 .iter()
                 .map(|p| {
                     vec![
-                        p.snapshotter.clone(),
+                        if p.id.is_empty() { p.snapshotter.clone() } else { p.id.clone() },
                         p.role.clone(),
+                        format!(
+                            "sha256:{} loaded {}{}",
+                            p.sha256.get(..12).unwrap_or(&p.sha256),
+                            rfc3339_ms(p.loaded_at_unix_ms),
+                            match p.reloads {
+                                0 => String::new(),
+                                n => format!(" ({n} reloads)"),
+                            }
+                        ),
                         p.calls.to_string(),
                         p.errors.to_string(),
                         format!("{} ({} timeouts)", p.traps, p.timeouts),
-                        p.instances.to_string(),
+                        format!("{}/{} busy", p.busy_instances, p.instance_limit),
                         mean_latency(p.busy_micros, p.calls),
                         p.path.clone(),
                     ]
@@ -490,9 +512,20 @@ pub(crate) fn status(
                 .collect();
             table(
                 out,
-                &["SNAPSHOTTER", "ROLE", "CALLS", "ERRORS", "TRAPS", "INSTANCES", "MEAN", "PLUGIN"],
+                &["PLUGIN", "ROLE", "VERSION", "CALLS", "ERRORS", "TRAPS", "POOL", "MEAN", "PATH"],
                 &rows,
-            )
+            )?;
+            for p in s.plugins.iter().filter(|p| !p.reload_error.is_empty()) {
+                writeln!(
+                    out,
+                    "\n{}: the reload at {} failed, the version above keeps serving: {}",
+                    if p.id.is_empty() { &p.snapshotter } else { &p.id },
+                    rfc3339_ms(p.reload_failed_at_unix_ms),
+                    p.reload_error
+                )
+                .map_err(io)?;
+            }
+            Ok(())
         }
     }
 }

@@ -69,6 +69,14 @@ pub enum PluginCommand {
         #[arg(long = "ref")]
         reference: Option<String>,
     },
+    /// Load new versions of a running daemon's plugins without stopping it (what SIGHUP
+    /// does): the configuration is read again, and each plugin whose file or settings
+    /// changed is swapped once its new version has started; calls in flight finish on
+    /// the old one, and a version that fails keeps the old one serving (exits non-zero)
+    Reload {
+        /// Snapshotters whose plugins to reload [default: every one]
+        snapshotters: Vec<String>,
+    },
     /// Build a plugin crate for wasm32-wasip2 and print its component's path
     Build {
         /// The crate's directory
@@ -303,6 +311,52 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
         n => Err(Error::failed_precondition(format!(
             "{n} snapshotter(s) with plugins failed to start"
         ))),
+    }
+}
+
+/// `wasnap plugin reload`: asks the daemon at `socket` to reload, and prints what each
+/// plugin did.
+pub fn reload(socket: &Path, snapshotters: &[String], f: Format, out: &mut dyn Write) -> Result<()> {
+    use wasnap::root::{ReloadOutcome, ReloadReport};
+    use wasnap_daemon::proto::admin as apb;
+    let request = apb::ReloadRequest { snapshotters: snapshotters.to_vec() };
+    let reply = wasnap_daemon::client::Blocking::connect(socket)?
+        .call(|c| async move { c.admin().reload(request).await })?;
+    let reports: Vec<ReloadReport> =
+        serde_json::from_str(&reply.json).with_context(|| "decode the daemon's report")?;
+    let short = |d: &str| d.get(..12).unwrap_or(d).to_owned();
+    match f {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut *out, &reports).with_context(|| "encode JSON")?;
+            writeln!(out).with_context(|| "write")?;
+        }
+        _ => {
+            let rows: Vec<Vec<String>> = reports
+                .iter()
+                .map(|r| {
+                    let what = match r.outcome {
+                        ReloadOutcome::Reloaded => {
+                            format!("reloaded: sha256:{} -> sha256:{}", short(&r.from), short(&r.to))
+                        }
+                        ReloadOutcome::Unchanged => format!("unchanged: sha256:{}", short(&r.from)),
+                        ReloadOutcome::Failed => format!(
+                            "failed, sha256:{} keeps serving: {}",
+                            short(&r.from),
+                            r.error.as_deref().unwrap_or("")
+                        ),
+                        ReloadOutcome::NotOpen => {
+                            "not open: it loads its plugins at first use".to_owned()
+                        }
+                    };
+                    vec![r.plugin.clone(), what]
+                })
+                .collect();
+            table(out, &["PLUGIN", "RELOAD"], &rows)?;
+        }
+    }
+    match reports.iter().filter(|r| r.outcome == ReloadOutcome::Failed).count() {
+        0 => Ok(()),
+        n => Err(Error::failed_precondition(format!("{n} plugin(s) failed to reload"))),
     }
 }
 

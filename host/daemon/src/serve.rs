@@ -16,7 +16,7 @@ use wasnap::{Error, Result};
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::leases::leases_server::LeasesServer;
 use crate::proto::snapshots::snapshots_server::SnapshotsServer;
-use crate::server::{AdminService, LeasesService, Shared, SnapshotsService};
+use crate::server::{AdminService, LeasesService, Reconfigure, Shared, SnapshotsService};
 
 /// What a daemon serves, and where.
 #[derive(Debug, Clone)]
@@ -30,6 +30,9 @@ pub struct Options {
     /// After a stop signal, how long calls in flight may take before the daemon exits
     /// anyway.
     pub shutdown_timeout: Duration,
+    /// How a reload (SIGHUP, `wasnap plugin reload`) reads the configuration again; none:
+    /// plugins are reloaded from the files and settings they were loaded with.
+    pub reconfigure: Option<Reconfigure>,
 }
 
 impl Options {
@@ -41,6 +44,7 @@ impl Options {
             socket: config.daemon.socket.clone(),
             shutdown_timeout: Duration::from_secs(config.daemon.shutdown_timeout_secs),
             config,
+            reconfigure: None,
         }
     }
 }
@@ -75,6 +79,35 @@ fn stop_signal() -> Result<impl Future<Output = ()>> {
         };
         tracing::info!(signal = which, "stopping: no new connections; finishing calls in flight");
     })
+}
+
+/// On SIGHUP, reloads every plugin whose file or settings changed (see
+/// [`Host::reload`]), logging what each did. Stops when the returned task is aborted.
+fn reload_on_hangup(
+    host: Arc<Host>,
+    reconfigure: Option<Reconfigure>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).with_context(|| "SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading plugins");
+            let (host, reconfigure) = (host.clone(), reconfigure.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                crate::server::reload(&host, &[], reconfigure.as_ref())
+            })
+            .await;
+            match done {
+                Ok(Ok(reports)) => {
+                    for r in reports {
+                        tracing::info!(plugin = %r.plugin, outcome = ?r.outcome, from = %r.from, to = %r.to, "reload");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "SIGHUP: reload failed; every plugin keeps its version"),
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: reload panicked"),
+            }
+        }
+    }))
 }
 
 /// Serves until `stop` resolves, then lets calls in flight finish (within the
@@ -124,6 +157,7 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
     .map_err(|e| Error::internal(format!("open the snapshotters: {e}")))?;
     let listener = bind(&opts.socket)?;
     let gc = host.start_gc()?;
+    let hangup = reload_on_hangup(host.clone(), opts.reconfigure.clone())?;
     tracing::info!(socket = %opts.socket.display(), root = %host.root().display(), "serving");
 
     let shared = Shared::new(host.clone(), opts.socket.clone());
@@ -135,7 +169,9 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
     let server = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotsService::new(shared.clone())))
         .add_service(LeasesServer::new(LeasesService::new(shared.clone())))
-        .add_service(AdminServer::new(AdminService::new(shared.clone())))
+        .add_service(AdminServer::new(
+            AdminService::new(shared.clone()).with_reconfigure(opts.reconfigure.clone()),
+        ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
     let limit = opts.shutdown_timeout;
     let served = tokio::select! {
@@ -153,6 +189,7 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
         }
     };
     let _ = std::fs::remove_file(&opts.socket);
+    hangup.abort();
     drop(gc);
     let closed = tokio::task::spawn_blocking(move || host.close())
         .await

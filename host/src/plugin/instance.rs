@@ -19,13 +19,18 @@ use crate::backend::Backend;
 use crate::error::{Context, Error, Result};
 use crate::snapshot::Mount;
 
-/// Where and how instances of one snapshotter's plugin run.
+/// One version of a snapshotter's plugin: the component, where its instances run, and
+/// how. A reload makes a new `Env` over the same space; each instance keeps the one it
+/// was made from, so a call in flight finishes on the version it started on.
 pub(crate) struct Env {
+    pub(crate) plugin: Arc<Plugin>,
     pub(crate) space: Arc<Space>,
     pub(crate) next: Option<Arc<dyn Backend>>,
     pub(crate) limits: Limits,
     /// The plugin's configuration, as the JSON text `lifecycle.init` receives.
     pub(crate) config: String,
+    /// Counts the versions a snapshotter has run: 0 for the one it opened with.
+    pub(crate) generation: u64,
 }
 
 /// A live instance and its exports.
@@ -33,12 +38,13 @@ pub(crate) struct Instance {
     store: Store<State>,
     lifecycle: Lifecycle,
     exports: SnapshotterExports,
-    counters: super::runtime::SharedCounters,
+    env: Arc<Env>,
 }
 
 impl Instance {
-    /// Instantiates `plugin` for `env` and calls `lifecycle.init`.
-    pub(crate) fn new(plugin: &Plugin, env: &Env) -> Result<Self> {
+    /// Instantiates `env`'s plugin and calls `lifecycle.init`.
+    pub(crate) fn new(env: &Arc<Env>) -> Result<Self> {
+        let plugin = &*env.plugin;
         let stdout = GuestOutput::new(plugin.name.clone(), "stdout");
         let stderr = GuestOutput::new(plugin.name.clone(), "stderr");
         let wasi = build_wasi(env.space.private(), &stdout, &stderr)
@@ -85,11 +91,11 @@ impl Instance {
             let exports = plugin.snapshotter.load(&mut store, &instance).map_err(|e| {
                 Error::from(e).context(format!("plugin {:?}: exports", plugin.name))
             })?;
-            Ok(Instance { store, lifecycle, exports, counters: plugin.counters.clone() })
+            Ok(Instance { store, lifecycle, exports, env: env.clone() })
         })()?;
         plugin.counters.instance_created();
         let config = env.config.clone();
-        let init = inst.call(plugin, "init", |lc, _, store| lc.call_init(store, &config));
+        let init = inst.call("init", |lc, _, store| lc.call_init(store, &config));
         inst.finish();
         init.map_err(|e| e.context("init"))?;
         Ok(inst)
@@ -98,6 +104,11 @@ impl Instance {
     /// The call in progress (or the last one).
     pub(crate) fn call_id(&self) -> CallId {
         self.store.data().call
+    }
+
+    /// The version of the plugin it runs.
+    pub(crate) fn env(&self) -> &Arc<Env> {
+        &self.env
     }
 
     /// The plugin's space.
@@ -122,7 +133,6 @@ impl Instance {
     /// instance must not be used again: the caller drops it.
     pub(crate) fn call<R>(
         &mut self,
-        plugin: &Plugin,
         op: &str,
         f: impl FnOnce(
             &Lifecycle,
@@ -130,6 +140,7 @@ impl Instance {
             &mut Store<State>,
         ) -> wasmtime::Result<std::result::Result<R, wit::Error>>,
     ) -> std::result::Result<R, CallError> {
+        let plugin = &*self.env.plugin;
         start_call(&mut self.store);
         let result = f(&self.lifecycle, &self.exports, &mut self.store);
         let elapsed = self.store.data().clock.started.elapsed();
@@ -167,7 +178,7 @@ fn start_call(store: &mut Store<State>) {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        self.counters.instance_dropped();
+        self.env.plugin.counters.instance_dropped();
     }
 }
 

@@ -5,6 +5,11 @@
 //! deadline, a result the host refuses to lift) is dropped and the next call gets a
 //! fresh one, initialised again; the failed call returns a typed error and nothing
 //! else notices.
+//!
+//! A reload ([`WasmSnapshotter::reload`]) swaps the version new instances are made
+//! from, after one instance of the new version has started (`init` included): idle
+//! instances of the old version are dropped, busy ones finish their call and are
+//! dropped when they come back. A version that does not start changes nothing.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -46,8 +51,9 @@ const PAGE: u32 = 1000;
 
 /// A plugin serving as a backend snapshotter, or as a policy in front of `next`.
 pub struct WasmSnapshotter {
-    plugin: Arc<Plugin>,
-    env: Env,
+    role: Role,
+    space: Arc<Space>,
+    next: Option<Arc<dyn Backend>>,
     pool: Mutex<Pool>,
     returned: Condvar,
 }
@@ -55,9 +61,9 @@ pub struct WasmSnapshotter {
 impl std::fmt::Debug for WasmSnapshotter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmSnapshotter")
-            .field("plugin", &self.plugin.name)
-            .field("space", &self.env.space)
-            .field("policy", &self.env.next.is_some())
+            .field("plugin", &self.current().plugin.name)
+            .field("space", &self.space)
+            .field("policy", &self.next.is_some())
             .finish()
     }
 }
@@ -73,10 +79,12 @@ pub struct PoolUse {
     pub limit: u32,
 }
 
-#[derive(Default)]
 struct Pool {
+    /// The version new instances are made from.
+    current: Arc<Env>,
+    /// Idle instances, all of the current version.
     idle: Vec<Instance>,
-    /// Instances in existence or being created (idle, busy, starting).
+    /// Instances in existence or being created (idle, busy, starting), of any version.
     live: u32,
     closed: bool,
 }
@@ -112,10 +120,84 @@ impl WasmSnapshotter {
         if plugin.role() == Role::Backend && !space.has_layers() {
             return Err(Error::internal("a backend plugin's space must have layers"));
         }
-        let env = Env { space, next, limits, config };
-        let s = WasmSnapshotter { plugin, env, pool: Mutex::default(), returned: Condvar::new() };
+        let role = plugin.role();
+        let env = Env {
+            plugin,
+            space: space.clone(),
+            next: next.clone(),
+            limits,
+            config,
+            generation: 0,
+        };
+        let pool = Pool { current: Arc::new(env), idle: Vec::new(), live: 0, closed: false };
+        let s = WasmSnapshotter {
+            role,
+            space,
+            next,
+            pool: Mutex::new(pool),
+            returned: Condvar::new(),
+        };
         s.checkout()?.healthy = true;
         Ok(s)
+    }
+
+    /// Replaces the plugin new calls go to with `plugin`, told `config` and bound by
+    /// `limits`, once one instance of it has started (its `init` included). Calls in
+    /// flight finish on the version they started on. If the new version cannot start,
+    /// nothing changes and the error says why. It must have the same role, and the same
+    /// key-value budget (the store is shared by both versions).
+    pub fn reload(
+        &self,
+        plugin: Arc<Plugin>,
+        limits: Limits,
+        config: &serde_json::Value,
+    ) -> Result<()> {
+        limits.check()?;
+        let old = self.current();
+        if plugin.role() != self.role {
+            return Err(Error::invalid_argument(format!(
+                "plugin {:?} is now a {}, but it serves as a {}: a reload cannot change a plugin's world",
+                plugin.name,
+                plugin.role(),
+                self.role
+            )));
+        }
+        if limits.kv_mib != old.limits.kv_mib {
+            return Err(Error::invalid_argument(format!(
+                "plugin {:?}: limits.kv_mib changed ({} to {}); the key-value budget applies from the next start",
+                plugin.name, old.limits.kv_mib, limits.kv_mib
+            )));
+        }
+        let config = serde_json::to_string(config).with_context(|| "encode plugin config")?;
+        let env = Arc::new(Env {
+            plugin,
+            space: self.space.clone(),
+            next: self.next.clone(),
+            limits,
+            config,
+            generation: old.generation + 1,
+        });
+        // Started outside the pool: until it has, the old version serves as before.
+        let first = Instance::new(&env)?;
+        let retired = {
+            let mut pool = self.lock();
+            if pool.closed {
+                return Err(Error::unavailable(format!("plugin {:?}: closed", env.plugin.name)));
+            }
+            let retired = std::mem::take(&mut pool.idle);
+            pool.live = pool.live - retired.len() as u32 + 1;
+            pool.idle.push(first);
+            pool.current = env;
+            retired
+        };
+        drop(retired);
+        self.returned.notify_all();
+        Ok(())
+    }
+
+    /// The version new calls go to.
+    fn current(&self) -> Arc<Env> {
+        self.lock().current.clone()
     }
 
     /// Opens `plugin` in the directory `dir` (host path `path`), in a space of its own
@@ -134,16 +216,21 @@ impl WasmSnapshotter {
         Self::open(plugin, space, next, limits, config)
     }
 
-    /// The plugin.
-    pub fn plugin(&self) -> &Arc<Plugin> {
-        &self.plugin
+    /// The plugin new calls go to.
+    pub fn plugin(&self) -> Arc<Plugin> {
+        self.current().plugin.clone()
+    }
+
+    /// How many times it has been reloaded.
+    pub fn reloads(&self) -> u64 {
+        self.current().generation
     }
 
     /// How its instance pool is used now.
     pub fn pool(&self) -> PoolUse {
         let pool = self.lock();
         let idle = pool.idle.len() as u32;
-        PoolUse { busy: pool.live.saturating_sub(idle), idle, limit: self.env.limits.instances }
+        PoolUse { busy: pool.live.saturating_sub(idle), idle, limit: pool.current.limits.instances }
     }
 
     /// Calls the guest's `ping`: a round trip that does nothing.
@@ -159,29 +246,32 @@ impl WasmSnapshotter {
     /// (waiting at most one call's timeout: a guest blocked in a host wait holds its
     /// instance, and callers must not queue behind it forever).
     fn checkout(&self) -> Result<Checkout<'_>> {
-        let deadline = std::time::Instant::now() + self.env.limits.timeout();
         let mut pool = self.lock();
+        let deadline = std::time::Instant::now() + pool.current.limits.timeout();
         loop {
             if pool.closed {
-                return Err(Error::unavailable(format!("plugin {:?}: closed", self.plugin.name)));
+                let name = &pool.current.plugin.name;
+                return Err(Error::unavailable(format!("plugin {name:?}: closed")));
             }
             if let Some(i) = pool.idle.pop() {
                 return Ok(Checkout { owner: self, inst: Some(i), healthy: false });
             }
-            if pool.live < self.env.limits.instances {
+            let env = &pool.current;
+            if pool.live < env.limits.instances {
+                let env = env.clone();
                 pool.live += 1;
                 drop(pool);
                 // The slot is the checkout's from here: if creating fails (or panics), its
                 // drop gives the slot back.
                 let mut checkout = Checkout { owner: self, inst: None, healthy: false };
-                checkout.inst = Some(Instance::new(&self.plugin, &self.env)?);
+                checkout.inst = Some(Instance::new(&env)?);
                 return Ok(checkout);
             }
             let now = std::time::Instant::now();
             if now >= deadline {
                 return Err(Error::unavailable(format!(
                     "plugin {:?}: all {} instance(s) busy for {} ms",
-                    self.plugin.name, self.env.limits.instances, self.env.limits.timeout_ms
+                    env.plugin.name, env.limits.instances, env.limits.timeout_ms
                 )));
             }
             pool = self
@@ -194,12 +284,16 @@ impl WasmSnapshotter {
 
     fn checkin(&self, i: Instance) {
         let mut pool = self.lock();
-        if pool.closed {
+        // An instance of a version since replaced is not used again.
+        let retired = if pool.closed || i.env().generation != pool.current.generation {
             pool.live -= 1;
+            Some(i)
         } else {
             pool.idle.push(i);
-        }
+            None
+        };
         drop(pool);
+        drop(retired);
         self.returned.notify_one();
     }
 
@@ -236,7 +330,7 @@ impl WasmSnapshotter {
     ) -> Result<T> {
         let mut checkout = self.checkout()?;
         let inst = checkout.inst.as_mut().ok_or_else(|| Error::internal("empty checkout"))?;
-        let result = match inst.call(&self.plugin, op, f) {
+        let result = match inst.call(op, f) {
             Ok(v) => {
                 checkout.healthy = true;
                 then(inst, v)
@@ -260,13 +354,13 @@ impl WasmSnapshotter {
             &mut wasmtime::Store<State>,
         ) -> wasmtime::Result<std::result::Result<Vec<wit::Mount>, wit::Error>>,
     ) -> Result<Vec<Mount>> {
-        let name = self.plugin.name.clone();
         self.call_then(
             op,
             |_, ex, st| f(ex, st),
             |inst, got| {
-                mounts::resolve(inst.space(), inst.call_id(), got, inst.passed())
-                    .map_err(|e| e.context(format!("plugin {name:?}: {op}")))
+                mounts::resolve(inst.space(), inst.call_id(), got, inst.passed()).map_err(|e| {
+                    e.context(format!("plugin {:?}: {op}", inst.env().plugin.name))
+                })
             },
         )
     }
@@ -320,7 +414,8 @@ impl Backend for WasmSnapshotter {
     }
 
     fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
-        let name = &self.plugin.name;
+        let env = self.current();
+        let name = &env.plugin.name;
         let bad = |why: String| Error::internal(format!("plugin {name:?}: list: {why}"));
         let mut after: Option<String> = None;
         let mut total: u64 = 0;
@@ -334,10 +429,10 @@ impl Backend for WasmSnapshotter {
                 )));
             }
             total += page.len() as u64;
-            if total > self.env.limits.max_walk {
+            if total > env.limits.max_walk {
                 return Err(bad(format!(
                     "walk passed {} snapshots (the plugin's max_walk limit); stopped as runaway",
-                    self.env.limits.max_walk
+                    env.limits.max_walk
                 )));
             }
             let full = page.len() == PAGE as usize;
@@ -378,15 +473,15 @@ impl Backend for WasmSnapshotter {
         drop(idle);
         self.returned.notify_all();
         // A policy owns the rest of its chain: closing it closes what is behind it.
-        match &self.env.next {
+        match &self.next {
             Some(next) => next.close(),
             None => Ok(()),
         }
     }
 
     fn verify(&self) -> Result<Vec<(String, String)>> {
-        let mut bad = self.env.space.verify()?;
-        if let Some(next) = &self.env.next {
+        let mut bad = self.space.verify()?;
+        if let Some(next) = &self.next {
             bad.extend(next.verify()?);
         }
         Ok(bad)

@@ -93,6 +93,14 @@ impl DaemonProcess {
         child.wait().with_context(|| "wait for the daemon")
     }
 
+    /// Sends `sig` (SIGHUP, say) and returns at once.
+    pub fn send(&self, sig: Signal) -> Result<()> {
+        let child = self.child.as_ref().ok_or_else(|| Error::failed_precondition("not running"))?;
+        let pid = rustix::process::Pid::from_raw(child.id() as i32)
+            .ok_or_else(|| Error::internal("no pid"))?;
+        rustix::process::kill_process(pid, sig).with_context(|| "signal the daemon")
+    }
+
     /// The socket it serves on.
     pub fn socket(&self) -> &Path {
         &self.socket

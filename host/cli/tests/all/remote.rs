@@ -392,3 +392,82 @@ fn one_daemon_per_root_sigterm_stops_it_and_a_restart_serves_the_same_snapshots(
     assert_eq!(ok(&["--address", &sock, "--format", "json", "stat", "kept-c"]), before);
     assert!(ok(&["--address", &sock, "ls"]).contains("kept-c"));
 }
+
+/// `wasm` with a custom section appended: the same plugin under another digest.
+fn variant(wasm: &[u8], tag: &str) -> Vec<u8> {
+    let mut body = vec![4u8];
+    body.extend_from_slice(b"test");
+    body.extend_from_slice(tag.as_bytes());
+    let mut out = wasm.to_vec();
+    out.extend_from_slice(&[0, body.len() as u8]);
+    out.extend_from_slice(&body);
+    out
+}
+
+fn deploy(path: &Path, bytes: &[u8]) {
+    let new = path.with_extension("new");
+    std::fs::write(&new, bytes).unwrap();
+    std::fs::rename(&new, path).unwrap();
+}
+
+fn status_plugin(sock: &str) -> serde_json::Value {
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
+    status["plugins"][0].clone()
+}
+
+#[test]
+fn plugin_reload_and_sighup_swap_a_plugin_and_a_broken_one_keeps_the_old_serving() {
+    let dir = tmp();
+    let wasm = std::fs::read(wasnap_test_util::guests::path("copy").unwrap()).unwrap();
+    let plugin = dir.path().join("copy.wasm");
+    deploy(&plugin, &variant(&wasm, "1"));
+    let config = format!(
+        "default_snapshotter = \"c\"\n[snapshotters.c]\ndriver = \"wasm\"\npath = {:?}\n",
+        plugin.display().to_string()
+    );
+    let d = daemon_with(dir.path(), &config);
+    let sock = d.socket().to_str().unwrap().to_owned();
+    ok(&["--address", &sock, "prepare", "before"]);
+    let first = status_plugin(&sock);
+    let digest = first["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(first["id"], "c");
+    assert_eq!(first["reloads"], 0);
+    assert!(first["reload_error"].is_null(), "{first}");
+
+    let out = ok(&["--address", &sock, "plugin", "reload"]);
+    assert!(out.contains("unchanged"), "{out}");
+
+    // A new version, by `plugin reload`.
+    deploy(&plugin, &variant(&wasm, "2"));
+    let out = ok(&["--address", &sock, "plugin", "reload", "c"]);
+    assert!(out.contains(&format!("reloaded: sha256:{}", &digest[..12])), "{out}");
+    let second = status_plugin(&sock);
+    assert_ne!(second["sha256"], first["sha256"]);
+    assert_eq!(second["reloads"], 1);
+    ok(&["--address", &sock, "commit", "before-c", "before"]);
+
+    // A broken one, by SIGHUP: the reload is reported in status, the old one serves.
+    deploy(&plugin, b"\0asm\x0d\0\x01\0not a component");
+    d.send(rustix::process::Signal::HUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        let p = status_plugin(&sock);
+        if !p["reload_error"].is_null() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no reload after SIGHUP:\n{}", d.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(failed["sha256"], second["sha256"], "the old version serves");
+    let why = failed["reload_error"]["error"].as_str().unwrap();
+    assert!(why.contains("compile plugin"), "{why}");
+    assert!(d.log_tail().contains("reload failed"), "{}", d.log_tail());
+    let table = ok(&["--address", &sock, "status"]);
+    assert!(table.contains("failed, the version above keeps serving"), "{table}");
+    ok(&["--address", &sock, "view", "v", "before-c"]);
+    let err = fails(&["--address", &sock, "plugin", "reload"]);
+    assert!(err.contains("1 plugin(s) failed to reload"), "{err}");
+    let err = fails(&["--address", &sock, "plugin", "reload", "nope"]);
+    assert!(err.contains("configured: c"), "{err}");
+}

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 use wasnap::Context;
-use wasnap::root::{DriverConfig, SnapshotterState};
+use wasnap::Host;
+use wasnap::root::{Config, DriverConfig, ReloadReport, SnapshotterState};
 
 use super::{Shared, handle};
 use crate::proto::admin::admin_server::Admin;
@@ -15,13 +16,49 @@ use crate::proto::admin::*;
 #[derive(Debug, Clone)]
 pub struct AdminService {
     shared: Arc<Shared>,
+    reconfigure: Option<Reconfigure>,
 }
 
 impl AdminService {
     /// The service over `shared`'s host.
     pub fn new(shared: Arc<Shared>) -> Self {
-        AdminService { shared }
+        AdminService { shared, reconfigure: None }
     }
+
+    /// Reloads read the configuration again with `f`.
+    pub fn with_reconfigure(mut self, f: Option<Reconfigure>) -> Self {
+        self.reconfigure = f;
+        self
+    }
+}
+
+/// How a reload reads the configuration again (the file the daemon started with, and
+/// the command line's additions), when the daemon has one.
+#[derive(Clone)]
+pub struct Reconfigure(pub Arc<dyn Fn() -> wasnap::Result<Config> + Send + Sync>);
+
+impl std::fmt::Debug for Reconfigure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reconfigure")
+    }
+}
+
+/// Reloads the plugins of `names` (every snapshotter's if empty), with the configuration
+/// read again if `reconfigure` is given. What SIGHUP and `Admin.Reload` do.
+pub fn reload(
+    host: &Host,
+    names: &[String],
+    reconfigure: Option<&Reconfigure>,
+) -> wasnap::Result<Vec<ReloadReport>> {
+    let config = match reconfigure {
+        Some(f) => Some((f.0)().map_err(|e| e.context("read the configuration again"))?),
+        None => None,
+    };
+    host.reload(names, config.as_ref())
+}
+
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -73,9 +110,22 @@ impl Admin for AdminService {
                 .loaded_plugins()
                 .into_iter()
                 .map(|p| {
-                    let c = p.wasm.plugin().counters().snapshot();
-                    let info = p.wasm.plugin().info();
+                    let plugin = p.wasm.plugin();
+                    let c = plugin.counters().snapshot();
+                    let info = plugin.info();
+                    let pool = p.wasm.pool();
+                    let (reload_error, failed_at) = match &p.reload_error {
+                        Some((e, at)) => (e.clone(), unix_ms(*at)),
+                        None => (String::new(), 0),
+                    };
                     Plugin {
+                        id: p.id(),
+                        loaded_at_unix_ms: unix_ms(p.loaded_at),
+                        reloads: p.wasm.reloads(),
+                        reload_error,
+                        reload_failed_at_unix_ms: failed_at,
+                        busy_instances: pool.busy,
+                        instance_limit: pool.limit,
                         snapshotter: p.snapshotter,
                         role: p.role.to_string(),
                         path: p.path.display().to_string(),
@@ -116,6 +166,14 @@ impl Admin for AdminService {
 
     async fn check(&self, req: Request<CheckRequest>) -> Reply<ReportResponse> {
         handle(&self.shared, "Admin.Check", req, |host, _scope, _r| json(&host.check()?)).await
+    }
+
+    async fn reload(&self, req: Request<ReloadRequest>) -> Reply<ReportResponse> {
+        let reconfigure = self.reconfigure.clone();
+        handle(&self.shared, "Admin.Reload", req, move |host, _scope, r| {
+            json(&reload(host, &r.snapshotters, reconfigure.as_ref())?)
+        })
+        .await
     }
 
     async fn info(&self, req: Request<InfoRequest>) -> Reply<ReportResponse> {

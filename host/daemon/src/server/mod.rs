@@ -31,7 +31,7 @@ use tracing::Instrument;
 use wasnap::Host;
 use wasnap::{Ctx, Error, Result, Snapshotter};
 
-pub use admin::AdminService;
+pub use admin::{AdminService, Reconfigure, reload};
 pub use leases::LeasesService;
 pub use snapshots::SnapshotsService;
 
@@ -181,7 +181,7 @@ pub(crate) fn containerd_namespace(key: &str) -> Option<&str> {
 /// The snapshotter a request names; empty means the configured default.
 pub(crate) fn snapshotter(host: &Host, name: &str) -> Result<Arc<Snapshotter>> {
     let name = if name.is_empty() { host.default_snapshotter() } else { name };
-    if !host.configs().contains_key(name) {
+    if !host.is_configured(name) {
         let known: Vec<&str> = host.snapshotter_names().collect();
         return Err(Error::invalid_argument(format!(
             "snapshotter not loaded: {name} (this daemon serves: {})",

@@ -6,6 +6,7 @@
 mod contain;
 mod load;
 mod policies;
+mod reload;
 mod sandbox;
 
 use std::path::PathBuf;

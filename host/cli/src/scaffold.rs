@@ -53,13 +53,14 @@ crate-type = ["cdylib"]
 
 [dependencies]
 wasnap-sdk = {{ path = {sdk:?} }}
-serde = {{ version = "1", features = ["derive"] }}
-
+{serde}
 # A crate of its own, even inside another workspace's directory.
 [workspace]
 "#,
         stem = name.replace('-', "_"),
         sdk = sdk.display().to_string(),
+        // The policy template reads its configuration with serde; the backend takes none.
+        serde = if policy { "serde = { version = \"1\", features = [\"derive\"] }\n" } else { "" },
     );
     let lib = if policy { policy_lib(name) } else { backend_lib() };
     let config = if policy {

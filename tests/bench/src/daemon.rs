@@ -1,8 +1,10 @@
-//! `wasnap-bench daemon`: a load generator speaking containerd's snapshots gRPC API,
-//! running the same workloads at 1 and 8 concurrent clients against containerd's own
-//! overlayfs snapshotter (through containerd's snapshots service), against wasnap's
-//! overlay driver and `copy` guest (straight to the wasnap daemon), and against wasnap
-//! overlay as containerd's proxy snapshotter (the proxy hop's cost), all in one run.
+//! `wasnap-bench daemon`: a load generator speaking containerd's snapshots gRPC API.
+//! It runs the same cycles (prepare → commit → prepare a child → remove it → remove the
+//! parent, under a lease) at 1 and 8 concurrent clients against containerd's own
+//! overlayfs snapshotter, against wasnap's overlay driver and `copy` guest straight to
+//! the wasnap daemon, and against wasnap overlay as containerd's proxy snapshotter, with
+//! roots on tmpfs and on disk, all in one run, and prints cycles per second with each
+//! target's ratio to containerd's own overlayfs measured in the same run.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -36,32 +38,41 @@ struct Target {
 /// The lease the load holds in containerd.
 const LEASE: &str = "wasnap-bench";
 
-/// `msg` as a request for `t`.
+/// `msg` as a request for `t`: under the load's lease, containerd's or wasnap's.
 fn req<T>(t: &Target, msg: T) -> tonic::Request<T> {
-    let mut r = request(msg, Some(NS), None);
-    if t.containerd_lease {
-        r.metadata_mut()
-            .insert("containerd-lease", tonic::metadata::MetadataValue::from_static(LEASE));
+    if !t.containerd_lease {
+        return request(msg, Some(NS), Some(LEASE));
     }
+    let mut r = request(msg, Some(NS), None);
+    r.metadata_mut().insert("containerd-lease", tonic::metadata::MetadataValue::from_static(LEASE));
     r
 }
 
-/// What one workload at one concurrency measured.
+/// What one target at one concurrency measured.
 struct Measured {
-    ops_per_sec: f64,
-    latency: Stats,
+    cycles_per_sec: f64,
+    /// Per operation of the cycle: prepare, commit, prepare child, remove child, remove.
+    ops: [Vec<Duration>; 5],
 }
 
 fn st(s: tonic::Status) -> Error {
     convert::error(&s)
 }
 
-/// One prepare → commit → remove cycle; returns its latency.
-async fn cycle(c: &Client, t: &Target, tag: &str) -> Result<Duration> {
+const OPS: [&str; 5] = ["prepare", "commit", "prepare child", "remove child", "remove"];
+
+/// One cycle: prepare → commit → prepare a child → remove the child → remove the
+/// parent; returns each operation's latency.
+async fn cycle(c: &Client, t: &Target, tag: &str) -> Result<[Duration; 5]> {
     let sn = t.snapshotter;
-    let started = Instant::now();
-    let (key, name) = (format!("{tag}-a"), format!("{tag}-c"));
+    let (key, name, child) = (format!("{tag}-a"), format!("{tag}-c"), format!("{tag}-b"));
     let mut s = c.snapshots();
+    let mut took = [Duration::ZERO; 5];
+    let mut clock = Instant::now();
+    let mut lap = |i: usize| {
+        took[i] = clock.elapsed();
+        clock = Instant::now();
+    };
     let prepare = PrepareSnapshotRequest {
         snapshotter: sn.into(),
         key: key.clone(),
@@ -69,6 +80,7 @@ async fn cycle(c: &Client, t: &Target, tag: &str) -> Result<Duration> {
         labels: HashMap::new(),
     };
     s.prepare(req(t, prepare)).await.map_err(st)?;
+    lap(0);
     let commit = CommitSnapshotRequest {
         snapshotter: sn.into(),
         name: name.clone(),
@@ -76,82 +88,127 @@ async fn cycle(c: &Client, t: &Target, tag: &str) -> Result<Duration> {
         ..Default::default()
     };
     s.commit(req(t, commit)).await.map_err(st)?;
+    lap(1);
+    let prepare = PrepareSnapshotRequest {
+        snapshotter: sn.into(),
+        key: child.clone(),
+        parent: name.clone(),
+        labels: HashMap::new(),
+    };
+    s.prepare(req(t, prepare)).await.map_err(st)?;
+    lap(2);
+    let remove = RemoveSnapshotRequest { snapshotter: sn.into(), key: child };
+    s.remove(req(t, remove)).await.map_err(st)?;
+    lap(3);
     let remove = RemoveSnapshotRequest { snapshotter: sn.into(), key: name };
     s.remove(req(t, remove)).await.map_err(st)?;
-    Ok(started.elapsed())
+    lap(4);
+    Ok(took)
 }
 
-async fn stat(c: &Client, t: &Target, key: &str) -> Result<Duration> {
-    let started = Instant::now();
-    let msg = StatSnapshotRequest { snapshotter: t.snapshotter.into(), key: key.into() };
-    c.snapshots().stat(req(t, msg)).await.map_err(st)?;
-    Ok(started.elapsed())
-}
-
-/// Runs `per_client` operations on each of `clients` connections at once.
-async fn load(t: &Target, clients: usize, per_client: usize, workload: &str) -> Result<Measured> {
+/// Runs `per_client` cycles on each of `clients` connections at once.
+async fn load(t: &Target, clients: usize, per_client: usize) -> Result<Measured> {
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         conns.push(Client::connect(&t.socket).await?);
     }
-    // A committed snapshot for stat to look at.
-    let target = format!("{}-stat-{clients}", t.label.replace(' ', "-"));
-    if workload == "stat" {
-        let c = &conns[0];
-        let mut s = c.snapshots();
-        let key = format!("{target}-a");
-        let prepare = PrepareSnapshotRequest {
-            snapshotter: t.snapshotter.into(),
-            key: key.clone(),
-            ..Default::default()
-        };
-        s.prepare(req(t, prepare)).await.map_err(st)?;
-        let commit = CommitSnapshotRequest {
-            snapshotter: t.snapshotter.into(),
-            name: target.clone(),
-            key,
-            ..Default::default()
-        };
-        s.commit(req(t, commit)).await.map_err(st)?;
-    }
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, c) in conns.into_iter().enumerate() {
-        let (workload, target) = (workload.to_owned(), target.clone());
         let t = t.clone();
-        let tag = format!("{}-{clients}-{i}", t.label.replace(' ', "-"));
+        let tag = format!("{}-{clients}-{i}", t.label.replace([' ', '>'], "-"));
         tasks.spawn(async move {
             let mut samples = Vec::with_capacity(per_client);
             for n in 0..per_client {
-                samples.push(match workload.as_str() {
-                    "stat" => stat(&c, &t, &target).await?,
-                    _ => cycle(&c, &t, &format!("{tag}-{n}")).await?,
-                });
+                samples.push(cycle(&c, &t, &format!("{tag}-{n}")).await?);
             }
             Ok::<_, Error>(samples)
         });
     }
-    let mut samples = Vec::new();
+    let mut ops: [Vec<Duration>; 5] = Default::default();
+    let mut cycles = 0usize;
     while let Some(r) = tasks.join_next().await {
-        samples.extend(r.map_err(|e| Error::internal(format!("bench client: {e}")))??);
+        for sample in r.map_err(|e| Error::internal(format!("bench client: {e}")))?? {
+            cycles += 1;
+            for (all, one) in ops.iter_mut().zip(sample) {
+                all.push(one);
+            }
+        }
     }
     let wall = started.elapsed();
-    if workload == "stat" {
-        let remove = RemoveSnapshotRequest { snapshotter: t.snapshotter.into(), key: target };
-        let c = Client::connect(&t.socket).await?;
-        c.snapshots().remove(req(t, remove)).await.map_err(st)?;
-    }
-    Ok(Measured {
-        ops_per_sec: samples.len() as f64 / wall.as_secs_f64().max(1e-9),
-        latency: Stats::new(samples),
-    })
+    Ok(Measured { cycles_per_sec: cycles as f64 / wall.as_secs_f64().max(1e-9), ops })
 }
 
-/// Runs the daemon benchmark: starts a wasnap daemon (the binary `wasnap`) and a
-/// containerd of its own under `base`, loads each target, prints the table. Skips (and
-/// says why) where it cannot run.
-pub fn run(
+/// The targets in the order the table shows them; containerd's own overlayfs first.
+const COLUMNS: [&str; 4] =
+    ["containerd overlayfs", "wasnap overlay", "containerd -> wasnap overlay", "wasnap copy guest"];
+
+/// Starts a wasnap daemon and (if installed) a containerd proxying to it, roots under
+/// `base`, and returns the targets with what keeps them running.
+fn start(
     base: &Path,
+    guest: &Path,
+    wasnap: &Path,
+) -> Result<(tempfile::TempDir, DaemonProcess, Option<Containerd>, Vec<Target>)> {
+    let io = |e: std::io::Error| Error::from(e).context("bench");
+    let tmp =
+        tempfile::Builder::new().prefix("wasnap-bench-daemon-").tempdir_in(base).map_err(io)?;
+    let config = format!(
+        "default_snapshotter = \"overlay\"\n[snapshotters.overlay]\ndriver = \"overlay\"\n\
+         [snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\n",
+        guest.display().to_string(),
+    );
+    let daemon = DaemonProcess::start(wasnap, tmp.path(), &config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .with_context(|| "bench runtime")?;
+    let lease = || wasnap_daemon::proto::leases::CreateRequest {
+        id: LEASE.into(),
+        labels: HashMap::new(),
+    };
+    rt.block_on(async {
+        let client = Client::connect(daemon.socket()).await?;
+        client.leases().create(request(lease(), Some(NS), None)).await.map_err(st)
+    })?;
+    let wasnap_target = |label, snapshotter| Target {
+        label,
+        socket: daemon.socket().to_path_buf(),
+        snapshotter,
+        containerd_lease: false,
+    };
+    let mut targets =
+        vec![wasnap_target(COLUMNS[1], "overlay"), wasnap_target(COLUMNS[3], "copy")];
+    let peer = match containerd::binary() {
+        None => None,
+        Some(_) => {
+            let dir = tmp.path().join("containerd");
+            std::fs::create_dir(&dir).map_err(io)?;
+            let proxies = BTreeMap::from([("overlay".to_owned(), daemon.socket().to_path_buf())]);
+            let c = Containerd::start(&dir, &proxies)?;
+            rt.block_on(async {
+                let client = Client::connect(c.address()).await?;
+                client.leases().create(request(lease(), Some(NS), None)).await.map_err(st)
+            })?;
+            let through = |label, snapshotter| Target {
+                label,
+                socket: c.address().to_path_buf(),
+                snapshotter,
+                containerd_lease: true,
+            };
+            targets.insert(0, through(COLUMNS[0], "overlayfs"));
+            targets.insert(2, through(COLUMNS[2], "overlay"));
+            Some(c)
+        }
+    };
+    Ok((tmp, daemon, peer, targets))
+}
+
+/// Runs the daemon benchmark: for each of `roots` (tmpfs, disk), starts a wasnap daemon
+/// (the binary `wasnap`) and a containerd of its own there, loads each target, and
+/// prints the tables. Skips (and says why) where it cannot run.
+pub fn run(
+    roots: &[PathBuf],
     copy_guest: Option<&Path>,
     wasnap: &Path,
     smoke: bool,
@@ -172,105 +229,75 @@ pub fn run(
             }
         },
     };
-    let tmp =
-        tempfile::Builder::new().prefix("wasnap-bench-daemon-").tempdir_in(base).map_err(io)?;
-    let config = format!(
-        "default_snapshotter = \"overlay\"\n[snapshotters.overlay]\ndriver = \"overlay\"\n\
-         [snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\n",
-        guest.display().to_string()
-    );
-    let daemon = DaemonProcess::start(wasnap, tmp.path(), &config)?;
-    let mut targets = Vec::new();
-    let peer = match containerd::binary() {
-        None => {
-            writeln!(out, "daemon: containerd is not installed; wasnap alone, no ratios")
-                .map_err(io)?;
-            None
-        }
-        Some(_) => {
-            let dir = tmp.path().join("containerd");
-            std::fs::create_dir(&dir).map_err(io)?;
-            let proxies = BTreeMap::from([("overlay".to_owned(), daemon.socket().to_path_buf())]);
-            let c = Containerd::start(&dir, &proxies)?;
-            let lease = wasnap_daemon::proto::leases::CreateRequest {
-                id: LEASE.into(),
-                labels: HashMap::new(),
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .with_context(|| "bench runtime")?;
-            rt.block_on(async {
-                let client = Client::connect(c.address()).await?;
-                client.leases().create(request(lease, Some(NS), None)).await.map_err(st)
-            })?;
-            targets.push(Target {
-                label: "containerd overlayfs",
-                socket: c.address().to_path_buf(),
-                snapshotter: "overlayfs",
-                containerd_lease: true,
-            });
-            targets.push(Target {
-                label: "containerd -> wasnap overlay",
-                socket: c.address().to_path_buf(),
-                snapshotter: "overlay",
-                containerd_lease: true,
-            });
-            Some(c)
-        }
-    };
-    targets.push(Target {
-        label: "wasnap overlay",
-        socket: daemon.socket().to_path_buf(),
-        snapshotter: "overlay",
-        containerd_lease: false,
-    });
-    targets.push(Target {
-        label: "wasnap copy guest",
-        socket: daemon.socket().to_path_buf(),
-        snapshotter: "copy",
-        containerd_lease: false,
-    });
-    writeln!(
-        out,
-        "daemon: the snapshots gRPC API under load, 1 and 8 clients; roots in {} ({})",
-        base.display(),
-        wasnap::probe::filesystem_name(base)
-    )
-    .map_err(io)?;
-
-    let (cycles, stats): (usize, usize) = if smoke { (5, 20) } else { (200, 2000) };
+    if containerd::binary().is_none() {
+        writeln!(out, "daemon: containerd is not installed; wasnap alone, no ratios")
+            .map_err(io)?;
+    }
+    // Cycles per client: enough for a steady rate at 1 client, the same total at 8.
+    let (one, eight) = if smoke { (5, 2) } else { (1000, 250) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .with_context(|| "bench runtime")?;
-    let mut rows = Vec::new();
-    for (workload, per_client) in [("prepare+commit+remove", cycles), ("stat", stats)] {
-        for clients in [1usize, 8] {
+    let mut summary = Vec::new();
+    let mut per_op = Vec::new();
+    for base in roots {
+        let fs = wasnap::probe::filesystem_name(base);
+        let (tmp, daemon, peer, targets) = start(base, &guest, wasnap)?;
+        for (clients, per_client) in [(1usize, one), (8, eight)] {
+            let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
-            for t in &targets {
-                let per = if clients == 1 { per_client } else { per_client.div_ceil(4) };
-                let m = rt.block_on(load(t, clients, per, workload)).map_err(|e| {
+            // WASNAP_BENCH_ONLY=LABEL runs one target (for profiling it alone).
+            let only = std::env::var("WASNAP_BENCH_ONLY").ok();
+            for column in COLUMNS {
+                let wanted = only.as_deref().is_none_or(|o| o == column);
+                let Some(t) = targets.iter().find(|t| t.label == column && wanted) else {
+                    row.push("-".into());
+                    continue;
+                };
+                let m = rt.block_on(load(t, clients, per_client)).map_err(|e| {
                     tracing::error!("the daemon's log:\n{}", daemon.log_tail());
-                    e.context(format!("{} ({workload}, {clients} clients)", t.label))
+                    e.context(format!("{} on {fs}, {clients} clients", t.label))
                 })?;
-                if t.snapshotter == "overlayfs" {
-                    baseline = Some(m.ops_per_sec);
-                }
-                rows.push(vec![
-                    workload.to_owned(),
-                    clients.to_string(),
-                    t.label.to_owned(),
-                    format!("{:.0}", m.ops_per_sec),
-                    fmt_d(m.latency.pct(0.5)),
-                    fmt_d(m.latency.pct(0.99)),
-                    baseline.map_or("-".into(), |b| format!("{:.2}x", m.ops_per_sec / b.max(1e-9))),
-                ]);
+                let ratio = match baseline {
+                    None if t.snapshotter == "overlayfs" => {
+                        baseline = Some(m.cycles_per_sec);
+                        String::new()
+                    }
+                    None => String::new(),
+                    Some(b) => format!(" ({:.2}x)", m.cycles_per_sec / f64::max(b, 1e-9)),
+                };
+                row.push(format!("{:.0}{ratio}", m.cycles_per_sec));
+                let mut line = vec![fs.clone(), clients.to_string(), t.label.to_owned()];
+                line.extend(m.ops.into_iter().map(|s| fmt_d(Stats::new(s).pct(0.5))));
+                per_op.push(line);
             }
+            summary.push(row);
+        }
+        drop(peer);
+        drop(daemon);
+        if std::env::var_os("WASNAP_BENCH_KEEP").is_some() {
+            writeln!(out, "daemon: kept {}", tmp.keep().display()).map_err(io)?;
         }
     }
-    table(out, &["WORKLOAD", "CLIENTS", "TARGET", "OPS/S", "P50", "P99", "VS CONTAINERD"], &rows)?;
-    drop(peer);
-    drop(daemon);
-    Ok(())
+    writeln!(
+        out,
+        "daemon: cycles/s (prepare, commit, prepare child, remove child, remove; under a lease), \
+         {one} cycles at 1 client, {eight} per client at 8; (ratio) to containerd's overlayfs"
+    )
+    .map_err(io)?;
+    let mut header = vec!["ROOT", "CLIENTS"];
+    header.extend(COLUMNS.map(|c| match c {
+        "containerd -> wasnap overlay" => "CONTAINERD -> WASNAP (PROXY)",
+        "containerd overlayfs" => "CONTAINERD OVERLAYFS",
+        "wasnap overlay" => "WASNAP OVERLAY",
+        _ => "COPY GUEST",
+    }));
+    table(out, &header, &summary)?;
+    writeln!(out, "\ndaemon: p50 per operation of the cycle").map_err(io)?;
+    let mut header = vec!["FS", "CLIENTS", "TARGET"];
+    header.extend(OPS.map(|o| o));
+    let header: Vec<String> = header.iter().map(|h| h.to_uppercase()).collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    table(out, &header, &per_op)
 }

@@ -34,9 +34,10 @@ struct DaemonArgs {
     /// A seconds-long run that only proves the benchmark works (CI)
     #[arg(long)]
     smoke: bool,
-    /// Directory to create the benchmark's temporary roots in [default: /dev/shm if present]
-    #[arg(long)]
-    dir: Option<PathBuf>,
+    /// Directories to create the benchmark's roots in, one run each (repeatable)
+    /// [default: /dev/shm (tmpfs) and /var/tmp (disk); only /dev/shm with --smoke]
+    #[arg(long = "dir", value_name = "DIR")]
+    dirs: Vec<PathBuf>,
     /// The `copy` guest's `.wasm` [default: the workspace's guests/copy, built on demand]
     #[arg(long = "copy-guest", value_name = "WASM")]
     copy_guest: Option<PathBuf>,
@@ -71,11 +72,15 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     match cli.command {
         Command::Daemon(args) => {
             let wasnap = wasnap_binary(args.wasnap.as_deref())?;
-            let shm = Path::new("/dev/shm");
-            let base = args.dir.unwrap_or_else(|| {
-                if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() }
-            });
-            daemon::run(&base, args.copy_guest.as_deref(), &wasnap, args.smoke, out)
+            let mut dirs = args.dirs;
+            if dirs.is_empty() {
+                let shm = Path::new("/dev/shm");
+                dirs.push(if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() });
+                if !args.smoke {
+                    dirs.push(PathBuf::from("/var/tmp"));
+                }
+            }
+            daemon::run(&dirs, args.copy_guest.as_deref(), &wasnap, args.smoke, out)
         }
     }
 }

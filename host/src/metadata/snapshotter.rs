@@ -18,7 +18,7 @@ use super::db::{self, MetaDb, SNAPSHOTS, Tables};
 use super::lease::{self, Resource};
 use super::record::{Intent, Record};
 use crate::backend::{Backend, FieldPath};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Context, Error, ErrorKind, Result};
 use crate::fault::Faults;
 use crate::filter::Filter;
 use crate::kv::{Durability, now_nanos, to_nanos};
@@ -39,7 +39,10 @@ pub struct Snapshotter {
     faults: Arc<Faults>,
     /// Backend keys a create or commit has made (or is making) in the backend but not
     /// yet recorded. Pruning spares them; it holds no lock that would stop writers.
-    inflight: Mutex<HashMap<String, usize>>,
+    inflight: Arc<Mutex<HashMap<String, usize>>>,
+    /// Removes, in the background and in the order given, backend snapshots whose last
+    /// record is gone ([`Snapshotter::remove_later`]); started on first use.
+    reclaimer: Mutex<Option<Reclaimer>>,
     /// Told of removals and other mutations, so a scheduler can collect.
     trigger: Option<Arc<dyn super::Changes>>,
     /// The backend keeps its records in the metadata's own database, so its changes
@@ -50,6 +53,59 @@ pub struct Snapshotter {
     backend_updates: Mutex<()>,
 }
 
+/// The background remover of backend snapshots no record names any more: one thread,
+/// first in first out (a child before the parent removed after it), each key marked
+/// in flight until its removal is done, so neither pruning nor `check` takes it for
+/// an orphan meanwhile.
+struct Reclaimer {
+    queue: std::sync::mpsc::Sender<String>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Reclaimer {
+    fn start(sn: &Snapshotter) -> Result<Reclaimer> {
+        let (queue, keys) = std::sync::mpsc::channel::<String>();
+        let (backend, faults, inflight) =
+            (sn.backend.clone(), sn.faults.clone(), sn.inflight.clone());
+        let name = sn.name.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("wasnap-reclaim-{name}"))
+            .spawn(move || {
+                for bkey in keys {
+                    remove_unnamed(&name, &*backend, &faults, &bkey);
+                    unmark(&inflight, &bkey);
+                }
+            })
+            .with_context(|| "start the reclaimer thread")?;
+        Ok(Reclaimer { queue, thread })
+    }
+}
+
+/// Removes `bkey`, which no record names any more, from `backend`; a failure is left
+/// to pruning (the next collection, or the next start).
+fn remove_unnamed(sn: &str, backend: &dyn Backend, faults: &Faults, bkey: &str) {
+    match faults.hit("metadata.remove.backend").and_then(|()| backend.remove(bkey)) {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => tracing::warn!(snapshotter = %sn, bkey, error = %e,
+            "backend failed to remove a snapshot no record names any more; cleanup will retry"),
+    }
+}
+
+fn mark(set: &Mutex<HashMap<String, usize>>, bkey: &str) {
+    *set.lock().unwrap_or_else(|e| e.into_inner()).entry(bkey.to_owned()).or_default() += 1;
+}
+
+fn unmark(set: &Mutex<HashMap<String, usize>>, bkey: &str) {
+    let mut set = set.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = set.get_mut(bkey) {
+        *n -= 1;
+        if *n == 0 {
+            set.remove(bkey);
+        }
+    }
+}
+
 /// Marks a backend key as in flight for as long as it lives.
 struct InFlight<'a> {
     set: &'a Mutex<HashMap<String, usize>>,
@@ -58,20 +114,14 @@ struct InFlight<'a> {
 
 impl<'a> InFlight<'a> {
     fn new(set: &'a Mutex<HashMap<String, usize>>, bkey: &str) -> Self {
-        *set.lock().unwrap_or_else(|e| e.into_inner()).entry(bkey.to_owned()).or_default() += 1;
+        mark(set, bkey);
         InFlight { set, bkey: bkey.to_owned() }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = set.get_mut(&self.bkey) {
-            *n -= 1;
-            if *n == 0 {
-                set.remove(&self.bkey);
-            }
-        }
+        unmark(self.set, &self.bkey);
     }
 }
 
@@ -162,7 +212,8 @@ impl Snapshotter {
             name: name.into(),
             backend,
             faults,
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Arc::default(),
+            reclaimer: Mutex::new(None),
             trigger: None,
             shared_db: false,
             backend_updates: Mutex::new(()),
@@ -710,6 +761,49 @@ impl Snapshotter {
     /// record names it any more; if the backend fails to remove it, the metadata removal
     /// stands and [`Snapshotter::cleanup`] retries.
     pub fn remove(&self, ctx: &Ctx, key: &str) -> Result<()> {
+        if let Some(bkey) = self.remove_record(ctx, key)? {
+            remove_unnamed(&self.name, &*self.backend, &self.faults, &bkey);
+        }
+        Ok(())
+    }
+
+    /// As [`Snapshotter::remove`], but returns once the record is gone (durably): the
+    /// backend snapshot is removed in the background, after the removals asked for
+    /// before it, as containerd's metadata layer leaves it to its collector. Until it
+    /// is, pruning and `check` leave it alone; if the process ends first, it is an
+    /// orphan the next collection prunes.
+    pub fn remove_later(&self, ctx: &Ctx, key: &str) -> Result<()> {
+        let Some(bkey) = self.remove_record(ctx, key)? else { return Ok(()) };
+        mark(&self.inflight, &bkey);
+        let mut reclaimer = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner());
+        if reclaimer.is_none() {
+            match Reclaimer::start(self) {
+                Ok(r) => *reclaimer = Some(r),
+                Err(e) => tracing::warn!(snapshotter = %self.name, error = %e,
+                    "cannot reclaim in the background; removing in the call"),
+            }
+        }
+        let queued = reclaimer.as_ref().is_some_and(|r| r.queue.send(bkey.clone()).is_ok());
+        drop(reclaimer);
+        if !queued {
+            remove_unnamed(&self.name, &*self.backend, &self.faults, &bkey);
+            unmark(&self.inflight, &bkey);
+        }
+        Ok(())
+    }
+
+    /// Waits until every removal [`Snapshotter::remove_later`] queued so far is done.
+    pub fn settle(&self) {
+        let Some(r) = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        drop(r.queue);
+        let _ = r.thread.join();
+    }
+
+    /// Deletes the record of `key`; returns its backend key if no record names that
+    /// any more (the backend snapshot is then the caller's to remove).
+    fn remove_record(&self, ctx: &Ctx, key: &str) -> Result<Option<String>> {
         let (sn, ns, k) = (self.name.clone(), ctx.namespace().to_owned(), key.to_owned());
         let lease = ctx.lease().map(str::to_owned);
         let (bkey, last) = self.db.write(Durability::Immediate, move |txn| {
@@ -731,19 +825,7 @@ impl Snapshotter {
         if let Some(t) = &self.trigger {
             t.deletion();
         }
-        if last {
-            match self
-                .faults
-                .hit("metadata.remove.backend")
-                .and_then(|()| self.backend.remove(&bkey))
-            {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tracing::warn!(snapshotter = %self.name, bkey, error = %e,
-                    "backend failed to remove a snapshot no record names any more; cleanup will retry"),
-            }
-        }
-        Ok(())
+        Ok(last.then_some(bkey))
     }
 
     /// Calls `f` for each snapshot in the namespace that matches any of `filters`
@@ -925,8 +1007,9 @@ impl Snapshotter {
         Ok(report)
     }
 
-    /// Closes the backend.
+    /// Finishes the removals queued in the background, then closes the backend.
     pub fn close(&self) -> Result<()> {
+        self.settle();
         self.backend.close()
     }
 }

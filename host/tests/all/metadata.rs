@@ -409,3 +409,83 @@ fn concurrent_prepares_on_one_parent_all_land() {
     assert_eq!(list(&s.sn, &c, &["parent==base"]).unwrap().len(), 80);
     assert_eq!(backend_keys(s.sn.backend().as_ref()).len(), 81);
 }
+
+/// Forwards to the native driver; `remove` waits until the gate opens.
+struct Gated {
+    inner: Arc<wasnap::driver::Native>,
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    removed: std::sync::Mutex<Vec<String>>,
+}
+
+impl wasnap::backend::Wrapper for Gated {
+    fn inner(&self) -> &dyn Backend {
+        &*self.inner
+    }
+    fn remove(&self, key: &str) -> wasnap::Result<()> {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        self.removed.lock().unwrap().push(key.to_owned());
+        self.inner.remove(key)
+    }
+}
+
+#[test]
+fn a_removal_in_the_background_is_never_taken_for_an_orphan_and_goes_in_order() {
+    let gate = std::sync::OnceLock::new();
+    let s = stack_with(|native| {
+        let g = Arc::new(Gated {
+            inner: native,
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            removed: std::sync::Mutex::new(Vec::new()),
+        });
+        gate.set(g.clone()).ok().unwrap();
+        g
+    });
+    let gate = gate.get().unwrap();
+    let c = ctx("default");
+    let sn = &s.sn;
+    sn.prepare(&c, "a", None, &none()).unwrap();
+    sn.commit(&c, "parent", "a", &none()).unwrap();
+    sn.prepare(&c, "child", Some("parent"), &none()).unwrap();
+    let bkeys: Vec<String> = backend_keys(&**sn.backend()).into_iter().map(|i| i.name).collect();
+    assert_eq!(bkeys.len(), 2);
+
+    // Both records go at once; their backend snapshots wait at the gate.
+    sn.remove_later(&c, "child").unwrap();
+    sn.remove_later(&c, "parent").unwrap();
+    assert!(list(sn, &c, &[]).unwrap().is_empty());
+    assert_eq!(backend_keys(&**sn.backend()).len(), 2, "still in the backend");
+    let limit = std::time::Duration::from_secs(60);
+    assert_eq!(sn.orphans(limit).unwrap(), Vec::<String>::new(), "in flight, not orphans");
+    let pruned = sn.prune(limit, false).unwrap();
+    assert!(pruned.removed.is_empty(), "{pruned:?}");
+
+    *gate.open.lock().unwrap() = true;
+    gate.opened.notify_all();
+    sn.settle();
+    assert!(backend_keys(&**sn.backend()).is_empty());
+    // The child (removed first) went before its parent.
+    let removed = gate.removed.lock().unwrap().clone();
+    let child = bkeys.iter().find(|k| k.ends_with("/child")).unwrap();
+    assert_eq!(&removed[0], child, "{removed:?}");
+    assert_eq!(removed.len(), 2, "{removed:?}");
+}
+
+#[test]
+fn a_background_removal_that_fails_leaves_an_orphan_the_next_prune_takes() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    s.faults.arm("metadata.remove.backend", Action::Error);
+    s.sn.remove_later(&c, "a").unwrap();
+    s.sn.settle();
+    s.faults.disarm("metadata.remove.backend");
+    let limit = std::time::Duration::from_secs(60);
+    assert_eq!(s.sn.orphans(limit).unwrap().len(), 1, "the record is gone, the data stays");
+    assert_eq!(s.sn.prune(limit, false).unwrap().removed.len(), 1);
+    assert!(backend_keys(&**s.sn.backend()).is_empty());
+}

@@ -44,6 +44,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -168,6 +169,22 @@ impl Default for DaemonOptions {
     }
 }
 
+/// The Prometheus endpoint (`[metrics]`): off unless an address is set.
+///
+/// ```toml
+/// [metrics]
+/// address = "127.0.0.1:9464"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsOptions {
+    /// Where the daemon serves `GET /metrics` over plain HTTP, with no authentication:
+    /// keep it on loopback or a private network. Port 0 takes a free port (the log says
+    /// which). Unset: no endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,6 +204,9 @@ pub struct Config {
     /// The daemon's socket and shutdown.
     #[serde(default)]
     pub daemon: DaemonOptions,
+    /// The daemon's Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsOptions,
 }
 
 /// Checks a snapshotter name. It names a directory under the root
@@ -222,6 +242,7 @@ impl Default for Config {
             ]),
             gc: GcOptions::default(),
             daemon: DaemonOptions::default(),
+            metrics: MetricsOptions::default(),
             root: None,
         }
     }
@@ -412,6 +433,28 @@ mod tests {
         // One snapshotter and no default: that one is the default.
         let one = Config::parse("[snapshotters.mine]\ndriver = \"native\"\n", "t").unwrap();
         assert_eq!(one.default_snapshotter, "mine");
+    }
+
+    #[test]
+    fn the_metrics_endpoint_is_off_unless_an_address_is_set() {
+        let base = "[snapshotters.native]\ndriver = \"native\"\n";
+        assert_eq!(Config::parse(base, "t").unwrap().metrics.address, None);
+        let c = Config::parse(&format!("{base}[metrics]\naddress = \"127.0.0.1:9464\"\n"), "t")
+            .unwrap();
+        assert_eq!(c.metrics.address, Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
+        assert_eq!(Config::parse(&c.to_toml().unwrap(), "again").unwrap(), c);
+        let v6 = Config::parse(&format!("{base}[metrics]\naddress = \"[::1]:0\"\n"), "t").unwrap();
+        assert_eq!(v6.metrics.address.map(|a| a.port()), Some(0));
+        for (bad, says) in [
+            ("address = \"localhost:9464\"", "address"),
+            ("address = \"127.0.0.1\"", "address"),
+            ("address = 9464", "address"),
+            ("adress = \"127.0.0.1:9464\"", "unknown field `adress`"),
+        ] {
+            let err = Config::parse(&format!("{base}[metrics]\n{bad}\n"), "t").unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+            assert!(err.to_string().contains(says), "{bad:?} -> {err}");
+        }
     }
 
     #[test]

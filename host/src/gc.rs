@@ -13,7 +13,7 @@
 //! collection reconciles: records are swept atomically, and pruning only ever removes
 //! what no record names.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -102,20 +102,43 @@ pub struct GcReport {
     pub prune: Duration,
 }
 
-/// Runs collections over a metadata database.
+/// One collection as an observer sees it, once it has ended.
 #[derive(Debug)]
+pub struct Collected<'a> {
+    /// It was a dry run: nothing was changed.
+    pub dry_run: bool,
+    /// How long it ran (not counting any wait for the collection before it).
+    pub elapsed: Duration,
+    /// What it did, or why it stopped.
+    pub result: std::result::Result<&'a GcReport, &'a Error>,
+}
+
+/// Told of every collection (the daemon's metrics).
+type Observer = Box<dyn Fn(&Collected<'_>) + Send + Sync>;
+
+/// Runs collections over a metadata database.
 pub struct Collector {
     db: Arc<MetaDb>,
     faults: Arc<Faults>,
     opts: GcOptions,
     /// One collection at a time.
     running: Mutex<()>,
+    observer: OnceLock<Observer>,
+}
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collector")
+            .field("opts", &self.opts)
+            .field("observed", &self.observer.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Collector {
     /// A collector for `db`.
     pub fn new(db: Arc<MetaDb>, faults: Arc<Faults>, opts: GcOptions) -> Self {
-        Collector { db, faults, opts, running: Mutex::new(()) }
+        Collector { db, faults, opts, running: Mutex::new(()), observer: OnceLock::new() }
     }
 
     /// The options in force.
@@ -123,10 +146,29 @@ impl Collector {
         &self.opts
     }
 
+    /// Calls `f` at the end of every collection from now on, dry or not, whether it
+    /// succeeded or failed. It runs on the collecting thread, with the collection lock
+    /// held: keep it quick. One observer per collector: a second is refused
+    /// (failed-precondition).
+    pub fn observe(&self, f: impl Fn(&Collected<'_>) + Send + Sync + 'static) -> Result<()> {
+        self.observer
+            .set(Box::new(f))
+            .map_err(|_| Error::failed_precondition("the collector already has an observer"))
+    }
+
     /// One collection: mark, sweep, then prune `backends` (the snapshotters that are
     /// open; others are pruned when next collected with them open).
     pub fn collect(&self, backends: &[Arc<Snapshotter>], dry_run: bool) -> Result<GcReport> {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        let result = self.run(backends, dry_run);
+        if let Some(observe) = self.observer.get() {
+            observe(&Collected { dry_run, elapsed: started.elapsed(), result: result.as_ref() });
+        }
+        result
+    }
+
+    fn run(&self, backends: &[Arc<Snapshotter>], dry_run: bool) -> Result<GcReport> {
         let mut report = GcReport { dry_run, ..GcReport::default() };
         let started = Instant::now();
         let (Marked { removed, expired }, mark, sweep) = if dry_run {
@@ -186,6 +228,42 @@ impl Collector {
         }
         report.prune = prune_start.elapsed();
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::Action;
+
+    #[test]
+    fn observers_see_every_collection_and_how_it_ended() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = cap_std::fs::Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())
+            .expect("open dir");
+        let faults = Arc::new(Faults::new());
+        let db = Arc::new(MetaDb::open(&dir).expect("open db"));
+        let collector = Collector::new(db, faults.clone(), GcOptions::default());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        collector
+            .observe(move |c| {
+                let ended = c.result.map(|r| r.dry_run).map_err(|e| e.to_string());
+                log.lock().expect("log").push((c.dry_run, ended));
+            })
+            .expect("first observer");
+        assert!(collector.observe(|_| {}).is_err(), "a second observer is refused");
+
+        collector.collect(&[], false).expect("collect");
+        collector.collect(&[], true).expect("dry run");
+        faults.arm("gc.before-prune", Action::Error);
+        assert!(collector.collect(&[], false).is_err());
+
+        let seen = seen.lock().expect("log");
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[0], (false, Ok(false)));
+        assert_eq!(seen[1], (true, Ok(true)));
+        assert!(!seen[2].0 && seen[2].1.as_ref().is_err_and(|e| e.contains("gc.before-prune")));
     }
 }
 

@@ -342,11 +342,8 @@ impl Host {
                     }
                 }
             }
-            let mine: Vec<LoadedPlugin> = self
-                .loaded_plugins()
-                .into_iter()
-                .filter(|p| &p.snapshotter == name)
-                .collect();
+            let mine: Vec<LoadedPlugin> =
+                self.loaded_plugins().into_iter().filter(|p| &p.snapshotter == name).collect();
             if mine.is_empty() && !names.is_empty() {
                 reports.push(ReloadReport {
                     plugin: name.clone(),
@@ -374,13 +371,21 @@ impl Host {
             // Kept for the snapshotter's next opening only once every plugin of it runs
             // the new settings (or it is not open): what opens is what was serving.
             if changed && refused.is_none() && all_serve {
-                self.configs.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), config);
+                self.configs
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.clone(), config);
             }
         }
         Ok(reports)
     }
 
-    fn reload_one(&self, p: &LoadedPlugin, wanted: &PluginConfig, refused: Option<String>) -> ReloadReport {
+    fn reload_one(
+        &self,
+        p: &LoadedPlugin,
+        wanted: &PluginConfig,
+        refused: Option<String>,
+    ) -> ReloadReport {
         let old = p.wasm.plugin();
         let from = old.info().digest.clone();
         let tried = match refused {
@@ -506,6 +511,15 @@ impl Host {
                 })
             })
             .collect()
+    }
+
+    /// Calls `f` at the end of every garbage collection of this host, background or
+    /// asked for (see [`Collector::observe`]: one observer per host).
+    pub fn observe_collections(
+        &self,
+        f: impl Fn(&crate::gc::Collected<'_>) + Send + Sync + 'static,
+    ) -> Result<()> {
+        self.collector.observe(f)
     }
 
     /// Starts collecting in the background as the configuration's `[gc]` says;

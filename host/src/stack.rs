@@ -80,7 +80,8 @@ impl Plugins {
 
     fn load_path(&self, path: &Path) -> Result<Arc<Plugin>> {
         use std::io::Read;
-        let bad = |e: std::io::Error| Error::invalid_argument(format!("plugin {}: {e}", path.display()));
+        let bad =
+            |e: std::io::Error| Error::invalid_argument(format!("plugin {}: {e}", path.display()));
         // The identity is taken from the open file, so it describes the bytes read.
         let mut file = std::fs::File::open(path).map_err(bad)?;
         let id = FileId::of(&file.metadata().map_err(bad)?);

@@ -24,11 +24,18 @@ pub struct DaemonArgs {
 /// The configuration with every default spelt out, commented.
 pub fn default_config_text() -> Result<String> {
     let config = Config { root: Some(default_root()), ..Config::default() };
+    // The metrics endpoint is off by default, so its one setting would not show: say
+    // how to turn it on.
+    let text = config.to_toml()?.replacen(
+        "[metrics]\n",
+        "[metrics]\n# Serve Prometheus metrics at http://ADDRESS/metrics (off when unset).\n\
+         # address = \"127.0.0.1:9464\"\n",
+        1,
+    );
     Ok(format!(
         "# wasnap configuration: every setting at its default.\n\
          # Use it with `wasnap daemon --config FILE` (or any command's --config).\n\
-         # Relative paths are relative to this file. See README.md, \"Running the daemon\".\n\n{}",
-        config.to_toml()?
+         # Relative paths are relative to this file. See README.md, \"Running the daemon\".\n\n{text}"
     ))
 }
 

@@ -316,7 +316,12 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
 
 /// `wasnap plugin reload`: asks the daemon at `socket` to reload, and prints what each
 /// plugin did.
-pub fn reload(socket: &Path, snapshotters: &[String], f: Format, out: &mut dyn Write) -> Result<()> {
+pub fn reload(
+    socket: &Path,
+    snapshotters: &[String],
+    f: Format,
+    out: &mut dyn Write,
+) -> Result<()> {
     use wasnap::root::{ReloadOutcome, ReloadReport};
     use wasnap_daemon::proto::admin as apb;
     let request = apb::ReloadRequest { snapshotters: snapshotters.to_vec() };
@@ -336,7 +341,11 @@ pub fn reload(socket: &Path, snapshotters: &[String], f: Format, out: &mut dyn W
                 .map(|r| {
                     let what = match r.outcome {
                         ReloadOutcome::Reloaded => {
-                            format!("reloaded: sha256:{} -> sha256:{}", short(&r.from), short(&r.to))
+                            format!(
+                                "reloaded: sha256:{} -> sha256:{}",
+                                short(&r.from),
+                                short(&r.to)
+                            )
                         }
                         ReloadOutcome::Unchanged => format!("unchanged: sha256:{}", short(&r.from)),
                         ReloadOutcome::Failed => format!(

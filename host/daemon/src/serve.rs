@@ -1,6 +1,7 @@
 //! The daemon's life: open the root, take the socket, serve, stop gracefully.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use wasnap::fault::Faults;
 use wasnap::root::{Config, Host};
 use wasnap::{Error, Result};
 
+use crate::metrics::{Endpoint, Metrics};
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::leases::leases_server::LeasesServer;
 use crate::proto::snapshots::snapshots_server::SnapshotsServer;
@@ -89,10 +91,14 @@ fn reload_on_hangup(
 ) -> Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).with_context(|| "SIGHUP")?;
+    // Held weakly: an aborted task is dropped some time after the abort, and the root
+    // (its lock) must close when the daemon does, not then.
+    let host = Arc::downgrade(&host);
     Ok(tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            let Some(host) = host.upgrade() else { return };
             tracing::info!("SIGHUP: reloading plugins");
-            let (host, reconfigure) = (host.clone(), reconfigure.clone());
+            let reconfigure = reconfigure.clone();
             let done = tokio::task::spawn_blocking(move || {
                 crate::server::reload(&host, &[], reconfigure.as_ref())
             })
@@ -103,7 +109,9 @@ fn reload_on_hangup(
                         tracing::info!(plugin = %r.plugin, outcome = ?r.outcome, from = %r.from, to = %r.to, "reload");
                     }
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "SIGHUP: reload failed; every plugin keeps its version"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "SIGHUP: reload failed; every plugin keeps its version")
+                }
                 Err(e) => tracing::warn!(error = %e, "SIGHUP: reload panicked"),
             }
         }
@@ -113,6 +121,25 @@ fn reload_on_hangup(
 /// Serves until `stop` resolves, then lets calls in flight finish (within the
 /// configured bound) and closes the root.
 pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    serve_reporting(opts, stop, None).await
+}
+
+/// Where a daemon serves, once it does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Serving {
+    /// The unix socket: bound, so a client may connect at once.
+    pub socket: PathBuf,
+    /// The metrics endpoint, if configured: its address with the port taken (the
+    /// configuration may ask for port 0).
+    pub metrics: Option<SocketAddr>,
+}
+
+/// [`serve`], telling `serving` where the daemon serves as soon as it does.
+pub async fn serve_reporting(
+    opts: Options,
+    stop: impl Future<Output = ()> + Send + 'static,
+    serving: Option<tokio::sync::oneshot::Sender<Serving>>,
+) -> Result<()> {
     // Opening the root takes its lock: a second daemon on the same root stops here,
     // before it touches the socket the first one serves on.
     let root = opts.root.clone();
@@ -161,6 +188,35 @@ pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'stati
     tracing::info!(socket = %opts.socket.display(), root = %host.root().display(), "serving");
 
     let shared = Shared::new(host.clone(), opts.socket.clone());
+    // Metrics, if configured: calls and collections count from here on, and the endpoint
+    // serves until this function returns.
+    let endpoint = match opts.config.metrics.address {
+        None => None,
+        Some(address) => {
+            let started = match Metrics::new(&host) {
+                Ok(metrics) => {
+                    shared.set_metrics(metrics.clone());
+                    crate::metrics::start(address, metrics).await
+                }
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(endpoint) => Some(endpoint),
+                Err(e) => {
+                    // Nothing was served yet: undo the start as a stop does.
+                    let _ = std::fs::remove_file(&opts.socket);
+                    hangup.abort();
+                    drop(gc);
+                    let _ = tokio::task::spawn_blocking(move || host.close()).await;
+                    return Err(e);
+                }
+            }
+        }
+    };
+    if let Some(tx) = serving {
+        let metrics = endpoint.as_ref().map(Endpoint::address);
+        let _ = tx.send(Serving { socket: opts.socket.clone(), metrics });
+    }
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         stop.await;

@@ -39,6 +39,7 @@ impl Daemon {
             socket: socket.clone(),
             config,
             shutdown_timeout: Duration::from_secs(5),
+            reconfigure: None,
         };
         let (tx, rx) = oneshot::channel();
         let done = tokio::spawn(serve(opts, async move {
@@ -264,6 +265,7 @@ async fn a_stop_refuses_new_connections_and_a_restart_serves_the_same_snapshots(
             ..Config::default()
         },
         shutdown_timeout: Duration::from_secs(5),
+        reconfigure: None,
     };
     for round in 0..2 {
         let (tx, rx) = oneshot::channel::<()>();

@@ -121,22 +121,11 @@ impl WasmSnapshotter {
             return Err(Error::internal("a backend plugin's space must have layers"));
         }
         let role = plugin.role();
-        let env = Env {
-            plugin,
-            space: space.clone(),
-            next: next.clone(),
-            limits,
-            config,
-            generation: 0,
-        };
+        let env =
+            Env { plugin, space: space.clone(), next: next.clone(), limits, config, generation: 0 };
         let pool = Pool { current: Arc::new(env), idle: Vec::new(), live: 0, closed: false };
-        let s = WasmSnapshotter {
-            role,
-            space,
-            next,
-            pool: Mutex::new(pool),
-            returned: Condvar::new(),
-        };
+        let s =
+            WasmSnapshotter { role, space, next, pool: Mutex::new(pool), returned: Condvar::new() };
         s.checkout()?.healthy = true;
         Ok(s)
     }
@@ -358,9 +347,8 @@ impl WasmSnapshotter {
             op,
             |_, ex, st| f(ex, st),
             |inst, got| {
-                mounts::resolve(inst.space(), inst.call_id(), got, inst.passed()).map_err(|e| {
-                    e.context(format!("plugin {:?}: {op}", inst.env().plugin.name))
-                })
+                mounts::resolve(inst.space(), inst.call_id(), got, inst.passed())
+                    .map_err(|e| e.context(format!("plugin {:?}: {op}", inst.env().plugin.name)))
             },
         )
     }

@@ -163,10 +163,8 @@ fn start(
         .enable_all()
         .build()
         .with_context(|| "bench runtime")?;
-    let lease = || wasnap_daemon::proto::leases::CreateRequest {
-        id: LEASE.into(),
-        labels: HashMap::new(),
-    };
+    let lease =
+        || wasnap_daemon::proto::leases::CreateRequest { id: LEASE.into(), labels: HashMap::new() };
     rt.block_on(async {
         let client = Client::connect(daemon.socket()).await?;
         client.leases().create(request(lease(), Some(NS), None)).await.map_err(st)
@@ -177,8 +175,7 @@ fn start(
         snapshotter,
         containerd_lease: false,
     };
-    let mut targets =
-        vec![wasnap_target(COLUMNS[1], "overlay"), wasnap_target(COLUMNS[3], "copy")];
+    let mut targets = vec![wasnap_target(COLUMNS[1], "overlay"), wasnap_target(COLUMNS[3], "copy")];
     let peer = match containerd::binary() {
         None => None,
         Some(_) => {

@@ -21,8 +21,8 @@ mod leases;
 mod snapshots;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
@@ -36,8 +36,10 @@ pub use leases::LeasesService;
 pub use snapshots::SnapshotsService;
 
 use crate::client::{LEASE_HEADER, NAMESPACE_HEADER, REQUEST_ID_HEADER};
+use crate::metrics::Metrics;
 
-/// What the services share: the host, and counters for `status`.
+/// What the services share: the host, counters for `status`, and the metrics if the
+/// daemon serves them.
 #[derive(Debug)]
 pub struct Shared {
     host: Arc<Host>,
@@ -46,6 +48,7 @@ pub struct Shared {
     next_id: AtomicU64,
     requests: AtomicU64,
     failed: AtomicU64,
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 impl Shared {
@@ -58,7 +61,20 @@ impl Shared {
             next_id: AtomicU64::new(1),
             requests: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            metrics: OnceLock::new(),
         })
+    }
+
+    /// Counts every call in `metrics` from now on. Once: later metrics are ignored
+    /// (false).
+    pub fn set_metrics(&self, metrics: Arc<Metrics>) -> bool {
+        self.metrics.set(metrics).is_ok()
+    }
+
+    /// The `snapshotter` label of a call whose request names `name`, if metrics are
+    /// kept (see [`Metrics::snapshotter_label`]).
+    pub(crate) fn snapshotter_label(&self, name: &str) -> Option<Arc<str>> {
+        self.metrics.get().map(|m| m.snapshotter_label(name))
     }
 
     /// The host.
@@ -72,10 +88,12 @@ impl Shared {
     }
 
     /// Runs `f` on the blocking pool inside a span for the call, counting and logging
-    /// it; its error becomes the matching gRPC status.
+    /// it (in the metrics under `snapshotter`, a label from [`Self::snapshotter_label`]);
+    /// its error becomes the matching gRPC status.
     async fn call<T: Send + 'static>(
         self: &Arc<Self>,
         method: &'static str,
+        snapshotter: Option<Arc<str>>,
         meta: &MetadataMap,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> std::result::Result<T, Status> {
@@ -94,8 +112,12 @@ impl Shared {
             .unwrap_or_else(|e| Err(Error::internal(format!("{method} panicked: {e}"))));
         let _entered = span.enter();
         let elapsed = started.elapsed();
+        let metrics = self.metrics.get();
         match result {
             Ok(v) => {
+                if let Some(m) = metrics {
+                    m.record_call(method, snapshotter, elapsed, None);
+                }
                 tracing::debug!(?elapsed, "ok");
                 Ok(v)
             }
@@ -107,7 +129,11 @@ impl Shared {
                     }
                     _ => tracing::debug!(?elapsed, error = %e, "refused"),
                 }
-                Err(crate::convert::status(&e))
+                let status = crate::convert::status(&e);
+                if let Some(m) = metrics {
+                    m.record_call(method, snapshotter, elapsed, Some(status.code()));
+                }
+                Err(status)
             }
         }
     }
@@ -198,11 +224,24 @@ pub(crate) async fn handle<Q: Send + 'static, T: Send + 'static>(
     req: Request<Q>,
     f: impl FnOnce(&Host, Scope, Q) -> Result<T> + Send + 'static,
 ) -> std::result::Result<Response<T>, Status> {
+    handle_for(shared, method, None, req, f).await
+}
+
+/// [`handle`] for a call about one snapshotter: `snapshotter` is its label in the
+/// metrics ([`Shared::snapshotter_label`]).
+pub(crate) async fn handle_for<Q: Send + 'static, T: Send + 'static>(
+    shared: &Arc<Shared>,
+    method: &'static str,
+    snapshotter: Option<Arc<str>>,
+    req: Request<Q>,
+    f: impl FnOnce(&Host, Scope, Q) -> Result<T> + Send + 'static,
+) -> std::result::Result<Response<T>, Status> {
     let meta = req.metadata().clone();
     let scope = Scope::of(&req);
     let msg = req.into_inner();
     let host = shared.host.clone();
-    shared.call(method, &meta, move || f(&host, scope?, msg)).await.map(Response::new)
+    let work = move || f(&host, scope?, msg);
+    shared.call(method, snapshotter, &meta, work).await.map(Response::new)
 }
 
 #[cfg(test)]

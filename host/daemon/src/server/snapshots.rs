@@ -6,7 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use wasnap::{Error, Labels};
 
-use super::{Scope, Shared, containerd_namespace, handle, snapshotter};
+use super::{Scope, Shared, containerd_namespace, handle_for, snapshotter};
 use crate::convert;
 use crate::proto::snapshots::snapshots_server::Snapshots;
 use crate::proto::snapshots::*;
@@ -36,6 +36,44 @@ fn parent(p: &str) -> Option<&str> {
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
+
+/// A request that names the snapshotter it is for.
+trait ForSnapshotter {
+    fn snapshotter(&self) -> &str;
+}
+
+macro_rules! for_snapshotter {
+    ($($request:ty),* $(,)?) => {$(
+        impl ForSnapshotter for $request {
+            fn snapshotter(&self) -> &str {
+                &self.snapshotter
+            }
+        }
+    )*};
+}
+
+for_snapshotter!(
+    PrepareSnapshotRequest,
+    ViewSnapshotRequest,
+    MountsRequest,
+    CommitSnapshotRequest,
+    RemoveSnapshotRequest,
+    StatSnapshotRequest,
+    UpdateSnapshotRequest,
+    UsageRequest,
+    CleanupRequest,
+);
+
+/// [`super::handle`], with the snapshotter the request names in the call's metrics.
+async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
+    shared: &Arc<Shared>,
+    method: &'static str,
+    req: Request<Q>,
+    f: impl FnOnce(&wasnap::Host, Scope, Q) -> wasnap::Result<T> + Send + 'static,
+) -> Reply<T> {
+    let label = shared.snapshotter_label(req.get_ref().snapshotter());
+    handle_for(shared, method, label, req, f).await
+}
 
 #[tonic::async_trait]
 impl Snapshots for SnapshotsService {
@@ -119,7 +157,7 @@ impl Snapshots for SnapshotsService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (shared, meta, scope) = (self.shared.clone(), req.metadata().clone(), Scope::of(&req));
         let r = req.into_inner();
-        let host = shared.host().clone();
+        let (host, label) = (shared.host().clone(), shared.snapshotter_label(&r.snapshotter));
         let failed = tx.clone();
         tokio::spawn(async move {
             let walk = move || -> wasnap::Result<()> {
@@ -151,7 +189,7 @@ impl Snapshots for SnapshotsService {
                 }
                 Ok(())
             };
-            if let Err(status) = shared.call("List", &meta, walk).await {
+            if let Err(status) = shared.call("List", label, &meta, walk).await {
                 let _ = failed.send(Err(status)).await;
             }
         });

@@ -43,9 +43,7 @@ fn config(path: &Path, plugin_config: Option<toml::Value>) -> Config {
     plugin.limits = Limits { instances: 4, ..Limits::default() };
     let mut config = Config::default();
     config.snapshotters.clear();
-    config
-        .snapshotters
-        .insert("c".into(), SnapshotterConfig::from(DriverConfig::Wasm(plugin)));
+    config.snapshotters.insert("c".into(), SnapshotterConfig::from(DriverConfig::Wasm(plugin)));
     config.default_snapshotter = "c".into();
     config
 }

@@ -46,6 +46,11 @@ pub struct GcOptions {
     pub mutation_threshold: u64,
     /// Collect at least this often (seconds; 0: no timer).
     pub interval_secs: u64,
+    /// Most of the time that collections called for by deletions and mutations may
+    /// take, in percent (containerd's `pause_threshold`): after one that took `d`, the
+    /// next waits until `d × (100 / p − 1)` has passed, so a stream of removals is
+    /// collected after, not between, each other's calls. 0: no pacing.
+    pub max_time_share_percent: u64,
 }
 
 impl Default for GcOptions {
@@ -57,6 +62,7 @@ impl Default for GcOptions {
             deletion_threshold: 1,
             mutation_threshold: 1_000,
             interval_secs: 3_600,
+            max_time_share_percent: 2,
         }
     }
 }
@@ -317,6 +323,8 @@ impl Scheduler {
             .spawn(move || {
                 let interval = (opts.interval_secs > 0).then(|| Duration::from_secs(opts.interval_secs));
                 let mut last = Instant::now();
+                // When the last collection allows the next one called for by changes.
+                let mut paced_until = last;
                 loop {
                     let mut s = t.state.lock().unwrap_or_else(|e| e.into_inner());
                     loop {
@@ -326,17 +334,26 @@ impl Scheduler {
                         let by_deletions = opts.deletion_threshold > 0 && s.deletions >= opts.deletion_threshold;
                         let by_mutations = opts.mutation_threshold > 0 && s.mutations >= opts.mutation_threshold;
                         let by_time = interval.is_some_and(|i| last.elapsed() >= i);
-                        if by_deletions || by_mutations || by_time {
+                        let paced = paced_until.saturating_duration_since(Instant::now());
+                        if by_time || ((by_deletions || by_mutations) && paced.is_zero()) {
                             break;
                         }
-                        let wait = interval.map_or(Duration::from_secs(3600), |i| i.saturating_sub(last.elapsed()));
+                        let mut wait = interval.map_or(Duration::from_secs(3600), |i| i.saturating_sub(last.elapsed()));
+                        if by_deletions || by_mutations {
+                            wait = wait.min(paced);
+                        }
                         s = t.wake.wait_timeout(s, wait).unwrap_or_else(|e| e.into_inner()).0;
                     }
                     s.deletions = 0;
                     s.mutations = 0;
                     drop(s);
                     last = Instant::now();
-                    match collect() {
+                    let result = collect();
+                    if let Some(share) = (1..100).contains(&opts.max_time_share_percent).then_some(opts.max_time_share_percent) {
+                        let took = last.elapsed();
+                        paced_until = Instant::now() + took.mul_f64(100.0 / share as f64 - 1.0);
+                    }
+                    match result {
                         Ok(r) => tracing::info!(
                             removed = r.removed.len(), pruned = r.pruned.len(), failed = r.failed.len(),
                             mark = ?r.mark, sweep = ?r.sweep, prune = ?r.prune, "garbage collection"
@@ -356,6 +373,45 @@ impl Drop for Scheduler {
         self.trigger.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod pacing {
+    use super::*;
+
+    #[test]
+    fn collections_called_for_by_changes_take_at_most_their_share_of_the_time() {
+        let trigger = Arc::new(Trigger::default());
+        let opts = GcOptions {
+            deletion_threshold: 1,
+            interval_secs: 0,
+            max_time_share_percent: 20,
+            ..GcOptions::default()
+        };
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let seen = starts.clone();
+        let scheduler = Scheduler::start(trigger.clone(), opts, move || {
+            seen.lock().unwrap_or_else(|e| e.into_inner()).push(Instant::now());
+            std::thread::sleep(Duration::from_millis(10));
+            Ok(GcReport::default())
+        })
+        .expect("start");
+        // A removal every millisecond: unpaced, a collection would follow each.
+        let until = Instant::now() + Duration::from_millis(400);
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until || starts.lock().unwrap_or_else(|e| e.into_inner()).len() < 3 {
+            assert!(Instant::now() < give_up, "fewer than 3 collections in a minute");
+            trigger.deletion();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(scheduler);
+        let starts = starts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for pair in starts.windows(2) {
+            // Each took at least 10 ms, so the next may start 10 × 100/20 = 50 ms later.
+            let gap = pair[1] - pair[0];
+            assert!(gap >= Duration::from_millis(50), "collections {gap:?} apart: {starts:?}");
         }
     }
 }

@@ -102,7 +102,9 @@ impl Shared {
             None => format!("w{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
         };
         let ns = meta.get(NAMESPACE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-");
-        let span = tracing::info_span!("rpc", id = %id, method, ns = %ns);
+        // A span per call only at debug level (`WASNAP_LOG=debug`): at the default level
+        // it would cost every call its formatting. A failure names the call itself.
+        let span = tracing::debug_span!("rpc", id = %id, method, ns = %ns);
         self.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let inner = span.clone();
@@ -125,7 +127,7 @@ impl Shared {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 match e.kind() {
                     wasnap::ErrorKind::Internal | wasnap::ErrorKind::Unavailable => {
-                        tracing::warn!(?elapsed, error = %e, "failed")
+                        tracing::warn!(id = %id, method, ns = %ns, ?elapsed, error = %e, "failed")
                     }
                     _ => tracing::debug!(?elapsed, error = %e, "refused"),
                 }

@@ -120,7 +120,9 @@ impl Snapshots for SnapshotsService {
     async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Reply<()> {
         handle(&self.shared, "Remove", req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
-            snapshotter(host, &r.snapshotter)?.remove(&ctx, &r.key)
+            // The record goes now; the data in the background, after the removals
+            // before it (containerd's metadata layer leaves it to its collector).
+            snapshotter(host, &r.snapshotter)?.remove_later(&ctx, &r.key)
         })
         .await
     }

@@ -196,11 +196,16 @@ impl Endpoint {
     }
 }
 
-/// Listens on `address` and serves `GET /metrics` from `metrics` on a task of its own,
-/// until the returned [`Endpoint`] is dropped (scrapes in flight finish). An address
-/// that cannot be used is an error naming it: unavailable if it is taken, else
-/// invalid-argument.
-pub async fn start(address: SocketAddr, metrics: Arc<Metrics>) -> Result<Endpoint> {
+/// The endpoint's listener, bound, with its address (the port taken, if asked for 0).
+#[derive(Debug)]
+pub struct Bound {
+    listener: tokio::net::TcpListener,
+    address: SocketAddr,
+}
+
+/// Takes `address` for the endpoint. An address that cannot be used is an error naming
+/// it: unavailable if it is taken, else invalid-argument.
+pub async fn bind(address: SocketAddr) -> Result<Bound> {
     let bind = |e: std::io::Error| {
         let msg = format!("metrics address {address}: {e}");
         match e.kind() {
@@ -209,7 +214,14 @@ pub async fn start(address: SocketAddr, metrics: Arc<Metrics>) -> Result<Endpoin
         }
     };
     let listener = tokio::net::TcpListener::bind(address).await.map_err(bind)?;
-    let bound = listener.local_addr().map_err(bind)?;
+    let address = listener.local_addr().map_err(bind)?;
+    Ok(Bound { listener, address })
+}
+
+/// Serves `GET /metrics` from `metrics` on `listener` (from [`bind`]), on a task of its
+/// own, until the returned [`Endpoint`] is dropped (scrapes in flight finish).
+pub fn serve(bound: Bound, metrics: Arc<Metrics>) -> Endpoint {
+    let Bound { listener, address: bound } = bound;
     let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).with_state(metrics);
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -221,7 +233,7 @@ pub async fn start(address: SocketAddr, metrics: Arc<Metrics>) -> Result<Endpoin
         }
     });
     tracing::info!(address = %bound, "serving metrics at /metrics");
-    Ok(Endpoint { address: bound, _stop: stop })
+    Endpoint { address: bound, _stop: stop }
 }
 
 async fn scrape(State(metrics): State<Arc<Metrics>>, headers: HeaderMap) -> Response {

@@ -150,6 +150,15 @@ pub async fn serve_reporting(
     .await
     .map_err(|e| Error::internal(format!("open the root: {e}")))??;
     let host = Arc::new(host);
+    // The metrics address next, while nothing but the database is open: an address
+    // that cannot be used stops the start before it opens anything else.
+    let metrics = match opts.config.metrics.address {
+        None => None,
+        Some(address) => {
+            let listener = crate::metrics::bind(address).await?;
+            Some((listener, Metrics::new(&host)?))
+        }
+    };
     // Open every snapshotter now, so a plugin that cannot start is in the log at once
     // (and `wasnap status` shows it closed) rather than at its first call. The others
     // serve regardless; a failed one is tried again on its next call.
@@ -188,29 +197,13 @@ pub async fn serve_reporting(
     tracing::info!(socket = %opts.socket.display(), root = %host.root().display(), "serving");
 
     let shared = Shared::new(host.clone(), opts.socket.clone());
-    // Metrics, if configured: calls and collections count from here on, and the endpoint
-    // serves until this function returns.
-    let endpoint = match opts.config.metrics.address {
+    // Metrics, if configured: calls count from here on, and the endpoint serves until
+    // this function returns.
+    let endpoint = match metrics {
         None => None,
-        Some(address) => {
-            let started = match Metrics::new(&host) {
-                Ok(metrics) => {
-                    shared.set_metrics(metrics.clone());
-                    crate::metrics::start(address, metrics).await
-                }
-                Err(e) => Err(e),
-            };
-            match started {
-                Ok(endpoint) => Some(endpoint),
-                Err(e) => {
-                    // Nothing was served yet: undo the start as a stop does.
-                    let _ = std::fs::remove_file(&opts.socket);
-                    hangup.abort();
-                    drop(gc);
-                    let _ = tokio::task::spawn_blocking(move || host.close()).await;
-                    return Err(e);
-                }
-            }
+        Some((listener, metrics)) => {
+            shared.set_metrics(metrics.clone());
+            Some(crate::metrics::serve(listener, metrics))
         }
     };
     if let Some(tx) = serving {

@@ -72,7 +72,14 @@ impl Reclaimer {
             .name(format!("wasnap-reclaim-{name}"))
             .spawn(move || {
                 for bkey in keys {
-                    remove_unnamed(&name, &*backend, &faults, &bkey);
+                    // A backend that panics costs that removal (an orphan pruning takes
+                    // later), never the keys queued after it.
+                    let removal = std::panic::AssertUnwindSafe(|| {
+                        remove_unnamed(&name, &*backend, &faults, &bkey)
+                    });
+                    if std::panic::catch_unwind(removal).is_err() {
+                        tracing::error!(snapshotter = %name, bkey, "backend panicked removing a snapshot; cleanup will retry");
+                    }
                     unmark(&inflight, &bkey);
                 }
             })

@@ -344,13 +344,20 @@ impl Host {
             }
             let mine: Vec<LoadedPlugin> =
                 self.loaded_plugins().into_iter().filter(|p| &p.snapshotter == name).collect();
-            if mine.is_empty() && !names.is_empty() {
+            if mine.is_empty() && (!names.is_empty() || refused.is_some()) {
+                // Named, or changed in a way a reload cannot apply: say so, even for a
+                // snapshotter with no plugin open (a native driver's options, say).
+                let outcome =
+                    if refused.is_some() { ReloadOutcome::Failed } else { ReloadOutcome::NotOpen };
+                if let Some(why) = &refused {
+                    tracing::warn!(snapshotter = %name, "reload: {why}");
+                }
                 reports.push(ReloadReport {
                     plugin: name.clone(),
                     path: PathBuf::new(),
                     from: String::new(),
                     to: String::new(),
-                    outcome: ReloadOutcome::NotOpen,
+                    outcome,
                     error: refused.clone(),
                 });
             }

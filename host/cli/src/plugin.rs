@@ -348,6 +348,9 @@ pub fn reload(
                             )
                         }
                         ReloadOutcome::Unchanged => format!("unchanged: sha256:{}", short(&r.from)),
+                        ReloadOutcome::Failed if r.from.is_empty() => {
+                            format!("failed: {}", r.error.as_deref().unwrap_or(""))
+                        }
                         ReloadOutcome::Failed => format!(
                             "failed, sha256:{} keeps serving: {}",
                             short(&r.from),

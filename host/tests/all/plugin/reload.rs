@@ -44,6 +44,7 @@ fn config(path: &Path, plugin_config: Option<toml::Value>) -> Config {
     let mut config = Config::default();
     config.snapshotters.clear();
     config.snapshotters.insert("c".into(), SnapshotterConfig::from(DriverConfig::Wasm(plugin)));
+    config.snapshotters.insert("n".into(), SnapshotterConfig::from(DriverConfig::Native));
     config.default_snapshotter = "c".into();
     config
 }
@@ -169,7 +170,15 @@ fn a_reload_under_load_fails_no_call_and_a_broken_version_keeps_the_old_one_serv
     for c in clients {
         c.join().unwrap().unwrap_or_else(|e| panic!("a call failed during the reloads: {e}"));
     }
+    // A change to a snapshotter without plugins is reported too, not silently dropped.
+    let mut native_changed = config(&path, None);
+    native_changed.snapshotters.get_mut("n").unwrap().sync_commits = false;
+    let reports = host.reload(&[], Some(&native_changed)).unwrap();
+    let outcomes: Vec<_> = reports.iter().map(|r| (r.plugin.as_str(), r.outcome)).collect();
+    assert_eq!(outcomes, [("c", ReloadOutcome::Unchanged), ("n", ReloadOutcome::Failed)]);
     let err = host.reload(&["nope".into()], None).unwrap_err();
-    assert!(err.to_string().contains("configured: c"), "{err}");
+    assert!(err.to_string().contains("configured: c, n"), "{err}");
+    let err = host.reload(&["n".into()], None).unwrap_err();
+    assert!(err.to_string().contains("runs no plugin"), "{err}");
     host.close().unwrap();
 }

@@ -424,7 +424,6 @@ impl Host {
                 report.outcome = ReloadOutcome::Reloaded;
                 tracing::info!(plugin = %report.plugin, from = %report.from, to = %report.to, "plugin reloaded");
                 if let Some(e) = entry {
-                    e.path = wanted.path.clone();
                     e.config = wanted.clone();
                     e.loaded_at = now;
                     e.reload_error = None;

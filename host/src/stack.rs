@@ -111,9 +111,8 @@ pub struct LoadedPlugin {
     pub role: Role,
     /// For a policy, its place in the snapshotter's `policies` (0 sees calls first).
     pub policy: Option<usize>,
-    /// The `.wasm` it was loaded from.
-    pub path: PathBuf,
-    /// The configuration it runs with (its path, pin, `init` configuration, limits).
+    /// The configuration it runs with: the `.wasm` it was loaded from (`config.path`),
+    /// its pin, `init` configuration and limits.
     pub config: PluginConfig,
     /// When the version now serving was loaded.
     pub loaded_at: std::time::SystemTime,
@@ -258,7 +257,6 @@ fn loaded(
         snapshotter: name.to_owned(),
         role: if policy.is_some() { Role::Policy } else { Role::Backend },
         policy,
-        path: p.path.clone(),
         config: p.clone(),
         loaded_at: std::time::SystemTime::now(),
         reload_error: None,

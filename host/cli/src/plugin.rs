@@ -270,7 +270,7 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
                     serde_json::json!({
                         "snapshotter": p.snapshotter,
                         "role": p.role,
-                        "path": p.path,
+                        "path": p.config.path,
                         "size": p.wasm.plugin().info().size,
                         "sha256": p.wasm.plugin().info().digest,
                         "counters": p.wasm.plugin().counters().snapshot(),
@@ -289,7 +289,7 @@ pub fn ls(host: &Host, f: Format, out: &mut dyn Write) -> Result<()> {
                     vec![
                         p.snapshotter.clone(),
                         p.role.to_string(),
-                        p.path.display().to_string(),
+                        p.config.path.display().to_string(),
                         format!(
                             "calls {} errors {} traps {} (timeouts {}) instances {}",
                             c.calls, c.errors, c.traps, c.timeouts, c.instances

@@ -430,7 +430,8 @@ struct PluginRow {
 fn plugin_rows(host: &Host) -> BTreeMap<PluginKey, PluginRow> {
     let mut rows = BTreeMap::<PluginKey, PluginRow>::new();
     for p in host.loaded_plugins() {
-        let name = p.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name =
+            p.config.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let plugin = p.wasm.plugin();
         let pool = p.wasm.pool();
         let row =

@@ -128,7 +128,7 @@ impl Admin for AdminService {
                         instance_limit: pool.limit,
                         snapshotter: p.snapshotter,
                         role: p.role.to_string(),
-                        path: p.path.display().to_string(),
+                        path: p.config.path.display().to_string(),
                         calls: c.calls,
                         errors: c.errors,
                         traps: c.traps,

@@ -171,6 +171,13 @@ fn a_plugin_author_gets_config_through_user_keys_back_and_a_hint() {
     assert!(help.contains("--address"), "{help}");
 }
 
+/// The sha256 `wasnap plugin inspect` reports for `plugin`.
+fn sha256_of(root: &Path, plugin: &str) -> String {
+    let info = ok(root, &["plugin", "inspect", plugin, "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    v["sha256"].as_str().unwrap_or_else(|| panic!("no sha256 in {info}")).to_owned()
+}
+
 /// A configuration can pin a plugin's sha256: the right file loads, another is refused
 /// naming both digests, and a pin that is not a sha256 is a configuration error.
 #[test]
@@ -178,12 +185,8 @@ fn a_pinned_digest_loads_only_that_plugin() {
     let dir = tmp();
     let r = dir.path();
     let copy = guest("copy");
-    let info = ok(r, &["plugin", "inspect", &copy, "--format", "json"]);
-    let digest = serde_json::from_str::<serde_json::Value>(&info).unwrap()["sha256"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(digest.len(), 64, "{info}");
+    let digest = sha256_of(r, &copy);
+    assert_eq!(digest.len(), 64, "{digest}");
     let config = r.join("pinned.toml");
     let write = |pin: &str| {
         std::fs::write(
@@ -277,11 +280,7 @@ fn a_packaged_plugin_installs_back_pinned_and_a_tampered_one_is_refused() {
     let dir = tmp();
     let r = dir.path();
     let copy = guest("copy");
-    let info = ok(r, &["plugin", "inspect", &copy, "--format", "json"]);
-    let digest = serde_json::from_str::<serde_json::Value>(&info).unwrap()["sha256"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = sha256_of(r, &copy);
     let layout = r.join("layout");
     let tarball = r.join("copy.tar");
     let packaged = ok(r, &["plugin", "package", &copy, "-o", layout.to_str().unwrap()]);

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::content::ContentStore;
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::kv::Durability;
@@ -96,6 +97,12 @@ pub struct GcReport {
     pub removed: Vec<SnapshotRef>,
     /// Expired leases removed: (namespace, id).
     pub expired_leases: Vec<(String, String)>,
+    /// Blob records removed: (namespace, digest).
+    #[serde(default)]
+    pub removed_content: Vec<(String, String)>,
+    /// Blob files deleted, once no namespace recorded them.
+    #[serde(default)]
+    pub deleted_blobs: Vec<String>,
     /// Backend snapshots pruned: (snapshotter, backend key).
     pub pruned: Vec<(String, String)>,
     /// What could not be done, retried next time: (what, why).
@@ -130,6 +137,8 @@ pub struct Collector {
     /// One collection at a time.
     running: Mutex<()>,
     observer: OnceLock<Observer>,
+    /// Whose unrecorded blob files a collection deletes.
+    content: Option<Arc<ContentStore>>,
 }
 
 impl std::fmt::Debug for Collector {
@@ -144,7 +153,22 @@ impl std::fmt::Debug for Collector {
 impl Collector {
     /// A collector for `db`.
     pub fn new(db: Arc<MetaDb>, faults: Arc<Faults>, opts: GcOptions) -> Self {
-        Collector { db, faults, opts, running: Mutex::new(()), observer: OnceLock::new() }
+        Collector {
+            db,
+            faults,
+            opts,
+            running: Mutex::new(()),
+            observer: OnceLock::new(),
+            content: None,
+        }
+    }
+
+    /// The same collector, deleting `content`'s blob files once their last record is
+    /// swept.
+    #[must_use]
+    pub fn with_content(mut self, content: Arc<ContentStore>) -> Self {
+        self.content = Some(content);
+        self
     }
 
     /// The options in force.
@@ -177,7 +201,7 @@ impl Collector {
     fn run(&self, backends: &[Arc<Snapshotter>], dry_run: bool) -> Result<GcReport> {
         let mut report = GcReport { dry_run, ..GcReport::default() };
         let started = Instant::now();
-        let (Marked { removed, expired }, mark, sweep) = if dry_run {
+        let (Marked { removed, removed_content, expired }, mark, sweep) = if dry_run {
             (mark_read(&self.db.read()?, &self.opts.retention)?, started.elapsed(), Duration::ZERO)
         } else {
             let (retention, max_pause, faults) =
@@ -203,6 +227,7 @@ impl Collector {
             .collect();
         report.removed.sort();
         report.expired_leases = expired;
+        report.removed_content = removed_content;
 
         let prune_start = Instant::now();
         self.faults.hit("gc.before-prune")?;
@@ -230,6 +255,14 @@ impl Collector {
                 Err(e) => {
                     report.failed.push((format!("snapshotter {:?}", sn.name()), e.to_string()))
                 }
+            }
+        }
+        if let Some(content) = self.content.as_ref().filter(|_| !dry_run) {
+            match content.remove_unrecorded(None) {
+                Ok(deleted) => {
+                    report.deleted_blobs = deleted.iter().map(|d| d.to_string()).collect()
+                }
+                Err(e) => report.failed.push(("content store".to_owned(), e.to_string())),
             }
         }
         report.prune = prune_start.elapsed();

@@ -6,13 +6,17 @@
 
 pub mod backend;
 pub mod config;
+pub mod content;
+pub mod digest;
 pub mod driver;
 pub mod error;
 pub mod fault;
 pub mod filter;
 pub mod fsutil;
 pub mod gc;
+pub mod image;
 pub mod kv;
+pub mod layer;
 pub mod metadata;
 pub mod mount;
 pub mod plugin;

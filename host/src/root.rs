@@ -12,6 +12,9 @@
 //!                             (a wasm backend's root: the only directory it sees)
 //! policies/<name>/<i>-<stem>/ the root of the i-th policy plugin in front of <name>
 //! plugins/cache/              compiled plugins, keyed by content and engine
+//! content/blobs/sha256/<hex>  the content store's blobs (their records: metadata.db)
+//! content/ingest/             blobs being written, renamed into blobs/ once verified
+//! tmp/layers/                 private mount points of layer calls, for their length
 //! ```
 
 use std::collections::BTreeMap;
@@ -25,6 +28,7 @@ use cap_std::fs::Dir;
 pub use crate::config::{
     Config, DEFAULT_SNAPSHOTTER, DriverConfig, PluginConfig, SnapshotterConfig,
 };
+use crate::content::ContentStore;
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::gc::{Collector, GcReport, Scheduler, Trigger};
@@ -70,6 +74,7 @@ pub struct Host {
     loader: Plugins,
     trigger: Arc<Trigger>,
     collector: Arc<Collector>,
+    content: Arc<ContentStore>,
 }
 
 /// Where one snapshotter stands.
@@ -139,7 +144,10 @@ impl Host {
         let dir =
             Dir::open_ambient_dir(&root, ambient_authority()).with_context(|| at("open root"))?;
         let db = Arc::new(MetaDb::open(&dir)?);
-        let collector = Arc::new(Collector::new(db.clone(), faults.clone(), config.gc));
+        let content = Arc::new(ContentStore::open(&dir, db.clone())?);
+        let collector = Arc::new(
+            Collector::new(db.clone(), faults.clone(), config.gc).with_content(content.clone()),
+        );
         let cache = {
             let place = Place { root: &dir, root_path: &root, db: None };
             crate::stack::private_dir(&place, "plugins/cache")?.0
@@ -158,6 +166,7 @@ impl Host {
             loader: Plugins::new(Some(cache)),
             trigger: Arc::default(),
             collector,
+            content,
         })
     }
 
@@ -460,6 +469,39 @@ impl Host {
     /// reloaded).
     pub fn configs(&self) -> BTreeMap<String, SnapshotterConfig> {
         self.configs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The root's content store.
+    pub fn content(&self) -> &Arc<ContentStore> {
+        &self.content
+    }
+
+    /// Layer operations (apply, diff, register) on `snapshotter`, with this root's
+    /// content store and private mount points under `<root>/tmp/layers`.
+    pub fn layers<'a>(
+        &'a self,
+        snapshotter: &'a Snapshotter,
+    ) -> crate::layer::snapshot::Layers<'a> {
+        crate::layer::snapshot::Layers::new(
+            snapshotter,
+            &self.content,
+            &self.root.join("tmp/layers"),
+        )
+    }
+
+    /// Imports the image at `path` (an OCI layout, or a tar of one or of `docker save`)
+    /// into `snapshotter` and the content store (see [`crate::image::import`]).
+    pub fn import_image(
+        &self,
+        ctx: &Ctx,
+        snapshotter: &str,
+        path: &Path,
+        platform: Option<&str>,
+        progress: &mut dyn FnMut(crate::image::Event<'_>),
+    ) -> Result<crate::image::Imported> {
+        let sn = self.snapshotter(snapshotter)?;
+        let layers = self.layers(&sn);
+        crate::image::import(&layers, &self.content, &self.leases(), ctx, path, platform, progress)
     }
 
     /// The lease manager.

@@ -37,29 +37,29 @@ pub use usage::{disk_usage, measure_and_sync};
 
 /// How many directory levels of a walk hold open descriptors. Deeper levels close their
 /// ancestors and reopen them through `..` on the way back up.
-const MAX_OPEN_LEVELS: usize = 64;
+pub(crate) const MAX_OPEN_LEVELS: usize = 64;
 
 /// The fields of `stat` the utilities use, in fixed-width types.
 #[derive(Debug, Clone, Copy)]
-struct Meta {
-    dev: u64,
-    ino: u64,
-    mode: u32,
-    nlink: u64,
-    uid: u32,
-    gid: u32,
-    rdev: u64,
-    size: u64,
-    blocks: u64,
-    atime: Timespec,
-    mtime: Timespec,
+pub(crate) struct Meta {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) mode: u32,
+    pub(crate) nlink: u64,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) rdev: u64,
+    pub(crate) size: u64,
+    pub(crate) blocks: u64,
+    pub(crate) atime: Timespec,
+    pub(crate) mtime: Timespec,
 }
 
 impl Meta {
     // The widths of `stat` fields differ between architectures, so some casts are no-ops
     // on one and needed on another.
     #[allow(clippy::unnecessary_cast)]
-    fn from_stat(st: &Stat) -> Meta {
+    pub(crate) fn from_stat(st: &Stat) -> Meta {
         Meta {
             dev: st.st_dev as u64,
             ino: st.st_ino as u64,
@@ -75,16 +75,16 @@ impl Meta {
         }
     }
 
-    fn file_type(&self) -> FileType {
+    pub(crate) fn file_type(&self) -> FileType {
         FileType::from_raw_mode(self.mode)
     }
 
     /// Permission bits including setuid, setgid and sticky.
-    fn perms(&self) -> Mode {
+    pub(crate) fn perms(&self) -> Mode {
         Mode::from_raw_mode(self.mode & 0o7777)
     }
 
-    fn id(&self) -> (u64, u64) {
+    pub(crate) fn id(&self) -> (u64, u64) {
         (self.dev, self.ino)
     }
 
@@ -93,13 +93,13 @@ impl Meta {
     }
 }
 
-fn fstat(fd: impl AsFd) -> rustix::io::Result<Meta> {
+pub(crate) fn fstat(fd: impl AsFd) -> rustix::io::Result<Meta> {
     // Pinned: describes the descriptor's own inode.
     rustix::fs::fstat(fd).map(|st| Meta::from_stat(&st))
 }
 
 /// `lstat` of the entry `name` in `dir`.
-fn lstat_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<Meta> {
+pub(crate) fn lstat_at(dir: impl AsFd, name: &Path) -> rustix::io::Result<Meta> {
     // No-follow: a final symlink is described, not followed.
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| Meta::from_stat(&st))
 }
@@ -135,7 +135,11 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 /// inside a tree is `EXDEV`, so a walk cannot reach, change or remove another
 /// filesystem's files through it. Kernels without `openat2` get `openat` with
 /// `O_NOFOLLOW`, which follows no symlink but cannot refuse a mount.
-fn open_in_tree(dir: impl AsFd, name: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+pub(crate) fn open_in_tree(
+    dir: impl AsFd,
+    name: &Path,
+    flags: OFlags,
+) -> rustix::io::Result<OwnedFd> {
     let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     if !NO_OPENAT2.load(Ordering::Relaxed) {
         match rustix::fs::openat2(dir.as_fd(), name, flags, Mode::empty(), IN_TREE) {
@@ -149,7 +153,7 @@ fn open_in_tree(dir: impl AsFd, name: &Path, flags: OFlags) -> rustix::io::Resul
 /// Pins the entry `name` of a tree with an `O_PATH` descriptor: never following a final
 /// symlink (a symlink is pinned as itself), never crossing a mount, and opening nothing
 /// (no device driver is woken, no fifo blocks).
-fn pin_in_tree(dir: impl AsFd, name: &Path) -> rustix::io::Result<OwnedFd> {
+pub(crate) fn pin_in_tree(dir: impl AsFd, name: &Path) -> rustix::io::Result<OwnedFd> {
     open_in_tree(dir, name, OFlags::PATH)
 }
 
@@ -205,7 +209,7 @@ fn reopen_dir(dir: &cap_std::fs::Dir) -> rustix::io::Result<OwnedFd> {
 
 /// The names in a directory, without `.` and `..`. Reading them all up front lets the
 /// walk release the listing before descending, so wide trees cost memory, not descriptors.
-fn list_names(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<OsString>> {
+pub(crate) fn list_names(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<OsString>> {
     // Pinned: rustix reopens `.` of `dir` to read it.
     let mut listing = rustix::fs::Dir::read_from(dir)?;
     let mut names = Vec::new();
@@ -222,9 +226,9 @@ fn list_names(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<OsString>> {
 /// Names an entry in error messages: what is being done to the tree and where in it,
 /// e.g. `copy "a/b"`.
 #[derive(Debug, Clone, Copy)]
-struct At<'a> {
-    verb: &'static str,
-    rel: &'a Path,
+pub(crate) struct At<'a> {
+    pub(crate) verb: &'static str,
+    pub(crate) rel: &'a Path,
 }
 
 impl fmt::Display for At<'_> {
@@ -239,12 +243,12 @@ impl fmt::Display for At<'_> {
 
 impl At<'_> {
     /// Turns a failed system call into an internal error naming this entry and `op`.
-    fn err(self, op: impl fmt::Display) -> impl FnOnce(Errno) -> Error {
+    pub(crate) fn err(self, op: impl fmt::Display) -> impl FnOnce(Errno) -> Error {
         move |e| Error::from(e).context(format!("{self}: {op}"))
     }
 
     /// As [`At::err`] for opening an entry with [`open_in_tree`], which refuses a mount.
-    fn open_err(self, op: impl fmt::Display) -> impl FnOnce(Errno) -> Error {
+    pub(crate) fn open_err(self, op: impl fmt::Display) -> impl FnOnce(Errno) -> Error {
         move |e| match e {
             Errno::XDEV => Error::failed_precondition(format!(
                 "{self}: {op}: a mount point, which is never crossed"
@@ -255,30 +259,30 @@ impl At<'_> {
 }
 
 /// The path of `name` inside the directory at `rel`.
-fn child_rel(rel: &Path, name: &OsString) -> PathBuf {
+pub(crate) fn child_rel(rel: &Path, name: &OsString) -> PathBuf {
     if rel.as_os_str().is_empty() { PathBuf::from(name) } else { rel.join(name) }
 }
 
 /// One open directory of a walk, with the identity it must still have when reopened.
 #[derive(Debug)]
-struct Handle {
-    fd: Option<OwnedFd>,
-    dev: u64,
-    ino: u64,
+pub(crate) struct Handle {
+    pub(crate) fd: Option<OwnedFd>,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
 }
 
 impl Handle {
-    fn new(fd: OwnedFd, meta: &Meta) -> Handle {
+    pub(crate) fn new(fd: OwnedFd, meta: &Meta) -> Handle {
         Handle { fd: Some(fd), dev: meta.dev, ino: meta.ino }
     }
 
-    fn fd(&self) -> rustix::io::Result<BorrowedFd<'_>> {
+    pub(crate) fn fd(&self) -> rustix::io::Result<BorrowedFd<'_>> {
         self.fd.as_ref().map(|fd| fd.as_fd()).ok_or(Errno::BADF)
     }
 
     /// Reopens this directory as the parent of `child`. Checking device and inode makes
     /// `..` safe: it can only yield the very directory that was open before.
-    fn reopen_from(&mut self, child: &Handle, at: At<'_>) -> Result<()> {
+    pub(crate) fn reopen_from(&mut self, child: &Handle, at: At<'_>) -> Result<()> {
         // `..` of the open child, accepted only if it is the very directory closed before.
         let fd = open_dir_at(child.fd().map_err(at.err("reopen parent"))?, Path::new(".."))
             .map_err(at.err("reopen parent"))?;
@@ -294,7 +298,7 @@ impl Handle {
 }
 
 /// A level of a walk that can give up its descriptors and get them back from its child.
-trait Level {
+pub(crate) trait Level {
     fn close(&mut self);
     fn reopen_from(&mut self, child: &Self) -> Result<()>;
 }
@@ -302,18 +306,18 @@ trait Level {
 /// The directories from the root of a walk down to where it is now. Only the deepest
 /// [`MAX_OPEN_LEVELS`] hold descriptors.
 #[derive(Debug)]
-struct Stack<T> {
+pub(crate) struct Stack<T> {
     levels: Vec<T>,
     /// Levels below this index are closed; those from it on are open.
     first_open: usize,
 }
 
 impl<T: Level> Stack<T> {
-    fn new(root: T) -> Stack<T> {
+    pub(crate) fn new(root: T) -> Stack<T> {
         Stack { levels: vec![root], first_open: 0 }
     }
 
-    fn push(&mut self, level: T) {
+    pub(crate) fn push(&mut self, level: T) {
         self.levels.push(level);
         if self.levels.len() - self.first_open > MAX_OPEN_LEVELS {
             self.levels[self.first_open].close();
@@ -322,7 +326,7 @@ impl<T: Level> Stack<T> {
     }
 
     /// Removes the deepest level, making sure its parent (now the deepest) is open.
-    fn pop(&mut self) -> Result<Option<T>> {
+    pub(crate) fn pop(&mut self) -> Result<Option<T>> {
         let Some(child) = self.levels.pop() else { return Ok(None) };
         if let Some(parent) = self.levels.len().checked_sub(1)
             && parent < self.first_open
@@ -333,7 +337,7 @@ impl<T: Level> Stack<T> {
         Ok(Some(child))
     }
 
-    fn top_mut(&mut self) -> Option<&mut T> {
+    pub(crate) fn top_mut(&mut self) -> Option<&mut T> {
         self.levels.last_mut()
     }
 }

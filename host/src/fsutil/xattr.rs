@@ -13,9 +13,9 @@ use crate::error::{Error, Result};
 
 /// One extended attribute: its full name (`user.foo`) and value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Xattr {
-    name: Vec<u8>,
-    value: Vec<u8>,
+pub(crate) struct Xattr {
+    pub(crate) name: Vec<u8>,
+    pub(crate) value: Vec<u8>,
 }
 
 /// Where the attributes live.
@@ -113,7 +113,7 @@ fn sized(
 
 /// Reads all attributes of `node`. A filesystem without xattr support has none; an
 /// attribute removed between listing and reading is skipped.
-pub(super) fn read(node: Node<'_>, at: At<'_>) -> Result<Vec<Xattr>> {
+pub(crate) fn read(node: Node<'_>, at: At<'_>) -> Result<Vec<Xattr>> {
     let names = match node.list() {
         Ok(names) => names,
         Err(Errno::NOTSUP) => return Ok(Vec::new()),

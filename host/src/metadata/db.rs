@@ -74,6 +74,8 @@ impl MetaDb {
             txn.open_table(INTENTS)?;
             txn.open_table(LEASES)?;
             txn.open_multimap_table(LEASE_RESOURCES)?;
+            txn.open_table(super::content::CONTENT)?;
+            txn.open_multimap_table(super::content::BLOB_SNAPSHOTS)?;
             let mut meta = txn.open_table(META)?;
             let found = meta.get(META_SCHEMA)?.map(|g| g.value());
             match found {
@@ -231,6 +233,9 @@ pub(crate) fn put_record(
         txn.open_multimap_table(CHILDREN)?.insert((sn, ns, p.as_str()), key)?;
     }
     txn.open_multimap_table(BKEYS)?.insert((sn, rec.bkey.as_str()), (ns, key))?;
+    if let Some(blob) = &rec.blob {
+        super::content::map(txn, ns, blob, sn, key)?;
+    }
     Ok(())
 }
 
@@ -256,6 +261,9 @@ pub(crate) fn delete_record(
     let mut bkeys = txn.open_multimap_table(BKEYS)?;
     bkeys.remove((sn, rec.bkey.as_str()), (ns, key))?;
     let last = bkeys.get((sn, rec.bkey.as_str()))?.next().is_none();
+    if let Some(blob) = &rec.blob {
+        super::content::unmap(txn, ns, blob, sn, key)?;
+    }
     Ok(Some((rec, last)))
 }
 

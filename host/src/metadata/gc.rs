@@ -1,5 +1,5 @@
 //! Mark and sweep over the metadata's tables: containerd's `metadata/gc.go`, for
-//! snapshots, beside the tables it reads. What runs a collection (options, timing,
+//! snapshots and content, beside the tables it reads. What runs a collection (options, timing,
 //! pruning backends, scheduling) is [`crate::gc`].
 //!
 //! **Roots.** Snapshots created with no lease in effect (containerd, as a proxy client,
@@ -12,6 +12,13 @@
 //! (`containerd.io/gc.flat`), also what its `containerd.io/gc.ref.snapshot.<snapshotter>`
 //! labels name; and a snapshot labelled `containerd.io/gc.bref.snapshot.<snapshotter>`
 //! is held by the snapshot the label names.
+//! **Content.** A blob's record is a root only when labelled `containerd.io/gc.root` or
+//! with an unexpired `containerd.io/gc.expire`; otherwise, as in containerd, it lives
+//! while a lease holds it, a snapshot is mapped to it (its `blob`), or a
+//! `containerd.io/gc.ref.content[.<anything>]` label on a held snapshot or blob names
+//! it. A blob's own `gc.ref.snapshot.<snapshotter>` and `gc.ref.content` labels hold
+//! what they name. Blob files are deleted after the sweep, once no namespace records
+//! them ([`crate::content`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
@@ -19,14 +26,14 @@ use std::time::{Duration, Instant, SystemTime};
 use redb::{ReadableMultimapTable, ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use super::content::{self, Stored};
 use super::db::{self, LEASE_RESOURCES, LEASES, SNAPSHOTS};
-use super::lease::{LABEL_GC_EXPIRE, LABEL_GC_FLAT};
+use super::lease::{LABEL_GC_EXPIRE, LABEL_GC_FLAT, RESOURCE_CONTENT};
 use super::record::Record;
 use crate::error::Result;
 use crate::kv::from_nanos;
 use crate::snapshot::Kind;
 
-/// A snapshot label: the snapshot is a root.
 /// The host's own retention, applied to committed snapshots that nothing else holds
 /// (what buildkit's prune calls keep-duration and keep-storage).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,14 +45,19 @@ pub struct Retention {
     pub keep_for_secs: Option<u64>,
 }
 
+/// A label (on a snapshot or a blob): it is a root.
 pub const LABEL_GC_ROOT: &str = "containerd.io/gc.root";
 /// A snapshot label prefix: `…<snapshotter>[/name] = key` holds that snapshot.
 pub const LABEL_GC_REF_SNAPSHOT: &str = "containerd.io/gc.ref.snapshot.";
+/// A label prefix (on a snapshot or a blob): `…[.<anything>] = <digest>` holds that blob.
+pub const LABEL_GC_REF_CONTENT: &str = "containerd.io/gc.ref.content";
 /// A snapshot label prefix: `…<snapshotter>[/name] = key` is held by that snapshot.
 pub const LABEL_GC_BREF_SNAPSHOT: &str = "containerd.io/gc.bref.snapshot.";
 
 /// (snapshotter, namespace, key).
 pub(crate) type Node = (String, String, String);
+/// (namespace, digest): a blob's record.
+pub(crate) type BlobNode = (String, String);
 /// (namespace, lease id).
 pub(crate) type LeaseId = (String, String);
 
@@ -53,14 +65,23 @@ pub(crate) type LeaseId = (String, String);
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Marked {
     pub removed: Vec<Node>,
+    pub removed_content: Vec<BlobNode>,
     pub expired: Vec<LeaseId>,
+}
+
+/// Something the collector marks: a snapshot record or a blob record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Item {
+    Snap(Node),
+    Blob(BlobNode),
 }
 
 /// Everything a mark reads, loaded from one transaction.
 struct State {
     records: HashMap<Node, Record>,
+    content: HashMap<BlobNode, Stored>,
     /// Per live lease: its resources, and whether it is flat.
-    leases: Vec<(LeaseId, bool, Vec<Node>)>,
+    leases: Vec<(LeaseId, bool, Vec<Item>)>,
     expired: Vec<LeaseId>,
 }
 
@@ -73,6 +94,10 @@ macro_rules! load_for {
                 let (sn, ns, key) = k.value();
                 records.insert((sn.into(), ns.into(), key.into()), Record::decode(v.value(), key)?);
             }
+            let content = content::all(txn)?
+                .into_iter()
+                .map(|(ns, digest, stored)| ((ns, digest), stored))
+                .collect();
             let mut leases = Vec::new();
             let mut expired = Vec::new();
             let resources = txn.open_multimap_table(LEASE_RESOURCES)?;
@@ -93,7 +118,9 @@ macro_rules! load_for {
                     let r = r?;
                     let (kind, key) = r.value();
                     if let Some(sn) = kind.strip_prefix("snapshots/") {
-                        held.push((sn.into(), ns.into(), key.into()));
+                        held.push(Item::Snap((sn.into(), ns.into(), key.into())));
+                    } else if kind == RESOURCE_CONTENT {
+                        held.push(Item::Blob((ns.into(), key.into())));
                     }
                 }
                 leases.push((
@@ -102,7 +129,7 @@ macro_rules! load_for {
                     held,
                 ));
             }
-            Ok(State { records, leases, expired })
+            Ok(State { records, content, leases, expired })
         }
     };
 }
@@ -113,6 +140,22 @@ fn label_target<'a>(key: &'a str, prefix: &str, value: &'a str) -> Option<(&'a s
     let rest = key.strip_prefix(prefix)?;
     let snapshotter = rest.split('/').next().unwrap_or(rest);
     (!snapshotter.is_empty() && !value.is_empty()).then_some((snapshotter, value))
+}
+
+/// The blob a `containerd.io/gc.ref.content[.<anything>]` label names, if `key` is one.
+fn content_target<'a>(key: &str, value: &'a str) -> Option<&'a str> {
+    let rest = key.strip_prefix(LABEL_GC_REF_CONTENT)?;
+    ((rest.is_empty() || rest.starts_with('.') || rest.starts_with('/')) && !value.is_empty())
+        .then_some(value)
+}
+
+/// Whether labels make their object a root: `containerd.io/gc.root`, or a
+/// `containerd.io/gc.expire` time still to come (an unreadable one holds, to be safe).
+fn labelled_root(labels: &crate::snapshot::Labels, now: SystemTime) -> bool {
+    labels.iter().any(|(k, v)| {
+        k.starts_with(LABEL_GC_ROOT)
+            || (k == LABEL_GC_EXPIRE && humantime::parse_rfc3339_weak(v).map_or(true, |t| t >= now))
+    })
 }
 
 /// Marks from the roots in a read transaction: what a sweep would remove now.
@@ -135,9 +178,9 @@ pub(crate) fn mark_and_sweep(
 }
 
 fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
-    let State { records, leases, expired } = state;
+    let State { records, content, leases, expired } = state;
     // Roots, each with whether it is held flat.
-    let mut queue: VecDeque<(Node, bool)> = VecDeque::new();
+    let mut queue: VecDeque<(Item, bool)> = VecDeque::new();
     for (_, flat, held) in leases {
         queue.extend(held.into_iter().map(|n| (n, flat)));
     }
@@ -146,13 +189,9 @@ fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
         let (_, ns, _) = node;
         let mut root = !rec.collectable && !rec.labels.contains_key(LABEL_GC_EXPIRE);
         root |= rec.committing.is_some();
+        root |= labelled_root(&rec.labels, now);
         for (k, v) in &rec.labels {
-            if k.starts_with(LABEL_GC_ROOT) {
-                root = true;
-            } else if k == LABEL_GC_EXPIRE {
-                // Held until it expires; an unreadable time holds it, to be safe.
-                root |= humantime::parse_rfc3339_weak(v).map_or(true, |t| t >= now);
-            } else if let Some((bsn, bkey)) = label_target(k, LABEL_GC_BREF_SNAPSHOT, v) {
+            if let Some((bsn, bkey)) = label_target(k, LABEL_GC_BREF_SNAPSHOT, v) {
                 held_by
                     .entry((bsn.into(), ns.clone(), bkey.into()))
                     .or_default()
@@ -160,29 +199,61 @@ fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
             }
         }
         if root {
-            queue.push_back((node.clone(), false));
+            queue.push_back((Item::Snap(node.clone()), false));
         }
     }
-    let mut marked: HashMap<Node, bool> = HashMap::new(); // node -> marked non-flat
-    let visit = |queue: &mut VecDeque<(Node, bool)>, marked: &mut HashMap<Node, bool>| {
-        while let Some((node, flat)) = queue.pop_front() {
-            match marked.get(&node) {
+    // Blobs are collectable unless held, as in containerd: ingested under a lease, mapped
+    // to a snapshot, or referenced by a label.
+    for (node, stored) in &content {
+        if labelled_root(&stored.labels, now) {
+            queue.push_back((Item::Blob(node.clone()), false));
+        }
+    }
+    let mut marked: HashMap<Item, bool> = HashMap::new(); // item -> marked non-flat
+    let visit = |queue: &mut VecDeque<(Item, bool)>, marked: &mut HashMap<Item, bool>| {
+        while let Some((item, flat)) = queue.pop_front() {
+            match marked.get(&item) {
                 Some(done_full) if *done_full || flat => continue,
                 _ => {}
             }
-            marked.insert(node.clone(), !flat);
-            if let Some(holders) = held_by.get(&node) {
-                queue.extend(holders.iter().map(|h| (h.clone(), false)));
-            }
-            let Some(rec) = records.get(&node) else { continue };
-            let (sn, ns, _) = &node;
-            if let Some(p) = &rec.parent {
-                queue.push_back(((sn.clone(), ns.clone(), p.clone()), flat));
-            }
-            if !flat {
-                for (k, v) in &rec.labels {
-                    if let Some((rsn, rkey)) = label_target(k, LABEL_GC_REF_SNAPSHOT, v) {
-                        queue.push_back(((rsn.into(), ns.clone(), rkey.into()), false));
+            marked.insert(item.clone(), !flat);
+            match &item {
+                Item::Snap(node) => {
+                    if let Some(holders) = held_by.get(node) {
+                        queue.extend(holders.iter().map(|h| (Item::Snap(h.clone()), false)));
+                    }
+                    let Some(rec) = records.get(node) else { continue };
+                    let (sn, ns, _) = node;
+                    if let Some(p) = &rec.parent {
+                        queue.push_back((Item::Snap((sn.clone(), ns.clone(), p.clone())), flat));
+                    }
+                    if let Some(blob) = &rec.blob {
+                        queue.push_back((Item::Blob((ns.clone(), blob.clone())), flat));
+                    }
+                    if !flat {
+                        for (k, v) in &rec.labels {
+                            if let Some((rsn, rkey)) = label_target(k, LABEL_GC_REF_SNAPSHOT, v) {
+                                let target = (rsn.into(), ns.clone(), rkey.into());
+                                queue.push_back((Item::Snap(target), false));
+                            } else if let Some(d) = content_target(k, v) {
+                                queue.push_back((Item::Blob((ns.clone(), d.into())), false));
+                            }
+                        }
+                    }
+                }
+                Item::Blob(node) => {
+                    let Some(stored) = content.get(node) else { continue };
+                    if flat {
+                        continue;
+                    }
+                    let (ns, _) = node;
+                    for (k, v) in &stored.labels {
+                        if let Some((rsn, rkey)) = label_target(k, LABEL_GC_REF_SNAPSHOT, v) {
+                            let target = (rsn.into(), ns.clone(), rkey.into());
+                            queue.push_back((Item::Snap(target), false));
+                        } else if let Some(d) = content_target(k, v) {
+                            queue.push_back((Item::Blob((ns.clone(), d.into())), false));
+                        }
                     }
                 }
             }
@@ -195,7 +266,9 @@ fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
     if retention.keep_recent > 0 || retention.keep_for_secs.is_some() {
         let mut unheld: Vec<(&Node, u64)> = records
             .iter()
-            .filter(|(n, rec)| rec.kind == Kind::Committed && !marked.contains_key(*n))
+            .filter(|(n, rec)| {
+                rec.kind == Kind::Committed && !marked.contains_key(&Item::Snap((*n).clone()))
+            })
             .map(|(n, rec)| (n, rec.updated))
             .collect();
         unheld.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
@@ -205,21 +278,27 @@ fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
                 now.duration_since(from_nanos(updated)).map_or(true, |age| age.as_secs() < secs)
             });
             if recent || young {
-                queue.push_back((node.clone(), false));
+                queue.push_back((Item::Snap(node.clone()), false));
             }
         }
         visit(&mut queue, &mut marked);
     }
 
     let mut removed: Vec<Node> =
-        records.keys().filter(|n| !marked.contains_key(*n)).cloned().collect();
+        records.into_keys().filter(|n| !marked.contains_key(&Item::Snap(n.clone()))).collect();
     removed.sort();
-    Marked { removed, expired }
+    let mut removed_content: Vec<BlobNode> =
+        content.into_keys().filter(|n| !marked.contains_key(&Item::Blob(n.clone()))).collect();
+    removed_content.sort();
+    Marked { removed, removed_content, expired }
 }
 
 fn sweep(txn: &WriteTransaction, marked: &Marked) -> Result<()> {
     for (sn, ns, key) in &marked.removed {
         db::delete_record(txn, sn, ns, key)?;
+    }
+    for (ns, digest) in &marked.removed_content {
+        content::sweep(txn, ns, digest)?;
     }
     let mut leases = txn.open_table(LEASES)?;
     let mut resources = txn.open_multimap_table(LEASE_RESOURCES)?;

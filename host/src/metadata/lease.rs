@@ -1,9 +1,10 @@
-//! Leases: the job of containerd's lease manager, for snapshots.
+//! Leases: the job of containerd's lease manager, for snapshots and content.
 //!
-//! A lease holds resources (`snapshots/<snapshotter>` + key) against garbage collection
-//! until it is deleted or its `containerd.io/gc.expire` time passes. A snapshot created
-//! or committed while a lease is in effect for the call ([`Ctx::with_lease`]) is added
-//! to it, as containerd does.
+//! A lease holds resources (`snapshots/<snapshotter>` + key, `content` + digest) against
+//! garbage collection until it is deleted or its `containerd.io/gc.expire` time passes.
+//! A snapshot created or committed while a lease is in effect for the call
+//! ([`Ctx::with_lease`]) is added to it, as containerd does; so is a blob ingested
+//! under it.
 
 use std::time::SystemTime;
 
@@ -22,6 +23,9 @@ pub const LABEL_GC_EXPIRE: &str = "containerd.io/gc.expire";
 /// A lease label: hold the leased snapshots and their parents, not what their labels
 /// reference.
 pub const LABEL_GC_FLAT: &str = "containerd.io/gc.flat";
+
+/// The lease resource type of a blob (containerd's).
+pub const RESOURCE_CONTENT: &str = "content";
 
 /// A lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,13 +62,13 @@ impl Adaptor for Lease {
     }
 }
 
-/// Something a lease holds.
+/// Something a lease holds: a snapshot, or a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Resource {
-    /// Its type: `snapshots/<snapshotter>` for a snapshot.
+    /// Its type: `snapshots/<snapshotter>` for a snapshot, `content` for a blob.
     #[serde(rename = "type")]
     pub kind: String,
-    /// Its id: the snapshot's key.
+    /// Its id: the snapshot's key, or the blob's digest.
     pub id: String,
 }
 
@@ -74,11 +78,19 @@ impl Resource {
         Resource { kind: format!("snapshots/{snapshotter}"), id: key.to_owned() }
     }
 
+    /// The blob `digest` in the namespace's content.
+    pub fn content(digest: &crate::digest::Digest) -> Self {
+        Resource { kind: RESOURCE_CONTENT.to_owned(), id: digest.to_string() }
+    }
+
     fn validate(&self) -> Result<()> {
+        if self.kind == RESOURCE_CONTENT {
+            return crate::digest::Digest::parse(&self.id).map(drop);
+        }
         match self.kind.strip_prefix("snapshots/") {
             Some(sn) if !sn.is_empty() && !sn.contains('/') && !self.id.is_empty() => Ok(()),
             _ => Err(Error::not_implemented(format!(
-                "lease resource type {:?}: wasnap leases hold snapshots (snapshots/<snapshotter>)",
+                "lease resource type {:?}: wasnap leases hold snapshots (snapshots/<snapshotter>) and content",
                 self.kind
             ))),
         }

@@ -8,6 +8,7 @@
 //! Architecture invariant: this module is the only one that opens the metadata database,
 //! and backends never see a namespace.
 
+pub(crate) mod content;
 pub(crate) mod db;
 pub mod gc;
 pub mod lease;

@@ -29,6 +29,11 @@ pub(crate) struct Record {
     /// update and another commit of it wait for that commit to end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committing: Option<String>,
+    /// The compressed layer blob this snapshot was made from or diffed into
+    /// (`sha256:...`), in the namespace's content; set once (buildkit's blob mapping).
+    /// The snapshot holds the blob against garbage collection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
 }
 
 impl Record {

@@ -274,7 +274,7 @@ impl Snapshotter {
     }
 
     /// Adds `key` to the lease in effect for the call, if any.
-    fn hold(&self, ctx: &Ctx, key: &str) -> Result<()> {
+    pub(crate) fn hold(&self, ctx: &Ctx, key: &str) -> Result<()> {
         let Some(lease) = ctx.lease() else { return Ok(()) };
         let (ns, lease) = (ctx.namespace().to_owned(), lease.to_owned());
         let res = Resource::snapshot(&self.name, key);
@@ -347,6 +347,47 @@ impl Snapshotter {
         }
         self.mutated();
         Ok(new.info(key))
+    }
+
+    /// Maps `key` to the blob `digest` of the namespace's content, which it then holds
+    /// (buildkit's blob mapping): mapping the same blob again changes nothing, a
+    /// different one is failed-precondition, and a blob the namespace does not hold is
+    /// not-found.
+    pub fn set_blob(&self, ctx: &Ctx, key: &str, digest: &crate::digest::Digest) -> Result<()> {
+        let (sn, ns, k, d) =
+            (self.name.clone(), ctx.namespace().to_owned(), key.to_owned(), digest.to_string());
+        let changed = self.db.write(Durability::Immediate, move |txn| {
+            let mut rec = txn.record(&sn, &ns, &k)?.ok_or_else(|| not_found(&k))?;
+            match &rec.blob {
+                Some(b) if *b == d => return Ok(false),
+                Some(b) => {
+                    return Err(Error::failed_precondition(format!(
+                        "snapshot {k:?} is mapped to blob {b} already, not {d}"
+                    )));
+                }
+                None => {}
+            }
+            if let Some(name) = &rec.committing {
+                return Err(committing(&k, name));
+            }
+            if super::content::Tables::content(txn, &ns, &d)?.is_none() {
+                return Err(Error::not_found(format!("content {d}")));
+            }
+            rec.blob = Some(d.clone());
+            rec.updated = now_nanos();
+            db::put_record(txn, &sn, &ns, &k, &rec)?;
+            Ok(true)
+        })?;
+        if changed {
+            self.mutated();
+        }
+        Ok(())
+    }
+
+    /// The blob `key` is mapped to, if any.
+    pub fn blob(&self, ctx: &Ctx, key: &str) -> Result<Option<crate::digest::Digest>> {
+        let rec = self.record(ctx, key)?;
+        rec.blob.as_deref().map(crate::digest::Digest::parse).transpose()
     }
 
     /// Disk usage of `key` itself.
@@ -459,6 +500,7 @@ impl Snapshotter {
                     updated: now,
                     collectable: ctx.lease().is_some(),
                     committing: None,
+                    blob: None,
                 };
                 (key.to_owned(), rec, mounts, Some(bkey.clone()), None)
             }
@@ -574,6 +616,7 @@ impl Snapshotter {
             updated: to_nanos(t.updated),
             collectable: false,
             committing: None,
+            blob: None,
         })
     }
 
@@ -659,6 +702,7 @@ impl Snapshotter {
             updated: now,
             collectable: lease.is_some(),
             committing: None,
+            blob: None, // taken from the active record
         };
         self.faults
             .hit("metadata.commit.after-backend")
@@ -703,6 +747,7 @@ impl Snapshotter {
                     }
                     let mut rec = rec.clone();
                     rec.parent = active.parent.clone();
+                    rec.blob = active.blob.clone();
                     db::rename_record(txn, &sn, &ns, &intent.key, &name, &rec)
                 }
                 None => {
@@ -737,6 +782,7 @@ impl Snapshotter {
                         updated: now,
                         collectable: intent.lease.is_some(),
                         committing: None,
+                        blob: None, // taken from the active record
                     };
                     self.end_intent(&ns, &name, &intent, None, Some(rec))?;
                     tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,

@@ -6,6 +6,7 @@
 mod btrfs;
 mod common;
 mod gc;
+mod layers;
 mod loopfs;
 mod metadata;
 mod native;

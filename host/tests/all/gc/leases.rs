@@ -49,8 +49,11 @@ fn the_lease_manager_api() {
     assert_eq!(leases.resources(&c, "a").unwrap(), [k1.clone(), k2.clone()]);
     leases.delete_resource(&c, "a", &k1).unwrap();
     assert_eq!(leases.resources(&c, "a").unwrap(), std::slice::from_ref(&k2));
+    let bad_digest = Resource { kind: "content".into(), id: "sha256:abc".into() };
+    let err = leases.add_resource(&c, "a", &bad_digest).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     for bad in [
-        Resource { kind: "content".into(), id: "sha256:abc".into() },
+        Resource { kind: "ingests".into(), id: "ref".into() },
         Resource { kind: "snapshots/".into(), id: "k".into() },
         Resource { kind: "snapshots/a/b".into(), id: "k".into() },
         Resource { kind: "snapshots/native".into(), id: "".into() },

@@ -20,6 +20,7 @@ use wasnap::{Backend, Ctx, ErrorKind, Labels, Result, Snapshotter};
 
 use crate::common::*;
 
+mod content;
 mod leases;
 mod robustness;
 mod rules;

@@ -4,17 +4,23 @@
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use wasnap::Context;
 use wasnap::Snapshotter;
+use wasnap::content::{BlobInfo, Expected};
+use wasnap::digest::Digest;
 use wasnap::error::{Error, Result};
 use wasnap::gc::GcReport;
+use wasnap::layer::Compression;
+use wasnap::layer::snapshot::{AppliedSummary, Diffed, Registered};
 use wasnap::metadata::{Ctx, Lease, PruneReport, Resource};
 use wasnap::root::{CheckReport, Host, HostInfo};
 use wasnap::snapshot::{Info, Labels, Mount, Usage};
-use wasnap_daemon::client::{Blocking, request};
+use wasnap_daemon::client::{Blocking, Headers};
 use wasnap_daemon::convert;
 use wasnap_daemon::proto::{admin as apb, leases as lpb, snapshots as spb};
 
@@ -22,6 +28,10 @@ use wasnap_daemon::proto::{admin as apb, leases as lpb, snapshots as spb};
 pub trait Api {
     /// The name of the snapshotter the commands act on (lease resources name it).
     fn snapshotter(&self) -> Result<String>;
+    /// The lease in effect (`--lease`), if any.
+    fn lease(&self) -> Option<&str>;
+    /// The same operations with `lease` in effect instead.
+    fn with_lease(&self, lease: &str) -> Box<dyn Api + '_>;
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>>;
     fn view(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>>;
     fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()>;
@@ -43,7 +53,51 @@ pub trait Api {
     fn collect(&self, dry_run: bool) -> Result<GcReport>;
     fn check(&self) -> Result<Vec<CheckReport>>;
     fn info(&self) -> Result<HostInfo>;
+
+    // The content store (the namespace's blobs) and layers (on the snapshotter).
+
+    /// Stores `input` as a blob, refused unless it is `expected`.
+    fn content_ingest(
+        &self,
+        input: &mut (dyn Read + Send),
+        expected: Option<Expected>,
+        labels: &Labels,
+    ) -> Result<BlobInfo>;
+    /// Writes blob `digest` to `out`.
+    fn content_read(&self, digest: &Digest, out: &mut dyn Write) -> Result<()>;
+    fn content_list(&self, filters: &[String]) -> Result<Vec<BlobInfo>>;
+    /// A blob and the snapshots (snapshotter, key) mapped to it.
+    fn content_info(&self, digest: &Digest) -> Result<(BlobInfo, Vec<(String, String)>)>;
+    fn content_delete(&self, digest: &Digest) -> Result<()>;
+    /// Applies a layer into the active snapshot `key` (compression detected if none).
+    fn layer_apply(
+        &self,
+        key: &str,
+        input: &mut (dyn Read + Send),
+        compression: Option<Compression>,
+    ) -> Result<AppliedSummary>;
+    /// Stores the difference between `key` and its parent as a layer blob.
+    fn layer_diff(&self, key: &str, compression: Compression, labels: &Labels) -> Result<Diffed>;
+    /// Makes layer blob `blob` a committed snapshot named by its chain ID on `parent`.
+    fn layer_register(
+        &self,
+        blob: &Digest,
+        diff_id: Option<&Digest>,
+        parent: Option<&Digest>,
+        labels: &Labels,
+    ) -> Result<Registered>;
+    /// Imports the image at `path` (an OCI layout, or a tar of one or of `docker save`);
+    /// `progress` hears what happens where the import runs in this process.
+    fn image_import(
+        &self,
+        path: &Path,
+        platform: Option<&str>,
+        progress: &mut dyn FnMut(wasnap::image::Event<'_>),
+    ) -> Result<wasnap::image::Imported>;
 }
+
+/// How much of a layer is read at a time when applying it in this process.
+const LAYER_BUFFER: usize = 1 << 20;
 
 /// Embedded: the root opened in this process.
 pub struct Local<'h> {
@@ -66,6 +120,13 @@ impl<'h> Local<'h> {
 impl Api for Local<'_> {
     fn snapshotter(&self) -> Result<String> {
         Ok(self.name.clone())
+    }
+    fn lease(&self) -> Option<&str> {
+        self.ctx.lease()
+    }
+    fn with_lease(&self, lease: &str) -> Box<dyn Api + '_> {
+        let ctx = self.ctx.clone().with_lease(Some(lease.to_owned()));
+        Box::new(Local { host: self.host, name: self.name.clone(), ctx })
     }
     fn prepare(&self, key: &str, parent: Option<&str>, labels: &Labels) -> Result<Vec<Mount>> {
         self.sn()?.prepare(&self.ctx, key, parent, labels)
@@ -129,11 +190,68 @@ impl Api for Local<'_> {
     fn info(&self) -> Result<HostInfo> {
         Ok(self.host.info(&self.name))
     }
+    fn content_ingest(
+        &self,
+        input: &mut (dyn Read + Send),
+        expected: Option<Expected>,
+        labels: &Labels,
+    ) -> Result<BlobInfo> {
+        self.host.content().ingest(&self.ctx, input, expected, labels)
+    }
+    fn content_read(&self, digest: &Digest, out: &mut dyn Write) -> Result<()> {
+        let (_, mut blob) = self.host.content().read(&self.ctx, digest)?;
+        std::io::copy(&mut blob, out).context("write the blob")?;
+        Ok(())
+    }
+    fn content_list(&self, filters: &[String]) -> Result<Vec<BlobInfo>> {
+        self.host.content().list(&self.ctx, filters)
+    }
+    fn content_info(&self, digest: &Digest) -> Result<(BlobInfo, Vec<(String, String)>)> {
+        let content = self.host.content();
+        Ok((content.info(&self.ctx, digest)?, content.mapped_snapshots(&self.ctx, digest)?))
+    }
+    fn content_delete(&self, digest: &Digest) -> Result<()> {
+        self.host.content().delete(&self.ctx, digest)
+    }
+    fn layer_apply(
+        &self,
+        key: &str,
+        input: &mut (dyn Read + Send),
+        compression: Option<Compression>,
+    ) -> Result<AppliedSummary> {
+        let sn = self.sn()?;
+        let input = BufReader::with_capacity(LAYER_BUFFER, input);
+        let applied = self.host.layers(&sn).apply(&self.ctx, key, input, compression)?;
+        Ok(AppliedSummary::from(&applied))
+    }
+    fn layer_diff(&self, key: &str, compression: Compression, labels: &Labels) -> Result<Diffed> {
+        let sn = self.sn()?;
+        self.host.layers(&sn).diff(&self.ctx, key, compression, labels)
+    }
+    fn layer_register(
+        &self,
+        blob: &Digest,
+        diff_id: Option<&Digest>,
+        parent: Option<&Digest>,
+        labels: &Labels,
+    ) -> Result<Registered> {
+        let sn = self.sn()?;
+        self.host.layers(&sn).register(&self.ctx, blob, diff_id, parent, labels)
+    }
+    fn image_import(
+        &self,
+        path: &Path,
+        platform: Option<&str>,
+        progress: &mut dyn FnMut(wasnap::image::Event<'_>),
+    ) -> Result<wasnap::image::Imported> {
+        self.host.import_image(&self.ctx, &self.name, path, platform, progress)
+    }
 }
 
 /// Through a daemon, over its socket.
 pub struct Remote {
-    client: Blocking,
+    /// Shared with the same API under another lease ([`Api::with_lease`]).
+    client: Rc<Blocking>,
     /// The request's `snapshotter` field: `-s` as given, or empty for the daemon's
     /// default.
     name: String,
@@ -158,7 +276,7 @@ impl Remote {
     ) -> Result<Remote> {
         Ctx::new(namespace)?;
         Ok(Remote {
-            client: Blocking::connect(socket)?,
+            client: Rc::new(Blocking::connect(socket)?),
             name: snapshotter.unwrap_or_default().to_owned(),
             default: OnceCell::new(),
             namespace: namespace.to_owned(),
@@ -173,7 +291,11 @@ impl Remote {
     }
 
     fn req<T>(&self, msg: T) -> tonic::Request<T> {
-        request(msg, Some(&self.namespace), self.lease.as_deref())
+        self.headers().request(msg)
+    }
+
+    fn headers(&self) -> Headers<'_> {
+        Headers { namespace: Some(&self.namespace), lease: self.lease.as_deref() }
     }
 
     fn labels(labels: &Labels) -> HashMap<String, String> {
@@ -182,6 +304,18 @@ impl Remote {
 }
 
 impl Api for Remote {
+    fn lease(&self) -> Option<&str> {
+        self.lease.as_deref()
+    }
+    fn with_lease(&self, lease: &str) -> Box<dyn Api + '_> {
+        Box::new(Remote {
+            client: self.client.clone(),
+            name: self.name.clone(),
+            default: self.default.clone(),
+            namespace: self.namespace.clone(),
+            lease: Some(lease.to_owned()),
+        })
+    }
     fn snapshotter(&self) -> Result<String> {
         if !self.name.is_empty() {
             return Ok(self.name.clone());
@@ -322,5 +456,84 @@ impl Api for Remote {
     fn info(&self) -> Result<HostInfo> {
         let r = self.req(apb::InfoRequest { snapshotter: self.name.clone() });
         report(self.client.call(|c| async move { c.admin().info(r).await })?)
+    }
+    fn content_ingest(
+        &self,
+        input: &mut (dyn Read + Send),
+        expected: Option<Expected>,
+        labels: &Labels,
+    ) -> Result<BlobInfo> {
+        let start = apb::ContentIngestStart {
+            expected_digest: expected.map(|e| e.digest.to_string()).unwrap_or_default(),
+            expected_size: expected.and_then(|e| e.size),
+            labels: Self::labels(labels),
+        };
+        self.client.content_ingest(self.headers(), start, input)
+    }
+    fn content_read(&self, digest: &Digest, out: &mut dyn Write) -> Result<()> {
+        self.client.content_read(self.headers(), digest, out).map(drop)
+    }
+    fn content_list(&self, filters: &[String]) -> Result<Vec<BlobInfo>> {
+        self.client.content_list(self.headers(), filters)
+    }
+    fn content_info(&self, digest: &Digest) -> Result<(BlobInfo, Vec<(String, String)>)> {
+        self.client.content_info(self.headers(), digest)
+    }
+    fn content_delete(&self, digest: &Digest) -> Result<()> {
+        self.client.content_delete(self.headers(), digest)
+    }
+    fn layer_apply(
+        &self,
+        key: &str,
+        input: &mut (dyn Read + Send),
+        compression: Option<Compression>,
+    ) -> Result<AppliedSummary> {
+        let start = apb::LayerApplyStart {
+            snapshotter: self.name.clone(),
+            key: key.into(),
+            compression: compression.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+        };
+        self.client.layer_apply(self.headers(), start, input)
+    }
+    fn layer_diff(&self, key: &str, compression: Compression, labels: &Labels) -> Result<Diffed> {
+        let r = apb::LayerDiffRequest {
+            snapshotter: self.name.clone(),
+            key: key.into(),
+            compression: compression.as_str().into(),
+            labels: Self::labels(labels),
+        };
+        self.client.layer_diff(self.headers(), r)
+    }
+    fn layer_register(
+        &self,
+        blob: &Digest,
+        diff_id: Option<&Digest>,
+        parent: Option<&Digest>,
+        labels: &Labels,
+    ) -> Result<Registered> {
+        let r = apb::LayerRegisterRequest {
+            snapshotter: self.name.clone(),
+            blob: blob.to_string(),
+            diff_id: diff_id.map(Digest::to_string).unwrap_or_default(),
+            parent: parent.map(Digest::to_string).unwrap_or_default(),
+            labels: Self::labels(labels),
+        };
+        self.client.layer_register(self.headers(), r)
+    }
+    fn image_import(
+        &self,
+        path: &Path,
+        platform: Option<&str>,
+        _progress: &mut dyn FnMut(wasnap::image::Event<'_>),
+    ) -> Result<wasnap::image::Imported> {
+        // The daemon reads the path itself: make it absolute here.
+        let path =
+            std::path::absolute(path).with_context(|| format!("resolve {}", path.display()))?;
+        let r = apb::ImageImportRequest {
+            snapshotter: self.name.clone(),
+            path: path.to_string_lossy().into_owned(),
+            platform: platform.unwrap_or_default().to_owned(),
+        };
+        self.client.image_import(self.headers(), r)
     }
 }

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// nothing, so the figure only means something on a disk)
     #[arg(long, default_value = "/var/tmp")]
     pub disk_dir: PathBuf,
+    /// Only the layers section: apply against `tar -x`, gzip against `tar -xzf`, diff,
+    /// and registering an existing chain
+    #[arg(long)]
+    pub layers_only: bool,
 }
 
 /// Runs the benchmark.
@@ -76,6 +80,9 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     });
     let (sizes, cycles) =
         if args.smoke { (vec![100, 1000], 50) } else { (args.sizes.clone(), args.cycles) };
+    if args.layers_only {
+        return crate::bench_layers::run(&base, args.smoke, out);
+    }
     let tmp = tempfile::Builder::new().prefix("wasnap-bench-").tempdir_in(&base).map_err(io)?;
     writeln!(
         out,
@@ -194,7 +201,9 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     writeln!(out).map_err(io)?;
     durability(&args.disk_dir, if args.smoke { 10 } else { 100 }, out)?;
     writeln!(out).map_err(io)?;
-    gc(tmp.path(), &sizes, args.smoke, out)
+    gc(tmp.path(), &sizes, args.smoke, out)?;
+    writeln!(out).map_err(io)?;
+    crate::bench_layers::run(&base, args.smoke, out)
 }
 
 /// Files written into each layer of the durability section, and their size.

@@ -146,6 +146,16 @@ pub enum Command {
     /// Manage leases
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Apply layers into snapshots, diff snapshots into layers, register layers by
+    /// chain ID
+    #[command(subcommand)]
+    Layer(crate::layer::LayerCommand),
+    /// List, show, ingest, print and delete the content store's blobs
+    #[command(subcommand)]
+    Content(crate::layer::ContentCommand),
+    /// Import images (an OCI layout or a docker save tarball) as chains of snapshots
+    #[command(subcommand)]
+    Image(crate::image::ImageCommand),
     /// Collect garbage now and print what went and how long each step took
     Gc {
         /// List what would be removed; change nothing
@@ -406,6 +416,9 @@ fn run_on(api: &dyn Api, g: &Global, command: &Command, out: &mut dyn Write) -> 
             crate::output::labels(out, fmt, &info.labels)
         }
         Command::Mount { key, dir } => wasnap::mount::mount_all(&api.mounts(key)?, dir),
+        Command::Layer(cmd) => crate::layer::run_layer(api, cmd, fmt, out),
+        Command::Content(cmd) => crate::layer::run_content(api, cmd, fmt, out),
+        Command::Image(cmd) => crate::image::run_image(api, cmd, fmt, out),
         Command::Cleanup => match api.cleanup()? {
             Some(report) => crate::output::prune(out, fmt, &report),
             // The daemon's Cleanup answers with nothing; its log says what went.

@@ -11,11 +11,14 @@ use tracing_subscriber::EnvFilter;
 
 mod api;
 mod bench;
+mod bench_layers;
 mod bench_plugins;
 mod cli;
 mod conformance;
 mod daemon;
 mod global;
+mod image;
+mod layer;
 pub mod output;
 mod package;
 mod plugin;

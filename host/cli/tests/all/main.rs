@@ -9,5 +9,6 @@ mod cli;
 mod common;
 mod durability;
 mod e2e;
+mod layers;
 mod plugins;
 mod remote;

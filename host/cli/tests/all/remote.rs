@@ -26,7 +26,7 @@ impl Drop for Proc {
 }
 
 /// Runs `wasnap ARGS` with `envs` set, for at most two minutes.
-fn wasnap_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
+pub(crate) fn wasnap_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let child = Command::new(env!("CARGO_BIN_EXE_wasnap"))
         .args(args)
         .env_remove("WASNAP_NAMESPACE")
@@ -63,18 +63,18 @@ fn wasnap_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
     Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
-fn wasnap(args: &[&str]) -> Output {
+pub(crate) fn wasnap(args: &[&str]) -> Output {
     wasnap_env(args, &[])
 }
 
-fn ok(args: &[&str]) -> String {
+pub(crate) fn ok(args: &[&str]) -> String {
     let out = wasnap(args);
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
 /// A failure: exit status 1 and one line `wasnap: ...` on stderr; returns that line.
-fn fails(args: &[&str]) -> String {
+pub(crate) fn fails(args: &[&str]) -> String {
     let out = wasnap(args);
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {err}");
@@ -83,10 +83,10 @@ fn fails(args: &[&str]) -> String {
     err.trim_end().to_owned()
 }
 
-const CONFIG: &str =
+pub(crate) const CONFIG: &str =
     "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n";
 
-fn daemon(dir: &Path) -> DaemonProcess {
+pub(crate) fn daemon(dir: &Path) -> DaemonProcess {
     daemon_with(dir, CONFIG)
 }
 
@@ -97,7 +97,7 @@ fn daemon_with(dir: &Path, config: &str) -> DaemonProcess {
 /// Output with what legitimately differs between two roots masked: the root's path,
 /// times, and the sequence numbers in backend keys (each process that opens a root
 /// reserves a block of them).
-fn masked(text: &str, root: &Path) -> String {
+pub(crate) fn masked(text: &str, root: &Path) -> String {
     let times = regex::Regex::new(
         r"\d{4}-\d\d-\d\dT[0-9:.]+Z|\d+(\.\d+)? (µs|ms)|\d+\.\d+(e-?\d+)?|\{\s*\x22secs\x22[^}]*\}",
     )

@@ -1,4 +1,5 @@
-//! `wasnap.v1.Admin`: status, collections, checks and host info.
+//! `wasnap.v1.Admin`: status, collections, checks and host info; the content store and
+//! layers (in [`super::content`]).
 
 use std::sync::Arc;
 
@@ -8,7 +9,9 @@ use wasnap::Context;
 use wasnap::Host;
 use wasnap::root::{Config, DriverConfig, ReloadReport, SnapshotterState};
 
-use super::{Shared, handle};
+use tonic::Streaming;
+
+use super::{Shared, content, handle, handle_for};
 use crate::proto::admin::admin_server::Admin;
 use crate::proto::admin::*;
 
@@ -183,5 +186,58 @@ impl Admin for AdminService {
             json(&host.info(selected))
         })
         .await
+    }
+
+    async fn content_ingest(
+        &self,
+        req: Request<Streaming<ContentIngestRequest>>,
+    ) -> Reply<ReportResponse> {
+        content::ingest(&self.shared, req).await
+    }
+
+    type ContentReadStream = content::ReadStream;
+
+    async fn content_read(
+        &self,
+        req: Request<ContentReadRequest>,
+    ) -> Reply<Self::ContentReadStream> {
+        content::read(&self.shared, req).await
+    }
+
+    async fn content_list(&self, req: Request<ContentListRequest>) -> Reply<ReportResponse> {
+        handle(&self.shared, "Admin.ContentList", req, content::list).await
+    }
+
+    async fn content_info(&self, req: Request<ContentInfoRequest>) -> Reply<ContentInfoResponse> {
+        handle(&self.shared, "Admin.ContentInfo", req, content::info).await
+    }
+
+    async fn content_delete(
+        &self,
+        req: Request<ContentDeleteRequest>,
+    ) -> Reply<ContentDeleteResponse> {
+        handle(&self.shared, "Admin.ContentDelete", req, content::delete).await
+    }
+
+    async fn layer_apply(
+        &self,
+        req: Request<Streaming<LayerApplyRequest>>,
+    ) -> Reply<ReportResponse> {
+        content::apply(&self.shared, req).await
+    }
+
+    async fn layer_diff(&self, req: Request<LayerDiffRequest>) -> Reply<ReportResponse> {
+        let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
+        handle_for(&self.shared, "Admin.LayerDiff", label, req, content::diff).await
+    }
+
+    async fn layer_register(&self, req: Request<LayerRegisterRequest>) -> Reply<ReportResponse> {
+        let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
+        handle_for(&self.shared, "Admin.LayerRegister", label, req, content::register).await
+    }
+
+    async fn image_import(&self, req: Request<ImageImportRequest>) -> Reply<ReportResponse> {
+        let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
+        handle_for(&self.shared, "Admin.ImageImport", label, req, content::import).await
     }
 }

@@ -17,6 +17,7 @@
 //! is ignored, and what containerd creates is held until containerd removes it.
 
 mod admin;
+mod content;
 mod leases;
 mod snapshots;
 
@@ -32,6 +33,7 @@ use wasnap::Host;
 use wasnap::{Ctx, Error, Result, Snapshotter};
 
 pub use admin::{AdminService, Reconfigure, reload};
+pub use content::CHUNK;
 pub use leases::LeasesService;
 pub use snapshots::SnapshotsService;
 

@@ -42,6 +42,9 @@ pub const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// outlives a crash of the process that made it before garbage collection may take it.
 const SCRATCH_EXPIRY: Duration = Duration::from_secs(3600);
 
+/// Longest a register waits for another register's commit of the same chain to end.
+const COMMIT_WAIT: Duration = Duration::from_secs(600);
+
 /// The chain ID of a layer with diffID `diff_id` on the chain `parent` (moby's rule):
 /// the bottom layer's is its diffID, every other's is
 /// `sha256(<parent chain ID> + " " + <diffID>)`.
@@ -219,6 +222,16 @@ impl<'a> Layers<'a> {
         })
     }
 
+    /// Disk usage of `key` itself and, if it is mapped to a blob, the blob's size
+    /// added (buildkit's usage with its blob).
+    pub fn usage_with_blob(&self, ctx: &Ctx, key: &str) -> Result<crate::snapshot::Usage> {
+        let mut usage = self.snapshotter.usage(ctx, key)?;
+        if let Some(blob) = self.snapshotter.blob(ctx, key)? {
+            usage.size += self.content.info(ctx, &blob)?.size;
+        }
+        Ok(usage)
+    }
+
     /// Makes the layer blob `blob` (in the caller's namespace's content) a committed
     /// snapshot named by its chain ID on the chain `parent`, mapped to the blob, with
     /// `labels`. An existing chain is reused without applying anything (its diffID is
@@ -274,22 +287,49 @@ impl<'a> Layers<'a> {
                 applied.diff_id
             )));
         }
-        let chain = chain_id(parent, &applied.diff_id);
-        let created = match self.snapshotter.commit(ctx, &chain.to_string(), &key, labels) {
-            Ok(()) => {
-                extraction.key = None;
-                true
-            }
-            // Another register of the same chain committed first: use its snapshot.
-            Err(e) if e.is_already_exists() => false,
-            Err(e) => return Err(e),
-        };
-        drop(extraction);
-        self.map_blob(ctx, &chain, blob)?;
         if labelled.is_none() {
             let mut labels = info.labels.clone();
             labels.insert(LABEL_UNCOMPRESSED.to_owned(), applied.diff_id.to_string());
             self.content.set_labels(ctx, blob, &labels)?;
+        }
+        let chain = chain_id(parent, &applied.diff_id);
+        // Mapped before the commit, which carries the mapping over atomically: a crash
+        // never leaves a registered chain without its blob.
+        self.snapshotter.set_blob(ctx, &key, blob)?;
+        let chain_key = chain.to_string();
+        let waiting = std::time::Instant::now();
+        let created = loop {
+            match self.snapshotter.commit(ctx, &chain_key, &key, labels) {
+                Ok(()) => {
+                    extraction.key = None;
+                    break true;
+                }
+                // Another register of the same chain got there first: use its snapshot
+                // once its commit has ended, or commit ours if that one was undone.
+                Err(e) if e.is_already_exists() => match self.snapshotter.stat(ctx, &chain_key) {
+                    Ok(info) if info.kind == Kind::Committed => break false,
+                    Ok(info) => {
+                        return Err(Error::failed_precondition(format!(
+                            "snapshot {chain} exists but is a {} snapshot, not a registered layer",
+                            info.kind
+                        )));
+                    }
+                    Err(s) if s.is_not_found() && waiting.elapsed() < COMMIT_WAIT => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(s) if s.is_not_found() => {
+                        return Err(Error::unavailable(format!(
+                            "another commit of chain {chain} has not ended in {COMMIT_WAIT:?}"
+                        )));
+                    }
+                    Err(s) => return Err(s),
+                },
+                Err(e) => return Err(e),
+            }
+        };
+        drop(extraction);
+        if !created {
+            self.map_blob(ctx, &chain, blob)?;
         }
         if !created {
             self.snapshotter.hold(ctx, &chain.to_string())?;

@@ -189,6 +189,9 @@ fn layers_round_trip(host: &Host, name: &str, scratch: &Path) {
     let r2 = layers.register(&c, &upper_blob, None, Some(&r1.chain_id), &Labels::new()).unwrap();
     assert_eq!(r2.chain_id, chain_id(Some(&r1.chain_id), &Digest::of(&upper_layer())), "{name}");
     assert_eq!(sn.blob(&c, &r2.chain_id.to_string()).unwrap(), Some(upper_blob), "{name}");
+    let own = sn.usage(&c, &r2.chain_id.to_string()).unwrap();
+    let with_blob = layers.usage_with_blob(&c, &r2.chain_id.to_string()).unwrap();
+    assert_eq!(with_blob.size, own.size + upper.len() as u64, "{name}: usage with the blob");
 
     // Registering an existing chain applies nothing.
     let t = Instant::now();
@@ -281,6 +284,19 @@ fn layers_register_apply_and_diff_on_btrfs() {
         "default_snapshotter = \"btrfs\"\n[snapshotters.btrfs]\ndriver = \"btrfs\"\n",
     );
     layers_round_trip(&host, "btrfs", &fs.scratch("mnt").unwrap());
+    // A refused entry is refused through the private mount too, and nothing lands
+    // outside the snapshot.
+    let sn = host.snapshotter("btrfs").unwrap();
+    let c = ctx("default");
+    sn.prepare(&c, "slip", None, &Labels::new()).unwrap();
+    let tar = raw_entry_tar("../../../../escaped-btrfs", None);
+    let err = host.layers(&sn).apply(&c, "slip", &tar[..], None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    sn.remove(&c, "slip").unwrap();
+    assert!(!fs.mountpoint.join("escaped-btrfs").exists());
+    assert!(!root.join("tmp/escaped-btrfs").exists());
+    let leftover: Vec<_> = std::fs::read_dir(root.join("tmp/layers")).unwrap().collect();
+    assert!(leftover.is_empty(), "private mount points are removed: {leftover:?}");
     host.close().unwrap();
 }
 
@@ -585,5 +601,38 @@ fn an_image_imports_from_an_oci_layout_or_docker_save_to_the_tree_tar_extraction
     let err =
         host.import_image(&c, "native", &layout, Some("linux/riscv64"), &mut |_| {}).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    host.close().unwrap();
+}
+
+#[test]
+fn a_register_cut_short_after_the_backend_commit_is_finished_with_its_blob_at_the_next_open() {
+    let dir = tmp();
+    let root = dir.path().join("root");
+    let config = "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n";
+    let faults = Arc::new(Faults::new());
+    let c = ctx("default");
+    let (blob, chain) = {
+        let host = Host::open_config(&root, faults.clone(), Config::parse(config, "test").unwrap())
+            .unwrap();
+        let sn = host.snapshotter("native").unwrap();
+        let blob = host.content().ingest(&c, &mut &base_layer()[..], None, &Labels::new());
+        let blob = blob.unwrap().digest;
+        faults.arm("metadata.commit.after-backend", wasnap::fault::Action::Error);
+        let err = host.layers(&sn).register(&c, &blob, None, None, &Labels::new()).unwrap_err();
+        assert!(err.to_string().contains("metadata.commit.after-backend"), "{err}");
+        host.close().unwrap();
+        (blob, Digest::of(&base_layer()))
+    };
+    let host = host_with(&root, config);
+    let sn = host.snapshotter("native").unwrap();
+    let info = sn.stat(&c, &chain.to_string()).unwrap();
+    assert_eq!(info.kind, wasnap::Kind::Committed);
+    assert_eq!(sn.blob(&c, &chain.to_string()).unwrap(), Some(blob), "the mapping survived");
+    let r = host.collect(false).unwrap();
+    assert!(r.removed_content.is_empty(), "the mapped blob is held: {:?}", r.removed_content);
+    let again = host.layers(&sn).register(&c, &blob, None, None, &Labels::new()).unwrap();
+    assert!(!again.created && again.applied.is_none(), "known by the blob's label: {again:?}");
+    let keys = names(&list(&sn, &c, &[]).unwrap());
+    assert_eq!(keys, vec![chain.to_string()], "the extraction snapshot went with the commit");
     host.close().unwrap();
 }

@@ -429,3 +429,56 @@ fn an_upload_cut_short_keeps_nothing() {
     assert_eq!(applied.trim(), Digest::of(&big).to_string());
     assert!(t.ok(&["stat", "half"]).contains("active"));
 }
+
+/// A `docker save` tarball of the base and top layers.
+fn docker_save() -> Vec<u8> {
+    let diff_ids: Vec<String> =
+        [base_layer(), top_layer()].iter().map(|l| Digest::of(l).to_string()).collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "os": "linux", "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    }))
+    .unwrap();
+    let config_name = format!("{}.json", Digest::of(&config).hex());
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": config_name, "RepoTags": ["app:1"], "Layers": ["a/layer.tar", "b/layer.tar"],
+    }]))
+    .unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("a/layer.tar", base_layer()),
+        ("b/layer.tar", top_layer()),
+        (config_name.as_str(), config),
+        ("manifest.json", manifest),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn image_import_works_embedded_and_through_the_daemon() {
+    let files = tmp();
+    let image = write(files.path(), "app.tar", &docker_save());
+    let top = chain_id(Some(&Digest::of(&base_layer())), &Digest::of(&top_layer()));
+    for t in [Target::embedded(), Target::daemon()] {
+        assert_eq!(t.ok(&["image", "import", &image]).trim(), top.to_string());
+        let again = t.json(&["image", "import", &image]);
+        assert_eq!(again["chain_id"], top.to_string());
+        assert_eq!(again["references"], serde_json::json!(["app:1"]));
+        let created: Vec<bool> = again["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["created"].as_bool().unwrap())
+            .collect();
+        assert_eq!(created, [false, false], "a second import applies nothing");
+        t.ok(&["prepare", "ctr", &top.to_string()]);
+        let info = t.json(&["stat", &top.to_string()]);
+        assert_eq!(info["kind"], "committed");
+        let err = t.fails(&["image", "import", "/nonexistent/image.tar"]);
+        assert!(err.contains("/nonexistent/image.tar"), "{err}");
+    }
+}

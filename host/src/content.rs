@@ -141,7 +141,7 @@ impl ContentStore {
 
     /// A writer for a new blob; [`Writer::commit`] makes it visible.
     pub fn writer(&self) -> Result<Writer<'_>> {
-        let name = format!("{}-{:08x}", now_nanos(), std::process::id() ^ rand_u32());
+        let name = format!("{}-{:08x}", now_nanos(), crate::kv::nonce());
         let mut opts = OpenOptions::new();
         opts.write(true).create_new(true).mode(0o600);
         let file = self
@@ -380,11 +380,4 @@ impl Drop for Writer<'_> {
             let _ = self.store.ingest.remove_file(&self.name);
         }
     }
-}
-
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_nanos());
-    h.finish() as u32
 }

@@ -13,6 +13,7 @@
 //! collection reconciles: records are swept atomically, and pruning only ever removes
 //! what no record names.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::content::ContentStore;
+use crate::digest::Digest;
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::kv::Durability;
@@ -139,6 +141,8 @@ pub struct Collector {
     observer: OnceLock<Observer>,
     /// Whose unrecorded blob files a collection deletes.
     content: Option<Arc<ContentStore>>,
+    /// The blob directory has been listed whole since this collector started.
+    content_scanned: AtomicBool,
 }
 
 impl std::fmt::Debug for Collector {
@@ -160,6 +164,7 @@ impl Collector {
             running: Mutex::new(()),
             observer: OnceLock::new(),
             content: None,
+            content_scanned: AtomicBool::new(false),
         }
     }
 
@@ -258,11 +263,23 @@ impl Collector {
             }
         }
         if let Some(content) = self.content.as_ref().filter(|_| !dry_run) {
-            match content.remove_unrecorded(None) {
+            // The blob directory is listed whole once per process (what a crash left:
+            // a file whose record was never written or already swept); after that only
+            // the blobs this sweep unrecorded are candidates, so a collection after each
+            // removal does not list every blob.
+            let full = !self.content_scanned.load(Ordering::Relaxed);
+            let swept: Vec<Digest> =
+                report.removed_content.iter().filter_map(|(_, d)| Digest::parse(d).ok()).collect();
+            let candidates = if full { None } else { Some(swept.as_slice()) };
+            match content.remove_unrecorded(candidates) {
                 Ok(deleted) => {
+                    self.content_scanned.store(true, Ordering::Relaxed);
                     report.deleted_blobs = deleted.iter().map(|d| d.to_string()).collect()
                 }
-                Err(e) => report.failed.push(("content store".to_owned(), e.to_string())),
+                Err(e) => {
+                    self.content_scanned.store(false, Ordering::Relaxed);
+                    report.failed.push(("content store".to_owned(), e.to_string()))
+                }
             }
         }
         report.prune = prune_start.elapsed();

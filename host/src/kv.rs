@@ -260,6 +260,15 @@ fn db_error(what: &str, name: &str, e: redb::DatabaseError) -> Error {
 
 // Timestamps are stored as nanoseconds since the Unix epoch.
 
+/// 32 unpredictable bits (from the standard library's per-process random hasher keys),
+/// to keep names made in the same nanosecond by different threads apart.
+pub(crate) fn nonce() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_nanos());
+    h.finish() as u32
+}
+
 /// Nanoseconds since the Unix epoch, for storing.
 pub(crate) fn now_nanos() -> u64 {
     to_nanos(SystemTime::now())

@@ -271,7 +271,7 @@ impl<'a> Layers<'a> {
             }
         }
 
-        let key = format!("extract-{}-{:08x} {blob}", now_nanos(), std::process::id());
+        let key = format!("extract-{}-{:08x} {blob}", now_nanos(), crate::kv::nonce());
         let parent_key = parent.map(Digest::to_string);
         self.snapshotter.prepare(ctx, &key, parent_key.as_deref(), &scratch_labels())?;
         let mut extraction = Scratch { snapshotter: self.snapshotter, ctx, key: Some(key) };
@@ -417,7 +417,7 @@ impl<'a> Views<'a> {
     }
 
     fn view(&mut self, of: &str) -> Result<Vec<Mount>> {
-        let key = format!("diff-{}-{:08x}-{}", now_nanos(), std::process::id(), self.keys.len());
+        let key = format!("diff-{}-{:08x}-{}", now_nanos(), crate::kv::nonce(), self.keys.len());
         let mounts = self.snapshotter.view(&self.ctx, &key, Some(of), &scratch_labels())?;
         self.keys.push(key);
         Ok(mounts)
@@ -551,7 +551,7 @@ impl TempMount {
     fn new(mounts: &[Mount], scratch: &Path) -> Result<TempMount> {
         std::fs::create_dir_all(scratch)
             .with_context(|| format!("create {}", scratch.display()))?;
-        let path = scratch.join(format!("{}-{:08x}", now_nanos(), std::process::id()));
+        let path = scratch.join(format!("{}-{:08x}", now_nanos(), crate::kv::nonce()));
         std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
         if let Err(e) = mount::mount_all(mounts, &path) {
             let _ = std::fs::remove_dir(&path);

@@ -261,8 +261,5 @@ impl Leases {
 
 /// A fresh lease id, like containerd's generated ones (time plus randomness).
 fn generated_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_nanos());
-    format!("{}-{:08x}", now_nanos() / 1_000_000_000, h.finish() as u32)
+    format!("{}-{:08x}", now_nanos() / 1_000_000_000, crate::kv::nonce())
 }

@@ -116,6 +116,20 @@ pub trait Backend: Send + Sync {
     fn verify(&self) -> Result<Vec<(String, String)>> {
         Ok(Vec::new())
     }
+
+    /// Makes the committed snapshot `name` that stacks `layers` (committed snapshots,
+    /// bottom first), each standing for its own change from its parent only, later
+    /// layers winning (buildkit's merge). The new snapshot can be the parent of
+    /// `prepare` and `view`; it holds its layers as a child holds its parent, so
+    /// `remove` of one of them fails while it exists.
+    ///
+    /// Optional: a backend that cannot stack layers without copying them says
+    /// not-implemented (the default), and the host builds the merge by applying each
+    /// layer's change into a new snapshot instead.
+    fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {
+        let _ = (name, layers, labels);
+        Err(crate::Error::not_implemented("this backend does not stack layers; merge by copying"))
+    }
 }
 
 /// A backend in front of another: every call goes to [`Wrapper::inner`] unless the
@@ -173,6 +187,10 @@ pub trait Wrapper: Send + Sync {
     fn verify(&self) -> Result<Vec<(String, String)>> {
         self.inner().verify()
     }
+    /// See [`Backend::merge`].
+    fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {
+        self.inner().merge(name, layers, labels)
+    }
 }
 
 impl<W: Wrapper> Backend for W {
@@ -211,5 +229,8 @@ impl<W: Wrapper> Backend for W {
     }
     fn verify(&self) -> Result<Vec<(String, String)>> {
         Wrapper::verify(self)
+    }
+    fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {
+        Wrapper::merge(self, name, layers, labels)
     }
 }

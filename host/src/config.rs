@@ -314,6 +314,20 @@ impl Config {
                     .map_err(|e| e.context(format!("config {origin}: snapshotter {name:?}")))?;
             }
         }
+        for (i, rule) in config.gc.prune.iter().enumerate() {
+            let at = |e: Error| e.context(format!("config {origin}: [[gc.prune]] #{}", i + 1));
+            rule.policy().map_err(at)?;
+            if let Some(name) =
+                rule.snapshotters.iter().find(|n| !config.snapshotters.contains_key(*n))
+            {
+                return Err(at(Error::invalid_argument(format!(
+                    "snapshotter {name:?} is not configured"
+                ))));
+            }
+            for ns in &rule.namespaces {
+                crate::metadata::Ctx::new(ns).map_err(at)?;
+            }
+        }
         Ok(config)
     }
 

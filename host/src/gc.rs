@@ -26,7 +26,7 @@ use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::kv::Durability;
 use crate::metadata::gc::{Marked, mark_and_sweep, mark_read};
-use crate::metadata::{Changes, MetaDb, Snapshotter};
+use crate::metadata::{Changes, MetaDb, PrunePolicy, Snapshotter};
 
 pub use crate::metadata::gc::{
     LABEL_GC_BREF_SNAPSHOT, LABEL_GC_REF_SNAPSHOT, LABEL_GC_ROOT, Retention,
@@ -54,6 +54,75 @@ pub struct GcOptions {
     /// next waits until `d × (100 / p − 1)` has passed, so a stream of removals is
     /// collected after, not between, each other's calls. 0: no pacing.
     pub max_time_share_percent: u64,
+    /// Prune policies (`[[gc.prune]]`), applied in order before each scheduled
+    /// collection, as buildkit applies its GC policy list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prune: Vec<ScheduledPrune>,
+}
+
+/// One prune policy of the configuration: buildkit's knobs, and where they apply.
+///
+/// ```toml
+/// [[gc.prune]]                  # reproducible records unused for two days
+/// filters = ["type==source.local", "type==exec.cachemount"]
+/// keep_duration = "48h"
+///
+/// [[gc.prune]]                  # then everything, down to 10 GiB
+/// all = true
+/// keep_storage = "10GB"
+/// min_free_space = "5GB"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduledPrune {
+    /// The snapshotters it prunes (every configured one that opens, if none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshotters: Vec<String>,
+    /// The namespaces it prunes, each on its own (all of them together, if none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// See [`PrunePolicy::all`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    /// See [`PrunePolicy::filters`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
+    /// See [`PrunePolicy::keep_duration`] (`48h`, `7days`).
+    #[serde(
+        with = "crate::metadata::prune::duration_text",
+        skip_serializing_if = "Duration::is_zero"
+    )]
+    pub keep_duration: Duration,
+    /// See [`PrunePolicy::keep_storage`] (bytes, or a size like `10GB`).
+    #[serde(with = "crate::metadata::prune::bytes_text", skip_serializing_if = "is_zero")]
+    pub keep_storage: u64,
+    /// See [`PrunePolicy::reserved_space`].
+    #[serde(with = "crate::metadata::prune::bytes_text", skip_serializing_if = "is_zero")]
+    pub reserved_space: u64,
+    /// See [`PrunePolicy::min_free_space`].
+    #[serde(with = "crate::metadata::prune::bytes_text", skip_serializing_if = "is_zero")]
+    pub min_free_space: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl ScheduledPrune {
+    /// The policy it applies; invalid-argument if its filters do not parse (the
+    /// configuration checks this when it is read).
+    pub fn policy(&self) -> Result<PrunePolicy> {
+        crate::filter::Filter::parse_all(&self.filters)
+            .map_err(|e| e.context("[[gc.prune]] filters"))?;
+        Ok(PrunePolicy {
+            all: self.all,
+            filters: self.filters.clone(),
+            keep_duration: self.keep_duration,
+            keep_storage: self.keep_storage,
+            reserved_space: self.reserved_space,
+            min_free_space: self.min_free_space,
+        })
+    }
 }
 
 impl Default for GcOptions {
@@ -66,6 +135,7 @@ impl Default for GcOptions {
             mutation_threshold: 1_000,
             interval_secs: 3_600,
             max_time_share_percent: 2,
+            prune: Vec::new(),
         }
     }
 }

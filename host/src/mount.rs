@@ -3,8 +3,13 @@
 //! filesystem's data string, and a read-only bind mount is made writable-then-remounted
 //! because the kernel ignores `MS_RDONLY` on the first bind.
 //!
+//! Overlay mounts the host makes only to read a stack of layers (the overlay driver
+//! flattening the bottom of a deep chain) are detached ([`overlay_detached`]): never
+//! attached to a mount point, gone when their descriptor closes or the process dies.
+//!
 //! Architecture invariant: this module is the only code that calls mount(2),
-//! umount(2) or the new mount API; drivers return mount records and never mount.
+//! umount(2) or the new mount API; drivers return mount records and never mount,
+//! except through this module's [`overlay_detached`], which no other process sees.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -117,7 +122,10 @@ fn mount_one(m: &Mount, target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The most lower layers the kernel stacks in one overlay mount (`OVL_MAX_STACK`).
+/// The most lower layers the kernel stacks in one overlay mount (`OVL_MAX_STACK`). A
+/// mount record never names more: the overlay driver stacks a flattened tree of the
+/// bottom of a deeper chain under the layers that fit (`driver::overlay::flatten`), so
+/// this bounds a mount, not a chain.
 pub const OVERLAY_MAX_LAYERS: usize = 500;
 
 /// The lower layers named by an overlay mount's `lowerdir=` option, top first.
@@ -132,8 +140,10 @@ pub fn overlay_lowerdirs(options: &[String]) -> Vec<&str> {
 
 /// Mounts overlay with the new mount API, one `lowerdir+` per layer, so that no option
 /// string bounds the number of layers (classic mount(2) takes one page of options,
-/// which is where containerd's ~128-layer ceiling comes from). Kernels without the new
-/// API or without `lowerdir+` (before 6.8) get classic mount(2) when the options fit.
+/// which with absolute paths is a hundred-odd layers; containerd gets further by
+/// rewriting them relative to their common parent, and the overlay driver keeps its
+/// records within what that fits). Kernels without the new API or without `lowerdir+`
+/// (before 6.8) get classic mount(2) when the options fit.
 fn mount_overlay(m: &Mount, target: &Path) -> Result<()> {
     let lowers = overlay_lowerdirs(&m.options);
     if lowers.len() > OVERLAY_MAX_LAYERS {
@@ -180,9 +190,41 @@ enum NewApi {
 }
 
 fn mount_overlay_fsconfig(m: &Mount, opts: &ParsedOptions, target: &Path) -> Result<(), NewApi> {
+    use rustix::mount::{MoveMountFlags, move_mount};
+    let mnt = overlay_fsmount(m, opts)?;
+    move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+        .map_err(|e| NewApi::Failed("move_mount".into(), e))
+}
+
+/// Mounts the overlay `m` nowhere and returns its root directory: a detached mount (the
+/// new mount API's `fsmount`, never moved onto a mount point), reachable only through
+/// the descriptor and undone by the kernel when the last descriptor closes, so neither
+/// an error nor a crash leaves a mount behind and no other process ever sees it. For
+/// the host's own reading of a stack of layers (the overlay driver's flattening). Needs
+/// the new mount API with `lowerdir+` (Linux 6.8).
+pub fn overlay_detached(m: &Mount) -> Result<std::os::fd::OwnedFd> {
+    let lowers = overlay_lowerdirs(&m.options);
+    if lowers.len() > OVERLAY_MAX_LAYERS {
+        return Err(Error::invalid_argument(format!(
+            "overlay mount with {} lower layers: the kernel stacks at most {OVERLAY_MAX_LAYERS}",
+            lowers.len()
+        )));
+    }
+    overlay_fsmount(m, &parse_options(&m.options)).map_err(|e| match e {
+        NewApi::Unsupported(why) => Error::not_implemented(format!(
+            "a detached overlay needs the new mount API with lowerdir+ (Linux 6.8): {why}"
+        )),
+        NewApi::Failed(what, e) => Error::from(std::io::Error::from(e))
+            .context(format!("mount a detached overlay ({what})")),
+    })
+}
+
+/// The overlay `m` made with the new mount API, one `lowerdir+` per layer: the
+/// descriptor of a mount attached nowhere yet.
+fn overlay_fsmount(m: &Mount, opts: &ParsedOptions) -> Result<std::os::fd::OwnedFd, NewApi> {
     use rustix::mount::{
-        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
-        fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
+        FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsconfig_set_flag,
+        fsconfig_set_string, fsmount, fsopen,
     };
     let expressible = MountFlags::RDONLY
         | MountFlags::NOSUID
@@ -238,10 +280,7 @@ fn mount_overlay_fsconfig(m: &Mount, opts: &ParsedOptions, target: &Path) -> Res
             attrs |= attr;
         }
     }
-    let mnt =
-        fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(failed("fsmount".into()))?;
-    move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-        .map_err(failed("move_mount".into()))
+    fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(failed("fsmount".into()))
 }
 
 /// Whether this kernel takes overlay layers one by one (`lowerdir+`, Linux 6.8+),

@@ -32,7 +32,9 @@ use crate::content::ContentStore;
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::gc::{Collector, GcReport, Scheduler, Trigger};
-use crate::metadata::{Ctx, Leases, MetaDb, Snapshotter};
+use crate::metadata::{
+    CachePruneReport, Ctx, Leases, MetaDb, PrunePolicy, PruneProgress, Scope, Snapshotter,
+};
 use crate::plugin::Plugin;
 use crate::probe::Support;
 pub use crate::stack::LoadedPlugin;
@@ -570,15 +572,83 @@ impl Host {
         self.collector.observe(f)
     }
 
-    /// Starts collecting in the background as the configuration's `[gc]` says;
-    /// collections stop when the returned scheduler is dropped.
+    /// Starts collecting in the background as the configuration's `[gc]` says, each
+    /// collection after the `[[gc.prune]]` policies; collections stop when the returned
+    /// scheduler is dropped.
     pub fn start_gc(self: &Arc<Self>) -> Result<Scheduler> {
         let host = Arc::downgrade(self);
         let opts = self.collector.options().clone();
         Scheduler::start(self.trigger.clone(), opts, move || match host.upgrade() {
-            Some(h) => h.collect(false),
+            Some(h) => {
+                h.apply_prune_policies();
+                h.collect(false)
+            }
             None => Err(Error::unavailable("host closed")),
         })
+    }
+
+    /// Bytes free (for an unprivileged user) on the root's filesystem.
+    pub fn free_space(&self) -> Result<u64> {
+        let st = rustix::fs::fstatvfs(&self.dir).context("statvfs of the root")?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// Prunes snapshotter `name` in `scope` by `policy` (see
+    /// [`Snapshotter::prune_cache`]), min-free-space measured on the root's filesystem.
+    pub fn prune_cache(
+        &self,
+        name: &str,
+        scope: Scope<'_>,
+        policy: &PrunePolicy,
+        dry_run: bool,
+        progress: &mut dyn FnMut(PruneProgress<'_>),
+    ) -> Result<CachePruneReport> {
+        let free = if policy.min_free_space > 0 { self.free_space()? } else { 0 };
+        self.snapshotter(name)?.prune_cache(scope, policy, free, dry_run, progress)
+    }
+
+    /// Applies the configuration's `[[gc.prune]]` policies, in order, each to its
+    /// snapshotters and namespaces; what went and what failed is logged. Returns the
+    /// reports, per (policy index, snapshotter, namespace or `*`).
+    pub fn apply_prune_policies(&self) -> Vec<(usize, String, String, Result<CachePruneReport>)> {
+        let mut out = Vec::new();
+        for (i, rule) in self.collector.options().prune.iter().enumerate() {
+            let policy = match rule.policy() {
+                Ok(p) => p,
+                Err(e) => {
+                    out.push((i, String::new(), String::new(), Err(e)));
+                    continue;
+                }
+            };
+            let names: Vec<String> = if rule.snapshotters.is_empty() {
+                self.open_all().0.iter().map(|s| s.name().to_owned()).collect()
+            } else {
+                rule.snapshotters.clone()
+            };
+            for name in names {
+                let namespaces: Vec<Option<&str>> = if rule.namespaces.is_empty() {
+                    vec![None]
+                } else {
+                    rule.namespaces.iter().map(|n| Some(n.as_str())).collect()
+                };
+                for ns in namespaces {
+                    let scope = ns.map_or(Scope::All, Scope::Namespace);
+                    let r = self.prune_cache(&name, scope, &policy, false, &mut |_| {});
+                    match &r {
+                        Ok(r) if !r.removed.is_empty() || !r.failed.is_empty() => {
+                            tracing::info!(policy = i, snapshotter = %name, namespace = ns.unwrap_or("*"),
+                                removed = r.removed.len(), freed = r.freed, failed = r.failed.len(),
+                                "prune policy")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(policy = i, snapshotter = %name, error = %e,
+                            "prune policy failed; will retry"),
+                    }
+                    out.push((i, name.clone(), ns.unwrap_or("*").to_owned(), r));
+                }
+            }
+        }
+        out
     }
 
     /// The root, the snapshotters (with `selected` as the caller's choice), and what this

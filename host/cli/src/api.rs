@@ -16,7 +16,9 @@ use wasnap::digest::Digest;
 use wasnap::error::{Error, Result};
 use wasnap::gc::GcReport;
 use wasnap::layer::Compression;
+use wasnap::layer::merge::Merged;
 use wasnap::layer::snapshot::{AppliedSummary, Diffed, Registered};
+use wasnap::metadata::{CachePruneReport, DiskUsage, PrunePolicy, PruneProgress, Scope};
 use wasnap::metadata::{Ctx, Lease, PruneReport, Resource};
 use wasnap::root::{CheckReport, Host, HostInfo};
 use wasnap::snapshot::{Info, Labels, Mount, Usage};
@@ -52,6 +54,17 @@ pub trait Api {
     fn lease_resources(&self, id: &str) -> Result<Vec<Resource>>;
     fn collect(&self, dry_run: bool) -> Result<GcReport>;
     fn check(&self) -> Result<Vec<CheckReport>>;
+    /// The namespace's snapshots as a build cache (`du`): sizes, use, in use, shared,
+    /// reclaimable; with `verbose`, active snapshots and views are measured too.
+    fn du(&self, filters: &[String], verbose: bool) -> Result<DiskUsage>;
+    /// Prunes the namespace's snapshots by `policy`; `progress` hears how it goes where
+    /// the prune runs in this process.
+    fn prune(
+        &self,
+        policy: &PrunePolicy,
+        dry_run: bool,
+        progress: &mut dyn FnMut(PruneProgress<'_>),
+    ) -> Result<CachePruneReport>;
     fn info(&self) -> Result<HostInfo>;
 
     // The content store (the namespace's blobs) and layers (on the snapshotter).
@@ -86,6 +99,16 @@ pub trait Api {
         parent: Option<&Digest>,
         labels: &Labels,
     ) -> Result<Registered>;
+    /// Merges committed snapshots as `name` (or finds the snapshot that is this merge).
+    fn merge(&self, name: &str, inputs: &[String], labels: &Labels) -> Result<Merged>;
+    /// Makes `name`, what changes `lower` (none: nothing) into `upper`.
+    fn diff_snapshot(
+        &self,
+        name: &str,
+        lower: Option<&str>,
+        upper: &str,
+        labels: &Labels,
+    ) -> Result<Merged>;
     /// Imports the image at `path` (an OCI layout, or a tar of one or of `docker save`);
     /// `progress` hears what happens where the import runs in this process.
     fn image_import(
@@ -187,6 +210,18 @@ impl Api for Local<'_> {
     fn check(&self) -> Result<Vec<CheckReport>> {
         self.host.check()
     }
+    fn du(&self, filters: &[String], verbose: bool) -> Result<DiskUsage> {
+        self.sn()?.du(&self.ctx, filters, verbose)
+    }
+    fn prune(
+        &self,
+        policy: &PrunePolicy,
+        dry_run: bool,
+        progress: &mut dyn FnMut(PruneProgress<'_>),
+    ) -> Result<CachePruneReport> {
+        let scope = Scope::Namespace(self.ctx.namespace());
+        self.host.prune_cache(&self.name, scope, policy, dry_run, progress)
+    }
     fn info(&self) -> Result<HostInfo> {
         Ok(self.host.info(&self.name))
     }
@@ -237,6 +272,20 @@ impl Api for Local<'_> {
     ) -> Result<Registered> {
         let sn = self.sn()?;
         self.host.layers(&sn).register(&self.ctx, blob, diff_id, parent, labels)
+    }
+    fn merge(&self, name: &str, inputs: &[String], labels: &Labels) -> Result<Merged> {
+        let sn = self.sn()?;
+        self.host.layers(&sn).merge(&self.ctx, name, inputs, labels)
+    }
+    fn diff_snapshot(
+        &self,
+        name: &str,
+        lower: Option<&str>,
+        upper: &str,
+        labels: &Labels,
+    ) -> Result<Merged> {
+        let sn = self.sn()?;
+        self.host.layers(&sn).diff_snapshot(&self.ctx, name, lower, upper, labels)
     }
     fn image_import(
         &self,
@@ -453,6 +502,32 @@ impl Api for Remote {
         let r = self.req(apb::CheckRequest {});
         report(self.client.call(|c| async move { c.admin().check(r).await })?)
     }
+    fn du(&self, filters: &[String], verbose: bool) -> Result<DiskUsage> {
+        let r = self.req(apb::DuRequest {
+            snapshotter: self.name.clone(),
+            filters: filters.to_vec(),
+            verbose,
+        });
+        report(self.client.call(|c| async move { c.admin().du(r).await })?)
+    }
+    fn prune(
+        &self,
+        policy: &PrunePolicy,
+        dry_run: bool,
+        _progress: &mut dyn FnMut(PruneProgress<'_>),
+    ) -> Result<CachePruneReport> {
+        let r = self.req(apb::PruneRequest {
+            snapshotter: self.name.clone(),
+            filters: policy.filters.clone(),
+            all: policy.all,
+            dry_run,
+            keep_duration_ms: u64::try_from(policy.keep_duration.as_millis()).unwrap_or(u64::MAX),
+            keep_storage: policy.keep_storage,
+            reserved_space: policy.reserved_space,
+            min_free_space: policy.min_free_space,
+        });
+        report(self.client.call(|c| async move { c.admin().prune(r).await })?)
+    }
     fn info(&self) -> Result<HostInfo> {
         let r = self.req(apb::InfoRequest { snapshotter: self.name.clone() });
         report(self.client.call(|c| async move { c.admin().info(r).await })?)
@@ -519,6 +594,31 @@ impl Api for Remote {
             labels: Self::labels(labels),
         };
         self.client.layer_register(self.headers(), r)
+    }
+    fn merge(&self, name: &str, inputs: &[String], labels: &Labels) -> Result<Merged> {
+        let r = apb::MergeRequest {
+            snapshotter: self.name.clone(),
+            name: name.into(),
+            inputs: inputs.to_vec(),
+            labels: Self::labels(labels),
+        };
+        self.client.merge(self.headers(), r)
+    }
+    fn diff_snapshot(
+        &self,
+        name: &str,
+        lower: Option<&str>,
+        upper: &str,
+        labels: &Labels,
+    ) -> Result<Merged> {
+        let r = apb::DiffSnapshotRequest {
+            snapshotter: self.name.clone(),
+            name: name.into(),
+            lower: lower.unwrap_or_default().into(),
+            upper: upper.into(),
+            labels: Self::labels(labels),
+        };
+        self.client.diff_snapshot(self.headers(), r)
     }
     fn image_import(
         &self,

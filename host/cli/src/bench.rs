@@ -66,6 +66,18 @@ pub struct BenchArgs {
     /// and registering an existing chain
     #[arg(long)]
     pub layers_only: bool,
+    /// Only the merge section: merges stacked (overlay) and hard-linked (native) against
+    /// copying the same layers
+    #[arg(long)]
+    pub merge_only: bool,
+    /// Only the cache section: `du` and prune's plan (dry run) at 100k snapshots
+    /// (--sizes' largest, or the smoke size), then a real prune
+    #[arg(long)]
+    pub cache_only: bool,
+    /// Only the deep chain section: 1,000 layers on overlay, the first container start
+    /// on it (which flattens the bottom of the chain) and later ones
+    #[arg(long)]
+    pub deep_only: bool,
 }
 
 /// Runs the benchmark.
@@ -82,6 +94,15 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         if args.smoke { (vec![100, 1000], 50) } else { (args.sizes.clone(), args.cycles) };
     if args.layers_only {
         return crate::bench_layers::run(&base, args.smoke, out);
+    }
+    if args.merge_only {
+        return crate::bench_merge::run(&base, args.smoke, out);
+    }
+    if args.cache_only {
+        return crate::bench_cache::run(&base, args.smoke, out);
+    }
+    if args.deep_only {
+        return crate::bench_deep::run(&base, args.smoke, out);
     }
     let tmp = tempfile::Builder::new().prefix("wasnap-bench-").tempdir_in(&base).map_err(io)?;
     writeln!(
@@ -203,7 +224,11 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     writeln!(out).map_err(io)?;
     gc(tmp.path(), &sizes, args.smoke, out)?;
     writeln!(out).map_err(io)?;
-    crate::bench_layers::run(&base, args.smoke, out)
+    crate::bench_layers::run(&base, args.smoke, out)?;
+    writeln!(out).map_err(io)?;
+    crate::bench_merge::run(&base, args.smoke, out)?;
+    writeln!(out).map_err(io)?;
+    crate::bench_deep::run(&base, args.smoke, out)
 }
 
 /// Files written into each layer of the durability section, and their size.

@@ -107,6 +107,30 @@ pub enum Command {
         #[arg(short, long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
     },
+    /// Merge committed snapshots into NAME, each input over those before it
+    /// (buildkit's MergeOp); prints the snapshot made, or the one that is this merge
+    /// already
+    Merge {
+        name: String,
+        /// Committed snapshots, bottom first
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// Label to set, KEY=VALUE (repeatable)
+        #[arg(short, long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// Make NAME: what changes LOWER into UPPER, deletions included (buildkit's DiffOp)
+    Diff {
+        name: String,
+        /// The snapshot before (omit: from nothing)
+        #[arg(long)]
+        lower: Option<String>,
+        /// The snapshot after
+        upper: String,
+        /// Label to set, KEY=VALUE (repeatable)
+        #[arg(short, long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
     /// Remove snapshots (children first)
     #[command(alias = "remove", alias = "delete", alias = "del")]
     Rm {
@@ -166,6 +190,12 @@ pub enum Command {
         #[arg(long, conflicts_with = "dry_run")]
         check: bool,
     },
+    /// Show snapshots as a build cache: size, last use, use count, in use, shared,
+    /// reclaimable (buildkit's du)
+    Du(crate::cache::DuArgs),
+    /// Remove unused snapshots, least recently used first, by buildkit's prune knobs;
+    /// never one in use, held by a lease or gc.root, or referred to by one kept
+    Prune(crate::cache::PruneArgs),
     /// Measure the host's hot paths and print a table
     Bench(crate::bench::BenchArgs),
     /// Check a backend against the conformance suite (containerd's snapshotter tests)
@@ -353,6 +383,8 @@ fn run_on(api: &dyn Api, g: &Global, command: &Command, out: &mut dyn Write) -> 
             crate::output::check(out, fmt, &api.check()?)
         }
         Command::Gc { dry_run, .. } => crate::output::gc(out, fmt, &api.collect(*dry_run)?),
+        Command::Du(args) => crate::cache::du(api, args, fmt, out),
+        Command::Prune(args) => crate::cache::prune(api, args, fmt, out),
         Command::Prepare { key, parent, labels } => {
             let mounts = api.prepare(key, parent.as_deref(), &parse_labels(labels)?)?;
             crate::output::mounts(out, fmt, &mounts)
@@ -362,6 +394,13 @@ fn run_on(api: &dyn Api, g: &Global, command: &Command, out: &mut dyn Write) -> 
             crate::output::mounts(out, fmt, &mounts)
         }
         Command::Commit { name, key, labels } => api.commit(name, key, &parse_labels(labels)?),
+        Command::Merge { name, inputs, labels } => {
+            crate::output::merged(out, fmt, &api.merge(name, inputs, &parse_labels(labels)?)?)
+        }
+        Command::Diff { name, lower, upper, labels } => {
+            let made = api.diff_snapshot(name, lower.as_deref(), upper, &parse_labels(labels)?)?;
+            crate::output::merged(out, fmt, &made)
+        }
         Command::Rm { keys } => {
             // Like `ctr snapshots rm`: try each, report each failure, fail if any did.
             let mut failed = Vec::new();

@@ -11,8 +11,12 @@ use tracing_subscriber::EnvFilter;
 
 mod api;
 mod bench;
+mod bench_cache;
+mod bench_deep;
 mod bench_layers;
+mod bench_merge;
 mod bench_plugins;
+mod cache;
 mod cli;
 mod conformance;
 mod daemon;

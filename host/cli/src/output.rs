@@ -530,6 +530,27 @@ pub(crate) fn status(
     }
 }
 
+/// A merge or diff snapshot: its name, how it was made, and its layers.
+pub(crate) fn merged(
+    out: &mut dyn Write,
+    f: Format,
+    m: &wasnap::layer::merge::Merged,
+) -> Result<()> {
+    match f {
+        Format::Json => json(out, m),
+        _ => table(
+            out,
+            &["NAME", "MADE", "LAYERS", "APPLIED"],
+            &[vec![
+                m.info.name.clone(),
+                m.how.clone(),
+                m.layers.len().to_string(),
+                m.applied.to_string(),
+            ]],
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use wasnap::Context;
 use wasnap::content::BlobInfo;
 use wasnap::digest::{Digest, Hasher};
+use wasnap::layer::merge::Merged;
 use wasnap::layer::snapshot::{AppliedSummary, Diffed, Registered};
 use wasnap::{Error, Result};
 
@@ -351,6 +352,18 @@ impl Blocking {
     ) -> Result<Registered> {
         let r = h.request(req);
         report(self.call(|c| async move { c.admin().layer_register(r).await })?)
+    }
+
+    /// Merges snapshots (see [`wasnap::layer::snapshot::Layers::merge`]).
+    pub fn merge(&self, h: Headers<'_>, req: apb::MergeRequest) -> Result<Merged> {
+        let r = h.request(req);
+        report(self.call(|c| async move { c.admin().merge(r).await })?)
+    }
+
+    /// Makes a diff snapshot (see [`wasnap::layer::snapshot::Layers::diff_snapshot`]).
+    pub fn diff_snapshot(&self, h: Headers<'_>, req: apb::DiffSnapshotRequest) -> Result<Merged> {
+        let r = h.request(req);
+        report(self.call(|c| async move { c.admin().diff_snapshot(r).await })?)
     }
 
     /// Imports the image at `req.path` (read by the daemon).

@@ -87,6 +87,15 @@ pub(crate) trait OnLayout: Send + Sync + std::fmt::Debug {
     fn computed_labels(&self) -> &'static [&'static str] {
         &[]
     }
+
+    /// [`Backend::merge`](crate::backend::Backend::merge): not-implemented unless the
+    /// driver stacks layers.
+    fn merge(&self, _name: &str, _layers: &[String], _labels: &Labels) -> Result<()> {
+        Err(Error::not_implemented(format!(
+            "the {} driver does not stack layers; merge by copying",
+            self.layout().name
+        )))
+    }
 }
 
 /// The backend calls every driver on this layout answers alike; [`on_layout!`] makes a
@@ -138,7 +147,11 @@ pub(crate) mod answer {
         let snap = d.layout().build(kind, key, parent, labels, d.seals(kind), |tmp, p| {
             d.build_entry(tmp, parent.zip(p))
         })?;
-        d.mounts_for(&snap)
+        // Mounts can fail (overlay may have to flatten a deep chain): then the create
+        // fails whole, leaving nothing behind.
+        d.mounts_for(&snap).inspect_err(|_| {
+            let _ = d.layout().remove(key, super::Deletion::Now);
+        })
     }
 
     pub fn mounts<D: OnLayout>(d: &D, key: &str) -> Result<Vec<Mount>> {
@@ -249,6 +262,15 @@ macro_rules! on_layout {
             fn verify(&self) -> $crate::error::Result<Vec<(String, String)>> {
                 self.layout().verify(<$driver as $crate::driver::layout::OnLayout>::TREE)
             }
+            fn merge(
+                &self,
+                name: &str,
+                layers: &[String],
+                labels: &$crate::snapshot::Labels,
+            ) -> $crate::error::Result<()> {
+                self.layout().check_open()?;
+                <$driver as $crate::driver::layout::OnLayout>::merge(self, name, layers, labels)
+            }
         }
     };
 }
@@ -279,7 +301,7 @@ pub(crate) struct Layout {
     entries: Box<dyn Entries>,
     faults: Arc<Faults>,
     /// The driver's name, for messages and fault point names (`<name>.create.…`).
-    name: &'static str,
+    pub name: &'static str,
     closed: AtomicBool,
     /// Sync a layer's data before its commit is recorded (see [`Layout::settle`]).
     sync_commits: AtomicBool,
@@ -338,10 +360,12 @@ impl Drop for Mark {
     }
 }
 
-/// Entries waiting in `tmp/` for the background deleter.
+/// Entries waiting in `tmp/` for the background deleter: the queue, whether the
+/// layout is closed, and whether the deleter is deleting a batch it took (which
+/// [`Layout::reclaim`] waits for, so that what was removed before it is gone after it).
 #[derive(Debug, Default)]
 struct Doomed {
-    queue: Mutex<(Vec<Mark>, bool)>,
+    queue: Mutex<(Vec<Mark>, bool, bool)>,
     wake: Condvar,
 }
 
@@ -404,14 +428,18 @@ impl Layout {
                     if q.0.is_empty() {
                         return;
                     }
+                    q.2 = true;
                     std::mem::take(&mut q.0)
                 };
-                let Some(layout) = weak.upgrade() else { return };
-                for mark in batch {
-                    if let Err(e) = layout.delete_tmp(mark.name()) {
-                        tracing::warn!(path = %mark, error = %e, "could not delete a removed snapshot; cleanup will retry");
+                if let Some(layout) = weak.upgrade() {
+                    for mark in batch {
+                        if let Err(e) = layout.delete_tmp(mark.name()) {
+                            tracing::warn!(path = %mark, error = %e, "could not delete a removed snapshot; cleanup will retry");
+                        }
                     }
                 }
+                doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).2 = false;
+                doomed.wake.notify_all();
             })
             .context("start the background deleter")?;
         Ok(())
@@ -420,6 +448,11 @@ impl Layout {
     /// Whether commits sync their layer's data before they are recorded (the default).
     pub fn set_sync_commits(&self, sync: bool) {
         self.sync_commits.store(sync, Ordering::Relaxed);
+    }
+
+    /// Whether commits sync their layer's data (see [`Layout::settle`]).
+    pub fn syncs_commits(&self) -> bool {
+        self.sync_commits.load(Ordering::Relaxed)
     }
 
     /// Measures a layer being committed (`layer`, inside the entry of snapshot `id`)
@@ -520,22 +553,37 @@ impl Layout {
             let _ = self.delete_tmp(tmp.name());
             return Err(e);
         }
-        self.install(&tmp, id, seal, kind, key, parent, labels)
+        self.install(&tmp, id, seal, || self.store.create(id, kind, key, parent, labels))
+    }
+
+    /// A merge on this layout: checks `key`, has `build` make its entry as
+    /// `tmp/<name>`, and installs it recorded as stacking `layers`.
+    pub fn build_merge(
+        &self,
+        key: &str,
+        layers: &[String],
+        labels: &Labels,
+        build: impl FnOnce(&str) -> Result<()>,
+    ) -> Result<Snap> {
+        self.precheck(key, None)?;
+        let id = self.store.next_id()?;
+        let tmp = self.tmp_name("merge");
+        if let Err(e) = build(tmp.name()) {
+            let _ = self.delete_tmp(tmp.name());
+            return Err(e);
+        }
+        self.install(&tmp, id, false, || self.store.create_merge(id, key, layers, labels))
     }
 
     /// Moves the entry built at `tmp/<tmp>` to `snapshots/<id>` (an id from
-    /// [`Store::next_id`]), seals it if `seal`, and records it: on any failure the entry
-    /// is deleted and nothing is recorded.
-    #[allow(clippy::too_many_arguments)]
+    /// [`Store::next_id`]), seals it if `seal`, and records it with `record`: on any
+    /// failure the entry is deleted and nothing is recorded.
     pub fn install(
         &self,
         tmp: &Mark,
         id: u64,
         seal: bool,
-        kind: Kind,
-        key: &str,
-        parent: Option<&str>,
-        labels: &Labels,
+        record: impl FnOnce() -> Result<Snap>,
     ) -> Result<Snap> {
         let _id = self.mark_id(id);
         let name = id.to_string();
@@ -559,7 +607,7 @@ impl Layout {
                 self.entries.seal(&self.snapshots, &name)?;
             }
             self.fault("create.before-commit")?;
-            self.store.create(id, kind, key, parent, labels)
+            record()
         })();
         if recorded.is_err() {
             let _ = self.entries.delete(&self.snapshots, &name);
@@ -661,7 +709,7 @@ impl Layout {
             if when == Deletion::Background {
                 let mut q = self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
                 q.0.push(doomed);
-                self.doomed.wake.notify_one();
+                self.doomed.wake.notify_all();
             }
             Ok(())
         });
@@ -700,9 +748,15 @@ impl Layout {
     /// nor named by a record, while creates, commits and removes go on.
     pub fn reclaim(&self) -> Result<()> {
         self.check_open()?;
-        // What the background deleter has not reached yet is deleted now.
-        let queued =
-            std::mem::take(&mut self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).0);
+        // What the background deleter has not reached yet is deleted now, once the
+        // batch it is deleting (busy, so the listing below would skip it) is done.
+        let queued = {
+            let mut q = self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while q.2 {
+                q = self.doomed.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            std::mem::take(&mut q.0)
+        };
         for mark in queued {
             self.delete_tmp(mark.name())?;
         }

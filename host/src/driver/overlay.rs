@@ -10,12 +10,15 @@
 //! - view of one layer: a read-only bind mount of that layer; of several: a read-only
 //!   `overlay` of them.
 //!
-//! The kernel stacks at most [`OVERLAY_MAX_LAYERS`] lower layers; a chain deeper than
-//! that is refused when it is created, with a message that says so. Mount records list
-//! lowers as containerd's do (`lowerdir=/a/fs:/b/fs`); `wasnap mount` and the harness
-//! mount them with one `lowerdir+` per layer, so no page-sized option string limits the
-//! depth. containerd mounting a record itself shortens long `lowerdir` strings to paths
-//! relative to the common parent directory, which fits 500 layers of this layout.
+//! Mount records list lowers as containerd's do (`lowerdir=/a/fs:/b/fs`). `wasnap
+//! mount` and the harness mount them with one `lowerdir+` per layer, so only the
+//! kernel's limit ([`OVERLAY_MAX_LAYERS`]) applies; containerd mounting a record itself
+//! shortens a long `lowerdir` to names relative to `snapshots/` and needs the result
+//! under a page. A record stacks as many layers as both allow (about 400 to 500,
+//! depending on the length of the ids); a chain deeper than that is mounted with its
+//! bottom part replaced by one flattened tree, `snapshots/<id>/flat` of a whole
+//! snapshot lower down, made by the first call whose mounts need it, reused by later
+//! ones and deleted with that snapshot ([`flatten`]). So chains of any depth mount.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,12 +27,16 @@ use cap_std::fs::{Dir, DirBuilder, DirBuilderExt, MetadataExt};
 
 use super::Trees;
 use super::layout::{Deletion, Layout, OnLayout, TMP, on_layout};
+// A child of this module kept beside it: only the overlay driver flattens.
+#[path = "flatten.rs"]
+pub(crate) mod flatten;
 use crate::driver::storage::{Snap, Store};
 use crate::error::{Context, Error, Result};
 use crate::fault::Faults;
 use crate::fsutil;
 use crate::mount::OVERLAY_MAX_LAYERS;
 use crate::snapshot::{Info, Kind, Labels, Mount};
+use flatten::{Budget, Builders, Flattener, Lower};
 
 /// The label that, with [`OverlayOptions::upperdir_label`], shows an active snapshot's
 /// upper directory (containerd's `containerd.io/snapshot/overlay.upperdir`).
@@ -72,6 +79,8 @@ impl Default for OverlayOptions {
 pub struct Overlay {
     layout: Arc<Layout>,
     opts: OverlayOptions,
+    /// Flattened trees being made in this process.
+    flattening: Builders,
 }
 
 impl Overlay {
@@ -107,15 +116,47 @@ impl Overlay {
         }
         let layout = Arc::new(Layout::open(dir, path, store, Box::new(Trees), faults, "overlay")?);
         layout.start_deleter()?;
-        Ok(Overlay { layout, opts })
+        Ok(Overlay { layout, opts, flattening: Builders::default() })
     }
 
     fn fs(&self, id: u64) -> String {
         self.layout.host_path(&format!("{}/fs", Layout::entry(id)))
     }
 
-    fn lowerdir(&self, ids: &[u64]) -> String {
-        ids.iter().map(|id| self.fs(*id)).collect::<Vec<_>>().join(":")
+    fn lowerdir(&self, lowers: &[Lower]) -> String {
+        lowers.iter().map(|d| self.layout.host_path(&d.rel())).collect::<Vec<_>>().join(":")
+    }
+
+    /// The options every overlay of this driver's layers is mounted with.
+    fn base_options(&self) -> Vec<String> {
+        let mut options = Vec::new();
+        if self.opts.index_off {
+            options.push("index=off".to_string());
+        }
+        if self.opts.userxattr {
+            options.push("userxattr".to_string());
+        }
+        options
+    }
+
+    /// The lower directories of a mount record with `options` (all but `lowerdir`)
+    /// that shows `layers`: flattened below what fits (see [`flatten`]).
+    fn record_lowers(
+        &self,
+        options: &[String],
+        layers: &[u64],
+        whole: &[(usize, u64)],
+    ) -> Result<Vec<Lower>> {
+        let budget = Budget::Record {
+            other: crate::mount::parse_options(options).data.len(),
+            page: rustix::param::page_size(),
+        };
+        let flattener = Flattener {
+            layout: &self.layout,
+            options: self.base_options(),
+            builders: &self.flattening,
+        };
+        flattener.stack(layers, whole, budget)
     }
 
     fn with_upperdir(&self, mut info: Info, id: u64) -> Info {
@@ -140,63 +181,65 @@ impl OnLayout for Overlay {
             target: String::new(),
             options: vec!["rbind".into(), mode.into()],
         };
-        // What this snapshot shows, top first: its own layer unless it is a view.
-        let mut layers: Vec<u64> = Vec::with_capacity(snap.parent_ids.len() + 1);
-        if snap.kind != Kind::View {
-            layers.push(snap.id);
-        }
-        layers.extend(&snap.parent_ids);
-        let mut options = Vec::new();
-        if self.opts.index_off {
-            options.push("index=off".to_string());
-        }
-        if self.opts.userxattr {
-            options.push("userxattr".to_string());
-        }
+        let overlay = |options: Vec<String>| Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        };
+        // The layers below the upper directory (all of them, for a read-only mount), top
+        // first, and where in them whole snapshots begin: a committed snapshot shows its
+        // own layer too; a merge's own entry holds nothing, and a merge is whole.
+        let (layers, whole) = match (snap.kind, snap.merge) {
+            (Kind::Committed, false) => {
+                let mut layers = Vec::with_capacity(snap.parent_ids.len() + 1);
+                layers.push(snap.id);
+                layers.extend(&snap.parent_ids);
+                let mut whole = vec![(0, snap.id)];
+                whole.extend(snap.whole.iter().map(|(i, id)| (i + 1, *id)));
+                (layers, whole)
+            }
+            (_, true) => {
+                let mut whole = vec![(0, snap.id)];
+                whole.extend(&snap.whole);
+                (snap.parent_ids.clone(), whole)
+            }
+            _ => (snap.parent_ids.clone(), snap.whole.clone()),
+        };
+        let mut options = self.base_options();
         Ok(match (snap.kind, layers.as_slice()) {
-            (_, []) => vec![bind(self.fs(snap.id), "ro")],
-            (Kind::Active, [_]) => vec![bind(self.fs(snap.id), "rw")],
-            (Kind::Active, [_, lowers @ ..]) => {
+            (Kind::Active, []) => vec![bind(self.fs(snap.id), "rw")],
+            (Kind::Active, _) => {
                 let dir = Layout::entry(snap.id);
                 if self.opts.volatile {
                     options.push("volatile".into());
                 }
                 options.push(format!("workdir={}", self.layout.host_path(&format!("{dir}/work"))));
                 options.push(format!("upperdir={}", self.layout.host_path(&format!("{dir}/fs"))));
-                options.push(format!("lowerdir={}", self.lowerdir(lowers)));
-                vec![Mount {
-                    kind: "overlay".into(),
-                    source: "overlay".into(),
-                    target: String::new(),
-                    options,
-                }]
+                let lowers = self.record_lowers(&options, &layers, &whole)?;
+                options.push(format!("lowerdir={}", self.lowerdir(&lowers)));
+                vec![overlay(options)]
             }
+            (_, []) => vec![bind(self.fs(snap.id), "ro")],
             (_, [only]) => vec![bind(self.fs(*only), "ro")],
-            (_, lowers) => {
+            (_, _) => {
                 options.push("ro".into());
-                options.push(format!("lowerdir={}", self.lowerdir(lowers)));
-                vec![Mount {
-                    kind: "overlay".into(),
-                    source: "overlay".into(),
-                    target: String::new(),
-                    options,
-                }]
+                match self.record_lowers(&options, &layers, &whole)?.as_slice() {
+                    // One flattened tree: whiteouts are applied in it already.
+                    [only] => vec![bind(self.layout.host_path(&only.rel()), "ro")],
+                    lowers => {
+                        options.push(format!("lowerdir={}", self.lowerdir(lowers)));
+                        vec![overlay(options)]
+                    }
+                }
             }
         })
     }
 
     fn build_entry(&self, tmp: &str, parent: Option<(&str, &Snap)>) -> Result<()> {
+        // No depth is refused: past what one mount stacks, the mounts stack a flattened
+        // tree of the bottom of the chain (see `flatten`).
         let l = &self.layout;
-        if let Some((key, p)) = parent {
-            // The parent and its ancestors become the lower layers (the kernel does not
-            // count the upper directory against its limit).
-            let depth = p.parent_ids.len() + 1;
-            if depth > OVERLAY_MAX_LAYERS {
-                return Err(Error::invalid_argument(format!(
-                    "parent {key:?} is {depth} layers deep; overlay stacks at most {OVERLAY_MAX_LAYERS} lower layers, so a snapshot on it could not be mounted"
-                )));
-            }
-        }
         let mut b = DirBuilder::new();
         b.mode(0o755);
         l.tmp.create_dir_with(tmp, &b).with_context(|| format!("create {TMP}/{tmp}"))?;
@@ -207,7 +250,8 @@ impl OnLayout for Overlay {
         // The upper directory becomes the root of the mount: give it the owner of the
         // layer below, as containerd does, or a chowned image root is lost.
         if let Some((_, p)) = parent {
-            let below = fsutil::open_dir_nofollow(&l.snapshots, &p.id.to_string())?
+            let top = if p.merge { p.parent_ids.first().copied().unwrap_or(p.id) } else { p.id };
+            let below = fsutil::open_dir_nofollow(&l.snapshots, &top.to_string())?
                 .symlink_metadata("fs")
                 .context("stat the parent's layer")?;
             rustix::fs::chownat(
@@ -241,6 +285,32 @@ impl OnLayout for Overlay {
     fn computed_labels(&self) -> &'static [&'static str] {
         // The upper directory label is computed, never stored.
         &[UPPERDIR_LABEL]
+    }
+
+    /// A merge stacks the layers' own directories: nothing is copied. Its entry is an
+    /// empty `fs` (never mounted) beside the records that name the layers.
+    fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {
+        if layers.len() > OVERLAY_MAX_LAYERS {
+            tracing::info!(
+                name,
+                layers = layers.len(),
+                "a merge of more layers than overlay stacks ({OVERLAY_MAX_LAYERS}) is made by copying"
+            );
+            return Err(Error::not_implemented(format!(
+                "overlay stacks at most {OVERLAY_MAX_LAYERS} layers, this merge has {}",
+                layers.len()
+            )));
+        }
+        let l = &self.layout;
+        l.build_merge(name, layers, labels, |tmp| {
+            let mut b = DirBuilder::new();
+            b.mode(0o755);
+            l.tmp.create_dir_with(tmp, &b).with_context(|| format!("create {TMP}/{tmp}"))?;
+            let entry = fsutil::open_dir_nofollow(&l.tmp, tmp)?;
+            entry.create_dir_with("fs", &b).with_context(|| format!("create {TMP}/{tmp}/fs"))?;
+            Ok(())
+        })
+        .map(drop)
     }
 }
 

@@ -52,6 +52,10 @@ struct Rec {
     updated: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
+    /// A merge: the committed snapshots it stacks, bottom first, each for its own
+    /// layer only. Such a record has no parent; its entry holds nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    layers: Vec<String>,
 }
 
 impl Rec {
@@ -74,8 +78,14 @@ pub struct Snap {
     pub id: u64,
     /// Its kind.
     pub kind: Kind,
-    /// Ids of its ancestors, nearest first.
+    /// Ids of the layers below it, nearest first: its ancestors', or for a merge
+    /// (and what is made on one) the merged layers' own.
     pub parent_ids: Vec<u64>,
+    /// Where `parent_ids` holds a whole snapshot's tree: `(i, id)` says that
+    /// `parent_ids[i..]` is everything snapshot `id` shows. Nearest first.
+    pub whole: Vec<(usize, u64)>,
+    /// Whether this is a merge, whose own entry holds nothing.
+    pub merge: bool,
     /// Usage stored at commit, for committed snapshots.
     pub usage: Option<Usage>,
 }
@@ -114,16 +124,37 @@ fn store_rec(txn: &WriteTransaction, driver: &str, key: &str, rec: &Rec) -> Resu
 }
 
 fn snap(txn: &impl Records, driver: &str, key: &str, rec: &Rec) -> Result<Snap> {
+    let load = |k: &str, what: &str| {
+        txn.load(driver, k)?.ok_or_else(|| {
+            Error::internal(format!("driver record of {key:?} names missing {what} {k:?}"))
+        })
+    };
     let mut parent_ids = Vec::new();
-    let mut next = rec.parent.clone();
+    let mut whole = Vec::new();
+    // A merge's own layers, or the first merge found below.
+    let mut merged = rec.layers.clone();
+    let mut next = if merged.is_empty() { rec.parent.clone() } else { None };
     while let Some(p) = next {
-        let prec = txn.load(driver, &p)?.ok_or_else(|| {
-            Error::internal(format!("driver record of {key:?} names missing parent {p:?}"))
-        })?;
-        parent_ids.push(prec.id);
-        next = prec.parent;
+        let below = load(&p, "parent")?;
+        whole.push((parent_ids.len(), below.id));
+        if !below.layers.is_empty() {
+            merged = below.layers;
+            break;
+        }
+        parent_ids.push(below.id);
+        next = below.parent;
     }
-    Ok(Snap { id: rec.id, kind: rec.kind, parent_ids, usage: rec.usage })
+    for layer in merged.iter().rev() {
+        parent_ids.push(load(layer, "layer")?.id);
+    }
+    Ok(Snap {
+        id: rec.id,
+        kind: rec.kind,
+        parent_ids,
+        whole,
+        merge: !rec.layers.is_empty(),
+        usage: rec.usage,
+    })
 }
 
 /// How many ids one reservation takes: ids are handed out before a tree is built, with
@@ -323,10 +354,55 @@ impl Store {
                 created: now,
                 updated: now,
                 usage: None,
+                layers: Vec::new(),
             };
             if let Some(p) = &parent {
                 txn.open_multimap_table(CHILDREN)?.insert((driver, p.as_str()), key.as_str())?;
             }
+            store_rec(txn, driver, &key, &rec)?;
+            snap(txn, driver, &key, &rec)
+        })
+    }
+
+    /// Records the merge `key` under the id `id`: a committed snapshot stacking
+    /// `layers` (committed snapshots, bottom first), which it holds as children hold a
+    /// parent, so none of them can be removed before it.
+    pub fn create_merge(
+        &self,
+        id: u64,
+        key: &str,
+        layers: &[String],
+        labels: &Labels,
+    ) -> Result<Snap> {
+        let (key, layers, labels) = (key.to_owned(), layers.to_vec(), labels.clone());
+        self.write(None, move |txn, driver| {
+            if txn.load(driver, &key)?.is_some() {
+                return Err(Error::already_exists(format!("snapshot {key:?}")));
+            }
+            let mut children = txn.open_multimap_table(CHILDREN)?;
+            for layer in &layers {
+                let lrec = txn
+                    .load(driver, layer)?
+                    .ok_or_else(|| Error::not_found(format!("layer snapshot {layer:?}")))?;
+                if lrec.kind != Kind::Committed {
+                    return Err(Error::invalid_argument(format!(
+                        "layer {layer:?} is not a committed snapshot"
+                    )));
+                }
+                children.insert((driver, layer.as_str()), key.as_str())?;
+            }
+            drop(children);
+            let now = now_nanos();
+            let rec = Rec {
+                id,
+                kind: Kind::Committed,
+                parent: None,
+                labels: labels.clone(),
+                created: now,
+                updated: now,
+                usage: Some(Usage::default()),
+                layers: layers.clone(),
+            };
             store_rec(txn, driver, &key, &rec)?;
             snap(txn, driver, &key, &rec)
         })
@@ -384,9 +460,10 @@ impl Store {
                     "cannot remove snapshot {key:?} with child"
                 )));
             }
-            if let Some(p) = &rec.parent {
+            for p in rec.parent.iter().chain(&rec.layers) {
                 children.remove((driver, p.as_str()), key.as_str())?;
             }
+            drop(children);
             txn.open_table(SNAPS)?.remove((driver, key.as_str()))?;
             Ok((rec.id, rec.kind))
         })

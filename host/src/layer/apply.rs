@@ -60,6 +60,27 @@
 //! wrote) is removed, so the marker may come before or after the directory's other
 //! entries. Other `.wh..wh.` names (aufs metadata) are ignored.
 //!
+//! # Linked files
+//!
+//! A merge on a backend that cannot stack layers pipes each layer's change from the diff
+//! into the applier. There regular files need not travel: [`apply_linked`] takes a
+//! stream that [`diff_with`](super::diff::diff_with) wrote without file contents, whose
+//! regular files have size 0 and the private PAX records `WASNAP.linksource=1` and
+//! `WASNAP.linksize=<size>`, together with `link_from`, the tree that diff read. For such
+//! an entry the file at the same path beneath `link_from` is resolved as a target's
+//! parent is (one component at a time with `openat2`, no symlink followed, no mount
+//! crossed), pinned `O_PATH | O_NOFOLLOW`, and taken only if the pin shows a regular file
+//! with the size, mode, owner and time the entry announces. Whatever is at the target
+//! path is replaced as for a regular file, and the pinned inode is hard-linked there
+//! (`linkat` with `AT_EMPTY_PATH` given `CAP_DAC_READ_SEARCH`, otherwise through its
+//! `/proc/self/fd` link): nothing is set on it, as the inode is the layer's too and
+//! already carries exactly the entry's metadata. Where no link can be made (`EXDEV`:
+//! another filesystem or a btrfs subvolume, after which the stream's other files are
+//! copied at once; `EMLINK`; `EPERM`), or the file carries overlayfs's own xattrs, its
+//! bytes are copied from the pin into a new file that gets the entry's metadata, as any
+//! regular file. [`apply`] refuses every `WASNAP.*` record as invalid: a layer from
+//! outside cannot make the applier link or read anything.
+//!
 //! # Streaming
 //!
 //! A thread decompresses and hashes, handing 1 MiB chunks through a bounded channel to
@@ -75,7 +96,7 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::rc::Rc;
@@ -87,6 +108,7 @@ use cap_std::fs::Dir;
 use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid};
 use rustix::io::Errno;
 
+use super::diff::{LINK_SIZE, LINK_SOURCE, PRIVATE_PREFIX};
 use super::{Compression, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, Whiteouts};
 use crate::digest::{Digest, Hashing};
 use crate::error::{Error, ErrorKind, Result};
@@ -127,11 +149,35 @@ pub struct Applied {
 
 /// Applies the layer tar stream `layer` into the directory `root` (see the module's
 /// documentation for the rules). On error the tree is left partly written, but nothing
-/// outside `root` has been touched.
+/// outside `root` has been touched. A stream carrying wasnap's private PAX records
+/// (`WASNAP.*`) is refused: only [`apply_linked`] takes them.
 pub fn apply(
     root: BorrowedFd<'_>,
     layer: impl Read + Send,
     opts: &ApplyOptions<'_>,
+) -> Result<Applied> {
+    apply_inner(root, layer, opts, None)
+}
+
+/// Applies a stream that [`diff_with`](super::diff::diff_with) wrote without file
+/// contents from the tree `link_from` (a merge's own pipe, never a stream from outside):
+/// each regular file is that tree's file at the same path, hard-linked into `root`, or
+/// copied from it where a link cannot be made (another filesystem, a btrfs subvolume,
+/// too many links). See the module's documentation, "Linked files".
+pub fn apply_linked(
+    root: BorrowedFd<'_>,
+    layer: impl Read + Send,
+    opts: &ApplyOptions<'_>,
+    link_from: BorrowedFd<'_>,
+) -> Result<Applied> {
+    apply_inner(root, layer, opts, Some(link_from))
+}
+
+fn apply_inner(
+    root: BorrowedFd<'_>,
+    layer: impl Read + Send,
+    opts: &ApplyOptions<'_>,
+    link_from: Option<BorrowedFd<'_>>,
 ) -> Result<Applied> {
     let (tx, rx) = mpsc::sync_channel::<Chunk>(QUEUE);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
@@ -143,7 +189,7 @@ pub fn apply(
             .map_err(|e| Error::internal("start the layer decoder thread").caused_by(e))?;
         // The receiving end is dropped when this returns (or unwinds), which stops the
         // decoder at its next chunk: it never waits on a writer that is gone.
-        let written = write_side(root, rx, spare_tx, opts);
+        let written = write_side(root, rx, spare_tx, opts, link_from);
         let decoded = decoder.join();
         let entries = written?;
         let decoded = decoded
@@ -160,6 +206,8 @@ pub fn apply(
 
 /// Uncompressed bytes per chunk handed from the decoder to the writer.
 const CHUNK: usize = 1 << 20;
+/// The first chunk's size; each next one is four times larger, up to [`CHUNK`].
+const FIRST_CHUNK: usize = 64 << 10;
 /// Chunks in flight between the two threads.
 const QUEUE: usize = 4;
 /// The buffer for the data of GNU sparse files (which the parser fills in).
@@ -209,11 +257,13 @@ fn decode(
         }
     };
     let mut reader = Hashing::new(reader);
+    // Small first: most layers of a merge are small, and a chunk is zeroed before use.
+    let mut chunk = FIRST_CHUNK;
     loop {
         let mut buf = spare.try_recv().unwrap_or_default();
-        buf.resize(CHUNK, 0);
+        buf.resize(chunk, 0);
         let mut filled = 0;
-        while filled < CHUNK {
+        while filled < chunk {
             match reader.read(&mut buf[filled..]) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
@@ -226,7 +276,8 @@ fn decode(
             }
         }
         buf.truncate(filled);
-        let end = filled < CHUNK;
+        let end = filled < chunk;
+        chunk = (chunk * 4).min(CHUNK);
         if filled > 0 && tx.send(Ok(buf)).is_err() {
             return None;
         }
@@ -431,9 +482,10 @@ fn write_side(
     rx: Receiver<Chunk>,
     spare: Sender<Vec<u8>>,
     opts: &ApplyOptions<'_>,
+    link_from: Option<BorrowedFd<'_>>,
 ) -> Result<u64> {
     let chunks = RefCell::new(Chunks::new(rx, spare));
-    let mut applier = Applier::new(root, opts)?;
+    let mut applier = Applier::new(root, opts, link_from)?;
     let entries = applier.entries(&chunks)?;
     chunks
         .borrow_mut()
@@ -592,6 +644,18 @@ struct Pax {
     size: Option<u64>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     sparse: bool,
+    /// Private records (`WASNAP.*`): the entry is a file to link ([`LINK_SOURCE`]) of
+    /// the real size [`LINK_SIZE`]; `private` is set by any of them, known or not.
+    private: Option<Private>,
+}
+
+/// What an entry's private PAX records say.
+#[derive(Default)]
+struct Private {
+    link_source: bool,
+    link_size: Option<u64>,
+    /// A private record this version does not know.
+    unknown: Option<Vec<u8>>,
 }
 
 impl Pax {
@@ -641,6 +705,19 @@ impl Pax {
                     pax.xattrs.push((name.to_vec(), value.to_vec()));
                 }
                 _ if key.starts_with(b"GNU.sparse.") => pax.sparse = true,
+                _ if key.starts_with(PRIVATE_PREFIX.as_bytes()) => {
+                    let private = pax.private.get_or_insert_with(Private::default);
+                    if key == LINK_SOURCE.as_bytes() {
+                        if value != b"1" {
+                            return Err(format!("PAX {} {} is not 1", Name(key), Name(value)));
+                        }
+                        private.link_source = true;
+                    } else if key == LINK_SIZE.as_bytes() {
+                        private.link_size = Some(number("link size")?);
+                    } else if private.unknown.is_none() {
+                        private.unknown = Some(key.to_vec());
+                    }
+                }
                 _ => {}
             }
         }
@@ -800,6 +877,16 @@ enum Lower {
 
 struct Applier<'o> {
     root: Rc<Dir>,
+    /// The tree a linked file is taken from (see [`apply_linked`]), if any.
+    link_from: Option<BorrowedFd<'o>>,
+    /// The last directory of `link_from` a linked file was found in, and its path.
+    source_dir: Option<(Vec<u8>, OwnedFd)>,
+    /// Hard links from `link_from` can be made (false once one failed with `EXDEV`: the
+    /// two trees are on different filesystems or subvolumes, and every file is copied).
+    links: bool,
+    /// Whether `linkat(AT_EMPTY_PATH)` works here (it needs `CAP_DAC_READ_SEARCH`);
+    /// unknown until tried.
+    empty_path: Option<bool>,
     /// Open parent directories by path, least recently used first.
     cache: Vec<(Vec<u8>, Rc<Dir>)>,
     whiteouts: Whiteouts,
@@ -813,7 +900,11 @@ struct Applier<'o> {
 }
 
 impl<'o> Applier<'o> {
-    fn new(root: BorrowedFd<'_>, opts: &'o ApplyOptions<'o>) -> Result<Applier<'o>> {
+    fn new(
+        root: BorrowedFd<'_>,
+        opts: &'o ApplyOptions<'o>,
+        link_from: Option<BorrowedFd<'o>>,
+    ) -> Result<Applier<'o>> {
         // Pinned: `.` is the directory given; a readable descriptor (the one given may be
         // O_PATH) so that the root itself can carry an opaque xattr.
         let fd = rustix::fs::openat(
@@ -825,6 +916,10 @@ impl<'o> Applier<'o> {
         .map_err(|e| Error::from(e).context("apply layer: open the target directory"))?;
         Ok(Applier {
             root: Rc::new(dir_of(fd)),
+            link_from,
+            source_dir: None,
+            links: true,
+            empty_path: None,
             cache: Vec::with_capacity(OPEN_DIRS),
             whiteouts: opts.whiteouts,
             lowers: &opts.lowers,
@@ -904,7 +999,14 @@ impl<'o> Applier<'o> {
             None => entry.path_bytes().into_owned(),
         };
         let ctx = Ctx::entry(&raw);
+        let linked = self.linked_size(pax.private.take(), ctx)?;
+        let not_linkable = || ctx.bad("a linked file's entry is not a regular file without data");
         let path = normalize(&raw).map_err(|why| ctx.bad(why))?;
+        if linked.is_some()
+            && (path.is_empty() || split_last(&path).1.starts_with(WHITEOUT_PREFIX.as_bytes()))
+        {
+            return Err(not_linkable());
+        }
         if path.is_empty() {
             tracing::debug!(entry = %Name(&raw), "layer entry for the root directory ignored");
             return Ok(raw);
@@ -951,6 +1053,9 @@ impl<'o> Applier<'o> {
                 ctx.bad(format!("unsupported tar entry type {:?} ({byte})", char::from(byte)))
             );
         };
+        if linked.is_some() && (kind != Kind::File { sparse: false } || entry.size() != 0) {
+            return Err(not_linkable());
+        }
         let attrs = Attrs::read(header, &mut pax, ctx)?;
         let link = match kind {
             Kind::Symlink | Kind::Link => Some(match pax.linkpath.take() {
@@ -981,9 +1086,10 @@ impl<'o> Applier<'o> {
         let dir = self.parent_dir(parent, ctx)?;
         match (kind, link) {
             (Kind::Dir, _) => self.directory(&dir, name, &path, &attrs, ctx)?,
-            (Kind::File { sparse }, _) => {
-                self.file(&dir, name, &path, &attrs, (entry, sparse), chunks, ctx)?;
-            }
+            (Kind::File { sparse }, _) => match linked {
+                Some(size) => self.linked(&dir, name, &path, &attrs, size, ctx)?,
+                None => self.file(&dir, name, &path, &attrs, (entry, sparse), chunks, ctx)?,
+            },
             (Kind::Symlink, Some(target)) => {
                 self.symlink(&dir, name, &path, &target, &attrs, ctx)?;
             }
@@ -1349,21 +1455,236 @@ impl<'o> Applier<'o> {
                 .map_err(|e| Error::from(e).context(format!("{ctx}: write")))?;
             left -= want as u64;
         }
+        self.file_meta(&file, attrs, ctx)
+    }
+
+    /// Owner, mode, xattrs and times of a regular file just written.
+    fn file_meta(&self, file: &File, attrs: &Attrs, ctx: Ctx<'_>) -> Result<()> {
         // Owner before mode (chown clears setuid and setgid), both after the data (a write
         // clears file capabilities), xattrs after the owner (chown clears capabilities
         // too), times last.
         if self.root_user {
             rustix::fs::fchown(
-                &file,
+                file,
                 Some(Uid::from_raw(attrs.uid)),
                 Some(Gid::from_raw(attrs.gid)),
             )
             .map_err(ctx.sys("chown"))?;
         }
-        rustix::fs::fchmod(&file, attrs.perms()).map_err(ctx.sys("chmod"))?;
+        rustix::fs::fchmod(file, attrs.perms()).map_err(ctx.sys("chmod"))?;
         self.xattrs(Node::Open(file.as_fd()), attrs, true, ctx)?;
-        rustix::fs::futimens(&file, &attrs.times).map_err(ctx.sys("set times"))?;
+        rustix::fs::futimens(file, &attrs.times).map_err(ctx.sys("set times"))?;
         Ok(())
+    }
+
+    // -- Linked files (`apply_linked`).
+
+    /// The size of the file an entry's private records say is to be linked, if they say
+    /// so; refuses them in a stream from outside (no `link_from`), and any this version
+    /// does not know.
+    fn linked_size(&self, private: Option<Private>, ctx: Ctx<'_>) -> Result<Option<u64>> {
+        let Some(private) = private else { return Ok(None) };
+        if self.link_from.is_none() {
+            return Err(ctx.bad(format!(
+                "carries wasnap's private PAX records ({PRIVATE_PREFIX}*), which only a \
+                 merge's own stream may; a layer from outside never does"
+            )));
+        }
+        if let Some(key) = &private.unknown {
+            return Err(ctx.bad(format!("unknown private PAX record {}", Name(key))));
+        }
+        match (private.link_source, private.link_size) {
+            (true, Some(size)) => Ok(Some(size)),
+            _ => Err(ctx.bad(format!("needs both {LINK_SOURCE} and {LINK_SIZE}"))),
+        }
+    }
+
+    /// Makes `name` in `dir` (at `path`) the file at the same path in `link_from`: a hard
+    /// link to it, which keeps its owner, mode, xattrs and times, as the entry gives them
+    /// (nothing is set on it: the inode is the source tree's too); or, where no link can
+    /// be made, a copy of its `size` bytes with the entry's metadata, as [`Self::file`].
+    fn linked(
+        &mut self,
+        dir: &Dir,
+        name: &[u8],
+        path: &[u8],
+        attrs: &Attrs,
+        size: u64,
+        ctx: Ctx<'_>,
+    ) -> Result<()> {
+        let source = self.source_file(path, size, attrs, ctx)?;
+        if self.links && !self.has_overlay_xattrs(source.as_fd(), ctx)? {
+            let empty_path = std::cell::Cell::new(self.empty_path);
+            let linked = self.create(dir, name, path, ctx, |d, n| {
+                link_pinned(source.as_fd(), d, n, &empty_path)
+            })?;
+            self.empty_path = empty_path.get();
+            match linked {
+                Ok(()) => return Ok(()),
+                // Another filesystem or btrfs subvolume: no file of this stream links.
+                Err(Errno::XDEV) => self.links = false,
+                // Too many links to this inode, or a filesystem (or protected_hardlinks)
+                // refusing this one: copied.
+                Err(Errno::MLINK | Errno::PERM) => {}
+                Err(e) => return Err(ctx.sys("link the file from the layer's tree")(e)),
+            }
+        }
+        self.copy_from(dir, name, path, attrs, source.as_fd(), size, ctx)
+    }
+
+    /// The copy a link could not be: `size` bytes of the pinned `source`, read through
+    /// the pin, into a new file with the entry's metadata.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_from(
+        &mut self,
+        dir: &Dir,
+        name: &[u8],
+        path: &[u8],
+        attrs: &Attrs,
+        source: BorrowedFd<'_>,
+        size: u64,
+        ctx: Ctx<'_>,
+    ) -> Result<()> {
+        // Pinned: opened through the pin only if it is a regular file (checked again).
+        let from = File::from(
+            fsutil::open_pinned(source).map_err(ctx.sys("open the file in the layer's tree"))?,
+        );
+        // No-follow: O_CREAT|O_EXCL makes a new file and never follows a symlink there.
+        let flags = OFlags::WRONLY
+            | OFlags::CREATE
+            | OFlags::EXCL
+            | OFlags::NOFOLLOW
+            | OFlags::NOCTTY
+            | OFlags::CLOEXEC;
+        let fd = self
+            .create(dir, name, path, ctx, |d, n| {
+                rustix::fs::openat(d, n, flags, Mode::from_raw_mode(0o600))
+            })?
+            .map_err(ctx.sys("create"))?;
+        let mut file = File::from(fd);
+        let copied = io::copy(&mut (&from).take(size), &mut file)
+            .map_err(|e| Error::from(e).context(format!("{ctx}: copy from the layer's tree")))?;
+        if copied != size {
+            return Err(Error::internal(format!(
+                "{ctx}: the file in the layer's tree shrank since the diff read it \
+                 ({copied} of {size} bytes)"
+            )));
+        }
+        self.file_meta(&file, attrs, ctx)
+    }
+
+    /// Pins the file at `path` in `link_from`: its parent resolved beneath `link_from`
+    /// one component at a time as the target's parents are (no symlink followed, no
+    /// mount crossed), the file itself with an `O_PATH | O_NOFOLLOW` pin that opens
+    /// nothing. Only a regular file with the size, mode, owner and time the entry
+    /// announces is taken: a symlink, device or fifo there is never followed or opened.
+    fn source_file(
+        &mut self,
+        path: &[u8],
+        size: u64,
+        attrs: &Attrs,
+        ctx: Ctx<'_>,
+    ) -> Result<OwnedFd> {
+        let (parent, name) = split_last(path);
+        let dir = self.source_parent(parent, ctx)?;
+        // In tree: an O_PATH pin beneath the source directory; a symlink is pinned as
+        // itself, a mount point refused.
+        let pinned = match fsutil::pin_in_tree(dir, Path::new(os(name))) {
+            Ok(fd) => fd,
+            Err(Errno::XDEV) => return Err(ctx.mount(path)),
+            Err(e) => return Err(ctx.sys("find the file in the layer's tree")(e)),
+        };
+        let m = fsutil::fstat(&pinned).map_err(ctx.sys("stat the file in the layer's tree"))?;
+        if m.file_type() != FileType::RegularFile {
+            return Err(Error::failed_precondition(format!(
+                "{ctx}: in the layer's tree it is no longer a regular file (mode {:o}); \
+                 it is neither followed nor opened",
+                m.mode
+            )));
+        }
+        let t = attrs.times.last_modification;
+        if m.size != size
+            || m.mode & 0o7777 != attrs.mode
+            || (m.uid, m.gid) != (attrs.uid, attrs.gid)
+            || (m.mtime.tv_sec, m.mtime.tv_nsec) != (t.tv_sec, t.tv_nsec)
+        {
+            return Err(Error::internal(format!(
+                "{ctx}: the file in the layer's tree changed since the diff read it"
+            )));
+        }
+        Ok(pinned)
+    }
+
+    /// The directory `parent` of `link_from`, resolved beneath it one component at a
+    /// time (from the last one resolved when it is an ancestor).
+    fn source_parent(&mut self, parent: &[u8], ctx: Ctx<'_>) -> Result<BorrowedFd<'_>> {
+        let from = self
+            .link_from
+            .ok_or_else(|| Error::internal(format!("{ctx}: a linked file without a source")))?;
+        if parent.is_empty() {
+            return Ok(from);
+        }
+        let hit = matches!(&self.source_dir, Some((p, _)) if p.as_slice() == parent);
+        if !hit {
+            let (mut cur, mut start) = (None::<OwnedFd>, 0);
+            if let Some((p, fd)) = self.source_dir.take()
+                && parent.starts_with(&p)
+                && parent.get(p.len()) == Some(&b'/')
+            {
+                (cur, start) = (Some(fd), p.len() + 1);
+            }
+            let mut end = start;
+            for comp in parent[start..].split(|&b| b == b'/') {
+                end += comp.len();
+                let here = &parent[..end];
+                end += 1;
+                let at = cur.as_ref().map_or(from, AsFd::as_fd);
+                // In tree: beneath `at`, no symlink followed, no mount crossed; O_PATH
+                // opens nothing.
+                let flags = OFlags::PATH | OFlags::DIRECTORY;
+                let fd =
+                    fsutil::open_in_tree(at, Path::new(os(comp)), flags).map_err(|e| match e {
+                        Errno::XDEV => ctx.mount(here),
+                        Errno::NOENT | Errno::NOTDIR | Errno::LOOP => {
+                            Error::failed_precondition(format!(
+                                "{ctx}: {} in the layer's tree is no longer a directory \
+                                 (changed since the diff read it); nothing is followed",
+                                Name(here)
+                            ))
+                        }
+                        e => ctx.sys(format!("open {} in the layer's tree", Name(here)))(e),
+                    })?;
+                cur = Some(fd);
+            }
+            let fd = cur.ok_or_else(|| Error::internal(format!("{ctx}: no source directory")))?;
+            self.source_dir = Some((parent.to_vec(), fd));
+        }
+        match &self.source_dir {
+            Some((_, fd)) => Ok(fd.as_fd()),
+            None => Err(Error::internal(format!("{ctx}: no source directory"))),
+        }
+    }
+
+    /// Whether the pinned file carries overlayfs's own xattrs, which a tar never sets
+    /// (see [`is_overlay_xattr`]): such a file is copied, not linked.
+    fn has_overlay_xattrs(&self, pinned: BorrowedFd<'_>, ctx: Ctx<'_>) -> Result<bool> {
+        let path = proc_link(pinned);
+        // Pinned: the magic link names the inode the pin checked.
+        let len = match rustix::fs::listxattr_query(path.as_str()) {
+            Ok(0) | Err(Errno::NOTSUP) => return Ok(false),
+            Ok(len) => len,
+            Err(e) => return Err(ctx.sys("list xattrs in the layer's tree")(e)),
+        };
+        // The names can grow between the two calls: then the file is copied.
+        let mut names = vec![0; len];
+        match rustix::fs::listxattr(path.as_str(), &mut names) {
+            Ok(n) => {
+                names.truncate(n);
+                Ok(names.split(|&b| b == 0).any(is_overlay_xattr))
+            }
+            Err(Errno::RANGE) => Ok(true),
+            Err(e) => Err(ctx.sys("list xattrs in the layer's tree")(e)),
+        }
     }
 
     fn symlink(
@@ -1638,6 +1959,46 @@ fn drop_other_xattrs(fd: BorrowedFd<'_>, attrs: &Attrs, ctx: Ctx<'_>) -> Result<
         }
     }
     Ok(())
+}
+
+/// The `/proc/self/fd` link of `fd`: resolving it lands on exactly the inode `fd` holds.
+fn proc_link(fd: BorrowedFd<'_>) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Hard-links the inode `pinned` holds (an `O_PATH` descriptor of a regular file) as
+/// `name` in `dir`: with `AT_EMPTY_PATH` on the descriptor where that is allowed (it needs
+/// `CAP_DAC_READ_SEARCH`; `empty_path` remembers whether it is), otherwise through its
+/// `/proc/self/fd` link. Either way the link is to that very inode, never to whatever a
+/// path names now.
+fn link_pinned(
+    pinned: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    empty_path: &std::cell::Cell<Option<bool>>,
+) -> rustix::io::Result<()> {
+    if empty_path.get() != Some(false) {
+        // Pinned: AT_EMPTY_PATH links the descriptor's own inode. No-follow: `name` is
+        // made new (EEXIST if anything is there).
+        match rustix::fs::linkat(pinned, c"", dir, name, AtFlags::EMPTY_PATH) {
+            Ok(()) => {
+                empty_path.set(Some(true));
+                return Ok(());
+            }
+            // Without CAP_DAC_READ_SEARCH the kernel answers ENOENT.
+            Err(Errno::NOENT) if empty_path.get().is_none() => empty_path.set(Some(false)),
+            Err(e) => return Err(e),
+        }
+    }
+    // Pinned: AT_SYMLINK_FOLLOW follows only the magic link, which names the pinned
+    // inode. No-follow: `name` is made new.
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_link(pinned).as_str(),
+        dir,
+        name,
+        AtFlags::SYMLINK_FOLLOW,
+    )
 }
 
 /// An overlayfs xattr (redirects, opaque markers, metacopy, ...), which only overlayfs and
@@ -2463,5 +2824,338 @@ mod tests {
         for bad in ["", ".5", "1.x", "x", "1e9", "--1"] {
             assert_eq!(t(bad), None, "{bad}");
         }
+    }
+
+    // -- Linked files (`apply_linked`).
+
+    /// The stream a merge pipes: `upper` compared with `lower` (none: from nothing),
+    /// with (`contents`) or without the files' bytes.
+    fn diff_of(lower: Option<&Path>, upper: &Path, contents: bool) -> Vec<u8> {
+        use crate::layer::diff::{DiffOptions, Source, diff_with};
+        let upper = File::open(upper).expect("open upper");
+        let lower = lower.map(|l| File::open(l).expect("open lower"));
+        let source = Source::Trees { lower: lower.as_ref().map(AsFd::as_fd), upper: upper.as_fd() };
+        let mut buf = Vec::new();
+        diff_with(source, Compression::None, &mut buf, &DiffOptions { contents }).expect("diff");
+        buf
+    }
+
+    fn apply_linked_from(root: &Path, tar: &[u8], from: &Path) -> Result<Applied> {
+        let dir = File::open(root).expect("open root");
+        let from = File::open(from).expect("open source");
+        apply_linked(dir.as_fd(), tar, &ApplyOptions::default(), from.as_fd())
+    }
+
+    fn ino(path: &Path) -> u64 {
+        lmeta(path).ino()
+    }
+
+    /// Every entry below `root` as a comparable line: type, mode, owner, mtime, user
+    /// xattrs, and the contents or the link's target.
+    fn describe(root: &Path) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut todo = vec![root.to_path_buf()];
+        while let Some(dir) = todo.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read dir") {
+                let path = entry.expect("entry").path();
+                let m = lmeta(&path);
+                let rel = path.strip_prefix(root).expect("below").display().to_string();
+                let what = if m.is_dir() {
+                    todo.push(path.clone());
+                    "dir".to_owned()
+                } else if m.file_type().is_symlink() {
+                    format!("-> {}", std::fs::read_link(&path).expect("readlink").display())
+                } else {
+                    format!("{:?}", std::fs::read(&path).expect("read"))
+                };
+                let mut names = vec![0u8; 4096];
+                let n = rustix::fs::llistxattr(&path, &mut names[..]).unwrap_or(0);
+                let mut attrs: Vec<String> = names[..n]
+                    .split(|&b| b == 0)
+                    .filter(|n| n.starts_with(b"user."))
+                    .map(|n| {
+                        let n = String::from_utf8_lossy(n).into_owned();
+                        format!("{n}={:?}", xattr(&path, &n))
+                    })
+                    .collect();
+                attrs.sort();
+                out.insert(format!(
+                    "{rel} {what} {:o} {}:{} {}.{} {attrs:?}",
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                ));
+            }
+        }
+        out
+    }
+
+    /// A tree with what a layer holds: files (one with a mode, an xattr and a time),
+    /// a group of hard links, a symlink, an empty file, a directory.
+    fn sample_source(src: &Path) {
+        std::fs::create_dir(src.join("d")).expect("mkdir");
+        std::fs::write(src.join("a"), b"alpha").expect("write");
+        std::fs::write(src.join("d/b"), vec![b'b'; 100_000]).expect("write");
+        std::fs::hard_link(src.join("d/b"), src.join("d/c")).expect("link");
+        std::fs::write(src.join("e"), b"").expect("write");
+        std::os::unix::fs::symlink("a", src.join("s")).expect("symlink");
+        std::fs::set_permissions(
+            src.join("a"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o4750),
+        )
+        .expect("chmod");
+        rustix::fs::lsetxattr(src.join("a"), "user.k", b"v", rustix::fs::XattrFlags::empty())
+            .expect("setxattr");
+        let t = Timespec { tv_sec: 1_234_567_890, tv_nsec: 123_456_789 };
+        let times = Timestamps { last_access: t, last_modification: t };
+        rustix::fs::utimensat(rustix::fs::CWD, src.join("a"), &times, AtFlags::empty())
+            .expect("utimensat");
+    }
+
+    #[test]
+    fn linked_files_share_the_source_inode_and_replace_what_was_there() {
+        let env = Env::new();
+        let src = env.lower("lower-src");
+        sample_source(&src);
+        // What was there: a directory where `a` goes, a symlink to the outside where
+        // `d/b` goes (replaced, never written through).
+        std::fs::create_dir_all(env.at("a/old")).expect("mkdir");
+        std::fs::create_dir(env.at("d")).expect("mkdir");
+        std::os::unix::fs::symlink(env.outside().join("secret"), env.at("d/b")).expect("symlink");
+        let tar = diff_of(None, &src, false);
+        apply_linked_from(&env.root(), &tar, &src).expect("apply linked");
+        for rel in ["a", "d/b", "e"] {
+            assert_eq!(ino(&env.at(rel)), ino(&src.join(rel)), "{rel}");
+        }
+        assert_eq!(ino(&env.at("d/c")), ino(&src.join("d/b")), "the group stays a group");
+        assert_eq!(lmeta(&src.join("a")).nlink(), 2);
+        assert_eq!(lmeta(&src.join("d/b")).nlink(), 4);
+        assert_eq!(std::fs::read_link(env.at("s")).expect("readlink"), Path::new("a"));
+        env.assert_outside_untouched();
+
+        // The same tree as a copy makes, to the xattr and the nanosecond.
+        let copied = Env::new();
+        copied.apply_delete(&diff_of(None, &src, true)).expect("apply copies");
+        assert_eq!(describe(&env.root()), describe(&copied.root()));
+        assert_eq!(describe(&env.root()), describe(&src));
+        assert_ne!(ino(&copied.at("a")), ino(&src.join("a")));
+    }
+
+    #[test]
+    fn linked_changes_of_two_trees_apply_as_copied_ones() {
+        let env = Env::new();
+        let (lower, upper) = (env.lower("lower-l"), env.lower("lower-u"));
+        sample_source(&lower);
+        std::fs::create_dir(lower.join("gone")).expect("mkdir");
+        std::fs::write(lower.join("gone/x"), b"x").expect("write");
+        let copy = |from: &Path, to: &Path| {
+            let ambient = cap_std::ambient_authority();
+            let from = Dir::open_ambient_dir(from, ambient).expect("from");
+            let to = Dir::open_ambient_dir(to, ambient).expect("to");
+            fsutil::copy_tree(&from, &to).expect("copy");
+        };
+        copy(&lower, &upper);
+        copy(&lower, &env.root());
+        std::fs::remove_dir_all(upper.join("gone")).expect("rm");
+        std::fs::write(upper.join("d/new"), b"new").expect("write");
+        std::fs::remove_file(upper.join("a")).expect("rm");
+        std::fs::write(upper.join("a"), b"changed").expect("write");
+        let copied = Env::new();
+        copy(&lower, &copied.root());
+        copied.apply_delete(&diff_of(Some(&lower), &upper, true)).expect("copies");
+        apply_linked_from(&env.root(), &diff_of(Some(&lower), &upper, false), &upper)
+            .expect("links");
+        assert_eq!(describe(&env.root()), describe(&upper));
+        assert_eq!(describe(&env.root()), describe(&copied.root()));
+        assert_eq!(ino(&env.at("a")), ino(&upper.join("a")));
+        assert_eq!(ino(&env.at("d/new")), ino(&upper.join("d/new")));
+        // Unchanged files were not in the change: the target's own stay.
+        assert_ne!(ino(&env.at("e")), ino(&upper.join("e")));
+    }
+
+    #[test]
+    fn linked_files_across_filesystems_are_copied() {
+        let env = Env::new();
+        // /tmp is another filesystem than /dev/shm where it is not a tmpfs too.
+        let other = tempfile::tempdir_in(std::env::temp_dir()).expect("tempdir");
+        let src = other.path();
+        if lmeta(src).dev() == lmeta(&env.root()).dev() {
+            eprintln!("skipped: {} is on the same filesystem as /dev/shm", src.display());
+            return;
+        }
+        sample_source(src);
+        let tar = diff_of(None, src, false);
+        apply_linked_from(&env.root(), &tar, src).expect("apply");
+        for rel in ["a", "d/b", "d/c", "e"] {
+            assert_ne!(ino(&env.at(rel)), ino(&src.join(rel)), "{rel}");
+        }
+        assert_eq!(ino(&env.at("d/c")), ino(&env.at("d/b")), "the group is kept");
+        assert_eq!(lmeta(&src.join("a")).nlink(), 1);
+        assert_eq!(describe(&env.root()), describe(src));
+        env.assert_outside_untouched();
+    }
+
+    #[test]
+    fn linked_files_with_overlay_xattrs_are_copied_without_them() {
+        let env = Env::new();
+        let src = env.lower("lower-src");
+        std::fs::write(src.join("f"), b"f").expect("write");
+        let set = rustix::fs::lsetxattr(
+            src.join("f"),
+            "user.overlay.redirect",
+            b"/elsewhere",
+            rustix::fs::XattrFlags::empty(),
+        );
+        if set == Err(Errno::NOTSUP) {
+            eprintln!("skipped: no user xattrs here");
+            return;
+        }
+        set.expect("setxattr");
+        apply_linked_from(&env.root(), &diff_of(None, &src, false), &src).expect("apply");
+        assert_ne!(ino(&env.at("f")), ino(&src.join("f")));
+        assert_eq!(std::fs::read(env.at("f")).expect("read"), b"f");
+        assert_eq!(xattr(&env.at("f"), "user.overlay.redirect"), None);
+    }
+
+    #[test]
+    fn links_through_the_proc_link_without_cap_dac_read_search() {
+        let env = Env::new();
+        let src = env.lower("lower-src");
+        std::fs::write(src.join("f"), b"f").expect("write");
+        let dir = File::open(env.root()).expect("open root");
+        let pinned =
+            fsutil::pin_in_tree(File::open(&src).expect("open"), Path::new("f")).expect("pin");
+        let known = std::cell::Cell::new(Some(false));
+        link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("g"), &known).expect("link");
+        assert_eq!(ino(&env.at("g")), ino(&src.join("f")));
+        assert_eq!(known.get(), Some(false));
+        let unknown = std::cell::Cell::new(None);
+        link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("h"), &unknown).expect("link");
+        assert_eq!(ino(&env.at("h")), ino(&src.join("f")));
+        assert!(unknown.get().is_some());
+        let err = link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("h"), &unknown);
+        assert_eq!(err, Err(Errno::EXIST), "never replaces");
+    }
+
+    /// A hand-made stream saying `path` is a linked file of `size` bytes (as `Tar`
+    /// writes it: mode 0644, owner 0:0, mtime 1600000000).
+    fn linked_entry(path: &str, size: &str) -> Vec<u8> {
+        use crate::layer::diff::{LINK_SIZE, LINK_SOURCE};
+        Tar::new().pax(&[(LINK_SOURCE, b"1"), (LINK_SIZE, size.as_bytes())]).file(path, b"").bytes()
+    }
+
+    #[test]
+    fn private_records_from_outside_are_refused() {
+        use crate::layer::diff::{LINK_SIZE, LINK_SOURCE};
+        let env = Env::new();
+        // As a merge would send it, but to `apply`: refused, nothing read or linked.
+        env.refused(&linked_entry("f", "6"), &ApplyOptions::default(), "private PAX records");
+        let other = Tar::new().pax(&[("WASNAP.anything", b"x")]).dir("d", 0o755).bytes();
+        env.refused(&other, &ApplyOptions::default(), "private PAX records");
+        assert!(names(&env.root()).is_empty());
+
+        // Given a tree to link from, only well-formed records on a file without data.
+        let src = env.lower("lower-src");
+        std::fs::write(src.join("f"), b"secret").expect("write");
+        let bad = [
+            (Tar::new().pax(&[("WASNAP.other", b"1")]).file("f", b"").bytes(), "unknown private"),
+            (Tar::new().pax(&[(LINK_SOURCE, b"1")]).file("f", b"").bytes(), "needs both"),
+            (
+                Tar::new().pax(&[(LINK_SOURCE, b"2"), (LINK_SIZE, b"6")]).file("f", b"").bytes(),
+                "is not 1",
+            ),
+            (
+                Tar::new().pax(&[(LINK_SOURCE, b"1"), (LINK_SIZE, b"6")]).symlink("f", "x").bytes(),
+                "not a regular file without data",
+            ),
+            (
+                Tar::new()
+                    .pax(&[(LINK_SOURCE, b"1"), (LINK_SIZE, b"6")])
+                    .file("f", b"data")
+                    .bytes(),
+                "not a regular file without data",
+            ),
+            (
+                Tar::new()
+                    .pax(&[(LINK_SOURCE, b"1"), (LINK_SIZE, b"0")])
+                    .file(".wh.f", b"")
+                    .bytes(),
+                "not a regular file without data",
+            ),
+            (
+                Tar::new().pax(&[(LINK_SOURCE, b"1"), (LINK_SIZE, b"0")]).dir("d", 0o755).bytes(),
+                "not a regular file without data",
+            ),
+        ];
+        for (tar, needle) in bad {
+            let err = apply_linked_from(&env.root(), &tar, &src).expect_err(needle);
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+            assert!(err.to_string().contains(needle), "{needle:?} not in: {err}");
+        }
+        assert!(names(&env.root()).is_empty());
+        assert_eq!(lmeta(&src.join("f")).nlink(), 1);
+    }
+
+    #[test]
+    fn linked_sources_are_never_followed_nor_opened() {
+        let env = Env::new();
+        let src = env.lower("lower-src");
+        let secret = env.outside().join("secret");
+        let t = Timespec { tv_sec: 1_600_000_000, tv_nsec: 0 };
+        let times = Timestamps { last_access: t, last_modification: t };
+        // A symlink at the file's place, and as a directory on its way.
+        std::os::unix::fs::symlink(&secret, src.join("f")).expect("symlink");
+        std::os::unix::fs::symlink(env.outside(), src.join("d")).expect("symlink");
+        // A fifo (opening it would block) and, as root, a device.
+        rustix::fs::mknodat(
+            File::open(&src).expect("open"),
+            "p",
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .expect("mkfifo");
+        if is_root() {
+            let null = rustix::fs::makedev(1, 3);
+            rustix::fs::mknodat(
+                File::open(&src).expect("open"),
+                "c",
+                FileType::CharacterDevice,
+                Mode::from_raw_mode(0o644),
+                null,
+            )
+            .expect("mknod");
+        }
+        // A file other than announced.
+        std::fs::write(src.join("m"), b"12345").expect("write");
+        rustix::fs::utimensat(rustix::fs::CWD, src.join("m"), &times, AtFlags::empty())
+            .expect("utimensat");
+        std::fs::set_permissions(
+            src.join("m"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .expect("chmod");
+        let cases = [
+            ("f", "6", ErrorKind::FailedPrecondition),
+            ("d/secret", "6", ErrorKind::FailedPrecondition),
+            ("p", "0", ErrorKind::FailedPrecondition),
+            ("c", "0", if is_root() { ErrorKind::FailedPrecondition } else { ErrorKind::NotFound }),
+            ("m", "3", ErrorKind::Internal),
+        ];
+        for (path, size, kind) in cases {
+            let err =
+                apply_linked_from(&env.root(), &linked_entry(path, size), &src).expect_err(path);
+            assert_eq!(err.kind(), kind, "{path}: {err}");
+            assert!(std::fs::symlink_metadata(env.at(path)).is_err(), "{path} was made");
+        }
+        env.assert_outside_untouched();
+        if !is_root() {
+            return; // the hand-made entry says owner 0:0
+        }
+        // Announced as it is: linked.
+        apply_linked_from(&env.root(), &linked_entry("m", "5"), &src).expect("linked");
+        assert_eq!(ino(&env.at("m")), ino(&src.join("m")));
     }
 }

@@ -24,6 +24,11 @@
 //!   a group of links is written, all of them are, and a group that changed its members
 //!   is written again, so applying the stream rebuilds the groups exactly.
 //!
+//! [`diff_with`] can leave regular files' bytes out ([`DiffOptions::contents`]): each is
+//! then an entry of size 0 with private PAX records saying it is the file at that path
+//! in the tree read, for a merge's applier to link or copy
+//! ([`apply_linked`](super::apply::apply_linked)); such a stream is never a layer.
+//!
 //! The root directory itself is never written (as in containerd): its metadata belong to
 //! the snapshot the stream is applied into.
 //!
@@ -100,12 +105,50 @@ impl Written {
     }
 }
 
+/// How [`diff_with`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiffOptions {
+    /// Regular files carry their bytes (a layer anyone can apply: the default). Without
+    /// them, a regular file's entry has size 0 and two private PAX records,
+    /// [`LINK_SOURCE`] and [`LINK_SIZE`] (its real size), and only
+    /// [`apply_linked`](super::apply::apply_linked) given the very tree this diff read
+    /// (whose file it links, or copies) can apply the stream: a merge's own pipe, never
+    /// a blob. [`Written`]'s digests are then those of this stream, no layer's.
+    pub contents: bool,
+}
+
+impl Default for DiffOptions {
+    fn default() -> Self {
+        DiffOptions { contents: true }
+    }
+}
+
+/// The private PAX record (value `1`) of a regular file written without its bytes: the
+/// file is the one at the same path in the tree the diff read.
+pub const LINK_SOURCE: &str = "WASNAP.linksource";
+/// The private PAX record holding the real size of a file written without its bytes.
+pub const LINK_SIZE: &str = "WASNAP.linksize";
+/// The prefix of every private PAX record: never honoured from a stream from outside.
+pub const PRIVATE_PREFIX: &str = "WASNAP.";
+
 /// Writes the difference `source` describes to `out` as a layer tar compressed with
 /// `compression`; see the module documentation for what is written. `out` gets exactly
 /// the blob's bytes; it is flushed, not synced.
 pub fn diff(source: Source<'_>, compression: Compression, out: impl Write) -> Result<Written> {
+    diff_with(source, compression, out, &DiffOptions::default())
+}
+
+/// [`diff`], written as `opts` says. With the default options the output is byte for
+/// byte [`diff`]'s.
+pub fn diff_with(
+    source: Source<'_>,
+    compression: Compression,
+    out: impl Write,
+    opts: &DiffOptions,
+) -> Result<Written> {
     let encoder = compression.encoder(Hashing::new(out))?;
     let mut out = Out::new(Hashing::new(encoder));
+    out.contents = opts.contents;
     match source {
         Source::Overlay { upper, userxattr } => {
             walk(&mut out, Mode::Overlay { userxattr }, upper, None, Groups::default())?;
@@ -757,6 +800,8 @@ type Records = Vec<(Vec<u8>, Vec<u8>)>;
 struct Out<W: Write> {
     tar: tar::Builder<W>,
     entries: u64,
+    /// Regular files are written with their bytes (see [`DiffOptions::contents`]).
+    contents: bool,
     /// The first name written of each inode with more than one link.
     links: HashMap<(u64, u64), Vec<u8>>,
 }
@@ -778,7 +823,7 @@ fn tar_name(rel: &Path, dir: bool) -> Vec<u8> {
 
 impl<W: Write> Out<W> {
     fn new(w: W) -> Out<W> {
-        Out { tar: tar::Builder::new(w), entries: 0, links: HashMap::new() }
+        Out { tar: tar::Builder::new(w), entries: 0, contents: true, links: HashMap::new() }
     }
 
     fn remember_link(&mut self, rel: &Path, meta: &Meta) {
@@ -859,7 +904,8 @@ impl<W: Write> Out<W> {
         self.append(&header, io::empty(), at)
     }
 
-    /// A regular file with exactly `meta.size` bytes of `file`.
+    /// A regular file with exactly `meta.size` bytes of `file`; without contents, none
+    /// of them and the private records that say where the file is.
     fn file(
         &mut self,
         rel: &Path,
@@ -868,6 +914,25 @@ impl<W: Write> Out<W> {
         file: File,
         at: At<'_>,
     ) -> Result<()> {
+        if !self.contents {
+            drop(file);
+            let records = vec![
+                (LINK_SOURCE.as_bytes().to_vec(), b"1".to_vec()),
+                (LINK_SIZE.as_bytes().to_vec(), meta.size.to_string().into_bytes()),
+            ];
+            let name = tar_name(rel, false);
+            let header = self.header_with(
+                EntryType::Regular,
+                &name,
+                Some(meta),
+                0,
+                None,
+                attrs,
+                records,
+                at,
+            )?;
+            return self.append(&header, io::empty(), at);
+        }
         let header = self.header(
             EntryType::Regular,
             &tar_name(rel, false),
@@ -915,7 +980,22 @@ impl<W: Write> Out<W> {
         attrs: &[Xattr],
         at: At<'_>,
     ) -> Result<Header> {
-        let mut records = Records::new();
+        self.header_with(kind, name, meta, size, link, attrs, Records::new(), at)
+    }
+
+    /// [`Out::header`] with `records` among its PAX records.
+    #[allow(clippy::too_many_arguments)]
+    fn header_with(
+        &mut self,
+        kind: EntryType,
+        name: &[u8],
+        meta: Option<&Meta>,
+        size: u64,
+        link: Option<&[u8]>,
+        attrs: &[Xattr],
+        mut records: Records,
+        at: At<'_>,
+    ) -> Result<Header> {
         let mut header = Header::new_ustar();
         header.set_entry_type(kind);
         // Every numeric field holds a number, zero unless set below.
@@ -1395,6 +1475,78 @@ mod tests {
         assert_eq!(m.xattrs.keys().collect::<Vec<_>>(), ["user.a", "user.b"]);
         let b = ents.iter().find(|e| e.name == "b").expect("b");
         assert_eq!(b.mtime, "1700000000.123456789");
+    }
+
+    #[test]
+    fn without_contents_files_carry_private_records_and_no_bytes() {
+        let t = tmp();
+        std::fs::create_dir(t.path().join("d")).expect("mkdir");
+        std::fs::write(t.path().join("d/f"), vec![7; 70_000]).expect("write");
+        std::fs::write(t.path().join("empty"), b"").expect("write");
+        std::fs::hard_link(t.path().join("d/f"), t.path().join("g")).expect("link");
+        symlink("d/f", t.path().join("s")).expect("symlink");
+        set_xattr(&t.path().join("d/f"), "user.k", b"v");
+        let dir = open(t.path());
+        let source = Source::Trees { lower: None, upper: dir.as_fd() };
+
+        // The default options are `diff`'s, byte for byte.
+        let mut plain = Vec::new();
+        let w = diff(source, Compression::None, &mut plain).expect("diff");
+        let mut with = Vec::new();
+        let w2 = diff_with(source, Compression::None, &mut with, &DiffOptions::default())
+            .expect("diff_with");
+        assert_eq!((&w, &plain), (&w2, &with));
+
+        let mut bare = Vec::new();
+        let opts = DiffOptions { contents: false };
+        let w3 = diff_with(source, Compression::None, &mut bare, &opts).expect("no contents");
+        assert_eq!(w3.entries, w2.entries);
+        assert!(bare.len() + 70_000 <= plain.len(), "{} vs {}", bare.len(), plain.len());
+        // Every entry as before, but regular files: size 0, their size in a record.
+        let mut archive = tar::Archive::new(bare.as_slice());
+        let mut seen = Vec::new();
+        for entry in archive.entries().expect("entries") {
+            let mut entry = entry.expect("entry");
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let kind = entry.header().entry_type();
+            let mut records = BTreeMap::new();
+            if let Some(pax) = entry.pax_extensions().expect("pax") {
+                for r in pax {
+                    let r = r.expect("record");
+                    records.insert(r.key().expect("key").to_owned(), r.value_bytes().to_vec());
+                }
+            }
+            assert_eq!(entry.size(), 0, "{name}");
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).expect("data");
+            assert!(data.is_empty());
+            let private = (
+                records.get(LINK_SOURCE).map(Vec::as_slice),
+                records.get(LINK_SIZE).map(Vec::as_slice),
+            );
+            match name.as_str() {
+                "d/f" => {
+                    assert_eq!(private, (Some(&b"1"[..]), Some(&b"70000"[..])));
+                    assert_eq!(
+                        records.get("SCHILY.xattr.user.k").map(Vec::as_slice),
+                        Some(&b"v"[..])
+                    );
+                }
+                "empty" => assert_eq!(private, (Some(&b"1"[..]), Some(&b"0"[..]))),
+                _ => assert_eq!(private, (None, None), "{name}: {kind:?}"),
+            }
+            seen.push((name, kind));
+        }
+        let expected = [
+            ("d/", EntryType::Directory),
+            ("d/f", EntryType::Regular),
+            ("empty", EntryType::Regular),
+            ("g", EntryType::Link),
+            ("s", EntryType::Symlink),
+        ];
+        let expected: Vec<(String, EntryType)> =
+            expected.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]

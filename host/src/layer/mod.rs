@@ -6,7 +6,8 @@
 //! - [`diff`]: a tree (an overlay upper directory, or two trees compared) written as a
 //!   tar stream with whiteouts;
 //! - [`snapshot`]: the same for snapshots of any backend, with blobs in the content
-//!   store, and chain IDs (register).
+//!   store, and chain IDs (register);
+//! - [`merge`]: merge and diff snapshots (buildkit's MergeOp and DiffOp) on any backend.
 //!
 //! `apply` and `diff` work on directory descriptors only; `snapshot` decides which
 //! directory belongs to which snapshot.
@@ -14,6 +15,7 @@
 pub mod apply;
 pub mod compression;
 pub mod diff;
+pub mod merge;
 pub mod snapshot;
 
 pub use compression::Compression;

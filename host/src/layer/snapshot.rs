@@ -129,6 +129,16 @@ impl<'a> Layers<'a> {
         Layers { snapshotter, content, scratch: scratch.to_owned() }
     }
 
+    /// The snapshotter these layers are on.
+    pub fn snapshotter(&self) -> &'a Snapshotter {
+        self.snapshotter
+    }
+
+    /// Where private mount points are made.
+    pub(super) fn scratch_dir(&self) -> &Path {
+        &self.scratch
+    }
+
     /// Applies a layer (tar, gzip or zstd; detected from its bytes unless `compression`
     /// is given) into the active snapshot `key`. Returns what was applied, with the
     /// diffID. A refused entry stops the apply with nothing written outside the
@@ -167,22 +177,54 @@ impl<'a> Layers<'a> {
         compression: Compression,
         labels: &Labels,
     ) -> Result<Diffed> {
+        let mut w = self.content.writer()?;
+        let written: Written = self
+            .with_change(ctx, key, |source| diff::diff(source, compression, &mut w))
+            .map_err(|e| e.context(format!("diff snapshot {key:?}")))?;
+        let mut labels = labels.clone();
+        labels.insert(LABEL_UNCOMPRESSED.to_owned(), written.diff_id.to_string());
+        let expected = Expected { digest: written.digest, size: Some(written.size) };
+        let blob = w.commit(ctx, Some(expected), &labels)?;
+        Ok(Diffed {
+            blob,
+            media_type: written.media_type().to_owned(),
+            diff_id: written.diff_id,
+            compression: written.compression.as_str().to_owned(),
+            entries: written.entries,
+        })
+    }
+
+    /// Calls `f` with the change `key` (active or committed) makes to its parent, read
+    /// where it is: an overlay snapshot's own layer directory, a diff's tree (which is
+    /// its change, whiteouts and all), or otherwise the trees of `key` and its parent,
+    /// to be compared. Views and private mounts made for it are gone when this returns.
+    pub(super) fn with_change<R>(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        f: impl FnOnce(Source<'_>) -> Result<R>,
+    ) -> Result<R> {
         let info = self.snapshotter.stat(ctx, key)?;
         let mut views = Views::new(self.snapshotter, ctx);
         let upper = match info.kind {
             Kind::Active => self.snapshotter.mounts(ctx, key)?,
-            Kind::Committed => views.view(key)?,
+            Kind::Committed => views.committed(key)?,
             Kind::View => {
                 return Err(Error::failed_precondition(format!(
                     "snapshot {key:?} is a view; diff an active or committed snapshot"
                 )));
             }
         };
+        let mut mounted = Vec::new();
+        if self.snapshotter.layers(ctx, key)? == [key] {
+            // A diff standing alone: its tree is the change, as an overlay layer.
+            let tree = Tree::readable(&upper, &self.scratch, &mut mounted)?;
+            return f(Source::Overlay { upper: tree.as_fd(), userxattr: false });
+        }
         let lower = match &info.parent {
-            Some(p) => Some(views.view(p)?),
+            Some(p) => Some(views.committed(p)?),
             None => None,
         };
-        let mut mounted = Vec::new();
         let source_fds: (Option<OwnedFd>, OwnedFd, Option<bool>) =
             match overlay_own_layer(&upper, lower.as_deref()) {
                 Some((dir, userxattr)) => (None, open_dir(&dir)?, Some(userxattr)),
@@ -203,23 +245,11 @@ impl<'a> Layers<'a> {
                 Source::Trees { lower: lower.as_ref().map(AsFd::as_fd), upper: upper.as_fd() }
             }
         };
-        let mut w = self.content.writer()?;
-        let written: Written = diff::diff(source, compression, &mut w)
-            .map_err(|e| e.context(format!("diff snapshot {key:?}")))?;
+        let out = f(source);
         drop(source_fds);
         drop(mounted);
         views.remove_all();
-        let mut labels = labels.clone();
-        labels.insert(LABEL_UNCOMPRESSED.to_owned(), written.diff_id.to_string());
-        let expected = Expected { digest: written.digest, size: Some(written.size) };
-        let blob = w.commit(ctx, Some(expected), &labels)?;
-        Ok(Diffed {
-            blob,
-            media_type: written.media_type().to_owned(),
-            diff_id: written.diff_id,
-            compression: written.compression.as_str().to_owned(),
-            entries: written.entries,
-        })
+        out
     }
 
     /// Disk usage of `key` itself and, if it is mapped to a blob, the blob's size
@@ -379,16 +409,27 @@ impl<'a> Layers<'a> {
 }
 
 /// Labels of a snapshot made for one call: collectable an hour after a crash left it.
-fn scratch_labels() -> Labels {
+pub(super) fn scratch_labels() -> Labels {
     let expires = SystemTime::now() + SCRATCH_EXPIRY;
     Labels::from([(LABEL_GC_EXPIRE.to_owned(), humantime::format_rfc3339(expires).to_string())])
 }
 
 /// A snapshot made for one call, removed when dropped unless `key` was taken.
-struct Scratch<'a> {
+pub(super) struct Scratch<'a> {
     snapshotter: &'a Snapshotter,
     ctx: &'a Ctx,
     key: Option<String>,
+}
+
+impl<'a> Scratch<'a> {
+    pub(super) fn new(snapshotter: &'a Snapshotter, ctx: &'a Ctx, key: String) -> Self {
+        Scratch { snapshotter, ctx, key: Some(key) }
+    }
+
+    /// The snapshot was taken (committed under another name): nothing to remove.
+    pub(super) fn keep(&mut self) {
+        self.key = None;
+    }
 }
 
 impl Drop for Scratch<'_> {
@@ -403,27 +444,41 @@ impl Drop for Scratch<'_> {
 }
 
 /// Views made for a diff, removed when dropped.
-struct Views<'a> {
+pub(super) struct Views<'a> {
     snapshotter: &'a Snapshotter,
     ctx: Ctx,
     keys: Vec<String>,
 }
 
 impl<'a> Views<'a> {
-    fn new(snapshotter: &'a Snapshotter, ctx: &Ctx) -> Self {
+    pub(super) fn new(snapshotter: &'a Snapshotter, ctx: &Ctx) -> Self {
         // Views of the caller's namespace, but not held by its lease: they are removed
         // at the end of the call, or collected after a crash.
         Views { snapshotter, ctx: ctx.clone().with_lease(None), keys: Vec::new() }
     }
 
-    fn view(&mut self, of: &str) -> Result<Vec<Mount>> {
+    pub(super) fn view(&mut self, of: &str) -> Result<Vec<Mount>> {
         let key = format!("diff-{}-{:08x}-{}", now_nanos(), crate::kv::nonce(), self.keys.len());
         let mounts = self.snapshotter.view(&self.ctx, &key, Some(of), &scratch_labels())?;
         self.keys.push(key);
         Ok(mounts)
     }
 
-    fn remove_all(&mut self) {
+    /// What the committed snapshot `of` shows: its own read-only mounts, read in place
+    /// (a native snapshot's tree is not copied), or a view where the backend does not
+    /// mount committed snapshots.
+    pub(super) fn committed(&mut self, of: &str) -> Result<Vec<Mount>> {
+        match self.snapshotter.committed_mounts(&self.ctx, of) {
+            Ok(mounts) => Ok(mounts),
+            Err(e) if e.is_not_found() => Err(e),
+            Err(e) => {
+                tracing::debug!(key = of, error = %e, "no mounts of a committed snapshot; a view instead");
+                self.view(of)
+            }
+        }
+    }
+
+    pub(super) fn remove_all(&mut self) {
         for key in self.keys.drain(..).rev() {
             if let Err(e) = self.snapshotter.remove(&self.ctx, &key) {
                 tracing::warn!(key, error = %e,
@@ -475,17 +530,17 @@ fn open_dir(path: &str) -> Result<OwnedFd> {
 }
 
 /// A snapshot's tree, reachable through a directory descriptor.
-struct Tree {
-    dir: OwnedFd,
-    whiteouts: Whiteouts,
-    lowers: Vec<OwnedFd>,
+pub(super) struct Tree {
+    pub(super) dir: OwnedFd,
+    pub(super) whiteouts: Whiteouts,
+    pub(super) lowers: Vec<OwnedFd>,
     /// Dropped after `dir`, unmounting what was mounted for the call.
     _mounted: Option<TempMount>,
 }
 
 impl Tree {
     /// Where a layer goes, for an active snapshot's `mounts`.
-    fn writable(mounts: &[Mount], scratch: &Path) -> Result<Tree> {
+    pub(super) fn writable(mounts: &[Mount], scratch: &Path) -> Result<Tree> {
         match mounts {
             [m] if m.kind == "bind" => Ok(Tree {
                 dir: open_dir(&m.source)?,
@@ -528,7 +583,11 @@ impl Tree {
 
     /// A descriptor of the whole tree `mounts` show, mounting them under `scratch` if
     /// they are not one bind mount (kept mounted while `mounted` lives).
-    fn readable(mounts: &[Mount], scratch: &Path, mounted: &mut Vec<TempMount>) -> Result<OwnedFd> {
+    pub(super) fn readable(
+        mounts: &[Mount],
+        scratch: &Path,
+        mounted: &mut Vec<TempMount>,
+    ) -> Result<OwnedFd> {
         match mounts {
             [m] if m.kind == "bind" => open_dir(&m.source),
             _ => {
@@ -543,7 +602,7 @@ impl Tree {
 
 /// A private mount point with `mounts` on it, unmounted and removed when dropped.
 #[derive(Debug)]
-struct TempMount {
+pub(super) struct TempMount {
     path: PathBuf,
 }
 

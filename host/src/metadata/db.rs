@@ -41,6 +41,10 @@ pub(crate) const LEASES: TableDefinition<'static, (&str, &str), &[u8]> =
 /// (namespace, lease id) -> (resource type, resource id).
 pub(crate) const LEASE_RESOURCES: MultimapTableDefinition<'static, (&str, &str), (&str, &str)> =
     MultimapTableDefinition::new("lease_resources");
+/// (snapshotter, namespace, digest of a merge's layer list) -> the merge's key: an
+/// earlier merge of the same layers is reused.
+pub(crate) const MERGES: TableDefinition<'static, (&str, &str, &str), &str> =
+    TableDefinition::new("merges");
 /// Counters and the schema version.
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
@@ -74,6 +78,7 @@ impl MetaDb {
             txn.open_table(INTENTS)?;
             txn.open_table(LEASES)?;
             txn.open_multimap_table(LEASE_RESOURCES)?;
+            txn.open_table(MERGES)?;
             txn.open_table(super::content::CONTENT)?;
             txn.open_multimap_table(super::content::BLOB_SNAPSHOTS)?;
             let mut meta = txn.open_table(META)?;
@@ -232,6 +237,11 @@ pub(crate) fn put_record(
     if let Some(p) = &rec.parent {
         txn.open_multimap_table(CHILDREN)?.insert((sn, ns, p.as_str()), key)?;
     }
+    super::merge::hold_layers(txn, sn, ns, key, &rec.layers)?;
+    if super::merge::is_merge(key, &rec.layers) {
+        let id = super::merge::layers_id(&rec.layers);
+        txn.open_table(MERGES)?.insert((sn, ns, id.as_str()), key)?;
+    }
     txn.open_multimap_table(BKEYS)?.insert((sn, rec.bkey.as_str()), (ns, key))?;
     if let Some(blob) = &rec.blob {
         super::content::map(txn, ns, blob, sn, key)?;
@@ -258,6 +268,16 @@ pub(crate) fn delete_record(
         children.remove((sn, ns, p.as_str()), key)?;
     }
     children.remove_all((sn, ns, key))?;
+    drop(children);
+    super::merge::release_layers(txn, sn, ns, key, &rec.layers)?;
+    if super::merge::is_merge(key, &rec.layers) {
+        let id = super::merge::layers_id(&rec.layers);
+        let mut merges = txn.open_table(MERGES)?;
+        let ours = merges.get((sn, ns, id.as_str()))?.is_some_and(|g| g.value() == key);
+        if ours {
+            merges.remove((sn, ns, id.as_str()))?;
+        }
+    }
     let mut bkeys = txn.open_multimap_table(BKEYS)?;
     bkeys.remove((sn, rec.bkey.as_str()), (ns, key))?;
     let last = bkeys.get((sn, rec.bkey.as_str()))?.next().is_none();

@@ -8,7 +8,7 @@
 //! `containerd.io/gc.expire` time has not come; every snapshot an unexpired lease holds;
 //! an active snapshot with a commit under way; and, by the retention settings, recently
 //! used committed snapshots.
-//! **References.** A snapshot holds its parent; unless held through a flat lease
+//! **References.** A snapshot holds its parent, and a merge its layers; unless held through a flat lease
 //! (`containerd.io/gc.flat`), also what its `containerd.io/gc.ref.snapshot.<snapshotter>`
 //! labels name; and a snapshot labelled `containerd.io/gc.bref.snapshot.<snapshotter>`
 //! is held by the snapshot the label names.
@@ -136,7 +136,11 @@ macro_rules! load_for {
 load_for!(load_read, redb::ReadTransaction);
 load_for!(load_write, WriteTransaction);
 
-fn label_target<'a>(key: &'a str, prefix: &str, value: &'a str) -> Option<(&'a str, &'a str)> {
+pub(crate) fn label_target<'a>(
+    key: &'a str,
+    prefix: &str,
+    value: &'a str,
+) -> Option<(&'a str, &'a str)> {
     let rest = key.strip_prefix(prefix)?;
     let snapshotter = rest.split('/').next().unwrap_or(rest);
     (!snapshotter.is_empty() && !value.is_empty()).then_some((snapshotter, value))
@@ -151,7 +155,7 @@ fn content_target<'a>(key: &str, value: &'a str) -> Option<&'a str> {
 
 /// Whether labels make their object a root: `containerd.io/gc.root`, or a
 /// `containerd.io/gc.expire` time still to come (an unreadable one holds, to be safe).
-fn labelled_root(labels: &crate::snapshot::Labels, now: SystemTime) -> bool {
+pub(crate) fn labelled_root(labels: &crate::snapshot::Labels, now: SystemTime) -> bool {
     labels.iter().any(|(k, v)| {
         k.starts_with(LABEL_GC_ROOT)
             || (k == LABEL_GC_EXPIRE && humantime::parse_rfc3339_weak(v).map_or(true, |t| t >= now))
@@ -227,6 +231,10 @@ fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
                     if let Some(p) = &rec.parent {
                         queue.push_back((Item::Snap((sn.clone(), ns.clone(), p.clone())), flat));
                     }
+                    // A merge holds its layers as a child holds its parent.
+                    for l in &rec.layers {
+                        queue.push_back((Item::Snap((sn.clone(), ns.clone(), l.clone())), flat));
+                    }
                     if let Some(blob) = &rec.blob {
                         queue.push_back((Item::Blob((ns.clone(), blob.clone())), flat));
                     }
@@ -269,7 +277,8 @@ fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
             .filter(|(n, rec)| {
                 rec.kind == Kind::Committed && !marked.contains_key(&Item::Snap((*n).clone()))
             })
-            .map(|(n, rec)| (n, rec.updated))
+            // Used (prepared on, mounted, touched) counts as recent as updated.
+            .map(|(n, rec)| (n, rec.updated.max(rec.last_used)))
             .collect();
         unheld.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         for (i, (node, updated)) in unheld.into_iter().enumerate() {

@@ -8,12 +8,16 @@
 //! Architecture invariant: this module is the only one that opens the metadata database,
 //! and backends never see a namespace.
 
+mod cache;
 pub(crate) mod content;
 pub(crate) mod db;
 pub mod gc;
 pub mod lease;
+mod merge;
+pub mod prune;
 pub(crate) mod record;
 mod snapshotter;
+pub mod usage;
 
 pub use db::MetaDb;
 
@@ -25,8 +29,12 @@ pub trait Changes: Send + Sync + std::fmt::Debug {
     /// Something else changed.
     fn mutation(&self);
 }
+pub use cache::Scope;
 pub use lease::{Lease, Leases, Resource};
+pub use merge::{MERGE_MAX_LAYERS, MergePlan};
+pub use prune::{CachePruneReport, PrunePolicy, PruneProgress, PrunedSnapshot};
 pub use snapshotter::{PruneReport, Recovery, Snapshotter};
+pub use usage::{DiskUsage, UsageRecord};
 
 use crate::error::{Error, Result};
 

@@ -34,6 +34,23 @@ pub(crate) struct Record {
     /// The snapshot holds the blob against garbage collection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<String>,
+    /// A merge or a diff (buildkit's MergeOp and DiffOp): the layers it stacks, bottom
+    /// first, each a committed snapshot of the same namespace standing for its own
+    /// change only (not its parents'). Empty for every other snapshot. A merge holds
+    /// its layers: they cannot be removed before it, and collection keeps them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
+    /// When the snapshot was last used (nanoseconds since the Unix epoch): prepared or
+    /// viewed on, mounted, or touched. 0 means never since it was made.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_used: u64,
+    /// How many times it was used, counted as `last_used` is set.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub use_count: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Record {
@@ -75,6 +92,10 @@ pub(crate) struct Intent {
     /// The lease the commit runs under, which will hold the committed snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<String>,
+    /// The layers the committed snapshot stacks, when it is a merge made by copying
+    /// (see [`Record::layers`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
 }
 
 impl Intent {

@@ -33,18 +33,18 @@ use crate::snapshot::{
 /// snapshot removed again, and a commit cut short by a crash is finished or undone when
 /// the snapshotter is next opened ([`Snapshotter::recover`]).
 pub struct Snapshotter {
-    db: Arc<MetaDb>,
+    pub(super) db: Arc<MetaDb>,
     name: String,
-    backend: Arc<dyn Backend>,
-    faults: Arc<Faults>,
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) faults: Arc<Faults>,
     /// Backend keys a create or commit has made (or is making) in the backend but not
     /// yet recorded. Pruning spares them; it holds no lock that would stop writers.
-    inflight: Arc<Mutex<HashMap<String, usize>>>,
+    pub(super) inflight: Arc<Mutex<HashMap<String, usize>>>,
     /// Removes, in the background and in the order given, backend snapshots whose last
     /// record is gone ([`Snapshotter::remove_later`]); started on first use.
     reclaimer: Mutex<Option<Reclaimer>>,
     /// Told of removals and other mutations, so a scheduler can collect.
-    trigger: Option<Arc<dyn super::Changes>>,
+    pub(super) trigger: Option<Arc<dyn super::Changes>>,
     /// The backend keeps its records in the metadata's own database, so its changes
     /// reach the disk no later than the metadata changes that follow them.
     shared_db: bool,
@@ -114,13 +114,13 @@ fn unmark(set: &Mutex<HashMap<String, usize>>, bkey: &str) {
 }
 
 /// Marks a backend key as in flight for as long as it lives.
-struct InFlight<'a> {
+pub(super) struct InFlight<'a> {
     set: &'a Mutex<HashMap<String, usize>>,
     bkey: String,
 }
 
 impl<'a> InFlight<'a> {
-    fn new(set: &'a Mutex<HashMap<String, usize>>, bkey: &str) -> Self {
+    pub(super) fn new(set: &'a Mutex<HashMap<String, usize>>, bkey: &str) -> Self {
         mark(set, bkey);
         InFlight { set, bkey: bkey.to_owned() }
     }
@@ -179,7 +179,7 @@ pub struct Recovery {
     pub lost: Vec<(String, String, String)>,
 }
 
-fn not_found(key: &str) -> Error {
+pub(super) fn not_found(key: &str) -> Error {
     Error::not_found(format!("snapshot {key:?}"))
 }
 
@@ -189,7 +189,7 @@ fn committing(key: &str, name: &str) -> Error {
 
 /// Whether mounts give read-only access only: what views and committed snapshots must
 /// return, whatever the backend.
-fn check_readonly(key: &str, kind: Kind, mounts: &[Mount]) -> Result<()> {
+pub(super) fn check_readonly(key: &str, kind: Kind, mounts: &[Mount]) -> Result<()> {
     if kind == Kind::Active {
         return Ok(());
     }
@@ -244,7 +244,7 @@ impl Snapshotter {
         self
     }
 
-    fn mutated(&self) {
+    pub(super) fn mutated(&self) {
         if let Some(t) = &self.trigger {
             t.mutation();
         }
@@ -262,7 +262,7 @@ impl Snapshotter {
 
     /// A backend's error as the caller should read it: the backend keys in it replaced
     /// by the caller's names.
-    fn in_user_terms(&self, e: Error, names: &[(&str, &str)]) -> Error {
+    pub(super) fn in_user_terms(&self, e: Error, names: &[(&str, &str)]) -> Error {
         e.map_message(|m| {
             names.iter().fold(
                 m.to_owned(),
@@ -331,7 +331,10 @@ impl Snapshotter {
         let stored = self.db.write(Durability::Immediate, move |txn| {
             // The record must still be the one the update was computed from.
             match txn.record(&sn, &ns, &k)? {
-                Some(r) if r == expected => db::put_record(txn, &sn, &ns, &k, &written),
+                // A use (usage.rs) between the read and this write is kept, not a conflict.
+                Some(r) if super::usage::same_but_use(&r, &expected) => {
+                    db::put_record(txn, &sn, &ns, &k, &super::usage::with_use_of(&written, &r))
+                }
                 Some(_) => Err(Error::failed_precondition(format!(
                     "snapshot {k:?} changed during the update; retry"
                 ))),
@@ -405,6 +408,7 @@ impl Snapshotter {
             .mounts(&rec.bkey)
             .map_err(|e| self.in_user_terms(e, &[(&rec.bkey, key)]))?;
         check_readonly(key, rec.kind, &mounts)?;
+        self.touch_later(ctx, key); // cache usage (usage.rs), deferred: no sync
         Ok(mounts)
     }
 
@@ -501,6 +505,9 @@ impl Snapshotter {
                     collectable: ctx.lease().is_some(),
                     committing: None,
                     blob: None,
+                    layers: Vec::new(),
+                    last_used: 0,
+                    use_count: 0,
                 };
                 (key.to_owned(), rec, mounts, Some(bkey.clone()), None)
             }
@@ -552,6 +559,9 @@ impl Snapshotter {
                     lease::hold_in(txn, &ns, l, &Resource::snapshot(&sn, &rec_key))?;
                 }
                 db::put_record(txn, &sn, &ns, &rec_key, &rec)?;
+                if let Some(p) = &parent {
+                    super::usage::touch_in(txn, &sn, &ns, p)?; // cache usage (usage.rs)
+                }
                 Ok(true)
             })
         });
@@ -576,7 +586,7 @@ impl Snapshotter {
 
     /// Removes a backend snapshot that no record will name; a failure is left to
     /// pruning.
-    fn remove_backend(&self, bkey: &str, why: &str) {
+    pub(super) fn remove_backend(&self, bkey: &str, why: &str) {
         if let Err(e) = self.backend.remove(bkey) {
             tracing::error!(snapshotter = %self.name, bkey, error = %e,
                 "failed to remove a backend snapshot ({why}); cleanup will retry");
@@ -617,6 +627,9 @@ impl Snapshotter {
             collectable: false,
             committing: None,
             blob: None,
+            layers: Vec::new(),
+            last_used: 0,
+            use_count: 0,
         })
     }
 
@@ -628,6 +641,20 @@ impl Snapshotter {
     /// by [`Snapshotter::recover`]: the active snapshot or the committed one exists with
     /// its data, never neither.
     pub fn commit(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        self.commit_as(ctx, name, key, labels, Vec::new())
+    }
+
+    /// [`Snapshotter::commit`], recording the committed snapshot as a merge of `layers`
+    /// (see [`Record::layers`]); each must be a committed snapshot, and is held by the
+    /// commit from its intent on, so none can be removed meanwhile.
+    pub(crate) fn commit_as(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        key: &str,
+        labels: &Labels,
+        layers: Vec<String>,
+    ) -> Result<()> {
         if name.is_empty() {
             return Err(Error::invalid_argument("snapshot name must not be empty"));
         }
@@ -638,7 +665,7 @@ impl Snapshotter {
         // Step 1: the intent.
         let (intent, old) = {
             let (sn, ns, name, key) = (sn.clone(), ns.clone(), name.to_owned(), key.to_owned());
-            let (labels, lease) = (labels.clone(), lease.clone());
+            let (labels, lease, layers) = (labels.clone(), lease.clone(), layers.clone());
             let durability =
                 if self.shared_db { Durability::Deferred } else { Durability::Immediate };
             self.db.write(durability, move |txn| {
@@ -665,7 +692,9 @@ impl Snapshotter {
                     bname: format!("{ns}/{}/{name}", db::reserve_seq(txn)?),
                     labels: labels.clone(),
                     lease: lease.clone(),
+                    layers: layers.clone(),
                 };
+                super::merge::hold_layers(txn, &sn, &ns, &name, &layers)?;
                 db::put_intent(txn, &sn, &ns, &name, &intent)?;
                 let old = rec.clone();
                 rec.committing = Some(name.clone());
@@ -703,6 +732,9 @@ impl Snapshotter {
             collectable: lease.is_some(),
             committing: None,
             blob: None, // taken from the active record
+            layers: intent.layers.clone(),
+            last_used: 0,
+            use_count: 0,
         };
         self.faults
             .hit("metadata.commit.after-backend")
@@ -734,6 +766,9 @@ impl Snapshotter {
                 _ => return Ok(()), // ended already (by recovery in another process, say)
             }
             db::delete_intent(txn, &sn, &ns, &name)?;
+            if committed.is_none() {
+                super::merge::release_layers(txn, &sn, &ns, &name, &intent.layers)?;
+            }
             let Some(active) = txn.record(&sn, &ns, &intent.key)? else { return Ok(()) };
             match &committed {
                 Some(rec) => {
@@ -783,6 +818,9 @@ impl Snapshotter {
                         collectable: intent.lease.is_some(),
                         committing: None,
                         blob: None, // taken from the active record
+                        layers: intent.layers.clone(),
+                        last_used: 0,
+                        use_count: 0,
                     };
                     self.end_intent(&ns, &name, &intent, None, Some(rec))?;
                     tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
@@ -1020,26 +1058,45 @@ impl Snapshotter {
     pub fn prune(&self, deadline: Duration, reclaim: bool) -> Result<PruneReport> {
         let sn = self.name.clone();
         let mut report = PruneReport::default();
-        for bkey in self.orphans(deadline)? {
-            let backend = self.backend.clone();
-            let key = bkey.clone();
-            let faults = self.faults.clone();
-            let removed = with_deadline(
-                deadline,
-                format!("remove {bkey:?} from snapshotter {sn:?}"),
-                move || {
-                    faults.hit("gc.prune.remove")?;
-                    backend.remove(&key)
-                },
-            );
-            match removed {
-                Ok(()) => report.removed.push(bkey),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => {
+        // Deepest first; what still has a child (a merge's layers, which the backend's
+        // parents do not show) is tried again once a pass has removed something.
+        let mut pending = self.orphans(deadline)?;
+        loop {
+            let mut held = Vec::new();
+            let mut progressed = false;
+            for bkey in pending {
+                let backend = self.backend.clone();
+                let key = bkey.clone();
+                let faults = self.faults.clone();
+                let removed = with_deadline(
+                    deadline,
+                    format!("remove {bkey:?} from snapshotter {sn:?}"),
+                    move || {
+                        faults.hit("gc.prune.remove")?;
+                        backend.remove(&key)
+                    },
+                );
+                match removed {
+                    Ok(()) => {
+                        report.removed.push(bkey);
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) if e.kind() == ErrorKind::FailedPrecondition => held.push((bkey, e)),
+                    Err(e) => {
+                        tracing::warn!(snapshotter = %sn, bkey, error = %e, "prune: could not remove; will retry");
+                        report.failed.push((bkey, e.to_string()));
+                    }
+                }
+            }
+            if held.is_empty() || !progressed {
+                for (bkey, e) in held {
                     tracing::warn!(snapshotter = %sn, bkey, error = %e, "prune: could not remove; will retry");
                     report.failed.push((bkey, e.to_string()));
                 }
+                break;
             }
+            pending = held.into_iter().map(|(k, _)| k).collect();
         }
         // Removals a backend defers reach the disk now, not at some later commit: a
         // prune that reports a removal must not see it undone by a crash.

@@ -21,7 +21,7 @@ use crate::loopfs::Mounted;
 use crate::{loop_btrfs, require_root};
 
 /// One tar entry of a test layer.
-enum E<'a> {
+pub(crate) enum E<'a> {
     Dir(&'a str, u32),
     File(&'a str, u32, &'a [u8]),
     Link(&'a str, &'a str),
@@ -29,7 +29,7 @@ enum E<'a> {
 }
 
 /// A layer tar with fixed times, root ownership and, on `etc/passwd`, an xattr.
-fn layer(entries: &[E<'_>]) -> Vec<u8> {
+pub(crate) fn layer(entries: &[E<'_>]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
         let mut h = tar::Header::new_ustar();
@@ -238,12 +238,12 @@ fn layers_round_trip(host: &Host, name: &str, scratch: &Path) {
     sn.remove(&c, &r1.chain_id.to_string()).unwrap();
 }
 
-fn host_with(root: &Path, snapshotters: &str) -> Host {
+pub(crate) fn host_with(root: &Path, snapshotters: &str) -> Host {
     let config = Config::parse(snapshotters, "test").unwrap();
     Host::open_config(root, Arc::new(Faults::new()), config).unwrap()
 }
 
-fn tmpfs_host(root: &Path) -> Host {
+pub(crate) fn tmpfs_host(root: &Path) -> Host {
     host_with(
         root,
         &format!(

@@ -4,10 +4,14 @@
 //! metadata layer and the real native driver. The binary's tests live in host/cli.
 
 mod btrfs;
+mod cache;
 mod common;
+mod deep;
 mod gc;
 mod layers;
 mod loopfs;
+mod merge;
+mod merge_links;
 mod metadata;
 mod native;
 mod overlay;

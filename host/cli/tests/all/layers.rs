@@ -482,3 +482,49 @@ fn image_import_works_embedded_and_through_the_daemon() {
         assert!(err.contains("/nonexistent/image.tar"), "{err}");
     }
 }
+
+/// `wasnap merge` and `wasnap diff` on registered layers: what they print, what is
+/// reused, and a merge's layers held; the same embedded and through the daemon.
+fn merge_tour(t: &Target, files: &Path) -> Vec<String> {
+    let mut seen = Vec::new();
+    let root = t.root();
+    let mut keep = |what: &str, text: &str| seen.push(format!("{what}\n{}", masked(text, &root)));
+    let base = t.ok(&["layer", "register", &write(files, "m-base.tar", &base_layer())]);
+    let base = base.trim().to_owned();
+    let top_path = write(files, "m-top.tar", &top_layer());
+    let top = t.ok(&["layer", "register", &top_path, "--parent", &base]).trim().to_owned();
+    let other = layer(&[E::Dir("opt"), E::File("opt/other", b"other\n")]);
+    let other = t.ok(&["layer", "register", &write(files, "m-other.tar", &other)]);
+    let other = other.trim().to_owned();
+
+    let m = t.json(&["merge", "m", &other, &top]);
+    assert_eq!(m["info"]["name"], "m");
+    assert_eq!(m["how"], "copied", "the native driver merges by copying");
+    assert_eq!(m["layers"], serde_json::json!([other, base, top]));
+    keep("merge", &t.ok(&["merge", "m-again", &other, &top]));
+    let again = t.json(&["merge", "m-again", &other, &top]);
+    assert_eq!((&again["how"], &again["info"]["name"]), (&"reused".into(), &"m".into()));
+    let d = t.json(&["diff", "d", "--lower", &base, &top]);
+    assert_eq!((&d["how"], &d["layers"]), (&"copied".into(), &serde_json::json!([top])));
+    let rebuilt = t.json(&["merge", "top-on-other", &other, "d"]);
+    assert_eq!(rebuilt["layers"], serde_json::json!([other, top]));
+    keep("compared", &t.ok(&["diff", "d2", "--lower", &other, &top]));
+    let err = t.fails(&["rm", &top]);
+    assert!(err.contains("with child") && err.ends_with("failed precondition"), "{err}");
+    keep("layer held", &err);
+    let err = t.fails(&["merge", "m3", "no-such"]);
+    assert!(err.ends_with("not found"), "{err}");
+    keep("missing input", &err);
+    t.ok(&["rm", "top-on-other", "d2", "d", "m"]);
+    t.ok(&["rm", &top, &other]);
+    t.ok(&["rm", &base]);
+    seen
+}
+
+#[test]
+fn merge_and_diff_commands_work_embedded_and_through_the_daemon_alike() {
+    let files = tmp();
+    let embedded = merge_tour(&Target::embedded(), files.path());
+    let through = merge_tour(&Target::daemon(), files.path());
+    assert_eq!(embedded, through, "embedded and through the daemon differ");
+}

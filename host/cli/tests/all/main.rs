@@ -2,6 +2,7 @@
 
 //! The `wasnap` binary as people and crashes meet it.
 
+mod cache;
 mod cli;
 // The library's test helpers, shared rather than copied.
 #[path = "../../../tests/all/common.rs"]

@@ -171,6 +171,36 @@ impl Admin for AdminService {
         handle(&self.shared, "Admin.Check", req, |host, _scope, _r| json(&host.check()?)).await
     }
 
+    async fn du(&self, req: Request<DuRequest>) -> Reply<ReportResponse> {
+        let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
+        handle_for(&self.shared, "Admin.Du", label, req, |host, scope, r| {
+            let sn = super::snapshotter(host, &r.snapshotter)?;
+            json(&sn.du(&scope.required()?, &r.filters, r.verbose)?)
+        })
+        .await
+    }
+
+    async fn prune(&self, req: Request<PruneRequest>) -> Reply<ReportResponse> {
+        let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
+        handle_for(&self.shared, "Admin.Prune", label, req, |host, scope, r| {
+            let ctx = scope.required()?;
+            let name =
+                if r.snapshotter.is_empty() { host.default_snapshotter() } else { &r.snapshotter };
+            super::snapshotter(host, name)?;
+            let policy = wasnap::metadata::PrunePolicy {
+                all: r.all,
+                filters: r.filters,
+                keep_duration: std::time::Duration::from_millis(r.keep_duration_ms),
+                keep_storage: r.keep_storage,
+                reserved_space: r.reserved_space,
+                min_free_space: r.min_free_space,
+            };
+            let scope = wasnap::metadata::Scope::Namespace(ctx.namespace());
+            json(&host.prune_cache(name, scope, &policy, r.dry_run, &mut |_| {})?)
+        })
+        .await
+    }
+
     async fn reload(&self, req: Request<ReloadRequest>) -> Reply<ReportResponse> {
         let reconfigure = self.reconfigure.clone();
         handle(&self.shared, "Admin.Reload", req, move |host, _scope, r| {
@@ -234,6 +264,16 @@ impl Admin for AdminService {
     async fn layer_register(&self, req: Request<LayerRegisterRequest>) -> Reply<ReportResponse> {
         let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
         handle_for(&self.shared, "Admin.LayerRegister", label, req, content::register).await
+    }
+
+    async fn merge(&self, req: Request<MergeRequest>) -> Reply<ReportResponse> {
+        let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
+        handle_for(&self.shared, "Admin.Merge", label, req, content::merge).await
+    }
+
+    async fn diff_snapshot(&self, req: Request<DiffSnapshotRequest>) -> Reply<ReportResponse> {
+        let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
+        handle_for(&self.shared, "Admin.DiffSnapshot", label, req, content::diff_snapshot).await
     }
 
     async fn image_import(&self, req: Request<ImageImportRequest>) -> Reply<ReportResponse> {

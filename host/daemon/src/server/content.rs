@@ -393,6 +393,26 @@ pub(super) fn register(
     json(&reg)
 }
 
+/// Merge.
+pub(super) fn merge(host: &Host, scope: Scope, r: MergeRequest) -> Result<ReportResponse> {
+    let ctx = scope.required()?;
+    let sn = snapshotter(host, &r.snapshotter)?;
+    json(&host.layers(&sn).merge(&ctx, &r.name, &r.inputs, &labels(r.labels))?)
+}
+
+/// DiffSnapshot.
+pub(super) fn diff_snapshot(
+    host: &Host,
+    scope: Scope,
+    r: DiffSnapshotRequest,
+) -> Result<ReportResponse> {
+    let ctx = scope.required()?;
+    let sn = snapshotter(host, &r.snapshotter)?;
+    let lower = Some(r.lower.as_str()).filter(|l| !l.is_empty());
+    let made = host.layers(&sn).diff_snapshot(&ctx, &r.name, lower, &r.upper, &labels(r.labels))?;
+    json(&made)
+}
+
 /// ImageImport.
 pub(super) fn import(host: &Host, scope: Scope, r: ImageImportRequest) -> Result<ReportResponse> {
     let ctx = scope.required()?;

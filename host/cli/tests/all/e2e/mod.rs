@@ -46,6 +46,9 @@ macro_rules! require_containerd {
     };
 }
 
+// After the macro, which it uses.
+mod deep;
+
 /// A wasnap daemon process (killed by pid when dropped), and what the tests ask it.
 struct Daemon(DaemonProcess);
 

@@ -1,0 +1,230 @@
+//! Merge and diff snapshots on any backend (buildkit's MergeOp and DiffOp).
+//!
+//! What a merge or diff stacks is planned by the metadata layer
+//! ([`Snapshotter::plan_merge`], [`Snapshotter::plan_diff`]). A backend that stacks
+//! layers (overlay) makes it without copying. Any other (native, btrfs, WebAssembly
+//! backends) gets a new snapshot on the longest bottom run of the layers that one
+//! snapshot already shows (a btrfs subvolume snapshot, a native copy), and every layer
+//! above it applied in order: each layer's change, read as [`Layers::diff`] reads it
+//! (an overlay layer directly, other trees compared with their parent's), streamed as
+//! a tar into the applier, so deletions and opaque directories are honoured exactly as
+//! when a registry layer is applied. The diff and the apply are the code `wasnap layer
+//! diff` and `layer apply` run.
+//!
+//! A diff whose lower is not an ancestor of its upper compares the two trees and keeps
+//! the change as a snapshot of its own, deletions as overlay whiteouts; merged onto
+//! another base it deletes what the upper had deleted.
+
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use super::apply::{self, ApplyOptions};
+use super::diff::{self, DiffOptions, Source};
+use super::snapshot::{Layers, Scratch, Tree, Views, scratch_labels};
+use super::{Compression, Whiteouts};
+use crate::error::{Error, Result};
+use crate::kv::now_nanos;
+use crate::metadata::{Ctx, MergePlan};
+use crate::snapshot::{Info, Labels};
+
+/// How a merge or diff snapshot was made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Merged {
+    /// The snapshot: the one made, or the existing one that is this merge already.
+    pub info: Info,
+    /// Its layers, bottom first (empty for a diff of unrelated trees, which is one).
+    pub layers: Vec<String>,
+    /// `reused` (an existing snapshot), `stacked` (the backend stacks the layers, no
+    /// copying), `copied` (layers applied into a new snapshot) or `compared` (a diff
+    /// of two unrelated trees).
+    pub how: String,
+    /// Layers applied by copying (for `copied`): those above the base.
+    pub applied: usize,
+}
+
+/// How a merge that copies is made ([`Layers::make_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeOptions {
+    /// Regular files are hard-linked from the layers' trees where the filesystem allows
+    /// (buildkit's hardlink merge), copied elsewhere (another filesystem, a btrfs
+    /// subvolume). False: every file is copied, as a layer applied from a registry.
+    pub links: bool,
+    /// Ask the backend to stack the layers (overlay does, without copying). False:
+    /// build the merge by applying the layers whatever the backend, for comparison.
+    pub stack: bool,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions { links: true, stack: true }
+    }
+}
+
+impl Layers<'_> {
+    /// Merges the committed snapshots `inputs` as `name`, later inputs winning: their
+    /// layers stacked in order, a merge input flattened to its own layers, a layer that
+    /// comes twice kept at its uppermost place. An input that is already this merge,
+    /// or an earlier merge of the same layers, is returned instead of making one (with
+    /// its own name). The caller's lease holds the result.
+    pub fn merge(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        inputs: &[String],
+        labels: &Labels,
+    ) -> Result<Merged> {
+        let plan = self.snapshotter().plan_merge(ctx, inputs)?;
+        self.make(ctx, name, &plan, labels)
+    }
+
+    /// Makes `name`, holding only what changes `lower` (none: empty) into `upper`,
+    /// deletions included. When `lower`'s layers begin `upper`'s it is the layers
+    /// between them, no tree walked; otherwise the two trees are compared.
+    pub fn diff_snapshot(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        lower: Option<&str>,
+        upper: &str,
+        labels: &Labels,
+    ) -> Result<Merged> {
+        match self.snapshotter().plan_diff(ctx, lower, upper)? {
+            Some(plan) => self.make(ctx, name, &plan, labels),
+            None => {
+                let lower =
+                    lower.ok_or_else(|| Error::internal("a diff from nothing is a chain"))?;
+                self.compare(ctx, name, lower, upper, labels)
+            }
+        }
+    }
+
+    /// Makes what `plan` says: reused, stacked by the backend, or copied.
+    pub fn make(&self, ctx: &Ctx, name: &str, plan: &MergePlan, labels: &Labels) -> Result<Merged> {
+        self.make_with(ctx, name, plan, labels, &MergeOptions::default())
+    }
+
+    /// [`Layers::make`], as `opts` says.
+    pub fn make_with(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        plan: &MergePlan,
+        labels: &Labels,
+        opts: &MergeOptions,
+    ) -> Result<Merged> {
+        let sn = self.snapshotter();
+        let layers = plan.keys();
+        if let Some(existing) = &plan.existing {
+            sn.hold(ctx, existing)?;
+            let info = sn.stat(ctx, existing)?;
+            let layers = match sn.layers(ctx, existing)? {
+                own if own.is_empty() => layers,
+                own => own,
+            };
+            return Ok(Merged { info, layers, how: "reused".into(), applied: 0 });
+        }
+        if opts.stack
+            && let Some(info) = sn.merge_stacked(ctx, name, plan, labels)?
+        {
+            return Ok(Merged { info, layers, how: "stacked".into(), applied: 0 });
+        }
+        let (base, skip) = match &plan.base {
+            Some((key, n)) => (Some(key.as_str()), *n),
+            None => (None, 0),
+        };
+        let key = self.scratch_key("merge", name);
+        sn.prepare(ctx, &key, base, &scratch_labels())?;
+        let mut made = Scratch::new(sn, ctx, key.clone());
+        let mounts = sn.mounts(ctx, &key)?;
+        let tree = Tree::writable(&mounts, self.scratch_dir())?;
+        for (layer, _) in &plan.layers[skip..] {
+            self.with_change(ctx, layer, |source| pipe_apply(source, &tree, opts.links))
+                .map_err(|e| e.context(format!("merge {name:?}: apply layer {layer:?}")))?;
+        }
+        drop(tree);
+        // A merge made of its base alone (every layer above it deduplicated away) is
+        // still recorded with its layers, so a later merge of them finds it.
+        sn.commit_as(ctx, name, &key, labels, layers.clone())?;
+        made.keep();
+        let info = sn.stat(ctx, name)?;
+        Ok(Merged { info, layers, how: "copied".into(), applied: plan.layers.len() - skip })
+    }
+
+    /// A diff of two trees with no common layers: the change, deletions as overlay
+    /// whiteouts, in a snapshot of its own that is its only layer.
+    fn compare(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        lower: &str,
+        upper: &str,
+        labels: &Labels,
+    ) -> Result<Merged> {
+        let sn = self.snapshotter();
+        let mut views = Views::new(sn, ctx);
+        let lower_mounts = views.committed(lower)?;
+        let upper_mounts = views.committed(upper)?;
+        let mut mounted = Vec::new();
+        let lower_fd = Tree::readable(&lower_mounts, self.scratch_dir(), &mut mounted)?;
+        let upper_fd = Tree::readable(&upper_mounts, self.scratch_dir(), &mut mounted)?;
+        let key = self.scratch_key("diff", name);
+        sn.prepare(ctx, &key, None, &scratch_labels())?;
+        let mut made = Scratch::new(sn, ctx, key.clone());
+        let mounts = sn.mounts(ctx, &key)?;
+        let mut tree = Tree::writable(&mounts, self.scratch_dir())?;
+        // Kept as an overlay layer keeps them, whatever the backend: the deletions are
+        // the point of a diff.
+        tree.whiteouts = Whiteouts::Overlay { userxattr: false };
+        tree.lowers.clear();
+        let source = Source::Trees { lower: Some(lower_fd.as_fd()), upper: upper_fd.as_fd() };
+        pipe_apply(source, &tree, false)
+            .map_err(|e| e.context(format!("diff {lower:?} to {upper:?} as {name:?}")))?;
+        drop(tree);
+        drop((lower_fd, upper_fd));
+        drop(mounted);
+        views.remove_all();
+        sn.commit_as(ctx, name, &key, labels, vec![name.to_owned()])?;
+        made.keep();
+        let info = sn.stat(ctx, name)?;
+        Ok(Merged { info, layers: Vec::new(), how: "compared".into(), applied: 1 })
+    }
+
+    fn scratch_key(&self, what: &str, name: &str) -> String {
+        format!("{what}-{}-{:08x} {name}", now_nanos(), crate::kv::nonce())
+    }
+}
+
+/// Streams the change `source` describes into `tree` as a tar, through a pipe: the
+/// diff writes on a thread of its own while the applier reads. With `links`, regular
+/// files travel without their bytes and are hard-linked from the tree the diff reads
+/// (copied from it where a link cannot be made): see [`apply::apply_linked`].
+fn pipe_apply(source: Source<'_>, tree: &Tree, links: bool) -> Result<()> {
+    let (reader, writer) = std::io::pipe().map_err(|e| Error::from(e).context("make a pipe"))?;
+    let lowers: Vec<BorrowedFd<'_>> = tree.lowers.iter().map(AsFd::as_fd).collect();
+    let opts =
+        ApplyOptions { whiteouts: tree.whiteouts, compression: Some(Compression::None), lowers };
+    // The tree the diff writes regular files from: its upper one.
+    let link_from = match source {
+        _ if !links => None,
+        Source::Trees { upper, .. } | Source::Overlay { upper, .. } => Some(upper),
+    };
+    let diff_opts = DiffOptions { contents: link_from.is_none() };
+    std::thread::scope(|s| {
+        let writing = std::thread::Builder::new()
+            .name("wasnap-merge-diff".into())
+            .spawn_scoped(s, move || diff::diff_with(source, Compression::None, writer, &diff_opts))
+            .map_err(|e| Error::from(e).context("start the diff thread"))?;
+        // The reader is dropped when the apply ends, so a diff still writing stops.
+        let reader = Box::new(reader) as Box<dyn Read + Send>;
+        let applied = match link_from {
+            Some(from) => apply::apply_linked(tree.dir.as_fd(), reader, &opts, from),
+            None => apply::apply(tree.dir.as_fd(), reader, &opts),
+        };
+        let written =
+            writing.join().map_err(|_| Error::internal("the diff thread of a merge panicked"))?;
+        // The diff's failure first: an apply that read a stream cut short by it may
+        // have ended without noticing.
+        written?;
+        applied.map(drop)
+    })
+}

@@ -1,0 +1,182 @@
+//! Merges by hard links (buildkit's hardlink merge) on the native driver: the tree is
+//! the one copying makes, changing a child of the merge never reaches a layer, and a
+//! merged file is the layer's own inode (committed layers are read in place). The
+//! figures are `wasnap bench --merge-only`'s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use wasnap::layer::merge::MergeOptions;
+use wasnap::layer::snapshot::Layers;
+use wasnap::metadata::Ctx;
+use wasnap::{Host, Labels};
+
+use crate::common::*;
+use crate::layers::{E, host_with, layer};
+use crate::loopfs::Mounted;
+use crate::require_root;
+
+fn native_host(root: &Path) -> Host {
+    host_with(
+        root,
+        "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n",
+    )
+}
+
+/// Registers a layer of `files` (name, contents) as a chain of its own; its chain ID.
+fn reg(host: &Host, layers: &Layers<'_>, c: &Ctx, files: &[(String, Vec<u8>)]) -> String {
+    let entries: Vec<E<'_>> =
+        files.iter().map(|(name, data)| E::File(name.as_str(), 0o644, data.as_slice())).collect();
+    let tar = layer(&entries);
+    let blob = host.content().ingest(c, &mut &tar[..], None, &Labels::new()).unwrap().digest;
+    layers.register(c, &blob, None, None, &Labels::new()).unwrap().chain_id.to_string()
+}
+
+/// Merges `inputs` as `name`, with or without links; how long it took.
+fn merge(layers: &Layers<'_>, c: &Ctx, name: &str, inputs: &[String], links: bool) -> Duration {
+    let plan = layers.snapshotter().plan_merge(c, inputs).unwrap();
+    layers.snapshotter().settle();
+    let started = Instant::now();
+    let merged = layers
+        .make_with(
+            c,
+            name,
+            &plan,
+            &Labels::new(),
+            &MergeOptions { links, ..MergeOptions::default() },
+        )
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(merged.how, "copied");
+    took
+}
+
+/// A regular file: inode, link count, contents.
+type Found = (u64, u64, Vec<u8>);
+
+/// Every regular file below `dir` by name.
+fn files_below(dir: &Path, out: &mut HashMap<String, Vec<Found>>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        if m.is_dir() {
+            files_below(&path, out);
+        } else if m.is_file() {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            out.entry(name).or_default().push((m.ino(), m.nlink(), std::fs::read(&path).unwrap()));
+        }
+    }
+}
+
+/// What `key` shows: path -> (mode, mtime, contents).
+fn tree_of(host: &Host, c: &Ctx, key: &str, scratch: &Path) -> BTreeMap<String, String> {
+    let sn = host.snapshotter("native").unwrap();
+    let view = format!("tree-of-{key}");
+    let mounts = sn.view(c, &view, Some(key), &Labels::new()).unwrap();
+    let target = scratch.join(&view);
+    std::fs::create_dir_all(&target).unwrap();
+    let mut out = BTreeMap::new();
+    {
+        let m = Mounted::new(&mounts, &target);
+        let mut todo = vec![m.path().to_path_buf()];
+        while let Some(dir) = todo.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let rel = path.strip_prefix(m.path()).unwrap().display().to_string();
+                let meta = std::fs::symlink_metadata(&path).unwrap();
+                let data = if meta.is_dir() {
+                    todo.push(path.clone());
+                    "dir".to_owned()
+                } else {
+                    String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned()
+                };
+                let line =
+                    format!("{:o} {}.{} {data}", meta.mode(), meta.mtime(), meta.mtime_nsec());
+                out.insert(rel, line);
+            }
+        }
+    }
+    sn.remove(c, &view).unwrap();
+    out
+}
+
+/// Two layers, `a` and `b`, each a chain of its own, with a file both have.
+fn two_layers(host: &Host, layers: &Layers<'_>, c: &Ctx) -> [String; 2] {
+    let file = |name: &str, data: &str| (name.to_owned(), data.as_bytes().to_vec());
+    let a = reg(host, layers, c, &[file("shared", "a"), file("only-in-a", "a")]);
+    let b = reg(host, layers, c, &[file("shared", "b"), file("only-in-b", "b")]);
+    [a, b]
+}
+
+#[test]
+fn native_merge_by_links_is_the_merge_by_copies() {
+    require_root!();
+    let dir = tmp();
+    let root = dir.path().join("root");
+    let host = native_host(&root);
+    let sn = host.snapshotter("native").unwrap();
+    let layers = host.layers(&sn);
+    let c = ctx("default");
+    let inputs = two_layers(&host, &layers, &c);
+
+    // The same tree either way, to the mode and the nanosecond.
+    let scratch = dir.path().join("mnt");
+    merge(&layers, &c, "linked", &inputs, true);
+    let tree = tree_of(&host, &c, "linked", &scratch);
+    assert_eq!(tree.len(), 3, "{tree:?}");
+    assert!(tree["shared"].ends_with(" b"), "{tree:?}");
+    sn.remove(&c, "linked").unwrap();
+    merge(&layers, &c, "copied", &inputs, false);
+    assert_eq!(tree, tree_of(&host, &c, "copied", &scratch));
+    sn.remove(&c, "copied").unwrap();
+
+    // A child of a merge by links is a copy: writing it never reaches a layer.
+    merge(&layers, &c, "linked", &inputs, true);
+    sn.prepare(&c, "child", Some("linked"), &Labels::new()).unwrap();
+    let mounts = sn.mounts(&c, "child").unwrap();
+    let target = scratch.join("child");
+    std::fs::create_dir_all(&target).unwrap();
+    {
+        let m = Mounted::new(&mounts, &target);
+        std::fs::write(m.path().join("only-in-b"), "changed").unwrap();
+    }
+    sn.commit(&c, "child-done", "child", &Labels::new()).unwrap();
+    sn.settle();
+    let mut files = HashMap::new();
+    files_below(&root, &mut files);
+    let datas: Vec<&[u8]> = files["only-in-b"].iter().map(|(_, _, d)| d.as_slice()).collect();
+    assert_eq!(datas.iter().filter(|d| **d == b"changed").count(), 1, "{datas:?}");
+    assert_eq!(tree_of(&host, &c, "linked", &scratch), tree);
+
+    // Everything goes, top down; nothing is left.
+    for key in ["child-done", "linked", &inputs[1], &inputs[0]] {
+        sn.remove(&c, key).unwrap();
+    }
+    sn.settle();
+    assert!(backend_keys(sn.backend().as_ref()).is_empty());
+    host.close().unwrap();
+}
+
+#[test]
+fn native_merge_links_files() {
+    require_root!();
+    let dir = tmp();
+    let root = dir.path().join("root");
+    let host = native_host(&root);
+    let sn = host.snapshotter("native").unwrap();
+    let layers = host.layers(&sn);
+    let c = ctx("default");
+    let inputs = two_layers(&host, &layers, &c);
+    merge(&layers, &c, "linked", &inputs, true);
+    sn.settle();
+    // `only-in-b` is in b's tree and the merge's: one inode, with two links.
+    let mut files = HashMap::new();
+    files_below(&root, &mut files);
+    let found = &files["only-in-b"];
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0].0, found[1].0, "{found:?}");
+    assert!(found.iter().all(|(_, nlink, data)| *nlink == 2 && data == b"b"), "{found:?}");
+    host.close().unwrap();
+}

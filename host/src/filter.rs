@@ -222,7 +222,9 @@ impl Token<'_> {
         match self {
             Token::Eof => "end of input".to_owned(),
             Token::Field(f) => format!("field {f:?}"),
-            Token::Quoted(q) => format!("quoted string {q}"),
+            // Its control characters escaped, as the other tokens' are (`{:?}`): an
+            // error message stays one line, whatever the filter held.
+            Token::Quoted(q) => format!("quoted string {}", escape_controls(q)),
             Token::Value(v) => format!("value {v:?}"),
             Token::Separator => "separator".to_owned(),
             Token::Operator(o) => format!("operator {o:?}"),
@@ -230,6 +232,13 @@ impl Token<'_> {
             Token::Other(c) => format!("{c:?}"),
         }
     }
+}
+
+/// `text` with its control characters written as escapes (`\r`, `\u{b}`).
+fn escape_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 /// containerd's value characters: Unicode letters, marks, numbers, punctuation and
@@ -897,6 +906,14 @@ mod tests {
             let msg = invalid(expr);
             assert_eq!(msg, format!("filter {expr:?}: {want}"), "{expr:?}");
         }
+    }
+
+    #[test]
+    fn errors_about_a_quoted_string_stay_one_line() {
+        // Found by fuzzing: a quoted token was repeated raw, carriage returns and all.
+        let msg = invalid("na|x\ry|");
+        assert!(msg.ends_with(r"found quoted string |x\ry| at position 2"), "{msg}");
+        assert!(!msg.chars().any(char::is_control), "{msg}");
     }
 
     #[test]

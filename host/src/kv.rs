@@ -89,6 +89,14 @@ pub struct Db {
     db: redb::Database,
     group: Mutex<Group>,
     stats: Mutex<CommitStats>,
+    /// redb panicked (a damaged file can make it): it is not called again, since its
+    /// locks are poisoned and every later call would panic too.
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+/// The error of every call once redb has panicked.
+fn panicked() -> Error {
+    Error::internal("the database panicked (is the file damaged?); it is closed to this process")
 }
 
 impl std::fmt::Debug for Db {
@@ -108,14 +116,19 @@ impl Db {
             .with_context(|| format!("open {what} {name:?}"))?
             .into_std();
         let backend = FileBackend::new(file).map_err(|e| db_error(what, name, e))?;
-        let db = redb::Builder::new()
-            .create_with_backend(backend)
+        // A damaged file can make redb panic while it checks or repairs it.
+        let db = std::panic::catch_unwind(|| redb::Builder::new().create_with_backend(backend))
+            .map_err(|_| panicked().context(format!("open {what} {name:?}")))?
             .map_err(|e| db_error(what, name, e))?;
-        Ok(Db { db, group: Mutex::default(), stats: Mutex::default() })
+        let panicked = std::sync::atomic::AtomicBool::new(false);
+        Ok(Db { db, group: Mutex::default(), stats: Mutex::default(), panicked })
     }
 
     /// A read transaction: a consistent view of every committed change, durable or not.
     pub fn read(&self) -> Result<redb::ReadTransaction> {
+        if self.panicked.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(panicked());
+        }
         self.db.begin_read().context("begin a database read")
     }
 
@@ -179,7 +192,17 @@ impl Db {
     fn lead(&self) {
         let mut batch =
             std::mem::take(&mut self.group.lock().unwrap_or_else(|e| e.into_inner()).queue);
-        let results = self.run(&mut batch);
+        // A panic in redb (a damaged file can make its allocator panic in a commit) must
+        // not leave the group without a leader, or every later write would wait forever:
+        // it fails this batch, and the lead passes on as after any batch.
+        let results = match self.panicked.load(std::sync::atomic::Ordering::Relaxed) {
+            false => std::panic::catch_unwind(AssertUnwindSafe(|| self.run(&mut batch))).ok(),
+            true => None,
+        };
+        let results = results.unwrap_or_else(|| {
+            self.panicked.store(true, std::sync::atomic::Ordering::Relaxed);
+            batch.iter().map(|_| Err(panicked())).collect()
+        });
         for (p, r) in batch.into_iter().zip(results) {
             p.waiter.set(State::Done(r));
         }
@@ -245,6 +268,15 @@ impl Drop for Db {
     fn drop(&mut self) {
         if let Err(e) = self.flush() {
             tracing::error!(error = %e, "could not sync the database on close");
+        }
+        // redb commits as it closes, and a damaged file (or its poisoned locks, once it
+        // panicked) can make that panic: it is closed with any panic caught, in place of
+        // one that holds nothing.
+        if let Ok(empty) =
+            redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new())
+        {
+            let db = std::mem::replace(&mut self.db, empty);
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(db)));
         }
     }
 }
@@ -321,10 +353,16 @@ impl IdBlocks {
                 use redb::ReadableTable;
                 let mut t = txn.open_table(table)?;
                 let stored = t.get((owner.as_str(), key))?.map_or(0, |g| g.value());
-                t.insert((owner.as_str(), key), stored + block)?;
-                Ok(stored)
+                // Only a damaged record comes near the end: refuse rather than wrap.
+                let end = stored.checked_add(block).ok_or_else(|| {
+                    Error::internal(format!(
+                        "ids of {owner:?} exhausted: the counter is at {stored}"
+                    ))
+                })?;
+                t.insert((owner.as_str(), key), end)?;
+                Ok((stored, end))
             })?;
-            *ids = (stored, stored + block);
+            *ids = stored;
         }
         ids.0 += 1;
         Ok(ids.0)

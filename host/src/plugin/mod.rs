@@ -23,6 +23,8 @@ pub mod beneath;
 mod bindings;
 mod component;
 mod convert;
+#[doc(hidden)]
+pub mod fuzzing;
 mod imports;
 mod instance;
 mod layers;

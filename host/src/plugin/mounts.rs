@@ -74,8 +74,11 @@ pub(crate) fn resolve(
                             if o.flags.contains(wit::OverlayFlags::VOLATILE) {
                                 options.push("volatile".to_owned());
                             }
+                            // The layer is checked first: its work directory's lookup
+                            // would call one it does not hold missing, not refused.
+                            let upperdir = layer(space, call, upper)?;
                             options.push(format!("workdir={}", space.work_path(call, upper)?));
-                            options.push(format!("upperdir={}", layer(space, call, upper)?));
+                            options.push(format!("upperdir={upperdir}"));
                         }
                         None => options.push("ro".to_owned()),
                     }

@@ -77,9 +77,14 @@
 //! already carries exactly the entry's metadata. Where no link can be made (`EXDEV`:
 //! another filesystem or a btrfs subvolume, after which the stream's other files are
 //! copied at once; `EMLINK`; `EPERM`), or the file carries overlayfs's own xattrs, its
-//! bytes are copied from the pin into a new file that gets the entry's metadata, as any
-//! regular file. [`apply`] refuses every `WASNAP.*` record as invalid: a layer from
-//! outside cannot make the applier link or read anything.
+//! bytes are copied from the pin into a new file that gets the entry's owner, mode and
+//! times and the source file's own xattrs, the ones a link would have shared (the entry
+//! carries none: the diff reads none for a file it does not open). overlayfs's xattrs
+//! are left out, and a file overlayfs marks as a metacopy or redirect is refused, as its
+//! data is in another layer. [`apply`] refuses every `WASNAP.*` record as invalid: a
+//! layer from outside cannot make the applier link or read anything.
+//! [`apply_linked_bytes`] applies such a stream held in memory on the calling thread,
+//! which is how a merge applies the layers whose headers fit in a few megabytes.
 //!
 //! # Streaming
 //!
@@ -171,6 +176,33 @@ pub fn apply_linked(
     link_from: BorrowedFd<'_>,
 ) -> Result<Applied> {
     apply_inner(root, layer, opts, Some(link_from))
+}
+
+/// [`apply_linked`] of a stream already in memory (a merge's small layer, written
+/// without file contents): applied on this thread, with no decoder thread or pipe, which
+/// cost more than the entries of a layer of a few files.
+/// `diff_id` is the stream's, as its diff computed it.
+pub fn apply_linked_bytes(
+    root: BorrowedFd<'_>,
+    stream: Vec<u8>,
+    diff_id: Digest,
+    opts: &ApplyOptions<'_>,
+    link_from: BorrowedFd<'_>,
+) -> Result<Applied> {
+    if opts.compression != Some(Compression::None) {
+        return Err(Error::internal("a merge's stream in memory is never compressed"));
+    }
+    let size = stream.len() as u64;
+    let (tx, rx) = mpsc::sync_channel::<Chunk>(1);
+    if !stream.is_empty() {
+        // The receiver is alive: the send cannot fail.
+        let _ = tx.send(Ok(stream));
+    }
+    drop(tx);
+    // Used chunks go back to no decoder; the sends fail and are ignored.
+    let (spare_tx, _) = mpsc::channel::<Vec<u8>>();
+    let entries = write_side(root, rx, spare_tx, opts, Some(link_from))?;
+    Ok(Applied { diff_id, compression: Compression::None, size, entries })
 }
 
 fn apply_inner(
@@ -1549,6 +1581,7 @@ impl<'o> Applier<'o> {
         let from = File::from(
             fsutil::open_pinned(source).map_err(ctx.sys("open the file in the layer's tree"))?,
         );
+        let attrs = &self.source_attrs(from.as_fd(), attrs, ctx)?;
         // No-follow: O_CREAT|O_EXCL makes a new file and never follows a symlink there.
         let flags = OFlags::WRONLY
             | OFlags::CREATE
@@ -1571,6 +1604,48 @@ impl<'o> Applier<'o> {
             )));
         }
         self.file_meta(&file, attrs, ctx)
+    }
+
+    /// The entry's metadata with the xattrs of the open source file instead of its own
+    /// (a merge's stream carries none for a linked file): the ones a link would have
+    /// shared, overlayfs's own left out. A file overlayfs marks as a metacopy or redirect
+    /// is refused: its data is in another layer, not in this tree.
+    fn source_attrs(&self, from: BorrowedFd<'_>, attrs: &Attrs, ctx: Ctx<'_>) -> Result<Attrs> {
+        // Pinned: the file is open.
+        let names = match Node::Open(from).list() {
+            Ok(names) => names,
+            Err(Errno::NOTSUP) => Vec::new(),
+            Err(e) => return Err(ctx.sys("list xattrs in the layer's tree")(e)),
+        };
+        let mut xattrs = Vec::new();
+        for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if is_overlay_xattr(name) {
+                if name.ends_with(b".metacopy") || name.ends_with(b".redirect") {
+                    return Err(Error::failed_precondition(format!(
+                        "{ctx}: in the layer's tree it has {}: overlayfs keeps its data in \
+                         another layer, so it cannot be copied from this one",
+                        Name(name)
+                    )));
+                }
+                continue;
+            }
+            match Node::Open(from).get(os(name)) {
+                Ok(value) => xattrs.push((name.to_vec(), value)),
+                Err(Errno::NODATA | Errno::NOTSUP) => {}
+                Err(e) => {
+                    return Err(ctx.sys(format!("read xattr {} in the layer's tree", Name(name)))(
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(Attrs {
+            mode: attrs.mode,
+            uid: attrs.uid,
+            gid: attrs.gid,
+            times: attrs.times.clone(),
+            xattrs,
+        })
     }
 
     /// Pins the file at `path` in `link_from`: its parent resolved beneath `link_from`
@@ -3002,21 +3077,45 @@ mod tests {
         let env = Env::new();
         let src = env.lower("lower-src");
         std::fs::write(src.join("f"), b"f").expect("write");
-        let set = rustix::fs::lsetxattr(
-            src.join("f"),
-            "user.overlay.redirect",
-            b"/elsewhere",
-            rustix::fs::XattrFlags::empty(),
-        );
-        if set == Err(Errno::NOTSUP) {
+        let set = |name: &str, value: &[u8]| {
+            rustix::fs::lsetxattr(src.join("f"), name, value, rustix::fs::XattrFlags::empty())
+        };
+        if set("user.k", b"v") == Err(Errno::NOTSUP) {
             eprintln!("skipped: no user xattrs here");
             return;
         }
-        set.expect("setxattr");
+        set("user.overlay.origin", b"x").expect("setxattr");
         apply_linked_from(&env.root(), &diff_of(None, &src, false), &src).expect("apply");
         assert_ne!(ino(&env.at("f")), ino(&src.join("f")));
         assert_eq!(std::fs::read(env.at("f")).expect("read"), b"f");
-        assert_eq!(xattr(&env.at("f"), "user.overlay.redirect"), None);
+        assert_eq!(xattr(&env.at("f"), "user.overlay.origin"), None);
+        // The stream carries no xattrs for a linked file: the copy takes the source's.
+        assert_eq!(xattr(&env.at("f"), "user.k").as_deref(), Some(&b"v"[..]));
+    }
+
+    #[test]
+    fn linked_files_overlayfs_keeps_elsewhere_are_refused() {
+        for mark in ["user.overlay.metacopy", "user.overlay.redirect"] {
+            let env = Env::new();
+            let src = env.lower("lower-src");
+            std::fs::write(src.join("f"), b"").expect("write");
+            let set = rustix::fs::lsetxattr(
+                src.join("f"),
+                mark,
+                b"/elsewhere",
+                rustix::fs::XattrFlags::empty(),
+            );
+            if set == Err(Errno::NOTSUP) {
+                eprintln!("skipped: no user xattrs here");
+                return;
+            }
+            set.expect("setxattr");
+            let err = apply_linked_from(&env.root(), &diff_of(None, &src, false), &src)
+                .expect_err("its data is elsewhere");
+            assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{mark}: {err}");
+            assert!(err.to_string().contains(mark), "{err}");
+            assert!(!env.at("f").exists(), "{mark}");
+        }
     }
 
     #[test]

@@ -27,7 +27,9 @@
 //! [`diff_with`] can leave regular files' bytes out ([`DiffOptions::contents`]): each is
 //! then an entry of size 0 with private PAX records saying it is the file at that path
 //! in the tree read, for a merge's applier to link or copy
-//! ([`apply_linked`](super::apply::apply_linked)); such a stream is never a layer.
+//! ([`apply_linked`](super::apply::apply_linked)); such a stream is never a layer. The
+//! file is not opened and its xattrs are not read: a link shares them, and a copy takes
+//! them from the file it copies.
 //!
 //! The root directory itself is never written (as in containerd): its metadata belong to
 //! the snapshot the stream is applied into.
@@ -598,6 +600,15 @@ impl<W: Write> Walker<'_, W> {
             return Ok(None);
         }
         match kind {
+            FileType::RegularFile if !self.out.contents => {
+                // Nothing is read, so nothing is opened: the entry says where the file
+                // is, and the merge's applier pins it there and checks it is the regular
+                // file of this size, mode, owner and time. A link shares its xattrs with
+                // the inode; a copy takes them from the file it copies (and refuses
+                // overlayfs's metacopy and redirect), so none are written here.
+                self.out.file(rel, meta, &[], None, at)?;
+                self.out.remember_link(rel, meta);
+            }
             FileType::RegularFile => {
                 let (file, meta) = open_regular(dir, name, meta, at)?;
                 // Pinned: the file is open.
@@ -605,7 +616,7 @@ impl<W: Write> Walker<'_, W> {
                 if overlay {
                     refuse_redirects(&attrs, at)?;
                 }
-                self.out.file(rel, &meta, &kept_xattrs(attrs), file, at)?;
+                self.out.file(rel, &meta, &kept_xattrs(attrs), Some(file), at)?;
                 self.out.remember_link(rel, &meta);
             }
             FileType::Symlink
@@ -904,35 +915,20 @@ impl<W: Write> Out<W> {
         self.append(&header, io::empty(), at)
     }
 
-    /// A regular file with exactly `meta.size` bytes of `file`; without contents, none
-    /// of them and the private records that say where the file is.
+    /// A regular file with exactly `meta.size` bytes of `file`; without contents (or a
+    /// file), none of them and the private records that say where the file is.
     fn file(
         &mut self,
         rel: &Path,
         meta: &Meta,
         attrs: &[Xattr],
-        file: File,
+        file: Option<File>,
         at: At<'_>,
     ) -> Result<()> {
-        if !self.contents {
-            drop(file);
-            let records = vec![
-                (LINK_SOURCE.as_bytes().to_vec(), b"1".to_vec()),
-                (LINK_SIZE.as_bytes().to_vec(), meta.size.to_string().into_bytes()),
-            ];
-            let name = tar_name(rel, false);
-            let header = self.header_with(
-                EntryType::Regular,
-                &name,
-                Some(meta),
-                0,
-                None,
-                attrs,
-                records,
-                at,
-            )?;
-            return self.append(&header, io::empty(), at);
-        }
+        let file = match file {
+            Some(file) if self.contents => file,
+            _ => return self.file_without_contents(rel, meta, attrs, at),
+        };
         let header = self.header(
             EntryType::Regular,
             &tar_name(rel, false),
@@ -958,6 +954,25 @@ impl<W: Write> Out<W> {
             ))),
             Err(e) => Err(Error::from(e).context(format!("{at}: write"))),
         }
+    }
+
+    /// A regular file's entry with no bytes, and the private records that say where
+    /// the file is and how large.
+    fn file_without_contents(
+        &mut self,
+        rel: &Path,
+        meta: &Meta,
+        attrs: &[Xattr],
+        at: At<'_>,
+    ) -> Result<()> {
+        let records = vec![
+            (LINK_SOURCE.as_bytes().to_vec(), b"1".to_vec()),
+            (LINK_SIZE.as_bytes().to_vec(), meta.size.to_string().into_bytes()),
+        ];
+        let name = tar_name(rel, false);
+        let header =
+            self.header_with(EntryType::Regular, &name, Some(meta), 0, None, attrs, records, at)?;
+        self.append(&header, io::empty(), at)
     }
 
     fn append(&mut self, header: &Header, data: impl Read, at: At<'_>) -> Result<()> {
@@ -1527,10 +1542,8 @@ mod tests {
             match name.as_str() {
                 "d/f" => {
                     assert_eq!(private, (Some(&b"1"[..]), Some(&b"70000"[..])));
-                    assert_eq!(
-                        records.get("SCHILY.xattr.user.k").map(Vec::as_slice),
-                        Some(&b"v"[..])
-                    );
+                    // A link shares them; a copy takes them from the file it copies.
+                    assert_eq!(records.get("SCHILY.xattr.user.k"), None);
                 }
                 "empty" => assert_eq!(private, (Some(&b"1"[..]), Some(&b"0"[..]))),
                 _ => assert_eq!(private, (None, None), "{name}: {kind:?}"),
@@ -1639,14 +1652,14 @@ mod tests {
         meta.size = 20;
         let mut out = Out::new(Vec::new());
         let at = At { verb: VERB, rel: Path::new("f") };
-        let err = out.file(Path::new("f"), &meta, &[], file, at).expect_err("short");
+        let err = out.file(Path::new("f"), &meta, &[], Some(file), at).expect_err("short");
         assert_eq!(err.kind(), ErrorKind::Internal);
         assert!(err.message().contains("changed while being read"), "{err}");
         // A file that grew is cut at the size its header says.
         let file = File::open(t.path().join("f")).expect("open");
         meta.size = 4;
         let mut out = Out::new(Vec::new());
-        out.file(Path::new("f"), &meta, &[], file, at).expect("grown");
+        out.file(Path::new("f"), &meta, &[], Some(file), at).expect("grown");
         let ents = read_tar(&out.tar.into_inner().expect("finish"));
         assert_eq!(ents[0].data, b"0123");
     }

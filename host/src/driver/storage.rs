@@ -134,7 +134,15 @@ fn snap(txn: &impl Records, driver: &str, key: &str, rec: &Rec) -> Result<Snap> 
     // A merge's own layers, or the first merge found below.
     let mut merged = rec.layers.clone();
     let mut next = if merged.is_empty() { rec.parent.clone() } else { None };
+    // Only a damaged or forged database has a cycle: it is reported, never walked for ever.
+    let mut seen = std::collections::HashSet::new();
     while let Some(p) = next {
+        if !seen.insert(p.clone()) || p == key {
+            return Err(Error::internal(format!(
+                "driver record of {key:?}: its parents come back to {p:?} (the database \
+                 is damaged)"
+            )));
+        }
         let below = load(&p, "parent")?;
         whole.push((parent_ids.len(), below.id));
         if !below.layers.is_empty() {

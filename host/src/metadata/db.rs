@@ -168,7 +168,7 @@ impl MetaDb {
             let stored = self.write(Durability::Immediate, |txn| {
                 let mut meta = txn.open_table(META)?;
                 let stored = meta.get(META_SEQ)?.map_or(0, |g| g.value());
-                meta.insert(META_SEQ, stored + SEQ_BLOCK)?;
+                meta.insert(META_SEQ, seq_after(stored, SEQ_BLOCK)?)?;
                 Ok(stored)
             })?;
             b.next = stored;
@@ -182,9 +182,20 @@ impl MetaDb {
 /// A sequence number taken inside `txn`: only taken if `txn` commits.
 pub(crate) fn reserve_seq(txn: &WriteTransaction) -> Result<u64> {
     let mut meta = txn.open_table(META)?;
-    let seq = meta.get(META_SEQ)?.map_or(0, |g| g.value()) + 1;
+    let seq = seq_after(meta.get(META_SEQ)?.map_or(0, |g| g.value()), 1)?;
     meta.insert(META_SEQ, seq)?;
     Ok(seq)
+}
+
+/// The stored sequence counter `stored` moved on by `n`: an error, never a wrap, at the
+/// end of the range (only a damaged or forged database gets there).
+fn seq_after(stored: u64, n: u64) -> Result<u64> {
+    stored.checked_add(n).ok_or_else(|| {
+        Error::internal(format!(
+            "the metadata database's sequence counter is at {stored}, the end of its range: \
+             the database is damaged"
+        ))
+    })
 }
 
 /// Read access to the snapshot tables, from a read or a write transaction.

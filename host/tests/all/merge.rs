@@ -8,44 +8,13 @@ use std::path::Path;
 use wasnap::digest::Digest;
 use wasnap::layer::merge::Merged;
 use wasnap::layer::snapshot::Layers;
-use wasnap::metadata::{Ctx, Snapshotter};
+use wasnap::metadata::Ctx;
 use wasnap::{ErrorKind, Host, Labels};
 
 use crate::common::*;
 use crate::layers::{E, host_with, layer, tmpfs_host};
 use crate::loopfs::Mounted;
 use crate::{loop_btrfs, require_root};
-
-/// Path -> "dir" or the file's content, for what `key` shows.
-fn tree_of(sn: &Snapshotter, c: &Ctx, key: &str, scratch: &Path) -> BTreeMap<String, String> {
-    let view = format!("tree-of-{key}");
-    let mounts = sn.view(c, &view, Some(key), &Labels::new()).unwrap();
-    let target = scratch.join(&view);
-    std::fs::create_dir_all(&target).unwrap();
-    let mut out = BTreeMap::new();
-    {
-        let m = Mounted::new(&mounts, &target);
-        let mut stack = vec![m.path().to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                let rel = path.strip_prefix(m.path()).unwrap().to_string_lossy().into_owned();
-                let meta = std::fs::symlink_metadata(&path).unwrap();
-                let what = if meta.is_dir() {
-                    stack.push(path.clone());
-                    "dir".to_owned()
-                } else if meta.is_file() {
-                    String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned()
-                } else {
-                    format!("{:?}", meta.file_type())
-                };
-                out.insert(rel, what);
-            }
-        }
-    }
-    sn.remove(c, &view).unwrap();
-    out
-}
 
 fn expect(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -113,7 +82,7 @@ fn merges_and_diffs(host: &Host, name: &str, stacks: bool, scratch: &Path) {
     let b2 = reg(host, &layers, &c, &layer(&[E::File(".wh.z", 0o644, b"")]), Some(&b1));
     let c1 = reg(host, &layers, &c, &layer(&[E::File("w", 0o644, b"c1")]), None);
     let tree_a = expect(&[("x", "a1"), ("y", "a2"), ("d", "dir"), ("d/new", "a2")]);
-    assert_eq!(tree_of(&sn, &c, &a2, scratch), tree_a, "{name}: chain A");
+    assert_eq!(tree_of(&sn, &c, &a2, scratch, false), tree_a, "{name}: chain A");
 
     // Later inputs win, and a later layer's whiteouts delete from earlier inputs.
     let m = merge(&layers, &c, "m", &[&a2, &b2]);
@@ -127,11 +96,11 @@ fn merges_and_diffs(host: &Host, name: &str, stacks: bool, scratch: &Path) {
         ("d/old", "b1"),
         ("d/new", "a2"),
     ]);
-    assert_eq!(tree_of(&sn, &c, "m", scratch), tree_m, "{name}: merge of A and B");
+    assert_eq!(tree_of(&sn, &c, "m", scratch, false), tree_m, "{name}: merge of A and B");
     // The other way round: B's base is under A, whose whiteout and opaque dir win.
     let m_ba = merge(&layers, &c, "m-ba", &[&b2, &a2]);
     let tree_ba = expect(&[("x", "a1"), ("y", "a2"), ("d", "dir"), ("d/new", "a2")]);
-    assert_eq!(tree_of(&sn, &c, "m-ba", scratch), tree_ba, "{name}: merge of B and A");
+    assert_eq!(tree_of(&sn, &c, "m-ba", scratch, false), tree_ba, "{name}: merge of B and A");
     assert_eq!(m_ba.how, made);
 
     // A merge input is flattened to its layers.
@@ -139,7 +108,7 @@ fn merges_and_diffs(host: &Host, name: &str, stacks: bool, scratch: &Path) {
     assert_eq!(m2.layers, vec![a1.clone(), a2.clone(), b1.clone(), b2.clone(), c1.clone()]);
     let mut tree_m2 = tree_m.clone();
     tree_m2.insert("w".into(), "c1".into());
-    assert_eq!(tree_of(&sn, &c, "m2", scratch), tree_m2, "{name}: flattened");
+    assert_eq!(tree_of(&sn, &c, "m2", scratch, false), tree_m2, "{name}: flattened");
 
     // De-duplication and reuse: B, A, B is A then B, which "m" is already.
     let again = merge(&layers, &c, "m-again", &[&b2, &a2, &b2]);
@@ -163,12 +132,12 @@ fn merges_and_diffs(host: &Host, name: &str, stacks: bool, scratch: &Path) {
     let mut tree_child = tree_m.clone();
     tree_child.insert("x".into(), "container".into());
     tree_child.remove("y");
-    assert_eq!(tree_of(&sn, &c, "m-child", scratch), tree_child, "{name}: child of a merge");
+    assert_eq!(tree_of(&sn, &c, "m-child", scratch, false), tree_child, "{name}: child of a merge");
     let m3 = merge(&layers, &c, "m3", &["m-child", &c1]);
     assert_eq!(m3.layers.len(), 6, "{name}: {:?}", m3.layers);
     let mut tree_m3 = tree_child.clone();
     tree_m3.insert("w".into(), "c1".into());
-    assert_eq!(tree_of(&sn, &c, "m3", scratch), tree_m3, "{name}: merge of a merge's child");
+    assert_eq!(tree_of(&sn, &c, "m3", scratch, false), tree_m3, "{name}: merge of a merge's child");
 
     // A merge holds its layers: they cannot go before it.
     let err = sn.remove(&c, &b2).unwrap_err();
@@ -181,7 +150,7 @@ fn merges_and_diffs(host: &Host, name: &str, stacks: bool, scratch: &Path) {
     let on_b = merge(&layers, &c, "a2-on-b", &[&b2, "d-a2"]);
     assert_eq!(on_b.layers, vec![b1.clone(), b2.clone(), a2.clone()]);
     let tree_on_b = expect(&[("x", "b1"), ("y", "a2"), ("d", "dir"), ("d/new", "a2")]);
-    assert_eq!(tree_of(&sn, &c, "a2-on-b", scratch), tree_on_b, "{name}: A's change on B");
+    assert_eq!(tree_of(&sn, &c, "a2-on-b", scratch, false), tree_on_b, "{name}: A's change on B");
     // A diff from nothing is the chain itself.
     let whole = layers.diff_snapshot(&c, "d-whole", None, &a2, &Labels::new()).unwrap();
     assert_eq!((whole.how.as_str(), whole.info.name.as_str()), ("reused", a2.as_str()));
@@ -191,7 +160,7 @@ fn merges_and_diffs(host: &Host, name: &str, stacks: bool, scratch: &Path) {
     let d2 = layers.diff_snapshot(&c, "b-to-a", Some(&b2), &a2, &Labels::new()).unwrap();
     assert_eq!(d2.how, "compared", "{name}");
     let rebuilt = merge(&layers, &c, "rebuilt-a", &[&b2, "b-to-a"]);
-    assert_eq!(tree_of(&sn, &c, "rebuilt-a", scratch), tree_a, "{name}: B + diff(B, A) = A");
+    assert_eq!(tree_of(&sn, &c, "rebuilt-a", scratch, false), tree_a, "{name}: B + diff(B, A) = A");
     assert_eq!(rebuilt.layers, vec![b1.clone(), b2.clone(), "b-to-a".to_owned()]);
 
     // Everything goes, top down; nothing is left in the backend.
@@ -252,7 +221,7 @@ fn a_merge_holds_its_layers_against_collection() {
         let report = host.collect(false).unwrap();
         assert!(report.removed.is_empty(), "{name}: the merge holds its layers: {report:?}");
         assert_eq!(
-            tree_of(&sn, &plain, "m", dir.path()),
+            tree_of(&sn, &plain, "m", dir.path(), false),
             expect(&[("a", "a"), ("b", "b")]),
             "{name}"
         );

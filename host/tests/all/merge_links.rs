@@ -3,7 +3,7 @@
 //! merged file is the layer's own inode (committed layers are read in place). The
 //! figures are `wasnap bench --merge-only`'s.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -70,38 +70,6 @@ fn files_below(dir: &Path, out: &mut HashMap<String, Vec<Found>>) {
     }
 }
 
-/// What `key` shows: path -> (mode, mtime, contents).
-fn tree_of(host: &Host, c: &Ctx, key: &str, scratch: &Path) -> BTreeMap<String, String> {
-    let sn = host.snapshotter("native").unwrap();
-    let view = format!("tree-of-{key}");
-    let mounts = sn.view(c, &view, Some(key), &Labels::new()).unwrap();
-    let target = scratch.join(&view);
-    std::fs::create_dir_all(&target).unwrap();
-    let mut out = BTreeMap::new();
-    {
-        let m = Mounted::new(&mounts, &target);
-        let mut todo = vec![m.path().to_path_buf()];
-        while let Some(dir) = todo.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                let rel = path.strip_prefix(m.path()).unwrap().display().to_string();
-                let meta = std::fs::symlink_metadata(&path).unwrap();
-                let data = if meta.is_dir() {
-                    todo.push(path.clone());
-                    "dir".to_owned()
-                } else {
-                    String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned()
-                };
-                let line =
-                    format!("{:o} {}.{} {data}", meta.mode(), meta.mtime(), meta.mtime_nsec());
-                out.insert(rel, line);
-            }
-        }
-    }
-    sn.remove(c, &view).unwrap();
-    out
-}
-
 /// Two layers, `a` and `b`, each a chain of its own, with a file both have.
 fn two_layers(host: &Host, layers: &Layers<'_>, c: &Ctx) -> [String; 2] {
     let file = |name: &str, data: &str| (name.to_owned(), data.as_bytes().to_vec());
@@ -124,12 +92,12 @@ fn native_merge_by_links_is_the_merge_by_copies() {
     // The same tree either way, to the mode and the nanosecond.
     let scratch = dir.path().join("mnt");
     merge(&layers, &c, "linked", &inputs, true);
-    let tree = tree_of(&host, &c, "linked", &scratch);
+    let tree = tree_of(&sn, &c, "linked", &scratch, true);
     assert_eq!(tree.len(), 3, "{tree:?}");
     assert!(tree["shared"].ends_with(" b"), "{tree:?}");
     sn.remove(&c, "linked").unwrap();
     merge(&layers, &c, "copied", &inputs, false);
-    assert_eq!(tree, tree_of(&host, &c, "copied", &scratch));
+    assert_eq!(tree, tree_of(&sn, &c, "copied", &scratch, true));
     sn.remove(&c, "copied").unwrap();
 
     // A child of a merge by links is a copy: writing it never reaches a layer.
@@ -148,7 +116,7 @@ fn native_merge_by_links_is_the_merge_by_copies() {
     files_below(&root, &mut files);
     let datas: Vec<&[u8]> = files["only-in-b"].iter().map(|(_, _, d)| d.as_slice()).collect();
     assert_eq!(datas.iter().filter(|d| **d == b"changed").count(), 1, "{datas:?}");
-    assert_eq!(tree_of(&host, &c, "linked", &scratch), tree);
+    assert_eq!(tree_of(&sn, &c, "linked", &scratch, true), tree);
 
     // Everything goes, top down; nothing is left.
     for key in ["child-done", "linked", &inputs[1], &inputs[0]] {

@@ -8,13 +8,57 @@ use std::path::Path;
 use wasnap::digest::Digest;
 use wasnap::layer::merge::Merged;
 use wasnap::layer::snapshot::Layers;
-use wasnap::metadata::Ctx;
+use wasnap::metadata::{Ctx, Snapshotter};
 use wasnap::{ErrorKind, Host, Labels};
 
 use crate::common::*;
 use crate::layers::{E, host_with, layer, tmpfs_host};
 use crate::loopfs::Mounted;
 use crate::{loop_btrfs, require_root};
+
+/// What the snapshot `key` shows, read through a view mounted under `scratch` (and
+/// removed after): path -> "dir", a regular file's content, or another entry's type;
+/// with `meta`, each prefixed by its mode and mtime.
+pub(crate) fn tree_of(
+    sn: &Snapshotter,
+    c: &Ctx,
+    key: &str,
+    scratch: &Path,
+    meta: bool,
+) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let view = format!("tree-of-{key}");
+    let mounts = sn.view(c, &view, Some(key), &Labels::new()).unwrap();
+    let target = scratch.join(&view);
+    std::fs::create_dir_all(&target).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    {
+        let m = crate::loopfs::Mounted::new(&mounts, &target);
+        let mut todo = vec![m.path().to_path_buf()];
+        while let Some(dir) = todo.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let rel = path.strip_prefix(m.path()).unwrap().to_string_lossy().into_owned();
+                let md = std::fs::symlink_metadata(&path).unwrap();
+                let what = if md.is_dir() {
+                    todo.push(path.clone());
+                    "dir".to_owned()
+                } else if md.is_file() {
+                    String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned()
+                } else {
+                    format!("{:?}", md.file_type())
+                };
+                let line = match meta {
+                    true => format!("{:o} {}.{} {what}", md.mode(), md.mtime(), md.mtime_nsec()),
+                    false => what,
+                };
+                out.insert(rel, line);
+            }
+        }
+    }
+    sn.remove(c, &view).unwrap();
+    out
+}
 
 fn expect(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()

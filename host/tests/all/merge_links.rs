@@ -16,6 +16,7 @@ use wasnap::{Host, Labels};
 use crate::common::*;
 use crate::layers::{E, host_with, layer};
 use crate::loopfs::Mounted;
+use crate::merge::tree_of;
 use crate::require_root;
 
 fn native_host(root: &Path) -> Host {

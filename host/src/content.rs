@@ -171,26 +171,28 @@ impl ContentStore {
 
     /// What the caller's namespace knows of `digest`.
     pub fn info(&self, ctx: &Ctx, digest: &Digest) -> Result<BlobInfo> {
-        let txn = self.db.read()?;
-        let stored = records::get(&txn, ctx.namespace(), digest)?
-            .ok_or_else(|| records::not_found(digest))?;
-        Ok(BlobInfo::from_stored(*digest, stored))
+        self.db.read_with(|txn| {
+            let stored = records::get(txn, ctx.namespace(), digest)?
+                .ok_or_else(|| records::not_found(digest))?;
+            Ok(BlobInfo::from_stored(*digest, stored))
+        })
     }
 
     /// The namespace's blobs matching any of `filters` (fields `digest`, `size`,
     /// `labels.<k>`), in digest order.
     pub fn list(&self, ctx: &Ctx, filters: &[String]) -> Result<Vec<BlobInfo>> {
         let filter = Filter::parse_all(filters)?;
-        let txn = self.db.read()?;
-        let mut out = Vec::new();
-        for (d, stored) in records::list(&txn, ctx.namespace())? {
-            let digest = Digest::parse(&d).context("corrupt content record")?;
-            let info = BlobInfo::from_stored(digest, stored);
-            if filter.matches(&info) {
-                out.push(info);
+        self.db.read_with(|txn| {
+            let mut out = Vec::new();
+            for (d, stored) in records::list(txn, ctx.namespace())? {
+                let digest = Digest::parse(&d).context("corrupt content record")?;
+                let info = BlobInfo::from_stored(digest, stored);
+                if filter.matches(&info) {
+                    out.push(info);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Opens `digest` for reading, if the caller's namespace holds it.
@@ -222,7 +224,7 @@ impl ContentStore {
 
     /// The snapshots of the caller's namespace mapped to `digest`: (snapshotter, key).
     pub fn mapped_snapshots(&self, ctx: &Ctx, digest: &Digest) -> Result<Vec<(String, String)>> {
-        self.db.read()?.mapped(ctx.namespace(), &digest.to_string())
+        self.db.read_with(|txn| txn.mapped(ctx.namespace(), &digest.to_string()))
     }
 
     /// Deletes the files of blobs no namespace records: those of `candidates`, or all.
@@ -230,7 +232,7 @@ impl ContentStore {
     pub fn remove_unrecorded(&self, candidates: Option<&[Digest]>) -> Result<Vec<Digest>> {
         let _files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let recorded: HashSet<String> =
-            records::all(&self.db.read()?)?.into_iter().map(|(_, d, _)| d).collect();
+            self.db.read_with(records::all)?.into_iter().map(|(_, d, _)| d).collect();
         let on_disk: Vec<Digest> = match candidates {
             Some(c) => c.to_vec(),
             None => {

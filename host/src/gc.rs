@@ -246,6 +246,14 @@ impl Collector {
         self
     }
 
+    /// Runs `f` while no collection runs: one in progress is waited for, and none
+    /// starts until `f` returns. A check made this way never sees a collection's work
+    /// half done (records swept, their backend snapshots not pruned yet) as orphans.
+    pub fn between_collections<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+
     /// The options in force.
     pub fn options(&self) -> &GcOptions {
         &self.opts
@@ -277,7 +285,11 @@ impl Collector {
         let mut report = GcReport { dry_run, ..GcReport::default() };
         let started = Instant::now();
         let (Marked { removed, removed_content, expired }, mark, sweep) = if dry_run {
-            (mark_read(&self.db.read()?, &self.opts.retention)?, started.elapsed(), Duration::ZERO)
+            (
+                self.db.read_with(|txn| mark_read(txn, &self.opts.retention))?,
+                started.elapsed(),
+                Duration::ZERO,
+            )
         } else {
             let (retention, max_pause, faults) =
                 (self.opts.retention.clone(), self.opts.max_pause(), self.faults.clone());

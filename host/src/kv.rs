@@ -99,6 +99,14 @@ fn panicked() -> Error {
     Error::internal("the database panicked (is the file damaged?); it is closed to this process")
 }
 
+/// Runs `f`, which reads the database (through a table kept open, for example): a
+/// panic in redb, which some damaged pages cause, is an internal error naming the file
+/// as damaged, never unwound into the caller (see [`Db::read_with`]).
+pub fn contained<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(Error::internal("a database read panicked (is the file damaged?)")))
+}
+
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Db").finish_non_exhaustive()
@@ -125,11 +133,20 @@ impl Db {
     }
 
     /// A read transaction: a consistent view of every committed change, durable or not.
-    pub fn read(&self) -> Result<redb::ReadTransaction> {
+    /// Only through [`Db::read_with`], which contains what redb's reads may panic with.
+    fn read(&self) -> Result<redb::ReadTransaction> {
         if self.panicked.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(panicked());
         }
         self.db.begin_read().context("begin a database read")
+    }
+
+    /// Runs `f` on a read transaction. redb panics, rather than failing, on some damaged
+    /// pages: such a panic is contained here and answered as an internal error naming
+    /// the file as damaged, never unwound into the caller.
+    pub fn read_with<R>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<R>) -> Result<R> {
+        let txn = self.read()?;
+        contained(|| f(&txn))
     }
 
     /// Makes every change committed so far durable.
@@ -382,6 +399,23 @@ mod tests {
         let cap = Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority()).unwrap();
         let db = Arc::new(Db::open(&cap, "t.db", "test database").unwrap());
         (dir, db)
+    }
+
+    #[test]
+    fn a_panic_in_a_read_is_an_error_and_reads_go_on() {
+        let (_dir, db) = db();
+        db.write(Durability::Immediate, |txn| {
+            txn.open_table(T)?.insert(1, 7)?;
+            Ok(())
+        })
+        .unwrap();
+        let r: Result<()> = db.read_with(|_| panic!("what a damaged page does to redb"));
+        let e = r.expect_err("contained");
+        assert_eq!(e.kind(), crate::ErrorKind::Internal);
+        assert!(e.to_string().contains("damaged"), "{e}");
+        assert_eq!(value(&db, 1), Some(7));
+        let kept = contained(|| -> Result<u64> { panic!("through a kept table") });
+        assert!(kept.is_err());
     }
 
     fn value(db: &Db, k: u64) -> Option<u64> {

@@ -547,20 +547,24 @@ impl Host {
     }
 
     /// For every snapshotter that opens: backend snapshots no record names, and
-    /// records whose backend snapshot is missing. Changes nothing.
+    /// records whose backend snapshot is missing. Changes nothing. A collection in
+    /// progress is waited for (its swept records' backend snapshots are not orphans
+    /// yet, only not pruned yet), and none starts until the check is done.
     pub fn check(&self) -> Result<Vec<CheckReport>> {
         let timeout = Duration::from_millis(self.collector.options().backend_timeout_ms);
         let (open, _) = self.open_all();
-        open.iter()
-            .map(|s| {
-                Ok(CheckReport {
-                    snapshotter: s.name().to_owned(),
-                    orphans: s.orphans(timeout)?,
-                    missing: s.missing(timeout)?,
-                    damaged: s.damaged(timeout)?,
+        self.collector.between_collections(|| {
+            open.iter()
+                .map(|s| {
+                    Ok(CheckReport {
+                        snapshotter: s.name().to_owned(),
+                        orphans: s.orphans(timeout)?,
+                        missing: s.missing(timeout)?,
+                        damaged: s.damaged(timeout)?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     /// Calls `f` at the end of every garbage collection of this host, background or

@@ -220,22 +220,23 @@ impl Store {
         }
         let (recs, max_id) = {
             let old = Db::open(dir, DRIVER_DB, "old driver database")?;
-            let txn = old.read()?;
-            let mut recs = Vec::new();
-            if let Ok(t) = txn.open_table(OLD_SNAPS) {
-                for item in t.iter()? {
-                    let (k, v) = item?;
-                    let rec: Rec = serde_json::from_slice(v.value()).with_context(|| {
-                        format!("corrupt old driver record for {:?}", k.value())
-                    })?;
-                    recs.push((k.value().to_owned(), rec));
+            old.read_with(|txn| {
+                let mut recs = Vec::new();
+                if let Ok(t) = txn.open_table(OLD_SNAPS) {
+                    for item in t.iter()? {
+                        let (k, v) = item?;
+                        let rec: Rec = serde_json::from_slice(v.value()).with_context(|| {
+                            format!("corrupt old driver record for {:?}", k.value())
+                        })?;
+                        recs.push((k.value().to_owned(), rec));
+                    }
                 }
-            }
-            let max_id = match txn.open_table(OLD_META) {
-                Ok(t) => t.get(META_ID)?.map_or(0, |g| g.value()),
-                Err(_) => 0,
-            };
-            (recs, max_id)
+                let max_id = match txn.open_table(OLD_META) {
+                    Ok(t) => t.get(META_ID)?.map_or(0, |g| g.value()),
+                    Err(_) => 0,
+                };
+                Ok((recs, max_id))
+            })?
         };
         let driver = self.driver.clone();
         let n = recs.len();
@@ -266,46 +267,49 @@ impl Store {
 
     /// The info and on-disk identity of `key`.
     pub fn get(&self, key: &str) -> Result<(Info, Snap)> {
-        let txn = self.db.read()?;
-        let rec = txn.load(&self.driver, key)?.ok_or_else(|| not_found(key))?;
-        Ok((rec.info(key), snap(&txn, &self.driver, key, &rec)?))
+        self.db.read_with(|txn| {
+            let rec = txn.load(&self.driver, key)?.ok_or_else(|| not_found(key))?;
+            Ok((rec.info(key), snap(txn, &self.driver, key, &rec)?))
+        })
     }
 
     /// Checks, before any work on disk, that `key` is free and `parent` (if any) is a
     /// committed snapshot, returning the parent. The record's write checks again; this
     /// only spares building a tree or subvolume for nothing.
     pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<Snap>> {
-        let txn = self.db.read()?;
-        if txn.load(&self.driver, key)?.is_some() {
-            return Err(Error::already_exists(format!("snapshot {key:?}")));
-        }
-        let Some(p) = parent else { return Ok(None) };
-        let prec = txn
-            .load(&self.driver, p)?
-            .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
-        if prec.kind != Kind::Committed {
-            return Err(Error::invalid_argument(format!(
-                "parent {p:?} is not a committed snapshot"
-            )));
-        }
-        Ok(Some(snap(&txn, &self.driver, p, &prec)?))
+        self.db.read_with(|txn| {
+            if txn.load(&self.driver, key)?.is_some() {
+                return Err(Error::already_exists(format!("snapshot {key:?}")));
+            }
+            let Some(p) = parent else { return Ok(None) };
+            let prec = txn
+                .load(&self.driver, p)?
+                .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
+            if prec.kind != Kind::Committed {
+                return Err(Error::invalid_argument(format!(
+                    "parent {p:?} is not a committed snapshot"
+                )));
+            }
+            Ok(Some(snap(txn, &self.driver, p, &prec)?))
+        })
     }
 
     /// Calls `f` with every snapshot's info and id.
     pub fn walk(&self, f: &mut dyn FnMut(Info, u64) -> Result<()>) -> Result<()> {
-        let txn = self.db.read()?;
-        let t = txn.open_table(SNAPS)?;
-        for item in t.range((self.driver.as_str(), "")..)? {
-            let (k, v) = item?;
-            let (driver, key) = k.value();
-            if driver != self.driver {
-                break;
+        self.db.read_with(|txn| {
+            let t = txn.open_table(SNAPS)?;
+            for item in t.range((self.driver.as_str(), "")..)? {
+                let (k, v) = item?;
+                let (driver, key) = k.value();
+                if driver != self.driver {
+                    break;
+                }
+                let rec: Rec = serde_json::from_slice(v.value())
+                    .with_context(|| format!("corrupt driver record for {key:?}"))?;
+                f(rec.info(key), rec.id)?;
             }
-            let rec: Rec = serde_json::from_slice(v.value())
-                .with_context(|| format!("corrupt driver record for {key:?}"))?;
-            f(rec.info(key), rec.id)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Every id a record names: anything else on disk is a leftover.

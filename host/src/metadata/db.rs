@@ -113,38 +113,42 @@ impl MetaDb {
         self.db.write(durability, op)
     }
 
-    /// A consistent view of the tables.
-    pub(crate) fn read(&self) -> Result<redb::ReadTransaction> {
-        self.db.read()
+    /// [`Db::read_with`]: `f` on a consistent view, a panic in redb contained.
+    pub(crate) fn read_with<R>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<R>,
+    ) -> Result<R> {
+        self.db.read_with(f)
     }
 
     /// How many snapshot records there are, over every snapshotter and namespace.
     pub fn record_count(&self) -> Result<u64> {
-        Ok(self.read()?.open_table(SNAPSHOTS)?.len()?)
+        self.read_with(|txn| Ok(txn.open_table(SNAPSHOTS)?.len()?))
     }
 
     /// How many snapshot records each (snapshotter, namespace) has; pairs with none are
     /// absent. One read transaction over every key (records are not decoded), so it
     /// takes time in proportion to the records: for a metrics scrape, not a hot path.
     pub fn record_counts(&self) -> Result<BTreeMap<(String, String), u64>> {
-        let txn = self.read()?;
-        let table = txn.open_table(SNAPSHOTS)?;
-        let mut counts = BTreeMap::<(String, String), u64>::new();
-        // Keys come in order, so one pair's records are consecutive: only a new pair
-        // allocates.
-        for row in table.iter()? {
-            let (key, _) = row?;
-            let (snapshotter, namespace, _) = key.value();
-            match counts.last_entry() {
-                Some(mut last) if last.key().0 == snapshotter && last.key().1 == namespace => {
-                    *last.get_mut() += 1
-                }
-                _ => {
-                    counts.insert((snapshotter.to_owned(), namespace.to_owned()), 1);
+        self.read_with(|txn| {
+            let table = txn.open_table(SNAPSHOTS)?;
+            let mut counts = BTreeMap::<(String, String), u64>::new();
+            // Keys come in order, so one pair's records are consecutive: only a new pair
+            // allocates.
+            for row in table.iter()? {
+                let (key, _) = row?;
+                let (snapshotter, namespace, _) = key.value();
+                match counts.last_entry() {
+                    Some(mut last) if last.key().0 == snapshotter && last.key().1 == namespace => {
+                        *last.get_mut() += 1
+                    }
+                    _ => {
+                        counts.insert((snapshotter.to_owned(), namespace.to_owned()), 1);
+                    }
                 }
             }
-        }
-        Ok(counts)
+            Ok(counts)
+        })
     }
 }
 

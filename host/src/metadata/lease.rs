@@ -206,23 +206,24 @@ impl Leases {
     /// The namespace's leases matching any of `filters` (fields `id`, `labels.<k>`).
     pub fn list(&self, ctx: &Ctx, filters: &[String]) -> Result<Vec<Lease>> {
         let filter = Filter::parse_all(filters)?;
-        let txn = self.db.read()?;
-        let t = txn.open_table(LEASES)?;
-        let mut out = Vec::new();
-        for item in t.range((ctx.namespace(), "")..)? {
-            let (k, v) = item?;
-            let (ns, id) = k.value();
-            if ns != ctx.namespace() {
-                break;
+        self.db.read_with(|txn| {
+            let t = txn.open_table(LEASES)?;
+            let mut out = Vec::new();
+            for item in t.range((ctx.namespace(), "")..)? {
+                let (k, v) = item?;
+                let (ns, id) = k.value();
+                if ns != ctx.namespace() {
+                    break;
+                }
+                let s = decode(id, v.value())?;
+                let lease =
+                    Lease { id: id.to_owned(), created: from_nanos(s.created), labels: s.labels };
+                if filter.matches(&lease) {
+                    out.push(lease);
+                }
             }
-            let s = decode(id, v.value())?;
-            let lease =
-                Lease { id: id.to_owned(), created: from_nanos(s.created), labels: s.labels };
-            if filter.matches(&lease) {
-                out.push(lease);
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Adds a resource to a lease.
@@ -243,19 +244,20 @@ impl Leases {
 
     /// What a lease holds.
     pub fn resources(&self, ctx: &Ctx, id: &str) -> Result<Vec<Resource>> {
-        let txn = self.db.read()?;
-        let t = txn.open_table(LEASES)?;
-        if t.get((ctx.namespace(), id))?.is_none() {
-            return Err(not_found(id));
-        }
-        let res = txn.open_multimap_table(LEASE_RESOURCES)?;
-        let mut out = Vec::new();
-        for v in res.get((ctx.namespace(), id))? {
-            let v = v?;
-            let (kind, rid) = v.value();
-            out.push(Resource { kind: kind.to_owned(), id: rid.to_owned() });
-        }
-        Ok(out)
+        self.db.read_with(|txn| {
+            let t = txn.open_table(LEASES)?;
+            if t.get((ctx.namespace(), id))?.is_none() {
+                return Err(not_found(id));
+            }
+            let res = txn.open_multimap_table(LEASE_RESOURCES)?;
+            let mut out = Vec::new();
+            for v in res.get((ctx.namespace(), id))? {
+                let v = v?;
+                let (kind, rid) = v.value();
+                out.push(Resource { kind: kind.to_owned(), id: rid.to_owned() });
+            }
+            Ok(out)
+        })
     }
 }
 

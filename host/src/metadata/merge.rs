@@ -148,7 +148,7 @@ impl Snapshotter {
     /// The layers `key`'s record names: a merge's, `[key]` for a diff standing alone,
     /// none for any other snapshot.
     pub fn layers(&self, ctx: &Ctx, key: &str) -> Result<Vec<String>> {
-        let rec = self.db.read()?.record(self.name(), ctx.namespace(), key)?;
+        let rec = self.db.read_with(|txn| txn.record(self.name(), ctx.namespace(), key))?;
         Ok(rec.ok_or_else(|| not_found(key))?.layers)
     }
 
@@ -157,7 +157,7 @@ impl Snapshotter {
     /// A backend that does not mount committed snapshots fails; the caller makes a
     /// view instead.
     pub fn committed_mounts(&self, ctx: &Ctx, key: &str) -> Result<Vec<Mount>> {
-        let rec = self.db.read()?.record(self.name(), ctx.namespace(), key)?;
+        let rec = self.db.read_with(|txn| txn.record(self.name(), ctx.namespace(), key))?;
         let rec = rec.ok_or_else(|| not_found(key))?;
         if rec.kind != Kind::Committed {
             return Err(Error::failed_precondition(format!(
@@ -179,32 +179,33 @@ impl Snapshotter {
             return Err(Error::invalid_argument("a merge needs at least one input"));
         }
         let (sn, ns) = (self.name(), ctx.namespace());
-        let txn = self.db.read()?;
-        let mut lists = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            lists.push(layers_of(&txn, sn, ns, input)?.1);
-        }
-        // A layer that comes twice is kept at its uppermost place.
-        let mut seen = std::collections::HashSet::new();
-        let mut layers: Vec<String> = Vec::new();
-        for l in lists.iter().rev().flat_map(|list| list.iter().rev()) {
-            if seen.insert(l.as_str()) {
-                layers.push(l.clone());
+        self.db.read_with(|txn| {
+            let mut lists = Vec::with_capacity(inputs.len());
+            for input in inputs {
+                lists.push(layers_of(txn, sn, ns, input)?.1);
             }
-        }
-        layers.reverse();
-        if layers.len() > MERGE_MAX_LAYERS {
-            return Err(Error::invalid_argument(format!(
-                "a merge of {} layers is more than the {MERGE_MAX_LAYERS} allowed",
-                layers.len()
-            )));
-        }
-        let existing = inputs
-            .iter()
-            .zip(&lists)
-            .find(|(_, list)| **list == layers)
-            .map(|(input, _)| input.clone());
-        self.plan_of(&txn, ctx, layers, existing, inputs.iter().zip(&lists))
+            // A layer that comes twice is kept at its uppermost place.
+            let mut seen = std::collections::HashSet::new();
+            let mut layers: Vec<String> = Vec::new();
+            for l in lists.iter().rev().flat_map(|list| list.iter().rev()) {
+                if seen.insert(l.as_str()) {
+                    layers.push(l.clone());
+                }
+            }
+            layers.reverse();
+            if layers.len() > MERGE_MAX_LAYERS {
+                return Err(Error::invalid_argument(format!(
+                    "a merge of {} layers is more than the {MERGE_MAX_LAYERS} allowed",
+                    layers.len()
+                )));
+            }
+            let existing = inputs
+                .iter()
+                .zip(&lists)
+                .find(|(_, list)| **list == layers)
+                .map(|(input, _)| input.clone());
+            self.plan_of(txn, ctx, layers, existing, inputs.iter().zip(&lists))
+        })
     }
 
     /// What the diff of `lower` (none: empty) and `upper` comes to when `lower`'s
@@ -217,20 +218,21 @@ impl Snapshotter {
         upper: &str,
     ) -> Result<Option<MergePlan>> {
         let (sn, ns) = (self.name(), ctx.namespace());
-        let txn = self.db.read()?;
-        let below = match lower {
-            Some(l) => layers_of(&txn, sn, ns, l)?.1,
-            None => Vec::new(),
-        };
-        let above = layers_of(&txn, sn, ns, upper)?.1;
-        if !above.starts_with(&below) {
-            return Ok(None);
-        }
-        let layers = above[below.len()..].to_vec();
-        let existing = below.is_empty().then(|| upper.to_owned());
-        let inputs = [(upper.to_owned(), above.clone())];
-        let inputs = inputs.iter().map(|(k, l)| (k, l));
-        self.plan_of(&txn, ctx, layers, existing, inputs).map(Some)
+        self.db.read_with(|txn| {
+            let below = match lower {
+                Some(l) => layers_of(txn, sn, ns, l)?.1,
+                None => Vec::new(),
+            };
+            let above = layers_of(txn, sn, ns, upper)?.1;
+            if !above.starts_with(&below) {
+                return Ok(None);
+            }
+            let layers = above[below.len()..].to_vec();
+            let existing = below.is_empty().then(|| upper.to_owned());
+            let inputs = [(upper.to_owned(), above.clone())];
+            let inputs = inputs.iter().map(|(k, l)| (k, l));
+            self.plan_of(txn, ctx, layers, existing, inputs).map(Some)
+        })
     }
 
     fn plan_of<'a>(
@@ -306,8 +308,10 @@ impl Snapshotter {
         validate_labels(labels)?;
         let (sn, ns) = (self.name().to_owned(), ctx.namespace().to_owned());
         {
-            let txn = self.db.read()?;
-            if txn.record(&sn, &ns, name)?.is_some() || txn.intent(&sn, &ns, name)?.is_some() {
+            let taken = self.db.read_with(|txn| {
+                Ok(txn.record(&sn, &ns, name)?.is_some() || txn.intent(&sn, &ns, name)?.is_some())
+            })?;
+            if taken {
                 return Err(Error::already_exists(format!("snapshot {name:?}")));
             }
         }

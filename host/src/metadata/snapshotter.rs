@@ -282,7 +282,9 @@ impl Snapshotter {
     }
 
     fn record(&self, ctx: &Ctx, key: &str) -> Result<Record> {
-        self.db.read()?.record(&self.name, ctx.namespace(), key)?.ok_or_else(|| not_found(key))
+        self.db
+            .read_with(|txn| txn.record(&self.name, ctx.namespace(), key))?
+            .ok_or_else(|| not_found(key))
     }
 
     /// What is known about `key`.
@@ -451,8 +453,7 @@ impl Snapshotter {
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
 
         // Phase 1: check the names and reserve a backend key, holding no write lock.
-        let bparent = {
-            let txn = self.db.read()?;
+        let bparent = self.db.read_with(|txn| {
             if let Some(target) = target
                 && txn.record(sn, ns, target)?.is_some()
             {
@@ -464,7 +465,7 @@ impl Snapshotter {
                 self.hold(ctx, key)?;
                 return Err(Error::already_exists(format!("snapshot {key:?}")));
             }
-            match parent {
+            Ok(match parent {
                 None => None,
                 Some(p) => {
                     let prec = txn
@@ -477,8 +478,8 @@ impl Snapshotter {
                     }
                     Some(prec.bkey)
                 }
-            }
-        };
+            })
+        })?;
         let bkey = format!("{ns}/{}/{key}", self.db.next_seq()?);
         let _inflight = InFlight::new(&self.inflight, &bkey);
 
@@ -526,7 +527,20 @@ impl Snapshotter {
                     Error::already_exists(format!("target snapshot {target:?} from snapshotter"));
                 (target.clone(), rec, Vec::new(), None, Some(err))
             }
-            Err(e) => return Err(self.in_user_terms(e, &names)),
+            Err(e) => {
+                // The parent may have been removed, and its data deleted, while the
+                // backend was copying it: that is a parent not found, not an internal
+                // error (found by the soak: native's copy failed with "lstat: No such
+                // file or directory").
+                if let (Some(p), Some(bp)) = (parent, bparent.as_deref())
+                    && self.db.read_with(|txn| txn.record(sn, ns, p))?.is_none_or(|r| r.bkey != bp)
+                {
+                    return Err(Error::not_found(format!(
+                        "parent snapshot {p:?} (removed while {key:?} was made from it)"
+                    )));
+                }
+                return Err(self.in_user_terms(e, &names));
+            }
         };
 
         // Phase 3: record it, re-checking what phase 1 saw.
@@ -798,7 +812,7 @@ impl Snapshotter {
     /// of the two keys it holds. Run when the snapshotter is opened, before any call.
     pub fn recover(&self) -> Result<Recovery> {
         let mut report = Recovery::default();
-        let pending = db::intents(&self.db.read()?, &self.name)?;
+        let pending = self.db.read_with(|txn| db::intents(txn, &self.name))?;
         for (ns, name, intent) in pending {
             let held = |bkey: &str| match self.backend.stat(bkey) {
                 Ok(info) => Ok(Some(info.kind)),
@@ -929,20 +943,21 @@ impl Snapshotter {
     ) -> Result<()> {
         let filter = Filter::parse_all(filters)?;
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
-        let txn = self.db.read()?;
-        let t = txn.open_table(SNAPSHOTS)?;
-        for item in t.range((sn, ns, "")..)? {
-            let (k, v) = item?;
-            let (s, n, key) = k.value();
-            if s != sn || n != ns {
-                break;
+        self.db.read_with(|txn| {
+            let t = txn.open_table(SNAPSHOTS)?;
+            for item in t.range((sn, ns, "")..)? {
+                let (k, v) = item?;
+                let (s, n, key) = k.value();
+                if s != sn || n != ns {
+                    break;
+                }
+                let info = Record::decode(v.value(), key)?.info(key);
+                if filter.matches(&info) {
+                    f(info)?;
+                }
             }
-            let info = Record::decode(v.value(), key)?.info(key);
-            if filter.matches(&info) {
-                f(info)?;
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// As [`Snapshotter::walk`], over every namespace: `f` gets each matching snapshot
@@ -954,20 +969,21 @@ impl Snapshotter {
     ) -> Result<()> {
         let filter = Filter::parse_all(filters)?;
         let sn = self.name.as_str();
-        let txn = self.db.read()?;
-        let t = txn.open_table(SNAPSHOTS)?;
-        for item in t.range((sn, "", "")..)? {
-            let (k, v) = item?;
-            let (s, ns, key) = k.value();
-            if s != sn {
-                break;
+        self.db.read_with(|txn| {
+            let t = txn.open_table(SNAPSHOTS)?;
+            for item in t.range((sn, "", "")..)? {
+                let (k, v) = item?;
+                let (s, ns, key) = k.value();
+                if s != sn {
+                    break;
+                }
+                let info = Record::decode(v.value(), key)?.info(key);
+                if filter.matches(&info) {
+                    f(ns, info)?;
+                }
             }
-            let info = Record::decode(v.value(), key)?.info(key);
-            if filter.matches(&info) {
-                f(ns, info)?;
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Removes from the backend every snapshot that no record names (children before
@@ -998,7 +1014,7 @@ impl Snapshotter {
         // pruned alive.
         let inflight: Vec<String> =
             self.inflight.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        let mut named = db::named_bkeys(&self.db.read()?, &self.name)?;
+        let mut named = self.db.read_with(|txn| db::named_bkeys(txn, &self.name))?;
         named.extend(inflight);
         let depth = |key: &str| {
             let mut k = key.to_owned();
@@ -1031,11 +1047,15 @@ impl Snapshotter {
                 Ok(present)
             })?;
         let inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let intents: HashSet<String> = db::intents(&self.db.read()?, &self.name)?
+        let intents: HashSet<String> = self
+            .db
+            .read_with(|txn| db::intents(txn, &self.name))?
             .into_iter()
             .map(|(_, _, i)| i.bname)
             .collect();
-        let mut missing: Vec<String> = db::named_bkeys(&self.db.read()?, &self.name)?
+        let mut missing: Vec<String> = self
+            .db
+            .read_with(|txn| db::named_bkeys(txn, &self.name))?
             .into_iter()
             .filter(|k| !present.contains(k) && !inflight.contains_key(k) && !intents.contains(k))
             .collect();

@@ -260,10 +260,8 @@ impl Snapshotter {
     /// sizes of its committed snapshots (asked of the backend, then kept, for those not
     /// known yet).
     pub(crate) fn load_graph(&self, scope: Scope<'_>) -> Result<Graph> {
-        let (mut g, unknown, stale) = {
-            let txn = self.db.read()?;
-            Graph::load(&txn, self.name(), scope)?
-        };
+        let (mut g, unknown, stale) =
+            { self.db.read_with(|txn| Graph::load(txn, self.name(), scope))? };
         let mut learnt = Vec::new();
         for i in unknown {
             let n = &mut g.nodes[i];

@@ -220,18 +220,19 @@ impl Space {
     }
 
     fn registered(&self) -> Result<Vec<u64>> {
-        let txn = self.db.read()?;
-        let t = txn.open_table(LAYERS)?;
-        let mut ids = Vec::new();
-        for item in t.range((self.name.as_str(), 0)..=(self.name.as_str(), u64::MAX))? {
-            ids.push(item?.0.value().1);
-        }
-        Ok(ids)
+        self.db.read_with(|txn| {
+            let t = txn.open_table(LAYERS)?;
+            let mut ids = Vec::new();
+            for item in t.range((self.name.as_str(), 0)..=(self.name.as_str(), u64::MAX))? {
+                ids.push(item?.0.value().1);
+            }
+            Ok(ids)
+        })
     }
 
     fn is_registered(&self, id: u64) -> Result<bool> {
-        let txn = self.db.read()?;
-        Ok(txn.open_table(LAYERS)?.get((self.name.as_str(), id))?.is_some())
+        self.db
+            .read_with(|txn| Ok(txn.open_table(LAYERS)?.get((self.name.as_str(), id))?.is_some()))
     }
 
     /// Deletes what a crash left: everything in `tmp/`, and layers and work directories
@@ -492,8 +493,10 @@ impl Space {
     pub(crate) fn kv_get(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>> {
         check_key(key)?;
         let t = self.kv_view()?;
-        let g = t.get((self.name.as_str(), key))?;
-        g.map(|g| decode_entry(g.value())).transpose()
+        crate::kv::contained(|| {
+            let g = t.get((self.name.as_str(), key))?;
+            g.map(|g| decode_entry(g.value())).transpose()
+        })
     }
 
     /// The current read view of the key-value table (see [`Space::kv_view`]'s field).
@@ -508,7 +511,7 @@ impl Space {
         {
             return Ok(v.table.clone());
         }
-        let table = Arc::new(self.db.read()?.open_table(KV)?);
+        let table = Arc::new(self.db.read_with(|txn| Ok(txn.open_table(KV)?))?);
         *view = Some(KvView { generation, taken: std::time::Instant::now(), table: table.clone() });
         Ok(table)
     }
@@ -525,25 +528,26 @@ impl Space {
             check_key(e)?;
         }
         let limit = limit.min(MAX_RANGE) as usize;
-        let txn = self.db.read()?;
-        let t = txn.open_table(KV)?;
-        let name = self.name.as_str();
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for item in t.range((name, start)..)? {
-            let (k, v) = item?;
-            let (space, key) = k.value();
-            if space != name || end.is_some_and(|e| key >= e) || out.len() >= limit {
-                break;
+        self.db.read_with(|txn| {
+            let t = txn.open_table(KV)?;
+            let name = self.name.as_str();
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for item in t.range((name, start)..)? {
+                let (k, v) = item?;
+                let (space, key) = k.value();
+                if space != name || end.is_some_and(|e| key >= e) || out.len() >= limit {
+                    break;
+                }
+                let (rev, value) = decode_entry(v.value())?;
+                bytes += value.len() + key.len();
+                out.push((key.to_owned(), rev, value));
+                if bytes > MAX_RANGE_BYTES {
+                    break;
+                }
             }
-            let (rev, value) = decode_entry(v.value())?;
-            bytes += value.len() + key.len();
-            out.push((key.to_owned(), rev, value));
-            if bytes > MAX_RANGE_BYTES {
-                break;
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Applies `writes` if every check holds; false if one does not.

@@ -117,3 +117,58 @@ fn cleanup_beside_creates_takes_nothing_live_btrfs() {
     std::fs::create_dir(&root).unwrap();
     cleanup_beside_creates(&host_stack(&root, DriverConfig::Btrfs), 100);
 }
+
+/// A native backend that, in the middle of a `prepare` on a parent, runs a hook (which
+/// removes the parent) and then fails as native's copy does when the parent's files
+/// vanish under it.
+struct ParentVanishes {
+    inner: Arc<wasnap::driver::Native>,
+    hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl wasnap::Wrapper for ParentVanishes {
+    fn inner(&self) -> &dyn wasnap::Backend {
+        &*self.inner
+    }
+    fn prepare(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> wasnap::Result<Vec<wasnap::Mount>> {
+        let hook = self.hook.lock().unwrap().take();
+        match (hook, parent) {
+            (Some(hook), Some(_)) => {
+                hook();
+                Err(wasnap::Error::internal(
+                    "copy \"f.dat\": lstat: No such file or directory (os error 2)",
+                ))
+            }
+            _ => wasnap::Backend::prepare(&*self.inner, key, parent, labels),
+        }
+    }
+}
+
+/// Found by the soak (`wasnap-bench soak --seed 2026 --duration 5m --kills 10`): a
+/// prepare whose parent another client removed while the native driver copied it
+/// failed with an internal error; the parent is simply not found any more.
+#[test]
+fn a_parent_removed_during_a_prepare_is_not_found_not_internal() {
+    let dir = tmp();
+    let faults = Arc::new(Faults::new());
+    let backend = Arc::new(ParentVanishes {
+        inner: native(dir.path(), faults.clone()),
+        hook: std::sync::Mutex::new(None),
+    });
+    let sn = Arc::new(Snapshotter::new(metadb(dir.path()), "native", backend.clone(), faults));
+    let c = ctx("default");
+    sn.prepare(&c, "p-active", None, &Labels::new()).unwrap();
+    sn.commit(&c, "p", "p-active", &Labels::new()).unwrap();
+    let (remover, rc) = (sn.clone(), c.clone());
+    *backend.hook.lock().unwrap() = Some(Box::new(move || remover.remove(&rc, "p").unwrap()));
+
+    let e = sn.prepare(&c, "child", Some("p"), &Labels::new()).unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert!(e.to_string().contains("parent snapshot \"p\""), "{e}");
+    assert!(list(&sn, &c, &[]).unwrap().is_empty(), "nothing is left");
+}

@@ -140,7 +140,6 @@ fn records_driver_parent_cycle_is_an_error_not_a_hang() {
 }
 
 #[test]
-#[ignore = "open: redb panics reading a damaged page; the read paths do not contain it"]
 fn records_redb_read_panics_on_a_damaged_file_are_errors() {
     for name in ["crash-redb-read-panic-slice-range", "crash-redb-read-panic-tuple-key"] {
         strictly(name, Duration::from_secs(30)).unwrap();

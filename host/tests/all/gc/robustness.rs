@@ -194,6 +194,55 @@ fn a_hanging_backend_neither_wedges_the_collection_nor_holds_writers() {
     assert_eq!(left.len(), 4, "{left:?}");
 }
 
+/// Found by the soak (`wasnap-bench soak --seed 2026 --duration 5m --kills 10`): `gc
+/// --check` right after a completed collection listed as orphans the backend snapshots
+/// of expired leases that the daemon's own collection had just swept and was pruning.
+#[test]
+fn check_during_a_collection_does_not_call_its_swept_snapshots_orphans() {
+    let dir = tmp();
+    let faults = Arc::new(Faults::new());
+    let backend = Stuck::new(native(dir.path(), faults.clone()));
+    let db = metadb(dir.path());
+    let sn = Arc::new(Snapshotter::new(db.clone(), "native", backend.clone(), faults.clone()));
+    let leases = Leases::new(db.clone());
+    let collector = Arc::new(Collector::new(db, faults, GcOptions::default()));
+    let c = ctx("default");
+    leases.create(&c, Some("l"), &none()).unwrap();
+    let l = c.clone().with_lease(Some("l".into()));
+    commit(&sn, &l, "g", None, &[]);
+    let bg = bkey(&sn, "default", "g");
+    leases.delete(&c, "l").unwrap();
+
+    // A collection sweeps the record and hangs pruning its backend snapshot.
+    backend.block.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let run = {
+        let (collector, sn) = (collector.clone(), sn.clone());
+        std::thread::spawn(move || collector.collect(&[sn], false))
+    };
+    while backend.entered.load(Ordering::SeqCst) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the collection never pruned");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(sn.orphans(Duration::from_secs(5)).unwrap(), std::slice::from_ref(&bg), "half done");
+
+    // A check now waits for the collection instead of reporting its work half done.
+    let check = {
+        let (collector, sn) = (collector.clone(), sn.clone());
+        std::thread::spawn(move || {
+            collector.between_collections(|| sn.orphans(Duration::from_secs(5)))
+        })
+    };
+    // Time for the check to have run, had it not waited (it passes either way with the
+    // wait; without it, it would have finished listing `bg`).
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!check.is_finished(), "the check ran during the collection");
+    backend.release();
+    let r = run.join().unwrap().unwrap();
+    assert_eq!(pruned(&r), [format!("native:{bg}")]);
+    assert!(check.join().unwrap().unwrap().is_empty(), "nothing is left to report");
+}
+
 // 12 ------------------------------------------------------------------------------------
 
 /// A root on disk with some garbage: two leased committed snapshots and an expired

@@ -44,13 +44,7 @@ pub const TARGET: Target = Target {
 
 /// Issues found here in code this crate does not own, reported and not yet fixed.
 /// Each has a regression test (ignored until fixed) in `tests/targets.rs`.
-const KNOWN: &[(&str, &str)] = &[
-    // redb panics (rather than failing) reading a damaged page; the panic escapes the
-    // read paths of the metadata layer and drivers (the write, open and close paths,
-    // in `kv`, contain it). The daemon answers such a call `internal` (tokio catches
-    // it); an embedded caller panics.
-    ("escaped panic on thread * at */redb-", "redb-read-panic-escapes"),
-];
+const KNOWN: &[(&str, &str)] = &[];
 
 /// One input: changes to the template root's database.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, Arbitrary)]

@@ -3,6 +3,7 @@
 //! the shipped `wasnap bench`. It prints its tables as `wasnap bench` does.
 
 mod daemon;
+mod soak;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,57 @@ enum Command {
     /// own overlayfs, wasnap as containerd's proxy snapshotter, and the wasnap daemon
     /// (overlay driver, `copy` guest)
     Daemon(DaemonArgs),
+    /// A long concurrent run against one `wasnap daemon` with kill -9s and aborts at
+    /// fault points, and an invariant checker; prints a table, exits 1 on a violation
+    Soak(SoakArgs),
+}
+
+/// Options of `wasnap-bench soak`.
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// The CI mode: 75 s of load at 8 clients with 4 random kills (well under 3 minutes)
+    #[arg(long)]
+    smoke: bool,
+    /// Concurrent clients
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// How long the load runs (humantime: 30s, 5m, 1h) [default: 30s; 75s with --smoke]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
+    /// Where the daemon's root goes (a real disk: kill durability is what is checked)
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// The seed of every random choice [default: from the clock; printed]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Random kill -9s of the daemon, spread over the run [default: 3; 4 with --smoke]
+    #[arg(long)]
+    kills: Option<u32>,
+    /// Chance in percent that a restarted daemon arms one fault point to abort
+    #[arg(long, default_value_t = 50)]
+    arm_percent: u64,
+    /// How often the checker runs besides after each restart and at the end
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    check_every: std::time::Duration,
+    /// The daemon's file descriptors may not exceed this after warm-up
+    #[arg(long, default_value_t = 512)]
+    max_fds: u64,
+    /// ... nor its threads
+    #[arg(long, default_value_t = 256)]
+    max_threads: u64,
+    /// ... nor its resident memory, in MiB
+    #[arg(long, default_value_t = 1024)]
+    max_rss_mib: u64,
+    /// Keep the root afterwards (its path is printed)
+    #[arg(long)]
+    keep: bool,
+    /// The `copy` guest's `.wasm` (`label_policy.wasm` beside it is put in front)
+    /// [default: the workspace's guests, built on demand]
+    #[arg(long = "copy-guest", value_name = "WASM")]
+    copy_guest: Option<PathBuf>,
+    /// The `wasnap` binary to run as the daemon [default: `wasnap` next to this executable]
+    #[arg(long, value_name = "PATH")]
+    wasnap: Option<PathBuf>,
 }
 
 /// Options of `wasnap-bench daemon`.
@@ -68,8 +120,31 @@ fn wasnap_binary(given: Option<&Path>) -> Result<PathBuf> {
     Ok(beside)
 }
 
-fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
+fn run(cli: Cli, out: &mut dyn Write) -> Result<bool> {
     match cli.command {
+        Command::Soak(args) => {
+            let wasnap = wasnap_binary(args.wasnap.as_deref())?;
+            let seed = args.seed.unwrap_or_else(|| {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                now.map(|d| d.as_nanos() as u64).unwrap_or(1) % 1_000_000
+            });
+            let default_duration = if args.smoke { 75 } else { 30 };
+            let opts = soak::Options {
+                clients: args.clients,
+                duration: args.duration.unwrap_or(std::time::Duration::from_secs(default_duration)),
+                dir: args.dir,
+                seed,
+                kills: args.kills.unwrap_or(if args.smoke { 4 } else { 3 }),
+                arm_percent: args.arm_percent.min(100),
+                check_every: args.check_every,
+                copy_guest: args.copy_guest,
+                max_fds: args.max_fds,
+                max_threads: args.max_threads,
+                max_rss_mib: args.max_rss_mib,
+                keep: args.keep,
+            };
+            soak::run(&opts, &wasnap, out)
+        }
         Command::Daemon(args) => {
             let wasnap = wasnap_binary(args.wasnap.as_deref())?;
             let mut dirs = args.dirs;
@@ -80,7 +155,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                     dirs.push(PathBuf::from("/var/tmp"));
                 }
             }
-            daemon::run(&dirs, args.copy_guest.as_deref(), &wasnap, args.smoke, out)
+            daemon::run(&dirs, args.copy_guest.as_deref(), &wasnap, args.smoke, out).map(|()| true)
         }
     }
 }
@@ -91,7 +166,8 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_env("WASNAP_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(cli, &mut std::io::stdout().lock()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("wasnap-bench: {e}");
             ExitCode::FAILURE

@@ -1,0 +1,116 @@
+//! The faults the soak injects, and when.
+//!
+//! Two kinds run today:
+//! - [`Fault::Kill`]: `kill -9` of the daemon at a random moment of the load;
+//! - [`Fault::AbortAt`]: a life started with one fault point armed to `abort`
+//!   (`WASNAP_FAULTS=point=abort`, see `host/src/fault.rs`): the daemon dies when a
+//!   call reaches that step, in the middle of whatever it was doing.
+//!
+//! After either the daemon restarts on the same root and the checker runs before any
+//! client goes on.
+//!
+//! Further kinds plug in here: add a variant to [`Fault`], let [`Plan::next_life`] or
+//! [`Plan::next_kill`] choose it, and give it a row in the table (`Fault::kind`). Not
+//! done yet (issue 14): a guest that traps, hangs or runs out of memory at random calls
+//! (an `adversary`-style guest in the chain), a full disk (the root on a small
+//! loop-mounted filesystem), and a client that stops reading a List stream midway.
+
+use std::time::{Duration, Instant};
+
+use super::rng::Rng;
+
+/// Fault points a client's calls or a collection reach (grep `faults.hit(` and
+/// `self.fault(` in host/src). Driver points are `<driver>.<point>`.
+pub const POINTS: &[&str] = &[
+    "metadata.create.after-backend",
+    "metadata.commit.before-backend",
+    "metadata.commit.after-backend",
+    "metadata.remove.backend",
+    "gc.sweep.before-commit",
+    "gc.before-prune",
+    "gc.prune.remove",
+    "native.create.before-rename",
+    "native.create.before-commit",
+    "native.commit.before-commit",
+    "native.commit.before-rename",
+    "native.commit.before-delete",
+    "native.remove.before-commit",
+    "native.remove.before-delete",
+    "overlay.create.before-rename",
+    "overlay.create.before-commit",
+    "overlay.commit.before-commit",
+    "overlay.commit.before-rename",
+    "overlay.commit.before-delete",
+    "overlay.remove.before-commit",
+    "overlay.remove.before-delete",
+];
+
+/// One fault injected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// `kill -9` at a random moment.
+    Kill,
+    /// A life with this point armed to abort.
+    AbortAt(String),
+}
+
+impl Fault {
+    /// Its row in the faults table.
+    pub fn kind(&self) -> String {
+        match self {
+            Fault::Kill => "kill -9 (random moment)".into(),
+            Fault::AbortAt(p) => format!("abort at {p}"),
+        }
+    }
+}
+
+/// When to kill and what to arm.
+#[derive(Debug)]
+pub struct Plan {
+    /// Random kills still to do.
+    kills_left: u32,
+    end: Instant,
+    /// Chance that a life arms a fault point, in percent.
+    arm_percent: u64,
+}
+
+impl Plan {
+    /// `kills` random kills spread over the run ending at `end`; each restarted life
+    /// arms a point with `arm_percent`% chance.
+    pub fn new(kills: u32, end: Instant, arm_percent: u64) -> Plan {
+        Plan { kills_left: kills, end, arm_percent }
+    }
+
+    /// When the next random kill is due (None: no more), jittered around an even
+    /// spread of the kills left over the time left.
+    pub fn next_kill(&mut self, rng: &mut Rng, now: Instant) -> Option<Instant> {
+        if self.kills_left == 0 || now >= self.end {
+            return None;
+        }
+        let left = self.end - now;
+        let gap = left / (self.kills_left + 1);
+        let jitter = 0.5 + rng.unit();
+        Some(now + gap.mul_f64(jitter).max(Duration::from_millis(500)))
+    }
+
+    /// A random kill was done.
+    pub fn killed(&mut self) {
+        self.kills_left = self.kills_left.saturating_sub(1);
+    }
+
+    /// The point to arm for the next life, if any.
+    pub fn next_life(&mut self, rng: &mut Rng, first: bool) -> Option<Fault> {
+        if first || rng.below(100) >= self.arm_percent {
+            return None;
+        }
+        Some(Fault::AbortAt(POINTS[rng.below(POINTS.len() as u64) as usize].to_owned()))
+    }
+}
+
+/// `WASNAP_FAULTS` for a life.
+pub fn spec(f: &Fault) -> Option<String> {
+    match f {
+        Fault::AbortAt(p) => Some(format!("{p}=abort")),
+        Fault::Kill => None,
+    }
+}

@@ -9,11 +9,15 @@
 //! After either the daemon restarts on the same root and the checker runs before any
 //! client goes on.
 //!
+//! A third runs in the clients ([`super::ops`], row `list (stalled reader)`): a client
+//! that takes a List stream's first page, leaves the rest unread for seconds and asks
+//! for a collection meanwhile, which must end in time.
+//!
 //! Further kinds plug in here: add a variant to [`Fault`], let [`Plan::next_life`] or
 //! [`Plan::next_kill`] choose it, and give it a row in the table (`Fault::kind`). Not
 //! done yet (issue 14): a guest that traps, hangs or runs out of memory at random calls
-//! (an `adversary`-style guest in the chain), a full disk (the root on a small
-//! loop-mounted filesystem), and a client that stops reading a List stream midway.
+//! (an `adversary`-style guest in the chain), and a full disk (the root on a small
+//! loop-mounted filesystem, filled by a ballast file at times).
 
 use std::time::{Duration, Instant};
 

@@ -39,6 +39,12 @@ pub const FORBIDDEN: &str = "containerd.io/snapshot/soak.forbidden";
 const TAG: &str = "containerd.io/snapshot/soak.tag";
 /// How long chains may grow.
 const MAX_DEPTH: usize = 6;
+/// How long a stalled List stream is left unread.
+const STALL: Duration = Duration::from_secs(10);
+/// How long a collection may take while a List stream is stalled.
+const UNDER_STALL: Duration = Duration::from_secs(30);
+/// The stalled List's row.
+pub const STALLED_LIST: &str = "list (stalled reader)";
 
 /// The operations, in the order the table lists them.
 pub const OPS: &[&str] = &[
@@ -50,6 +56,7 @@ pub const OPS: &[&str] = &[
     "update",
     "list",
     "list (filtered)",
+    STALLED_LIST,
     "usage",
     "mounts",
     "lease create",
@@ -155,6 +162,8 @@ impl Worker {
             88..89 => self.rotate_lease().await,
             89..93 => self.expiring().await,
             93..95 => self.denied().await,
+            // Rare: each one holds a stream open for seconds.
+            95 if self.rng.chance(2) => self.stalled_list(),
             _ => self.stat().await,
         }
         drop(guard);
@@ -830,6 +839,54 @@ impl Worker {
                 },
             );
         }
+    }
+
+    /// A client that stops reading a List stream midway: it takes the first page and
+    /// leaves the rest unread for [`STALL`], on a task of its own so that neither the
+    /// other clients nor the checker wait for it. Meanwhile it asks for a collection,
+    /// which must end within [`UNDER_STALL`]: a List holding a lock, a pool slot or a
+    /// transaction that writers or the collector need would stall it. The stream is
+    /// then dropped unread.
+    fn stalled_list(&mut self) {
+        let sn = self.pick_sn();
+        let msg = spb::ListSnapshotsRequest { snapshotter: sn.clone(), filters: Vec::new() };
+        let req = self.req(msg, None);
+        let (sh, client, id) = (self.sh.clone(), self.client.clone(), self.id);
+        tokio::spawn(async move {
+            let mut s = client.snapshots();
+            let opened = tokio::time::timeout(CALL_TIMEOUT, s.list(req)).await;
+            let Ok(Ok(stream)) = opened else {
+                sh.count(STALLED_LIST, Outcome::Lost, None);
+                return;
+            };
+            let mut stream = stream.into_inner();
+            if !matches!(tokio::time::timeout(CALL_TIMEOUT, stream.message()).await, Ok(Ok(_))) {
+                sh.count(STALLED_LIST, Outcome::Lost, None);
+                return;
+            }
+            let started = Instant::now();
+            let msg = wasnap_daemon::proto::admin::CollectRequest { dry_run: false };
+            let mut a = client.admin();
+            match tokio::time::timeout(UNDER_STALL, a.collect(tonic::Request::new(msg))).await {
+                Ok(Ok(_)) => {}
+                // The daemon died or restarts: nothing to say about the stall.
+                Ok(Err(_)) => {
+                    sh.count(STALLED_LIST, Outcome::Lost, None);
+                    return;
+                }
+                Err(_) => {
+                    sh.violation(format!(
+                        "client {id}: a collection took over {UNDER_STALL:?} while a List \
+                         stream of {sn} was left unread"
+                    ));
+                    sh.count(STALLED_LIST, Outcome::Lost, None);
+                    return;
+                }
+            }
+            tokio::time::sleep(STALL.saturating_sub(started.elapsed())).await;
+            drop(stream);
+            sh.count(STALLED_LIST, Outcome::Ok, None);
+        });
     }
 
     async fn gc(&mut self) {

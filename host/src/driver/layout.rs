@@ -703,9 +703,19 @@ impl Layout {
                 return self.entries.delete(&self.snapshots, &name);
             }
             let doomed = self.tmp_name(&format!("rm-{id}"));
-            self.snapshots
-                .rename(&name, &self.tmp, doomed.name())
-                .with_context(|| format!("move {SNAPSHOTS}/{name} to {doomed}"))?;
+            match self.snapshots.rename(&name, &self.tmp, doomed.name()) {
+                Ok(()) => {}
+                // Its data is gone already: nothing is left to delete.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::debug!(path = %Self::entry(id), "a removed snapshot had no data");
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(
+                        Error::from(e).context(format!("move {SNAPSHOTS}/{name} to {doomed}"))
+                    );
+                }
+            }
             if when == Deletion::Background {
                 let mut q = self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
                 q.0.push(doomed);

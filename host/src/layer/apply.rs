@@ -1371,6 +1371,24 @@ impl<'o> Applier<'o> {
         Ok(op(dir.as_fd(), os(name)))
     }
 
+    /// A new, empty regular file at `name` of `dir` (whatever was there replaced),
+    /// owner-only until its metadata are set.
+    fn new_file(&mut self, dir: &Dir, name: &[u8], path: &[u8], ctx: Ctx<'_>) -> Result<File> {
+        // No-follow: O_CREAT|O_EXCL makes a new file and never follows a symlink there.
+        let flags = OFlags::WRONLY
+            | OFlags::CREATE
+            | OFlags::EXCL
+            | OFlags::NOFOLLOW
+            | OFlags::NOCTTY
+            | OFlags::CLOEXEC;
+        let fd = self
+            .create(dir, name, path, ctx, |d, n| {
+                rustix::fs::openat(d, n, flags, Mode::from_raw_mode(0o600))
+            })?
+            .map_err(ctx.sys("create"))?;
+        Ok(File::from(fd))
+    }
+
     fn directory(
         &mut self,
         dir: &Dir,
@@ -1436,19 +1454,7 @@ impl<'o> Applier<'o> {
         chunks: &RefCell<Chunks>,
         ctx: Ctx<'_>,
     ) -> Result<()> {
-        // No-follow: O_CREAT|O_EXCL makes a new file and never follows a symlink there.
-        let flags = OFlags::WRONLY
-            | OFlags::CREATE
-            | OFlags::EXCL
-            | OFlags::NOFOLLOW
-            | OFlags::NOCTTY
-            | OFlags::CLOEXEC;
-        let fd = self
-            .create(dir, name, path, ctx, |d, n| {
-                rustix::fs::openat(d, n, flags, Mode::from_raw_mode(0o600))
-            })?
-            .map_err(ctx.sys("create"))?;
-        let mut file = File::from(fd);
+        let mut file = self.new_file(dir, name, path, ctx)?;
         let size = entry.size();
         let short = |read: u64| {
             ctx.bad(format!("the stream ends inside the file's data ({read} of {size} bytes)"))
@@ -1582,19 +1588,7 @@ impl<'o> Applier<'o> {
             fsutil::open_pinned(source).map_err(ctx.sys("open the file in the layer's tree"))?,
         );
         let attrs = &self.source_attrs(from.as_fd(), attrs, ctx)?;
-        // No-follow: O_CREAT|O_EXCL makes a new file and never follows a symlink there.
-        let flags = OFlags::WRONLY
-            | OFlags::CREATE
-            | OFlags::EXCL
-            | OFlags::NOFOLLOW
-            | OFlags::NOCTTY
-            | OFlags::CLOEXEC;
-        let fd = self
-            .create(dir, name, path, ctx, |d, n| {
-                rustix::fs::openat(d, n, flags, Mode::from_raw_mode(0o600))
-            })?
-            .map_err(ctx.sys("create"))?;
-        let mut file = File::from(fd);
+        let mut file = self.new_file(dir, name, path, ctx)?;
         let copied = io::copy(&mut (&from).take(size), &mut file)
             .map_err(|e| Error::from(e).context(format!("{ctx}: copy from the layer's tree")))?;
         if copied != size {

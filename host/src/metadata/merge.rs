@@ -83,14 +83,7 @@ pub(crate) fn hold_layers(
     key: &str,
     layers: &[String],
 ) -> Result<()> {
-    if layers.is_empty() {
-        return Ok(());
-    }
-    let mut children = txn.open_multimap_table(CHILDREN)?;
-    for l in layers.iter().filter(|l| *l != key) {
-        children.insert((sn, ns, l.as_str()), key)?;
-    }
-    Ok(())
+    link_layers(txn, sn, ns, key, layers, true)
 }
 
 /// Undoes [`hold_layers`].
@@ -101,12 +94,29 @@ pub(crate) fn release_layers(
     key: &str,
     layers: &[String],
 ) -> Result<()> {
+    link_layers(txn, sn, ns, key, layers, false)
+}
+
+/// Adds (`hold`) or removes the child links from each of `layers` but `key` itself to
+/// `key`.
+fn link_layers(
+    txn: &WriteTransaction,
+    sn: &str,
+    ns: &str,
+    key: &str,
+    layers: &[String],
+    hold: bool,
+) -> Result<()> {
     if layers.is_empty() {
         return Ok(());
     }
     let mut children = txn.open_multimap_table(CHILDREN)?;
     for l in layers.iter().filter(|l| *l != key) {
-        children.remove((sn, ns, l.as_str()), key)?;
+        if hold {
+            children.insert((sn, ns, l.as_str()), key)?;
+        } else {
+            children.remove((sn, ns, l.as_str()), key)?;
+        }
     }
     Ok(())
 }

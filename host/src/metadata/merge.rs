@@ -331,7 +331,10 @@ impl Snapshotter {
         match self.backend.merge(&bkey, &blayers, &inherited_labels(labels)) {
             Ok(()) => {}
             Err(e) if e.kind() == crate::ErrorKind::NotImplemented => return Ok(None),
-            Err(e) => return Err(self.in_user_terms(e, &[(&bkey, name)])),
+            Err(e) => {
+                self.discard_backend(&bkey, "its merge failed");
+                return Err(self.in_user_terms(e, &[(&bkey, name)]));
+            }
         }
         let now = now_nanos();
         let rec = Record {

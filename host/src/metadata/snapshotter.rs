@@ -532,6 +532,10 @@ impl Snapshotter {
                 // backend was copying it: that is a parent not found, not an internal
                 // error (found by the soak: native's copy failed with "lstat: No such
                 // file or directory").
+                // A backend may have made the snapshot and failed after (a policy in
+                // front of it that trapped once the backend was done, found by the
+                // soak's chaos guest): no record will name it, so it goes now.
+                self.discard_backend(&bkey, "its creation failed");
                 if let (Some(p), Some(bp)) = (parent, bparent.as_deref())
                     && self.db.read_with(|txn| txn.record(sn, ns, p))?.is_none_or(|r| r.bkey != bp)
                 {
@@ -604,6 +608,18 @@ impl Snapshotter {
         if let Err(e) = self.backend.remove(bkey) {
             tracing::error!(snapshotter = %self.name, bkey, error = %e,
                 "failed to remove a backend snapshot ({why}); cleanup will retry");
+        }
+    }
+
+    /// Removes the backend snapshot `bkey` if a failed call made it after all; most
+    /// often it does not exist. A failure is left to pruning.
+    pub(super) fn discard_backend(&self, bkey: &str, why: &str) {
+        match self.backend.remove(bkey) {
+            Ok(()) => tracing::warn!(snapshotter = %self.name, bkey,
+                "removed a backend snapshot the backend made although the call failed ({why})"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(snapshotter = %self.name, bkey, error = %e,
+                "could not remove what a failed call may have made ({why}); pruning will"),
         }
     }
 
@@ -727,11 +743,30 @@ impl Snapshotter {
             })
             .map_err(|e| self.in_user_terms(e, &[(&intent.bname, name), (&intent.bkey, key)]));
         if let Err(e) = done {
-            if let Err(undo) = self.end_intent(&ns, name, &intent, Some(&old), None) {
-                tracing::error!(snapshotter = %sn, key, error = %undo,
-                    "could not undo the intent of a failed commit; the next open will");
+            // The backend may have committed and failed after (a policy in front of it
+            // that trapped once the backend was done, found by the soak's chaos guest):
+            // ask it which key it holds, as recovery after a crash does, instead of
+            // putting back an active record whose data has moved.
+            match self.held(&intent.bname).and_then(|new| Ok((new, self.held(&intent.bkey)?))) {
+                Ok((Some(Kind::Committed), _)) => {
+                    tracing::warn!(snapshotter = %sn, key, name, error = %e,
+                        "the backend reported a failed commit but holds the committed snapshot; finishing it");
+                }
+                Ok((_, Some(Kind::Active))) => {
+                    if let Err(undo) = self.end_intent(&ns, name, &intent, Some(&old), None) {
+                        tracing::error!(snapshotter = %sn, key, error = %undo,
+                            "could not undo the intent of a failed commit; the next open will");
+                    }
+                    return Err(e);
+                }
+                found => {
+                    // Neither, or the backend cannot say: the intent stays, for the next
+                    // open to settle, and the snapshot stays marked as committing.
+                    tracing::error!(snapshotter = %sn, key, name, error = %e, ?found,
+                        "a failed commit left the backend holding neither key, or it cannot say which; the next open settles it");
+                    return Err(e);
+                }
             }
-            return Err(e);
         }
 
         // Step 3: the committed record.
@@ -808,18 +843,22 @@ impl Snapshotter {
         })
     }
 
+    /// The kind of the backend snapshot `bkey`, or None if the backend has none.
+    fn held(&self, bkey: &str) -> Result<Option<Kind>> {
+        match self.backend.stat(bkey) {
+            Ok(info) => Ok(Some(info.kind)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Finishes or undoes every commit a crash cut short, by asking the backend which
     /// of the two keys it holds. Run when the snapshotter is opened, before any call.
     pub fn recover(&self) -> Result<Recovery> {
         let mut report = Recovery::default();
         let pending = self.db.read_with(|txn| db::intents(txn, &self.name))?;
         for (ns, name, intent) in pending {
-            let held = |bkey: &str| match self.backend.stat(bkey) {
-                Ok(info) => Ok(Some(info.kind)),
-                Err(e) if e.is_not_found() => Ok(None),
-                Err(e) => Err(e),
-            };
-            match (held(&intent.bname)?, held(&intent.bkey)?) {
+            match (self.held(&intent.bname)?, self.held(&intent.bkey)?) {
                 (Some(Kind::Committed), _) => {
                     let now = now_nanos();
                     let rec = Record {

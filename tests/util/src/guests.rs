@@ -20,6 +20,7 @@ pub const ALL: &[&str] = &[
     "label-policy",
     "quota",
     "adversary",
+    "chaos",
     "wrong-version",
     // examples/minimal-guest: the snapshotter of sdk/README.md.
     "myplugin",

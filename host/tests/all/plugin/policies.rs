@@ -1,6 +1,7 @@
 //! The example policies (`guests/label-policy`, `guests/quota`) in front of the native
 //! driver: what they refuse, what they rewrite, and that configured permissively they
-//! leave every conformance case passing.
+//! leave every conformance case passing. And the test-only `chaos` policy, which dies
+//! before or after the backend does a call: what the host makes of each death.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -321,4 +322,90 @@ fn the_suite_passes_through_a_permissive_label_policy() {
 #[test]
 fn the_suite_passes_through_a_generous_quota() {
     suite_passes_with("quota", json!({"max_active": 10_000, "max_bytes": 1_u64 << 40}));
+}
+
+/// `chaos` in front of native, killing every `calls` call with each fault in turn, at
+/// `when`; a hang costs 300 ms.
+fn chaos_chains(calls: &[&str], when: &str) -> Vec<(&'static str, Chain)> {
+    let limits = Limits { timeout_ms: 300, memory_mib: 32, ..Limits::default() };
+    ["trap", "oom", "hang"]
+        .into_iter()
+        .map(|fault| {
+            let config = json!({"percent": 100, "calls": calls, "faults": [fault], "when": when});
+            (fault, chain_with("chaos", config, limits.clone()))
+        })
+        .collect()
+}
+
+/// The backend's snapshots as (name, kind), sorted.
+fn in_backend(c: &Chain) -> Vec<(String, wasnap::Kind)> {
+    backend_keys(c.native.as_ref()).into_iter().map(|i| (i.name, i.kind)).collect()
+}
+
+#[test]
+fn a_guest_dying_after_the_backend_committed_leaves_the_commit_done() {
+    for (fault, c) in chaos_chains(&["commit"], "after") {
+        let sn = c.metadata();
+        let ns = ctx("ns1");
+        sn.prepare(&ns, "a", None, &no_labels()).unwrap();
+        // The backend committed; the host asks it which key it holds and finishes the
+        // commit, instead of putting back an active record whose data has moved.
+        sn.commit(&ns, "c", "a", &labels(&[(OWNER, "me")]))
+            .unwrap_or_else(|e| panic!("{fault}: the commit was done: {e}"));
+        let info = sn.stat(&ns, "c").unwrap();
+        assert_eq!(info.kind, wasnap::Kind::Committed, "{fault}");
+        assert_eq!(info.labels, labels(&[(OWNER, "me")]), "{fault}");
+        let e = sn.stat(&ns, "a").expect_err("the active snapshot is gone");
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{fault}: {e}");
+        let backend = in_backend(&c);
+        assert_eq!(backend.len(), 1, "{fault}: {backend:?}");
+        assert_eq!(backend[0].1, wasnap::Kind::Committed, "{fault}");
+        // The committed snapshot is usable: a child of it, and its removal.
+        sn.prepare(&ns, "b", Some("c"), &no_labels()).unwrap();
+        sn.remove(&ns, "b").unwrap();
+        sn.remove(&ns, "c").unwrap();
+        assert!(in_backend(&c).is_empty(), "{fault}");
+    }
+}
+
+#[test]
+fn a_guest_dying_before_the_backend_committed_leaves_the_active_snapshot() {
+    for (fault, c) in chaos_chains(&["commit"], "before") {
+        let sn = c.metadata();
+        let ns = ctx("ns1");
+        sn.prepare(&ns, "a", None, &no_labels()).unwrap();
+        let e = sn.commit(&ns, "c", "a", &no_labels()).expect_err("the guest died");
+        assert!(matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable), "{fault}: {e}");
+        assert_eq!(sn.stat(&ns, "a").unwrap().kind, wasnap::Kind::Active, "{fault}");
+        assert_eq!(sn.stat(&ns, "c").unwrap_err().kind(), ErrorKind::NotFound, "{fault}");
+        let backend = in_backend(&c);
+        assert_eq!(backend.len(), 1, "{fault}: {backend:?}");
+        assert_eq!(backend[0].1, wasnap::Kind::Active, "{fault}");
+        // Not left marked as committing: it can be removed.
+        sn.remove(&ns, "a").unwrap();
+        assert!(in_backend(&c).is_empty(), "{fault}");
+    }
+}
+
+#[test]
+fn a_guest_dying_after_the_backend_made_a_snapshot_leaves_nothing() {
+    for (fault, c) in chaos_chains(&["prepare", "view"], "after") {
+        let sn = c.metadata();
+        let ns = ctx("ns1");
+        for view in [false, true] {
+            let made = if view {
+                sn.view(&ns, "v", None, &no_labels())
+            } else {
+                sn.prepare(&ns, "a", None, &no_labels())
+            };
+            let e = made.expect_err("the guest died");
+            assert!(
+                matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable),
+                "{fault}: {e}"
+            );
+            assert!(crate::common::list(&sn, &ns, &[]).unwrap().is_empty(), "{fault}");
+            // What the backend made is removed with the failure, not left to pruning.
+            assert!(in_backend(&c).is_empty(), "{fault} (view {view}): {:?}", in_backend(&c));
+        }
+    }
 }

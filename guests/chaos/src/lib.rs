@@ -126,19 +126,24 @@ impl Chaos {
     }
 }
 
-/// Dies of `fault`; never returns.
+/// Dies of `fault`; never returns. It first says so on stderr, in one line the soak
+/// counts in the host's log.
 fn die(fault: Fault, op: &str, key: &str, when: &str) -> ! {
+    let name = match fault {
+        Fault::Trap => "trap",
+        Fault::Hang => "hang",
+        Fault::Oom => "oom",
+    };
+    eprintln!("chaos: dying of {name} in {op} {key:?} {when}");
     match fault {
-        Fault::Trap => panic!("chaos: trap in {op} {key:?} {when}"),
+        Fault::Trap => panic!("chaos: the trap said above"),
         Fault::Hang => {
-            eprintln!("chaos: hang in {op} {key:?} {when}");
             let mut spins: u64 = 0;
             loop {
                 spins = std::hint::black_box(spins.wrapping_add(1));
             }
         }
         Fault::Oom => {
-            eprintln!("chaos: out of memory in {op} {key:?} {when}");
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {
                 // Touch every page, so the memory is really taken; when the limit

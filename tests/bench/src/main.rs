@@ -71,7 +71,13 @@ struct SoakArgs {
     /// Keep the root afterwards (its path is printed)
     #[arg(long)]
     keep: bool,
-    /// The `copy` guest's `.wasm` (`label_policy.wasm` beside it is put in front)
+    /// Chance in percent that a prepare, view, commit or update of the `copy` snapshotter
+    /// dies in its guest chain: the `chaos` policy traps, hangs or runs out of memory,
+    /// before or after `copy` did the call (0: never)
+    #[arg(long, default_value_t = 2)]
+    guest_faults: u64,
+    /// The `copy` guest's `.wasm` (`label_policy.wasm` and `chaos.wasm` beside it are put
+    /// in front)
     /// [default: the workspace's guests, built on demand]
     #[arg(long = "copy-guest", value_name = "WASM")]
     copy_guest: Option<PathBuf>,
@@ -136,6 +142,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<bool> {
                 seed,
                 kills: args.kills.unwrap_or(if args.smoke { 4 } else { 3 }),
                 arm_percent: args.arm_percent.min(100),
+                guest_faults: args.guest_faults.min(100),
                 check_every: args.check_every,
                 copy_guest: args.copy_guest,
                 max_fds: args.max_fds,

@@ -13,12 +13,18 @@
 //! that takes a List stream's first page, leaves the rest unread for seconds and asks
 //! for a collection meanwhile, which must end in time.
 //!
+//! A fourth runs in the daemon: the `copy` snapshotter has the test-only `chaos` guest
+//! (`guests/chaos`) in its policy chain, which at random prepares, views, commits and
+//! updates traps, hangs until its deadline, or runs out of memory, before or after
+//! `copy` did the call. A client takes the failure as a refusal: nothing may have
+//! changed, which the checker then holds it to. The guest says each death on stderr;
+//! [`guest_deaths`] counts them in the daemon's log, and the host's repairs (a commit
+//! finished, a backend snapshot removed) are counted by their log lines.
+//!
 //! Further kinds plug in here: add a variant to [`Fault`], let [`Plan::next_life`] or
-//! [`Plan::next_kill`] choose it, and give it a row in the table (`Fault::kind`). Not
-//! done yet (issue 14): a guest that traps, hangs or runs out of memory at random calls
-//! (an `adversary`-style guest in the chain), and a full disk (the root on a small
-//! loop-mounted filesystem, filled by a ballast file at times).
+//! [`Plan::next_kill`] choose it, and give it a row in the table (`Fault::kind`).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::rng::Rng;
@@ -117,4 +123,34 @@ pub fn spec(f: &Fault) -> Option<String> {
         Fault::AbortAt(p) => Some(format!("{p}=abort")),
         Fault::Kill => None,
     }
+}
+
+/// What the `chaos` guest writes to stderr before it dies (its `die`), as the host logs
+/// a guest's output line; errors quoting the guest's last lines repeat it elsewhere.
+const DYING: &str = "wasnap::plugin::output: chaos: dying of ";
+/// The host's log line for a commit it finished after its backend chain failed.
+pub const FINISHED_COMMIT: &str = "holds the committed snapshot; finishing it";
+/// The host's log line for a backend snapshot a failed create had made.
+pub const DISCARDED: &str = "removed a backend snapshot the backend made although the call failed";
+
+/// The `chaos` guest's deaths in `log`, by (fault, when).
+pub fn guest_deaths(log: &str) -> BTreeMap<(String, String), u64> {
+    let mut n = BTreeMap::new();
+    for line in log.lines() {
+        let Some(at) = line.find(DYING) else { continue };
+        let rest = &line[at + DYING.len()..];
+        let fault = rest.split_whitespace().next().unwrap_or("?").to_owned();
+        let when = ["before passing it on", "after it succeeded", "after it failed"]
+            .into_iter()
+            .find(|w| rest.contains(w))
+            .unwrap_or("?")
+            .to_owned();
+        *n.entry((fault, when)).or_default() += 1;
+    }
+    n
+}
+
+/// Lines of `log` that contain `needle`.
+pub fn count_lines(log: &str, needle: &str) -> u64 {
+    log.lines().filter(|l| l.contains(needle)).count() as u64
 }

@@ -56,6 +56,8 @@ pub struct Options {
     pub kills: u32,
     /// Chance in percent that a restarted life arms a fault point.
     pub arm_percent: u64,
+    /// Chance in percent that a change on `copy` dies in the `chaos` guest.
+    pub guest_faults: u64,
     pub check_every: Duration,
     pub copy_guest: Option<PathBuf>,
     pub max_fds: u64,
@@ -86,6 +88,9 @@ pub struct Shared {
     pub snapshotters: Vec<String>,
     /// `copy` sits behind the `label-policy` guest.
     pub policy: bool,
+    /// `copy` sits behind the `chaos` guest too: its changes may fail with a guest's
+    /// death, which must leave nothing changed.
+    pub chaos: bool,
     tally: Mutex<Tally>,
     reported: Mutex<HashSet<SnapId>>,
 }
@@ -99,6 +104,8 @@ struct Tally {
     violations: Vec<String>,
     collections: u64,
     collected: u64,
+    /// Changes that failed because the `chaos` guest died in them.
+    guest_deaths: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,6 +144,11 @@ impl Shared {
         }
     }
 
+    /// A change failed because the `chaos` guest died in it.
+    pub fn guest_died(&self) {
+        lock(&self.tally).guest_deaths += 1;
+    }
+
     pub fn gc_done(&self, r: &wasnap::gc::GcReport) {
         let mut t = lock(&self.tally);
         t.collections += 1;
@@ -148,38 +160,66 @@ impl Shared {
     }
 }
 
-/// The guests the soak's `copy` snapshotter needs: the copy guest and, if found, the
-/// label-policy guest in front of it.
-fn guests(copy: Option<&Path>) -> std::result::Result<(PathBuf, Option<PathBuf>), String> {
+/// The guests of the soak's `copy` snapshotter.
+struct Guests {
+    copy: PathBuf,
+    /// `label-policy`, in front of it, if found.
+    policy: Option<PathBuf>,
+    /// `chaos`, in front of it behind `label-policy`, if found.
+    chaos: Option<PathBuf>,
+}
+
+/// The guests: the copy guest and, if found, the policies in front of it.
+fn guests(copy: Option<&Path>) -> std::result::Result<Guests, String> {
     match copy {
         Some(c) => {
-            let policy = c.with_file_name("label_policy.wasm");
-            Ok((c.to_path_buf(), policy.is_file().then_some(policy)))
+            let beside = |f: &str| Some(c.with_file_name(f)).filter(|p| p.is_file());
+            Ok(Guests {
+                copy: c.to_path_buf(),
+                policy: beside("label_policy.wasm"),
+                chaos: beside("chaos.wasm"),
+            })
         }
-        None => {
-            let c = wasnap_test_util::guests::path("copy")?;
-            Ok((c, wasnap_test_util::guests::path("label-policy").ok()))
-        }
+        None => Ok(Guests {
+            copy: wasnap_test_util::guests::path("copy")?,
+            policy: wasnap_test_util::guests::path("label-policy").ok(),
+            chaos: wasnap_test_util::guests::path("chaos").ok(),
+        }),
     }
 }
 
-fn config(copy: Option<&(PathBuf, Option<PathBuf>)>, overlay: bool) -> String {
+/// The calls of `copy` the `chaos` guest may kill. Not `remove`: collections remove
+/// through the chain too, and a collection failed in part is a violation of its own.
+const CHAOS_CALLS: &str = r#"["prepare", "view", "commit", "update"]"#;
+
+fn config(guests: Option<&Guests>, overlay: bool, opts: &Options) -> String {
     let mut c = String::from(
         "default_snapshotter = \"native\"\n\n[snapshotters.native]\ndriver = \"native\"\n",
     );
     if overlay {
         c.push_str("\n[snapshotters.overlay]\ndriver = \"overlay\"\n");
     }
-    if let Some((guest, policy)) = copy {
+    if let Some(g) = guests {
         c.push_str(&format!(
             "\n[snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\n",
-            guest.display().to_string()
+            g.copy.display().to_string()
         ));
-        if let Some(p) = policy {
+        if let Some(p) = &g.policy {
             c.push_str(&format!(
                 "\n[[snapshotters.copy.policies]]\npath = {:?}\nconfig = {{ deny = [\"{}*\"] }}\n",
                 p.display().to_string(),
                 ops::FORBIDDEN
+            ));
+        }
+        if let (Some(p), true) = (&g.chaos, opts.guest_faults > 0) {
+            // The checker's own views (keys `chk-…`) are spared; a hang costs 2 s.
+            c.push_str(&format!(
+                "\n[[snapshotters.copy.policies]]\npath = {:?}\n\
+                 config = {{ percent = {}, seed = {}, calls = {CHAOS_CALLS}, spare = \"/chk-\" }}\n\
+                 limits = {{ timeout_ms = 2000, memory_mib = 32 }}\n",
+                p.display().to_string(),
+                opts.guest_faults,
+                opts.seed,
             ));
         }
     }
@@ -379,12 +419,13 @@ pub fn run(opts: &Options, wasnap: &Path, out: &mut dyn Write) -> Result<bool> {
     if guests.is_some() {
         snapshotters.push("copy".into());
     }
-    let policy = guests.as_ref().is_some_and(|(_, p)| p.is_some());
+    let policy = guests.as_ref().is_some_and(|g| g.policy.is_some());
+    let chaos = opts.guest_faults > 0 && guests.as_ref().is_some_and(|g| g.chaos.is_some());
     let tmp = tempfile::Builder::new().prefix("wasnap-soak-").tempdir_in(&opts.dir).map_err(io)?;
     let fs = wasnap::probe::filesystem_name(&opts.dir);
     writeln!(
         out,
-        "soak: seed {}, {} clients for {}, {} kills, root {} ({fs}), snapshotters {}{}",
+        "soak: seed {}, {} clients for {}, {} kills, root {} ({fs}), snapshotters {}{}{}",
         opts.seed,
         opts.clients,
         humantime::format_duration(opts.duration),
@@ -392,16 +433,21 @@ pub fn run(opts: &Options, wasnap: &Path, out: &mut dyn Write) -> Result<bool> {
         tmp.path().display(),
         snapshotters.join(", "),
         if policy { " (copy behind label-policy)" } else { "" },
+        if chaos {
+            format!(" (and behind chaos: {}% of its changes die)", opts.guest_faults)
+        } else {
+            String::new()
+        },
     )
     .map_err(io)?;
     out.flush().map_err(io)?;
-    let daemon = Daemon::new(wasnap, tmp.path(), &config(guests.as_ref(), root_user))?;
+    let daemon = Daemon::new(wasnap, tmp.path(), &config(guests.as_ref(), root_user, opts))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .with_context(|| "soak runtime")?;
     let started = Instant::now();
-    let result = rt.block_on(drive(opts, daemon, snapshotters, policy));
+    let result = rt.block_on(drive(opts, daemon, snapshotters, policy, chaos));
     let wall = started.elapsed();
     if opts.keep {
         writeln!(out, "soak: kept {}", tmp.keep().display()).map_err(io)?;
@@ -416,6 +462,7 @@ async fn drive(
     mut daemon: Daemon,
     snapshotters: Vec<String>,
     policy: bool,
+    chaos: bool,
 ) -> Result<(Arc<Shared>, Driver)> {
     let (tx, rx) = watch::channel(Conn::default());
     let first = daemon.start(None).await?;
@@ -428,6 +475,7 @@ async fn drive(
         namespaces: (0..3).map(|i| format!("soak{i}")).collect(),
         snapshotters,
         policy,
+        chaos,
         tally: Mutex::new(Tally::default()),
         reported: Mutex::new(HashSet::new()),
     });
@@ -577,6 +625,32 @@ fn report(
         .map(|(k, (injected, hit))| vec![k.clone(), injected.to_string(), hit.to_string()])
         .collect();
     table(out, &["FAULT", "INJECTED", "DIED OF IT"], &rows)?;
+
+    if sh.chaos {
+        let log = d.daemon.log_text();
+        let deaths = faults::guest_deaths(&log);
+        writeln!(out, "\nsoak: the chaos guest's deaths in copy's changes (from the daemon's log)")
+            .map_err(io)?;
+        let rows: Vec<Vec<String>> = deaths
+            .iter()
+            .map(|((fault, when), n)| vec![fault.clone(), when.clone(), n.to_string()])
+            .collect();
+        table(out, &["DIED OF", "WHEN", "COUNT"], &rows)?;
+        let repaired = [
+            ("changes failed as the guest died (refused, nothing changed)", t.guest_deaths),
+            (
+                "commits finished after the guest died (the backend had committed)",
+                faults::count_lines(&log, faults::FINISHED_COMMIT),
+            ),
+            (
+                "backend snapshots removed after a failed create",
+                faults::count_lines(&log, faults::DISCARDED),
+            ),
+        ];
+        let rows: Vec<Vec<String>> =
+            repaired.iter().map(|(what, n)| vec![(*what).to_owned(), n.to_string()]).collect();
+        table(out, &["WHAT THE HOST DID", "COUNT"], &rows)?;
+    }
 
     let all = Stats::new(t.latency.clone());
     let gc = Stats::new(t.latency_gc.clone());

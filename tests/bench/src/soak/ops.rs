@@ -66,6 +66,18 @@ pub const OPS: &[&str] = &[
     "gc (on demand)",
 ];
 
+/// The calls the `chaos` guest may kill (see `CHAOS_CALLS` in the driver).
+const CHAOS_OPS: &[&str] = &["prepare", "view", "commit", "update"];
+
+/// Whether `s` is the host's error for the `chaos` guest's death in a call: a trap, a
+/// deadline or its memory limit.
+fn guest_died(s: &tonic::Status) -> bool {
+    let m = s.message();
+    matches!(s.code(), Code::Internal | Code::Unavailable)
+        && m.contains("plugin \"chaos\"")
+        && (m.contains("panicked") || m.contains("ran past its deadline") || m.contains("memory"))
+}
+
 /// What a call came back with.
 pub enum Reply<T> {
     Ok(T),
@@ -215,6 +227,14 @@ impl Worker {
                 Reply::Ok(resp.into_inner())
             }
             Ok(Err(s)) if expected.contains(&s.code()) => {
+                self.sh.count(op, Outcome::Refused, Some((took, under_gc)));
+                Reply::Refused
+            }
+            // The `chaos` guest in front of `copy` died in this change: the call failed,
+            // so nothing may have changed (the host removed what `copy` made, or asked
+            // it whether a commit took place and finished it instead of failing).
+            Ok(Err(s)) if self.sh.chaos && CHAOS_OPS.contains(&op) && guest_died(&s) => {
+                self.sh.guest_died();
                 self.sh.count(op, Outcome::Refused, Some((took, under_gc)));
                 Reply::Refused
             }

@@ -72,7 +72,10 @@ impl Daemon {
             .arg(&self.socket)
             .env(
                 "WASNAP_LOG",
-                std::env::var("WASNAP_SOAK_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+                // Guests' output is logged at info: the chaos guest's deaths are counted
+                // from it.
+                std::env::var("WASNAP_SOAK_DAEMON_LOG")
+                    .unwrap_or_else(|_| "warn,wasnap::plugin::output=info".into()),
             )
             .stdin(Stdio::null())
             .stdout(log)
@@ -158,6 +161,11 @@ impl Daemon {
                 .and_then(|v| v.parse::<u64>().ok())
         };
         Some(Sample { fds, threads: field("Threads:")?, rss_kib: field("VmRSS:")? })
+    }
+
+    /// Its whole log, over every life.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The last lines of its log.

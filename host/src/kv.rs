@@ -19,6 +19,15 @@
 //! layer defer: every change they make is followed by an immediate metadata commit (or,
 //! for removals, repaired by pruning if it is lost), so one fsync per operation covers
 //! both. A crash loses a suffix of deferred commits, never a middle one.
+//!
+//! **A full disk.** redb treats a failed write as fatal: once a commit fails on I/O,
+//! every later call fails until the file is closed and repaired. A full filesystem must
+//! not do that to the root's one database, or the daemon could not even remove what
+//! would free space. So the database keeps [`RESERVE`] bytes allocated past its end
+//! (`fallocate` with `FALLOC_FL_KEEP_SIZE`, as etcd preallocates its log): redb grows
+//! the file into blocks that are already the file's, and rewrites pages in blocks it
+//! has; a full disk fails the callers' snapshots and layers, never a commit. The
+//! reserve is topped up after each commit that ate into it.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex};
@@ -84,9 +93,66 @@ pub struct CommitStats {
     pub operations: u64,
 }
 
+/// Bytes the database keeps allocated past its end, so that a full disk does not fail
+/// its commits (see the [module documentation](self)).
+pub const RESERVE: u64 = 16 << 20;
+
+/// The blocks allocated past the end of the database file.
+struct Reserve {
+    file: std::fs::File,
+    /// Where the allocated blocks end; 0 when the filesystem cannot preallocate.
+    end: u64,
+    /// The last attempt failed (logged once until one succeeds).
+    failing: bool,
+    /// The filesystem does not support it: no more attempts.
+    unsupported: bool,
+}
+
+impl Reserve {
+    /// Tops the reserve up to [`RESERVE`] past the file's end when less than half of it
+    /// is left.
+    fn keep(&mut self) {
+        if self.unsupported {
+            return;
+        }
+        let len = match rustix::fs::fstat(&self.file) {
+            Ok(st) => st.st_size as u64,
+            Err(e) => {
+                tracing::warn!(error = %e, "the database's reserve: fstat");
+                return;
+            }
+        };
+        if len + RESERVE / 2 <= self.end {
+            return;
+        }
+        match rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::KEEP_SIZE, len, RESERVE)
+        {
+            Ok(()) => {
+                self.end = len + RESERVE;
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!("the database's reserve past its end is whole again");
+                }
+            }
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                self.unsupported = true;
+                tracing::info!(
+                    "the database's filesystem cannot preallocate: a full disk may fail its commits"
+                );
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::warn!(error = %e, reserve = RESERVE,
+                        "cannot keep the database's reserve past its end (disk full?); its commits may fail if the disk stays full");
+                }
+            }
+        }
+    }
+}
+
 /// A redb database with group commit.
 pub struct Db {
     db: redb::Database,
+    reserve: Mutex<Reserve>,
     group: Mutex<Group>,
     stats: Mutex<CommitStats>,
     /// redb panicked (a damaged file can make it): it is not called again, since its
@@ -123,13 +189,23 @@ impl Db {
             .open_with(name, OpenOptions::new().read(true).write(true).create(true))
             .with_context(|| format!("open {what} {name:?}"))?
             .into_std();
+        let mut reserve = Reserve {
+            file: file.try_clone().with_context(|| format!("open {what} {name:?}"))?,
+            end: 0,
+            failing: false,
+            unsupported: false,
+        };
+        // Before redb writes anything: opening may repair the file, which writes.
+        reserve.keep();
         let backend = FileBackend::new(file).map_err(|e| db_error(what, name, e))?;
         // A damaged file can make redb panic while it checks or repairs it.
         let db = std::panic::catch_unwind(|| redb::Builder::new().create_with_backend(backend))
             .map_err(|_| panicked().context(format!("open {what} {name:?}")))?
             .map_err(|e| db_error(what, name, e))?;
         let panicked = std::sync::atomic::AtomicBool::new(false);
-        Ok(Db { db, group: Mutex::default(), stats: Mutex::default(), panicked })
+        reserve.keep();
+        let reserve = Mutex::new(reserve);
+        Ok(Db { db, reserve, group: Mutex::default(), stats: Mutex::default(), panicked })
     }
 
     /// A read transaction: a consistent view of every committed change, durable or not.
@@ -273,6 +349,7 @@ impl Db {
             for &i in &live {
                 results[i] = Some(committed.clone());
             }
+            self.reserve.lock().unwrap_or_else(|e| e.into_inner()).keep();
             break;
         }
         results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
@@ -416,6 +493,35 @@ mod tests {
         assert_eq!(value(&db, 1), Some(7));
         let kept = contained(|| -> Result<u64> { panic!("through a kept table") });
         assert!(kept.is_err());
+    }
+
+    /// Bytes allocated to the file at `path` and its size.
+    fn allocated(path: &std::path::Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).unwrap();
+        (m.blocks() * 512, m.size())
+    }
+
+    #[test]
+    fn the_file_keeps_a_reserve_past_its_end_as_it_grows() {
+        let (dir, db) = db();
+        let path = dir.path().join("t.db");
+        let (blocks, size) = allocated(&path);
+        assert!(blocks >= size + RESERVE / 2, "{blocks} bytes allocated for {size} after open");
+        // Grow the file well past the first reserve: the reserve follows its end.
+        let value = vec![7u8; 64 << 10];
+        for round in 0..(2 * RESERVE / (64 << 10)) {
+            let v = value.clone();
+            db.write(Durability::Deferred, move |txn| {
+                txn.open_table(TableDefinition::<u64, &[u8]>::new("big"))?.insert(round, &v[..])?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        db.flush().unwrap();
+        let (blocks, size) = allocated(&path);
+        assert!(size > RESERVE, "the file grew to {size}");
+        assert!(blocks >= size + RESERVE / 2, "{blocks} bytes allocated for {size}");
     }
 
     fn value(db: &Db, k: u64) -> Option<u64> {

@@ -1,9 +1,10 @@
-//! A scratch btrfs on a loop device: what `wasnap conformance --driver btrfs` and the
-//! tests use when no btrfs directory is at hand.
+//! A scratch filesystem on a loop device: the btrfs `wasnap conformance --driver btrfs`
+//! and the tests use when no btrfs directory is at hand, and the small ext4 the tests
+//! and the soak fill up to see what a full disk does.
 //!
 //! Each one has its own sparse image and its own loop device, so several can exist at
 //! once. Dropping it unmounts the filesystem, detaches the device and deletes the image,
-//! also when a test panicked. It shells out to `mkfs.btrfs` and `losetup`, which only
+//! also when a test panicked. It shells out to `mkfs.<fs>` and `losetup`, which only
 //! set the scratch filesystem up; the btrfs driver itself uses ioctls.
 
 use std::path::{Path, PathBuf};
@@ -15,8 +16,11 @@ use tempfile::TempDir;
 use wasnap::Mount;
 
 /// A mounted btrfs on a loop device over a sparse image file.
+pub type LoopBtrfs = LoopFs;
+
+/// A mounted filesystem on a loop device over a sparse image file.
 #[derive(Debug)]
-pub struct LoopBtrfs {
+pub struct LoopFs {
     /// Where the filesystem is mounted.
     pub mountpoint: PathBuf,
     /// The loop device (`/dev/loopN`); empty until attached.
@@ -57,42 +61,55 @@ fn tool(name: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("{name} is not installed"))
 }
 
-impl LoopBtrfs {
+impl LoopFs {
     /// Makes, attaches and mounts a fresh btrfs of `size_mib` MiB, its image in a new
     /// directory under `base` (put it on a real disk), or says why it cannot.
-    pub fn try_new(size_mib: u64, base: &Path) -> Result<LoopBtrfs, String> {
+    pub fn try_new(size_mib: u64, base: &Path) -> Result<LoopFs, String> {
+        LoopFs::try_new_of("btrfs", size_mib, base)
+    }
+
+    /// As [`LoopFs::try_new`], with a filesystem of type `fs`: `btrfs` or `ext4` (made
+    /// without blocks reserved for root, so that filling it fills it for everyone).
+    pub fn try_new_of(fs: &str, size_mib: u64, base: &Path) -> Result<LoopFs, String> {
+        let options: &[&str] = match fs {
+            "btrfs" => &["-q"],
+            "ext4" => &["-q", "-F", "-m", "0"],
+            other => return Err(format!("no scratch filesystem of type {other:?}")),
+        };
         if !rustix::process::geteuid().is_root() {
-            return Err("needs root to attach a loop device and mount btrfs".into());
+            return Err(format!("needs root to attach a loop device and mount {fs}"));
         }
         let losetup = tool("losetup")?;
-        let mkfs = tool("mkfs.btrfs")?;
+        let mkfs = tool(&format!("mkfs.{fs}"))?;
         if !Path::new("/dev/loop-control").exists() && !Path::new("/dev/loop0").exists() {
             return Err("no loop devices (/dev/loop-control is missing)".into());
         }
         let dir = tempfile::Builder::new()
-            .prefix("wasnap-btrfs-")
+            .prefix(&format!("wasnap-{fs}-"))
             .tempdir_in(base)
             .map_err(|e| format!("temporary directory: {e}"))?;
-        let image = dir.path().join("btrfs.img");
+        let image = dir.path().join(format!("{fs}.img"));
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(size_mib << 20))
             .map_err(|e| format!("create {}: {e}", image.display()))?;
-        run(&mkfs, &["-q".as_ref(), image.as_os_str()])?;
+        let mut args: Vec<&std::ffi::OsStr> = options.iter().map(|o| o.as_ref()).collect();
+        args.push(image.as_os_str());
+        run(&mkfs, &args)?;
         let mountpoint = dir.path().join("mnt");
         std::fs::create_dir(&mountpoint).map_err(|e| format!("mkdir: {e}"))?;
         // From here on, dropping `fs` undoes whatever was done.
-        let mut fs = LoopBtrfs { mountpoint, device: String::new(), dir, mounted: false };
-        fs.device = attach(&losetup, &image)?;
+        let mut loopfs = LoopFs { mountpoint, device: String::new(), dir, mounted: false };
+        loopfs.device = attach(&losetup, &image)?;
         let mount = Mount {
-            kind: "btrfs".into(),
-            source: fs.device.clone(),
+            kind: fs.into(),
+            source: loopfs.device.clone(),
             target: String::new(),
             options: Vec::new(),
         };
-        wasnap::mount::mount_all(&[mount], &fs.mountpoint)
-            .map_err(|e| format!("mount btrfs from {}: {e}", fs.device))?;
-        fs.mounted = true;
-        Ok(fs)
+        wasnap::mount::mount_all(&[mount], &loopfs.mountpoint)
+            .map_err(|e| format!("mount {fs} from {}: {e}", loopfs.device))?;
+        loopfs.mounted = true;
+        Ok(loopfs)
     }
 
     /// A fresh directory beside the mount point (not on the btrfs), e.g. to mount a
@@ -132,7 +149,7 @@ fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-impl Drop for LoopBtrfs {
+impl Drop for LoopFs {
     fn drop(&mut self) {
         // A test that failed may have left a snapshot mounted on the filesystem, which
         // would keep the device busy: undo every mount below our directory first.
@@ -157,5 +174,44 @@ impl Drop for LoopBtrfs {
             }
         }
         // The TempDir field then deletes the image and the directories.
+    }
+}
+
+/// A file that takes every free block of a filesystem, so that it is full; deleted when
+/// dropped.
+#[derive(Debug)]
+pub struct Ballast {
+    path: PathBuf,
+    /// Bytes it took.
+    pub bytes: u64,
+}
+
+impl Ballast {
+    /// Fills the filesystem of `dir` with a new file `name` in it (preallocated in ever
+    /// smaller pieces until not even one block is left).
+    pub fn fill(dir: &Path, name: &str) -> std::io::Result<Ballast> {
+        use rustix::fs::{FallocateFlags, fallocate, fstatvfs};
+        let path = dir.join(name);
+        let file = std::fs::File::create_new(&path)?;
+        let mut ballast = Ballast { path, bytes: 0 };
+        let st = fstatvfs(&file)?;
+        let block = st.f_frsize.max(512);
+        let mut piece = st.f_bavail * st.f_frsize;
+        while piece >= block {
+            match fallocate(&file, FallocateFlags::empty(), ballast.bytes, piece) {
+                Ok(()) => ballast.bytes += piece,
+                Err(rustix::io::Errno::NOSPC) => piece /= 2,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(ballast)
+    }
+}
+
+impl Drop for Ballast {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            eprintln!("remove the ballast {}: {e}", self.path.display());
+        }
     }
 }

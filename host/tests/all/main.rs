@@ -7,6 +7,7 @@ mod btrfs;
 mod cache;
 mod common;
 mod deep;
+mod full_disk;
 mod gc;
 mod layers;
 mod loopfs;

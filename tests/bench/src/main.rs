@@ -71,6 +71,11 @@ struct SoakArgs {
     /// Keep the root afterwards (its path is printed)
     #[arg(long)]
     keep: bool,
+    /// Times the root's filesystem is filled (by a ballast file, for a few seconds, while
+    /// the clients go on); the root is then on a small loop-mounted ext4 of its own, which
+    /// needs root [default: 2 with --smoke, else 0]
+    #[arg(long)]
+    full_disk: Option<u32>,
     /// Chance in percent that a prepare, view, commit or update of the `copy` snapshotter
     /// dies in its guest chain: the `chaos` policy traps, hangs or runs out of memory,
     /// before or after `copy` did the call (0: never)
@@ -143,6 +148,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<bool> {
                 kills: args.kills.unwrap_or(if args.smoke { 4 } else { 3 }),
                 arm_percent: args.arm_percent.min(100),
                 guest_faults: args.guest_faults.min(100),
+                full_disk: args.full_disk.unwrap_or(if args.smoke { 2 } else { 0 }),
                 check_every: args.check_every,
                 copy_guest: args.copy_guest,
                 max_fds: args.max_fds,

@@ -21,6 +21,12 @@
 //! [`guest_deaths`] counts them in the daemon's log, and the host's repairs (a commit
 //! finished, a backend snapshot removed) are counted by their log lines.
 //!
+//! A fifth fills the disk ([`Fault::DiskFull`], with `--full-disk N`): the root is on
+//! a small loop-mounted ext4, and N times a ballast file takes every free block for
+//! [`FULL_FOR`] while the clients go on. A call failing with "No space left on device"
+//! meanwhile is a refusal (nothing may have changed); then the ballast goes and the
+//! checker runs at once. The daemon must neither die nor stay broken.
+//!
 //! Further kinds plug in here: add a variant to [`Fault`], let [`Plan::next_life`] or
 //! [`Plan::next_kill`] choose it, and give it a row in the table (`Fault::kind`).
 
@@ -62,6 +68,8 @@ pub enum Fault {
     Kill,
     /// A life with this point armed to abort.
     AbortAt(String),
+    /// The root's filesystem filled for a while by a ballast file.
+    DiskFull,
 }
 
 impl Fault {
@@ -70,15 +78,21 @@ impl Fault {
         match self {
             Fault::Kill => "kill -9 (random moment)".into(),
             Fault::AbortAt(p) => format!("abort at {p}"),
+            Fault::DiskFull => format!("disk full for {} s (ballast)", FULL_FOR.as_secs()),
         }
     }
 }
+
+/// How long the disk stays full in each window.
+pub const FULL_FOR: Duration = Duration::from_secs(4);
 
 /// When to kill and what to arm.
 #[derive(Debug)]
 pub struct Plan {
     /// Random kills still to do.
     kills_left: u32,
+    /// Full-disk windows still to do.
+    full_left: u32,
     end: Instant,
     /// Chance that a life arms a fault point, in percent.
     arm_percent: u64,
@@ -87,18 +101,32 @@ pub struct Plan {
 impl Plan {
     /// `kills` random kills spread over the run ending at `end`; each restarted life
     /// arms a point with `arm_percent`% chance.
-    pub fn new(kills: u32, end: Instant, arm_percent: u64) -> Plan {
-        Plan { kills_left: kills, end, arm_percent }
+    pub fn new(kills: u32, full: u32, end: Instant, arm_percent: u64) -> Plan {
+        Plan { kills_left: kills, full_left: full, end, arm_percent }
     }
 
     /// When the next random kill is due (None: no more), jittered around an even
     /// spread of the kills left over the time left.
     pub fn next_kill(&mut self, rng: &mut Rng, now: Instant) -> Option<Instant> {
-        if self.kills_left == 0 || now >= self.end {
+        self.next(self.kills_left, rng, now)
+    }
+
+    /// When the next full-disk window is due (None: no more), spread as the kills.
+    pub fn next_full(&mut self, rng: &mut Rng, now: Instant) -> Option<Instant> {
+        self.next(self.full_left, rng, now)
+    }
+
+    /// A full-disk window was done.
+    pub fn filled(&mut self) {
+        self.full_left = self.full_left.saturating_sub(1);
+    }
+
+    fn next(&self, left_to_do: u32, rng: &mut Rng, now: Instant) -> Option<Instant> {
+        if left_to_do == 0 || now >= self.end {
             return None;
         }
         let left = self.end - now;
-        let gap = left / (self.kills_left + 1);
+        let gap = left / (left_to_do + 1);
         let jitter = 0.5 + rng.unit();
         Some(now + gap.mul_f64(jitter).max(Duration::from_millis(500)))
     }
@@ -121,7 +149,7 @@ impl Plan {
 pub fn spec(f: &Fault) -> Option<String> {
     match f {
         Fault::AbortAt(p) => Some(format!("{p}=abort")),
-        Fault::Kill => None,
+        Fault::Kill | Fault::DiskFull => None,
     }
 }
 

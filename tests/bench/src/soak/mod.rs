@@ -58,6 +58,8 @@ pub struct Options {
     pub arm_percent: u64,
     /// Chance in percent that a change on `copy` dies in the `chaos` guest.
     pub guest_faults: u64,
+    /// Full-disk windows (0: none, and the root is in `dir` itself).
+    pub full_disk: u32,
     pub check_every: Duration,
     pub copy_guest: Option<PathBuf>,
     pub max_fds: u64,
@@ -91,6 +93,8 @@ pub struct Shared {
     /// `copy` sits behind the `chaos` guest too: its changes may fail with a guest's
     /// death, which must leave nothing changed.
     pub chaos: bool,
+    /// The driver's ballast fills the disk now.
+    pub disk_full: AtomicBool,
     tally: Mutex<Tally>,
     reported: Mutex<HashSet<SnapId>>,
 }
@@ -106,6 +110,8 @@ struct Tally {
     collected: u64,
     /// Changes that failed because the `chaos` guest died in them.
     guest_deaths: u64,
+    /// Calls that failed saying the disk was full.
+    no_space: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,6 +148,11 @@ impl Shared {
                 t.latency_gc.push(d);
             }
         }
+    }
+
+    /// A call failed saying the disk was full.
+    pub fn no_space(&self) {
+        lock(&self.tally).no_space += 1;
     }
 
     /// A change failed because the `chaos` guest died in it.
@@ -239,6 +250,9 @@ struct Peaks {
     rss_kib: u64,
 }
 
+/// The size of the root's filesystem when the soak fills it.
+const FULL_DISK_MIB: u64 = 1024;
+
 /// Longest a check may take (the final one reads every snapshot's files).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -255,6 +269,8 @@ struct Driver {
     generation: u64,
     /// What the running life has armed.
     armed: Option<Fault>,
+    /// The root filesystem's top, where a ballast fills it (with `--full-disk`).
+    ballast_dir: Option<PathBuf>,
     life_started: Instant,
     /// Random kills survived, and deaths at armed points.
     kills: u64,
@@ -377,6 +393,63 @@ impl Driver {
         }
     }
 
+    /// A full-disk window: the ballast takes every free block for [`faults::FULL_FOR`]
+    /// while the clients go on; then, with the clients paused, it goes and the checker
+    /// runs.
+    async fn fill_disk(&mut self) -> Result<()> {
+        let Some(dir) = self.ballast_dir.clone() else { return Ok(()) };
+        self.faults.entry(Fault::DiskFull.kind()).or_default().0 += 1;
+        self.sh.disk_full.store(true, Ordering::Release);
+        let filled = tokio::task::spawn_blocking(move || {
+            wasnap_conformance::loopfs::Ballast::fill(&dir, "soak-ballast")
+        })
+        .await;
+        let ballast = match filled {
+            Ok(Ok(b)) => Some(b),
+            Ok(Err(e)) => {
+                self.sh.violation(format!("could not fill the disk: {e}"));
+                None
+            }
+            Err(e) => {
+                self.sh.violation(format!("could not fill the disk: {e}"));
+                None
+            }
+        };
+        let died = tokio::select! {
+            _ = tokio::time::sleep(faults::FULL_FOR) => None,
+            exit = self.daemon.exited() => Some(exit),
+        };
+        // Every call made on the full disk ends before the disk has room again.
+        let pause = self.sh.pause.clone().write_owned();
+        tokio::pin!(pause);
+        let (guard, died) = match died {
+            Some(exit) => {
+                self.bump(None);
+                (pause.await, Some(exit))
+            }
+            None => tokio::select! {
+                guard = &mut pause => (guard, None),
+                exit = self.daemon.exited() => {
+                    self.bump(None);
+                    (pause.await, Some(exit))
+                }
+            },
+        };
+        drop(ballast);
+        self.sh.disk_full.store(false, Ordering::Release);
+        if let Some(exit) = died {
+            self.died(&exit, false);
+            return self.recover(&guard, false).await;
+        }
+        let client = self.sh.conn.borrow().client.clone();
+        if let Some(client) = client
+            && !self.run_check(&guard, &client, "after a full disk", 20).await?
+        {
+            self.recover(&guard, false).await?;
+        }
+        Ok(())
+    }
+
     fn sample(&mut self) {
         let Some(s) = self.daemon.sample() else { return };
         if self.life_started.elapsed() < WARM_UP {
@@ -422,15 +495,39 @@ pub fn run(opts: &Options, wasnap: &Path, out: &mut dyn Write) -> Result<bool> {
     let policy = guests.as_ref().is_some_and(|g| g.policy.is_some());
     let chaos = opts.guest_faults > 0 && guests.as_ref().is_some_and(|g| g.chaos.is_some());
     let tmp = tempfile::Builder::new().prefix("wasnap-soak-").tempdir_in(&opts.dir).map_err(io)?;
-    let fs = wasnap::probe::filesystem_name(&opts.dir);
+    // With full-disk windows the root is on a small filesystem of its own, which the
+    // ballast can fill; the log, socket and config stay beside it.
+    let loopfs = match opts.full_disk {
+        0 => None,
+        _ if !root_user => {
+            writeln!(out, "soak: not root; no full-disk windows").map_err(io)?;
+            None
+        }
+        _ => Some(
+            wasnap_conformance::loopfs::LoopFs::try_new_of("ext4", FULL_DISK_MIB, &opts.dir)
+                .map_err(|why| Error::internal(format!("soak: a filesystem to fill: {why}")))?,
+        ),
+    };
+    let root = match &loopfs {
+        Some(l) => l.mountpoint.join("wasnap-root"),
+        None => tmp.path().join("wasnap-root"),
+    };
+    let fs = match &loopfs {
+        Some(_) => format!(
+            "a {FULL_DISK_MIB} MiB loop ext4 on {}",
+            wasnap::probe::filesystem_name(&opts.dir)
+        ),
+        None => wasnap::probe::filesystem_name(&opts.dir).to_string(),
+    };
     writeln!(
         out,
-        "soak: seed {}, {} clients for {}, {} kills, root {} ({fs}), snapshotters {}{}{}",
+        "soak: seed {}, {} clients for {}, {} kills, {} full-disk windows, root {} ({fs}), snapshotters {}{}{}",
         opts.seed,
         opts.clients,
         humantime::format_duration(opts.duration),
         opts.kills,
-        tmp.path().display(),
+        if loopfs.is_some() { opts.full_disk } else { 0 },
+        root.display(),
         snapshotters.join(", "),
         if policy { " (copy behind label-policy)" } else { "" },
         if chaos {
@@ -441,20 +538,29 @@ pub fn run(opts: &Options, wasnap: &Path, out: &mut dyn Write) -> Result<bool> {
     )
     .map_err(io)?;
     out.flush().map_err(io)?;
-    let daemon = Daemon::new(wasnap, tmp.path(), &config(guests.as_ref(), root_user, opts))?;
+    let daemon = Daemon::new(wasnap, tmp.path(), &root, &config(guests.as_ref(), root_user, opts))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .with_context(|| "soak runtime")?;
     let started = Instant::now();
-    let result = rt.block_on(drive(opts, daemon, snapshotters, policy, chaos));
+    let ballast_dir = loopfs.as_ref().map(|l| l.mountpoint.clone());
+    let result = rt.block_on(drive(opts, daemon, snapshotters, policy, chaos, ballast_dir));
     let wall = started.elapsed();
-    if opts.keep {
-        writeln!(out, "soak: kept {}", tmp.keep().display()).map_err(io)?;
-    }
     let (sh, d) = result?;
     report(opts, &sh, &d, wall, out)?;
-    Ok(sh.violations() == 0)
+    let clean = sh.violations() == 0;
+    // The daemon goes before its filesystem is unmounted.
+    drop(d);
+    if opts.keep {
+        writeln!(out, "soak: kept {}", tmp.keep().display()).map_err(io)?;
+        if let Some(l) = loopfs {
+            writeln!(out, "soak: kept the root's filesystem mounted at {}", l.mountpoint.display())
+                .map_err(io)?;
+            std::mem::forget(l);
+        }
+    }
+    Ok(clean)
 }
 
 async fn drive(
@@ -463,6 +569,7 @@ async fn drive(
     snapshotters: Vec<String>,
     policy: bool,
     chaos: bool,
+    ballast_dir: Option<PathBuf>,
 ) -> Result<(Arc<Shared>, Driver)> {
     let (tx, rx) = watch::channel(Conn::default());
     let first = daemon.start(None).await?;
@@ -476,6 +583,7 @@ async fn drive(
         snapshotters,
         policy,
         chaos,
+        disk_full: AtomicBool::new(false),
         tally: Mutex::new(Tally::default()),
         reported: Mutex::new(HashSet::new()),
     });
@@ -485,10 +593,16 @@ async fn drive(
         conn: tx,
         daemon,
         rng: Rng::new(opts.seed),
-        plan: Plan::new(opts.kills, end, opts.arm_percent),
+        plan: Plan::new(
+            opts.kills,
+            if ballast_dir.is_some() { opts.full_disk } else { 0 },
+            end,
+            opts.arm_percent,
+        ),
         opts: opts.clone(),
         generation: 0,
         armed: None,
+        ballast_dir,
         life_started: Instant::now(),
         kills: 0,
         aborts: 0,
@@ -505,12 +619,15 @@ async fn drive(
         clients.spawn(ops::run(sh.clone(), i, opts.seed));
     }
     let mut next_kill = d.plan.next_kill(&mut d.rng, Instant::now());
+    let mut next_full = d.plan.next_full(&mut d.rng, Instant::now());
     let mut next_check = Instant::now() + opts.check_every;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let end_at = tokio::time::Instant::from_std(end);
     loop {
         let kill_at =
             tokio::time::Instant::from_std(next_kill.unwrap_or(end + Duration::from_secs(3600)));
+        let full_at =
+            tokio::time::Instant::from_std(next_full.unwrap_or(end + Duration::from_secs(3600)));
         tokio::select! {
             exit = d.daemon.exited() => {
                 d.bump(None);
@@ -531,6 +648,12 @@ async fn drive(
                 let guard = sh.pause.clone().write_owned().await;
                 d.recover(&guard, false).await?;
                 next_kill = d.plan.next_kill(&mut d.rng, Instant::now());
+            }
+            _ = tokio::time::sleep_until(full_at), if next_full.is_some() => {
+                d.fill_disk().await?;
+                d.plan.filled();
+                next_full = d.plan.next_full(&mut d.rng, Instant::now());
+                next_check = Instant::now() + opts.check_every;
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(next_check)) => {
                 // Clients finish their calls before the pause is ours; a death meanwhile
@@ -663,6 +786,7 @@ fn report(
         vec!["wall time (with restarts and checks)".into(), format!("{:.1} s", wall.as_secs_f64())],
         vec!["operations completed".into(), completed.to_string()],
         vec!["replies lost to deaths (settled by the checker)".into(), total[2].to_string()],
+        vec!["calls refused saying the disk was full".into(), t.no_space.to_string()],
         vec![
             "kills survived (kill -9 / abort at a fault point)".into(),
             format!("{} ({} / {})", d.kills + d.aborts, d.kills, d.aborts),

@@ -78,6 +78,11 @@ fn guest_died(s: &tonic::Status) -> bool {
         && (m.contains("panicked") || m.contains("ran past its deadline") || m.contains("memory"))
 }
 
+/// Whether `s` says the disk is full.
+fn no_space(s: &tonic::Status) -> bool {
+    s.message().contains("No space left on device")
+}
+
 /// What a call came back with.
 pub enum Reply<T> {
     Ok(T),
@@ -227,6 +232,13 @@ impl Worker {
                 Reply::Ok(resp.into_inner())
             }
             Ok(Err(s)) if expected.contains(&s.code()) => {
+                self.sh.count(op, Outcome::Refused, Some((took, under_gc)));
+                Reply::Refused
+            }
+            // The disk is full (the driver's ballast): any call may fail saying so, and
+            // then nothing may have changed.
+            Ok(Err(s)) if self.sh.disk_full.load(Ordering::Acquire) && no_space(&s) => {
+                self.sh.no_space();
                 self.sh.count(op, Outcome::Refused, Some((took, under_gc)));
                 Reply::Refused
             }
@@ -481,6 +493,13 @@ impl Worker {
         let size = 64 + self.rng.below(4096) as usize;
         let bytes = self.rng.bytes(size);
         if let Err(e) = std::fs::write(dir.join(&name), &bytes) {
+            if e.kind() == std::io::ErrorKind::StorageFull
+                && self.sh.disk_full.load(Ordering::Acquire)
+            {
+                // The disk is full for everyone: no file, and no part of one.
+                let _ = std::fs::remove_file(dir.join(&name));
+                return None;
+            }
             self.violation(format!("prepare {id}: write {}: {e}", dir.join(&name).display()));
             return None;
         }

@@ -37,15 +37,15 @@ pub struct Sample {
 }
 
 impl Daemon {
-    /// A daemon of `exe` with everything in `dir` (`config` is written there); not
-    /// started yet.
-    pub fn new(exe: &Path, dir: &Path, config: &str) -> Result<Daemon> {
+    /// A daemon of `exe` on the root `root`, with its socket, log and `config` (written
+    /// there) in `dir`; not started yet.
+    pub fn new(exe: &Path, dir: &Path, root: &Path, config: &str) -> Result<Daemon> {
         let path = dir.join("wasnap.toml");
         std::fs::write(&path, config).with_context(|| "write the daemon's config")?;
         Ok(Daemon {
             exe: exe.to_path_buf(),
             config: path,
-            root: dir.join("wasnap-root"),
+            root: root.to_path_buf(),
             socket: dir.join("wasnap.sock"),
             log: dir.join("wasnap.log"),
             pid: None,
@@ -203,9 +203,19 @@ impl Exit {
 }
 
 impl Drop for Daemon {
+    /// Kills a running life and waits (briefly) until it is gone, so that its root can
+    /// be unmounted next.
     fn drop(&mut self) {
-        if self.exit.is_some() {
-            let _ = self.kill();
+        let Some(mut rx) = self.exit.take() else { return };
+        let _ = self.kill();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break,
+            }
         }
     }
 }

@@ -23,11 +23,12 @@
 //! **A full disk.** redb treats a failed write as fatal: once a commit fails on I/O,
 //! every later call fails until the file is closed and repaired. A full filesystem must
 //! not do that to the root's one database, or the daemon could not even remove what
-//! would free space. So the database keeps [`RESERVE`] bytes allocated past its end
-//! (`fallocate` with `FALLOC_FL_KEEP_SIZE`, as etcd preallocates its log): redb grows
-//! the file into blocks that are already the file's, and rewrites pages in blocks it
-//! has; a full disk fails the callers' snapshots and layers, never a commit. The
-//! reserve is topped up after each commit that ate into it.
+//! would free space. So every block of the database file is allocated, and [`RESERVE`]
+//! bytes past its end (`fallocate` with `FALLOC_FL_KEEP_SIZE`, as etcd preallocates its
+//! log): redb writes pages only into blocks that are already the file's, and grows the
+//! file into them; a full disk fails the callers' snapshots and layers, never a commit.
+//! After each commit, the blocks are counted and topped up if some of the reserve is
+//! gone.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex};
@@ -94,14 +95,17 @@ pub struct CommitStats {
 }
 
 /// Bytes the database keeps allocated past its end, so that a full disk does not fail
-/// its commits (see the [module documentation](self)).
-pub const RESERVE: u64 = 16 << 20;
+/// its commits (see the [module documentation](self)). redb grows its file by doubling
+/// it while it is smaller than one region (16 MiB by default) and by at most two regions
+/// after that, so one growth always fits.
+pub const RESERVE: u64 = 40 << 20;
 
-/// The blocks allocated past the end of the database file.
+/// The reserve is topped up once this much of it is used.
+const RESERVE_SLACK: u64 = 4 << 20;
+
+/// The blocks allocated to the database file beyond what its data needs.
 struct Reserve {
     file: std::fs::File,
-    /// Where the allocated blocks end; 0 when the filesystem cannot preallocate.
-    end: u64,
     /// The last attempt failed (logged once until one succeeds).
     failing: bool,
     /// The filesystem does not support it: no more attempts.
@@ -109,26 +113,28 @@ struct Reserve {
 }
 
 impl Reserve {
-    /// Tops the reserve up to [`RESERVE`] past the file's end when less than half of it
-    /// is left.
+    /// Allocates every block of the file and [`RESERVE`] past its end, when more than
+    /// [`RESERVE_SLACK`] of that is missing. The blocks allocated are counted,
+    /// not remembered: redb leaves holes where it extends the file, and truncating it
+    /// frees what was reserved past the new end (found by the soak's full-disk
+    /// windows, when a reserve counted from the end alone was gone).
     fn keep(&mut self) {
         if self.unsupported {
             return;
         }
-        let len = match rustix::fs::fstat(&self.file) {
-            Ok(st) => st.st_size as u64,
+        let (len, allocated) = match rustix::fs::fstat(&self.file) {
+            Ok(st) => (st.st_size as u64, st.st_blocks as u64 * 512),
             Err(e) => {
                 tracing::warn!(error = %e, "the database's reserve: fstat");
                 return;
             }
         };
-        if len + RESERVE / 2 <= self.end {
+        if allocated + RESERVE_SLACK >= len + RESERVE {
             return;
         }
-        match rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::KEEP_SIZE, len, RESERVE)
-        {
+        let flags = rustix::fs::FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.file, flags, 0, len + RESERVE) {
             Ok(()) => {
-                self.end = len + RESERVE;
                 if std::mem::take(&mut self.failing) {
                     tracing::info!("the database's reserve past its end is whole again");
                 }
@@ -191,7 +197,6 @@ impl Db {
             .into_std();
         let mut reserve = Reserve {
             file: file.try_clone().with_context(|| format!("open {what} {name:?}"))?,
-            end: 0,
             failing: false,
             unsupported: false,
         };
@@ -503,25 +508,47 @@ mod tests {
     }
 
     #[test]
-    fn the_file_keeps_a_reserve_past_its_end_as_it_grows() {
+    fn every_block_and_a_reserve_stay_allocated_as_the_file_grows_and_shrinks() {
         let (dir, db) = db();
         let path = dir.path().join("t.db");
-        let (blocks, size) = allocated(&path);
-        assert!(blocks >= size + RESERVE / 2, "{blocks} bytes allocated for {size} after open");
-        // Grow the file well past the first reserve: the reserve follows its end.
-        let value = vec![7u8; 64 << 10];
-        for round in 0..(2 * RESERVE / (64 << 10)) {
-            let v = value.clone();
-            db.write(Durability::Deferred, move |txn| {
-                txn.open_table(TableDefinition::<u64, &[u8]>::new("big"))?.insert(round, &v[..])?;
+        let whole = |when: &str| {
+            let (blocks, size) = allocated(&path);
+            assert!(
+                blocks + RESERVE_SLACK >= size + RESERVE,
+                "{when}: {blocks} allocated for {size}"
+            );
+            size
+        };
+        whole("after open");
+        const BIG: TableDefinition<u64, &[u8]> = TableDefinition::new("big");
+        let value = vec![7u8; 256 << 10];
+        let grow = |from: u64, to: u64| {
+            for k in from..to {
+                let v = value.clone();
+                db.write(Durability::Immediate, move |txn| {
+                    txn.open_table(BIG)?.insert(k, &v[..])?;
+                    Ok(())
+                })
+                .unwrap();
+            }
+        };
+        // Past the reserve and past redb's first region, so that it grows by regions.
+        let rounds = 3 * RESERVE / (256 << 10);
+        grow(0, rounds);
+        let grown = whole("grown");
+        assert!(grown > 2 * RESERVE, "the file grew to {grown} only");
+        // Emptied, redb shrinks the file, which frees what was reserved past its end;
+        // growing again must not write into holes.
+        for k in 0..rounds {
+            db.write(Durability::Immediate, move |txn| {
+                txn.open_table(BIG)?.remove(k)?;
                 Ok(())
             })
             .unwrap();
+            whole(&format!("after removing {k}"));
         }
-        db.flush().unwrap();
-        let (blocks, size) = allocated(&path);
-        assert!(size > RESERVE, "the file grew to {size}");
-        assert!(blocks >= size + RESERVE / 2, "{blocks} bytes allocated for {size}");
+        grow(rounds, rounds + rounds / 2);
+        whole("grown again");
     }
 
     fn value(db: &Db, k: u64) -> Option<u64> {

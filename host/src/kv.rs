@@ -520,7 +520,7 @@ mod tests {
             size
         };
         whole("after open");
-        const BIG: TableDefinition<u64, &[u8]> = TableDefinition::new("big");
+        const BIG: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("big");
         let value = vec![7u8; 256 << 10];
         let grow = |from: u64, to: u64| {
             for k in from..to {

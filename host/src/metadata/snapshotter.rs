@@ -528,14 +528,14 @@ impl Snapshotter {
                 (target.clone(), rec, Vec::new(), None, Some(err))
             }
             Err(e) => {
-                // The parent may have been removed, and its data deleted, while the
-                // backend was copying it: that is a parent not found, not an internal
-                // error (found by the soak: native's copy failed with "lstat: No such
-                // file or directory").
                 // A backend may have made the snapshot and failed after (a policy in
                 // front of it that trapped once the backend was done, found by the
                 // soak's chaos guest): no record will name it, so it goes now.
                 self.discard_backend(&bkey, "its creation failed");
+                // The parent may have been removed, and its data deleted, while the
+                // backend was copying it: that is a parent not found, not an internal
+                // error (found by the soak: native's copy failed with "lstat: No such
+                // file or directory").
                 if let (Some(p), Some(bp)) = (parent, bparent.as_deref())
                     && self.db.read_with(|txn| txn.record(sn, ns, p))?.is_none_or(|r| r.bkey != bp)
                 {

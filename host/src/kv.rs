@@ -28,7 +28,9 @@
 //! log): redb writes pages only into blocks that are already the file's, and grows the
 //! file into them; a full disk fails the callers' snapshots and layers, never a commit.
 //! After each commit, the blocks are counted and topped up if some of the reserve is
-//! gone.
+//! gone. Should a write fail anyway (the reserve could not be kept, or the disk itself
+//! failed), [`Db::broken`] says so, and the daemon stops so that its service manager
+//! starts it again: reopening the file repairs it, and every recovery runs at start.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex};
@@ -164,6 +166,14 @@ pub struct Db {
     /// redb panicked (a damaged file can make it): it is not called again, since its
     /// locks are poisoned and every later call would panic too.
     panicked: std::sync::atomic::AtomicBool,
+    /// Why redb refuses every write from now on (a write failed), if it does.
+    broken: Mutex<Option<String>>,
+}
+
+/// Whether a redb storage error leaves the database refusing every later call until it
+/// is reopened.
+fn breaks(e: &redb::StorageError) -> bool {
+    matches!(e, redb::StorageError::Io(_) | redb::StorageError::PreviousIo)
 }
 
 /// The error of every call once redb has panicked.
@@ -203,14 +213,33 @@ impl Db {
         // Before redb writes anything: opening may repair the file, which writes.
         reserve.keep();
         let backend = FileBackend::new(file).map_err(|e| db_error(what, name, e))?;
+        Db::on(backend, reserve, name, what)
+    }
+
+    /// The database on `backend`, whose file `reserve` keeps allocated.
+    fn on(
+        backend: impl redb::StorageBackend,
+        mut reserve: Reserve,
+        name: &str,
+        what: &str,
+    ) -> Result<Self> {
         // A damaged file can make redb panic while it checks or repairs it.
-        let db = std::panic::catch_unwind(|| redb::Builder::new().create_with_backend(backend))
-            .map_err(|_| panicked().context(format!("open {what} {name:?}")))?
-            .map_err(|e| db_error(what, name, e))?;
+        let db = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            redb::Builder::new().create_with_backend(backend)
+        }))
+        .map_err(|_| panicked().context(format!("open {what} {name:?}")))?
+        .map_err(|e| db_error(what, name, e))?;
         let panicked = std::sync::atomic::AtomicBool::new(false);
         reserve.keep();
         let reserve = Mutex::new(reserve);
-        Ok(Db { db, reserve, group: Mutex::default(), stats: Mutex::default(), panicked })
+        Ok(Db {
+            db,
+            reserve,
+            group: Mutex::default(),
+            stats: Mutex::default(),
+            panicked,
+            broken: Mutex::default(),
+        })
     }
 
     /// A read transaction: a consistent view of every committed change, durable or not.
@@ -233,6 +262,21 @@ impl Db {
     /// Makes every change committed so far durable.
     pub fn flush(&self) -> Result<()> {
         self.write(Durability::Immediate, |_| Ok(()))
+    }
+
+    /// Why the database refuses every write until it is reopened, if a write failed
+    /// (redb's rule after an I/O error); None while it works.
+    pub fn broken(&self) -> Option<String> {
+        self.broken.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn note_broken(&self, why: String) {
+        let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        if b.is_none() {
+            tracing::error!(error = %why,
+                "the database failed a write: it refuses every write until it is reopened");
+            *b = Some(why);
+        }
     }
 
     /// The commit counters so far.
@@ -323,6 +367,11 @@ impl Db {
             let mut txn = match self.db.begin_write() {
                 Ok(t) => t,
                 Err(e) => {
+                    if let redb::TransactionError::Storage(se) = &e
+                        && breaks(se)
+                    {
+                        self.note_broken(format!("begin a write: {se}"));
+                    }
                     let e = Error::from(e).context("begin a database write");
                     live.iter().for_each(|i| results[*i] = Some(Err(e.clone())));
                     break;
@@ -344,7 +393,14 @@ impl Db {
                     continue 'attempt;
                 }
             }
-            let committed = txn.commit().map_err(|e| Error::from(e).context("commit"));
+            let committed = txn.commit().map_err(|e| {
+                if let redb::CommitError::Storage(se) = &e
+                    && breaks(se)
+                {
+                    self.note_broken(format!("commit: {se}"));
+                }
+                Error::from(e).context("commit")
+            });
             {
                 let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
                 s.commits += 1;
@@ -549,6 +605,63 @@ mod tests {
         }
         grow(rounds, rounds + rounds / 2);
         whole("grown again");
+    }
+
+    /// A file backend whose writes fail with "no space" while `full` is set.
+    #[derive(Debug)]
+    struct Filling {
+        file: FileBackend,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl redb::StorageBackend for Filling {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            if self.full.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            self.file.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_marks_the_database_broken_as_redb_keeps_it() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let file = std::fs::File::create_new(dir.path().join("t.db")).unwrap();
+        let reserve =
+            Reserve { file: file.try_clone().unwrap(), failing: false, unsupported: false };
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backend = Filling { file: FileBackend::new(file).unwrap(), full: full.clone() };
+        let db = Db::on(backend, reserve, "t.db", "test database").unwrap();
+        let put = |k: u64| {
+            db.write(Durability::Immediate, move |txn| {
+                txn.open_table(T)?.insert(k, k)?;
+                Ok(())
+            })
+        };
+        put(1).unwrap();
+        assert_eq!(db.broken(), None);
+        full.store(true, std::sync::atomic::Ordering::Relaxed);
+        let e = put(2).expect_err("the disk is full");
+        assert!(e.to_string().contains("No space left"), "{e}");
+        let why = db.broken().expect("a failed commit breaks redb");
+        assert!(why.contains("No space left"), "{why}");
+        // The disk has room again, but redb refuses every write until it is reopened.
+        full.store(false, std::sync::atomic::Ordering::Relaxed);
+        let e = put(3).expect_err("redb keeps refusing");
+        assert!(e.to_string().contains("Previous I/O error"), "{e}");
+        assert_eq!(db.broken(), Some(why));
     }
 
     fn value(db: &Db, k: u64) -> Option<u64> {

@@ -687,6 +687,12 @@ impl Host {
         })
     }
 
+    /// Why the root's database refuses every write until it is reopened (a write failed
+    /// on I/O: see `kv`), if it does. A daemon then stops, so that it is started again.
+    pub fn database_broken(&self) -> Option<String> {
+        self.db.db().broken()
+    }
+
     /// Closes every backend opened so far.
     pub fn close(&self) -> Result<()> {
         let mut first_error = None;

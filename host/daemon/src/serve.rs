@@ -211,8 +211,20 @@ pub async fn serve_reporting(
         let _ = tx.send(Serving { socket: opts.socket.clone(), metrics });
     }
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    // A database that failed a write refuses every write until it is reopened: the
+    // daemon then stops as for a signal, and exits with an error, for its service
+    // manager to start it again (which reopens and repairs the file and runs every
+    // recovery) instead of answering every change with an error.
+    let broken: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let (watched, noted) = (host.clone(), broken.clone());
     let signal = async move {
-        stop.await;
+        tokio::select! {
+            () = stop => {}
+            why = database_broken(&watched) => {
+                tracing::error!(error = %why, "the database failed a write and refuses every write until it is reopened; stopping, for the service manager to start wasnap again");
+                *noted.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            }
+        }
         let _ = stopping_tx.send(());
     };
     let server = tonic::transport::Server::builder()
@@ -244,7 +256,23 @@ pub async fn serve_reporting(
         .await
         .map_err(|e| Error::internal(format!("close the root: {e}")))?;
     tracing::info!("stopped");
+    let broken = broken.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(why) = broken {
+        return Err(Error::unavailable(format!(
+            "stopped because the database failed a write ({why}); start wasnap again to reopen and repair it"
+        )));
+    }
     served.and(closed)
+}
+
+/// Resolves, with the reason, once the root's database refuses every write.
+async fn database_broken(host: &Host) -> String {
+    loop {
+        if let Some(why) = host.database_broken() {
+            return why;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Takes the socket: its directory is made owner-only if we create it, a stale socket

@@ -23,10 +23,11 @@
 //! **A full disk.** redb treats a failed write as fatal: once a commit fails on I/O,
 //! every later call fails until the file is closed and repaired. A full filesystem must
 //! not do that to the root's one database, or the daemon could not even remove what
-//! would free space. So every block of the database file is allocated, and [`RESERVE`]
-//! bytes past its end (`fallocate` with `FALLOC_FL_KEEP_SIZE`, as etcd preallocates its
-//! log): redb writes pages only into blocks that are already the file's, and grows the
-//! file into them; a full disk fails the callers' snapshots and layers, never a commit.
+//! would free space. So every block of the database file is allocated, and room for
+//! redb's next growth past its end ([`reserve_for`]: about the file's own size while it
+//! is small, [`RESERVE`] once it is large), with `fallocate` and `FALLOC_FL_KEEP_SIZE`,
+//! as etcd preallocates its log: redb writes pages only into blocks that are already the
+//! file's, and grows the file into them; a full disk fails the callers' snapshots and layers, never a commit.
 //! After each commit, the blocks are counted and topped up if some of the reserve is
 //! gone. Should a write fail anyway (the reserve could not be kept, or the disk itself
 //! failed), [`Db::broken`] says so, and the daemon stops so that its service manager
@@ -96,14 +97,23 @@ pub struct CommitStats {
     pub operations: u64,
 }
 
-/// Bytes the database keeps allocated past its end, so that a full disk does not fail
-/// its commits (see the [module documentation](self)). redb grows its file by doubling
-/// it while it is smaller than one region (16 MiB by default) and by at most two regions
-/// after that, so one growth always fits.
-pub const RESERVE: u64 = 40 << 20;
+/// The most bytes the database keeps allocated past its end, so that a full disk does
+/// not fail its commits (see the [module documentation](self)); [`reserve_for`] says how
+/// much a file of a given size keeps.
+pub const RESERVE: u64 = 36 << 20;
 
-/// The reserve is topped up once this much of it is used.
-const RESERVE_SLACK: u64 = 4 << 20;
+/// redb's region (its default): it grows a smaller file by doubling it, a larger one by
+/// at most two regions at a time.
+const REGION: u64 = 16 << 20;
+
+/// The bytes a database file of `len` bytes keeps allocated past its end: room for
+/// redb's next growth, with a margin. A small store (a plugin's, a test's) keeps about
+/// its own size, not the 36 MiB a large one needs (found when 200 plugin stores of one
+/// test took 24 GiB of tmpfs).
+pub fn reserve_for(len: u64) -> u64 {
+    let growth = if len < REGION { len.max(1 << 20) } else { 2 * REGION };
+    (growth + growth / 8).min(RESERVE)
+}
 
 /// The blocks allocated to the database file beyond what its data needs.
 struct Reserve {
@@ -115,8 +125,8 @@ struct Reserve {
 }
 
 impl Reserve {
-    /// Allocates every block of the file and [`RESERVE`] past its end, when more than
-    /// [`RESERVE_SLACK`] of that is missing. The blocks allocated are counted,
+    /// Allocates every block of the file and [`reserve_for`] its size past its end, when
+    /// more than an eighth of that reserve is missing. The blocks allocated are counted,
     /// not remembered: redb leaves holes where it extends the file, and truncating it
     /// frees what was reserved past the new end (found by the soak's full-disk
     /// windows, when a reserve counted from the end alone was gone).
@@ -131,11 +141,12 @@ impl Reserve {
                 return;
             }
         };
-        if allocated + RESERVE_SLACK >= len + RESERVE {
+        let reserve = reserve_for(len);
+        if allocated + reserve / 8 >= len + reserve {
             return;
         }
         let flags = rustix::fs::FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&self.file, flags, 0, len + RESERVE) {
+        match rustix::fs::fallocate(&self.file, flags, 0, len + reserve) {
             Ok(()) => {
                 if std::mem::take(&mut self.failing) {
                     tracing::info!("the database's reserve past its end is whole again");
@@ -149,7 +160,7 @@ impl Reserve {
             }
             Err(e) => {
                 if !std::mem::replace(&mut self.failing, true) {
-                    tracing::warn!(error = %e, reserve = RESERVE,
+                    tracing::warn!(error = %e, reserve,
                         "cannot keep the database's reserve past its end (disk full?); its commits may fail if the disk stays full");
                 }
             }
@@ -570,12 +581,14 @@ mod tests {
         let whole = |when: &str| {
             let (blocks, size) = allocated(&path);
             assert!(
-                blocks + RESERVE_SLACK >= size + RESERVE,
+                blocks + reserve_for(size) / 8 >= size + reserve_for(size),
                 "{when}: {blocks} allocated for {size}"
             );
             size
         };
-        whole("after open");
+        let fresh = whole("after open");
+        // A small store keeps about its own size, not what a large one needs.
+        assert!(allocated(&path).0 <= 2 * fresh + (2 << 20), "{:?}", allocated(&path));
         const BIG: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("big");
         let value = vec![7u8; 256 << 10];
         let grow = |from: u64, to: u64| {

@@ -85,6 +85,15 @@ fn time_merge(
     Ok((took, made.how))
 }
 
+/// Timed merges of each kind per row (the median is shown).
+const ROUNDS: usize = 5;
+
+/// The median of `v` (not empty).
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
 /// Runs the section in `base`, printing one table.
 pub fn run(base: &Path, smoke: bool, out: &mut dyn Write) -> Result<()> {
     let tmp =
@@ -98,6 +107,7 @@ pub fn run(base: &Path, smoke: bool, out: &mut dyn Write) -> Result<()> {
     let host = Host::open_config(&tmp.path().join("root"), Arc::new(Faults::new()), config)?;
     let ctx = Ctx::new("bench")?;
     let counts: &[usize] = if smoke { &[3, 10] } else { &[10, 50, 200] };
+    let rounds = if smoke { 1 } else { ROUNDS };
     let overlay = wasnap::probe::Support::overlay_available();
     let mut rows = Vec::new();
     for &n in counts {
@@ -110,10 +120,18 @@ pub fn run(base: &Path, smoke: bool, out: &mut dyn Write) -> Result<()> {
             }
             let inputs = layers(&host, sn, &ctx, n)?;
             let copy_opts = MergeOptions { stack: false, links: false };
-            // Each once before timing, so the page cache holds the layers for both.
+            // Each once before timing, so the page cache holds the layers for both; then
+            // the two in turn, each figure the median of its rounds.
             time_merge(&host, sn, &ctx, &inputs, &copy_opts, "warm")?;
-            let (quick, how) = time_merge(&host, sn, &ctx, &inputs, &fast_opts, "fast")?;
-            let (copied, _) = time_merge(&host, sn, &ctx, &inputs, &copy_opts, "copied")?;
+            time_merge(&host, sn, &ctx, &inputs, &fast_opts, "warm")?;
+            let (mut quick, mut copied, mut how) = (Vec::new(), Vec::new(), String::new());
+            for _ in 0..rounds {
+                let (took, made) = time_merge(&host, sn, &ctx, &inputs, &fast_opts, "fast")?;
+                quick.push(took);
+                how = made;
+                copied.push(time_merge(&host, sn, &ctx, &inputs, &copy_opts, "copied")?.0);
+            }
+            let (quick, copied) = (median(quick), median(copied));
             rows.push(vec![
                 sn.to_owned(),
                 n.to_string(),
@@ -131,7 +149,7 @@ pub fn run(base: &Path, smoke: bool, out: &mut dyn Write) -> Result<()> {
     }
     writeln!(
         out,
-        "merge: {FILES} files ({} KiB mean) spread over N single-layer chains, on {fs}",
+        "merge: {FILES} files ({} KiB mean) spread over N single-layer chains, on {fs}; median of {rounds}",
         MEAN >> 10
     )
     .map_err(io)?;

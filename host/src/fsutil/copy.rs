@@ -35,18 +35,43 @@ use crate::error::{Context, Error, Result};
 /// stay. Holes in sparse files are kept where the filesystem reports them. An entry already
 /// present in `dst` is an error; on error `dst` is left partly filled.
 pub fn copy_tree(src: &cap_std::fs::Dir, dst: &cap_std::fs::Dir) -> Result<()> {
-    let root = At { verb: "copy", rel: Path::new("") };
+    copy_or_link(src.as_fd(), dst.as_fd(), false)
+}
+
+/// [`copy_tree`], except that each regular file is hard-linked into `dst` instead of
+/// copied, where a link can be made (the same filesystem; otherwise, or past the
+/// filesystem's limit on links, it is copied). Directories, symlinks, devices and fifos
+/// are made new, as `copy_tree` makes them.
+///
+/// The linked files are the same inodes in both trees: for a tree that nothing writes
+/// into in place afterwards and whose source is immutable, as a merge's tree built on a
+/// committed snapshot (the applier replaces files, never rewrites them; see
+/// `layer::merge`). A file is linked only if an `O_PATH` pin of its name shows the very
+/// regular file the listing's `lstat` did: a symlink, device or fifo swapped in is
+/// neither followed nor opened, and a mount point is refused.
+pub fn link_tree(src: impl AsFd, dst: impl AsFd) -> Result<()> {
+    copy_or_link(src.as_fd(), dst.as_fd(), true)
+}
+
+fn copy_or_link(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, link: bool) -> Result<()> {
+    let root = At { verb: if link { "link" } else { "copy" }, rel: Path::new("") };
     // Pinned: both roots are the handles given.
-    let src_fd = reopen_dir(src).map_err(root.err("open source"))?;
+    let src_fd = reopen_dir(&src).map_err(root.err("open source"))?;
     let src_meta = fstat(&src_fd).map_err(root.err("stat source"))?;
-    let dst_fd = reopen_dir(dst).map_err(root.err("open destination"))?;
+    let dst_fd = reopen_dir(&dst).map_err(root.err("open destination"))?;
     let dst_meta = fstat(&dst_fd).map_err(root.err("stat destination"))?;
     if src_meta.id() == dst_meta.id() {
         return Err(Error::internal(format!(
             "{root}: source and destination are the same directory"
         )));
     }
-    let mut copier = Copier { dst_root: dst.as_fd(), dst_id: dst_meta.id(), links: HashMap::new() };
+    let mut copier = Copier {
+        dst_root: dst,
+        dst_id: dst_meta.id(),
+        links: HashMap::new(),
+        link,
+        empty_path: std::cell::Cell::new(None),
+    };
     let mut stack = Stack::new(Frame::new(src_fd, src_meta, dst_fd, &dst_meta, PathBuf::new())?);
     while let Some(frame) = stack.top_mut() {
         super::deadline::check("copy")?;
@@ -124,6 +149,11 @@ struct Copier<'a> {
     dst_id: (u64, u64),
     /// First destination path of each source inode with more than one link.
     links: HashMap<(u64, u64), PathBuf>,
+    /// Regular files are hard-linked ([`link_tree`]); false once a link failed with
+    /// `EXDEV` (another filesystem): every file is copied then.
+    link: bool,
+    /// Whether `linkat(AT_EMPTY_PATH)` works here (see [`super::link_pinned`]).
+    empty_path: std::cell::Cell<Option<bool>>,
 }
 
 impl Copier<'_> {
@@ -147,6 +177,7 @@ impl Copier<'_> {
             return Ok(None);
         }
         let meta = match kind {
+            FileType::RegularFile if self.link => self.link_file(sdir, ddir, name, &meta, at)?,
             FileType::RegularFile => copy_file(sdir, ddir, name, &meta, at)?,
             FileType::Symlink => {
                 // No-follow: readlink reads the last component itself (EINVAL if it is
@@ -202,6 +233,38 @@ impl Copier<'_> {
             .map_err(at.err("open destination"))?;
         let dst_meta = fstat(&dst).map_err(at.err("stat destination"))?;
         Frame::new(src, opened, dst, &dst_meta, rel)
+    }
+
+    /// Hard-links the regular file `name` of `sdir` (whose lstat is `meta`) as `name` in
+    /// `ddir`, or copies it where no link can be made; returns the metadata of the file
+    /// taken.
+    fn link_file(
+        &mut self,
+        sdir: BorrowedFd<'_>,
+        ddir: BorrowedFd<'_>,
+        name: &OsStr,
+        meta: &Meta,
+        at: At<'_>,
+    ) -> Result<Meta> {
+        // Pinned before it is linked: a fifo, device or symlink swapped in after the
+        // lstat is refused, never linked, followed or opened; a mount point is refused.
+        let pinned = pin_in_tree(sdir, Path::new(name)).map_err(at.open_err("open"))?;
+        let opened = fstat(&pinned).map_err(at.err("stat"))?;
+        if opened.id() != meta.id() || opened.file_type() != FileType::RegularFile {
+            return Err(Error::internal(format!("{at}: file was replaced during the copy")));
+        }
+        // Pinned: the link is to the inode checked above. No-follow: `name` is made new
+        // in the destination (EEXIST if anything is there).
+        match super::link_pinned(pinned.as_fd(), ddir, name, &self.empty_path) {
+            Ok(()) => Ok(opened),
+            Err(Errno::XDEV) => {
+                self.link = false;
+                copy_file(sdir, ddir, name, meta, at)
+            }
+            // Too many links to the inode, or links refused (protected_hardlinks).
+            Err(Errno::MLINK | Errno::PERM) => copy_file(sdir, ddir, name, meta, at),
+            Err(e) => Err(at.err("link")(e)),
+        }
     }
 
     /// Links `name` to the inode already copied to `first`. The path is resolved one

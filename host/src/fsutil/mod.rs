@@ -31,7 +31,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 
-pub use copy::copy_tree;
+pub use copy::{copy_tree, link_tree};
 pub use remove::remove_tree;
 pub use usage::{disk_usage, measure_and_sync};
 
@@ -163,6 +163,41 @@ fn proc_link(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
+/// Hard-links the inode `pinned` holds (an `O_PATH` descriptor of a regular file) as
+/// `name` in `dir`: with `AT_EMPTY_PATH` on the descriptor where that is allowed (it needs
+/// `CAP_DAC_READ_SEARCH`; `empty_path` remembers whether it is), otherwise through its
+/// `/proc/self/fd` link. Either way the link is to that very inode, never to whatever a
+/// path names now.
+pub(crate) fn link_pinned(
+    pinned: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    empty_path: &std::cell::Cell<Option<bool>>,
+) -> rustix::io::Result<()> {
+    if empty_path.get() != Some(false) {
+        // Pinned: AT_EMPTY_PATH links the descriptor's own inode. No-follow: `name` is
+        // made new (EEXIST if anything is there).
+        match rustix::fs::linkat(pinned, c"", dir, name, AtFlags::EMPTY_PATH) {
+            Ok(()) => {
+                empty_path.set(Some(true));
+                return Ok(());
+            }
+            // Without CAP_DAC_READ_SEARCH the kernel answers ENOENT.
+            Err(Errno::NOENT) if empty_path.get().is_none() => empty_path.set(Some(false)),
+            Err(e) => return Err(e),
+        }
+    }
+    // Pinned: AT_SYMLINK_FOLLOW follows only the magic link, which names the pinned
+    // inode. No-follow: `name` is made new.
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_link(pinned).as_str(),
+        dir,
+        name,
+        AtFlags::SYMLINK_FOLLOW,
+    )
+}
+
 /// Opens the inode held by the `O_PATH` descriptor `pinned` for reading, through its
 /// `/proc/self/fd` link. Only a regular file or a directory is opened (`EINVAL`
 /// otherwise), so no device or fifo is ever opened by a name someone else controls;
@@ -202,7 +237,7 @@ pub(crate) fn chmod_nofollow(
 }
 
 /// A readable descriptor for the directory behind a handle, which may be an `O_PATH` one.
-fn reopen_dir(dir: &cap_std::fs::Dir) -> rustix::io::Result<OwnedFd> {
+fn reopen_dir(dir: &impl AsFd) -> rustix::io::Result<OwnedFd> {
     // Pinned: `.` is the handle's own directory.
     open_dir_at(dir, Path::new("."))
 }
@@ -210,6 +245,34 @@ fn reopen_dir(dir: &cap_std::fs::Dir) -> rustix::io::Result<OwnedFd> {
 /// The names in a directory, without `.` and `..`. Reading them all up front lets the
 /// walk release the listing before descending, so wide trees cost memory, not descriptors.
 pub(crate) fn list_names(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<OsString>> {
+    // Pinned: read through `dir` itself, from its start (a descriptor may be read twice),
+    // rather than through a reopened `.`, which took three more calls per directory.
+    match rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(0)) {
+        Ok(_) => {}
+        // An O_PATH descriptor cannot be read: its `.` can.
+        Err(Errno::BADF) => return list_names_reopened(dir),
+        Err(e) => return Err(e),
+    }
+    let mut buf = Vec::with_capacity(32 << 10);
+    let mut listing = rustix::fs::RawDir::new(dir, buf.spare_capacity_mut());
+    let mut names = Vec::new();
+    while let Some(entry) = listing.next() {
+        let entry = match entry {
+            Ok(entry) => entry,
+            // A directory removed meanwhile has no entries (rustix's `Dir` says so too).
+            Err(Errno::NOENT) => break,
+            Err(e) => return Err(e),
+        };
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsString::from_vec(name.to_vec()));
+        }
+    }
+    Ok(names)
+}
+
+/// [`list_names`] through a reopened `.` of `dir`.
+fn list_names_reopened(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<OsString>> {
     // Pinned: rustix reopens `.` of `dir` to read it.
     let mut listing = rustix::fs::Dir::read_from(dir)?;
     let mut names = Vec::new();

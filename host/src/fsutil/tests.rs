@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use cap_std::ambient_authority;
 use rustix::fs::{AtFlags, CWD, FileType, Mode, Timespec, Timestamps, XattrFlags};
 
-use super::{MAX_OPEN_LEVELS, copy_tree, disk_usage, remove_tree};
+use super::{MAX_OPEN_LEVELS, copy_tree, disk_usage, link_tree, remove_tree};
 use crate::error::ErrorKind;
 
 fn is_root() -> bool {
@@ -226,6 +226,59 @@ fn copy_preserves_types_modes_owners_xattrs_links_and_times() {
     assert!(q("sparse").blocks() * 512 < 1 << 20, "sparse file lost its holes");
     assert_eq!(xattrs(&dst.join("suid"))["trusted.t"], b"2");
     assert_eq!(xattrs(&dst)["user.root"], b"r");
+}
+
+#[test]
+fn link_tree_shares_regular_files_and_makes_everything_else_new() {
+    if skip_unless_root("link_tree_shares_regular_files_and_makes_everything_else_new") {
+        return;
+    }
+    let (tmp, src, dst) = roots();
+    let p = |rel: &str| src.join(rel);
+    fs::create_dir_all(p("d/e")).expect("mkdir");
+    fs::write(p("f"), b"file").expect("write");
+    fs::write(p("d/e/g"), vec![7u8; 10_000]).expect("write");
+    fs::hard_link(p("f"), p("d/f2")).expect("link");
+    std::os::unix::fs::symlink("../f", p("d/s")).expect("symlink");
+    rustix::fs::mknodat(CWD, p("fifo"), FileType::Fifo, Mode::from(0o640), 0).expect("mkfifo");
+    fs::write(tmp.path().join("secret"), b"secret").expect("write");
+    std::os::unix::fs::symlink(tmp.path().join("secret"), p("out")).expect("symlink");
+    set_xattr(&p("f"), "user.k", b"v");
+    set_xattr(&p(""), "user.root", b"r");
+    std::os::unix::fs::lchown(p("d"), Some(1234), Some(5678)).expect("lchown");
+    chmod(&p("d"), 0o750);
+    for rel in ["f", "d/e/g", "d/e", "d", ""] {
+        set_times(&p(rel), T1, T2);
+    }
+
+    link_tree(open(&src), open(&dst)).expect("link");
+
+    // The same tree, to the metadata, as a copy makes it (link counts included: the
+    // regular files are the same inodes).
+    let expected = snapshot(&src);
+    let got = snapshot(&dst);
+    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    for (rel, want) in &expected {
+        assert_eq!(&got[rel], want, "{rel:?}");
+    }
+    let ino = |root: &Path, rel: &str| fs::symlink_metadata(root.join(rel)).expect("lstat").ino();
+    for rel in ["f", "d/f2", "d/e/g"] {
+        assert_eq!(ino(&src, rel), ino(&dst, rel), "{rel} is linked");
+    }
+    // Directories, symlinks and fifos are made new; a symlink is never followed.
+    for rel in ["", "d", "d/e", "d/s", "fifo", "out"] {
+        assert_ne!(ino(&src, rel), ino(&dst, rel), "{rel} is new");
+    }
+    assert_eq!(fs::read_link(dst.join("out")).expect("readlink"), tmp.path().join("secret"));
+    assert_eq!(fs::symlink_metadata(tmp.path().join("secret")).expect("lstat").nlink(), 1);
+    assert_eq!(xattrs(&dst)["user.root"], b"r");
+
+    // The source tree gone, the linked tree keeps every byte.
+    remove_tree(&open(tmp.path()), Path::new("src")).expect("remove the source");
+    assert_eq!(fs::read(dst.join("f")).expect("read"), b"file");
+    assert_eq!(fs::read(dst.join("d/f2")).expect("read"), b"file");
+    assert_eq!(fs::read(dst.join("d/e/g")).expect("read"), vec![7u8; 10_000]);
+    assert_eq!(fs::symlink_metadata(dst.join("f")).expect("lstat").nlink(), 2);
 }
 
 #[test]

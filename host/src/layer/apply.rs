@@ -76,13 +76,17 @@
 //! `/proc/self/fd` link): nothing is set on it, as the inode is the layer's too and
 //! already carries exactly the entry's metadata. Where no link can be made (`EXDEV`:
 //! another filesystem or a btrfs subvolume, after which the stream's other files are
-//! copied at once; `EMLINK`; `EPERM`), or the file carries overlayfs's own xattrs, its
-//! bytes are copied from the pin into a new file that gets the entry's owner, mode and
-//! times and the source file's own xattrs, the ones a link would have shared (the entry
-//! carries none: the diff reads none for a file it does not open). overlayfs's xattrs
-//! are left out, and a file overlayfs marks as a metacopy or redirect is refused, as its
-//! data is in another layer. [`apply`] refuses every `WASNAP.*` record as invalid: a
-//! layer from outside cannot make the applier link or read anything.
+//! copied at once; `EMLINK`; `EPERM`), or the file carries overlayfs's own xattrs where
+//! overlayfs reads them (the source is an overlayfs layer, [`LinkFrom::overlay_layer`],
+//! or the target an upper directory), its bytes are copied from the pin into a new file
+//! that gets the entry's owner, mode and times and the source file's own xattrs, the
+//! ones a link would have shared (the entry carries none: the diff reads none for a file
+//! it does not open). overlayfs's xattrs are left out of a copy, and a file of an
+//! overlayfs layer that overlayfs marks as a metacopy or redirect is refused, as its data
+//! is in another layer. Between two plain trees a file is linked whatever its xattrs:
+//! overlayfs's are inert there, as in the source tree that holds the same inode.
+//! [`apply`] refuses every `WASNAP.*` record as invalid: a layer from outside cannot make
+//! the applier link or read anything.
 //! [`apply_linked_bytes`] applies such a stream held in memory on the calling thread,
 //! which is how a merge applies the layers whose headers fit in a few megabytes.
 //!
@@ -164,6 +168,19 @@ pub fn apply(
     apply_inner(root, layer, opts, None)
 }
 
+/// The tree a merge's stream links its regular files from: the one its diff read.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkFrom<'a> {
+    /// The tree.
+    pub tree: BorrowedFd<'a>,
+    /// It is an overlayfs layer directory, read as the change itself
+    /// ([`Source::Overlay`](super::diff::Source::Overlay)): a file there may keep its
+    /// data in a lower layer (overlayfs's metacopy and redirect), so each file's
+    /// xattrs are looked at before it is linked. False: a plain tree, where nothing
+    /// reads overlayfs's xattrs.
+    pub overlay_layer: bool,
+}
+
 /// Applies a stream that [`diff_with`](super::diff::diff_with) wrote without file
 /// contents from the tree `link_from` (a merge's own pipe, never a stream from outside):
 /// each regular file is that tree's file at the same path, hard-linked into `root`, or
@@ -173,26 +190,24 @@ pub fn apply_linked(
     root: BorrowedFd<'_>,
     layer: impl Read + Send,
     opts: &ApplyOptions<'_>,
-    link_from: BorrowedFd<'_>,
+    link_from: LinkFrom<'_>,
 ) -> Result<Applied> {
     apply_inner(root, layer, opts, Some(link_from))
 }
 
 /// [`apply_linked`] of a stream already in memory (a merge's small layer, written
-/// without file contents): applied on this thread, with no decoder thread or pipe, which
-/// cost more than the entries of a layer of a few files.
-/// `diff_id` is the stream's, as its diff computed it.
+/// without file contents and without digests by the diff): applied on this thread, with
+/// no decoder thread or pipe, which cost more than the entries of a layer of a few
+/// files, and not hashed, as nothing keeps the stream. Returns the entries applied.
 pub fn apply_linked_bytes(
     root: BorrowedFd<'_>,
     stream: Vec<u8>,
-    diff_id: Digest,
     opts: &ApplyOptions<'_>,
-    link_from: BorrowedFd<'_>,
-) -> Result<Applied> {
+    link_from: LinkFrom<'_>,
+) -> Result<u64> {
     if opts.compression != Some(Compression::None) {
         return Err(Error::internal("a merge's stream in memory is never compressed"));
     }
-    let size = stream.len() as u64;
     let (tx, rx) = mpsc::sync_channel::<Chunk>(1);
     if !stream.is_empty() {
         // The receiver is alive: the send cannot fail.
@@ -201,15 +216,14 @@ pub fn apply_linked_bytes(
     drop(tx);
     // Used chunks go back to no decoder; the sends fail and are ignored.
     let (spare_tx, _) = mpsc::channel::<Vec<u8>>();
-    let entries = write_side(root, rx, spare_tx, opts, Some(link_from))?;
-    Ok(Applied { diff_id, compression: Compression::None, size, entries })
+    write_side(root, rx, spare_tx, opts, Some(link_from))
 }
 
 fn apply_inner(
     root: BorrowedFd<'_>,
     layer: impl Read + Send,
     opts: &ApplyOptions<'_>,
-    link_from: Option<BorrowedFd<'_>>,
+    link_from: Option<LinkFrom<'_>>,
 ) -> Result<Applied> {
     let (tx, rx) = mpsc::sync_channel::<Chunk>(QUEUE);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
@@ -514,7 +528,7 @@ fn write_side(
     rx: Receiver<Chunk>,
     spare: Sender<Vec<u8>>,
     opts: &ApplyOptions<'_>,
-    link_from: Option<BorrowedFd<'_>>,
+    link_from: Option<LinkFrom<'_>>,
 ) -> Result<u64> {
     let chunks = RefCell::new(Chunks::new(rx, spare));
     let mut applier = Applier::new(root, opts, link_from)?;
@@ -916,6 +930,12 @@ struct Applier<'o> {
     /// Hard links from `link_from` can be made (false once one failed with `EXDEV`: the
     /// two trees are on different filesystems or subvolumes, and every file is copied).
     links: bool,
+    /// `link_from` is an overlayfs layer ([`LinkFrom::overlay_layer`]).
+    source_overlay: bool,
+    /// A file is linked only if it carries none of overlayfs's xattrs: `link_from` is an
+    /// overlayfs layer, or the target an overlayfs upper directory, where overlayfs
+    /// reads them (see [`Applier::linked`]).
+    check_overlay: bool,
     /// Whether `linkat(AT_EMPTY_PATH)` works here (it needs `CAP_DAC_READ_SEARCH`);
     /// unknown until tried.
     empty_path: Option<bool>,
@@ -935,7 +955,7 @@ impl<'o> Applier<'o> {
     fn new(
         root: BorrowedFd<'_>,
         opts: &'o ApplyOptions<'o>,
-        link_from: Option<BorrowedFd<'o>>,
+        link_from: Option<LinkFrom<'o>>,
     ) -> Result<Applier<'o>> {
         // Pinned: `.` is the directory given; a readable descriptor (the one given may be
         // O_PATH) so that the root itself can carry an opaque xattr.
@@ -948,9 +968,12 @@ impl<'o> Applier<'o> {
         .map_err(|e| Error::from(e).context("apply layer: open the target directory"))?;
         Ok(Applier {
             root: Rc::new(dir_of(fd)),
-            link_from,
+            link_from: link_from.map(|l| l.tree),
             source_dir: None,
             links: true,
+            source_overlay: link_from.is_some_and(|l| l.overlay_layer),
+            check_overlay: link_from.is_some_and(|l| l.overlay_layer)
+                || opts.whiteouts != Whiteouts::Delete,
             empty_path: None,
             cache: Vec::with_capacity(OPEN_DIRS),
             whiteouts: opts.whiteouts,
@@ -1541,6 +1564,14 @@ impl<'o> Applier<'o> {
     /// link to it, which keeps its owner, mode, xattrs and times, as the entry gives them
     /// (nothing is set on it: the inode is the source tree's too); or, where no link can
     /// be made, a copy of its `size` bytes with the entry's metadata, as [`Self::file`].
+    ///
+    /// Where overlayfs reads the xattrs (`check_overlay`: an overlay layer as the source,
+    /// an upper directory as the target), a file carrying overlayfs's own is copied
+    /// instead, without them. Between two plain trees they are looked for no more: there
+    /// they are inert data that no mount interprets, the file's bytes are its own, and
+    /// the link shares them with the source tree, which holds the very same inode with
+    /// them already (the native driver's copy of a parent keeps them too). Listing them
+    /// took a `/proc/self/fd` lookup per file, a sixth of a merge by links.
     fn linked(
         &mut self,
         dir: &Dir,
@@ -1550,11 +1581,17 @@ impl<'o> Applier<'o> {
         size: u64,
         ctx: Ctx<'_>,
     ) -> Result<()> {
+        if self.links
+            && !self.check_overlay
+            && self.link_named(dir, name, path, attrs, size, ctx)?
+        {
+            return Ok(());
+        }
         let source = self.source_file(path, size, attrs, ctx)?;
-        if self.links && !self.has_overlay_xattrs(source.as_fd(), ctx)? {
+        if self.links && !(self.check_overlay && self.has_overlay_xattrs(source.as_fd(), ctx)?) {
             let empty_path = std::cell::Cell::new(self.empty_path);
             let linked = self.create(dir, name, path, ctx, |d, n| {
-                link_pinned(source.as_fd(), d, n, &empty_path)
+                fsutil::link_pinned(source.as_fd(), d, n, &empty_path)
             })?;
             self.empty_path = empty_path.get();
             match linked {
@@ -1568,6 +1605,92 @@ impl<'o> Applier<'o> {
             }
         }
         self.copy_from(dir, name, path, attrs, source.as_fd(), size, ctx)
+    }
+
+    /// Between plain trees, links the entry at `path` in `link_from` by its name (no pin:
+    /// that took three more calls per file), then checks that what was linked is the
+    /// regular file the entry announces, as [`Self::source_file`] checks a pin; anything
+    /// else is unlinked again and refused. True if linked; false if no link could be
+    /// made (another filesystem: `self.links` is cleared; too many links; a name no
+    /// longer there), for the pinned path to copy or to say why.
+    ///
+    /// What is linked can only be the inode at that one listed name of the source
+    /// directory (resolved beneath `link_from` as a pin's is), never what a symlink
+    /// there names, nor anything across a mount: it is never opened, and it is checked
+    /// where it now is, in the tree being written. Whoever could swap it there again
+    /// before the check writes that tree already.
+    fn link_named(
+        &mut self,
+        dir: &Dir,
+        name: &[u8],
+        path: &[u8],
+        attrs: &Attrs,
+        size: u64,
+        ctx: Ctx<'_>,
+    ) -> Result<bool> {
+        let parent = split_last(path).0;
+        let mut linked = Err(Errno::EXIST);
+        for round in 0..2 {
+            if round == 1 {
+                self.clear(dir, name, path, ctx)?;
+            }
+            let from = self.source_parent(parent, ctx)?;
+            // No-follow: linkat without AT_SYMLINK_FOLLOW links `name` itself, a single
+            // component of the pinned source directory. In tree: a mount point there
+            // is EXDEV, as no link crosses mounts. `name` is made new in `dir` (EEXIST if
+            // anything is there, which is replaced once).
+            linked = rustix::fs::linkat(from, os(name), dir, os(name), AtFlags::empty());
+            if linked != Err(Errno::EXIST) {
+                break;
+            }
+        }
+        match linked {
+            Ok(()) => {}
+            // Another filesystem or btrfs subvolume: no file of this stream links.
+            Err(Errno::XDEV) => {
+                self.links = false;
+                return Ok(false);
+            }
+            // Too many links, links refused (protected_hardlinks), a directory (EPERM)
+            // or nothing there: the pin says which.
+            Err(Errno::MLINK | Errno::PERM | Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(ctx.sys("link the file from the layer's tree")(e)),
+        }
+        // No-follow: the entry just made, itself.
+        let checked = fsutil::lstat_at(dir, Path::new(os(name)))
+            .map_err(ctx.sys("stat the file linked from the layer's tree"))
+            .and_then(|m| Self::announced(&m, size, attrs, ctx));
+        if let Err(e) = checked {
+            // No-follow: unlinkat removes the name itself.
+            match rustix::fs::unlinkat(dir, os(name), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(u) => return Err(e.context(format!("and removing it failed: {u}"))),
+            }
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Whether `m` is the regular file of the entry's size, mode, owner and time.
+    fn announced(m: &Meta, size: u64, attrs: &Attrs, ctx: Ctx<'_>) -> Result<()> {
+        if m.file_type() != FileType::RegularFile {
+            return Err(Error::failed_precondition(format!(
+                "{ctx}: in the layer's tree it is no longer a regular file (mode {:o}); \
+                 it is neither followed nor opened",
+                m.mode
+            )));
+        }
+        let t = attrs.times.last_modification;
+        if m.size != size
+            || m.mode & 0o7777 != attrs.mode
+            || (m.uid, m.gid) != (attrs.uid, attrs.gid)
+            || (m.mtime.tv_sec, m.mtime.tv_nsec) != (t.tv_sec, t.tv_nsec)
+        {
+            return Err(Error::internal(format!(
+                "{ctx}: the file in the layer's tree changed since the diff read it"
+            )));
+        }
+        Ok(())
     }
 
     /// The copy a link could not be: `size` bytes of the pinned `source`, read through
@@ -1602,8 +1725,9 @@ impl<'o> Applier<'o> {
 
     /// The entry's metadata with the xattrs of the open source file instead of its own
     /// (a merge's stream carries none for a linked file): the ones a link would have
-    /// shared, overlayfs's own left out. A file overlayfs marks as a metacopy or redirect
-    /// is refused: its data is in another layer, not in this tree.
+    /// shared, overlayfs's own left out. In an overlayfs layer, a file overlayfs marks as
+    /// a metacopy or redirect is refused: its data is in another layer, not in this tree
+    /// (in a plain tree nothing reads the marks, and the bytes are the file's own).
     fn source_attrs(&self, from: BorrowedFd<'_>, attrs: &Attrs, ctx: Ctx<'_>) -> Result<Attrs> {
         // Pinned: the file is open.
         let names = match Node::Open(from).list() {
@@ -1614,7 +1738,9 @@ impl<'o> Applier<'o> {
         let mut xattrs = Vec::new();
         for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
             if is_overlay_xattr(name) {
-                if name.ends_with(b".metacopy") || name.ends_with(b".redirect") {
+                if self.source_overlay
+                    && (name.ends_with(b".metacopy") || name.ends_with(b".redirect"))
+                {
                     return Err(Error::failed_precondition(format!(
                         "{ctx}: in the layer's tree it has {}: overlayfs keeps its data in \
                          another layer, so it cannot be copied from this one",
@@ -1664,23 +1790,7 @@ impl<'o> Applier<'o> {
             Err(e) => return Err(ctx.sys("find the file in the layer's tree")(e)),
         };
         let m = fsutil::fstat(&pinned).map_err(ctx.sys("stat the file in the layer's tree"))?;
-        if m.file_type() != FileType::RegularFile {
-            return Err(Error::failed_precondition(format!(
-                "{ctx}: in the layer's tree it is no longer a regular file (mode {:o}); \
-                 it is neither followed nor opened",
-                m.mode
-            )));
-        }
-        let t = attrs.times.last_modification;
-        if m.size != size
-            || m.mode & 0o7777 != attrs.mode
-            || (m.uid, m.gid) != (attrs.uid, attrs.gid)
-            || (m.mtime.tv_sec, m.mtime.tv_nsec) != (t.tv_sec, t.tv_nsec)
-        {
-            return Err(Error::internal(format!(
-                "{ctx}: the file in the layer's tree changed since the diff read it"
-            )));
-        }
+        Self::announced(&m, size, attrs, ctx)?;
         Ok(pinned)
     }
 
@@ -2033,41 +2143,6 @@ fn drop_other_xattrs(fd: BorrowedFd<'_>, attrs: &Attrs, ctx: Ctx<'_>) -> Result<
 /// The `/proc/self/fd` link of `fd`: resolving it lands on exactly the inode `fd` holds.
 fn proc_link(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
-}
-
-/// Hard-links the inode `pinned` holds (an `O_PATH` descriptor of a regular file) as
-/// `name` in `dir`: with `AT_EMPTY_PATH` on the descriptor where that is allowed (it needs
-/// `CAP_DAC_READ_SEARCH`; `empty_path` remembers whether it is), otherwise through its
-/// `/proc/self/fd` link. Either way the link is to that very inode, never to whatever a
-/// path names now.
-fn link_pinned(
-    pinned: BorrowedFd<'_>,
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    empty_path: &std::cell::Cell<Option<bool>>,
-) -> rustix::io::Result<()> {
-    if empty_path.get() != Some(false) {
-        // Pinned: AT_EMPTY_PATH links the descriptor's own inode. No-follow: `name` is
-        // made new (EEXIST if anything is there).
-        match rustix::fs::linkat(pinned, c"", dir, name, AtFlags::EMPTY_PATH) {
-            Ok(()) => {
-                empty_path.set(Some(true));
-                return Ok(());
-            }
-            // Without CAP_DAC_READ_SEARCH the kernel answers ENOENT.
-            Err(Errno::NOENT) if empty_path.get().is_none() => empty_path.set(Some(false)),
-            Err(e) => return Err(e),
-        }
-    }
-    // Pinned: AT_SYMLINK_FOLLOW follows only the magic link, which names the pinned
-    // inode. No-follow: `name` is made new.
-    rustix::fs::linkat(
-        rustix::fs::CWD,
-        proc_link(pinned).as_str(),
-        dir,
-        name,
-        AtFlags::SYMLINK_FOLLOW,
-    )
 }
 
 /// An overlayfs xattr (redirects, opaque markers, metacopy, ...), which only overlayfs and
@@ -2910,9 +2985,20 @@ mod tests {
     }
 
     fn apply_linked_from(root: &Path, tar: &[u8], from: &Path) -> Result<Applied> {
+        apply_linked_as(root, tar, from, &ApplyOptions::default(), false)
+    }
+
+    /// [`apply_linked_from`] with `opts`, from an overlay layer if `overlay_layer`.
+    fn apply_linked_as(
+        root: &Path,
+        tar: &[u8],
+        from: &Path,
+        opts: &ApplyOptions<'_>,
+        overlay_layer: bool,
+    ) -> Result<Applied> {
         let dir = File::open(root).expect("open root");
         let from = File::open(from).expect("open source");
-        apply_linked(dir.as_fd(), tar, &ApplyOptions::default(), from.as_fd())
+        apply_linked(dir.as_fd(), tar, opts, LinkFrom { tree: from.as_fd(), overlay_layer })
     }
 
     fn ino(path: &Path) -> u64 {
@@ -3067,48 +3153,76 @@ mod tests {
     }
 
     #[test]
-    fn linked_files_with_overlay_xattrs_are_copied_without_them() {
-        let env = Env::new();
-        let src = env.lower("lower-src");
-        std::fs::write(src.join("f"), b"f").expect("write");
-        let set = |name: &str, value: &[u8]| {
-            rustix::fs::lsetxattr(src.join("f"), name, value, rustix::fs::XattrFlags::empty())
-        };
-        if set("user.k", b"v") == Err(Errno::NOTSUP) {
-            eprintln!("skipped: no user xattrs here");
-            return;
+    fn linked_files_with_overlay_xattrs_are_copied_without_them_where_overlayfs_reads_them() {
+        // From an overlay layer, and into an upper directory: copied without them.
+        for (opts, overlay_layer) in [(ApplyOptions::default(), true), (overlay(), false)] {
+            let env = Env::new();
+            let src = env.lower("lower-src");
+            std::fs::write(src.join("f"), b"f").expect("write");
+            let set = |name: &str, value: &[u8]| {
+                rustix::fs::lsetxattr(src.join("f"), name, value, rustix::fs::XattrFlags::empty())
+            };
+            if set("user.k", b"v") == Err(Errno::NOTSUP) {
+                eprintln!("skipped: no user xattrs here");
+                return;
+            }
+            set("user.overlay.origin", b"x").expect("setxattr");
+            let tar = diff_of(None, &src, false);
+            apply_linked_as(&env.root(), &tar, &src, &opts, overlay_layer).expect("apply");
+            assert_ne!(ino(&env.at("f")), ino(&src.join("f")));
+            assert_eq!(std::fs::read(env.at("f")).expect("read"), b"f");
+            assert_eq!(xattr(&env.at("f"), "user.overlay.origin"), None);
+            // The stream carries no xattrs for a linked file: the copy takes the source's.
+            assert_eq!(xattr(&env.at("f"), "user.k").as_deref(), Some(&b"v"[..]));
         }
-        set("user.overlay.origin", b"x").expect("setxattr");
-        apply_linked_from(&env.root(), &diff_of(None, &src, false), &src).expect("apply");
-        assert_ne!(ino(&env.at("f")), ino(&src.join("f")));
-        assert_eq!(std::fs::read(env.at("f")).expect("read"), b"f");
-        assert_eq!(xattr(&env.at("f"), "user.overlay.origin"), None);
-        // The stream carries no xattrs for a linked file: the copy takes the source's.
-        assert_eq!(xattr(&env.at("f"), "user.k").as_deref(), Some(&b"v"[..]));
     }
 
     #[test]
-    fn linked_files_overlayfs_keeps_elsewhere_are_refused() {
+    fn linked_files_overlayfs_keeps_elsewhere_are_refused_from_an_overlay_layer() {
         for mark in ["user.overlay.metacopy", "user.overlay.redirect"] {
+            for opts in [ApplyOptions::default(), overlay()] {
+                let env = Env::new();
+                let src = env.lower("lower-src");
+                std::fs::write(src.join("f"), b"").expect("write");
+                let set = rustix::fs::lsetxattr(
+                    src.join("f"),
+                    mark,
+                    b"/elsewhere",
+                    rustix::fs::XattrFlags::empty(),
+                );
+                if set == Err(Errno::NOTSUP) {
+                    eprintln!("skipped: no user xattrs here");
+                    return;
+                }
+                set.expect("setxattr");
+                let tar = diff_of(None, &src, false);
+                let err = apply_linked_as(&env.root(), &tar, &src, &opts, true)
+                    .expect_err("its data is elsewhere");
+                assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{mark}: {err}");
+                assert!(err.to_string().contains(mark), "{err}");
+                assert!(!env.at("f").exists(), "{mark}");
+            }
+        }
+    }
+
+    #[test]
+    fn between_plain_trees_files_with_overlay_xattrs_are_linked() {
+        // Inert in a plain tree: the merge shares the inode, marks and all, as the
+        // source tree holds it; a copy (another filesystem) takes the bytes without them.
+        for mark in ["user.overlay.origin", "user.overlay.metacopy", "user.overlay.redirect"] {
             let env = Env::new();
             let src = env.lower("lower-src");
-            std::fs::write(src.join("f"), b"").expect("write");
-            let set = rustix::fs::lsetxattr(
-                src.join("f"),
-                mark,
-                b"/elsewhere",
-                rustix::fs::XattrFlags::empty(),
-            );
+            std::fs::write(src.join("f"), b"f").expect("write");
+            let set =
+                rustix::fs::lsetxattr(src.join("f"), mark, b"x", rustix::fs::XattrFlags::empty());
             if set == Err(Errno::NOTSUP) {
                 eprintln!("skipped: no user xattrs here");
                 return;
             }
             set.expect("setxattr");
-            let err = apply_linked_from(&env.root(), &diff_of(None, &src, false), &src)
-                .expect_err("its data is elsewhere");
-            assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{mark}: {err}");
-            assert!(err.to_string().contains(mark), "{err}");
-            assert!(!env.at("f").exists(), "{mark}");
+            apply_linked_from(&env.root(), &diff_of(None, &src, false), &src).expect(mark);
+            assert_eq!(ino(&env.at("f")), ino(&src.join("f")), "{mark}");
+            assert_eq!(std::fs::read(env.at("f")).expect("read"), b"f");
         }
     }
 
@@ -3121,14 +3235,14 @@ mod tests {
         let pinned =
             fsutil::pin_in_tree(File::open(&src).expect("open"), Path::new("f")).expect("pin");
         let known = std::cell::Cell::new(Some(false));
-        link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("g"), &known).expect("link");
+        fsutil::link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("g"), &known).expect("link");
         assert_eq!(ino(&env.at("g")), ino(&src.join("f")));
         assert_eq!(known.get(), Some(false));
         let unknown = std::cell::Cell::new(None);
-        link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("h"), &unknown).expect("link");
+        fsutil::link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("h"), &unknown).expect("link");
         assert_eq!(ino(&env.at("h")), ino(&src.join("f")));
         assert!(unknown.get().is_some());
-        let err = link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("h"), &unknown);
+        let err = fsutil::link_pinned(pinned.as_fd(), dir.as_fd(), OsStr::new("h"), &unknown);
         assert_eq!(err, Err(Errno::EXIST), "never replaces");
     }
 

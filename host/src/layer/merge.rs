@@ -10,9 +10,13 @@
 //! a tar into the applier, so deletions and opaque directories are honoured exactly as
 //! when a registry layer is applied. The diff and the apply are the code `wasnap layer
 //! diff` and `layer apply` run. With hard links (native), a layer's stream is only
-//! headers: one that fits in 16 MiB is written to memory and applied on the
-//! calling thread, since the two threads and the pipe of a streamed layer cost more than
-//! a small layer's entries (a merge of 200 small layers took twice as long with them).
+//! headers: one that fits in 16 MiB is written to memory (not hashed: nothing keeps it)
+//! and applied on the calling thread, since the two threads and the pipe of a streamed
+//! layer cost more than a small layer's entries (a merge of 200 small layers took twice
+//! as long with them). The base is then hard-linked too, not copied by the backend's
+//! prepare, where its tree is a plain directory on the new snapshot's filesystem
+//! ([`fsutil::link_tree`]): the merge's tree shares the inodes of every layer, which
+//! only the applier writes to (by replacing files) before the commit makes it read-only.
 //!
 //! A diff whose lower is not an ancestor of its upper compares the two trees and keeps
 //! the change as a snapshot of its own, deletions as overlay whiteouts; merged onto
@@ -21,11 +25,12 @@
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use super::apply::{self, ApplyOptions};
+use super::apply::{self, ApplyOptions, LinkFrom};
 use super::diff::{self, DiffOptions, Source};
-use super::snapshot::{Layers, Scratch, Tree, Views, scratch_labels};
+use super::snapshot::{Layers, Scratch, Tree, Views, open_dir, scratch_labels};
 use super::{Compression, Whiteouts};
 use crate::error::{Error, Result};
+use crate::fsutil;
 use crate::kv::now_nanos;
 use crate::metadata::{Ctx, MergePlan};
 use crate::snapshot::{Info, Labels};
@@ -136,10 +141,19 @@ impl Layers<'_> {
             None => (None, 0),
         };
         let key = self.scratch_key("merge", name);
-        sn.prepare(ctx, &key, base, &scratch_labels())?;
-        let mut made = Scratch::new(sn, ctx, key.clone());
-        let mounts = sn.mounts(ctx, &key)?;
-        let tree = Tree::writable(&mounts, self.scratch_dir())?;
+        let linked = match base {
+            Some(base) if opts.links => self.on_linked_base(ctx, &key, base)?,
+            _ => None,
+        };
+        let (mut made, tree) = match linked {
+            Some(made) => made,
+            None => {
+                sn.prepare(ctx, &key, base, &scratch_labels())?;
+                let made = Scratch::new(sn, ctx, key.clone());
+                let mounts = sn.mounts(ctx, &key)?;
+                (made, Tree::writable(&mounts, self.scratch_dir())?)
+            }
+        };
         for (layer, _) in &plan.layers[skip..] {
             self.with_change(ctx, layer, |source| pipe_apply(source, &tree, opts.links))
                 .map_err(|e| e.context(format!("merge {name:?}: apply layer {layer:?}")))?;
@@ -151,6 +165,54 @@ impl Layers<'_> {
         made.keep();
         let info = sn.stat(ctx, name)?;
         Ok(Merged { info, layers, how: "copied".into(), applied: plan.layers.len() - skip })
+    }
+
+    /// The merge's new snapshot `key` with the tree of the committed snapshot `base`
+    /// hard-linked into it ([`fsutil::link_tree`]), where the backend's own prepare on
+    /// `base` would copy every byte of it (the native driver); `None` where the trees
+    /// are not plain directories of one filesystem (a btrfs subvolume, an overlay), whose
+    /// prepare on `base` costs nothing, and nothing was made.
+    ///
+    /// The merge's tree then shares the base's inodes as it shares those of the layers
+    /// above it, which is safe for the same reasons: `base` is committed, so nothing
+    /// writes into its tree; the merge's tree is written only by the applier, which
+    /// replaces files and never writes into one in place; and once committed, the
+    /// merge is read-only too, each child or view of it getting its own copy.
+    fn on_linked_base<'s>(
+        &'s self,
+        ctx: &'s Ctx,
+        key: &str,
+        base: &str,
+    ) -> Result<Option<(Scratch<'s>, Tree)>> {
+        let sn = self.snapshotter();
+        let Ok(mounts) = sn.committed_mounts(ctx, base) else { return Ok(None) };
+        let [m] = mounts.as_slice() else { return Ok(None) };
+        if m.kind != "bind" {
+            return Ok(None);
+        }
+        let base_dir = open_dir(&m.source)?;
+        let dev = rustix::fs::fstat(&base_dir)
+            .map_err(|e| Error::from(e).context(format!("stat {}", m.source)))?
+            .st_dev;
+        // The root of a filesystem of its own (a btrfs subvolume, a mount) is not linked
+        // from: its backend's prepare on it is cheap, and links out of it cannot be made.
+        match std::path::Path::new(&m.source).parent().map(rustix::fs::stat) {
+            Some(Ok(parent)) if parent.st_dev == dev => {}
+            _ => return Ok(None),
+        }
+        sn.prepare(ctx, key, None, &scratch_labels())?;
+        let made = Scratch::new(sn, ctx, key.to_owned());
+        let mounts = sn.mounts(ctx, key)?;
+        let plain = matches!(mounts.as_slice(), [m] if m.kind == "bind");
+        let tree = Tree::writable(&mounts, self.scratch_dir())?;
+        let same_fs = rustix::fs::fstat(&tree.dir).is_ok_and(|st| st.st_dev == dev);
+        if !plain || !same_fs {
+            // Dropped, `made` removes the snapshot.
+            return Ok(None);
+        }
+        fsutil::link_tree(&base_dir, &tree.dir)
+            .map_err(|e| e.context(format!("link the tree of {base:?}")))?;
+        Ok(Some((made, tree)))
     }
 
     /// A diff of two trees with no common layers: the change, deletions as overlay
@@ -213,7 +275,8 @@ fn pipe_apply_holding(source: Source<'_>, tree: &Tree, links: bool, held_max: us
     // The tree the diff writes regular files from: its upper one.
     let link_from = match source {
         _ if !links => None,
-        Source::Trees { upper, .. } | Source::Overlay { upper, .. } => Some(upper),
+        Source::Trees { upper, .. } => Some(LinkFrom { tree: upper, overlay_layer: false }),
+        Source::Overlay { upper, .. } => Some(LinkFrom { tree: upper, overlay_layer: true }),
     };
     let diff_opts = DiffOptions { contents: link_from.is_none() };
     if let Some(from) = link_from {
@@ -221,11 +284,10 @@ fn pipe_apply_holding(source: Source<'_>, tree: &Tree, links: bool, held_max: us
         // is kept in memory and applied on this thread, which saves the two threads and
         // the pipe that cost more than a small layer's entries. A larger one streams.
         let mut held = Held { bytes: Vec::new(), max: held_max, over: false };
-        match diff::diff_with(source, Compression::None, &mut held, &diff_opts) {
-            Ok(written) => {
+        match diff::diff_linked(source, &mut held) {
+            Ok(_) => {
                 let (root, stream) = (tree.dir.as_fd(), held.bytes);
-                return apply::apply_linked_bytes(root, stream, written.diff_id, &opts, from)
-                    .map(drop);
+                return apply::apply_linked_bytes(root, stream, &opts, from).map(drop);
             }
             Err(_) if held.over => {}
             Err(e) => return Err(e),

@@ -520,7 +520,7 @@ fn overlay_own_layer(upper: &[Mount], lower: Option<&[Mount]>) -> Option<(String
     }
 }
 
-fn open_dir(path: &str) -> Result<OwnedFd> {
+pub(super) fn open_dir(path: &str) -> Result<OwnedFd> {
     rustix::fs::open(
         path,
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,

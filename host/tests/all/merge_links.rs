@@ -108,15 +108,29 @@ fn native_merge_by_links_is_the_merge_by_copies() {
     let target = scratch.join("child");
     std::fs::create_dir_all(&target).unwrap();
     {
+        // Written in place (the same inode, truncated): a file of the base (`a`, whose
+        // tree the merge links too) and one of the layer above it.
         let m = Mounted::new(&mounts, &target);
-        std::fs::write(m.path().join("only-in-b"), "changed").unwrap();
+        for name in ["only-in-a", "only-in-b"] {
+            let mut f =
+                std::fs::OpenOptions::new().write(true).truncate(true).open(m.path().join(name));
+            std::io::Write::write_all(f.as_mut().unwrap(), b"changed").unwrap();
+        }
     }
     sn.commit(&c, "child-done", "child", &Labels::new()).unwrap();
     sn.settle();
     let mut files = HashMap::new();
     files_below(&root, &mut files);
-    let datas: Vec<&[u8]> = files["only-in-b"].iter().map(|(_, _, d)| d.as_slice()).collect();
-    assert_eq!(datas.iter().filter(|d| **d == b"changed").count(), 1, "{datas:?}");
+    for name in ["only-in-a", "only-in-b"] {
+        let datas: Vec<&[u8]> = files[name].iter().map(|(_, _, d)| d.as_slice()).collect();
+        assert_eq!(datas.iter().filter(|d| **d == b"changed").count(), 1, "{name}: {datas:?}");
+    }
+    assert_eq!(tree_of(&sn, &c, "linked", &scratch, true), tree);
+
+    // An input cannot go while the merge holds it (its tree's files are the merge's
+    // too, which would keep them whatever became of the input's tree).
+    let err = sn.remove(&c, &inputs[0]).unwrap_err();
+    assert_eq!(err.kind(), wasnap::ErrorKind::FailedPrecondition, "{err}");
     assert_eq!(tree_of(&sn, &c, "linked", &scratch, true), tree);
 
     // Everything goes, top down; nothing is left.
@@ -140,12 +154,15 @@ fn native_merge_links_files() {
     let inputs = two_layers(&host, &layers, &c);
     merge(&layers, &c, "linked", &inputs, true);
     sn.settle();
-    // `only-in-b` is in b's tree and the merge's: one inode, with two links.
+    // Each file is in its layer's tree and the merge's: one inode, with two links. `a`
+    // is the merge's base, whose tree is linked rather than copied too.
     let mut files = HashMap::new();
     files_below(&root, &mut files);
-    let found = &files["only-in-b"];
-    assert_eq!(found.len(), 2, "{found:?}");
-    assert_eq!(found[0].0, found[1].0, "{found:?}");
-    assert!(found.iter().all(|(_, nlink, data)| *nlink == 2 && data == b"b"), "{found:?}");
+    for (name, data) in [("only-in-a", b"a"), ("only-in-b", b"b"), ("shared", b"b")] {
+        let found: Vec<&Found> = files[name].iter().filter(|(_, _, d)| d == data).collect();
+        assert_eq!(found.len(), 2, "{name}: {found:?}");
+        assert_eq!(found[0].0, found[1].0, "{name}: {found:?}");
+        assert!(found.iter().all(|(_, nlink, _)| *nlink == 2), "{name}: {found:?}");
+    }
     host.close().unwrap();
 }

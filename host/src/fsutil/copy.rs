@@ -248,11 +248,7 @@ impl Copier<'_> {
     ) -> Result<Meta> {
         // Pinned before it is linked: a fifo, device or symlink swapped in after the
         // lstat is refused, never linked, followed or opened; a mount point is refused.
-        let pinned = pin_in_tree(sdir, Path::new(name)).map_err(at.open_err("open"))?;
-        let opened = fstat(&pinned).map_err(at.err("stat"))?;
-        if opened.id() != meta.id() || opened.file_type() != FileType::RegularFile {
-            return Err(Error::internal(format!("{at}: file was replaced during the copy")));
-        }
+        let (pinned, opened) = pin_regular(sdir, name, meta, at)?;
         // Pinned: the link is to the inode checked above. No-follow: `name` is made new
         // in the destination (EEXIST if anything is there).
         match super::link_pinned(pinned.as_fd(), ddir, name, &self.empty_path) {
@@ -293,6 +289,22 @@ impl Copier<'_> {
     }
 }
 
+/// Pins `name` of `sdir` (`O_PATH`, in tree) and checks it is still the regular file
+/// whose lstat is `meta`; returns the pin and its metadata.
+fn pin_regular(
+    sdir: BorrowedFd<'_>,
+    name: &OsStr,
+    meta: &Meta,
+    at: At<'_>,
+) -> Result<(OwnedFd, Meta)> {
+    let pinned = pin_in_tree(sdir, Path::new(name)).map_err(at.open_err("open"))?;
+    let opened = fstat(&pinned).map_err(at.err("stat"))?;
+    if opened.id() != meta.id() || opened.file_type() != FileType::RegularFile {
+        return Err(Error::internal(format!("{at}: file was replaced during the copy")));
+    }
+    Ok((pinned, opened))
+}
+
 /// Copies a regular file's contents and metadata; returns the metadata of the opened source.
 fn copy_file(
     sdir: BorrowedFd<'_>,
@@ -304,11 +316,7 @@ fn copy_file(
     // Pinned before it is opened: a fifo or device swapped in after the lstat is refused
     // here, never opened (which could hang, or wake a driver); a symlink is pinned as
     // itself, a mount point refused.
-    let pinned = pin_in_tree(sdir, Path::new(name)).map_err(at.open_err("open"))?;
-    let opened = fstat(&pinned).map_err(at.err("stat"))?;
-    if opened.id() != meta.id() || opened.file_type() != FileType::RegularFile {
-        return Err(Error::internal(format!("{at}: file was replaced during the copy")));
-    }
+    let (pinned, opened) = pin_regular(sdir, name, meta, at)?;
     let src = File::from(open_pinned(pinned.as_fd()).map_err(at.err("open"))?);
     // No-follow: O_CREAT | O_EXCL never follows, and makes a new inode.
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;

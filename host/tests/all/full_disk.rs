@@ -4,33 +4,16 @@
 //! throughout (redb fails for good after one failed commit, so its file keeps a
 //! reserve: `kv::RESERVE`); once space is back, everything works again.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use wasnap::config::{Config, DriverConfig};
 use wasnap::driver::overlay::OverlayOptions;
 use wasnap::fault::Faults;
 use wasnap::{Host, Mount, Snapshotter};
-use wasnap_conformance::loopfs::{Ballast, LoopFs};
+use wasnap_conformance::loopfs::Ballast;
 
 use crate::common::{ctx, labels};
-
-/// Gets a [`LoopFs`] ext4 of `mib` MiB on the real disk, or skips the test saying why.
-/// Under CI (`CI` set) a skip is a failure.
-macro_rules! loop_ext4 {
-    ($mib:expr) => {
-        match LoopFs::try_new_of("ext4", $mib, Path::new(env!("CARGO_TARGET_TMPDIR"))) {
-            Ok(fs) => fs,
-            Err(reason) => {
-                if std::env::var_os("CI").is_some() {
-                    panic!("{reason}; CI must not skip");
-                }
-                eprintln!("skipped: {reason}");
-                return;
-            }
-        }
-    };
-}
 
 /// Where a snapshot's writes go: native's bind source, overlay's upper directory.
 fn writable(mounts: &[Mount]) -> PathBuf {
@@ -76,7 +59,7 @@ fn attempt(sn: &Snapshotter, ns: &str, key: &str, name: &str, parent: &str) -> V
 
 #[test]
 fn a_full_disk_refuses_changes_loses_nothing_and_the_database_keeps_working() {
-    let fs = loop_ext4!(128);
+    let fs = crate::loop_fs!("ext4", 128);
     let root = fs.mountpoint.join("root");
     let mut config = Config { default_snapshotter: "native".into(), ..Config::default() };
     config.snapshotters.insert("native".into(), DriverConfig::Native.into());

@@ -1,4 +1,4 @@
-//! The scratch btrfs for tests: the fixture lives in `wasnap_conformance::loopfs`.
+//! Scratch filesystems for tests: the fixture lives in `wasnap_conformance::loopfs`.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +10,18 @@ pub use wasnap_conformance::loopfs::LoopBtrfs;
 #[macro_export]
 macro_rules! loop_btrfs {
     ($mib:expr) => {
-        match $crate::loopfs::LoopBtrfs::try_new(
+        $crate::loop_fs!("btrfs", $mib)
+    };
+}
+
+/// Gets a [`LoopFs`](wasnap_conformance::loopfs::LoopFs) of type `$fs` (`btrfs`, `ext4`)
+/// and `$mib` MiB on the real disk, or skips the test saying why. Under CI (`CI` set) a
+/// skip is a failure.
+#[macro_export]
+macro_rules! loop_fs {
+    ($fs:expr, $mib:expr) => {
+        match wasnap_conformance::loopfs::LoopFs::try_new_of(
+            $fs,
             $mib,
             std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
         ) {

@@ -97,6 +97,16 @@ fn not_found(key: &str) -> Error {
 /// Read access to the records from a read or a write transaction.
 trait Records {
     fn load(&self, driver: &str, key: &str) -> Result<Option<Rec>>;
+    /// The id and kind of each of `keys`, in order, the table opened once: a merge
+    /// names hundreds of layers, and their labels are not needed.
+    fn heads(&self, driver: &str, keys: &[String]) -> Result<Vec<Option<Head>>>;
+}
+
+/// The part of a [`Rec`] that says where and what a snapshot is.
+#[derive(Debug, Deserialize)]
+struct Head {
+    id: u64,
+    kind: Kind,
 }
 
 macro_rules! records_for {
@@ -110,6 +120,20 @@ macro_rules! records_for {
                         .with_context(|| format!("corrupt driver record for {key:?}"))
                 })
                 .transpose()
+            }
+
+            fn heads(&self, driver: &str, keys: &[String]) -> Result<Vec<Option<Head>>> {
+                let t = self.open_table(SNAPS)?;
+                keys.iter()
+                    .map(|key| {
+                        t.get((driver, key.as_str()))?
+                            .map(|g| {
+                                serde_json::from_slice(g.value())
+                                    .with_context(|| format!("corrupt driver record for {key:?}"))
+                            })
+                            .transpose()
+                    })
+                    .collect()
             }
         }
     };
@@ -152,8 +176,12 @@ fn snap(txn: &impl Records, driver: &str, key: &str, rec: &Rec) -> Result<Snap> 
         parent_ids.push(below.id);
         next = below.parent;
     }
-    for layer in merged.iter().rev() {
-        parent_ids.push(load(layer, "layer")?.id);
+    merged.reverse();
+    for (layer, head) in merged.iter().zip(txn.heads(driver, &merged)?) {
+        let head = head.ok_or_else(|| {
+            Error::internal(format!("driver record of {key:?} names missing layer {layer:?}"))
+        })?;
+        parent_ids.push(head.id);
     }
     Ok(Snap {
         id: rec.id,
@@ -392,11 +420,13 @@ impl Store {
                 return Err(Error::already_exists(format!("snapshot {key:?}")));
             }
             let mut children = txn.open_multimap_table(CHILDREN)?;
-            for layer in &layers {
-                let lrec = txn
-                    .load(driver, layer)?
-                    .ok_or_else(|| Error::not_found(format!("layer snapshot {layer:?}")))?;
-                if lrec.kind != Kind::Committed {
+            // The layers' ids, nearest (topmost) first, as `snap` would read them again.
+            let mut parent_ids = Vec::with_capacity(layers.len());
+            for (layer, head) in layers.iter().zip(txn.heads(driver, &layers)?).rev() {
+                let head =
+                    head.ok_or_else(|| Error::not_found(format!("layer snapshot {layer:?}")))?;
+                parent_ids.push(head.id);
+                if head.kind != Kind::Committed {
                     return Err(Error::invalid_argument(format!(
                         "layer {layer:?} is not a committed snapshot"
                     )));
@@ -416,7 +446,14 @@ impl Store {
                 layers: layers.clone(),
             };
             store_rec(txn, driver, &key, &rec)?;
-            snap(txn, driver, &key, &rec)
+            Ok(Snap {
+                id,
+                kind: rec.kind,
+                parent_ids,
+                whole: Vec::new(),
+                merge: true,
+                usage: rec.usage,
+            })
         })
     }
 

@@ -210,6 +210,21 @@ pub(crate) trait Tables {
     fn has_children(&self, sn: &str, ns: &str, key: &str) -> Result<bool>;
     /// The commit under way to `name`, if any.
     fn intent(&self, sn: &str, ns: &str, name: &str) -> Result<Option<Intent>>;
+    /// The backend key and kind of each of `keys`, in order, the table opened once (a
+    /// merge names hundreds of layers; their labels are not needed).
+    fn heads<'k>(
+        &self,
+        sn: &str,
+        ns: &str,
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> Result<Vec<Option<Head>>>;
+}
+
+/// The part of a [`Record`] that says which backend snapshot it is and its kind.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct Head {
+    pub bkey: String,
+    pub kind: crate::snapshot::Kind,
 }
 
 fn decode_opt<T>(bytes: Option<&[u8]>, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<Option<T>> {
@@ -232,6 +247,25 @@ macro_rules! tables_for {
                 let t = self.open_table(INTENTS)?;
                 let g = t.get((sn, ns, name))?;
                 decode_opt(g.as_ref().map(|g| g.value()), |b| Intent::decode(b, name))
+            }
+            fn heads<'k>(
+                &self,
+                sn: &str,
+                ns: &str,
+                keys: impl IntoIterator<Item = &'k str>,
+            ) -> Result<Vec<Option<Head>>> {
+                let t = self.open_table(SNAPSHOTS)?;
+                keys.into_iter()
+                    .map(|key| {
+                        let g = t.get((sn, ns, key))?;
+                        decode_opt(g.as_ref().map(|g| g.value()), |b| {
+                            serde_json::from_slice(b).map_err(|e| {
+                                Error::from(e)
+                                    .context(format!("corrupt metadata record for {key:?}"))
+                            })
+                        })
+                    })
+                    .collect()
             }
         }
     };

@@ -158,8 +158,15 @@ impl Snapshotter {
     /// The layers `key`'s record names: a merge's, `[key]` for a diff standing alone,
     /// none for any other snapshot.
     pub fn layers(&self, ctx: &Ctx, key: &str) -> Result<Vec<String>> {
+        Ok(self.stat_with_layers(ctx, key)?.1)
+    }
+
+    /// [`Snapshotter::stat`] and [`Snapshotter::layers`] from one read of the record.
+    pub fn stat_with_layers(&self, ctx: &Ctx, key: &str) -> Result<(Info, Vec<String>)> {
         let rec = self.db.read_with(|txn| txn.record(self.name(), ctx.namespace(), key))?;
-        Ok(rec.ok_or_else(|| not_found(key))?.layers)
+        let rec = rec.ok_or_else(|| not_found(key))?;
+        let info = rec.info(key);
+        Ok((info, rec.layers))
     }
 
     /// The read-only mounts of the committed snapshot `key` as the backend gives them,
@@ -360,8 +367,9 @@ impl Snapshotter {
                     return Err(Error::already_exists(format!("snapshot {key:?}")));
                 }
                 // The layers must still be the ones planned with.
-                for (l, b) in &layers {
-                    match txn.record(&sn, &ns, l)? {
+                let heads = txn.heads(&sn, &ns, layers.iter().map(|(l, _)| l.as_str()))?;
+                for ((l, b), head) in layers.iter().zip(heads) {
+                    match head {
                         Some(r) if r.bkey == *b && r.kind == Kind::Committed => {}
                         _ => {
                             return Err(Error::failed_precondition(format!(

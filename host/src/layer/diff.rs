@@ -1034,12 +1034,16 @@ impl<W: Write> Out<W> {
     ) -> Result<Header> {
         let mut header = Header::new_ustar();
         header.set_entry_type(kind);
-        // Every numeric field holds a number, zero unless set below.
-        header.set_mode(0);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_size(0);
+        // Every numeric field holds a number, zero where the entry has none: each set
+        // once (formatting them is a good part of a header's cost).
+        let octal_7 = |id: u32| Some(u64::from(id)).filter(|&id| id <= MAX_OCTAL_7);
+        let secs =
+            meta.and_then(|m| u64::try_from(m.mtime.tv_sec).ok()).filter(|&s| s <= MAX_OCTAL_11);
+        header.set_mode(meta.map_or(0, |m| m.mode & 0o7777));
+        header.set_uid(meta.and_then(|m| octal_7(m.uid)).unwrap_or(0));
+        header.set_gid(meta.and_then(|m| octal_7(m.gid)).unwrap_or(0));
+        header.set_mtime(secs.unwrap_or(0));
+        header.set_size(if size > MAX_OCTAL_11 { 0 } else { size });
         let Some(ustar) = header.as_ustar_mut() else {
             return Err(Error::internal(format!("{at}: not a ustar header")));
         };
@@ -1049,22 +1053,13 @@ impl<W: Write> Out<W> {
         }
         if size > MAX_OCTAL_11 {
             records.push((b"size".to_vec(), size.to_string().into_bytes()));
-        } else {
-            header.set_size(size);
         }
         if let Some(meta) = meta {
-            header.set_mode(meta.mode & 0o7777);
             for (key, id) in [(&b"uid"[..], meta.uid), (b"gid", meta.gid)] {
-                if u64::from(id) > MAX_OCTAL_7 {
+                if octal_7(id).is_none() {
                     records.push((key.to_vec(), id.to_string().into_bytes()));
-                } else if key == b"uid" {
-                    header.set_uid(id.into());
-                } else {
-                    header.set_gid(id.into());
                 }
             }
-            let secs = u64::try_from(meta.mtime.tv_sec).ok().filter(|&s| s <= MAX_OCTAL_11);
-            header.set_mtime(secs.unwrap_or(0));
             if meta.mtime.tv_nsec != 0 || secs.is_none() {
                 records.push((b"mtime".to_vec(), pax_time(meta.mtime).into_bytes()));
             }

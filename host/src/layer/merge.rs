@@ -154,10 +154,7 @@ impl Layers<'_> {
                 (made, Tree::writable(&mounts, self.scratch_dir())?)
             }
         };
-        for (layer, _) in &plan.layers[skip..] {
-            self.with_change(ctx, layer, |source| pipe_apply(source, &tree, opts.links))
-                .map_err(|e| e.context(format!("merge {name:?}: apply layer {layer:?}")))?;
-        }
+        self.apply_layers(ctx, name, &plan.layers[skip..], &tree, opts.links)?;
         drop(tree);
         // A merge made of its base alone (every layer above it deduplicated away) is
         // still recorded with its layers, so a later merge of them finds it.
@@ -165,6 +162,73 @@ impl Layers<'_> {
         made.keep();
         let info = sn.stat(ctx, name)?;
         Ok(Merged { info, layers, how: "copied".into(), applied: plan.layers.len() - skip })
+    }
+
+    /// Applies `layers` (key, backend key) onto `tree`, in order, each as its change
+    /// read by [`Layers::open_change`] and streamed through [`pipe_apply`].
+    ///
+    /// With links, where a layer's stream is headers only, the layers are read on a
+    /// second thread ([`AHEAD`] ahead at most: each opened, listed and its headers held
+    /// in memory) while this one applies them, linking each file: the reading is about
+    /// half a layer's cost, and the two overlap. Only the applying writes `tree`, in
+    /// the layers' order; what a layer is read from is its own committed tree, which
+    /// no earlier layer's applying touches.
+    fn apply_layers(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        layers: &[(String, String)],
+        tree: &Tree,
+        links: bool,
+    ) -> Result<()> {
+        let failed = |layer: &str| {
+            let why = format!("merge {name:?}: apply layer {layer:?}");
+            move |e: Error| e.context(why)
+        };
+        if !links || layers.len() < 2 {
+            for (layer, _) in layers {
+                self.with_change(ctx, layer, |source| pipe_apply(source, tree, links))
+                    .map_err(failed(layer))?;
+            }
+            return Ok(());
+        }
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(AHEAD);
+            let reading = std::thread::Builder::new()
+                .name("wasnap-merge-read".into())
+                .spawn_scoped(s, move || {
+                    for (layer, _) in layers {
+                        let read = self.open_change(ctx, layer).and_then(|change| {
+                            let held = hold(change.source(), HELD_MAX)?;
+                            Ok((change, held))
+                        });
+                        let stop = read.is_err();
+                        // A send fails once the applying stopped: nothing more to read.
+                        if tx.send(read.map_err(failed(layer))).is_err() || stop {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| Error::from(e).context("start the merge's reading thread"))?;
+            let mut applied = Ok(());
+            for (layer, _) in layers {
+                // The reader sends every layer, or stops after sending its failure.
+                let Ok(read) = rx.recv() else { break };
+                applied = read.and_then(|(change, held)| {
+                    match held {
+                        Some(stream) => apply_held(change.source(), stream, tree),
+                        None => stream_apply(change.source(), tree, true),
+                    }
+                    .map_err(failed(layer))
+                });
+                if applied.is_err() {
+                    break;
+                }
+            }
+            drop(rx);
+            reading.join().map_err(|_| Error::internal("the merge's reading thread panicked"))?;
+            applied
+        })
     }
 
     /// The merge's new snapshot `key` with the tree of the committed snapshot `base`
@@ -269,30 +333,56 @@ fn pipe_apply(source: Source<'_>, tree: &Tree, links: bool) -> Result<()> {
 
 /// [`pipe_apply`], keeping at most `held_max` bytes of a linked layer's stream in memory.
 fn pipe_apply_holding(source: Source<'_>, tree: &Tree, links: bool, held_max: usize) -> Result<()> {
-    let lowers: Vec<BorrowedFd<'_>> = tree.lowers.iter().map(AsFd::as_fd).collect();
-    let opts =
-        ApplyOptions { whiteouts: tree.whiteouts, compression: Some(Compression::None), lowers };
-    // The tree the diff writes regular files from: its upper one.
-    let link_from = match source {
-        _ if !links => None,
-        Source::Trees { upper, .. } => Some(LinkFrom { tree: upper, overlay_layer: false }),
-        Source::Overlay { upper, .. } => Some(LinkFrom { tree: upper, overlay_layer: true }),
-    };
-    let diff_opts = DiffOptions { contents: link_from.is_none() };
-    if let Some(from) = link_from {
-        // Without contents a layer's stream is its headers: one of a few thousand entries
-        // is kept in memory and applied on this thread, which saves the two threads and
-        // the pipe that cost more than a small layer's entries. A larger one streams.
-        let mut held = Held { bytes: Vec::new(), max: held_max, over: false };
-        match diff::diff_linked(source, &mut held) {
-            Ok(_) => {
-                let (root, stream) = (tree.dir.as_fd(), held.bytes);
-                return apply::apply_linked_bytes(root, stream, &opts, from).map(drop);
-            }
-            Err(_) if held.over => {}
-            Err(e) => return Err(e),
-        }
+    // Without contents a layer's stream is its headers: one of a few thousand entries
+    // is kept in memory and applied on this thread, which saves the two threads and
+    // the pipe that cost more than a small layer's entries. A larger one streams.
+    if links && let Some(stream) = hold(source, held_max)? {
+        return apply_held(source, stream, tree);
     }
+    stream_apply(source, tree, links)
+}
+
+/// How the applier writes into `tree`.
+fn apply_options(tree: &Tree) -> ApplyOptions<'_> {
+    let lowers: Vec<BorrowedFd<'_>> = tree.lowers.iter().map(AsFd::as_fd).collect();
+    ApplyOptions { whiteouts: tree.whiteouts, compression: Some(Compression::None), lowers }
+}
+
+/// The tree a linked stream's regular files are linked from: the upper one the diff
+/// reads.
+fn link_from(source: Source<'_>) -> LinkFrom<'_> {
+    match source {
+        Source::Trees { upper, .. } => LinkFrom { tree: upper, overlay_layer: false },
+        Source::Overlay { upper, .. } => LinkFrom { tree: upper, overlay_layer: true },
+    }
+}
+
+/// The change `source` describes as a stream without file contents (headers only),
+/// held in memory if it fits in `max` bytes; `None` if it does not.
+fn hold(source: Source<'_>, max: usize) -> Result<Option<Vec<u8>>> {
+    // Room for the headers of a few dozen files before the first growth, well under
+    // what malloc would map afresh for each layer.
+    let mut held = Held { bytes: Vec::with_capacity(HELD_FIRST.min(max)), max, over: false };
+    match diff::diff_linked(source, &mut held) {
+        Ok(_) => Ok(Some(held.bytes)),
+        Err(_) if held.over => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Applies `stream`, held by [`hold`] from `source`, to `tree`, linking its files from
+/// `source`.
+fn apply_held(source: Source<'_>, stream: Vec<u8>, tree: &Tree) -> Result<()> {
+    let opts = apply_options(tree);
+    apply::apply_linked_bytes(tree.dir.as_fd(), stream, &opts, link_from(source)).map(drop)
+}
+
+/// Streams the change `source` describes into `tree` through a pipe: the diff writes
+/// on a thread of its own while the applier reads.
+fn stream_apply(source: Source<'_>, tree: &Tree, links: bool) -> Result<()> {
+    let opts = apply_options(tree);
+    let link_from = links.then(|| link_from(source));
+    let diff_opts = DiffOptions { contents: link_from.is_none() };
     let (reader, writer) = std::io::pipe().map_err(|e| Error::from(e).context("make a pipe"))?;
     std::thread::scope(|s| {
         let writing = std::thread::Builder::new()
@@ -313,6 +403,12 @@ fn pipe_apply_holding(source: Source<'_>, tree: &Tree, links: bool, held_max: us
         applied.map(drop)
     })
 }
+
+/// The first room [`hold`] makes for a layer's headers.
+const HELD_FIRST: usize = 32 << 10;
+
+/// How many layers [`Layers::apply_layers`] reads ahead of the one it applies.
+const AHEAD: usize = 2;
 
 /// The most bytes of a layer's stream [`pipe_apply`] keeps in memory: the headers of
 /// about ten thousand files.

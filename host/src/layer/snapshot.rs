@@ -195,16 +195,24 @@ impl<'a> Layers<'a> {
     }
 
     /// Calls `f` with the change `key` (active or committed) makes to its parent, read
-    /// where it is: an overlay snapshot's own layer directory, a diff's tree (which is
-    /// its change, whiteouts and all), or otherwise the trees of `key` and its parent,
-    /// to be compared. Views and private mounts made for it are gone when this returns.
+    /// where it is: see [`Layers::open_change`]. Views and private mounts made for it
+    /// are gone when this returns.
     pub(super) fn with_change<R>(
         &self,
         ctx: &Ctx,
         key: &str,
         f: impl FnOnce(Source<'_>) -> Result<R>,
     ) -> Result<R> {
-        let info = self.snapshotter.stat(ctx, key)?;
+        f(self.open_change(ctx, key)?.source())
+    }
+
+    /// The change `key` (active or committed) makes to its parent, opened where it is:
+    /// an overlay snapshot's own layer directory, a diff's tree (which is its change,
+    /// whiteouts and all), or otherwise the trees of `key` and its parent, to be
+    /// compared. What was made to reach them (views, private mounts) is undone when
+    /// the [`Change`] is dropped.
+    pub(super) fn open_change(&self, ctx: &Ctx, key: &str) -> Result<Change<'_>> {
+        let (info, layers) = self.snapshotter.stat_with_layers(ctx, key)?;
         let mut views = Views::new(self.snapshotter, ctx);
         let upper = match info.kind {
             Kind::Active => self.snapshotter.mounts(ctx, key)?,
@@ -216,40 +224,33 @@ impl<'a> Layers<'a> {
             }
         };
         let mut mounted = Vec::new();
-        if self.snapshotter.layers(ctx, key)? == [key] {
+        if layers == [key] {
             // A diff standing alone: its tree is the change, as an overlay layer.
             let tree = Tree::readable(&upper, &self.scratch, &mut mounted)?;
-            return f(Source::Overlay { upper: tree.as_fd(), userxattr: false });
+            return Ok(Change {
+                lower: None,
+                upper: tree,
+                overlay: Some(false),
+                _mounted: mounted,
+                _views: views,
+            });
         }
         let lower = match &info.parent {
             Some(p) => Some(views.committed(p)?),
             None => None,
         };
-        let source_fds: (Option<OwnedFd>, OwnedFd, Option<bool>) =
-            match overlay_own_layer(&upper, lower.as_deref()) {
-                Some((dir, userxattr)) => (None, open_dir(&dir)?, Some(userxattr)),
-                None => {
-                    let upper_fd = Tree::readable(&upper, &self.scratch, &mut mounted)?;
-                    let lower_fd = match &lower {
-                        Some(m) => Some(Tree::readable(m, &self.scratch, &mut mounted)?),
-                        None => None,
-                    };
-                    (lower_fd, upper_fd, None)
-                }
-            };
-        let source = match &source_fds {
-            (_, upper, Some(userxattr)) => {
-                Source::Overlay { upper: upper.as_fd(), userxattr: *userxattr }
-            }
-            (lower, upper, None) => {
-                Source::Trees { lower: lower.as_ref().map(AsFd::as_fd), upper: upper.as_fd() }
+        let (lower, upper, overlay) = match overlay_own_layer(&upper, lower.as_deref()) {
+            Some((dir, userxattr)) => (None, open_dir(&dir)?, Some(userxattr)),
+            None => {
+                let upper_fd = Tree::readable(&upper, &self.scratch, &mut mounted)?;
+                let lower_fd = match &lower {
+                    Some(m) => Some(Tree::readable(m, &self.scratch, &mut mounted)?),
+                    None => None,
+                };
+                (lower_fd, upper_fd, None)
             }
         };
-        let out = f(source);
-        drop(source_fds);
-        drop(mounted);
-        views.remove_all();
-        out
+        Ok(Change { lower, upper, overlay, _mounted: mounted, _views: views })
     }
 
     /// Disk usage of `key` itself and, if it is mapped to a blob, the blob's size
@@ -439,6 +440,32 @@ impl Drop for Scratch<'_> {
         {
             tracing::warn!(key, error = %e,
                 "could not remove a snapshot made for one call; garbage collection will");
+        }
+    }
+}
+
+/// A snapshot's change, open for reading ([`Layers::open_change`]). Dropped, it closes
+/// its trees, then unmounts what was mounted for them, then removes the views made for
+/// them (the fields' order).
+pub(super) struct Change<'a> {
+    lower: Option<OwnedFd>,
+    upper: OwnedFd,
+    /// An overlay layer (with whether its whiteouts are `userxattr` ones), rather than
+    /// two trees to compare.
+    overlay: Option<bool>,
+    _mounted: Vec<TempMount>,
+    _views: Views<'a>,
+}
+
+impl Change<'_> {
+    /// The change, as the diff reads it.
+    pub(super) fn source(&self) -> Source<'_> {
+        match self.overlay {
+            Some(userxattr) => Source::Overlay { upper: self.upper.as_fd(), userxattr },
+            None => Source::Trees {
+                lower: self.lower.as_ref().map(AsFd::as_fd),
+                upper: self.upper.as_fd(),
+            },
         }
     }
 }

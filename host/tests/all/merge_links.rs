@@ -166,3 +166,50 @@ fn native_merge_links_files() {
     }
     host.close().unwrap();
 }
+
+/// With links, the layers above the base are read on a second thread while the first
+/// applies them. A layer that cannot be read midway fails the merge, naming that layer,
+/// and leaves nothing: no merge, no scratch snapshot, no thread. With the layer back,
+/// the same merge is the one copying makes.
+#[test]
+fn a_layer_unreadable_midway_fails_a_merge_by_links_and_leaves_nothing() {
+    require_root!();
+    let dir = tmp();
+    let host = native_host(&dir.path().join("root"));
+    let sn = host.snapshotter("native").unwrap();
+    let layers = host.layers(&sn);
+    let c = ctx("default");
+    let file = |name: &str, data: &str| (name.to_owned(), data.as_bytes().to_vec());
+    let inputs: Vec<String> = (0..6)
+        .map(|i| {
+            let files = [file("shared", &format!("{i}")), file(&format!("only-{i}"), "x")];
+            reg(&host, &layers, &c, &files)
+        })
+        .collect();
+    let plan = sn.plan_merge(&c, &inputs).unwrap();
+    let links = MergeOptions { links: true, ..MergeOptions::default() };
+
+    // The fourth layer's tree is moved away, so opening it fails.
+    let mounts = sn.committed_mounts(&c, &inputs[3]).unwrap();
+    let tree = std::path::PathBuf::from(&mounts[0].source);
+    let away = tree.with_extension("away");
+    std::fs::rename(&tree, &away).unwrap();
+    let err = layers.make_with(&c, "m", &plan, &Labels::new(), &links).unwrap_err();
+    assert!(err.to_string().contains(&format!("apply layer {:?}", inputs[3])), "{err}");
+    assert!(sn.stat(&c, "m").unwrap_err().is_not_found());
+    sn.settle();
+    assert_eq!(names(&list(&sn, &c, &[]).unwrap()).len(), inputs.len(), "only the inputs");
+    assert_eq!(backend_keys(sn.backend().as_ref()).len(), inputs.len(), "no scratch left");
+
+    std::fs::rename(&away, &tree).unwrap();
+    let scratch = dir.path().join("mnt");
+    merge(&layers, &c, "linked", &inputs, true);
+    let linked = tree_of(&sn, &c, "linked", &scratch, true);
+    assert_eq!(linked.len(), 7, "{linked:?}");
+    assert!(linked["shared"].ends_with(" 5"), "the last input wins: {linked:?}");
+    // Removed first, or the same layers' merge would be found and reused.
+    sn.remove(&c, "linked").unwrap();
+    merge(&layers, &c, "copied", &inputs, false);
+    assert_eq!(linked, tree_of(&sn, &c, "copied", &scratch, true));
+    host.close().unwrap();
+}

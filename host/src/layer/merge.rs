@@ -141,20 +141,24 @@ impl Layers<'_> {
             None => (None, 0),
         };
         let key = self.scratch_key("merge", name);
-        let linked = match base {
-            Some(base) if opts.links => self.on_linked_base(ctx, &key, base)?,
-            _ => None,
-        };
-        let (mut made, tree) = match linked {
-            Some(made) => made,
-            None => {
-                sn.prepare(ctx, &key, base, &scratch_labels())?;
-                let made = Scratch::new(sn, ctx, key.clone());
-                let mounts = sn.mounts(ctx, &key)?;
-                (made, Tree::writable(&mounts, self.scratch_dir())?)
+        // The new snapshot on its base, made while the first layers above are read.
+        let on_base = || {
+            let linked = match base {
+                Some(base) if opts.links => self.on_linked_base(ctx, &key, base)?,
+                _ => None,
+            };
+            match linked {
+                Some(made) => Ok(made),
+                None => {
+                    sn.prepare(ctx, &key, base, &scratch_labels())?;
+                    let made = Scratch::new(sn, ctx, key.clone());
+                    let mounts = sn.mounts(ctx, &key)?;
+                    Ok((made, Tree::writable(&mounts, self.scratch_dir())?))
+                }
             }
         };
-        self.apply_layers(ctx, name, &plan.layers[skip..], &tree, opts.links)?;
+        let (mut made, tree) =
+            self.apply_layers(ctx, name, &plan.layers[skip..], opts.links, on_base)?;
         drop(tree);
         // A merge made of its base alone (every layer above it deduplicated away) is
         // still recorded with its layers, so a later merge of them finds it.
@@ -164,33 +168,35 @@ impl Layers<'_> {
         Ok(Merged { info, layers, how: "copied".into(), applied: plan.layers.len() - skip })
     }
 
-    /// Applies `layers` (key, backend key) onto `tree`, in order, each as its change
-    /// read by [`Layers::open_change`] and streamed through [`pipe_apply`].
+    /// Makes the tree `on_base` returns (with what owns it), and applies `layers` (key,
+    /// backend key) onto it, in order, each as its change read by
+    /// [`Layers::open_change`] and streamed through [`pipe_apply`].
     ///
     /// With links, where a layer's stream is headers only, the layers are read on a
     /// second thread ([`AHEAD`] ahead at most: each opened, listed and its headers held
-    /// in memory) while this one applies them, linking each file: the reading is about
-    /// half a layer's cost, and the two overlap. Only the applying writes `tree`, in
-    /// the layers' order; what a layer is read from is its own committed tree, which
-    /// no earlier layer's applying touches.
-    fn apply_layers(
+    /// in memory) while this one makes the tree and then applies them, linking each
+    /// file: the reading is about half a layer's cost, and the two overlap. Only this
+    /// thread writes the tree, in the layers' order; what a layer is read from is its
+    /// own committed tree, which no earlier layer's applying touches.
+    fn apply_layers<T>(
         &self,
         ctx: &Ctx,
         name: &str,
         layers: &[(String, String)],
-        tree: &Tree,
         links: bool,
-    ) -> Result<()> {
+        on_base: impl FnOnce() -> Result<(T, Tree)>,
+    ) -> Result<(T, Tree)> {
         let failed = |layer: &str| {
             let why = format!("merge {name:?}: apply layer {layer:?}");
             move |e: Error| e.context(why)
         };
         if !links || layers.len() < 2 {
+            let (made, tree) = on_base()?;
             for (layer, _) in layers {
-                self.with_change(ctx, layer, |source| pipe_apply(source, tree, links))
+                self.with_change(ctx, layer, |source| pipe_apply(source, &tree, links))
                     .map_err(failed(layer))?;
             }
-            return Ok(());
+            return Ok((made, tree));
         }
         std::thread::scope(|s| {
             let (tx, rx) = std::sync::mpsc::sync_channel(AHEAD);
@@ -210,21 +216,20 @@ impl Layers<'_> {
                     }
                 })
                 .map_err(|e| Error::from(e).context("start the merge's reading thread"))?;
-            let mut applied = Ok(());
-            for (layer, _) in layers {
-                // The reader sends every layer, or stops after sending its failure.
-                let Ok(read) = rx.recv() else { break };
-                applied = read.and_then(|(change, held)| {
+            let applied = on_base().and_then(|(made, tree)| {
+                for (layer, _) in layers {
+                    // The reader sends every layer, or stops after sending its failure.
+                    let Ok(read) = rx.recv() else { break };
+                    let (change, held) = read?;
                     match held {
-                        Some(stream) => apply_held(change.source(), stream, tree),
-                        None => stream_apply(change.source(), tree, true),
+                        Some(stream) => apply_held(change.source(), stream, &tree),
+                        None => stream_apply(change.source(), &tree, true),
                     }
-                    .map_err(failed(layer))
-                });
-                if applied.is_err() {
-                    break;
+                    .map_err(failed(layer))?;
                 }
-            }
+                Ok((made, tree))
+            });
+            // Dropped, the receiver stops a reader still reading.
             drop(rx);
             reading.join().map_err(|_| Error::internal("the merge's reading thread panicked"))?;
             applied

@@ -13,9 +13,12 @@
 //! headers: one that fits in 16 MiB is written to memory (not hashed: nothing keeps it)
 //! and applied on the calling thread, since the two threads and the pipe of a streamed
 //! layer cost more than a small layer's entries (a merge of 200 small layers took twice
-//! as long with them). The base is then hard-linked too, not copied by the backend's
-//! prepare, where its tree is a plain directory on the new snapshot's filesystem
-//! ([`fsutil::link_tree`]): the merge's tree shares the inodes of every layer, which
+//! as long with them). Those streams are made on a second thread, up to two layers
+//! ahead of the one being linked, from before the base is linked: reading a layer (its
+//! records, its tree opened and listed, its headers) is half of what it costs. The
+//! base is hard-linked too, not copied by the backend's prepare, where its tree is a
+//! plain directory on the new snapshot's filesystem ([`fsutil::link_tree`]): the
+//! merge's tree shares the inodes of every layer, which
 //! only the applier writes to (by replacing files) before the commit makes it read-only.
 //!
 //! A diff whose lower is not an ancestor of its upper compares the two trees and keeps

@@ -130,6 +130,18 @@ pub trait Backend: Send + Sync {
         let _ = (name, layers, labels);
         Err(crate::Error::not_implemented("this backend does not stack layers; merge by copying"))
     }
+
+    /// Whether `prepare`, `view` and `commit` stage this backend's records for the
+    /// caller's transaction ([`Db::staging`](crate::kv::Db::staging)) instead of
+    /// committing them: only the host's own drivers that commit in place, with their
+    /// records in the root's database, do. The metadata layer then writes its record
+    /// and the backend's in one transaction, so a commit needs no intent. False by
+    /// default, and for every wrapper: a call that reads back what it just made must
+    /// find it.
+    #[doc(hidden)]
+    fn stages_records(&self) -> bool {
+        false
+    }
 }
 
 /// A backend in front of another: every call goes to [`Wrapper::inner`] unless the

@@ -20,6 +20,13 @@
 //! for removals, repaired by pruning if it is lost), so one fsync per operation covers
 //! both. A crash loses a suffix of deferred commits, never a middle one.
 //!
+//! **Staging.** Fewer transactions beat cheaper ones: a redb commit costs more CPU than
+//! the rest of a snapshot's record change. Inside [`Db::staging`], a driver's store
+//! does not commit its deferred change: it checks and reads on a read transaction,
+//! and stages the write; the caller (the metadata layer) runs it in its own next write,
+//! so a prepare or a commit on the host's own drivers is one transaction, not two or
+//! three. A staged write that is never committed is undone ([`Staged`]).
+//!
 //! **A full disk.** redb treats a failed write as fatal: once a commit fails on I/O,
 //! every later call fails until the file is closed and repaired. A full filesystem must
 //! not do that to the root's one database, or the daemon could not even remove what
@@ -425,6 +432,151 @@ impl Db {
             break;
         }
         results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+    }
+}
+
+/// Writes staged on this thread by [`Db::staging`]: the database they are for (its
+/// address) and what was staged so far.
+struct Stage {
+    db: usize,
+    staged: Staged,
+}
+
+thread_local! {
+    static STAGE: std::cell::RefCell<Option<Stage>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Deferred writes a driver's store staged inside [`Db::staging`] instead of committing
+/// them, with what is held for them: the caller runs them in its own next write, so
+/// that both commit in one transaction, or drops them.
+///
+/// Dropped without [`Staged::committed`], the writes never happen: what was done on
+/// disk for them is undone (an entry built for a record that will not be written is
+/// deleted), then what was held for them is let go.
+#[derive(Default)]
+pub struct Staged {
+    writes: Vec<Op>,
+    undo: Vec<Box<dyn FnOnce() + Send>>,
+    keep: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged").field("writes", &self.writes.len()).finish_non_exhaustive()
+    }
+}
+
+/// The writes of a [`Staged`], to run inside an operation of [`Db::write`].
+#[derive(Default)]
+pub struct StagedWrites(Vec<Op>);
+
+impl std::fmt::Debug for StagedWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StagedWrites({})", self.0.len())
+    }
+}
+
+impl StagedWrites {
+    /// Runs every staged write in `txn`, in order. Like any operation's, they may run
+    /// again in a fresh transaction; each checks what it relies on before writing.
+    pub fn run(&mut self, txn: &redb::WriteTransaction) -> Result<()> {
+        self.0.iter_mut().try_for_each(|w| w(txn))
+    }
+}
+
+impl Staged {
+    /// Whether nothing was staged.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// The writes, to run in the caller's transaction ([`StagedWrites::run`]).
+    pub fn take_writes(&mut self) -> StagedWrites {
+        StagedWrites(std::mem::take(&mut self.writes))
+    }
+
+    /// The transaction that ran the writes committed: nothing is undone, and what was
+    /// held for them is let go.
+    pub fn committed(mut self) {
+        self.undo.clear();
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for undo in self.undo.drain(..).rev() {
+            undo();
+        }
+    }
+}
+
+impl Db {
+    /// Runs `f`, with the deferred writes that driver stores on this database make on
+    /// this thread meanwhile staged rather than committed, and returns them with its
+    /// result (see [`Staged`]). Writes of other threads, and immediate writes, are
+    /// committed as usual.
+    pub fn staging<R>(&self, f: impl FnOnce() -> R) -> (R, Staged) {
+        /// Puts back the staging this one is inside (none, usually), even if `f`
+        /// panics; returns this one's.
+        struct Restore(Option<Option<Stage>>);
+        impl Restore {
+            fn restore(&mut self) -> Option<Stage> {
+                let prev = self.0.take()?;
+                STAGE.with(|s| std::mem::replace(&mut *s.borrow_mut(), prev))
+            }
+        }
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // Dropped (so undone) outside the borrow: an undo may ask again.
+                drop(self.restore());
+            }
+        }
+        let me = Stage { db: self as *const Db as usize, staged: Staged::default() };
+        let mut restore = Restore(Some(STAGE.with(|s| s.borrow_mut().replace(me))));
+        let r = f();
+        let mine = restore.restore();
+        (r, mine.map(|s| s.staged).unwrap_or_default())
+    }
+
+    /// Whether a deferred write of this database made now, on this thread, is to be
+    /// staged ([`Db::staging`]).
+    pub(crate) fn is_staging(&self) -> bool {
+        let me = self as *const Db as usize;
+        STAGE.with(|s| s.borrow().as_ref().is_some_and(|s| s.db == me))
+    }
+
+    /// Stages `write` for the caller of [`Db::staging`]; false, with nothing staged, if
+    /// no staging of this database is under way on this thread.
+    pub(crate) fn stage(
+        &self,
+        write: impl FnMut(&redb::WriteTransaction) -> Result<()> + Send + 'static,
+    ) -> bool {
+        self.with_stage(|s| s.writes.push(Box::new(write)))
+    }
+
+    fn with_stage(&self, f: impl FnOnce(&mut Staged)) -> bool {
+        let me = self as *const Db as usize;
+        STAGE.with(|s| match s.borrow_mut().as_mut() {
+            Some(s) if s.db == me => {
+                f(&mut s.staged);
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Holds `keep` until the writes staged so far are committed or dropped, and has
+    /// `undo` run first if they are dropped; false (`undo` not run, `keep` let go) if no
+    /// staging of this database is under way on this thread.
+    pub(crate) fn stage_hold(
+        &self,
+        undo: Option<Box<dyn FnOnce() + Send>>,
+        keep: Box<dyn std::any::Any + Send>,
+    ) -> bool {
+        self.with_stage(|s| {
+            s.undo.extend(undo);
+            s.keep.push(keep);
+        })
     }
 }
 

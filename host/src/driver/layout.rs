@@ -58,6 +58,13 @@ pub(crate) trait OnLayout: Send + Sync + std::fmt::Debug {
     /// of a subdirectory.
     const TREE: &'static str;
 
+    /// Whether a commit only changes the record ([`Layout::commit_in_place`]), never
+    /// moving the data ([`Layout::commit_moved`]): such a driver stages its records
+    /// for the metadata's transaction ([`Backend::stages_records`]).
+    ///
+    /// [`Backend::stages_records`]: crate::backend::Backend::stages_records
+    const COMMITS_IN_PLACE: bool;
+
     fn layout(&self) -> &Layout;
 
     /// Makes a new snapshot's entry as `tmp/<tmp>`: empty, or from its parent (the
@@ -271,6 +278,10 @@ macro_rules! on_layout {
                 self.layout().check_open()?;
                 <$driver as $crate::driver::layout::OnLayout>::merge(self, name, layers, labels)
             }
+            fn stages_records(&self) -> bool {
+                <$driver as $crate::driver::layout::OnLayout>::COMMITS_IN_PLACE
+                    && self.layout().store.defers()
+            }
         }
     };
 }
@@ -298,7 +309,7 @@ pub(crate) struct Layout {
     /// which callers outside the process need.
     pub path: PathBuf,
     pub store: Store,
-    entries: Box<dyn Entries>,
+    entries: Arc<dyn Entries>,
     faults: Arc<Faults>,
     /// The driver's name, for messages and fault point names (`<name>.create.…`).
     pub name: &'static str,
@@ -401,7 +412,7 @@ impl Layout {
             tmp,
             path,
             store,
-            entries,
+            entries: entries.into(),
             faults,
             name,
             closed: AtomicBool::new(false),
@@ -609,8 +620,25 @@ impl Layout {
             self.fault("create.before-commit")?;
             record()
         })();
-        if recorded.is_err() {
-            let _ = self.entries.delete(&self.snapshots, &name);
+        match &recorded {
+            Err(_) => {
+                let _ = self.entries.delete(&self.snapshots, &name);
+            }
+            Ok(_) if self.store.staging() => {
+                // Recorded by the caller's transaction (see `Store::staging`): the
+                // entry stays busy until then, and goes if that never commits.
+                let entries = self.entries.clone();
+                let undo = self.snapshots.try_clone().ok().map(|dir| {
+                    Box::new(move || match entries.delete(&dir, &name) {
+                        Ok(()) => {}
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => tracing::warn!(path = %Self::entry(id), error = %e,
+                            "could not delete the data of a snapshot never recorded; cleanup will retry"),
+                    }) as Box<dyn FnOnce() + Send>
+                });
+                self.store.db().stage_hold(undo, Box::new(_id));
+            }
+            Ok(_) => {}
         }
         recorded
     }

@@ -49,6 +49,7 @@ impl Native {
 
 impl OnLayout for Native {
     const TREE: &'static str = "";
+    const COMMITS_IN_PLACE: bool = true;
 
     fn layout(&self) -> &Layout {
         &self.layout

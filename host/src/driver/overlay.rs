@@ -169,6 +169,7 @@ impl Overlay {
 
 impl OnLayout for Overlay {
     const TREE: &'static str = "fs";
+    const COMMITS_IN_PLACE: bool = true;
 
     fn layout(&self) -> &Layout {
         &self.layout

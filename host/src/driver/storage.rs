@@ -141,6 +141,38 @@ macro_rules! records_for {
 records_for!(redb::ReadTransaction);
 records_for!(WriteTransaction);
 
+/// Checks that `key` is free and `parent` (if any) is a committed snapshot, whose key
+/// and record it returns.
+fn check_new<'p>(
+    txn: &impl Records,
+    driver: &str,
+    key: &str,
+    parent: Option<&'p str>,
+) -> Result<Option<(&'p str, Rec)>> {
+    if txn.load(driver, key)?.is_some() {
+        return Err(Error::already_exists(format!("snapshot {key:?}")));
+    }
+    let Some(p) = parent else { return Ok(None) };
+    let prec =
+        txn.load(driver, p)?.ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
+    if prec.kind != Kind::Committed {
+        return Err(Error::invalid_argument(format!("parent {p:?} is not a committed snapshot")));
+    }
+    Ok(Some((p, prec)))
+}
+
+/// Checks that `name` is free and `key` an active snapshot, whose record it returns.
+fn check_commit(txn: &impl Records, driver: &str, key: &str, name: &str) -> Result<Rec> {
+    if txn.load(driver, name)?.is_some() {
+        return Err(Error::already_exists(format!("snapshot {name:?}")));
+    }
+    let rec = txn.load(driver, key)?.ok_or_else(|| not_found(key))?;
+    if rec.kind != Kind::Active {
+        return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
+    }
+    Ok(rec)
+}
+
 fn store_rec(txn: &WriteTransaction, driver: &str, key: &str, rec: &Rec) -> Result<()> {
     let bytes = serde_json::to_vec(rec).context("encode driver record")?;
     txn.open_table(SNAPS)?.insert((driver, key), bytes.as_slice())?;
@@ -306,18 +338,9 @@ impl Store {
     /// only spares building a tree or subvolume for nothing.
     pub fn precheck(&self, key: &str, parent: Option<&str>) -> Result<Option<Snap>> {
         self.db.read_with(|txn| {
-            if txn.load(&self.driver, key)?.is_some() {
-                return Err(Error::already_exists(format!("snapshot {key:?}")));
-            }
-            let Some(p) = parent else { return Ok(None) };
-            let prec = txn
-                .load(&self.driver, p)?
-                .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
-            if prec.kind != Kind::Committed {
-                return Err(Error::invalid_argument(format!(
-                    "parent {p:?} is not a committed snapshot"
-                )));
-            }
+            let Some((p, prec)) = check_new(txn, &self.driver, key, parent)? else {
+                return Ok(None);
+            };
             Ok(Some(snap(txn, &self.driver, p, &prec)?))
         })
     }
@@ -350,6 +373,25 @@ impl Store {
         Ok(ids)
     }
 
+    /// Whether changes are deferred: the records are in a shared database, whose next
+    /// immediate commit makes them durable.
+    pub(crate) fn defers(&self) -> bool {
+        self.durability == Durability::Deferred
+    }
+
+    /// Whether this thread's changes to the records are being staged for the caller's
+    /// transaction ([`Db::staging`]): only a store in a shared database defers, and
+    /// only its deferred changes are staged.
+    pub(crate) fn staging(&self) -> bool {
+        self.durability == Durability::Deferred && self.db.is_staging()
+    }
+
+    /// Stages `write` ([`Store::staging`] must be true).
+    fn stage(&self, write: impl FnMut(&WriteTransaction) -> Result<()> + Send + 'static) {
+        let staged = self.db.stage(write);
+        debug_assert!(staged, "staged with no staging under way");
+    }
+
     fn write<R: Send + 'static>(
         &self,
         durability: Option<Durability>,
@@ -370,36 +412,38 @@ impl Store {
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Snap> {
-        let (key, parent, labels) = (key.to_owned(), parent.map(str::to_owned), labels.clone());
+        let now = now_nanos();
+        let rec = Rec {
+            id,
+            kind,
+            parent: parent.map(str::to_owned),
+            labels: labels.clone(),
+            created: now,
+            updated: now,
+            usage: None,
+            layers: Vec::new(),
+        };
+        let key = key.to_owned();
+        let write = |txn: &WriteTransaction, driver: &str, key: &str, rec: &Rec| {
+            check_new(txn, driver, key, rec.parent.as_deref())?;
+            if let Some(p) = &rec.parent {
+                txn.open_multimap_table(CHILDREN)?.insert((driver, p.as_str()), key)?;
+            }
+            store_rec(txn, driver, key, rec)
+        };
+        if self.staging() {
+            // Checked and read now; written by the caller's transaction, which checks
+            // again.
+            let snap = self.db.read_with(|txn| {
+                check_new(txn, &self.driver, &key, rec.parent.as_deref())?;
+                snap(txn, &self.driver, &key, &rec)
+            })?;
+            let driver = self.driver.clone();
+            self.stage(move |txn| write(txn, &driver, &key, &rec));
+            return Ok(snap);
+        }
         self.write(None, move |txn, driver| {
-            if txn.load(driver, &key)?.is_some() {
-                return Err(Error::already_exists(format!("snapshot {key:?}")));
-            }
-            if let Some(p) = &parent {
-                let prec = txn
-                    .load(driver, p)?
-                    .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?}")))?;
-                if prec.kind != Kind::Committed {
-                    return Err(Error::invalid_argument(format!(
-                        "parent {p:?} is not a committed snapshot"
-                    )));
-                }
-            }
-            let now = now_nanos();
-            let rec = Rec {
-                id,
-                kind,
-                parent: parent.clone(),
-                labels: labels.clone(),
-                created: now,
-                updated: now,
-                usage: None,
-                layers: Vec::new(),
-            };
-            if let Some(p) = &parent {
-                txn.open_multimap_table(CHILDREN)?.insert((driver, p.as_str()), key.as_str())?;
-            }
-            store_rec(txn, driver, &key, &rec)?;
+            write(txn, driver, &key, &rec)?;
             snap(txn, driver, &key, &rec)
         })
     }
@@ -468,16 +512,10 @@ impl Store {
         labels: &Labels,
         new_id: Option<u64>,
     ) -> Result<u64> {
+        let (key_ref, name_ref) = (key, name);
         let (key, name, labels) = (key.to_owned(), name.to_owned(), labels.clone());
-        let durability = new_id.map(|_| Durability::Immediate);
-        self.write(durability, move |txn, driver| {
-            if txn.load(driver, &name)?.is_some() {
-                return Err(Error::already_exists(format!("snapshot {name:?}")));
-            }
-            let mut rec = txn.load(driver, &key)?.ok_or_else(|| not_found(&key))?;
-            if rec.kind != Kind::Active {
-                return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
-            }
+        let write = move |txn: &WriteTransaction, driver: &str| {
+            let mut rec = check_commit(txn, driver, &key, &name)?;
             txn.open_table(SNAPS)?.remove((driver, key.as_str()))?;
             if let Some(p) = &rec.parent {
                 let mut children = txn.open_multimap_table(CHILDREN)?;
@@ -495,7 +533,18 @@ impl Store {
             }
             store_rec(txn, driver, &name, &rec)?;
             Ok(rec.id)
-        })
+        };
+        // With a new id the change is synced, never staged: the caller deletes the old
+        // data next.
+        if new_id.is_none() && self.staging() {
+            let active =
+                self.db.read_with(|txn| check_commit(txn, &self.driver, key_ref, name_ref))?;
+            let driver = self.driver.clone();
+            self.stage(move |txn| write(txn, &driver).map(drop));
+            return Ok(active.id);
+        }
+        let durability = new_id.map(|_| Durability::Immediate);
+        self.write(durability, write)
     }
 
     /// Forgets `key`, which must have no children. Returns its id and kind.

@@ -21,7 +21,7 @@ use crate::backend::{Backend, FieldPath};
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::fault::Faults;
 use crate::filter::Filter;
-use crate::kv::{Durability, now_nanos, to_nanos};
+use crate::kv::{Durability, Staged, now_nanos, to_nanos};
 use crate::snapshot::{
     Info, Kind, LABEL_SNAPSHOT_REF, Labels, Mount, Usage, inherited_labels, validate_labels,
 };
@@ -189,6 +189,25 @@ fn committing(key: &str, name: &str) -> Error {
 
 /// Whether mounts give read-only access only: what views and committed snapshots must
 /// return, whatever the backend.
+/// Checks that `name` is free and `key` an active snapshot not being committed, whose
+/// record it returns: what a commit needs.
+fn check_commit(txn: &impl Tables, sn: &str, ns: &str, name: &str, key: &str) -> Result<Record> {
+    if txn.record(sn, ns, name)?.is_some() || txn.intent(sn, ns, name)?.is_some() {
+        return Err(Error::already_exists(format!("snapshot {name:?}")));
+    }
+    let rec = txn.record(sn, ns, key)?.ok_or_else(|| not_found(key))?;
+    if rec.kind != Kind::Active {
+        return Err(Error::failed_precondition(format!(
+            "snapshot {key:?} is a {} snapshot, only active snapshots can be committed",
+            rec.kind
+        )));
+    }
+    if let Some(other) = &rec.committing {
+        return Err(committing(key, other));
+    }
+    Ok(rec)
+}
+
 pub(super) fn check_readonly(key: &str, kind: Kind, mounts: &[Mount]) -> Result<()> {
     if kind == Kind::Active {
         return Ok(());
@@ -485,17 +504,32 @@ impl Snapshotter {
 
         // Phase 2: the backend, outside any transaction (it may copy a whole tree).
         let inherited = inherited_labels(labels);
-        let made = match kind {
+        let make = || match kind {
             Kind::View => self.backend.view(&bkey, bparent.as_deref(), &inherited),
             _ => self.backend.prepare(&bkey, bparent.as_deref(), &inherited),
         };
+        // The backend's record, if it stages it, is written with ours (below), in one
+        // transaction.
+        let (made, mut staged) = self.staging(make);
+        if made.is_err() {
+            // Undone (what it built deleted) before anything else is asked of it.
+            drop(std::mem::take(&mut staged));
+        }
+        // The backend's data goes with `staged` if our record is not written: it is not
+        // asked to remove a snapshot it never recorded.
+        let undoes = !staged.is_empty();
         let names =
             [(bkey.as_str(), key), (bparent.as_deref().unwrap_or(""), parent.unwrap_or(""))];
         let now = now_nanos();
         let (rec_key, rec, mounts, created, mut refused) = match made {
             Ok(mounts) => {
-                check_readonly(key, kind, &mounts)
-                    .inspect_err(|_| self.remove_backend(&bkey, "its mounts were refused"))?;
+                if let Err(e) = check_readonly(key, kind, &mounts) {
+                    match undoes {
+                        true => drop(staged),
+                        false => self.remove_backend(&bkey, "its mounts were refused"),
+                    }
+                    return Err(e);
+                }
                 let rec = Record {
                     bkey: bkey.clone(),
                     kind,
@@ -553,6 +587,7 @@ impl Snapshotter {
             let (lease, parent) = (ctx.lease().map(str::to_owned), parent.map(str::to_owned));
             let (rec_key, rec, bparent) = (rec_key.clone(), rec.clone(), bparent.clone());
             let target = target.cloned();
+            let mut writes = staged.take_writes();
             self.db.write(Durability::Immediate, move |txn| {
                 if txn.record(&sn, &ns, &rec_key)?.is_some()
                     || txn.intent(&sn, &ns, &rec_key)?.is_some()
@@ -573,6 +608,7 @@ impl Snapshotter {
                         )));
                     }
                 }
+                writes.run(txn)?;
                 if let Some(l) = &lease {
                     lease::hold_in(txn, &ns, l, &Resource::snapshot(&sn, &rec_key))?;
                 }
@@ -583,6 +619,11 @@ impl Snapshotter {
                 Ok(true)
             })
         });
+        match &stored {
+            Ok(true) => staged.committed(),
+            _ => drop(staged),
+        }
+        let created = created.filter(|_| !undoes);
         match stored {
             Ok(true) => {}
             Ok(false) if refused.is_none() => {
@@ -600,6 +641,15 @@ impl Snapshotter {
         }
         self.mutated();
         Ok(mounts)
+    }
+
+    /// Runs `f`, a backend call, with the backend's records staged for our next write
+    /// if it stages them ([`Backend::stages_records`]) and shares our database.
+    fn staging<R>(&self, f: impl FnOnce() -> R) -> (R, Staged) {
+        match self.shared_db && self.backend.stages_records() {
+            true => self.db.db().staging(f),
+            false => (f(), Staged::default()),
+        }
     }
 
     /// Removes a backend snapshot that no record will name; a failure is left to
@@ -689,6 +739,9 @@ impl Snapshotter {
             return Err(Error::invalid_argument("snapshot name must not be empty"));
         }
         validate_labels(labels)?;
+        if layers.is_empty() && self.shared_db && self.backend.stages_records() {
+            return self.commit_staged(ctx, name, key, labels);
+        }
         let (sn, ns) = (self.name.clone(), ctx.namespace().to_owned());
         let lease = ctx.lease().map(str::to_owned);
 
@@ -702,20 +755,7 @@ impl Snapshotter {
                 if let Some(l) = &lease {
                     lease::check_exists(txn, &ns, l)?;
                 }
-                if txn.record(&sn, &ns, &name)?.is_some() || txn.intent(&sn, &ns, &name)?.is_some()
-                {
-                    return Err(Error::already_exists(format!("snapshot {name:?}")));
-                }
-                let mut rec = txn.record(&sn, &ns, &key)?.ok_or_else(|| not_found(&key))?;
-                if rec.kind != Kind::Active {
-                    return Err(Error::failed_precondition(format!(
-                        "snapshot {key:?} is a {} snapshot, only active snapshots can be committed",
-                        rec.kind
-                    )));
-                }
-                if let Some(other) = &rec.committing {
-                    return Err(committing(&key, other));
-                }
+                let mut rec = check_commit(txn, &sn, &ns, &name, &key)?;
                 let intent = Intent {
                     key: key.clone(),
                     bkey: rec.bkey.clone(),
@@ -792,6 +832,71 @@ impl Snapshotter {
                 tracing::error!(snapshotter = %sn, key, name, error = %e,
                     "the backend committed but the record could not be written; the next open finishes the commit");
             })?;
+        self.mutated();
+        Ok(())
+    }
+
+    /// [`Snapshotter::commit`] on a backend that stages its records: its commit and
+    /// ours are written in one transaction, so no crash can come between them and no
+    /// intent is needed. The active snapshot is read, the backend commits (its record
+    /// staged), then one write checks again what was read and records both.
+    fn commit_staged(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        let (sn, ns) = (self.name.clone(), ctx.namespace().to_owned());
+        let lease = ctx.lease().map(str::to_owned);
+        let bkey = self.db.read_with(|txn| Ok(check_commit(txn, &sn, &ns, name, key)?.bkey))?;
+        let bname = format!("{ns}/{}/{name}", self.db.next_seq()?);
+        let (done, mut staged) = self.staging(|| {
+            self.faults
+                .hit("metadata.commit.before-backend")
+                .and_then(|()| self.backend.commit(&bname, &bkey, &inherited_labels(labels)))
+        });
+        let names = [(bname.as_str(), name), (bkey.as_str(), key)];
+        done.map_err(|e| self.in_user_terms(e, &names))?;
+        if staged.is_empty() {
+            // Not one of ours after all: its commit is already its own.
+            tracing::warn!(snapshotter = %sn, key, name,
+                "the backend committed without staging its record");
+        }
+        self.faults.hit("metadata.commit.after-backend")?;
+        let mut writes = staged.take_writes();
+        let now = now_nanos();
+        let (name_, key_, labels) = (name.to_owned(), key.to_owned(), labels.clone());
+        let bname_ = bname.clone();
+        let bkey_ = bkey.clone();
+        self.db
+            .write(Durability::Immediate, move |txn| {
+                let (name, key) = (name_.as_str(), key_.as_str());
+                if let Some(l) = &lease {
+                    lease::check_exists(txn, &ns, l)?;
+                }
+                let active = check_commit(txn, &sn, &ns, name, key)?;
+                if active.bkey != bkey_ {
+                    // Removed and made again while the backend committed the old one.
+                    return Err(not_found(key));
+                }
+                writes.run(txn)?;
+                if let Some(l) = &lease {
+                    lease::release_in(txn, &ns, l, &Resource::snapshot(&sn, key))?;
+                    lease::hold_in(txn, &ns, l, &Resource::snapshot(&sn, name))?;
+                }
+                let committed = Record {
+                    bkey: bname_.clone(),
+                    kind: Kind::Committed,
+                    parent: active.parent.clone(),
+                    labels: labels.clone(),
+                    created: now,
+                    updated: now,
+                    collectable: lease.is_some(),
+                    committing: None,
+                    blob: active.blob.clone(),
+                    layers: Vec::new(),
+                    last_used: 0,
+                    use_count: 0,
+                };
+                db::rename_record(txn, &sn, &ns, key, name, &committed)
+            })
+            .map_err(|e| self.in_user_terms(e, &names))?;
+        staged.committed();
         self.mutated();
         Ok(())
     }

@@ -4,9 +4,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use wasnap::driver::storage::Store;
 use wasnap::fault::Action;
+use wasnap::metadata::MetaDb;
 use wasnap::snapshot::{LABEL_SNAPSHOT_REF, MAX_LABEL_SIZE};
-use wasnap::{Backend, ErrorKind, Info, Kind, Labels};
+use wasnap::{Backend, ErrorKind, Info, Kind, Labels, Snapshotter};
 
 use crate::common::*;
 
@@ -359,6 +363,98 @@ fn a_metadata_failure_after_the_backend_succeeded_cleans_the_backend_up() {
     assert_eq!(left.len(), 1, "the backend snapshots were removed again: {left:?}");
     // And the parent has no phantom child: it can be removed.
     s.sn.remove(&c, "base").unwrap();
+}
+
+/// A backend whose records are in their own database commits apart from the metadata:
+/// a commit cut short after the backend's step keeps its intent, which holds the
+/// snapshot until the next open finishes the commit.
+#[test]
+fn a_commit_cut_short_after_a_separate_backend_is_finished_by_recovery() {
+    let s = native_stack();
+    let c = ctx("default");
+    assert!(!s.sn.backend().stages_records(), "its own database: nothing to stage into");
+    let m = s.sn.prepare(&c, "a", None, &none()).unwrap();
+    std::fs::write(source(&m).join("f"), "data").unwrap();
+    s.faults.arm("metadata.commit.after-backend", Action::Error);
+    s.sn.commit(&c, "base", "a", &labels(&[("l", "v")])).unwrap_err();
+    s.faults.disarm("metadata.commit.after-backend");
+    let e = s.sn.remove(&c, "a").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "held by its intent: {e}");
+    let report = s.sn.recover().unwrap();
+    assert_eq!(report.finished.len(), 1, "{report:?}");
+    let info = s.sn.stat(&c, "base").unwrap();
+    assert_eq!((info.kind, info.labels), (Kind::Committed, labels(&[("l", "v")])));
+    assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
+    let m = s.sn.view(&c, "v", Some("base"), &none()).unwrap();
+    assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "data");
+}
+
+/// The native driver with its records in the metadata's database: each prepare and
+/// commit writes both records in one transaction, and one that fails after the driver's
+/// step leaves neither record nor data.
+#[test]
+fn a_driver_sharing_the_database_records_with_the_metadata_in_one_write() {
+    let dir = tmp();
+    let faults = Arc::new(wasnap::fault::Faults::new());
+    let meta = metadb(dir.path());
+    let path = dir.path().join("native");
+    std::fs::create_dir_all(&path).unwrap();
+    let d = Dir::open_ambient_dir(&path, ambient_authority()).unwrap();
+    let store = Store::shared(meta.db().clone(), "native", &d).unwrap();
+    let native =
+        wasnap::driver::Native::with_store(d, path.clone(), store, faults.clone()).unwrap();
+    let backend: Arc<dyn Backend> = Arc::new(native);
+    assert!(backend.stages_records());
+    let sn = Snapshotter::new(meta.clone(), "native", backend.clone(), faults.clone())
+        .with_shared_db(true);
+    let c = ctx("default");
+    let commits = |meta: &MetaDb| meta.db().stats().commits;
+
+    // The first create reserves blocks of sequence numbers and ids: a write each.
+    sn.prepare(&c, "warm", None, &none()).unwrap();
+    sn.remove(&c, "warm").unwrap();
+    let before = commits(&meta);
+    let m = sn.prepare(&c, "a", None, &none()).unwrap();
+    std::fs::write(source(&m).join("f"), "data").unwrap();
+    assert_eq!(commits(&meta) - before, 1, "a prepare is one write");
+    let before = commits(&meta);
+    sn.commit(&c, "base", "a", &none()).unwrap();
+    assert_eq!(commits(&meta) - before, 1, "a commit is one write, with no intent");
+    assert_eq!(backend.stat(&bkey_of(backend.as_ref(), "base")).unwrap().kind, Kind::Committed);
+
+    let entries = || std::fs::read_dir(path.join("snapshots")).unwrap().count();
+    assert_eq!(entries(), 1);
+    // Failing after the driver's step: neither record is written, the data goes.
+    faults.arm("metadata.create.after-backend", Action::Error);
+    for parent in [None, Some("base")] {
+        sn.prepare(&c, "child", parent, &none()).unwrap_err();
+        sn.view(&c, "view", parent, &none()).unwrap_err();
+    }
+    faults.disarm("metadata.create.after-backend");
+    assert_eq!(backend_keys(backend.as_ref()).len(), 1);
+    assert_eq!(entries(), 1, "the data built for the failed creates is gone");
+    // A commit failing after the driver's step leaves the active snapshot as it was.
+    sn.prepare(&c, "b", Some("base"), &none()).unwrap();
+    faults.arm("metadata.commit.after-backend", Action::Error);
+    sn.commit(&c, "top", "b", &none()).unwrap_err();
+    faults.disarm("metadata.commit.after-backend");
+    assert_eq!(sn.stat(&c, "b").unwrap().kind, Kind::Active);
+    assert_eq!(backend.stat(&bkey_of(backend.as_ref(), "b")).unwrap().kind, Kind::Active);
+    sn.commit(&c, "top", "b", &none()).unwrap();
+    sn.remove(&c, "top").unwrap();
+    sn.remove(&c, "base").unwrap();
+    assert!(backend_keys(backend.as_ref()).is_empty());
+    sn.cleanup().unwrap();
+    assert_eq!(entries(), 0);
+}
+
+/// The backend key of `key`.
+fn bkey_of(b: &dyn Backend, key: &str) -> String {
+    let end = format!("/{key}");
+    let keys = backend_keys(b).into_iter().map(|i| i.name);
+    keys.into_iter()
+        .find(|n| n.ends_with(&end))
+        .unwrap_or_else(|| panic!("no backend key for {key}"))
 }
 
 #[test]

@@ -95,8 +95,10 @@ fn records_redb_commit_panic_does_not_wedge_the_group_commit() {
     // A bit flipped in the allocator's state made redb panic in a commit; the leader
     // unwound with the group still marked as led, and every later write (the database's
     // own flush on drop included) waited for ever. Now the batch fails as internal.
+    // (Which call's commit meets the damage depends on how many commits come before it:
+    // once a prepare's, since prepares and commits are one transaction, a `check`'s.)
     let outcome = passes(&records::TARGET, "hang-redb-commit-panic-wedged-group-commit");
-    assert!(outcome.contains("prepare:Internal"), "{outcome}");
+    assert!(outcome.contains(":Internal"), "{outcome}");
     assert!(outcome.contains("close:"), "{outcome}");
 }
 

@@ -145,6 +145,8 @@ impl Btrfs {
 
 impl OnLayout for Btrfs {
     const TREE: &'static str = "";
+    // A commit snapshots the subvolume read-only under a new id.
+    const COMMITS_IN_PLACE: bool = false;
 
     fn layout(&self) -> &Layout {
         &self.layout

@@ -187,8 +187,6 @@ fn committing(key: &str, name: &str) -> Error {
     Error::failed_precondition(format!("snapshot {key:?} is being committed as {name:?}"))
 }
 
-/// Whether mounts give read-only access only: what views and committed snapshots must
-/// return, whatever the backend.
 /// Checks that `name` is free and `key` an active snapshot not being committed, whose
 /// record it returns: what a commit needs.
 fn check_commit(txn: &impl Tables, sn: &str, ns: &str, name: &str, key: &str) -> Result<Record> {
@@ -208,6 +206,8 @@ fn check_commit(txn: &impl Tables, sn: &str, ns: &str, name: &str, key: &str) ->
     Ok(rec)
 }
 
+/// Whether mounts give read-only access only: what views and committed snapshots must
+/// return, whatever the backend.
 pub(super) fn check_readonly(key: &str, kind: Kind, mounts: &[Mount]) -> Result<()> {
     if kind == Kind::Active {
         return Ok(());

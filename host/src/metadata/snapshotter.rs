@@ -6,6 +6,11 @@
 //! replaces the active record by the committed one; an update that reaches the backend
 //! calls it before recording. A slow or stuck backend therefore delays its own callers
 //! only, never another snapshotter's writes.
+//!
+//! A backend that stages its records ([`Backend::stages_records`]: native and overlay in
+//! the root's database) is still called outside the write, but its record change is
+//! staged and written by ours: a create or a commit is one transaction, and a commit
+//! needs no intent (see [`crate::kv::Db::staging`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -320,6 +320,17 @@ pub(crate) struct Layout {
     busy: Arc<Mutex<Busy>>,
     /// Entries renamed into `tmp/` by removes, for the background deleter.
     doomed: Arc<Doomed>,
+    /// The background deleter, joined by [`Layout::close`] so that nothing uses the
+    /// layout (its database among it) once that returns.
+    deleter: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A layout dropped without [`Layout::close`] still stops its deleter, which would
+/// otherwise wait for work forever.
+impl Drop for Layout {
+    fn drop(&mut self) {
+        self.stop_deleter();
+    }
 }
 
 /// Names in `tmp/` and ids in `snapshots/` this process is working on right now.
@@ -420,15 +431,17 @@ impl Layout {
             tmp_seq: AtomicU64::new(0),
             busy: Arc::default(),
             doomed: Arc::default(),
+            deleter: Mutex::new(None),
         })
     }
 
     /// Starts the thread that deletes removed entries in the background; it stops when
-    /// the layout is closed or dropped.
+    /// the layout is closed or dropped. Once closed, it deletes no further entry: what
+    /// is still queued stays in `tmp/`, for the next [`Layout::reclaim`].
     pub fn start_deleter(self: &Arc<Self>) -> Result<()> {
         let weak = Arc::downgrade(self);
         let doomed = self.doomed.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("wasnap-{}-rm", self.name))
             .spawn(move || loop {
                 let batch = {
@@ -436,7 +449,7 @@ impl Layout {
                     while q.0.is_empty() && !q.1 {
                         q = doomed.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                     }
-                    if q.0.is_empty() {
+                    if q.1 {
                         return;
                     }
                     q.2 = true;
@@ -444,6 +457,9 @@ impl Layout {
                 };
                 if let Some(layout) = weak.upgrade() {
                     for mark in batch {
+                        if layout.closed.load(Ordering::Acquire) {
+                            break;
+                        }
                         if let Err(e) = layout.delete_tmp(mark.name()) {
                             tracing::warn!(path = %mark, error = %e, "could not delete a removed snapshot; cleanup will retry");
                         }
@@ -453,6 +469,7 @@ impl Layout {
                 doomed.wake.notify_all();
             })
             .context("start the background deleter")?;
+        *self.deleter.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
         Ok(())
     }
 
@@ -494,8 +511,20 @@ impl Layout {
         Ok(())
     }
 
-    /// Marks the driver closed; idempotent. Stops the background deleter.
+    /// Marks the driver closed; idempotent. Stops the background deleter and waits
+    /// for the entry it is deleting, so that once this returns no thread holds the
+    /// layout: a later open of the same root finds its database free.
     pub fn close(&self) {
+        self.stop_deleter();
+        let deleter = self.deleter.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // The deleter itself never closes the layout, but it may drop the last
+        // reference to it, and a thread cannot wait for itself.
+        if let Some(t) = deleter.filter(|t| t.thread().id() != std::thread::current().id()) {
+            let _ = t.join();
+        }
+    }
+
+    fn stop_deleter(&self) {
         self.closed.store(true, Ordering::Release);
         self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
         self.doomed.wake.notify_all();

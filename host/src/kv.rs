@@ -452,12 +452,14 @@ thread_local! {
 ///
 /// Dropped without [`Staged::committed`], the writes never happen: what was done on
 /// disk for them is undone (an entry built for a record that will not be written is
-/// deleted), then what was held for them is let go.
+/// deleted), then what was held for them is let go, and what was to follow their
+/// commit never runs.
 #[derive(Default)]
 pub struct Staged {
     writes: Vec<Op>,
     undo: Vec<Box<dyn FnOnce() + Send>>,
     keep: Vec<Box<dyn std::any::Any + Send>>,
+    after: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl std::fmt::Debug for Staged {
@@ -495,10 +497,18 @@ impl Staged {
         StagedWrites(std::mem::take(&mut self.writes))
     }
 
-    /// The transaction that ran the writes committed: nothing is undone, and what was
-    /// held for them is let go.
+    /// The transaction that ran the writes committed: nothing is undone, what was to
+    /// follow the commit runs (in the order staged), and what was held is let go.
     pub fn committed(mut self) {
         self.undo.clear();
+        for after in std::mem::take(&mut self.after) {
+            after();
+        }
+    }
+
+    /// Drops what was to follow the commit, unrun: it is left to cleanup.
+    pub fn skip_after(&mut self) {
+        self.after.clear();
     }
 }
 
@@ -552,6 +562,13 @@ impl Db {
         write: impl FnMut(&redb::WriteTransaction) -> Result<()> + Send + 'static,
     ) -> bool {
         self.with_stage(|s| s.writes.push(Box::new(write)))
+    }
+
+    /// Has `after` run once the writes staged so far are committed (never, if they are
+    /// dropped); false (`after` dropped unrun) if no staging of this database is under
+    /// way on this thread.
+    pub(crate) fn stage_after(&self, after: Box<dyn FnOnce() + Send>) -> bool {
+        self.with_stage(|s| s.after.push(after))
     }
 
     fn with_stage(&self, f: impl FnOnce(&mut Staged)) -> bool {

@@ -323,6 +323,9 @@ pub(crate) struct Layout {
     /// The background deleter, joined by [`Layout::close`] so that nothing uses the
     /// layout (its database among it) once that returns.
     deleter: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// This layout, for the deletion a staged remove leaves until its record's
+    /// removal commits (set with the deleter).
+    me: std::sync::OnceLock<std::sync::Weak<Layout>>,
 }
 
 /// A layout dropped without [`Layout::close`] still stops its deleter, which would
@@ -432,6 +435,7 @@ impl Layout {
             busy: Arc::default(),
             doomed: Arc::default(),
             deleter: Mutex::new(None),
+            me: std::sync::OnceLock::new(),
         })
     }
 
@@ -440,6 +444,7 @@ impl Layout {
     /// is still queued stays in `tmp/`, for the next [`Layout::reclaim`].
     pub fn start_deleter(self: &Arc<Self>) -> Result<()> {
         let weak = Arc::downgrade(self);
+        let _ = self.me.set(weak.clone());
         let doomed = self.doomed.clone();
         let thread = std::thread::Builder::new()
             .name(format!("wasnap-{}-rm", self.name))
@@ -750,10 +755,36 @@ impl Layout {
 
     /// Forgets `key`, then deletes its entry as `when` says; an entry not deleted now is
     /// first moved into `tmp/`.
+    ///
+    /// Inside the metadata layer's staging ([`Store::staging`]), the record's removal is
+    /// staged for its transaction, and the entry is dealt with once that commits: a
+    /// crash in between leaves an entry no record names, which reclaim deletes.
     pub fn remove(&self, key: &str, when: Deletion) -> Result<()> {
         self.check_open()?;
         self.fault("remove.before-commit")?;
+        if self.store.staging() {
+            // Never committed here: that would part the record from the caller's.
+            let Some(me) = self.me.get().cloned() else {
+                return Err(Error::internal("a staged remove needs the background deleter"));
+            };
+            let removed = Arc::new(Mutex::new(None));
+            self.store.remove_staged(key, removed.clone());
+            self.store.after_commit(Box::new(move || {
+                let id = *removed.lock().unwrap_or_else(|e| e.into_inner());
+                if let (Some(id), Some(layout)) = (id, me.upgrade()) {
+                    layout.delete_entry(id, when);
+                }
+            }));
+            return Ok(());
+        }
         let (id, _) = self.store.remove(key)?;
+        self.delete_entry(id, when);
+        Ok(())
+    }
+
+    /// Deletes the entry of the removed snapshot `id` as `when` says; a failure is
+    /// logged and left to reclaim.
+    fn delete_entry(&self, id: u64, when: Deletion) {
         let name = id.to_string();
         let deleted = self.fault("remove.before-delete").and_then(|()| {
             if when == Deletion::Now {
@@ -786,7 +817,6 @@ impl Layout {
             Err(e) => tracing::warn!(path = %Self::entry(id), error = %e,
                 "could not delete a removed snapshot's data; cleanup will retry"),
         }
-        Ok(())
     }
 
     /// Records whose entry is missing (or whose `layer` inside it is), with why.

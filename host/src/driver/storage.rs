@@ -12,7 +12,7 @@
 //! deletes the active subvolume) is synced before the deleting, whatever the store.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cap_std::fs::Dir;
 use redb::{
@@ -159,6 +159,22 @@ fn check_new<'p>(
         return Err(Error::invalid_argument(format!("parent {p:?} is not a committed snapshot")));
     }
     Ok(Some((p, prec)))
+}
+
+/// Whether a snapshot has `key` as its parent or one of its layers.
+fn has_children(txn: &WriteTransaction, driver: &str, key: &str) -> Result<bool> {
+    Ok(txn.open_multimap_table(CHILDREN)?.get((driver, key))?.next().is_some())
+}
+
+/// Deletes the record `rec` of `key` and its links to its parent and layers.
+fn remove_rec(txn: &WriteTransaction, driver: &str, key: &str, rec: &Rec) -> Result<()> {
+    let mut children = txn.open_multimap_table(CHILDREN)?;
+    for p in rec.parent.iter().chain(&rec.layers) {
+        children.remove((driver, p.as_str()), key)?;
+    }
+    drop(children);
+    txn.open_table(SNAPS)?.remove((driver, key))?;
+    Ok(())
 }
 
 /// Checks that `name` is free and `key` an active snapshot, whose record it returns.
@@ -552,19 +568,41 @@ impl Store {
         let key = key.to_owned();
         self.write(None, move |txn, driver| {
             let rec = txn.load(driver, &key)?.ok_or_else(|| not_found(&key))?;
-            let mut children = txn.open_multimap_table(CHILDREN)?;
-            if children.get((driver, key.as_str()))?.next().is_some() {
+            if has_children(txn, driver, &key)? {
                 return Err(Error::failed_precondition(format!(
                     "cannot remove snapshot {key:?} with child"
                 )));
             }
-            for p in rec.parent.iter().chain(&rec.layers) {
-                children.remove((driver, p.as_str()), key.as_str())?;
-            }
-            drop(children);
-            txn.open_table(SNAPS)?.remove((driver, key.as_str()))?;
+            remove_rec(txn, driver, &key, &rec)?;
             Ok((rec.id, rec.kind))
         })
+    }
+
+    /// As [`Store::remove`], staged for the caller's transaction ([`Store::staging`]
+    /// must be true): once that commits, `removed` holds the id of the snapshot whose
+    /// record went. A record that is gone already, or that still has a child (one whose
+    /// own removal is queued behind this), is left as it is: no error fails the
+    /// caller's transaction, and pruning takes what is left.
+    pub fn remove_staged(&self, key: &str, removed: Arc<Mutex<Option<u64>>>) {
+        let (key, driver) = (key.to_owned(), self.driver.clone());
+        self.stage(move |txn| {
+            let mut out = None;
+            if let Some(rec) = txn.load(&driver, &key)?
+                && !has_children(txn, &driver, &key)?
+            {
+                remove_rec(txn, &driver, &key, &rec)?;
+                out = Some(rec.id);
+            }
+            *removed.lock().unwrap_or_else(|e| e.into_inner()) = out;
+            Ok(())
+        });
+    }
+
+    /// Has `after` run once the caller's transaction commits ([`Store::staging`] must
+    /// be true).
+    pub fn after_commit(&self, after: Box<dyn FnOnce() + Send>) {
+        let staged = self.db.stage_after(after);
+        debug_assert!(staged, "staged with no staging under way");
     }
 
     /// Applies a label update to `info.name`; returns the new info and the snapshot's id.

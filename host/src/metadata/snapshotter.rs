@@ -1057,10 +1057,17 @@ impl Snapshotter {
 
     /// Deletes the record of `key`; returns its backend key if no record names that
     /// any more (the backend snapshot is then the caller's to remove).
+    ///
+    /// A backend that stages its records in this database ([`Backend::stages_records`])
+    /// has its record removed in the same transaction, so nothing is returned: what it
+    /// deletes on disk follows the commit, and a crash in between leaves data no record
+    /// names, which cleanup reclaims.
     fn remove_record(&self, ctx: &Ctx, key: &str) -> Result<Option<String>> {
         let (sn, ns, k) = (self.name.clone(), ctx.namespace().to_owned(), key.to_owned());
         let lease = ctx.lease().map(str::to_owned);
-        let (bkey, last) = self.db.write(Durability::Immediate, move |txn| {
+        let (staged_bkey, mut staged) = self.stage_removal(ctx, key)?;
+        let mut writes = staged.take_writes();
+        let (bkey, last, with_backend) = self.db.write(Durability::Immediate, move |txn| {
             let rec = txn.record(&sn, &ns, &k)?.ok_or_else(|| not_found(&k))?;
             if let Some(name) = &rec.committing {
                 return Err(committing(&k, name));
@@ -1074,12 +1081,48 @@ impl Snapshotter {
                 lease::release_in(txn, &ns, l, &Resource::snapshot(&sn, &k))?;
             }
             let (rec, last) = db::delete_record(txn, &sn, &ns, &k)?.ok_or_else(|| not_found(&k))?;
-            Ok((rec.bkey, last))
+            // The backend's removal was staged for the record read before: it goes
+            // only if that is the record removed, and the last to name its data.
+            let with_backend = last && staged_bkey.as_ref() == Some(&rec.bkey);
+            if with_backend {
+                writes.run(txn)?;
+            }
+            Ok((rec.bkey, last, with_backend))
         })?;
         if let Some(t) = &self.trigger {
             t.deletion();
         }
-        Ok(last.then_some(bkey))
+        if !with_backend {
+            return Ok(last.then_some(bkey));
+        }
+        if let Err(e) = self.faults.hit("metadata.remove.backend") {
+            tracing::warn!(snapshotter = %self.name, bkey, error = %e,
+                "the removed snapshot's data is left; cleanup will reclaim it");
+            staged.skip_after();
+        }
+        staged.committed();
+        Ok(None)
+    }
+
+    /// For a backend that stages its records here, stages the removal of the data of
+    /// `key`'s record as it is now: that record's backend key, and what was staged. A
+    /// backend that does not stage, or fails to, is asked after the record is gone.
+    fn stage_removal(&self, ctx: &Ctx, key: &str) -> Result<(Option<String>, Staged)> {
+        if !(self.shared_db && self.backend.stages_records()) {
+            return Ok((None, Staged::default()));
+        }
+        let (sn, ns) = (self.name.as_str(), ctx.namespace());
+        let Some(bkey) = self.db.read_with(|txn| Ok(txn.record(sn, ns, key)?.map(|r| r.bkey)))?
+        else {
+            return Ok((None, Staged::default()));
+        };
+        match self.staging(|| self.backend.remove(&bkey)) {
+            (Ok(()), staged) if !staged.is_empty() => Ok((Some(bkey), staged)),
+            (_, staged) => {
+                drop(staged);
+                Ok((None, Staged::default()))
+            }
+        }
     }
 
     /// Calls `f` for each snapshot in the namespace that matches any of `filters`

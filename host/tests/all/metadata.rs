@@ -441,9 +441,23 @@ fn a_driver_sharing_the_database_records_with_the_metadata_in_one_write() {
     assert_eq!(sn.stat(&c, "b").unwrap().kind, Kind::Active);
     assert_eq!(backend.stat(&bkey_of(backend.as_ref(), "b")).unwrap().kind, Kind::Active);
     sn.commit(&c, "top", "b", &none()).unwrap();
-    sn.remove(&c, "top").unwrap();
+    // A remove refused by the metadata layer leaves the driver's record.
+    let err = sn.remove_later(&c, "base").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert_eq!(backend_keys(backend.as_ref()).len(), 2);
+    // A remove is one write: the driver's record goes with the metadata's, so nothing
+    // is left for a background removal to do but delete the data.
+    let before = commits(&meta);
+    sn.remove_later(&c, "top").unwrap();
+    assert_eq!(commits(&meta) - before, 1, "a remove is one write");
+    assert_eq!(backend_keys(backend.as_ref()).len(), 1, "the driver's record went with it");
+    assert_eq!(entries(), 1, "top's entry was moved out as the write committed");
+    // Failing once both records are gone: the data is left for cleanup.
+    faults.arm("metadata.remove.backend", Action::Error);
     sn.remove(&c, "base").unwrap();
+    faults.disarm("metadata.remove.backend");
     assert!(backend_keys(backend.as_ref()).is_empty());
+    assert_eq!(entries(), 1, "base's entry is left");
     sn.cleanup().unwrap();
     assert_eq!(entries(), 0);
 }

@@ -200,14 +200,16 @@ fn a_process_killed_at_any_step_of_a_commit_leaves_one_whole_snapshot() {
 fn a_crash_in_the_middle_of_a_remove_is_finished_by_cleanup() {
     let dir = disk_tmp();
     let root = dir.path();
+    let trees = || std::fs::read_dir(root.join("snapshotters/native/snapshots")).unwrap().count();
     ok(wasnap(root, None, &["prepare", "a"]));
+    // Killed once the records are gone, before the data is deleted.
     let out = wasnap(root, Some("metadata.remove.backend=abort"), &["rm", "a"]);
     assert!(crashed(&out));
     assert_eq!(ok(wasnap(root, None, &["ls"])).lines().count(), 1, "the record is gone");
-    assert_eq!(backend_count(root), 1, "the backend still holds it");
-    let report = ok(wasnap(root, None, &["cleanup"]));
-    assert!(report.contains("removed"), "{report}");
-    assert_eq!(backend_count(root), 0);
+    assert_eq!(backend_count(root), 0, "the driver's record went in the same transaction");
+    assert_eq!(trees(), 1, "the data is still there");
+    ok(wasnap(root, None, &["cleanup"]));
+    assert_eq!(trees(), 0, "cleanup reclaimed the data no record names");
 }
 
 #[test]
@@ -238,15 +240,18 @@ fn overlay_killed_between_the_steps_of_commit_and_remove_converges() {
     assert!(listed.contains("child") && !listed.contains("done"), "{listed}");
     ok(wasnap(root, None, &ov(&["commit", "done", "child"])));
 
-    // Killed inside the driver's remove, before its record went: the metadata removal
-    // stands, and the backend snapshot no record names is pruned by cleanup.
+    // Killed inside the driver's remove, before the transaction that removes both
+    // records: nothing was removed.
     ok(wasnap(root, None, &ov(&["prepare", "scratch", "done"])));
     let out = wasnap(root, Some("overlay.remove.before-commit=abort"), &ov(&["rm", "scratch"]));
     assert!(crashed(&out), "{:?}", out.status);
-    assert!(
-        !ok(wasnap(root, None, &ov(&["ls"]))).contains("scratch"),
-        "the metadata removal stands"
-    );
+    assert!(ok(wasnap(root, None, &ov(&["ls"]))).contains("scratch"), "nothing was removed");
+    // Killed after it, before the tree was moved out: the removal stands, and the tree
+    // no record names is reclaimed by cleanup.
+    let out = wasnap(root, Some("overlay.remove.before-delete=abort"), &ov(&["rm", "scratch"]));
+    assert!(crashed(&out), "{:?}", out.status);
+    assert!(!ok(wasnap(root, None, &ov(&["ls"]))).contains("scratch"), "the removal stands");
+    assert_eq!(trees(root), 3, "its tree is still there");
     ok(wasnap(root, None, &ov(&["cleanup"])));
     assert_eq!(backend(root), 2, "base and done remain in the backend");
     assert_eq!(trees(root), 2, "no tree without a record");

@@ -598,7 +598,8 @@ impl Layout {
             let _ = self.delete_tmp(tmp.name());
             return Err(e);
         }
-        self.install(&tmp, id, seal, || self.store.create(id, kind, key, parent, labels))
+        let p = parent_snap.as_ref();
+        self.install(&tmp, id, seal, || self.store.create(id, kind, key, parent, p, labels))
     }
 
     /// A merge on this layout: checks `key`, has `build` make its entry as
@@ -654,14 +655,11 @@ impl Layout {
             self.fault("create.before-commit")?;
             record()
         })();
-        match &recorded {
-            Err(_) => {
-                let _ = self.entries.delete(&self.snapshots, &name);
-            }
-            Ok(_) if self.store.staging() => {
+        let recorded = match recorded {
+            Ok(snap) if self.store.staging() => {
                 // Recorded by the caller's transaction (see `Store::staging`): the
                 // entry stays busy until then, and goes if that never commits.
-                let entries = self.entries.clone();
+                let (entries, name) = (self.entries.clone(), name.clone());
                 let undo = self.snapshots.try_clone().ok().map(|dir| {
                     Box::new(move || match entries.delete(&dir, &name) {
                         Ok(()) => {}
@@ -670,9 +668,12 @@ impl Layout {
                             "could not delete the data of a snapshot never recorded; cleanup will retry"),
                     }) as Box<dyn FnOnce() + Send>
                 });
-                self.store.db().stage_hold(undo, Box::new(_id));
+                self.store.hold_staged(undo, Box::new(_id)).map(|()| snap)
             }
-            Ok(_) => {}
+            r => r,
+        };
+        if recorded.is_err() {
+            let _ = self.entries.delete(&self.snapshots, &name);
         }
         recorded
     }
@@ -768,14 +769,13 @@ impl Layout {
                 return Err(Error::internal("a staged remove needs the background deleter"));
             };
             let removed = Arc::new(Mutex::new(None));
-            self.store.remove_staged(key, removed.clone());
-            self.store.after_commit(Box::new(move || {
+            self.store.remove_staged(key, removed.clone())?;
+            return self.store.after_commit(Box::new(move || {
                 let id = *removed.lock().unwrap_or_else(|e| e.into_inner());
                 if let (Some(id), Some(layout)) = (id, me.upgrade()) {
                     layout.delete_entry(id, when);
                 }
             }));
-            return Ok(());
         }
         let (id, _) = self.store.remove(key)?;
         self.delete_entry(id, when);

@@ -161,6 +161,12 @@ fn check_new<'p>(
     Ok(Some((p, prec)))
 }
 
+/// A staged change asked for with no staging under way on this thread: a bug in the
+/// caller, never a change silently dropped.
+fn not_staging() -> Error {
+    Error::internal("a driver's record change was to be staged, but no staging is under way")
+}
+
 /// Whether a snapshot has `key` as its parent or one of its layers.
 fn has_children(txn: &WriteTransaction, driver: &str, key: &str) -> Result<bool> {
     Ok(txn.open_multimap_table(CHILDREN)?.get((driver, key))?.next().is_some())
@@ -239,6 +245,24 @@ fn snap(txn: &impl Records, driver: &str, key: &str, rec: &Rec) -> Result<Snap> 
         merge: !rec.layers.is_empty(),
         usage: rec.usage,
     })
+}
+
+/// The [`Snap`] of `rec`, a new snapshot that is not a merge, on the parent whose Snap
+/// is `parent` (none for a bottom one): what [`snap`] finds, without reading.
+fn child_snap(rec: &Rec, parent: Option<&Snap>) -> Snap {
+    let (mut parent_ids, mut whole) = (Vec::new(), Vec::new());
+    if let Some(p) = parent {
+        whole.push((0, p.id));
+        if p.merge {
+            // A merge's own layers are what a snapshot made on it shows below it.
+            parent_ids.extend(&p.parent_ids);
+        } else {
+            parent_ids.push(p.id);
+            parent_ids.extend(&p.parent_ids);
+            whole.extend(p.whole.iter().map(|&(i, id)| (i + 1, id)));
+        }
+    }
+    Snap { id: rec.id, kind: rec.kind, parent_ids, whole, merge: false, usage: rec.usage }
 }
 
 /// How many ids one reservation takes: ids are handed out before a tree is built, with
@@ -402,10 +426,16 @@ impl Store {
         self.durability == Durability::Deferred && self.db.is_staging()
     }
 
-    /// Stages `write` ([`Store::staging`] must be true).
-    fn stage(&self, write: impl FnMut(&WriteTransaction) -> Result<()> + Send + 'static) {
-        let staged = self.db.stage(write);
-        debug_assert!(staged, "staged with no staging under way");
+    /// Stages `write` for the caller's transaction; an internal error (nothing staged)
+    /// if [`Store::staging`] is not true on this thread.
+    fn stage(
+        &self,
+        write: impl FnMut(&WriteTransaction) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
+        match self.db.stage(write) {
+            true => Ok(()),
+            false => Err(not_staging()),
+        }
     }
 
     fn write<R: Send + 'static>(
@@ -419,13 +449,16 @@ impl Store {
     }
 
     /// Records a new snapshot `key` of `kind` under the id `id` (from [`Store::next_id`]).
-    /// The key must be free; the parent must exist and be committed.
+    /// The key must be free; the parent must exist and be committed. `parent_snap` is
+    /// the parent's [`Snap`] as [`Store::precheck`] found it, if the caller has it: a
+    /// staged create then derives the new one from it rather than read it all again.
     pub fn create(
         &self,
         id: u64,
         kind: Kind,
         key: &str,
         parent: Option<&str>,
+        parent_snap: Option<&Snap>,
         labels: &Labels,
     ) -> Result<Snap> {
         let now = now_nanos();
@@ -440,26 +473,41 @@ impl Store {
             layers: Vec::new(),
         };
         let key = key.to_owned();
-        let write = |txn: &WriteTransaction, driver: &str, key: &str, rec: &Rec| {
-            check_new(txn, driver, key, rec.parent.as_deref())?;
+        // `parent_id`: the parent the caller's view of it was derived from, if any.
+        let write = |txn: &WriteTransaction, driver: &str, key: &str, rec: &Rec, parent_id| {
+            let found = check_new(txn, driver, key, rec.parent.as_deref())?;
+            if let (Some((p, prec)), Some(id)) = (found, parent_id)
+                && prec.id != id
+            {
+                return Err(Error::failed_precondition(format!(
+                    "parent snapshot {p:?} was replaced while {key:?} was made from it"
+                )));
+            }
             if let Some(p) = &rec.parent {
                 txn.open_multimap_table(CHILDREN)?.insert((driver, p.as_str()), key)?;
             }
             store_rec(txn, driver, key, rec)
         };
         if self.staging() {
-            // Checked and read now; written by the caller's transaction, which checks
-            // again.
-            let snap = self.db.read_with(|txn| {
-                check_new(txn, &self.driver, &key, rec.parent.as_deref())?;
-                snap(txn, &self.driver, &key, &rec)
-            })?;
+            // Written by the caller's transaction, which checks again; the new Snap is
+            // derived from the parent's, or checked and read now.
+            let (snap, parent_id) = match (parent, parent_snap) {
+                (None, _) => (child_snap(&rec, None), None),
+                (Some(_), Some(ps)) => (child_snap(&rec, Some(ps)), Some(ps.id)),
+                (Some(_), None) => {
+                    let snap = self.db.read_with(|txn| {
+                        check_new(txn, &self.driver, &key, rec.parent.as_deref())?;
+                        snap(txn, &self.driver, &key, &rec)
+                    })?;
+                    (snap, None)
+                }
+            };
             let driver = self.driver.clone();
-            self.stage(move |txn| write(txn, &driver, &key, &rec));
+            self.stage(move |txn| write(txn, &driver, &key, &rec, parent_id))?;
             return Ok(snap);
         }
         self.write(None, move |txn, driver| {
-            write(txn, driver, &key, &rec)?;
+            write(txn, driver, &key, &rec, None)?;
             snap(txn, driver, &key, &rec)
         })
     }
@@ -556,7 +604,7 @@ impl Store {
             let active =
                 self.db.read_with(|txn| check_commit(txn, &self.driver, key_ref, name_ref))?;
             let driver = self.driver.clone();
-            self.stage(move |txn| write(txn, &driver).map(drop));
+            self.stage(move |txn| write(txn, &driver).map(drop))?;
             return Ok(active.id);
         }
         let durability = new_id.map(|_| Durability::Immediate);
@@ -578,12 +626,12 @@ impl Store {
         })
     }
 
-    /// As [`Store::remove`], staged for the caller's transaction ([`Store::staging`]
-    /// must be true): once that commits, `removed` holds the id of the snapshot whose
-    /// record went. A record that is gone already, or that still has a child (one whose
-    /// own removal is queued behind this), is left as it is: no error fails the
-    /// caller's transaction, and pruning takes what is left.
-    pub fn remove_staged(&self, key: &str, removed: Arc<Mutex<Option<u64>>>) {
+    /// As [`Store::remove`], staged for the caller's transaction (an internal error if
+    /// [`Store::staging`] is not true): once that commits, `removed` holds the id of the
+    /// snapshot whose record went. A record that is gone already, or that still has a
+    /// child (one whose own removal is queued behind this), is left as it is: no error
+    /// fails the caller's transaction, and pruning takes what is left.
+    pub fn remove_staged(&self, key: &str, removed: Arc<Mutex<Option<u64>>>) -> Result<()> {
         let (key, driver) = (key.to_owned(), self.driver.clone());
         self.stage(move |txn| {
             let mut out = None;
@@ -595,14 +643,30 @@ impl Store {
             }
             *removed.lock().unwrap_or_else(|e| e.into_inner()) = out;
             Ok(())
-        });
+        })
     }
 
-    /// Has `after` run once the caller's transaction commits ([`Store::staging`] must
-    /// be true).
-    pub fn after_commit(&self, after: Box<dyn FnOnce() + Send>) {
-        let staged = self.db.stage_after(after);
-        debug_assert!(staged, "staged with no staging under way");
+    /// Has `after` run once the caller's transaction commits; an internal error (never
+    /// run) if [`Store::staging`] is not true.
+    pub fn after_commit(&self, after: Box<dyn FnOnce() + Send>) -> Result<()> {
+        match self.db.stage_after(after) {
+            true => Ok(()),
+            false => Err(not_staging()),
+        }
+    }
+
+    /// Holds `keep` until the caller's transaction commits or is dropped, with `undo`
+    /// run first if it is dropped; an internal error (`undo` not run) if
+    /// [`Store::staging`] is not true.
+    pub fn hold_staged(
+        &self,
+        undo: Option<Box<dyn FnOnce() + Send>>,
+        keep: Box<dyn std::any::Any + Send>,
+    ) -> Result<()> {
+        match self.db.stage_hold(undo, keep) {
+            true => Ok(()),
+            false => Err(not_staging()),
+        }
     }
 
     /// Applies a label update to `info.name`; returns the new info and the snapshot's id.
@@ -616,5 +680,51 @@ impl Store {
             store_rec(txn, driver, &info.name, &rec)?;
             Ok((rec.info(&info.name), rec.id))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A staged create derives its Snap from the parent's ([`child_snap`]): it must be
+    /// the one [`snap`] reads, on plain chains, on a merge and on chains above a merge.
+    #[test]
+    fn a_snap_derived_from_the_parents_is_the_one_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority()).unwrap();
+        let store = Store::open(&d).unwrap();
+        let none = Labels::new();
+        let committed = |key: &str, parent: Option<&str>| {
+            let (id, active) = (store.next_id().unwrap(), format!("{key}-active"));
+            store.create(id, Kind::Active, &active, parent, None, &none).unwrap();
+            store.commit(&active, key, Usage::default(), &none, None).unwrap();
+        };
+        committed("a", None);
+        committed("b", Some("a"));
+        committed("c", Some("b"));
+        let layers = ["a".to_owned(), "c".to_owned()];
+        store.create_merge(store.next_id().unwrap(), "m", &layers, &none).unwrap();
+        committed("d", Some("m"));
+        committed("e", Some("d"));
+        let cases =
+            [("x", None), ("y", Some("a")), ("z", Some("c")), ("v", Some("m")), ("w", Some("e"))];
+        for (key, parent) in cases {
+            let id = store.next_id().unwrap();
+            let read = store.create(id, Kind::View, key, parent, None, &none).unwrap();
+            assert_eq!(store.get(key).unwrap().1, read, "{key}");
+            let rec = Rec {
+                id,
+                kind: Kind::View,
+                parent: parent.map(str::to_owned),
+                labels: none.clone(),
+                created: 0,
+                updated: 0,
+                usage: None,
+                layers: Vec::new(),
+            };
+            let parent_snap = parent.map(|p| store.get(p).unwrap().1);
+            assert_eq!(child_snap(&rec, parent_snap.as_ref()), read, "{key} on {parent:?}");
+        }
     }
 }

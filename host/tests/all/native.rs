@@ -213,3 +213,56 @@ fn a_record_whose_data_is_gone_is_reported_and_kept() {
     // Reported, never dropped: the record is still there for the operator to decide.
     sn.stat(&c, "base").unwrap();
 }
+
+/// A host closed while the driver's deleter is still deleting a removed tree waits
+/// for it: the deleter holds the root's database while it works, and a reopen right
+/// after the close must find the database free. What the deleter had not reached
+/// stays for cleanup.
+#[test]
+fn closing_waits_for_the_background_deleter_and_the_root_reopens() {
+    let dir = tmp();
+    let root = dir.path().join("root");
+    let config = "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n";
+    let c = ctx("default");
+    {
+        let host = crate::layers::host_with(&root, config);
+        let sn = host.snapshotter("native").unwrap();
+        let m = sn.prepare(&c, "big", None, &none()).unwrap();
+        // Enough files that deleting them takes far longer than a close and a reopen.
+        let src = source(&m);
+        for d in 0..40 {
+            let sub = src.join(format!("d{d}"));
+            fs::create_dir(&sub).unwrap();
+            for f in 0..500 {
+                fs::write(sub.join(format!("f{f}")), b"x").unwrap();
+            }
+        }
+        sn.remove_later(&c, "big").unwrap();
+        // Closed once the deleter is under way.
+        let tmp = root.join("snapshotters/native/tmp");
+        while files_under(&tmp) == 20_000 {
+            std::thread::yield_now();
+        }
+        host.close().unwrap();
+    }
+    let host = crate::layers::host_with(&root, config);
+    let sn = host.snapshotter("native").unwrap();
+    assert!(list(&sn, &c, &[]).unwrap().is_empty());
+    sn.cleanup().unwrap();
+    let left = |d: &str| fs::read_dir(root.join("snapshotters/native").join(d)).unwrap().count();
+    assert_eq!((left("snapshots"), left("tmp")), (0, 0), "cleanup deleted the rest");
+    host.close().unwrap();
+}
+
+/// Files under `dir`, whatever is deleted meanwhile.
+fn files_under(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => files_under(&e.path()),
+            Ok(_) => 1,
+            Err(_) => 0,
+        })
+        .sum()
+}

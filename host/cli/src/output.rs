@@ -438,6 +438,10 @@ pub(crate) fn status(
                 "default_snapshotter": s.default_snapshotter,
                 "requests": s.requests,
                 "failed_requests": s.failed_requests,
+                "database": s.database.as_ref().map(|d| serde_json::json!({
+                    "commits": d.commits, "durable_commits": d.durable_commits,
+                    "operations": d.operations,
+                })),
                 "snapshotters": s.snapshotters.iter().map(|n| serde_json::json!({
                     "name": n.name, "driver": n.driver, "open": n.open, "policies": n.policies,
                     "state": n.state, "error": n.error, "retry_in_secs": n.retry_in_secs,
@@ -446,7 +450,7 @@ pub(crate) fn status(
             }),
         ),
         Format::Table | Format::Junit => {
-            let rows = vec![
+            let mut rows = vec![
                 vec![
                     "daemon".into(),
                     format!("wasnap {}, pid {}, up {}", s.version, s.pid, uptime(s.uptime_ms)),
@@ -455,6 +459,16 @@ pub(crate) fn status(
                 vec!["socket".into(), s.socket.clone()],
                 vec!["requests".into(), format!("{} ({} failed)", s.requests, s.failed_requests)],
             ];
+            // An older daemon does not say.
+            if let Some(d) = &s.database {
+                rows.push(vec![
+                    "database".into(),
+                    format!(
+                        "{} commits ({} synced), {} operations",
+                        d.commits, d.durable_commits, d.operations
+                    ),
+                ]);
+            }
             table(out, &["", ""], &rows)?;
             writeln!(out).map_err(io)?;
             let rows: Vec<Vec<String>> = s

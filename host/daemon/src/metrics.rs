@@ -390,6 +390,32 @@ impl Collector for HostCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let Some(host) = self.host.upgrade() else { return Ok(()) };
         encode_plugins(&plugin_rows(&host), &mut encoder)?;
+        let db = host.db().db().stats();
+        let counters: [(&str, &str, u64); 3] = [
+            ("wasnap_database_commits", "Write transactions of the root database.", db.commits),
+            (
+                "wasnap_database_durable_commits",
+                "Of the root database's write transactions, those synced to disk.",
+                db.durable_commits,
+            ),
+            (
+                "wasnap_database_operations",
+                "Operations the root database's write transactions carried (group commit \
+                 makes these more than its commits).",
+                db.operations,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let none: [(&str, &str); 0] = [];
+            family(
+                &mut encoder,
+                name,
+                help,
+                None,
+                MetricType::Counter,
+                [(none, ConstCounter::new(value))],
+            )?;
+        }
         match host.db().record_counts() {
             Ok(counts) => family(
                 &mut encoder,

@@ -283,6 +283,14 @@ async fn a_scrape_counts_calls_errors_collections_and_snapshots() {
     assert_eq!(snapshots("other"), count(&c, "other").await);
     assert_eq!(snapshots("other"), 1.0);
 
+    // The root database's commits: at least one operation for each of the nine writes
+    // above (four prepares, a commit, a remove, a lease made and deleted, a collection),
+    // and no commit without one.
+    let commits = m.value("wasnap_database_commits_total", &[]);
+    let operations = m.value("wasnap_database_operations_total", &[]);
+    assert!(operations >= 9.0 && commits >= 1.0 && operations >= commits, "{}", m.text);
+    assert!(m.value("wasnap_database_durable_commits_total", &[]) <= commits, "{}", m.text);
+
     // OpenMetrics for those who ask for it, as Prometheus does; nothing elsewhere.
     let om = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
     let (status, headers, text) = get(d.metrics(), "/metrics", Some(om)).await;

@@ -5,6 +5,11 @@
 //! the wasnap daemon, and against wasnap overlay as containerd's proxy snapshotter, with
 //! roots on tmpfs and on disk, all in one run, and prints cycles per second with each
 //! target's ratio to containerd's own overlayfs measured in the same run.
+//!
+//! Cycles per second on a shared VM swing by a fifth between runs of one binary. Two
+//! figures that the machine's noise hardly moves come with them: the CPU time the
+//! serving processes spent per cycle (from `/proc`, all their threads), and for targets
+//! served by wasnap, the root database's commits per cycle (from the daemon's status).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -17,6 +22,7 @@ use wasnap_cli::output::table;
 use wasnap_cli::stats::{Stats, fmt_d};
 use wasnap_daemon::client::{Client, request};
 use wasnap_daemon::convert;
+use wasnap_daemon::proto::admin::StatusRequest;
 use wasnap_daemon::proto::snapshots::*;
 use wasnap_test_util::containerd::{self, Containerd};
 use wasnap_test_util::process::DaemonProcess;
@@ -33,6 +39,11 @@ struct Target {
     /// collection: calls through containerd carry a containerd lease, as its clients'
     /// do. (wasnap keeps what is made without a lease.)
     containerd_lease: bool,
+    /// The processes that serve it: their CPU time is the target's cost.
+    servers: Vec<u32>,
+    /// The wasnap daemon's socket, if the target's calls reach it: its root database's
+    /// commits are counted.
+    wasnap: Option<PathBuf>,
 }
 
 /// The lease the load holds in containerd.
@@ -53,6 +64,34 @@ struct Measured {
     cycles_per_sec: f64,
     /// Per operation of the cycle: prepare, commit, prepare child, remove child, remove.
     ops: [Vec<Duration>; 5],
+    /// The serving processes' CPU time per cycle (None where `/proc` did not say).
+    cpu_per_cycle: Option<Duration>,
+    /// The wasnap root database's commits, and of those synced, per cycle.
+    commits_per_cycle: Option<(f64, f64)>,
+}
+
+/// CPU time (user and system, every thread) that process `pid` has used so far.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command, which may itself hold spaces and parentheses:
+    // the state is field 3, utime and stime fields 14 and 15.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_sec = rustix::param::clock_ticks_per_second().max(1);
+    Some(Duration::from_nanos(ticks.saturating_mul(1_000_000_000 / per_sec)))
+}
+
+/// The total CPU time of `pids`, if every one is known.
+fn cpu_of(pids: &[u32]) -> Option<Duration> {
+    pids.iter().map(|p| cpu_time(*p)).sum()
+}
+
+/// The wasnap daemon's root database commits so far, and of those synced.
+async fn commits(socket: &Path) -> Result<(u64, u64)> {
+    let c = Client::connect(socket).await?;
+    let status = c.admin().status(request(StatusRequest {}, None, None)).await.map_err(st)?;
+    let db = status.into_inner().database.unwrap_or_default();
+    Ok((db.commits, db.durable_commits))
 }
 
 fn st(s: tonic::Status) -> Error {
@@ -112,6 +151,11 @@ async fn load(t: &Target, clients: usize, per_client: usize) -> Result<Measured>
     for _ in 0..clients {
         conns.push(Client::connect(&t.socket).await?);
     }
+    let commits_before = match &t.wasnap {
+        Some(socket) => Some(commits(socket).await?),
+        None => None,
+    };
+    let cpu_before = cpu_of(&t.servers);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, c) in conns.into_iter().enumerate() {
@@ -136,7 +180,21 @@ async fn load(t: &Target, clients: usize, per_client: usize) -> Result<Measured>
         }
     }
     let wall = started.elapsed();
-    Ok(Measured { cycles_per_sec: cycles as f64 / wall.as_secs_f64().max(1e-9), ops })
+    let cpu = cpu_of(&t.servers).zip(cpu_before).map(|(after, before)| after - before);
+    let n = cycles.max(1) as f64;
+    let commits_per_cycle = match (&t.wasnap, commits_before) {
+        (Some(socket), Some((c0, d0))) => {
+            let (c1, d1) = commits(socket).await?;
+            Some((c1.saturating_sub(c0) as f64 / n, d1.saturating_sub(d0) as f64 / n))
+        }
+        _ => None,
+    };
+    Ok(Measured {
+        cycles_per_sec: cycles as f64 / wall.as_secs_f64().max(1e-9),
+        ops,
+        cpu_per_cycle: cpu.map(|c| c.div_f64(n)),
+        commits_per_cycle,
+    })
 }
 
 /// The targets in the order the table shows them; containerd's own overlayfs first.
@@ -165,15 +223,19 @@ fn start(
         .with_context(|| "bench runtime")?;
     let lease =
         || wasnap_daemon::proto::leases::CreateRequest { id: LEASE.into(), labels: HashMap::new() };
-    rt.block_on(async {
+    let wasnap_pid = rt.block_on(async {
         let client = Client::connect(daemon.socket()).await?;
-        client.leases().create(request(lease(), Some(NS), None)).await.map_err(st)
+        client.leases().create(request(lease(), Some(NS), None)).await.map_err(st)?;
+        let status = client.admin().status(request(StatusRequest {}, None, None)).await;
+        Ok::<_, Error>(status.map_err(st)?.into_inner().pid as u32)
     })?;
     let wasnap_target = |label, snapshotter| Target {
         label,
         socket: daemon.socket().to_path_buf(),
         snapshotter,
         containerd_lease: false,
+        servers: vec![wasnap_pid],
+        wasnap: Some(daemon.socket().to_path_buf()),
     };
     let mut targets = vec![wasnap_target(COLUMNS[1], "overlay"), wasnap_target(COLUMNS[3], "copy")];
     let peer = match containerd::binary() {
@@ -187,14 +249,21 @@ fn start(
                 let client = Client::connect(c.address()).await?;
                 client.leases().create(request(lease(), Some(NS), None)).await.map_err(st)
             })?;
-            let through = |label, snapshotter| Target {
+            let containerd_pid = c.pid().ok_or_else(|| Error::internal("containerd: no pid"))?;
+            let through = |label, snapshotter, wasnap: bool| Target {
                 label,
                 socket: c.address().to_path_buf(),
                 snapshotter,
                 containerd_lease: true,
+                servers: if wasnap {
+                    vec![containerd_pid, wasnap_pid]
+                } else {
+                    vec![containerd_pid]
+                },
+                wasnap: wasnap.then(|| daemon.socket().to_path_buf()),
             };
-            targets.insert(0, through(COLUMNS[0], "overlayfs"));
-            targets.insert(2, through(COLUMNS[2], "overlay"));
+            targets.insert(0, through(COLUMNS[0], "overlayfs", false));
+            targets.insert(2, through(COLUMNS[2], "overlay", true));
             Some(c)
         }
     };
@@ -238,12 +307,14 @@ pub fn run(
         .with_context(|| "bench runtime")?;
     let mut summary = Vec::new();
     let mut per_op = Vec::new();
+    let mut cost = Vec::new();
     for base in roots {
         let fs = wasnap::probe::filesystem_name(base);
         let (tmp, daemon, peer, targets) = start(base, &guest, wasnap)?;
         for (clients, per_client) in [(1usize, one), (8, eight)] {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
+            let mut baseline_cpu = None;
             // WASNAP_BENCH_ONLY=LABEL runs one target (for profiling it alone).
             let only = std::env::var("WASNAP_BENCH_ONLY").ok();
             for column in COLUMNS {
@@ -268,6 +339,35 @@ pub fn run(
                 let mut line = vec![fs.clone(), clients.to_string(), t.label.to_owned()];
                 line.extend(m.ops.into_iter().map(|s| fmt_d(Stats::new(s).pct(0.5))));
                 per_op.push(line);
+                // Cycles per CPU second, as a ratio to containerd's: higher is better, as
+                // in the cycles/s table.
+                let cpu = match (m.cpu_per_cycle, baseline_cpu) {
+                    (None, _) => "-".to_owned(),
+                    (Some(c), _) if t.snapshotter == "overlayfs" => {
+                        baseline_cpu = Some(c);
+                        fmt_d(c)
+                    }
+                    (Some(c), None) => fmt_d(c),
+                    (Some(c), Some(b)) => {
+                        format!(
+                            "{} ({:.2}x)",
+                            fmt_d(c),
+                            b.as_secs_f64() / c.as_secs_f64().max(1e-12)
+                        )
+                    }
+                };
+                let (commits, synced) = match m.commits_per_cycle {
+                    Some((c, d)) => (format!("{c:.2}"), format!("{d:.2}")),
+                    None => ("-".into(), "-".into()),
+                };
+                cost.push(vec![
+                    fs.clone(),
+                    clients.to_string(),
+                    t.label.to_owned(),
+                    cpu,
+                    commits,
+                    synced,
+                ]);
             }
             summary.push(row);
         }
@@ -296,5 +396,13 @@ pub fn run(
     header.extend(OPS.map(|o| o));
     let header: Vec<String> = header.iter().map(|h| h.to_uppercase()).collect();
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
-    table(out, &header, &per_op)
+    table(out, &header, &per_op)?;
+    writeln!(
+        out,
+        "\ndaemon: cost per cycle: CPU time of the serving processes (containerd, the wasnap \
+         daemon, both for the proxy), (ratio) cycles per CPU second to containerd's overlayfs; \
+         the wasnap root database's commits, and of those synced"
+    )
+    .map_err(io)?;
+    table(out, &["FS", "CLIENTS", "TARGET", "CPU", "COMMITS", "SYNCED"], &cost)
 }

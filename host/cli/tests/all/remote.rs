@@ -274,8 +274,19 @@ fn status_shows_the_daemon_and_its_counters() {
     assert!(text.contains("native (default)") && text.contains("open"), "{text}");
     assert!(text.contains(sock) && text.contains(&d.root().display().to_string()), "{text}");
     assert!(text.contains("requests  ") && text.contains("(1 failed)"), "{text}");
+    assert!(text.contains("database  ") && text.contains(" commits ("), "{text}");
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
+    // The root database's commits: the prepare's at least, each synced, none carrying
+    // less than one operation.
+    let db = &json["database"];
+    let (commits, synced) = (db["commits"].as_u64().unwrap(), db["durable_commits"].as_u64());
+    assert!(commits >= 1 && synced == Some(commits), "{json}");
+    assert!(db["operations"].as_u64().unwrap() >= commits, "{json}");
+    ok(&["--address", sock, "prepare", "b"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
+    assert_eq!(json["database"]["commits"].as_u64(), Some(commits + 1), "a prepare is one commit");
     assert!(json["requests"].as_u64().unwrap() >= 2, "{json}");
     assert_eq!(json["failed_requests"], 1, "{json}");
     assert_eq!(json["root"], d.root().display().to_string());

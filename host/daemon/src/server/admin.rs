@@ -66,6 +66,14 @@ fn unix_ms(t: std::time::SystemTime) -> u64 {
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
 
+fn database_commits(s: wasnap::kv::CommitStats) -> DatabaseCommits {
+    DatabaseCommits {
+        commits: s.commits,
+        durable_commits: s.durable_commits,
+        operations: s.operations,
+    }
+}
+
 fn json<T: Serialize>(v: &T) -> wasnap::Result<ReportResponse> {
     serde_json::to_string(v).map(|json| ReportResponse { json }).with_context(|| "encode report")
 }
@@ -155,6 +163,7 @@ impl Admin for AdminService {
                 plugins,
                 requests: shared.requests.load(std::sync::atomic::Ordering::Relaxed),
                 failed_requests: shared.failed.load(std::sync::atomic::Ordering::Relaxed),
+                database: Some(database_commits(host.db().db().stats())),
             })
         })
         .await

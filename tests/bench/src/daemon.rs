@@ -6,10 +6,11 @@
 //! roots on tmpfs and on disk, all in one run, and prints cycles per second with each
 //! target's ratio to containerd's own overlayfs measured in the same run.
 //!
-//! Cycles per second on a shared VM swing by a fifth between runs of one binary. Two
-//! figures that the machine's noise hardly moves come with them: the CPU time the
-//! serving processes spent per cycle (from `/proc`, all their threads), and for targets
-//! served by wasnap, the root database's commits per cycle (from the daemon's status).
+//! Cycles per second on a shared VM swing by a fifth between runs of one binary, and so
+//! does CPU time. Two more figures come with them: the CPU time the serving processes
+//! spent per cycle (from `/proc`, all their threads), a ratio to containerd's measured
+//! minutes apart, and for targets served by wasnap, the root database's commits per
+//! cycle (from the daemon's status), which the machine's noise does not move at all.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;

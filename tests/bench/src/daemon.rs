@@ -206,7 +206,7 @@ const COLUMNS: [&str; 4] =
 /// `base`, and returns the targets with what keeps them running.
 fn start(
     base: &Path,
-    guest: &Path,
+    (guest, instances): (&Path, u32),
     wasnap: &Path,
 ) -> Result<(tempfile::TempDir, DaemonProcess, Option<Containerd>, Vec<Target>)> {
     let io = |e: std::io::Error| Error::from(e).context("bench");
@@ -214,8 +214,9 @@ fn start(
         tempfile::Builder::new().prefix("wasnap-bench-daemon-").tempdir_in(base).map_err(io)?;
     let config = format!(
         "default_snapshotter = \"overlay\"\n[snapshotters.overlay]\ndriver = \"overlay\"\n\
-         [snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\n",
+         [snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\nlimits = {{ instances = {} }}\n",
         guest.display().to_string(),
+        instances,
     );
     let daemon = DaemonProcess::start(wasnap, tmp.path(), &config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -271,12 +272,20 @@ fn start(
     Ok((tmp, daemon, peer, targets))
 }
 
+/// The `copy` guest the benchmark loads.
+pub struct Copy {
+    /// Its `.wasm` (None: the workspace's, built on demand).
+    pub guest: Option<PathBuf>,
+    /// Its `limits.instances`.
+    pub instances: u32,
+}
+
 /// Runs the daemon benchmark: for each of `roots` (tmpfs, disk), starts a wasnap daemon
 /// (the binary `wasnap`) and a containerd of its own there, loads each target, and
 /// prints the tables. Skips (and says why) where it cannot run.
 pub fn run(
     roots: &[PathBuf],
-    copy_guest: Option<&Path>,
+    copy: &Copy,
     wasnap: &Path,
     smoke: bool,
     out: &mut dyn Write,
@@ -286,7 +295,7 @@ pub fn run(
         writeln!(out, "daemon: skipped (overlay and containerd need root)").map_err(io)?;
         return Ok(());
     }
-    let guest = match copy_guest {
+    let guest = match &copy.guest {
         Some(g) => g.to_path_buf(),
         None => match wasnap_test_util::guests::path("copy") {
             Ok(g) => g,
@@ -311,7 +320,7 @@ pub fn run(
     let mut cost = Vec::new();
     for base in roots {
         let fs = wasnap::probe::filesystem_name(base);
-        let (tmp, daemon, peer, targets) = start(base, &guest, wasnap)?;
+        let (tmp, daemon, peer, targets) = start(base, (&guest, copy.instances), wasnap)?;
         for (clients, per_client) in [(1usize, one), (8, eight)] {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
@@ -381,7 +390,9 @@ pub fn run(
     writeln!(
         out,
         "daemon: cycles/s (prepare, commit, prepare child, remove child, remove; under a lease), \
-         {one} cycles at 1 client, {eight} per client at 8; (ratio) to containerd's overlayfs"
+         {one} cycles at 1 client, {eight} per client at 8; (ratio) to containerd's overlayfs; \
+         the copy guest with limits.instances = {}",
+        copy.instances
     )
     .map_err(io)?;
     let mut header = vec!["ROOT", "CLIENTS"];

@@ -104,6 +104,11 @@ struct DaemonArgs {
     /// The `copy` guest's `.wasm` [default: the workspace's guests/copy, built on demand]
     #[arg(long = "copy-guest", value_name = "WASM")]
     copy_guest: Option<PathBuf>,
+    /// The `copy` guest's `limits.instances`: calls it serves at once. It keeps its
+    /// records in the key-value store, so it may run several; with 1 its calls queue
+    #[arg(long = "copy-instances", value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    copy_instances: u32,
     /// The `wasnap` binary to run as the daemon [default: `wasnap` next to this executable]
     #[arg(long, value_name = "PATH")]
     wasnap: Option<PathBuf>,
@@ -168,7 +173,8 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<bool> {
                     dirs.push(PathBuf::from("/var/tmp"));
                 }
             }
-            daemon::run(&dirs, args.copy_guest.as_deref(), &wasnap, args.smoke, out).map(|()| true)
+            let copy = daemon::Copy { guest: args.copy_guest, instances: args.copy_instances };
+            daemon::run(&dirs, &copy, &wasnap, args.smoke, out).map(|()| true)
         }
     }
 }

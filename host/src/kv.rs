@@ -705,7 +705,7 @@ impl IdBlocks {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use redb::TableDefinition;
 
     use super::*;
@@ -817,15 +817,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_write_that_fails_marks_the_database_broken_as_redb_keeps_it() {
-        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let file = std::fs::File::create_new(dir.path().join("t.db")).unwrap();
+    /// A database in the new file `path` whose writes fail with "no space" while the
+    /// flag returned is set (for other modules' tests of a failed write).
+    pub(crate) fn filling(path: &std::path::Path) -> (Db, Arc<std::sync::atomic::AtomicBool>) {
+        let file = std::fs::File::create_new(path).unwrap();
         let reserve =
             Reserve { file: file.try_clone().unwrap(), failing: false, unsupported: false };
         let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let backend = Filling { file: FileBackend::new(file).unwrap(), full: full.clone() };
-        let db = Db::on(backend, reserve, "t.db", "test database").unwrap();
+        (Db::on(backend, reserve, "t.db", "test database").unwrap(), full)
+    }
+
+    #[test]
+    fn a_write_that_fails_marks_the_database_broken_as_redb_keeps_it() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let (db, full) = filling(&dir.path().join("t.db"));
         let put = |k: u64| {
             db.write(Durability::Immediate, move |txn| {
                 txn.open_table(T)?.insert(k, k)?;

@@ -57,9 +57,9 @@ pub fn begin_call() -> u64 {
     super::space::next_call()
 }
 
-/// Ends `call`: the layers it made are no longer its own.
-pub fn settle(space: &Space, call: u64) {
-    space.settle(call);
+/// Ends `call`: the layers it made are registered and no longer its own.
+pub fn settle(space: &Space, call: u64) -> Result<()> {
+    space.settle(call)
 }
 
 /// Makes an empty layer during `call`, as the `layers.create` host function does.

@@ -154,7 +154,7 @@ impl kv_api::Host for State {
                 kv_api::Write::Delete(k) => Write::Delete(k),
             })
             .collect();
-        let r = self.space.kv_commit(checks, writes);
+        let r = self.space.kv_commit(self.call, checks, writes);
         self.answer(r)
     }
 }

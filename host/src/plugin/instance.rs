@@ -96,8 +96,9 @@ impl Instance {
         plugin.counters.instance_created();
         let config = env.config.clone();
         let init = inst.call("init", |lc, _, store| lc.call_init(store, &config));
-        inst.finish();
+        let settled = inst.finish();
         init.map_err(|e| e.context("init"))?;
+        settled.map_err(|e| e.context("init"))?;
         Ok(inst)
     }
 
@@ -121,12 +122,13 @@ impl Instance {
         &self.store.data().next_mounts
     }
 
-    /// Ends the call in progress, however it went: the layers it made stop being
-    /// pending, and what its next snapshotter returned is forgotten.
-    pub(crate) fn finish(&mut self) {
+    /// Ends the call in progress, however it went: the layers it made are registered
+    /// and stop being pending, and what its next snapshotter returned is forgotten. An
+    /// error (the layers could not be registered, and are gone) fails the call.
+    pub(crate) fn finish(&mut self) -> Result<()> {
         let data = self.store.data_mut();
-        data.space.settle(data.call);
         data.next_mounts.clear();
+        data.space.settle(data.call)
     }
 
     /// Calls into the guest with the call's deadline armed. `Err` with a trap means the

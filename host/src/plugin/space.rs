@@ -103,6 +103,16 @@ impl std::fmt::Debug for Space {
     }
 }
 
+/// A layer made by a call still in progress.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    call: CallId,
+    /// Whether its registry entry is written. A new layer is registered with the
+    /// call's next key-value commit, in the same transaction, or else when the call
+    /// ends: before anything durable can name it, and without a write of its own.
+    registered: bool,
+}
+
 /// The directories of a backend's layers.
 struct LayerDirs {
     /// The host path of the plugin's directory: mounts name paths below it.
@@ -110,8 +120,8 @@ struct LayerDirs {
     layers: Dir,
     work: Dir,
     tmp: Dir,
-    /// Layers being made by a call still in progress: layer -> call.
-    pending: Mutex<HashMap<u64, CallId>>,
+    /// Layers being made by a call still in progress.
+    pending: Mutex<HashMap<u64, Pending>>,
     ids: IdBlocks,
     tmp_seq: AtomicU64,
 }
@@ -267,16 +277,18 @@ impl Space {
 
     // --- layers ---
 
-    /// Whether `call` may use layer `id`: it is registered and not another call's
-    /// pending layer.
+    /// Whether `call` may use layer `id`: it is `call`'s own pending layer, or
+    /// registered and not another call's pending layer.
     fn usable(&self, call: CallId, id: u64) -> Result<()> {
         let d = self.dirs()?;
-        if let Some(owner) = d.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
-            && *owner != call
-        {
-            return Err(Error::failed_precondition(format!(
-                "layer {id} is being made by another call"
-            )));
+        match d.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            Some(p) if p.call != call => {
+                return Err(Error::failed_precondition(format!(
+                    "layer {id} is being made by another call"
+                )));
+            }
+            Some(_) => return Ok(()),
+            None => {}
         }
         if !self.is_registered(id)? {
             return Err(Error::not_found(format!("layer {id}")));
@@ -289,7 +301,9 @@ impl Space {
     }
 
     /// Makes a layer for `call`: `build` fills `tmp/<name>` (which it must create), then
-    /// the layer is moved into place and registered, pending until the call returns.
+    /// the layer is moved into place, pending until the call returns and registered by
+    /// then (see [`Pending::registered`]). A crash before that leaves a directory no
+    /// registry entry names, which the next open deletes; nothing durable named it.
     fn make(&self, call: CallId, build: impl FnOnce(&Dir, &str) -> Result<()>) -> Result<u64> {
         let d = self.dirs()?;
         let id = self.next_id(d)?;
@@ -304,18 +318,29 @@ impl Space {
             let _ = fsutil::remove_tree(&d.tmp, &tmp);
             return Err(e);
         }
-        d.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, call);
-        let name = self.name.clone();
-        let registered = self.db.write(self.durability, move |txn| {
-            txn.open_table(LAYERS)?.insert((name.as_str(), id), now_nanos())?;
-            Ok(())
-        });
-        if let Err(e) = registered {
-            d.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-            let _ = fsutil::remove_tree(&d.layers, id.to_string());
-            return Err(e);
-        }
+        let pending = Pending { call, registered: false };
+        d.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pending);
         Ok(id)
+    }
+
+    /// `call`'s layers whose registry entry is not written yet.
+    fn unregistered(&self, call: CallId) -> Vec<u64> {
+        let Some(d) = &self.layers else { return Vec::new() };
+        let pending = d.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.iter().filter(|(_, p)| p.call == call && !p.registered).map(|(id, _)| *id).collect()
+    }
+
+    /// Notes that `ids`, `call`'s layers, are registered now.
+    fn mark_registered(&self, call: CallId, ids: &[u64]) {
+        let Some(d) = &self.layers else { return };
+        let mut pending = d.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if let Some(p) = pending.get_mut(id)
+                && p.call == call
+            {
+                p.registered = true;
+            }
+        }
     }
 
     /// An empty layer (mode 0755), owned like the root of `owner_of` if given.
@@ -364,11 +389,15 @@ impl Space {
     pub(crate) fn remove_layer(&self, call: CallId, id: u64) -> Result<()> {
         self.usable(call, id)?;
         let d = self.dirs()?;
-        let name = self.name.clone();
-        self.db.write(self.durability, move |txn| {
-            txn.open_table(LAYERS)?.remove((name.as_str(), id))?;
-            Ok(())
-        })?;
+        // The call's own layer not registered yet has no entry to delete.
+        let pending = d.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied();
+        if pending.is_none_or(|p| p.registered) {
+            let name = self.name.clone();
+            self.db.write(self.durability, move |txn| {
+                txn.open_table(LAYERS)?.remove((name.as_str(), id))?;
+                Ok(())
+            })?;
+        }
         d.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         // Moved aside first: a removal cut short by the deadline leaves garbage in tmp/,
         // not a half-deleted layer under a registered-looking name.
@@ -399,9 +428,14 @@ impl Space {
         let mut ids: Vec<u64> = self
             .registered()?
             .into_iter()
-            .filter(|id| pending.get(id).is_none_or(|owner| *owner == call))
+            .filter(|id| pending.get(id).is_none_or(|p| p.call == call))
             .collect();
+        // With the call's own layers not registered yet.
+        ids.extend(
+            pending.iter().filter(|(_, p)| p.call == call && !p.registered).map(|(id, _)| *id),
+        );
         ids.sort_unstable();
+        ids.dedup();
         Ok(ids)
     }
 
@@ -467,11 +501,29 @@ impl Space {
         Ok(s.to_owned())
     }
 
-    /// Ends `call`: the layers it made are no longer pending.
-    pub(crate) fn settle(&self, call: CallId) {
-        if let Some(d) = &self.layers {
-            d.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, owner| *owner != call);
+    /// Ends `call`: the layers it made and did not register with a key-value commit are
+    /// registered, and none is pending any more. If that write fails, those layers are
+    /// deleted and the call must fail: no registry entry names them, so nothing may.
+    pub(crate) fn settle(&self, call: CallId) -> Result<()> {
+        let Some(d) = &self.layers else { return Ok(()) };
+        let ids = self.unregistered(call);
+        let registered = match ids.is_empty() {
+            true => Ok(()),
+            false => {
+                let (name, ids) = (self.name.clone(), ids.clone());
+                self.db.write(self.durability, move |txn| register_in(txn, &name, &ids))
+            }
+        };
+        d.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, p| p.call != call);
+        if let Err(e) = registered {
+            for id in &ids {
+                // No-follow: remove_tree deletes the layer's own name, following nothing.
+                let _ = fsutil::remove_tree(&d.layers, id.to_string());
+                let _ = fsutil::remove_tree(&d.work, id.to_string());
+            }
+            return Err(e.context("register the layers the call made"));
         }
+        Ok(())
     }
 
     /// Layers registered whose directory is gone: (layer, why).
@@ -550,8 +602,15 @@ impl Space {
         })
     }
 
-    /// Applies `writes` if every check holds; false if one does not.
-    pub(crate) fn kv_commit(&self, checks: Vec<Check>, writes: Vec<Write>) -> Result<bool> {
+    /// Applies `writes` if every check holds; false if one does not. The layers `call`
+    /// made and has not registered yet are registered in the same transaction, whether
+    /// the checks hold or not: a record written here may name them.
+    pub(crate) fn kv_commit(
+        &self,
+        call: CallId,
+        checks: Vec<Check>,
+        writes: Vec<Write>,
+    ) -> Result<bool> {
         if writes.len() > MAX_WRITES || checks.len() > MAX_WRITES {
             return Err(Error::invalid_argument(format!(
                 "a change has at most {MAX_WRITES} checks and {MAX_WRITES} writes"
@@ -575,8 +634,15 @@ impl Space {
             }
         }
         let (name, max) = (self.name.clone(), self.kv_max_bytes);
-        let committed =
-            self.db.write(self.durability, move |txn| commit_in(txn, &name, &checks, &writes, max));
+        let layers = self.unregistered(call);
+        let registering = layers.clone();
+        let committed = self.db.write(self.durability, move |txn| {
+            register_in(txn, &name, &registering)?;
+            commit_in(txn, &name, &checks, &writes, max)
+        });
+        if committed.is_ok() {
+            self.mark_registered(call, &layers);
+        }
         if matches!(committed, Ok(true)) {
             self.kv_generation.fetch_add(1, Ordering::AcqRel);
         }
@@ -590,6 +656,19 @@ fn check_key(key: &str) -> Result<()> {
             "key is {} bytes, more than {MAX_KEY}",
             key.len()
         )));
+    }
+    Ok(())
+}
+
+/// Writes the registry entries of layers `ids` of space `name`.
+fn register_in(txn: &WriteTransaction, name: &str, ids: &[u64]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut t = txn.open_table(LAYERS)?;
+    let now = now_nanos();
+    for id in ids {
+        t.insert((name, *id), now)?;
     }
     Ok(())
 }
@@ -659,7 +738,10 @@ mod tests {
         };
         let (a, b) = (open("a"), open("b"));
         let put = |s: &Space, v: &[u8]| {
-            assert!(s.kv_commit(Vec::new(), vec![Write::Put("k".into(), v.to_vec())]).unwrap());
+            assert!(
+                s.kv_commit(next_call(), Vec::new(), vec![Write::Put("k".into(), v.to_vec())])
+                    .unwrap()
+            );
         };
         for round in 0..200u32 {
             let before = a.kv_get("k").unwrap();
@@ -671,7 +753,126 @@ mod tests {
             put(&b, b"other");
             assert_eq!(a.kv_get("k").unwrap().unwrap().1, v, "another space's key is its own");
         }
-        assert!(a.kv_commit(Vec::new(), vec![Write::Delete("k".into())]).unwrap());
+        assert!(a.kv_commit(next_call(), Vec::new(), vec![Write::Delete("k".into())]).unwrap());
         assert_eq!(a.kv_get("k").unwrap(), None);
+    }
+
+    /// A backend space on the shared database `root.db` in `path`.
+    fn layered(path: &Path) -> (Arc<Db>, Arc<Space>) {
+        let dir = Dir::open_ambient_dir(path, cap_std::ambient_authority()).unwrap();
+        let db = Arc::new(Db::open(&dir, "root.db", "test database").unwrap());
+        let space = open_layered(path, &db);
+        (db, space)
+    }
+
+    fn open_layered(path: &Path, db: &Arc<Db>) -> Arc<Space> {
+        let dir = Dir::open_ambient_dir(path, cap_std::ambient_authority()).unwrap();
+        if !path.join("p").exists() {
+            dir.create_dir("p").unwrap();
+        }
+        let sub = dir.open_dir("p").unwrap();
+        Space::open("p", &sub, &path.join("p"), Some(db), true, 1 << 20).unwrap()
+    }
+
+    fn layer_dir(path: &Path, id: u64) -> PathBuf {
+        path.join("p").join(LAYERS_DIR).join(id.to_string())
+    }
+
+    /// A new layer costs no write of its own: the call's key-value commit registers
+    /// it in its transaction, whether its checks hold or not, and the call's end then
+    /// writes nothing.
+    #[test]
+    fn a_new_layer_is_registered_by_the_calls_key_value_commit() {
+        let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+        let (db, s) = layered(tmp.path());
+        let call = next_call();
+        let commits = || db.stats().commits;
+        let (a, b) = (s.create_layer(call, None).unwrap(), s.create_layer(call, None).unwrap());
+        let before = commits();
+        let other = next_call();
+        assert!(!s.is_registered(a).unwrap() && !s.is_registered(b).unwrap());
+        // The call sees its own layers; another call sees neither.
+        assert_eq!(s.list_layers(call).unwrap(), vec![a, b]);
+        assert!(s.layer_path(call, a).is_ok());
+        assert_eq!(s.list_layers(other).unwrap(), Vec::<u64>::new());
+        assert_eq!(
+            s.open_layer(other, a).unwrap_err().kind(),
+            crate::ErrorKind::FailedPrecondition
+        );
+        // A commit whose check fails still registers them, in its one transaction.
+        let stale = Check { key: "rec".into(), revision: Some(99) };
+        let put = || vec![Write::Put("rec".into(), a.to_le_bytes().to_vec())];
+        assert!(!s.kv_commit(call, vec![stale], put()).unwrap());
+        assert_eq!(commits(), before + 1, "the commit, and no other write");
+        assert!(s.is_registered(a).unwrap() && s.is_registered(b).unwrap());
+        assert!(s.kv_commit(call, Vec::new(), put()).unwrap());
+        s.settle(call).unwrap();
+        assert_eq!(commits(), before + 2, "the call's end wrote nothing");
+        assert_eq!(s.list_layers(other).unwrap(), vec![a, b]);
+    }
+
+    /// A call that commits nothing has its layers registered when it ends, in one
+    /// write; a layer it made and removed again costs no write at all.
+    #[test]
+    fn a_calls_end_registers_what_no_commit_did() {
+        let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+        let (db, s) = layered(tmp.path());
+        let call = next_call();
+        let (a, b) = (s.create_layer(call, None).unwrap(), s.create_layer(call, None).unwrap());
+        let gone = s.clone_layer(call, a).unwrap();
+        let before = db.stats().commits;
+        s.remove_layer(call, gone).unwrap();
+        assert!(!layer_dir(tmp.path(), gone).exists());
+        assert_eq!(db.stats().commits, before, "an unregistered layer has no entry to delete");
+        s.settle(call).unwrap();
+        assert_eq!(db.stats().commits, before + 1, "both layers in one write");
+        assert!(s.is_registered(a).unwrap() && s.is_registered(b).unwrap());
+        assert!(!s.is_registered(gone).unwrap());
+        let later = next_call();
+        assert_eq!(s.list_layers(later).unwrap(), vec![a, b]);
+        s.remove_layer(later, b).unwrap();
+        assert!(!s.is_registered(b).unwrap() && !layer_dir(tmp.path(), b).exists());
+        s.settle(later).unwrap();
+    }
+
+    /// If the call's end cannot register its layers, they are deleted and the call
+    /// fails: nothing may name a layer no registry entry names.
+    #[test]
+    fn a_call_whose_layers_cannot_be_registered_fails_and_they_go() {
+        let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+        let (db, full) = crate::kv::tests::filling(&tmp.path().join("root.db"));
+        let db = Arc::new(db);
+        let s = open_layered(tmp.path(), &db);
+        let call = next_call();
+        let a = s.create_layer(call, None).unwrap();
+        s.work_path(call, a).unwrap();
+        // A durable commit that fails leaves redb refusing every write, this one too.
+        full.store(true, Ordering::Relaxed);
+        db.flush().expect_err("the disk is full");
+        let e = s.settle(call).expect_err("the database refuses writes");
+        assert!(e.to_string().contains("register the layers"), "{e}");
+        assert!(!layer_dir(tmp.path(), a).exists());
+        assert!(!tmp.path().join("p").join(WORK_DIR).join(a.to_string()).exists());
+        assert!(s.open_layer(call, a).unwrap_err().is_not_found(), "no longer the call's");
+    }
+
+    /// A crash before the call's commit or end leaves a layer no registry entry names,
+    /// and nothing durable names it either: the next open deletes it and keeps the
+    /// registered ones.
+    #[test]
+    fn a_layer_cut_short_before_its_registration_is_deleted_at_the_next_open() {
+        let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+        let (db, s) = layered(tmp.path());
+        let kept = next_call();
+        let k = s.create_layer(kept, None).unwrap();
+        s.settle(kept).unwrap();
+        let cut = next_call();
+        let lost = s.create_layer(cut, None).unwrap();
+        assert!(layer_dir(tmp.path(), lost).is_dir());
+        drop(s);
+        let s = open_layered(tmp.path(), &db);
+        assert!(!layer_dir(tmp.path(), lost).exists(), "reclaimed at open");
+        assert!(layer_dir(tmp.path(), k).is_dir());
+        assert_eq!(s.list_layers(next_call()).unwrap(), vec![k]);
     }
 }

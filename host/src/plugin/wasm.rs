@@ -331,8 +331,16 @@ impl WasmSnapshotter {
             // The checkout drops the instance: it must not be entered again.
             Err(e @ CallError::Trapped(_)) => Err(e.into_error()),
         };
-        inst.finish();
-        result
+        // A call that failed says why; one that succeeded fails if its layers could not
+        // be registered.
+        match (inst.finish(), result) {
+            (Err(e), Ok(_)) => Err(e),
+            (Err(e), Err(first)) => {
+                tracing::warn!(error = %e, "after a failed call");
+                Err(first)
+            }
+            (Ok(()), result) => result,
+        }
     }
 
     fn mounts_call(

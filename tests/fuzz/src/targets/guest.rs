@@ -188,7 +188,7 @@ fn layers() -> Result<&'static Layers, String> {
                 let held =
                     (0..4).map(|_| fz::create_layer(&space, old)).collect::<Result<_, _>>()?;
                 let removed = fz::create_layer(&space, old)?;
-                fz::settle(&space, old);
+                fz::settle(&space, old)?;
                 fz::remove_layer(&space, fz::begin_call(), removed)?;
                 let call = fz::begin_call();
                 let made =

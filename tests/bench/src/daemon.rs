@@ -8,9 +8,9 @@
 //!
 //! Cycles per second on a shared VM swing by a fifth between runs of one binary, and so
 //! does CPU time. Two more figures come with them: the CPU time the serving processes
-//! spent per cycle (from `/proc`, all their threads), a ratio to containerd's measured
-//! minutes apart, and for targets served by wasnap, the root database's commits per
-//! cycle (from the daemon's status), which the machine's noise does not move at all.
+//! spent per cycle (from `/proc`, all their threads), compared as a ratio within one
+//! run, and for targets served by wasnap, the root database's commits per cycle (from
+//! the daemon's status), which the machine's noise does not move at all.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;

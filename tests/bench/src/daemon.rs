@@ -325,10 +325,12 @@ pub fn run(
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
             let mut baseline_cpu = None;
-            // WASNAP_BENCH_ONLY=LABEL runs one target (for profiling it alone).
+            // WASNAP_BENCH_ONLY=LABEL[,LABEL…] runs only those targets (for profiling one
+            // alone, or comparing two).
             let only = std::env::var("WASNAP_BENCH_ONLY").ok();
             for column in COLUMNS {
-                let wanted = only.as_deref().is_none_or(|o| o == column);
+                let wanted =
+                    only.as_deref().is_none_or(|o| o.split(',').any(|l| l.trim() == column));
                 let Some(t) = targets.iter().find(|t| t.label == column && wanted) else {
                     row.push("-".into());
                     continue;

@@ -27,6 +27,14 @@
 //! so a prepare or a commit on the host's own drivers is one transaction, not two or
 //! three. A staged write that is never committed is undone ([`Staged`]).
 //!
+//! **Carrying.** The reverse of staging, for a backend whose store is on this database
+//! but whose writes the host does not drive (a plugin's): inside [`Db::carrying`], the
+//! first write made on this thread runs the caller's write (a commit's intent) first, in
+//! the same transaction, so the intent and the backend's first change commit together
+//! (one transaction instead of two), and no backend change can commit before the write
+//! it relies on. If the carried write fails there, that write fails with it, and so does
+//! every later one of the scope: the backend cannot change its store without it.
+//!
 //! **A full disk.** redb treats a failed write as fatal: once a commit fails on I/O,
 //! every later call fails until the file is closed and repaired. A full filesystem must
 //! not do that to the root's one database, or the daemon could not even remove what
@@ -312,7 +320,24 @@ impl Db {
     ) -> Result<R> {
         let out: Arc<Mutex<Option<R>>> = Arc::new(Mutex::new(None));
         let slot = out.clone();
+        let carry = self.carry()?;
+        let mut durability = durability;
+        if let Some(c) = &carry
+            && c.lock().unwrap_or_else(|e| e.into_inner()).durability == Durability::Immediate
+        {
+            durability = Durability::Immediate;
+        }
+        let carried = carry.clone();
         let boxed: Op = Box::new(move |txn| {
+            if let Some(cell) = &carried {
+                let mut c = cell.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(op) = c.op.as_mut()
+                    && let Err(e) = op(txn)
+                {
+                    c.failed = Some(e.clone());
+                    return Err(e);
+                }
+            }
             let v = op(txn)?;
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
             Ok(())
@@ -342,6 +367,19 @@ impl Db {
                 }
             }
         };
+        if let Some(cell) = carry {
+            let mut c = cell.lock().unwrap_or_else(|e| e.into_inner());
+            match &result {
+                // Committed with this write: spent.
+                Ok(()) => c.op = None,
+                Err(e) if c.failed.is_some() => {
+                    c.op = None;
+                    return Err(e.clone().context("a write this one depends on failed"));
+                }
+                // This write failed on its own: the next one carries it.
+                Err(_) => {}
+            }
+        }
         result?;
         let v = out.lock().unwrap_or_else(|e| e.into_inner()).take();
         v.ok_or_else(|| Error::internal("a committed operation left no result"))
@@ -594,6 +632,104 @@ impl Db {
             s.undo.extend(undo);
             s.keep.push(keep);
         })
+    }
+}
+
+/// A write carried by the next write of a database on one thread ([`Db::carrying`]).
+struct CarryCell {
+    /// The write, until a commit carried it or it failed.
+    op: Option<Op>,
+    durability: Durability,
+    /// Why it failed, in the transaction of a write that carried it.
+    failed: Option<Error>,
+}
+
+/// The carry armed on this thread: the database it is for (its address) and the cell.
+struct CarrySlot {
+    db: usize,
+    cell: Arc<Mutex<CarryCell>>,
+}
+
+thread_local! {
+    static CARRY: std::cell::RefCell<Option<CarrySlot>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What became of a write [`Db::carrying`] carried.
+pub enum Carried {
+    /// It committed, in the transaction of the first write made in the scope.
+    Committed,
+    /// It failed in that transaction, which failed with it, as did every later write of
+    /// the scope.
+    Failed(Error),
+    /// No write was made in the scope: here it is, to run in the caller's own write
+    /// ([`StagedWrites::run`]).
+    Unused(StagedWrites),
+}
+
+impl std::fmt::Debug for Carried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Carried::Committed => write!(f, "Committed"),
+            Carried::Failed(e) => write!(f, "Failed({e})"),
+            Carried::Unused(_) => write!(f, "Unused"),
+        }
+    }
+}
+
+impl Db {
+    /// Runs `f` with `write` carried by the first write of this database that this
+    /// thread makes meanwhile: it runs first, in that write's transaction, which commits
+    /// as durably as either asks (see the [module documentation](self)). Writes of
+    /// other threads, and of other databases, carry nothing.
+    ///
+    /// Returns `f`'s result and what became of `write`. Like any operation, `write` may
+    /// run again in a fresh transaction, and must only touch the transaction.
+    pub fn carrying<R>(
+        &self,
+        durability: Durability,
+        write: impl FnMut(&redb::WriteTransaction) -> Result<()> + Send + 'static,
+        f: impl FnOnce() -> R,
+    ) -> (R, Carried) {
+        /// Puts back the carry this one is inside (none, usually), even if `f` panics.
+        struct Restore(Option<Option<CarrySlot>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                if let Some(prev) = self.0.take() {
+                    CARRY.with(|c| *c.borrow_mut() = prev);
+                }
+            }
+        }
+        let cell =
+            Arc::new(Mutex::new(CarryCell { op: Some(Box::new(write)), durability, failed: None }));
+        let me = CarrySlot { db: self as *const Db as usize, cell: cell.clone() };
+        let restore = Restore(Some(CARRY.with(|c| c.borrow_mut().replace(me))));
+        let r = f();
+        drop(restore);
+        let mut c = cell.lock().unwrap_or_else(|e| e.into_inner());
+        let carried = match (c.failed.take(), c.op.take()) {
+            (Some(e), _) => Carried::Failed(e),
+            (None, Some(op)) => Carried::Unused(StagedWrites(vec![op])),
+            (None, None) => Carried::Committed,
+        };
+        (r, carried)
+    }
+
+    /// The carry a write of this database made now, on this thread, is to run first; an
+    /// error if it failed already, so that no later write of its scope commits without it.
+    fn carry(&self) -> Result<Option<Arc<Mutex<CarryCell>>>> {
+        let me = self as *const Db as usize;
+        let Some(cell) = CARRY.with(|c| {
+            c.borrow().as_ref().filter(|slot| slot.db == me).map(|slot| slot.cell.clone())
+        }) else {
+            return Ok(None);
+        };
+        let c = cell.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = &c.failed {
+            return Err(e.clone().context("a write this one depends on failed"));
+        }
+        let armed = c.op.is_some();
+        drop(c);
+        Ok(armed.then_some(cell))
     }
 }
 
@@ -939,5 +1075,90 @@ pub(crate) mod tests {
         })
         .unwrap();
         assert_eq!(value(&db, 9), Some(9));
+    }
+
+    fn put(k: u64) -> impl FnMut(&redb::WriteTransaction) -> Result<()> + Send + 'static {
+        move |txn| {
+            txn.open_table(T)?.insert(k, k)?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_carried_write_commits_with_the_first_write_of_its_scope_on_this_thread() {
+        let (_dir, db) = db();
+        db.write(Durability::Immediate, put(0)).unwrap();
+        let before = db.stats();
+        let ((), carried) = db.carrying(Durability::Immediate, put(100), || {
+            // Another thread's write carries nothing.
+            let other = db.clone();
+            std::thread::spawn(move || other.write(Durability::Deferred, put(1)))
+                .join()
+                .unwrap()
+                .unwrap();
+            assert_eq!(value(&db, 100), None);
+            db.write(Durability::Deferred, put(2)).unwrap();
+            assert_eq!(value(&db, 100), Some(100), "the first write of the scope carried it");
+            db.write(Durability::Deferred, put(3)).unwrap();
+        });
+        assert!(matches!(carried, Carried::Committed), "{carried:?}");
+        let after = db.stats();
+        assert_eq!(after.commits - before.commits, 3, "no write of its own");
+        // The carried write was durable: so was the commit that carried it, only that.
+        assert_eq!(after.durable_commits - before.durable_commits, 1);
+        assert_eq!([1, 2, 3].map(|k| value(&db, k)), [Some(1), Some(2), Some(3)]);
+    }
+
+    #[test]
+    fn a_write_failing_on_its_own_leaves_the_carried_write_to_the_next() {
+        let (_dir, db) = db();
+        let ((), carried) = db.carrying(Durability::Deferred, put(100), || {
+            let e = db
+                .write(Durability::Deferred, |txn| -> Result<()> {
+                    txn.open_table(T)?.insert(1, 1)?;
+                    Err(Error::failed_precondition("no"))
+                })
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::FailedPrecondition, "{e}");
+            assert_eq!((value(&db, 1), value(&db, 100)), (None, None));
+            db.write(Durability::Deferred, put(2)).unwrap();
+        });
+        assert!(matches!(carried, Carried::Committed), "{carried:?}");
+        assert_eq!((value(&db, 2), value(&db, 100)), (Some(2), Some(100)));
+    }
+
+    #[test]
+    fn a_carried_write_that_fails_fails_every_write_of_its_scope_and_no_other() {
+        let (_dir, db) = db();
+        let refuse = |txn: &redb::WriteTransaction| -> Result<()> {
+            txn.open_table(T)?.insert(100, 100)?;
+            Err(Error::not_found("the snapshot"))
+        };
+        let (errors, carried) = db.carrying(Durability::Deferred, refuse, || {
+            [db.write(Durability::Deferred, put(1)), db.write(Durability::Deferred, put(2))]
+                .map(|r| r.unwrap_err())
+        });
+        for e in &errors {
+            assert_eq!(e.kind(), crate::ErrorKind::NotFound, "{e}");
+            assert!(e.message().contains("a write this one depends on failed"), "{e}");
+        }
+        let Carried::Failed(e) = carried else { panic!("{carried:?}") };
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound, "{e}");
+        assert_eq!([1, 2, 100].map(|k| value(&db, k)), [None, None, None]);
+        db.write(Durability::Deferred, put(3)).unwrap();
+        assert_eq!(value(&db, 3), Some(3), "outside the scope, writes carry nothing");
+    }
+
+    #[test]
+    fn a_carried_write_no_write_took_is_handed_back() {
+        let (_dir, db) = db();
+        let before = db.stats();
+        let ((), carried) = db.carrying(Durability::Deferred, put(100), || {
+            assert_eq!(value(&db, 100), None);
+        });
+        assert_eq!(db.stats(), before, "nothing was written");
+        let Carried::Unused(mut w) = carried else { panic!("{carried:?}") };
+        db.write(Durability::Immediate, move |txn| w.run(txn)).unwrap();
+        assert_eq!(value(&db, 100), Some(100));
     }
 }

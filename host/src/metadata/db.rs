@@ -183,14 +183,6 @@ impl MetaDb {
     }
 }
 
-/// A sequence number taken inside `txn`: only taken if `txn` commits.
-pub(crate) fn reserve_seq(txn: &WriteTransaction) -> Result<u64> {
-    let mut meta = txn.open_table(META)?;
-    let seq = seq_after(meta.get(META_SEQ)?.map_or(0, |g| g.value()), 1)?;
-    meta.insert(META_SEQ, seq)?;
-    Ok(seq)
-}
-
 /// The stored sequence counter `stored` moved on by `n`: an error, never a wrap, at the
 /// end of the range (only a damaged or forged database gets there).
 fn seq_after(stored: u64, n: u64) -> Result<u64> {

@@ -122,6 +122,15 @@ pub(crate) fn check_exists(txn: &WriteTransaction, ns: &str, id: &str) -> Result
     if exists(txn, ns, id)? { Ok(()) } else { Err(not_found(id)) }
 }
 
+/// [`check_exists`] on a read.
+pub(crate) fn check_exists_read(txn: &redb::ReadTransaction, ns: &str, id: &str) -> Result<()> {
+    match txn.open_table(LEASES) {
+        Ok(t) if t.get((ns, id))?.is_some() => Ok(()),
+        Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => Err(not_found(id)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Adds `resource` to the lease `id` in `ns`, which must exist, as in containerd.
 pub(crate) fn hold_in(
     txn: &WriteTransaction,

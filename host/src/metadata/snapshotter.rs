@@ -10,7 +10,10 @@
 //! A backend that stages its records ([`Backend::stages_records`]: native and overlay in
 //! the root's database) is still called outside the write, but its record change is
 //! staged and written by ours: a create or a commit is one transaction, and a commit
-//! needs no intent (see [`crate::kv::Db::staging`]).
+//! needs no intent (see [`crate::kv::Db::staging`]). A backend whose store is our
+//! database but whose writes are its own (a plugin's) carries a commit's intent in its
+//! first write instead (see [`crate::kv::Db::carrying`]): the intent commits with the
+//! backend's first change, never after it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,7 +29,7 @@ use crate::backend::{Backend, FieldPath};
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::fault::Faults;
 use crate::filter::Filter;
-use crate::kv::{Durability, Staged, now_nanos, to_nanos};
+use crate::kv::{Carried, Durability, Staged, now_nanos, to_nanos};
 use crate::snapshot::{
     Info, Kind, LABEL_SNAPSHOT_REF, Labels, Mount, Usage, inherited_labels, validate_labels,
 };
@@ -724,7 +727,9 @@ impl Snapshotter {
     /// (the name is taken, `key` is marked as committing), commit in the backend, then
     /// replace the active record by the committed one. A crash between them is repaired
     /// by [`Snapshotter::recover`]: the active snapshot or the committed one exists with
-    /// its data, never neither.
+    /// its data, never neither. Over a plugin on our database, the intent is written by
+    /// the plugin's first write, in the same transaction, so no change of the plugin's
+    /// store commits before it.
     pub fn commit(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
         self.commit_as(ctx, name, key, labels, Vec::new())
     }
@@ -750,43 +755,89 @@ impl Snapshotter {
         let (sn, ns) = (self.name.clone(), ctx.namespace().to_owned());
         let lease = ctx.lease().map(str::to_owned);
 
-        // Step 1: the intent.
-        let (intent, old) = {
-            let (sn, ns, name, key) = (sn.clone(), ns.clone(), name.to_owned(), key.to_owned());
-            let (labels, lease, layers) = (labels.clone(), lease.clone(), layers.clone());
-            let durability =
-                if self.shared_db { Durability::Deferred } else { Durability::Immediate };
-            self.db.write(durability, move |txn| {
-                if let Some(l) = &lease {
+        // Step 1: the intent. Checked here, so that the usual errors come before the
+        // backend is called; written by `put`, which checks again.
+        let bkey = self.db.read_with(|txn| {
+            if let Some(l) = &lease {
+                lease::check_exists_read(txn, &ns, l)?;
+            }
+            Ok(check_commit(txn, &sn, &ns, name, key)?.bkey)
+        })?;
+        let intent = Intent {
+            key: key.to_owned(),
+            bkey,
+            bname: format!("{ns}/{}/{name}", self.db.next_seq()?),
+            labels: labels.clone(),
+            lease: lease.clone(),
+            layers,
+        };
+        let old_slot: Arc<Mutex<Option<Record>>> = Arc::default();
+        let put = {
+            let (sn, ns, name, intent, slot) =
+                (sn.clone(), ns.clone(), name.to_owned(), intent.clone(), old_slot.clone());
+            let faults = self.faults.clone();
+            move |txn: &redb::WriteTransaction| -> Result<()> {
+                // Before anything is written: inside a plugin's write, when carried.
+                faults.hit("metadata.commit.intent")?;
+                if let Some(l) = &intent.lease {
                     lease::check_exists(txn, &ns, l)?;
                 }
-                let mut rec = check_commit(txn, &sn, &ns, &name, &key)?;
-                let intent = Intent {
-                    key: key.clone(),
-                    bkey: rec.bkey.clone(),
-                    bname: format!("{ns}/{}/{name}", db::reserve_seq(txn)?),
-                    labels: labels.clone(),
-                    lease: lease.clone(),
-                    layers: layers.clone(),
-                };
-                super::merge::hold_layers(txn, &sn, &ns, &name, &layers)?;
+                let mut rec = check_commit(txn, &sn, &ns, &name, &intent.key)?;
+                if rec.bkey != intent.bkey {
+                    // Removed and made again since it was read.
+                    return Err(not_found(&intent.key));
+                }
+                super::merge::hold_layers(txn, &sn, &ns, &name, &intent.layers)?;
                 db::put_intent(txn, &sn, &ns, &name, &intent)?;
                 let old = rec.clone();
                 rec.committing = Some(name.clone());
-                db::put_record(txn, &sn, &ns, &key, &rec)?;
-                Ok((intent, old))
-            })?
+                db::put_record(txn, &sn, &ns, &intent.key, &rec)?;
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(old);
+                Ok(())
+            }
         };
+        let durability = if self.shared_db { Durability::Deferred } else { Durability::Immediate };
         let _inflight = InFlight::new(&self.inflight, &intent.bname);
+        let names = [(intent.bname.as_str(), name), (intent.bkey.as_str(), key)];
 
-        // Step 2: the backend.
-        let done = self
-            .faults
-            .hit("metadata.commit.before-backend")
-            .and_then(|()| {
+        // Step 2: the backend. Over a backend whose store is our database (a plugin's),
+        // the intent is carried by the backend's first write, in its transaction: one
+        // commit fewer, and still none of the backend's changes commits before it (see
+        // `kv::Db::carrying`). Otherwise it is written first.
+        let backend_commit = || {
+            self.faults.hit("metadata.commit.before-backend").and_then(|()| {
                 self.backend.commit(&intent.bname, &intent.bkey, &inherited_labels(labels))
             })
-            .map_err(|e| self.in_user_terms(e, &[(&intent.bname, name), (&intent.bkey, key)]));
+        };
+        let (done, mut unwritten) = if intent.layers.is_empty() && self.shared_db {
+            match self.db.db().carrying(durability, put, backend_commit) {
+                (done, Carried::Committed) => (done, None),
+                (_, Carried::Failed(e)) => {
+                    // Every write the backend tried failed with it: its store is as it
+                    // was, and what else it made is no record's, so pruning takes it.
+                    return Err(self.in_user_terms(e, &names));
+                }
+                (done, Carried::Unused(w)) => (done, Some(w)),
+            }
+        } else {
+            self.db.write(durability, put)?;
+            (backend_commit(), None)
+        };
+        let done = done.map_err(|e| self.in_user_terms(e, &names));
+        // The intent, if the backend made no write to carry it, is written before the
+        // outcome is acted on, so that a crash from here on is repaired as before.
+        let write_late = |unwritten: &mut Option<crate::kv::StagedWrites>| -> Result<()> {
+            match unwritten.take() {
+                Some(mut w) => self
+                    .db
+                    .write(durability, move |txn| w.run(txn))
+                    .map_err(|e| self.in_user_terms(e, &names)),
+                None => Ok(()),
+            }
+        };
+        if done.is_ok() {
+            write_late(&mut unwritten)?;
+        }
         if let Err(e) = done {
             // The backend may have committed and failed after (a policy in front of it
             // that trapped once the backend was done, found by the soak's chaos guest):
@@ -794,25 +845,38 @@ impl Snapshotter {
             // putting back an active record whose data has moved.
             match self.held(&intent.bname).and_then(|new| Ok((new, self.held(&intent.bkey)?))) {
                 Ok((Some(Kind::Committed), _)) => {
+                    write_late(&mut unwritten)?;
                     tracing::warn!(snapshotter = %sn, key, name, error = %e,
                         "the backend reported a failed commit but holds the committed snapshot; finishing it");
                 }
                 Ok((_, Some(Kind::Active))) => {
-                    if let Err(undo) = self.end_intent(&ns, name, &intent, Some(&old), None) {
-                        tracing::error!(snapshotter = %sn, key, error = %undo,
-                            "could not undo the intent of a failed commit; the next open will");
+                    if unwritten.is_none() {
+                        let old = old_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Err(undo) = self.end_intent(&ns, name, &intent, old.as_ref(), None) {
+                            tracing::error!(snapshotter = %sn, key, error = %undo,
+                                "could not undo the intent of a failed commit; the next open will");
+                        }
                     }
                     return Err(e);
                 }
                 found => {
-                    // Neither, or the backend cannot say: the intent stays, for the next
-                    // open to settle, and the snapshot stays marked as committing.
+                    // Neither, or the backend cannot say: the intent stays (is written,
+                    // if it was not), for the next open to settle, and the snapshot
+                    // stays marked as committing.
+                    if let Err(late) = write_late(&mut unwritten) {
+                        tracing::error!(snapshotter = %sn, key, name, error = %late,
+                            "could not record the intent of a commit the backend failed");
+                    }
                     tracing::error!(snapshotter = %sn, key, name, error = %e, ?found,
                         "a failed commit left the backend holding neither key, or it cannot say which; the next open settles it");
                     return Err(e);
                 }
             }
         }
+        let old =
+            old_slot.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| {
+                Error::internal("a commit's intent was written without its record")
+            })?;
 
         // Step 3: the committed record.
         let now = now_nanos();

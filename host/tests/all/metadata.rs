@@ -599,3 +599,54 @@ fn a_background_removal_that_fails_leaves_an_orphan_the_next_prune_takes() {
     assert_eq!(s.sn.prune(limit, false).unwrap().removed.len(), 1);
     assert!(backend_keys(&**s.sn.backend()).is_empty());
 }
+
+/// A commit over a plugin whose store is the root's database carries its intent in the
+/// plugin's first write: two writes in all (the plugin's, with the intent, then the
+/// committed record). If the intent cannot be written there, the plugin's write fails
+/// with it, and nothing changes anywhere.
+#[test]
+fn a_commit_over_a_plugin_carries_its_intent_in_the_plugins_write() {
+    let dir = tmp();
+    let faults = Arc::new(wasnap::fault::Faults::new());
+    let config = wasnap::config::Config::parse(
+        &format!(
+            "default_snapshotter = \"copy\"\n[snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\n",
+            crate::plugin::guest("copy").to_str().unwrap()
+        ),
+        "test",
+    )
+    .unwrap();
+    let host = wasnap::Host::open_config(&dir.path().join("root"), faults.clone(), config).unwrap();
+    let sn = host.snapshotter("copy").unwrap();
+    let backend = sn.backend().clone();
+    let c = ctx("default");
+    let commits = || host.db().db().stats().commits;
+
+    // The first create and commit reserve blocks of sequence numbers and layer ids.
+    sn.prepare(&c, "warm", None, &none()).unwrap();
+    sn.commit(&c, "warmed", "warm", &none()).unwrap();
+    sn.remove(&c, "warmed").unwrap();
+    let m = sn.prepare(&c, "a", None, &none()).unwrap();
+    std::fs::write(source(&m).join("f"), "data").unwrap();
+    let before = commits();
+    sn.commit(&c, "base", "a", &none()).unwrap();
+    assert_eq!(commits() - before, 2, "the plugin's write carried the intent");
+    assert_eq!(backend.stat(&bkey_of(backend.as_ref(), "base")).unwrap().kind, Kind::Committed);
+
+    sn.prepare(&c, "b", Some("base"), &none()).unwrap();
+    faults.arm("metadata.commit.intent", Action::Error);
+    let err = sn.commit(&c, "top", "b", &none()).unwrap_err();
+    faults.disarm("metadata.commit.intent");
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert_eq!(sn.stat(&c, "b").unwrap().kind, Kind::Active);
+    assert_eq!(sn.stat(&c, "top").unwrap_err().kind(), ErrorKind::NotFound);
+    // The plugin's write failed with the intent: it still holds `b` as it was.
+    assert_eq!(backend.stat(&bkey_of(backend.as_ref(), "b")).unwrap().kind, Kind::Active);
+    assert_eq!(backend_keys(backend.as_ref()).len(), 2, "base and b");
+    sn.commit(&c, "top", "b", &none()).unwrap();
+    assert_eq!(sn.stat(&c, "top").unwrap().kind, Kind::Committed);
+    for report in host.check().unwrap() {
+        assert!(report.orphans.is_empty() && report.missing.is_empty(), "{report:?}");
+    }
+    host.close().unwrap();
+}

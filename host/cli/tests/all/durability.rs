@@ -104,8 +104,12 @@ fn a_crash_between_backend_and_record_is_reclaimed_by_cleanup() {
 /// Whichever way a cut-short commit went, the snapshot exists with its data, as active
 /// `a` or committed `base`, and nothing else is left: no orphan, no record without data.
 fn assert_one_whole_snapshot(root: &Path) -> Kind {
-    let host = Host::open(root).unwrap();
-    let sn = host.snapshotter("native").unwrap();
+    assert_one_whole(&Host::open(root).unwrap(), "native")
+}
+
+/// [`assert_one_whole_snapshot`] in `host`'s snapshotter `name`.
+fn assert_one_whole(host: &Host, name: &str) -> Kind {
+    let sn = host.snapshotter(name).unwrap();
     let c = ctx("default");
     let left = list(&sn, &c, &[]).unwrap();
     assert_eq!(left.len(), 1, "{left:?}");
@@ -193,6 +197,59 @@ fn a_process_killed_at_any_step_of_a_commit_leaves_one_whole_snapshot() {
         let out = wasnap(root, Some(&format!("{point}=abort")), &["commit", "base", "a"]);
         assert!(crashed(&out), "{point}: {:?}", out.status);
         assert_one_whole_snapshot(root);
+    }
+}
+
+/// A commit over a plugin whose store is the root's database: its intent rides on the
+/// plugin's first write. Killed before the plugin is called, inside that write (before
+/// it commits), or after the plugin returned, the snapshot is whole, active or
+/// committed, and a commit cut short goes through when asked again.
+#[test]
+fn a_process_killed_at_any_step_of_a_commit_over_a_plugin_leaves_one_whole_snapshot() {
+    let copy = wasnap_test_util::guests::path("copy").unwrap_or_else(|e| panic!("{e}"));
+    let config = format!(
+        "default_snapshotter = \"copy\"\n[snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\n",
+        copy.to_str().unwrap()
+    );
+    for point in [
+        "metadata.commit.before-backend",
+        "metadata.commit.intent",
+        "metadata.commit.after-backend",
+    ] {
+        let dir = disk_tmp();
+        let root = dir.path();
+        let file = root.join("wasnap.toml");
+        std::fs::write(&file, &config).unwrap();
+        let with = |args: &[&str]| {
+            let mut v = vec!["--config", file.to_str().unwrap()];
+            v.extend_from_slice(args);
+            v.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        };
+        let run = |faults: Option<&str>, args: &[&str]| {
+            let args = with(args);
+            wasnap(root, faults, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let m = ok(run(None, &["--format", "json", "prepare", "a"]));
+        let mounts: serde_json::Value = serde_json::from_str(&m).unwrap();
+        let src = mounts[0]["source"].as_str().unwrap().to_owned();
+        std::fs::write(Path::new(&src).join("f"), "data").unwrap();
+        let out = run(Some(&format!("{point}=abort")), &["commit", "base", "a"]);
+        assert!(crashed(&out), "{point}: {:?}", out.status);
+        let open = || {
+            let config = wasnap::config::Config::parse(&config, "test").unwrap();
+            let faults = std::sync::Arc::new(wasnap::fault::Faults::new());
+            Host::open_config(root, faults, config).unwrap()
+        };
+        let host = open();
+        let kind = assert_one_whole(&host, "copy");
+        host.close().unwrap();
+        drop(host);
+        if kind == Kind::Active {
+            ok(run(None, &["commit", "base", "a"]));
+        }
+        let host = open();
+        assert_eq!(assert_one_whole(&host, "copy"), Kind::Committed, "{point}");
+        host.close().unwrap();
     }
 }
 

@@ -42,6 +42,7 @@ use super::rng::Rng;
 pub const POINTS: &[&str] = &[
     "metadata.create.after-backend",
     "metadata.commit.before-backend",
+    "metadata.commit.intent",
     "metadata.commit.after-backend",
     "metadata.remove.backend",
     "gc.sweep.before-commit",

@@ -16,9 +16,12 @@
 //!
 //! A layer is made in `tmp/`, renamed to `layers/<id>`, then registered; until the call
 //! that made it returns it is *pending*, visible to that call only. So a cleanup in one
-//! instance never takes a layer another instance is about to record.
+//! instance never takes a layer another instance is about to record. A removed layer is
+//! gone at once (no call may use or list it, its directory is deleted), but its registry
+//! entry is deleted by the space's next write, whichever call makes it, or when the
+//! space next opens: a removal costs no write of its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,6 +125,10 @@ struct LayerDirs {
     tmp: Dir,
     /// Layers being made by a call still in progress.
     pending: Mutex<HashMap<u64, Pending>>,
+    /// Layers removed whose registry entry is still written: never usable or listed,
+    /// and their entries are deleted by the space's next write, in its transaction,
+    /// rather than by a write of their own (or, after a crash, when the space opens).
+    removed: Mutex<HashSet<u64>>,
     ids: IdBlocks,
     tmp_seq: AtomicU64,
 }
@@ -193,6 +200,7 @@ impl Space {
                 work: subdir(dir, WORK_DIR, path)?,
                 tmp: subdir(dir, TMP_DIR, path)?,
                 pending: Mutex::default(),
+                removed: Mutex::default(),
                 ids: IdBlocks::new(META, name, META_LAYER, ID_BLOCK),
                 tmp_seq: AtomicU64::new(0),
             })
@@ -249,7 +257,7 @@ impl Space {
     /// no registry entry names.
     fn reclaim(&self) -> Result<()> {
         let Some(d) = &self.layers else { return Ok(()) };
-        let known: std::collections::HashSet<u64> = self.registered()?.into_iter().collect();
+        let known: HashSet<u64> = self.registered()?.into_iter().collect();
         // Pinned: listings of the host's own directories; each name is then removed with
         // remove_tree, which follows no symlink and crosses no mount.
         let names = |dir: &Dir| -> Result<Vec<String>> {
@@ -272,6 +280,16 @@ impl Space {
                 }
             }
         }
+        // Entries of layers whose removal a crash cut short after their directory went
+        // (see `LayerDirs::removed`).
+        let layers: HashSet<String> = names(&d.layers)?.into_iter().collect();
+        let gone: Vec<u64> =
+            known.into_iter().filter(|id| !layers.contains(&id.to_string())).collect();
+        if !gone.is_empty() {
+            tracing::info!(space = %self.name, layers = ?gone, "deleting registry entries of removed layers");
+            let name = self.name.clone();
+            self.db.write(self.durability, move |txn| unregister_in(txn, &name, &gone))?;
+        }
         Ok(())
     }
 
@@ -290,7 +308,9 @@ impl Space {
             Some(_) => return Ok(()),
             None => {}
         }
-        if !self.is_registered(id)? {
+        if d.removed.lock().unwrap_or_else(|e| e.into_inner()).contains(&id)
+            || !self.is_registered(id)?
+        {
             return Err(Error::not_found(format!("layer {id}")));
         }
         Ok(())
@@ -328,6 +348,21 @@ impl Space {
         let Some(d) = &self.layers else { return Vec::new() };
         let pending = d.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.iter().filter(|(_, p)| p.call == call && !p.registered).map(|(id, _)| *id).collect()
+    }
+
+    /// Removed layers whose registry entry is still written (see `LayerDirs::removed`).
+    fn removed(&self) -> Vec<u64> {
+        let Some(d) = &self.layers else { return Vec::new() };
+        d.removed.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+    }
+
+    /// Notes that the registry entries of removed layers `ids` are deleted now.
+    fn unregistered_removed(&self, ids: &[u64]) {
+        let Some(d) = &self.layers else { return };
+        let mut removed = d.removed.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            removed.remove(id);
+        }
     }
 
     /// Notes that `ids`, `call`'s layers, are registered now.
@@ -389,16 +424,15 @@ impl Space {
     pub(crate) fn remove_layer(&self, call: CallId, id: u64) -> Result<()> {
         self.usable(call, id)?;
         let d = self.dirs()?;
-        // The call's own layer not registered yet has no entry to delete.
-        let pending = d.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied();
-        if pending.is_none_or(|p| p.registered) {
-            let name = self.name.clone();
-            self.db.write(self.durability, move |txn| {
-                txn.open_table(LAYERS)?.remove((name.as_str(), id))?;
-                Ok(())
-            })?;
+        {
+            let mut pending = d.pending.lock().unwrap_or_else(|e| e.into_inner());
+            // The call's own layer not registered yet has no entry to delete; another's
+            // is deleted by the space's next write. Either way the layer is gone from
+            // here on, before its directory is.
+            if pending.remove(&id).is_none_or(|p| p.registered) {
+                d.removed.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+            }
         }
-        d.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         // Moved aside first: a removal cut short by the deadline leaves garbage in tmp/,
         // not a half-deleted layer under a registered-looking name.
         let doomed = format!("rm-{id}-{}", d.tmp_seq.fetch_add(1, Ordering::Relaxed));
@@ -425,10 +459,11 @@ impl Space {
     pub(crate) fn list_layers(&self, call: CallId) -> Result<Vec<u64>> {
         let d = self.dirs()?;
         let pending = d.pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let removed = d.removed.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut ids: Vec<u64> = self
             .registered()?
             .into_iter()
-            .filter(|id| pending.get(id).is_none_or(|p| p.call == call))
+            .filter(|id| pending.get(id).is_none_or(|p| p.call == call) && !removed.contains(id))
             .collect();
         // With the call's own layers not registered yet.
         ids.extend(
@@ -510,8 +545,14 @@ impl Space {
         let registered = match ids.is_empty() {
             true => Ok(()),
             false => {
-                let (name, ids) = (self.name.clone(), ids.clone());
-                self.db.write(self.durability, move |txn| register_in(txn, &name, &ids))
+                let (name, ids, gone) = (self.name.clone(), ids.clone(), self.removed());
+                let gone_ = gone.clone();
+                self.db
+                    .write(self.durability, move |txn| {
+                        register_in(txn, &name, &ids)?;
+                        unregister_in(txn, &name, &gone_)
+                    })
+                    .inspect(|()| self.unregistered_removed(&gone))
             }
         };
         d.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, p| p.call != call);
@@ -530,7 +571,8 @@ impl Space {
     pub(crate) fn verify(&self) -> Result<Vec<(String, String)>> {
         let Some(d) = &self.layers else { return Ok(Vec::new()) };
         let mut bad = Vec::new();
-        for id in self.registered()? {
+        let removed = d.removed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for id in self.registered()?.into_iter().filter(|id| !removed.contains(id)) {
             // No-follow: lstat of the layer's own name.
             if rustix::fs::statat(&d.layers, id.to_string(), AtFlags::SYMLINK_NOFOLLOW).is_err() {
                 bad.push((format!("layer {id}"), format!("{LAYERS_DIR}/{id} is gone")));
@@ -636,12 +678,16 @@ impl Space {
         let (name, max) = (self.name.clone(), self.kv_max_bytes);
         let layers = self.unregistered(call);
         let registering = layers.clone();
+        let gone = self.removed();
+        let gone_ = gone.clone();
         let committed = self.db.write(self.durability, move |txn| {
             register_in(txn, &name, &registering)?;
+            unregister_in(txn, &name, &gone_)?;
             commit_in(txn, &name, &checks, &writes, max)
         });
         if committed.is_ok() {
             self.mark_registered(call, &layers);
+            self.unregistered_removed(&gone);
         }
         if matches!(committed, Ok(true)) {
             self.kv_generation.fetch_add(1, Ordering::AcqRel);
@@ -669,6 +715,18 @@ fn register_in(txn: &WriteTransaction, name: &str, ids: &[u64]) -> Result<()> {
     let now = now_nanos();
     for id in ids {
         t.insert((name, *id), now)?;
+    }
+    Ok(())
+}
+
+/// Deletes the registry entries of layers `ids` of space `name`.
+fn unregister_in(txn: &WriteTransaction, name: &str, ids: &[u64]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut t = txn.open_table(LAYERS)?;
+    for id in ids {
+        t.remove((name, *id))?;
     }
     Ok(())
 }
@@ -838,8 +896,57 @@ mod tests {
         let later = next_call();
         assert_eq!(s.list_layers(later).unwrap(), vec![a, b]);
         s.remove_layer(later, b).unwrap();
-        assert!(!s.is_registered(b).unwrap() && !layer_dir(tmp.path(), b).exists());
+        assert!(!layer_dir(tmp.path(), b).exists());
         s.settle(later).unwrap();
+    }
+
+    /// Removing a registered layer costs no write of its own: the layer is gone at
+    /// once (not usable, not listed, its directory deleted), and its registry entry
+    /// goes with the space's next write, whichever call makes it. A crash before that
+    /// leaves an entry whose directory is gone, which the next open deletes.
+    #[test]
+    fn a_removed_layers_entry_goes_with_the_next_write() {
+        let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+        let (db, s) = layered(tmp.path());
+        let first = next_call();
+        let (a, b, c) = (
+            s.create_layer(first, None).unwrap(),
+            s.create_layer(first, None).unwrap(),
+            s.create_layer(first, None).unwrap(),
+        );
+        s.settle(first).unwrap();
+        let call = next_call();
+        let before = db.stats().commits;
+        s.remove_layer(call, a).unwrap();
+        assert_eq!(db.stats().commits, before, "no write of its own");
+        assert!(!layer_dir(tmp.path(), a).exists());
+        assert!(s.is_registered(a).unwrap(), "its entry waits for the next write");
+        let other = next_call();
+        for who in [call, other] {
+            assert!(s.open_layer(who, a).unwrap_err().is_not_found());
+            assert!(s.layer_path(who, a).unwrap_err().is_not_found());
+            assert!(s.remove_layer(who, a).unwrap_err().is_not_found());
+            assert_eq!(s.list_layers(who).unwrap(), vec![b, c]);
+        }
+        assert!(s.verify().unwrap().is_empty(), "a removed layer is not a missing one");
+        s.settle(call).unwrap();
+        assert_eq!(db.stats().commits, before, "the call's end has nothing to write");
+        // Another call's key-value commit carries the deletion.
+        let put = vec![Write::Put("k".into(), b"v".to_vec())];
+        assert!(s.kv_commit(other, Vec::new(), put).unwrap());
+        assert_eq!(db.stats().commits, before + 1);
+        assert!(!s.is_registered(a).unwrap());
+        s.settle(other).unwrap();
+
+        // Cut short by a crash: the entry stays, the directory is gone; the next open
+        // deletes the entry and keeps the rest.
+        let last = next_call();
+        s.remove_layer(last, b).unwrap();
+        drop(s);
+        let s = open_layered(tmp.path(), &db);
+        assert!(!s.is_registered(b).unwrap(), "deleted at open");
+        assert_eq!(s.list_layers(next_call()).unwrap(), vec![c]);
+        assert!(s.verify().unwrap().is_empty());
     }
 
     /// If the call's end cannot register its layers, they are deleted and the call

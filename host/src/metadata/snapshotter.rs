@@ -1375,8 +1375,12 @@ impl Snapshotter {
             pending = held.into_iter().map(|(k, _)| k).collect();
         }
         // Removals a backend defers reach the disk now, not at some later commit: a
-        // prune that reports a removal must not see it undone by a crash.
-        self.db.db().flush()?;
+        // prune that reports a removal must not see it undone by a crash. With none,
+        // there is nothing to sync (containerd calls Cleanup after each of its
+        // collections, which made this a synced commit per collection for nothing).
+        if !report.removed.is_empty() {
+            self.db.db().flush()?;
+        }
         if reclaim {
             let backend = self.backend.clone();
             match with_deadline(deadline, format!("cleanup of snapshotter {sn:?}"), move || {

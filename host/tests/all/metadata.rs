@@ -473,7 +473,12 @@ fn bkey_of(b: &dyn Backend, key: &str) -> String {
 
 #[test]
 fn cleanup_prunes_what_no_record_names_children_first() {
-    let s = native_stack();
+    let dir = tmp();
+    let faults = Arc::new(wasnap::fault::Faults::new());
+    let meta = metadb(dir.path());
+    let backend = native(dir.path(), faults.clone());
+    let sn = Snapshotter::new(meta.clone(), "native", backend, faults.clone());
+    let s = Stack { dir, faults, sn };
     let c = ctx("default");
     s.sn.prepare(&c, "kept", None, &none()).unwrap();
     // Orphans made behind the metadata layer's back, as a crash would leave them.
@@ -492,6 +497,12 @@ fn cleanup_prunes_what_no_record_names_children_first() {
     assert_eq!(left.len(), 1);
     assert!(left[0].name.ends_with("/kept"));
     assert_eq!(names(&list(&s.sn, &c, &[]).unwrap()), ["kept"]);
+    // With nothing to prune, a cleanup writes nothing: containerd calls it after each
+    // of its collections.
+    let before = meta.db().stats();
+    let report = s.sn.cleanup().unwrap();
+    assert!(report.removed.is_empty() && report.failed.is_empty(), "{report:?}");
+    assert_eq!(meta.db().stats(), before);
 }
 
 #[test]

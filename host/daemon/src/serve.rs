@@ -54,7 +54,14 @@ impl Options {
 /// Runs a daemon until SIGTERM or SIGINT, on a runtime of its own. Returns once the
 /// daemon has stopped and closed the root; an error says why it could not start.
 pub fn run(opts: Options) -> Result<()> {
+    let workers = opts.config.daemon.async_workers;
+    if workers == 0 {
+        return Err(Error::invalid_argument(
+            "daemon.async_workers is 0: the daemon needs at least one thread to serve",
+        ));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .thread_name("wasnap-daemon")
         .build()
@@ -313,4 +320,21 @@ fn bind(socket: &Path) -> Result<UnixListener> {
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", socket.display()))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_async_worker_is_refused_before_anything_starts() {
+        let mut config = Config::default();
+        config.daemon.async_workers = 0;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        config.root = Some(dir.path().join("root"));
+        let e = run(Options::from_config(config)).unwrap_err();
+        assert_eq!(e.kind(), wasnap::ErrorKind::InvalidArgument, "{e}");
+        assert!(e.message().contains("async_workers"), "{e}");
+        assert!(!dir.path().join("root").exists(), "nothing was opened");
+    }
 }

@@ -33,7 +33,9 @@
 //! the same transaction, so the intent and the backend's first change commit together
 //! (one transaction instead of two), and no backend change can commit before the write
 //! it relies on. If the carried write fails there, that write fails with it, and so does
-//! every later one of the scope: the backend cannot change its store without it.
+//! every later one of the scope: the backend cannot change its store without it. Only
+//! for a backend known to write here: one whose state is elsewhere would change it
+//! before the carried write, and unchecked by it.
 //!
 //! **A full disk.** redb treats a failed write as fatal: once a commit fails on I/O,
 //! every later call fails until the file is closed and repaired. A full filesystem must

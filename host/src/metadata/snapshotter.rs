@@ -16,6 +16,7 @@
 //! backend's first change, never after it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +60,11 @@ pub struct Snapshotter {
     /// Updates that change what the backend sees go one at a time, so the backend and
     /// the record agree on a snapshot's inherited labels.
     backend_updates: Mutex<()>,
+    /// The backend's last commit wrote to our database on the calling thread (a
+    /// plugin's key-value commit), so the next commit's intent may ride on its write
+    /// (see [`Snapshotter::commit_as`]). Learnt, never assumed: a backend that keeps its
+    /// state elsewhere gets its intent written before it is called.
+    carries: AtomicBool,
 }
 
 /// The background remover of backend snapshots no record names any more: one thread,
@@ -251,6 +257,7 @@ impl Snapshotter {
             trigger: None,
             shared_db: false,
             backend_updates: Mutex::new(()),
+            carries: AtomicBool::new(false),
         }
     }
 
@@ -800,16 +807,21 @@ impl Snapshotter {
         let _inflight = InFlight::new(&self.inflight, &intent.bname);
         let names = [(intent.bname.as_str(), name), (intent.bkey.as_str(), key)];
 
-        // Step 2: the backend. Over a backend whose store is our database (a plugin's),
-        // the intent is carried by the backend's first write, in its transaction: one
-        // commit fewer, and still none of the backend's changes commits before it (see
-        // `kv::Db::carrying`). Otherwise it is written first.
+        // Step 2: the backend. Over a backend whose store is our database and that
+        // wrote to it in its last commit (a plugin's key-value commit), the intent is
+        // carried by the backend's first write, in its transaction: one commit fewer,
+        // and still none of the backend's changes commits before it (see
+        // `kv::Db::carrying`). Otherwise it is written first, as it must be for a
+        // backend that keeps its state elsewhere: its change would not wait for the
+        // intent, nor the intent's checks (the name is free, the key still active) hold
+        // it back from racing another commit.
         let backend_commit = || {
             self.faults.hit("metadata.commit.before-backend").and_then(|()| {
                 self.backend.commit(&intent.bname, &intent.bkey, &inherited_labels(labels))
             })
         };
-        let (done, mut unwritten) = if intent.layers.is_empty() && self.shared_db {
+        let shared = intent.layers.is_empty() && self.shared_db;
+        let (done, mut unwritten) = if shared && self.carries.load(Ordering::Relaxed) {
             match self.db.db().carrying(durability, put, backend_commit) {
                 (done, Carried::Committed) => (done, None),
                 (_, Carried::Failed(e)) => {
@@ -817,11 +829,26 @@ impl Snapshotter {
                     // was, and what else it made is no record's, so pruning takes it.
                     return Err(self.in_user_terms(e, &names));
                 }
-                (done, Carried::Unused(w)) => (done, Some(w)),
+                (done, Carried::Unused(w)) => {
+                    self.carries.store(false, Ordering::Relaxed);
+                    (done, Some(w))
+                }
             }
         } else {
             self.db.write(durability, put)?;
-            (backend_commit(), None)
+            let done = match shared {
+                // Whether the backend writes here, learnt from a write carrying nothing.
+                true => {
+                    let (done, wrote) =
+                        self.db.db().carrying(durability, |_| Ok(()), backend_commit);
+                    if matches!(wrote, Carried::Committed) && done.is_ok() {
+                        self.carries.store(true, Ordering::Relaxed);
+                    }
+                    done
+                }
+                false => backend_commit(),
+            };
+            (done, None)
         };
         let done = done.map_err(|e| self.in_user_terms(e, &names));
         // The intent, if the backend made no write to carry it, is written before the

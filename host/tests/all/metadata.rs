@@ -612,9 +612,10 @@ fn a_background_removal_that_fails_leaves_an_orphan_the_next_prune_takes() {
 }
 
 /// A commit over a plugin whose store is the root's database carries its intent in the
-/// plugin's first write: two writes in all (the plugin's, with the intent, then the
-/// committed record). If the intent cannot be written there, the plugin's write fails
-/// with it, and nothing changes anywhere.
+/// plugin's first write, once a commit has shown that the plugin writes there: two
+/// writes in all (the plugin's, with the intent, then the committed record). If the
+/// intent cannot be written there, the plugin's write fails with it, and nothing
+/// changes anywhere.
 #[test]
 fn a_commit_over_a_plugin_carries_its_intent_in_the_plugins_write() {
     let dir = tmp();
@@ -633,9 +634,12 @@ fn a_commit_over_a_plugin_carries_its_intent_in_the_plugins_write() {
     let c = ctx("default");
     let commits = || host.db().db().stats().commits;
 
-    // The first create and commit reserve blocks of sequence numbers and layer ids.
+    // The first create and commit reserve blocks of sequence numbers and layer ids, and
+    // the first commit, its intent written first, shows that the plugin writes.
     sn.prepare(&c, "warm", None, &none()).unwrap();
+    let before = commits();
     sn.commit(&c, "warmed", "warm", &none()).unwrap();
+    assert_eq!(commits() - before, 3, "intent, the plugin's write, the record");
     sn.remove(&c, "warmed").unwrap();
     let m = sn.prepare(&c, "a", None, &none()).unwrap();
     std::fs::write(source(&m).join("f"), "data").unwrap();
@@ -660,4 +664,57 @@ fn a_commit_over_a_plugin_carries_its_intent_in_the_plugins_write() {
         assert!(report.orphans.is_empty() && report.missing.is_empty(), "{report:?}");
     }
     host.close().unwrap();
+}
+
+/// A backend that keeps its state outside our database, though declared as sharing it
+/// (here the native driver with a store of its own): its commits never write there, so
+/// each commit's intent is written before the backend is called, as it must be for such
+/// a backend, and concurrent commits to one name leave one committed snapshot and the
+/// others active and whole.
+#[test]
+fn a_commit_over_a_backend_that_writes_elsewhere_writes_its_intent_first() {
+    let dir = tmp();
+    let faults = Arc::new(wasnap::fault::Faults::new());
+    let meta = metadb(dir.path());
+    let backend: Arc<dyn Backend> = native(dir.path(), faults.clone());
+    assert!(!backend.stages_records());
+    let sn = Arc::new(
+        Snapshotter::new(meta.clone(), "native", backend.clone(), faults).with_shared_db(true),
+    );
+    let c = ctx("default");
+    for round in 0..2 {
+        sn.prepare(&c, &format!("a{round}"), None, &none()).unwrap();
+        let before = meta.db().stats().commits;
+        sn.commit(&c, &format!("c{round}"), &format!("a{round}"), &none()).unwrap();
+        assert_eq!(meta.db().stats().commits - before, 2, "round {round}: intent, then record");
+    }
+
+    let keys: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        sn.prepare(&c, k, None, &none()).unwrap();
+    }
+    let start = Arc::new(std::sync::Barrier::new(keys.len()));
+    let threads: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (sn, start, k) = (sn.clone(), start.clone(), k.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                sn.commit(&ctx("default"), "top", &k, &Labels::new())
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    for (k, r) in keys.iter().zip(&results) {
+        if let Err(e) = r {
+            assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{k}: {e}");
+            assert_eq!(sn.stat(&c, k).unwrap().kind, Kind::Active, "{k}");
+            assert_eq!(backend.stat(&bkey_of(backend.as_ref(), k)).unwrap().kind, Kind::Active);
+        }
+    }
+    assert_eq!(sn.stat(&c, "top").unwrap().kind, Kind::Committed);
+    assert!(sn.orphans(std::time::Duration::from_secs(10)).unwrap().is_empty());
+    assert!(sn.missing(std::time::Duration::from_secs(10)).unwrap().is_empty());
 }

@@ -200,10 +200,11 @@ fn a_process_killed_at_any_step_of_a_commit_leaves_one_whole_snapshot() {
     }
 }
 
-/// A commit over a plugin whose store is the root's database: its intent rides on the
-/// plugin's first write. Killed before the plugin is called, inside that write (before
-/// it commits), or after the plugin returned, the snapshot is whole, active or
-/// committed, and a commit cut short goes through when asked again.
+/// A commit over a plugin whose store is the root's database. Killed before the plugin
+/// is called, while the intent is written (in a process's first commit, before the
+/// call; in a daemon's later ones, inside the plugin's first write, which the host's
+/// metadata tests and the soak cover), or after the plugin returned, the snapshot is
+/// whole, active or committed, and a commit cut short goes through when asked again.
 #[test]
 fn a_process_killed_at_any_step_of_a_commit_over_a_plugin_leaves_one_whole_snapshot() {
     let copy = wasnap_test_util::guests::path("copy").unwrap_or_else(|e| panic!("{e}"));

@@ -438,6 +438,7 @@ pub(crate) fn status(
                 "default_snapshotter": s.default_snapshotter,
                 "requests": s.requests,
                 "failed_requests": s.failed_requests,
+                "busy_micros": s.busy_micros,
                 "database": s.database.as_ref().map(|d| serde_json::json!({
                     "commits": d.commits, "durable_commits": d.durable_commits,
                     "operations": d.operations,
@@ -457,7 +458,15 @@ pub(crate) fn status(
                 ],
                 vec!["root".into(), s.root.clone()],
                 vec!["socket".into(), s.socket.clone()],
-                vec!["requests".into(), format!("{} ({} failed)", s.requests, s.failed_requests)],
+                vec![
+                    "requests".into(),
+                    format!(
+                        "{} ({} failed), {} each on average",
+                        s.requests,
+                        s.failed_requests,
+                        mean_latency(s.busy_micros, s.requests)
+                    ),
+                ],
             ];
             // An older daemon does not say.
             if let Some(d) = &s.database {

@@ -69,6 +69,11 @@ struct Measured {
     cpu_per_cycle: Option<Duration>,
     /// The wasnap root database's commits, and of those synced, per cycle.
     commits_per_cycle: Option<(f64, f64)>,
+    /// A cycle's wall time as one client saw it (its operations' latencies summed).
+    latency_per_cycle: Duration,
+    /// The wasnap daemon's time serving calls, per cycle (its calls' latencies summed,
+    /// as the daemon measured them).
+    wasnap_per_cycle: Option<Duration>,
 }
 
 /// CPU time (user and system, every thread) that process `pid` has used so far.
@@ -87,12 +92,14 @@ fn cpu_of(pids: &[u32]) -> Option<Duration> {
     pids.iter().map(|p| cpu_time(*p)).sum()
 }
 
-/// The wasnap daemon's root database commits so far, and of those synced.
-async fn commits(socket: &Path) -> Result<(u64, u64)> {
+/// The wasnap daemon's counters so far: its root database's commits, of those synced,
+/// and the microseconds it spent serving calls.
+async fn counters(socket: &Path) -> Result<(u64, u64, u64)> {
     let c = Client::connect(socket).await?;
     let status = c.admin().status(request(StatusRequest {}, None, None)).await.map_err(st)?;
-    let db = status.into_inner().database.unwrap_or_default();
-    Ok((db.commits, db.durable_commits))
+    let status = status.into_inner();
+    let db = status.database.unwrap_or_default();
+    Ok((db.commits, db.durable_commits, status.busy_micros))
 }
 
 fn st(s: tonic::Status) -> Error {
@@ -152,8 +159,8 @@ async fn load(t: &Target, clients: usize, per_client: usize) -> Result<Measured>
     for _ in 0..clients {
         conns.push(Client::connect(&t.socket).await?);
     }
-    let commits_before = match &t.wasnap {
-        Some(socket) => Some(commits(socket).await?),
+    let counters_before = match &t.wasnap {
+        Some(socket) => Some(counters(socket).await?),
         None => None,
     };
     let cpu_before = cpu_of(&t.servers);
@@ -183,19 +190,48 @@ async fn load(t: &Target, clients: usize, per_client: usize) -> Result<Measured>
     let wall = started.elapsed();
     let cpu = cpu_of(&t.servers).zip(cpu_before).map(|(after, before)| after - before);
     let n = cycles.max(1) as f64;
-    let commits_per_cycle = match (&t.wasnap, commits_before) {
-        (Some(socket), Some((c0, d0))) => {
-            let (c1, d1) = commits(socket).await?;
-            Some((c1.saturating_sub(c0) as f64 / n, d1.saturating_sub(d0) as f64 / n))
+    let (commits_per_cycle, wasnap_per_cycle) = match (&t.wasnap, counters_before) {
+        (Some(socket), Some((c0, d0, b0))) => {
+            let (c1, d1, b1) = counters(socket).await?;
+            let busy = Duration::from_micros(b1.saturating_sub(b0)).div_f64(n);
+            (Some((c1.saturating_sub(c0) as f64 / n, d1.saturating_sub(d0) as f64 / n)), Some(busy))
         }
-        _ => None,
+        _ => (None, None),
     };
+    let latency_per_cycle = ops.iter().flatten().sum::<Duration>().div_f64(n);
     Ok(Measured {
         cycles_per_sec: cycles as f64 / wall.as_secs_f64().max(1e-9),
         ops,
         cpu_per_cycle: cpu.map(|c| c.div_f64(n)),
         commits_per_cycle,
+        latency_per_cycle,
+        wasnap_per_cycle,
     })
+}
+
+/// The floor under a target's cycle at 1 client: cycles of five `Stat` calls (the API's
+/// cheapest call on a snapshot, one read) on a snapshot prepared for it, in cycles per
+/// second. The cycle's five calls cannot be answered faster than five of these.
+async fn floor(t: &Target, cycles: usize) -> Result<f64> {
+    let c = Client::connect(&t.socket).await?;
+    let mut s = c.snapshots();
+    let key = format!("{}-floor", t.label.replace([' ', '>'], "-"));
+    let prepare = PrepareSnapshotRequest {
+        snapshotter: t.snapshotter.into(),
+        key: key.clone(),
+        parent: String::new(),
+        labels: HashMap::new(),
+    };
+    s.prepare(req(t, prepare)).await.map_err(st)?;
+    let started = Instant::now();
+    for _ in 0..cycles * 5 {
+        let stat = StatSnapshotRequest { snapshotter: t.snapshotter.into(), key: key.clone() };
+        s.stat(req(t, stat)).await.map_err(st)?;
+    }
+    let rate = cycles as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let remove = RemoveSnapshotRequest { snapshotter: t.snapshotter.into(), key };
+    s.remove(req(t, remove)).await.map_err(st)?;
+    Ok(rate)
 }
 
 /// The targets in the order the table shows them; containerd's own overlayfs first.
@@ -318,9 +354,13 @@ pub fn run(
     let mut summary = Vec::new();
     let mut per_op = Vec::new();
     let mut cost = Vec::new();
+    let mut bounds = Vec::new();
     for base in roots {
         let fs = wasnap::probe::filesystem_name(base);
         let (tmp, daemon, peer, targets) = start(base, (&guest, copy.instances), wasnap)?;
+        // At 1 client, by target: cycles/s, a cycle's latency, wasnap's time in it.
+        let mut serial: HashMap<&str, (f64, Duration, Option<Duration>)> = HashMap::new();
+        let mut wanted_labels = Vec::new();
         for (clients, per_client) in [(1usize, one), (8, eight)] {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
@@ -335,6 +375,9 @@ pub fn run(
                     row.push("-".into());
                     continue;
                 };
+                if clients == 1 {
+                    wanted_labels.push(t.label);
+                }
                 let m = rt.block_on(load(t, clients, per_client)).map_err(|e| {
                     tracing::error!("the daemon's log:\n{}", daemon.log_tail());
                     e.context(format!("{} on {fs}, {clients} clients", t.label))
@@ -348,6 +391,12 @@ pub fn run(
                     Some(b) => format!(" ({:.2}x)", m.cycles_per_sec / f64::max(b, 1e-9)),
                 };
                 row.push(format!("{:.0}{ratio}", m.cycles_per_sec));
+                if clients == 1 {
+                    serial.insert(
+                        t.label,
+                        (m.cycles_per_sec, m.latency_per_cycle, m.wasnap_per_cycle),
+                    );
+                }
                 let mut line = vec![fs.clone(), clients.to_string(), t.label.to_owned()];
                 line.extend(m.ops.into_iter().map(|s| fmt_d(Stats::new(s).pct(0.5))));
                 per_op.push(line);
@@ -379,10 +428,12 @@ pub fn run(
                     cpu,
                     commits,
                     synced,
+                    m.wasnap_per_cycle.map_or("-".into(), fmt_d),
                 ]);
             }
             summary.push(row);
         }
+        bounds.push(bounds_row(&fs, &rt, &targets, &wanted_labels, &serial, one)?);
         drop(peer);
         drop(daemon);
         if std::env::var_os("WASNAP_BENCH_KEEP").is_some() {
@@ -418,5 +469,69 @@ pub fn run(
          the wasnap root database's commits, and of those synced"
     )
     .map_err(io)?;
-    table(out, &["FS", "CLIENTS", "TARGET", "CPU", "COMMITS", "SYNCED"], &cost)
+    table(out, &["FS", "CLIENTS", "TARGET", "CPU", "COMMITS", "SYNCED", "IN WASNAP"], &cost)?;
+    writeln!(
+        out,
+        "\ndaemon: what bounds the ratios at 1 client, where a cycle's calls are serial. \
+         STAT FLOOR: cycles of five Stat calls (one read each) per second, the fastest a \
+         server answers five calls to this client; DIRECT CEILING: wasnap's floor over \
+         containerd's overlayfs cycles/s, the ratio the direct targets would reach if \
+         every call cost no more than a Stat; OUTSIDE WASNAP: a proxied cycle's latency \
+         less wasnap's time serving it (containerd's own work and its gRPC client); \
+         PROXY CEILING: the proxy's ratio if wasnap took no time at all"
+    )
+    .map_err(io)?;
+    table(
+        out,
+        &[
+            "FS",
+            "CONTAINERD STAT FLOOR",
+            "WASNAP STAT FLOOR",
+            "DIRECT CEILING",
+            "OUTSIDE WASNAP",
+            "PROXY CEILING",
+        ],
+        &bounds,
+    )
+}
+
+/// The row of the bounds table for one root: the floors of containerd and of the
+/// wasnap daemon (each measured if its target ran), and the ceilings they and the
+/// 1-client loads in `serial` imply.
+fn bounds_row(
+    fs: &str,
+    rt: &tokio::runtime::Runtime,
+    targets: &[Target],
+    ran: &[&str],
+    serial: &HashMap<&str, (f64, Duration, Option<Duration>)>,
+    cycles: usize,
+) -> Result<Vec<String>> {
+    let floor_of = |label: &str| -> Result<Option<f64>> {
+        match targets.iter().find(|t| t.label == label && ran.contains(&label)) {
+            Some(t) => rt
+                .block_on(floor(t, cycles))
+                .map(Some)
+                .map_err(|e| e.context(format!("the floor of {label} on {fs}"))),
+            None => Ok(None),
+        }
+    };
+    let containerd_floor = floor_of(COLUMNS[0])?;
+    let wasnap_floor = floor_of(COLUMNS[1])?;
+    let baseline = serial.get(COLUMNS[0]).map(|s| s.0);
+    let rate = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.0}"));
+    let ratio = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.2}x"));
+    let direct_ceiling = wasnap_floor.zip(baseline).map(|(f, b)| f / b.max(1e-9));
+    let outside = serial
+        .get(COLUMNS[2])
+        .and_then(|(_, latency, inside)| inside.map(|i| latency.saturating_sub(i)));
+    let proxy_ceiling =
+        outside.zip(baseline).map(|(o, b)| 1.0 / o.as_secs_f64().max(1e-9) / b.max(1e-9));
+    Ok(vec![
+        fs.to_owned(),
+        rate(containerd_floor),
+        rate(wasnap_floor),
+        ratio(direct_ceiling),
+        outside.map_or("-".into(), fmt_d),
+        ratio(proxy_ceiling),
+    ])
 }

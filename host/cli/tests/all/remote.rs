@@ -274,6 +274,7 @@ fn status_shows_the_daemon_and_its_counters() {
     assert!(text.contains("native (default)") && text.contains("open"), "{text}");
     assert!(text.contains(sock) && text.contains(&d.root().display().to_string()), "{text}");
     assert!(text.contains("requests  ") && text.contains("(1 failed)"), "{text}");
+    assert!(text.contains(" each on average"), "{text}");
     assert!(text.contains("database  ") && text.contains(" commits ("), "{text}");
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
@@ -283,11 +284,14 @@ fn status_shows_the_daemon_and_its_counters() {
     let (commits, synced) = (db["commits"].as_u64().unwrap(), db["durable_commits"].as_u64());
     assert!(commits >= 1 && synced == Some(commits), "{json}");
     assert!(db["operations"].as_u64().unwrap() >= commits, "{json}");
+    let busy = json["busy_micros"].as_u64().unwrap();
+    assert!(busy > 0, "the calls so far took time: {json}");
     ok(&["--address", sock, "prepare", "b"]);
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
     assert_eq!(json["database"]["commits"].as_u64(), Some(commits + 1), "a prepare is one commit");
     assert!(json["requests"].as_u64().unwrap() >= 2, "{json}");
+    assert!(json["busy_micros"].as_u64().unwrap() > busy, "the prepare's time counts: {json}");
     assert_eq!(json["failed_requests"], 1, "{json}");
     assert_eq!(json["root"], d.root().display().to_string());
     assert_eq!(json["socket"], sock);

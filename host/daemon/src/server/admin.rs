@@ -163,6 +163,7 @@ impl Admin for AdminService {
                 plugins,
                 requests: shared.requests.load(std::sync::atomic::Ordering::Relaxed),
                 failed_requests: shared.failed.load(std::sync::atomic::Ordering::Relaxed),
+                busy_micros: shared.busy_micros.load(std::sync::atomic::Ordering::Relaxed),
                 database: Some(database_commits(host.db().db().stats())),
             })
         })

@@ -50,6 +50,8 @@ pub struct Shared {
     next_id: AtomicU64,
     requests: AtomicU64,
     failed: AtomicU64,
+    /// Microseconds spent serving calls, summed over calls (see [`Shared::call`]).
+    busy_micros: AtomicU64,
     metrics: OnceLock<Arc<Metrics>>,
 }
 
@@ -63,6 +65,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             requests: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            busy_micros: AtomicU64::new(0),
             metrics: OnceLock::new(),
         })
     }
@@ -116,6 +119,7 @@ impl Shared {
             .unwrap_or_else(|e| Err(Error::internal(format!("{method} panicked: {e}"))));
         let _entered = span.enter();
         let elapsed = started.elapsed();
+        self.busy_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
         let metrics = self.metrics.get();
         match result {
             Ok(v) => {

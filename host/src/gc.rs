@@ -407,6 +407,11 @@ mod tests {
 
 /// What makes the scheduler collect: counts of deletions and mutations since the last
 /// collection, bumped by the metadata layer.
+///
+/// Every call that changes the metadata bumps a count, so the collector's thread is
+/// woken only when a count reaches its threshold: below it the thread has nothing to
+/// decide, and past it the thread already knows (it is waiting for its pacing, with a
+/// timeout). Before a scheduler says its thresholds, every change wakes it.
 #[derive(Debug, Default)]
 pub struct Trigger {
     state: Mutex<TriggerState>,
@@ -418,20 +423,52 @@ struct TriggerState {
     deletions: u64,
     mutations: u64,
     stop: bool,
+    /// The scheduler's (deletion, mutation) thresholds, 0 for one it does not use;
+    /// None until a scheduler starts.
+    thresholds: Option<(u64, u64)>,
+    /// Times a change woke the collector's thread.
+    wakes: u64,
+}
+
+impl TriggerState {
+    /// Whether the change just counted brought a count to its threshold.
+    fn reached(&self) -> bool {
+        match self.thresholds {
+            None => true,
+            Some((deletions, mutations)) => {
+                (deletions > 0 && self.deletions == deletions)
+                    || (mutations > 0 && self.mutations == mutations)
+            }
+        }
+    }
+}
+
+impl Trigger {
+    fn bump(&self, deletion: bool) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if deletion {
+            s.deletions += 1;
+        }
+        s.mutations += 1;
+        if s.reached() {
+            s.wakes += 1;
+            self.wake.notify_all();
+        }
+    }
+
+    /// Times a change has woken the collector's thread.
+    pub fn wakes(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).wakes
+    }
 }
 
 impl Changes for Trigger {
     fn deletion(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.deletions += 1;
-        s.mutations += 1;
-        self.wake.notify_all();
+        self.bump(true);
     }
 
     fn mutation(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.mutations += 1;
-        self.wake.notify_all();
+        self.bump(false);
     }
 }
 
@@ -450,6 +487,8 @@ impl Scheduler {
         collect: impl Fn() -> Result<GcReport> + Send + 'static,
     ) -> Result<Self> {
         let t = trigger.clone();
+        t.state.lock().unwrap_or_else(|e| e.into_inner()).thresholds =
+            Some((opts.deletion_threshold, opts.mutation_threshold));
         let thread = std::thread::Builder::new()
             .name("wasnap-gc".into())
             .spawn(move || {
@@ -512,6 +551,54 @@ impl Drop for Scheduler {
 #[cfg(test)]
 mod pacing {
     use super::*;
+
+    #[test]
+    fn changes_wake_the_collector_only_when_a_count_reaches_its_threshold() {
+        let trigger = Arc::new(Trigger::default());
+        let opts = GcOptions {
+            deletion_threshold: 0,
+            mutation_threshold: 1_000,
+            interval_secs: 0,
+            ..GcOptions::default()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let scheduler = Scheduler::start(trigger.clone(), opts, move || {
+            let _ = tx.send(());
+            Ok(GcReport::default())
+        })
+        .expect("start");
+        for _ in 0..999 {
+            trigger.mutation();
+        }
+        assert_eq!(trigger.wakes(), 0, "no change below the threshold wakes the collector");
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "nothing to collect yet");
+        trigger.mutation();
+        assert_eq!(trigger.wakes(), 1);
+        rx.recv_timeout(Duration::from_secs(60)).expect("the thousandth mutation collects");
+        drop(scheduler);
+
+        // With a deletion threshold of 1, the first deletion after a collection wakes it.
+        let trigger = Arc::new(Trigger::default());
+        let opts = GcOptions {
+            deletion_threshold: 1,
+            mutation_threshold: 0,
+            interval_secs: 0,
+            max_time_share_percent: 0,
+            ..GcOptions::default()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let scheduler = Scheduler::start(trigger.clone(), opts, move || {
+            let _ = tx.send(());
+            Ok(GcReport::default())
+        })
+        .expect("start");
+        trigger.mutation();
+        assert_eq!(trigger.wakes(), 0);
+        trigger.deletion();
+        assert_eq!(trigger.wakes(), 1);
+        rx.recv_timeout(Duration::from_secs(60)).expect("the deletion collects");
+        drop(scheduler);
+    }
 
     #[test]
     fn collections_called_for_by_changes_take_at_most_their_share_of_the_time() {

@@ -552,12 +552,15 @@ impl Drop for Scheduler {
 mod pacing {
     use super::*;
 
-    #[test]
-    fn changes_wake_the_collector_only_when_a_count_reaches_its_threshold() {
+    /// A scheduler on a new trigger with `(deletion, mutation)` thresholds, and a
+    /// receiver told of each collection.
+    fn counting(
+        (deletion_threshold, mutation_threshold): (u64, u64),
+    ) -> (Arc<Trigger>, Scheduler, std::sync::mpsc::Receiver<()>) {
         let trigger = Arc::new(Trigger::default());
         let opts = GcOptions {
-            deletion_threshold: 0,
-            mutation_threshold: 1_000,
+            deletion_threshold,
+            mutation_threshold,
             interval_secs: 0,
             ..GcOptions::default()
         };
@@ -567,6 +570,12 @@ mod pacing {
             Ok(GcReport::default())
         })
         .expect("start");
+        (trigger, scheduler, rx)
+    }
+
+    #[test]
+    fn changes_wake_the_collector_only_when_a_count_reaches_its_threshold() {
+        let (trigger, scheduler, rx) = counting((0, 1_000));
         for _ in 0..999 {
             trigger.mutation();
         }
@@ -578,20 +587,7 @@ mod pacing {
         drop(scheduler);
 
         // With a deletion threshold of 1, the first deletion after a collection wakes it.
-        let trigger = Arc::new(Trigger::default());
-        let opts = GcOptions {
-            deletion_threshold: 1,
-            mutation_threshold: 0,
-            interval_secs: 0,
-            max_time_share_percent: 0,
-            ..GcOptions::default()
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        let scheduler = Scheduler::start(trigger.clone(), opts, move || {
-            let _ = tx.send(());
-            Ok(GcReport::default())
-        })
-        .expect("start");
+        let (trigger, scheduler, rx) = counting((1, 0));
         trigger.mutation();
         assert_eq!(trigger.wakes(), 0);
         trigger.deletion();

@@ -836,17 +836,15 @@ impl Snapshotter {
             }
         } else {
             self.db.write(durability, put)?;
-            let done = match shared {
+            let done = if shared {
                 // Whether the backend writes here, learnt from a write carrying nothing.
-                true => {
-                    let (done, wrote) =
-                        self.db.db().carrying(durability, |_| Ok(()), backend_commit);
-                    if matches!(wrote, Carried::Committed) && done.is_ok() {
-                        self.carries.store(true, Ordering::Relaxed);
-                    }
-                    done
+                let (done, wrote) = self.db.db().carrying(durability, |_| Ok(()), backend_commit);
+                if matches!(wrote, Carried::Committed) && done.is_ok() {
+                    self.carries.store(true, Ordering::Relaxed);
                 }
-                false => backend_commit(),
+                done
+            } else {
+                backend_commit()
             };
             (done, None)
         };

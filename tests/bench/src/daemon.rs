@@ -360,7 +360,6 @@ pub fn run(
         let (tmp, daemon, peer, targets) = start(base, (&guest, copy.instances), wasnap)?;
         // At 1 client, by target: cycles/s, a cycle's latency, wasnap's time in it.
         let mut serial: HashMap<&str, (f64, Duration, Option<Duration>)> = HashMap::new();
-        let mut wanted_labels = Vec::new();
         for (clients, per_client) in [(1usize, one), (8, eight)] {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
@@ -375,9 +374,6 @@ pub fn run(
                     row.push("-".into());
                     continue;
                 };
-                if clients == 1 {
-                    wanted_labels.push(t.label);
-                }
                 let m = rt.block_on(load(t, clients, per_client)).map_err(|e| {
                     tracing::error!("the daemon's log:\n{}", daemon.log_tail());
                     e.context(format!("{} on {fs}, {clients} clients", t.label))
@@ -433,7 +429,7 @@ pub fn run(
             }
             summary.push(row);
         }
-        bounds.push(bounds_row(&fs, &rt, &targets, &wanted_labels, &serial, one)?);
+        bounds.push(bounds_row(&fs, &rt, &targets, &serial, one)?);
         drop(peer);
         drop(daemon);
         if std::env::var_os("WASNAP_BENCH_KEEP").is_some() {
@@ -496,18 +492,17 @@ pub fn run(
 }
 
 /// The row of the bounds table for one root: the floors of containerd and of the
-/// wasnap daemon (each measured if its target ran), and the ceilings they and the
-/// 1-client loads in `serial` imply.
+/// wasnap daemon (each measured if its target ran, that is, is in `serial`), and the
+/// ceilings they and the 1-client loads in `serial` imply.
 fn bounds_row(
     fs: &str,
     rt: &tokio::runtime::Runtime,
     targets: &[Target],
-    ran: &[&str],
     serial: &HashMap<&str, (f64, Duration, Option<Duration>)>,
     cycles: usize,
 ) -> Result<Vec<String>> {
     let floor_of = |label: &str| -> Result<Option<f64>> {
-        match targets.iter().find(|t| t.label == label && ran.contains(&label)) {
+        match targets.iter().find(|t| t.label == label && serial.contains_key(label)) {
             Some(t) => rt
                 .block_on(floor(t, cycles))
                 .map(Some)

@@ -3,6 +3,7 @@
 //! the shipped `wasnap bench`. It prints its tables as `wasnap bench` does.
 
 mod daemon;
+mod kv;
 mod soak;
 
 use std::io::Write;
@@ -27,6 +28,9 @@ enum Command {
     /// own overlayfs, wasnap as containerd's proxy snapshotter, and the wasnap daemon
     /// (overlay driver, `copy` guest)
     Daemon(DaemonArgs),
+    /// The floor under every mutating call: one durable write transaction of the root
+    /// database changing 1, 4 or 7 tables, beside a read, in-process
+    Kv(KvArgs),
     /// A long concurrent run against one `wasnap daemon` with kill -9s and aborts at
     /// fault points, and an invariant checker; prints a table, exits 1 on a violation
     Soak(SoakArgs),
@@ -114,6 +118,31 @@ struct DaemonArgs {
     wasnap: Option<PathBuf>,
 }
 
+/// Options of `wasnap-bench kv`.
+#[derive(Debug, Args)]
+struct KvArgs {
+    /// A short run that only proves the benchmark works (CI)
+    #[arg(long)]
+    smoke: bool,
+    /// Directories to put the database in, one run each (repeatable)
+    /// [default: /dev/shm (tmpfs) and /var/tmp (disk); only /dev/shm with --smoke]
+    #[arg(long = "dir", value_name = "DIR")]
+    dirs: Vec<PathBuf>,
+}
+
+/// `given`, or the benchmarks' default roots: tmpfs, and the disk unless `smoke`.
+fn bench_dirs(given: Vec<PathBuf>, smoke: bool) -> Vec<PathBuf> {
+    if !given.is_empty() {
+        return given;
+    }
+    let shm = Path::new("/dev/shm");
+    let mut dirs = vec![if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() }];
+    if !smoke {
+        dirs.push(PathBuf::from("/var/tmp"));
+    }
+    dirs
+}
+
 /// The `wasnap` binary: the one given, or the one beside this executable (where cargo
 /// puts both when it builds the workspace).
 fn wasnap_binary(given: Option<&Path>) -> Result<PathBuf> {
@@ -165,16 +194,12 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<bool> {
         }
         Command::Daemon(args) => {
             let wasnap = wasnap_binary(args.wasnap.as_deref())?;
-            let mut dirs = args.dirs;
-            if dirs.is_empty() {
-                let shm = Path::new("/dev/shm");
-                dirs.push(if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() });
-                if !args.smoke {
-                    dirs.push(PathBuf::from("/var/tmp"));
-                }
-            }
+            let dirs = bench_dirs(args.dirs, args.smoke);
             let copy = daemon::Copy { guest: args.copy_guest, instances: args.copy_instances };
             daemon::run(&dirs, &copy, &wasnap, args.smoke, out).map(|()| true)
+        }
+        Command::Kv(args) => {
+            kv::run(&bench_dirs(args.dirs, args.smoke), args.smoke, out).map(|()| true)
         }
     }
 }

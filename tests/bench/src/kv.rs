@@ -1,0 +1,195 @@
+//! `wasnap-bench kv`: the floor under every mutating call of the daemon, its one write
+//! transaction through [`wasnap::kv::Db`], measured alone.
+//!
+//! Each call on the daemon's overlay path is one write of the root database, durable
+//! before the call returns, and the write changes a row in each of several tables (a
+//! prepare: the record, the parent's child link, the backend key, the lease's resource,
+//! the driver's record and child link). redb's commit copies each changed table's page
+//! and rewrites the table tree, the free-page lists and the header, so its cost grows
+//! with the tables a transaction changes, not with the bytes. This bench measures that
+//! cost at 1, 4 and 7 tables, durable and deferred, with a read beside it (a `Stat`'s
+//! database work), so that what a call may cost at least is a figure, not a guess.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use wasnap::error::{Error, Result};
+use wasnap::kv::{Db, Durability};
+use wasnap_cli::output::table;
+use wasnap_cli::stats::{Stats, fmt_d};
+
+/// Tables named like the metadata's, keyed like its records: (snapshotter, namespace,
+/// key) to an encoded record.
+type Def =
+    redb::TableDefinition<'static, (&'static str, &'static str, &'static str), &'static [u8]>;
+
+const TABLES: [Def; 7] = [
+    redb::TableDefinition::new("bench_0"),
+    redb::TableDefinition::new("bench_1"),
+    redb::TableDefinition::new("bench_2"),
+    redb::TableDefinition::new("bench_3"),
+    redb::TableDefinition::new("bench_4"),
+    redb::TableDefinition::new("bench_5"),
+    redb::TableDefinition::new("bench_6"),
+];
+
+/// Rows each table keeps: a few live snapshots, as in the daemon bench's cycles.
+const LIVE: u64 = 8;
+
+/// The size of a row's value: about an encoded record with a few labels.
+const VALUE_BYTES: usize = 240;
+
+/// One measured row.
+struct Row {
+    wall: Vec<Duration>,
+    cpu_per_write: Duration,
+    writes_per_commit: f64,
+}
+
+/// This thread's CPU time (the group commit's leader is the caller: with one caller,
+/// every commit runs here).
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec.unsigned_abs(), t.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
+/// Write system calls this process has made (`syscw` of `/proc/self/io`): a redb
+/// commit writes each dirty page with its own `pwrite`.
+fn write_calls() -> Result<u64> {
+    let io = std::fs::read_to_string("/proc/self/io")
+        .map_err(|e| Error::internal(format!("read /proc/self/io: {e}")))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Error::internal("no syscw in /proc/self/io"))
+}
+
+/// `n` writes, each changing one row (and dropping an old one) in each of `tables`
+/// tables.
+fn writes(db: &Db, tables: usize, durability: Durability, n: u64, base: u64) -> Result<Row> {
+    let mut wall = Vec::with_capacity(n as usize);
+    let (cpu0, calls0, commits0) = (thread_cpu(), write_calls()?, db.stats().commits);
+    for i in base..base + n {
+        let start = Instant::now();
+        db.write(durability, move |txn| {
+            let (new, old) = (format!("key-{i}"), format!("key-{}", i.wrapping_sub(LIVE)));
+            for def in &TABLES[..tables] {
+                let mut t = txn.open_table(*def)?;
+                t.insert(("overlay", "bench", new.as_str()), [7u8; VALUE_BYTES].as_slice())?;
+                t.remove(("overlay", "bench", old.as_str()))?;
+            }
+            Ok(())
+        })?;
+        wall.push(start.elapsed());
+    }
+    let cpu = thread_cpu().saturating_sub(cpu0);
+    let calls = write_calls()?.saturating_sub(calls0);
+    let commits = db.stats().commits.saturating_sub(commits0).max(1);
+    Ok(Row {
+        wall,
+        cpu_per_write: cpu / n.max(1) as u32,
+        writes_per_commit: calls as f64 / commits as f64,
+    })
+}
+
+/// `n` reads of one row, as a `Stat` makes.
+fn reads(db: &Db, n: u64) -> Result<Row> {
+    let mut wall = Vec::with_capacity(n as usize);
+    let cpu0 = thread_cpu();
+    for i in 0..n {
+        let key = format!("key-{}", i % LIVE);
+        let start = Instant::now();
+        db.read_with(|txn| {
+            let t = txn.open_table(TABLES[0])?;
+            let found = t.get(("overlay", "bench", key.as_str()))?.map(|g| g.value().len());
+            Ok(std::hint::black_box(found))
+        })?;
+        wall.push(start.elapsed());
+    }
+    let cpu = thread_cpu().saturating_sub(cpu0);
+    Ok(Row { wall, cpu_per_write: cpu / n.max(1) as u32, writes_per_commit: 0.0 })
+}
+
+/// Runs the bench with a database in each of `dirs`.
+pub fn run(dirs: &[PathBuf], smoke: bool, out: &mut dyn Write) -> Result<()> {
+    let io = |e: std::io::Error| Error::from(e).context("bench");
+    let n: u64 = if smoke { 50 } else { 2000 };
+    let mut rows = Vec::new();
+    for dir in dirs {
+        let fs = wasnap::probe::filesystem_name(dir);
+        let tmp =
+            tempfile::Builder::new().prefix("wasnap-bench-kv-").tempdir_in(dir).map_err(io)?;
+        let cap = cap_std::fs::Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())
+            .map_err(io)?;
+        let db = Db::open(&cap, "bench.redb", "the bench database")?;
+        // Every table exists and holds its live rows before anything is measured.
+        writes(&db, TABLES.len(), Durability::Immediate, LIVE, 0)?;
+        let mut base = LIVE;
+        let read = reads(&db, n)?;
+        rows.push(cells(&fs, dir, "read one row", &read, None));
+        for tables in [1, 4, TABLES.len()] {
+            // Durable and deferred alternate in blocks, so a disk that slows down over
+            // the run weighs on both alike.
+            let (mut durable, mut deferred) = (Vec::new(), Vec::new());
+            let block = (n / 4).max(1);
+            for _ in 0..4 {
+                durable.push(writes(&db, tables, Durability::Immediate, block, base)?);
+                base += block;
+                deferred.push(writes(&db, tables, Durability::Deferred, block, base)?);
+                base += block;
+            }
+            let (durable, deferred) = (merge(durable), merge(deferred));
+            let what = format!("write {tables} table{}", if tables == 1 { "" } else { "s" });
+            rows.push(cells(&fs, dir, &what, &durable, Some(&deferred)));
+        }
+        drop(db);
+    }
+    writeln!(
+        out,
+        "kv: one write transaction of the root database (kv::Db), {n} per row, each \
+         changing a row in each of N tables; durable (synced before it returns, as every \
+         mutating call is) and deferred; CPU of the calling thread, which leads the commit; \
+         write calls per commit (one per page redb writes)"
+    )
+    .map_err(io)?;
+    table(
+        out,
+        &[
+            "FS",
+            "WHAT",
+            "DURABLE P50",
+            "DURABLE P99",
+            "CPU",
+            "WRITES/COMMIT",
+            "DEFERRED P50",
+            "DEFERRED CPU",
+        ],
+        &rows,
+    )
+}
+
+/// The blocks of one setting as one row.
+fn merge(blocks: Vec<Row>) -> Row {
+    let k = blocks.len().max(1);
+    let cpu = blocks.iter().map(|b| b.cpu_per_write).sum::<Duration>() / k as u32;
+    let writes = blocks.iter().map(|b| b.writes_per_commit).sum::<f64>() / k as f64;
+    let wall = blocks.into_iter().flat_map(|b| b.wall).collect();
+    Row { wall, cpu_per_write: cpu, writes_per_commit: writes }
+}
+
+fn cells(fs: &str, dir: &Path, what: &str, row: &Row, deferred: Option<&Row>) -> Vec<String> {
+    let dash = || "-".to_owned();
+    let wall = Stats::new(row.wall.clone());
+    let deferred = deferred.map(|d| (Stats::new(d.wall.clone()), d.cpu_per_write));
+    vec![
+        format!("{} ({fs})", dir.display()),
+        what.to_owned(),
+        fmt_d(wall.pct(0.5)),
+        fmt_d(wall.pct(0.99)),
+        fmt_d(row.cpu_per_write),
+        if row.writes_per_commit > 0.0 { format!("{:.1}", row.writes_per_commit) } else { dash() },
+        deferred.as_ref().map_or_else(dash, |(d, _)| fmt_d(d.pct(0.5))),
+        deferred.as_ref().map_or_else(dash, |(_, cpu)| fmt_d(*cpu)),
+    ]
+}

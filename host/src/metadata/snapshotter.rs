@@ -40,7 +40,8 @@ use crate::snapshot::{
 /// Every mutation is atomic from the caller's view: a backend failure leaves no record
 /// behind, a record that cannot be stored after the backend succeeded has its backend
 /// snapshot removed again, and a commit cut short by a crash is finished or undone when
-/// the snapshotter is next opened ([`Snapshotter::recover`]).
+/// the snapshotter is next opened ([`Snapshotter::recover`]); one a failed call left
+/// under way, by the next prune ([`Snapshotter::settle_failed_commits`]).
 pub struct Snapshotter {
     pub(super) db: Arc<MetaDb>,
     name: String,
@@ -163,6 +164,15 @@ pub(crate) fn with_deadline<T: Send + 'static>(
     match rx.recv_timeout(deadline) {
         Ok(r) => r,
         Err(_) => Err(Error::unavailable(format!("{what}: no answer within {deadline:?}"))),
+    }
+}
+
+/// The kind of `backend`'s snapshot `bkey`, or None if it has none.
+fn held_by(backend: &dyn Backend, bkey: &str) -> Result<Option<Kind>> {
+    match backend.stat(bkey) {
+        Ok(info) => Ok(Some(info.kind)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -879,21 +889,21 @@ impl Snapshotter {
                         let old = old_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
                         if let Err(undo) = self.end_intent(&ns, name, &intent, old.as_ref(), None) {
                             tracing::error!(snapshotter = %sn, key, error = %undo,
-                                "could not undo the intent of a failed commit; the next open will");
+                                "could not undo the intent of a failed commit; the next collection or cleanup will");
                         }
                     }
                     return Err(e);
                 }
                 found => {
                     // Neither, or the backend cannot say: the intent stays (is written,
-                    // if it was not), for the next open to settle, and the snapshot
+                    // if it was not), for the next prune to settle, and the snapshot
                     // stays marked as committing.
                     if let Err(late) = write_late(&mut unwritten) {
                         tracing::error!(snapshotter = %sn, key, name, error = %late,
                             "could not record the intent of a commit the backend failed");
                     }
                     tracing::error!(snapshotter = %sn, key, name, error = %e, ?found,
-                        "a failed commit left the backend holding neither key, or it cannot say which; the next open settles it");
+                        "a failed commit left the backend holding neither key, or it cannot say which; the next collection or cleanup settles it");
                     return Err(e);
                 }
             }
@@ -924,7 +934,7 @@ impl Snapshotter {
             .and_then(|()| self.end_intent(&ns, name, &intent, None, Some(committed)))
             .inspect_err(|e| {
                 tracing::error!(snapshotter = %sn, key, name, error = %e,
-                    "the backend committed but the record could not be written; the next open finishes the commit");
+                    "the backend committed but the record could not be written; the next collection or cleanup finishes the commit");
             })?;
         self.mutated();
         Ok(())
@@ -1044,20 +1054,72 @@ impl Snapshotter {
 
     /// The kind of the backend snapshot `bkey`, or None if the backend has none.
     fn held(&self, bkey: &str) -> Result<Option<Kind>> {
-        match self.backend.stat(bkey) {
-            Ok(info) => Ok(Some(info.kind)),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
+        held_by(&*self.backend, bkey)
     }
 
     /// Finishes or undoes every commit a crash cut short, by asking the backend which
     /// of the two keys it holds. Run when the snapshotter is opened, before any call.
     pub fn recover(&self) -> Result<Recovery> {
+        self.settle_intents(None)
+    }
+
+    /// Finishes or undoes, as [`Snapshotter::recover`] does, the commits a failed call
+    /// left under way: the backend committed but the record could not be written (a
+    /// full disk, say), or the backend failed and could not say which key it holds.
+    /// Their snapshots are held (the name taken, the key marked committing) until this
+    /// runs, so every prune does, rather than only the next open. Commits still in
+    /// flight are left alone, and so is a commit whose backend does not answer within
+    /// `deadline`: the next prune asks again.
+    pub fn settle_failed_commits(&self, deadline: Duration) -> Result<Recovery> {
+        self.settle_intents(Some(deadline))
+    }
+
+    /// Settles the stored intents; with `live` (a running snapshotter: a deadline for
+    /// each backend call), only those of calls that have returned.
+    fn settle_intents(&self, live: Option<Duration>) -> Result<Recovery> {
         let mut report = Recovery::default();
         let pending = self.db.read_with(|txn| db::intents(txn, &self.name))?;
+        if pending.is_empty() {
+            return Ok(report);
+        }
+        // In flight after the intents: a commit marks its new key before it writes its
+        // intent and drops the mark once it has returned, so an intent read here whose
+        // key is not marked when the set is read belongs to a call that has returned.
+        // Read the other way round, a commit starting between the two reads would be in
+        // neither, and be settled under its caller's feet.
+        let inflight: HashSet<String> = match live {
+            Some(_) => {
+                self.inflight.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+            }
+            None => HashSet::new(),
+        };
+        let cause = if live.is_some() { "a failed call" } else { "a crash" };
         for (ns, name, intent) in pending {
-            match (self.held(&intent.bname)?, self.held(&intent.bkey)?) {
+            if inflight.contains(&intent.bname) {
+                continue;
+            }
+            let held = |bkey: &str| match live {
+                None => self.held(bkey),
+                Some(deadline) => {
+                    let (backend, key) = (self.backend.clone(), bkey.to_owned());
+                    with_deadline(
+                        deadline,
+                        format!("stat {bkey:?} in snapshotter {:?}", self.name),
+                        move || held_by(&*backend, &key),
+                    )
+                }
+            };
+            let found = held(&intent.bname).and_then(|new| Ok((new, held(&intent.bkey)?)));
+            let (found_new, found_old) = match found {
+                Ok(found) => found,
+                Err(e) if live.is_some() => {
+                    tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
+                        error = %e, "cannot ask the backend about a commit a failed call left under way; the next collection or cleanup asks again");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match (found_new, found_old) {
                 (Some(Kind::Committed), _) => {
                     let now = now_nanos();
                     let rec = Record {
@@ -1076,13 +1138,13 @@ impl Snapshotter {
                     };
                     self.end_intent(&ns, &name, &intent, None, Some(rec))?;
                     tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
-                        "finished a commit a crash had cut short");
+                        "finished a commit {cause} had cut short");
                     report.finished.push((ns, name));
                 }
                 (_, Some(Kind::Active)) => {
                     self.end_intent(&ns, &name, &intent, None, None)?;
                     tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key,
-                        "undid a commit a crash had cut short; the active snapshot stays");
+                        "undid a commit {cause} had cut short; the active snapshot stays");
                     report.undone.push((ns, intent.key.clone()));
                 }
                 (found_new, found_old) => {
@@ -1092,7 +1154,7 @@ impl Snapshotter {
                     );
                     self.end_intent(&ns, &name, &intent, None, None)?;
                     tracing::error!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
-                        "a commit cut short by a crash left no data: {why}");
+                        "a commit cut short by {cause} left no data: {why}");
                     report.lost.push((ns, intent.key.clone(), why));
                 }
             }
@@ -1353,12 +1415,21 @@ impl Snapshotter {
         })
     }
 
-    /// Removes the orphans [`Snapshotter::orphans`] finds, each backend call under
-    /// `deadline`; one that fails or hangs is reported and retried next time, and
-    /// writers are never held up. With `reclaim`, the backend's `cleanup` follows.
+    /// Settles the commits failed calls left under way
+    /// ([`Snapshotter::settle_failed_commits`]), then removes the orphans
+    /// [`Snapshotter::orphans`] finds, each backend call under `deadline`; one that fails
+    /// or hangs is reported and retried next time, and writers are never held up. With
+    /// `reclaim`, the backend's `cleanup` follows.
     pub fn prune(&self, deadline: Duration, reclaim: bool) -> Result<PruneReport> {
         let sn = self.name.clone();
         let mut report = PruneReport::default();
+        // A commit a failed call left under way holds its snapshot until it is settled,
+        // and its keys from pruning: settled first, it frees both now, not at a restart.
+        if let Err(e) = self.settle_failed_commits(deadline) {
+            tracing::warn!(snapshotter = %sn, error = %e,
+                "prune: could not settle the commits failed calls left under way; will retry");
+            report.failed.push(("(commits under way)".into(), e.to_string()));
+        }
         // Deepest first; what still has a child (a merge's layers, which the backend's
         // parents do not show) is tried again once a pass has removed something.
         let mut pending = self.orphans(deadline)?;

@@ -1,8 +1,8 @@
 //! The metadata layer's semantics, over the native driver and over backends that
 //! misbehave on purpose.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -367,7 +367,7 @@ fn a_metadata_failure_after_the_backend_succeeded_cleans_the_backend_up() {
 
 /// A backend whose records are in their own database commits apart from the metadata:
 /// a commit cut short after the backend's step keeps its intent, which holds the
-/// snapshot until the next open finishes the commit.
+/// snapshot until recovery (at the next open, as here after a crash) finishes it.
 #[test]
 fn a_commit_cut_short_after_a_separate_backend_is_finished_by_recovery() {
     let s = native_stack();
@@ -387,6 +387,136 @@ fn a_commit_cut_short_after_a_separate_backend_is_finished_by_recovery() {
     assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
     let m = s.sn.view(&c, "v", Some("base"), &none()).unwrap();
     assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "data");
+}
+
+/// The same cut-short commit, left by a call that failed (the record's write failed
+/// after the backend committed, as on a full disk) rather than by a crash: the next
+/// prune finishes it, so the snapshot is not held until the process restarts.
+#[test]
+fn a_commit_a_failed_call_left_under_way_is_finished_by_the_next_prune() {
+    let s = native_stack();
+    let c = ctx("default");
+    let m = s.sn.prepare(&c, "a", None, &none()).unwrap();
+    std::fs::write(source(&m).join("f"), "data").unwrap();
+    s.faults.arm("metadata.commit.after-backend", Action::Error);
+    s.sn.commit(&c, "base", "a", &labels(&[("l", "v")])).unwrap_err();
+    s.faults.disarm("metadata.commit.after-backend");
+    let e = s.sn.remove(&c, "a").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "held by its intent: {e}");
+
+    let report = s.sn.cleanup().unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert!(report.removed.is_empty(), "the committed data is named, not pruned: {report:?}");
+    let info = s.sn.stat(&c, "base").unwrap();
+    assert_eq!((info.kind, info.labels), (Kind::Committed, labels(&[("l", "v")])));
+    assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
+    let m = s.sn.view(&c, "v", Some("base"), &none()).unwrap();
+    assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "data");
+    assert!(s.sn.recover().unwrap().finished.is_empty(), "nothing is left for an open");
+}
+
+/// A backend whose commit does its work and then fails, and that cannot be asked about
+/// a snapshot while `mute` is set.
+struct Mute {
+    inner: Arc<wasnap::driver::Native>,
+    mute: AtomicBool,
+}
+
+impl wasnap::Wrapper for Mute {
+    fn inner(&self) -> &dyn Backend {
+        &*self.inner
+    }
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> wasnap::Result<()> {
+        self.inner.commit(name, key, labels)?;
+        Err(wasnap::Error::internal("mute backend: failed after committing"))
+    }
+    fn stat(&self, key: &str) -> wasnap::Result<Info> {
+        if self.mute.load(Ordering::SeqCst) {
+            return Err(wasnap::Error::unavailable("mute backend: no answer"));
+        }
+        self.inner.stat(key)
+    }
+}
+
+/// A failed commit whose backend cannot say which key it holds keeps its intent; a
+/// prune asks again each time, leaves it while the backend still cannot answer, and
+/// finishes it once it can.
+#[test]
+fn a_prune_settles_a_failed_commit_once_the_backend_can_say_what_it_holds() {
+    let mut mute = None;
+    let s = stack_with(|n| {
+        let m = Arc::new(Mute { inner: n, mute: AtomicBool::new(false) });
+        mute = Some(m.clone());
+        m
+    });
+    let mute = mute.unwrap();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    mute.mute.store(true, Ordering::SeqCst);
+    let e = s.sn.commit(&c, "base", "a", &none()).unwrap_err();
+    assert!(e.to_string().contains("failed after committing"), "{e}");
+    assert_eq!(s.sn.stat(&c, "a").unwrap().kind, Kind::Active, "still marked committing");
+    assert_eq!(s.sn.remove(&c, "a").unwrap_err().kind(), ErrorKind::FailedPrecondition);
+
+    let report = s.sn.settle_failed_commits(std::time::Duration::from_secs(10)).unwrap();
+    assert!(report.finished.is_empty() && report.undone.is_empty(), "{report:?}");
+    s.sn.cleanup().unwrap();
+    assert_eq!(s.sn.stat(&c, "base").unwrap_err().kind(), ErrorKind::NotFound, "left alone");
+
+    mute.mute.store(false, Ordering::SeqCst);
+    let report = s.sn.cleanup().unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(s.sn.stat(&c, "base").unwrap().kind, Kind::Committed);
+    assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
+    s.sn.remove(&c, "base").unwrap();
+    assert!(backend_keys(s.sn.backend().as_ref()).is_empty());
+}
+
+/// A backend whose commit waits at a gate: the test sees the call inside it.
+struct CommitGate {
+    inner: Arc<wasnap::driver::Native>,
+    entered: Mutex<std::sync::mpsc::Sender<()>>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl wasnap::Wrapper for CommitGate {
+    fn inner(&self) -> &dyn Backend {
+        &*self.inner
+    }
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> wasnap::Result<()> {
+        self.entered.lock().unwrap().send(()).unwrap();
+        self.go.lock().unwrap().recv().unwrap();
+        self.inner.commit(name, key, labels)
+    }
+}
+
+/// A prune while a commit is inside its backend leaves the commit's intent alone: the
+/// call finishes its own commit.
+#[test]
+fn a_prune_leaves_a_commit_in_flight_alone() {
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let s = Arc::new(stack_with(|n| {
+        Arc::new(CommitGate { inner: n, entered: Mutex::new(entered_tx), go: Mutex::new(go_rx) })
+    }));
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    let committing = {
+        let (s, c) = (s.clone(), c.clone());
+        std::thread::spawn(move || s.sn.commit(&c, "base", "a", &none()))
+    };
+    entered.recv().unwrap();
+    let report = s.sn.settle_failed_commits(std::time::Duration::from_secs(10)).unwrap();
+    assert!(
+        report.finished.is_empty() && report.undone.is_empty() && report.lost.is_empty(),
+        "the commit in flight is its caller's: {report:?}"
+    );
+    let pruned = s.sn.cleanup().unwrap();
+    assert!(pruned.removed.is_empty() && pruned.failed.is_empty(), "{pruned:?}");
+    go.send(()).unwrap();
+    committing.join().unwrap().unwrap();
+    assert_eq!(s.sn.stat(&c, "base").unwrap().kind, Kind::Committed);
+    assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
 }
 
 /// The native driver with its records in the metadata's database: each prepare and

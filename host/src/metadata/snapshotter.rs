@@ -251,6 +251,10 @@ pub(super) fn check_readonly(key: &str, kind: Kind, mounts: &[Mount]) -> Result<
 
 impl Snapshotter {
     /// The snapshotter `name`, recording into `db` and storing data in `backend`.
+    ///
+    /// Make one per name and database, and share it: the calls in flight that pruning
+    /// leaves alone are those of this handle (a second handle's prune could settle a
+    /// commit this one is making, which then fails rather than claim it).
     pub fn new(
         db: Arc<MetaDb>,
         name: impl Into<String>,
@@ -929,13 +933,24 @@ impl Snapshotter {
             last_used: 0,
             use_count: 0,
         };
-        self.faults
+        let ended = self
+            .faults
             .hit("metadata.commit.after-backend")
             .and_then(|()| self.end_intent(&ns, name, &intent, None, Some(committed)))
             .inspect_err(|e| {
                 tracing::error!(snapshotter = %sn, key, name, error = %e,
                     "the backend committed but the record could not be written; the next collection or cleanup finishes the commit");
             })?;
+        if !ended {
+            // Settled by someone else while this call ran (a prune skips commits in
+            // flight, so nothing should): success only if it was finished as asked.
+            let finished = self.db.read_with(|txn| txn.record(&sn, &ns, name))?;
+            if finished.is_none_or(|r| r.bkey != intent.bname || r.kind != Kind::Committed) {
+                return Err(Error::internal(format!(
+                    "the commit of {key:?} to {name:?} was settled by another call while it ran"
+                )));
+            }
+        }
         self.mutated();
         Ok(())
     }
@@ -1007,7 +1022,7 @@ impl Snapshotter {
 
     /// Ends the commit `intent` to `name`: with `committed`, writes that record in place
     /// of the active one; otherwise puts the active record back as it was (`old`, or
-    /// the stored one with its mark cleared).
+    /// the stored one with its mark cleared). False if the intent was ended already.
     fn end_intent(
         &self,
         ns: &str,
@@ -1015,19 +1030,19 @@ impl Snapshotter {
         intent: &Intent,
         old: Option<&Record>,
         committed: Option<Record>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (sn, ns, name) = (self.name.clone(), ns.to_owned(), name.to_owned());
         let (intent, old) = (intent.clone(), old.cloned());
         self.db.write(Durability::Immediate, move |txn| {
             match txn.intent(&sn, &ns, &name)? {
                 Some(i) if i == intent => {}
-                _ => return Ok(()), // ended already (by recovery in another process, say)
+                _ => return Ok(false), // ended already (by another prune, say)
             }
             db::delete_intent(txn, &sn, &ns, &name)?;
             if committed.is_none() {
                 super::merge::release_layers(txn, &sn, &ns, &name, &intent.layers)?;
             }
-            let Some(active) = txn.record(&sn, &ns, &intent.key)? else { return Ok(()) };
+            let Some(active) = txn.record(&sn, &ns, &intent.key)? else { return Ok(true) };
             match &committed {
                 Some(rec) => {
                     if let Some(l) = &intent.lease {
@@ -1041,14 +1056,15 @@ impl Snapshotter {
                     let mut rec = rec.clone();
                     rec.parent = active.parent.clone();
                     rec.blob = active.blob.clone();
-                    db::rename_record(txn, &sn, &ns, &intent.key, &name, &rec)
+                    db::rename_record(txn, &sn, &ns, &intent.key, &name, &rec)?;
                 }
                 None => {
                     let mut back = old.clone().unwrap_or(active);
                     back.committing = None;
-                    db::put_record(txn, &sn, &ns, &intent.key, &back)
+                    db::put_record(txn, &sn, &ns, &intent.key, &back)?;
                 }
             }
+            Ok(true)
         })
     }
 
@@ -1136,26 +1152,29 @@ impl Snapshotter {
                         last_used: 0,
                         use_count: 0,
                     };
-                    self.end_intent(&ns, &name, &intent, None, Some(rec))?;
-                    tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
-                        "finished a commit {cause} had cut short");
-                    report.finished.push((ns, name));
+                    if self.end_intent(&ns, &name, &intent, None, Some(rec))? {
+                        tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
+                            "finished a commit {cause} had cut short");
+                        report.finished.push((ns, name));
+                    }
                 }
                 (_, Some(Kind::Active)) => {
-                    self.end_intent(&ns, &name, &intent, None, None)?;
-                    tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key,
-                        "undid a commit {cause} had cut short; the active snapshot stays");
-                    report.undone.push((ns, intent.key.clone()));
+                    if self.end_intent(&ns, &name, &intent, None, None)? {
+                        tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key,
+                            "undid a commit {cause} had cut short; the active snapshot stays");
+                        report.undone.push((ns, intent.key.clone()));
+                    }
                 }
                 (found_new, found_old) => {
                     let why = format!(
                         "the backend holds neither {:?} ({found_old:?}) nor {:?} ({found_new:?})",
                         intent.bkey, intent.bname
                     );
-                    self.end_intent(&ns, &name, &intent, None, None)?;
-                    tracing::error!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
-                        "a commit cut short by {cause} left no data: {why}");
-                    report.lost.push((ns, intent.key.clone(), why));
+                    if self.end_intent(&ns, &name, &intent, None, None)? {
+                        tracing::error!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
+                            "a commit cut short by {cause} left no data: {why}");
+                        report.lost.push((ns, intent.key.clone(), why));
+                    }
                 }
             }
         }

@@ -519,6 +519,40 @@ fn a_prune_leaves_a_commit_in_flight_alone() {
     assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
 }
 
+/// Two handles on one snapshotter's records (a library caller may make them) do not
+/// see each other's calls in flight: a prune through one can settle a commit the other
+/// is making. That commit then reports the failure; it never claims a commit that was
+/// undone under it.
+#[test]
+fn a_commit_settled_under_its_caller_reports_an_error_not_success() {
+    let dir = tmp();
+    let faults = Arc::new(wasnap::fault::Faults::new());
+    let meta = metadb(dir.path());
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let backend: Arc<dyn Backend> = Arc::new(CommitGate {
+        inner: native(dir.path(), faults.clone()),
+        entered: Mutex::new(entered_tx),
+        go: Mutex::new(go_rx),
+    });
+    let one = Arc::new(Snapshotter::new(meta.clone(), "test", backend.clone(), faults.clone()));
+    let other = Snapshotter::new(meta, "test", backend, faults);
+    let c = ctx("default");
+    one.prepare(&c, "a", None, &none()).unwrap();
+    let committing = {
+        let (one, c) = (one.clone(), c.clone());
+        std::thread::spawn(move || one.commit(&c, "base", "a", &none()))
+    };
+    entered.recv().unwrap();
+    let report = other.settle_failed_commits(std::time::Duration::from_secs(10)).unwrap();
+    assert_eq!(report.undone.len(), 1, "the other handle undid it: {report:?}");
+    go.send(()).unwrap();
+    let e = committing.join().unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
+    assert!(e.to_string().contains("settled by another call"), "{e}");
+    assert_eq!(one.stat(&c, "base").unwrap_err().kind(), ErrorKind::NotFound);
+}
+
 /// The native driver with its records in the metadata's database: each prepare and
 /// commit writes both records in one transaction, and one that fails after the driver's
 /// step leaves neither record nor data.

@@ -1084,8 +1084,8 @@ impl Snapshotter {
     /// full disk, say), or the backend failed and could not say which key it holds.
     /// Their snapshots are held (the name taken, the key marked committing) until this
     /// runs, so every prune does, rather than only the next open. Commits still in
-    /// flight are left alone, and so is a commit whose backend does not answer within
-    /// `deadline`: the next prune asks again.
+    /// flight are left alone; if the backend does not answer about one within
+    /// `deadline`, it and the rest are left for the next prune.
     pub fn settle_failed_commits(&self, deadline: Duration) -> Result<Recovery> {
         self.settle_intents(Some(deadline))
     }
@@ -1129,9 +1129,11 @@ impl Snapshotter {
             let (found_new, found_old) = match found {
                 Ok(found) => found,
                 Err(e) if live.is_some() => {
+                    // The rest wait too: a backend that cannot answer one would hold
+                    // this prune a deadline per commit.
                     tracing::warn!(snapshotter = %self.name, namespace = %ns, key = %intent.key, name,
                         error = %e, "cannot ask the backend about a commit a failed call left under way; the next collection or cleanup asks again");
-                    continue;
+                    break;
                 }
                 Err(e) => return Err(e),
             };

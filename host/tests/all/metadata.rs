@@ -420,6 +420,8 @@ fn a_commit_a_failed_call_left_under_way_is_finished_by_the_next_prune() {
 struct Mute {
     inner: Arc<wasnap::driver::Native>,
     mute: AtomicBool,
+    /// Questions it left unanswered.
+    unanswered: std::sync::atomic::AtomicUsize,
 }
 
 impl wasnap::Wrapper for Mute {
@@ -432,6 +434,7 @@ impl wasnap::Wrapper for Mute {
     }
     fn stat(&self, key: &str) -> wasnap::Result<Info> {
         if self.mute.load(Ordering::SeqCst) {
+            self.unanswered.fetch_add(1, Ordering::SeqCst);
             return Err(wasnap::Error::unavailable("mute backend: no answer"));
         }
         self.inner.stat(key)
@@ -439,36 +442,43 @@ impl wasnap::Wrapper for Mute {
 }
 
 /// A failed commit whose backend cannot say which key it holds keeps its intent; a
-/// prune asks again each time, leaves it while the backend still cannot answer, and
-/// finishes it once it can.
+/// prune asks again each time, leaves it (and, after one unanswered question, the
+/// others) while the backend still cannot answer, and finishes it once it can.
 #[test]
 fn a_prune_settles_a_failed_commit_once_the_backend_can_say_what_it_holds() {
     let mut mute = None;
     let s = stack_with(|n| {
-        let m = Arc::new(Mute { inner: n, mute: AtomicBool::new(false) });
+        let m = Arc::new(Mute { inner: n, mute: AtomicBool::new(false), unanswered: 0.into() });
         mute = Some(m.clone());
         m
     });
     let mute = mute.unwrap();
     let c = ctx("default");
     s.sn.prepare(&c, "a", None, &none()).unwrap();
+    s.sn.prepare(&c, "b", None, &none()).unwrap();
     mute.mute.store(true, Ordering::SeqCst);
-    let e = s.sn.commit(&c, "base", "a", &none()).unwrap_err();
-    assert!(e.to_string().contains("failed after committing"), "{e}");
-    assert_eq!(s.sn.stat(&c, "a").unwrap().kind, Kind::Active, "still marked committing");
-    assert_eq!(s.sn.remove(&c, "a").unwrap_err().kind(), ErrorKind::FailedPrecondition);
+    for (key, name) in [("a", "base"), ("b", "other")] {
+        let e = s.sn.commit(&c, name, key, &none()).unwrap_err();
+        assert!(e.to_string().contains("failed after committing"), "{e}");
+        assert_eq!(s.sn.stat(&c, key).unwrap().kind, Kind::Active, "still marked committing");
+        assert_eq!(s.sn.remove(&c, key).unwrap_err().kind(), ErrorKind::FailedPrecondition);
+    }
 
+    mute.unanswered.store(0, Ordering::SeqCst);
     let report = s.sn.settle_failed_commits(std::time::Duration::from_secs(10)).unwrap();
     assert!(report.finished.is_empty() && report.undone.is_empty(), "{report:?}");
+    assert_eq!(mute.unanswered.load(Ordering::SeqCst), 1, "one question, then it waits");
     s.sn.cleanup().unwrap();
     assert_eq!(s.sn.stat(&c, "base").unwrap_err().kind(), ErrorKind::NotFound, "left alone");
 
     mute.mute.store(false, Ordering::SeqCst);
     let report = s.sn.cleanup().unwrap();
     assert!(report.failed.is_empty(), "{report:?}");
-    assert_eq!(s.sn.stat(&c, "base").unwrap().kind, Kind::Committed);
-    assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
-    s.sn.remove(&c, "base").unwrap();
+    for (key, name) in [("a", "base"), ("b", "other")] {
+        assert_eq!(s.sn.stat(&c, name).unwrap().kind, Kind::Committed);
+        assert_eq!(s.sn.stat(&c, key).unwrap_err().kind(), ErrorKind::NotFound);
+        s.sn.remove(&c, name).unwrap();
+    }
     assert!(backend_keys(s.sn.backend().as_ref()).is_empty());
 }
 

@@ -19,8 +19,8 @@ use wasnap::kv::{Db, Durability};
 use wasnap_cli::output::table;
 use wasnap_cli::stats::{Stats, fmt_d};
 
-/// Tables named like the metadata's, keyed like its records: (snapshotter, namespace,
-/// key) to an encoded record.
+/// Tables keyed like the metadata's records: (snapshotter, namespace, key) to an
+/// encoded record.
 type Def =
     redb::TableDefinition<'static, (&'static str, &'static str, &'static str), &'static [u8]>;
 

@@ -365,6 +365,28 @@ fn a_metadata_failure_after_the_backend_succeeded_cleans_the_backend_up() {
     s.sn.remove(&c, "base").unwrap();
 }
 
+/// Leaves a commit of "a" (holding file `f`) to "base" under way, as a failed write of
+/// its record after the backend committed does: its intent holds the snapshot.
+fn leave_a_commit_under_way(s: &Stack, c: &wasnap::Ctx) {
+    let m = s.sn.prepare(c, "a", None, &none()).unwrap();
+    std::fs::write(source(&m).join("f"), "data").unwrap();
+    s.faults.arm("metadata.commit.after-backend", Action::Error);
+    s.sn.commit(c, "base", "a", &labels(&[("l", "v")])).unwrap_err();
+    s.faults.disarm("metadata.commit.after-backend");
+    let e = s.sn.remove(c, "a").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "held by its intent: {e}");
+}
+
+/// The commit [`leave_a_commit_under_way`] left is finished: "base" is committed with
+/// its labels and data, and "a" is gone.
+fn assert_the_commit_finished(s: &Stack, c: &wasnap::Ctx) {
+    let info = s.sn.stat(c, "base").unwrap();
+    assert_eq!((info.kind, info.labels), (Kind::Committed, labels(&[("l", "v")])));
+    assert_eq!(s.sn.stat(c, "a").unwrap_err().kind(), ErrorKind::NotFound);
+    let m = s.sn.view(c, "v", Some("base"), &none()).unwrap();
+    assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "data");
+}
+
 /// A backend whose records are in their own database commits apart from the metadata:
 /// a commit cut short after the backend's step keeps its intent, which holds the
 /// snapshot until recovery (at the next open, as here after a crash) finishes it.
@@ -373,20 +395,10 @@ fn a_commit_cut_short_after_a_separate_backend_is_finished_by_recovery() {
     let s = native_stack();
     let c = ctx("default");
     assert!(!s.sn.backend().stages_records(), "its own database: nothing to stage into");
-    let m = s.sn.prepare(&c, "a", None, &none()).unwrap();
-    std::fs::write(source(&m).join("f"), "data").unwrap();
-    s.faults.arm("metadata.commit.after-backend", Action::Error);
-    s.sn.commit(&c, "base", "a", &labels(&[("l", "v")])).unwrap_err();
-    s.faults.disarm("metadata.commit.after-backend");
-    let e = s.sn.remove(&c, "a").unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "held by its intent: {e}");
+    leave_a_commit_under_way(&s, &c);
     let report = s.sn.recover().unwrap();
     assert_eq!(report.finished.len(), 1, "{report:?}");
-    let info = s.sn.stat(&c, "base").unwrap();
-    assert_eq!((info.kind, info.labels), (Kind::Committed, labels(&[("l", "v")])));
-    assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
-    let m = s.sn.view(&c, "v", Some("base"), &none()).unwrap();
-    assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "data");
+    assert_the_commit_finished(&s, &c);
 }
 
 /// The same cut-short commit, left by a call that failed (the record's write failed
@@ -396,22 +408,11 @@ fn a_commit_cut_short_after_a_separate_backend_is_finished_by_recovery() {
 fn a_commit_a_failed_call_left_under_way_is_finished_by_the_next_prune() {
     let s = native_stack();
     let c = ctx("default");
-    let m = s.sn.prepare(&c, "a", None, &none()).unwrap();
-    std::fs::write(source(&m).join("f"), "data").unwrap();
-    s.faults.arm("metadata.commit.after-backend", Action::Error);
-    s.sn.commit(&c, "base", "a", &labels(&[("l", "v")])).unwrap_err();
-    s.faults.disarm("metadata.commit.after-backend");
-    let e = s.sn.remove(&c, "a").unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "held by its intent: {e}");
-
+    leave_a_commit_under_way(&s, &c);
     let report = s.sn.cleanup().unwrap();
     assert!(report.failed.is_empty(), "{report:?}");
     assert!(report.removed.is_empty(), "the committed data is named, not pruned: {report:?}");
-    let info = s.sn.stat(&c, "base").unwrap();
-    assert_eq!((info.kind, info.labels), (Kind::Committed, labels(&[("l", "v")])));
-    assert_eq!(s.sn.stat(&c, "a").unwrap_err().kind(), ErrorKind::NotFound);
-    let m = s.sn.view(&c, "v", Some("base"), &none()).unwrap();
-    assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "data");
+    assert_the_commit_finished(&s, &c);
     assert!(s.sn.recover().unwrap().finished.is_empty(), "nothing is left for an open");
 }
 

@@ -60,20 +60,66 @@ fn req<T>(t: &Target, msg: T) -> tonic::Request<T> {
     r
 }
 
-/// What one target at one concurrency measured.
+/// What one target at one concurrency measured, over one block of cycles or several.
+#[derive(Default)]
 struct Measured {
-    cycles_per_sec: f64,
+    /// Cycles run, and the wall time the blocks that ran them took.
+    cycles: usize,
+    wall: Duration,
     /// Per operation of the cycle: prepare, commit, prepare child, remove child, remove.
     ops: [Vec<Duration>; 5],
-    /// The serving processes' CPU time per cycle (None where `/proc` did not say).
-    cpu_per_cycle: Option<Duration>,
+    /// The serving processes' CPU time (None where `/proc` did not say).
+    cpu: Option<Duration>,
+    /// The wasnap root database's commits, of those synced, and the daemon's time
+    /// serving calls (its calls' latencies summed, as the daemon measured them).
+    wasnap: Option<(u64, u64, Duration)>,
+}
+
+impl Measured {
+    /// Adds another block of the same target at the same concurrency.
+    fn absorb(&mut self, block: Measured) {
+        let first = self.cycles == 0;
+        self.cycles += block.cycles;
+        self.wall += block.wall;
+        for (all, some) in self.ops.iter_mut().zip(block.ops) {
+            all.extend(some);
+        }
+        // A figure is known for the whole only if it is known for every block.
+        self.cpu = if first { block.cpu } else { self.cpu.zip(block.cpu).map(|(a, b)| a + b) };
+        self.wasnap = if first {
+            block.wasnap
+        } else {
+            self.wasnap.zip(block.wasnap).map(|(a, b)| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
+        };
+    }
+
+    fn per_cycle(&self) -> f64 {
+        self.cycles.max(1) as f64
+    }
+
+    fn cycles_per_sec(&self) -> f64 {
+        self.cycles as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// The serving processes' CPU time per cycle.
+    fn cpu_per_cycle(&self) -> Option<Duration> {
+        self.cpu.map(|c| c.div_f64(self.per_cycle()))
+    }
+
     /// The wasnap root database's commits, and of those synced, per cycle.
-    commits_per_cycle: Option<(f64, f64)>,
+    fn commits_per_cycle(&self) -> Option<(f64, f64)> {
+        self.wasnap.map(|(c, d, _)| (c as f64 / self.per_cycle(), d as f64 / self.per_cycle()))
+    }
+
     /// A cycle's wall time as one client saw it (its operations' latencies summed).
-    latency_per_cycle: Duration,
-    /// The wasnap daemon's time serving calls, per cycle (its calls' latencies summed,
-    /// as the daemon measured them).
-    wasnap_per_cycle: Option<Duration>,
+    fn latency_per_cycle(&self) -> Duration {
+        self.ops.iter().flatten().sum::<Duration>().div_f64(self.per_cycle())
+    }
+
+    /// The wasnap daemon's time serving calls, per cycle.
+    fn wasnap_per_cycle(&self) -> Option<Duration> {
+        self.wasnap.map(|(_, _, busy)| busy.div_f64(self.per_cycle()))
+    }
 }
 
 /// CPU time (user and system, every thread) that process `pid` has used so far.
@@ -153,8 +199,9 @@ async fn cycle(c: &Client, t: &Target, tag: &str) -> Result<[Duration; 5]> {
     Ok(took)
 }
 
-/// Runs `per_client` cycles on each of `clients` connections at once.
-async fn load(t: &Target, clients: usize, per_client: usize) -> Result<Measured> {
+/// Runs `per_client` cycles on each of `clients` connections at once, their keys tagged
+/// with `round`.
+async fn load(t: &Target, clients: usize, per_client: usize, round: usize) -> Result<Measured> {
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         conns.push(Client::connect(&t.socket).await?);
@@ -168,7 +215,7 @@ async fn load(t: &Target, clients: usize, per_client: usize) -> Result<Measured>
     let mut tasks = tokio::task::JoinSet::new();
     for (i, c) in conns.into_iter().enumerate() {
         let t = t.clone();
-        let tag = format!("{}-{clients}-{i}", t.label.replace([' ', '>'], "-"));
+        let tag = format!("{}-{clients}-{round}-{i}", t.label.replace([' ', '>'], "-"));
         tasks.spawn(async move {
             let mut samples = Vec::with_capacity(per_client);
             for n in 0..per_client {
@@ -189,24 +236,15 @@ async fn load(t: &Target, clients: usize, per_client: usize) -> Result<Measured>
     }
     let wall = started.elapsed();
     let cpu = cpu_of(&t.servers).zip(cpu_before).map(|(after, before)| after - before);
-    let n = cycles.max(1) as f64;
-    let (commits_per_cycle, wasnap_per_cycle) = match (&t.wasnap, counters_before) {
+    let wasnap = match (&t.wasnap, counters_before) {
         (Some(socket), Some((c0, d0, b0))) => {
             let (c1, d1, b1) = counters(socket).await?;
-            let busy = Duration::from_micros(b1.saturating_sub(b0)).div_f64(n);
-            (Some((c1.saturating_sub(c0) as f64 / n, d1.saturating_sub(d0) as f64 / n)), Some(busy))
+            let busy = Duration::from_micros(b1.saturating_sub(b0));
+            Some((c1.saturating_sub(c0), d1.saturating_sub(d0), busy))
         }
-        _ => (None, None),
+        _ => None,
     };
-    let latency_per_cycle = ops.iter().flatten().sum::<Duration>().div_f64(n);
-    Ok(Measured {
-        cycles_per_sec: cycles as f64 / wall.as_secs_f64().max(1e-9),
-        ops,
-        cpu_per_cycle: cpu.map(|c| c.div_f64(n)),
-        commits_per_cycle,
-        latency_per_cycle,
-        wasnap_per_cycle,
-    })
+    Ok(Measured { cycles, wall, ops, cpu, wasnap })
 }
 
 /// The floor under a target's cycle at 1 client: cycles of five `Stat` calls (the API's
@@ -345,8 +383,9 @@ pub fn run(
         writeln!(out, "daemon: containerd is not installed; wasnap alone, no ratios")
             .map_err(io)?;
     }
-    // Cycles per client: enough for a steady rate at 1 client, the same total at 8.
-    let (one, eight) = if smoke { (5, 2) } else { (1000, 250) };
+    // Cycles per client: enough for a steady rate at 1 client, about the same total at
+    // 8; run in `rounds` blocks of a quarter each.
+    let (one, eight, rounds) = if smoke { (5, 2, 1) } else { (1000, 256, 4) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -367,39 +406,58 @@ pub fn run(
             // WASNAP_BENCH_ONLY=LABEL[,LABEL…] runs only those targets (for profiling one
             // alone, or comparing two).
             let only = std::env::var("WASNAP_BENCH_ONLY").ok();
+            let wanted: Vec<&Target> = COLUMNS
+                .iter()
+                .filter(|c| only.as_deref().is_none_or(|o| o.split(',').any(|l| l.trim() == **c)))
+                .filter_map(|c| targets.iter().find(|t| t.label == *c))
+                .collect();
+            // The targets take turns in rounds, each round starting one target later, so
+            // that a machine or disk slowing down for a while weighs on every target
+            // alike, and so does what a target leaves running behind its block
+            // (containerd's collections, the daemon's deleter).
+            let mut measured: Vec<Measured> = wanted.iter().map(|_| Measured::default()).collect();
+            for round in 0..rounds {
+                for k in 0..wanted.len() {
+                    let i = (k + round) % wanted.len();
+                    let t = wanted[i];
+                    let block = rt.block_on(load(t, clients, per_client / rounds, round));
+                    let block = block.map_err(|e| {
+                        tracing::error!("the daemon's log:\n{}", daemon.log_tail());
+                        e.context(format!("{} on {fs}, {clients} clients", t.label))
+                    })?;
+                    measured[i].absorb(block);
+                }
+            }
             for column in COLUMNS {
-                let wanted =
-                    only.as_deref().is_none_or(|o| o.split(',').any(|l| l.trim() == column));
-                let Some(t) = targets.iter().find(|t| t.label == column && wanted) else {
+                let Some(i) = wanted.iter().position(|t| t.label == column) else {
                     row.push("-".into());
                     continue;
                 };
-                let m = rt.block_on(load(t, clients, per_client)).map_err(|e| {
-                    tracing::error!("the daemon's log:\n{}", daemon.log_tail());
-                    e.context(format!("{} on {fs}, {clients} clients", t.label))
-                })?;
+                let (t, m) = (wanted[i], std::mem::take(&mut measured[i]));
                 let ratio = match baseline {
                     None if t.snapshotter == "overlayfs" => {
-                        baseline = Some(m.cycles_per_sec);
+                        baseline = Some(m.cycles_per_sec());
                         String::new()
                     }
                     None => String::new(),
-                    Some(b) => format!(" ({:.2}x)", m.cycles_per_sec / f64::max(b, 1e-9)),
+                    Some(b) => format!(" ({:.2}x)", m.cycles_per_sec() / f64::max(b, 1e-9)),
                 };
-                row.push(format!("{:.0}{ratio}", m.cycles_per_sec));
+                row.push(format!("{:.0}{ratio}", m.cycles_per_sec()));
                 if clients == 1 {
                     serial.insert(
                         t.label,
-                        (m.cycles_per_sec, m.latency_per_cycle, m.wasnap_per_cycle),
+                        (m.cycles_per_sec(), m.latency_per_cycle(), m.wasnap_per_cycle()),
                     );
                 }
                 let mut line = vec![fs.clone(), clients.to_string(), t.label.to_owned()];
-                line.extend(m.ops.into_iter().map(|s| fmt_d(Stats::new(s).pct(0.5))));
+                line.extend(m.ops.iter().map(|s| fmt_d(Stats::new(s.clone()).pct(0.5))));
                 per_op.push(line);
                 // Cycles per CPU second, as a ratio to containerd's: higher is better, as
                 // in the cycles/s table.
-                let cpu = match (m.cpu_per_cycle, baseline_cpu) {
+                let cpu = match (m.cpu_per_cycle(), baseline_cpu) {
+                    // Less than one clock tick (a smoke run): nothing to compare.
                     (None, _) => "-".to_owned(),
+                    (Some(c), _) if c.is_zero() => "-".to_owned(),
                     (Some(c), _) if t.snapshotter == "overlayfs" => {
                         baseline_cpu = Some(c);
                         fmt_d(c)
@@ -413,7 +471,7 @@ pub fn run(
                         )
                     }
                 };
-                let (commits, synced) = match m.commits_per_cycle {
+                let (commits, synced) = match m.commits_per_cycle() {
                     Some((c, d)) => (format!("{c:.2}"), format!("{d:.2}")),
                     None => ("-".into(), "-".into()),
                 };
@@ -424,7 +482,7 @@ pub fn run(
                     cpu,
                     commits,
                     synced,
-                    m.wasnap_per_cycle.map_or("-".into(), fmt_d),
+                    m.wasnap_per_cycle().map_or("-".into(), fmt_d),
                 ]);
             }
             summary.push(row);
@@ -439,8 +497,8 @@ pub fn run(
     writeln!(
         out,
         "daemon: cycles/s (prepare, commit, prepare child, remove child, remove; under a lease), \
-         {one} cycles at 1 client, {eight} per client at 8; (ratio) to containerd's overlayfs; \
-         the copy guest with limits.instances = {}",
+         {one} cycles at 1 client, {eight} per client at 8, in {rounds} rounds the targets take \
+         in turn; (ratio) to containerd's overlayfs; the copy guest with limits.instances = {}",
         copy.instances
     )
     .map_err(io)?;

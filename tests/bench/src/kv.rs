@@ -6,9 +6,11 @@
 //! prepare: the record, the parent's child link, the backend key, the lease's resource,
 //! the driver's record and child link). redb's commit copies each changed table's page
 //! and rewrites the table tree, the free-page lists and the header, so its cost grows
-//! with the tables a transaction changes, not with the bytes. This bench measures that
-//! cost at 1, 4 and 7 tables, durable and deferred, with a read beside it (a `Stat`'s
-//! database work), so that what a call may cost at least is a figure, not a guess.
+//! with the pages a transaction changes, not with the bytes. This bench measures that
+//! cost at 1, 4 and 7 tables, and for a staged prepare's rows as they are and with the
+//! four indexes folded into one table, durable and deferred, with a read beside it (a
+//! `Stat`'s database work), so that what a call may cost at least is a figure, not a
+//! guess.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -65,19 +67,64 @@ fn write_calls() -> Result<u64> {
         .ok_or_else(|| Error::internal("no syscw in /proc/self/io"))
 }
 
-/// `n` writes, each changing one row (and dropping an old one) in each of `tables`
-/// tables.
-fn writes(db: &Db, tables: usize, durability: Durability, n: u64, base: u64) -> Result<Row> {
+/// What one write changes: `rows` rows of `bytes`-byte values in table `table`, each
+/// replacing an old row.
+#[derive(Clone, Copy)]
+struct Change {
+    table: usize,
+    rows: usize,
+    bytes: usize,
+}
+
+/// One row in each of the first `n` tables, sized like a record.
+fn one_row_in_each(n: usize) -> Vec<Change> {
+    (0..n).map(|table| Change { table, rows: 1, bytes: VALUE_BYTES }).collect()
+}
+
+/// The size of an index row's value (a child link, a backend key, a lease's resource).
+const INDEX_BYTES: usize = 60;
+
+/// A staged overlay prepare's write as it is: the metadata's record, the parent's
+/// child link, the backend key, the lease's resource, the driver's record and its child
+/// link, each in a table of its own.
+fn prepare_as_is() -> Vec<Change> {
+    let (record, index) = (VALUE_BYTES, INDEX_BYTES);
+    [(0, record), (1, index), (2, index), (3, index), (4, record), (5, index)]
+        .map(|(table, bytes)| Change { table, rows: 1, bytes })
+        .to_vec()
+}
+
+/// The same rows with the four indexes folded into one table (a design measured, not
+/// built: its rows keyed apart, as they would be by a prefix for each index).
+fn prepare_indexes_folded() -> Vec<Change> {
+    vec![
+        Change { table: 0, rows: 1, bytes: VALUE_BYTES },
+        Change { table: 4, rows: 1, bytes: VALUE_BYTES },
+        Change { table: 6, rows: 4, bytes: INDEX_BYTES },
+    ]
+}
+
+/// `n` writes, each making the changes of `shape` (and dropping the rows written `LIVE`
+/// writes before).
+fn writes(db: &Db, shape: &[Change], durability: Durability, n: u64, base: u64) -> Result<Row> {
+    const VALUE: [u8; VALUE_BYTES] = [7u8; VALUE_BYTES];
     let mut wall = Vec::with_capacity(n as usize);
     let (cpu0, calls0, commits0) = (thread_cpu(), write_calls()?, db.stats().commits);
     for i in base..base + n {
         let start = Instant::now();
+        let shape = shape.to_vec();
         db.write(durability, move |txn| {
-            let (new, old) = (format!("key-{i}"), format!("key-{}", i.wrapping_sub(LIVE)));
-            for def in &TABLES[..tables] {
-                let mut t = txn.open_table(*def)?;
-                t.insert(("overlay", "bench", new.as_str()), [7u8; VALUE_BYTES].as_slice())?;
-                t.remove(("overlay", "bench", old.as_str()))?;
+            for c in &shape {
+                let mut t = txn.open_table(TABLES[c.table])?;
+                for r in 0..c.rows {
+                    let (new, old) =
+                        (format!("key-{r}-{i}"), format!("key-{r}-{}", i.wrapping_sub(LIVE)));
+                    t.insert(
+                        ("overlay", "bench", new.as_str()),
+                        &VALUE[..c.bytes.min(VALUE_BYTES)],
+                    )?;
+                    t.remove(("overlay", "bench", old.as_str()))?;
+                }
             }
             Ok(())
         })?;
@@ -94,11 +141,11 @@ fn writes(db: &Db, tables: usize, durability: Durability, n: u64, base: u64) -> 
 }
 
 /// `n` reads of one row, as a `Stat` makes.
-fn reads(db: &Db, n: u64) -> Result<Row> {
+fn reads(db: &Db, n: u64, live_from: u64) -> Result<Row> {
     let mut wall = Vec::with_capacity(n as usize);
     let cpu0 = thread_cpu();
     for i in 0..n {
-        let key = format!("key-{}", i % LIVE);
+        let key = format!("key-0-{}", live_from + i % LIVE);
         let start = Instant::now();
         db.read_with(|txn| {
             let t = txn.open_table(TABLES[0])?;
@@ -123,32 +170,43 @@ pub fn run(dirs: &[PathBuf], smoke: bool, out: &mut dyn Write) -> Result<()> {
         let cap = cap_std::fs::Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())
             .map_err(io)?;
         let db = Db::open(&cap, "bench.redb", "the bench database")?;
-        // Every table exists and holds its live rows before anything is measured.
-        writes(&db, TABLES.len(), Durability::Immediate, LIVE, 0)?;
-        let mut base = LIVE;
-        let read = reads(&db, n)?;
+        let shapes = [
+            ("write 1 table", one_row_in_each(1)),
+            ("write 4 tables", one_row_in_each(4)),
+            ("write 7 tables", one_row_in_each(TABLES.len())),
+            ("a prepare's rows, 6 tables", prepare_as_is()),
+            ("the same, indexes in 1", prepare_indexes_folded()),
+        ];
+        // Every table exists and holds the live rows of every shape before anything is
+        // measured.
+        let mut base = 0;
+        for (_, shape) in &shapes {
+            writes(&db, shape, Durability::Immediate, LIVE, base)?;
+            base += LIVE;
+        }
+        // The last shape's rows are the live ones.
+        let read = reads(&db, n, base - LIVE)?;
         rows.push(cells(&fs, dir, "read one row", &read, None));
-        for tables in [1, 4, TABLES.len()] {
+        for (what, shape) in &shapes {
             // Durable and deferred alternate in blocks, so a disk that slows down over
             // the run weighs on both alike.
             let (mut durable, mut deferred) = (Vec::new(), Vec::new());
             let block = (n / 4).max(1);
             for _ in 0..4 {
-                durable.push(writes(&db, tables, Durability::Immediate, block, base)?);
+                durable.push(writes(&db, shape, Durability::Immediate, block, base)?);
                 base += block;
-                deferred.push(writes(&db, tables, Durability::Deferred, block, base)?);
+                deferred.push(writes(&db, shape, Durability::Deferred, block, base)?);
                 base += block;
             }
             let (durable, deferred) = (merge(durable), merge(deferred));
-            let what = format!("write {tables} table{}", if tables == 1 { "" } else { "s" });
-            rows.push(cells(&fs, dir, &what, &durable, Some(&deferred)));
+            rows.push(cells(&fs, dir, what, &durable, Some(&deferred)));
         }
         drop(db);
     }
     writeln!(
         out,
         "kv: one write transaction of the root database (kv::Db), {n} per row, each \
-         changing a row in each of N tables; durable (synced before it returns, as every \
+         changing a row in each of N tables, or a staged prepare's rows; durable (synced before it returns, as every \
          mutating call is) and deferred; CPU of the calling thread, which leads the commit; \
          write calls per commit (one per page redb writes)"
     )

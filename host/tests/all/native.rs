@@ -266,3 +266,56 @@ fn files_under(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// The background deleter yields the CPU to calls: it runs nicer than the thread that
+/// opened the driver, and only it does (Linux sets a niceness per thread).
+#[test]
+fn the_background_deleter_runs_nicer_than_calls() {
+    let dir = tmp();
+    let root = dir.path().join("root");
+    let config = "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n";
+    // Native deleters of this process (other tests' too), by thread id, with their
+    // niceness.
+    let deleters = || -> Vec<(String, i32)> {
+        let mut found = Vec::new();
+        for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("wasnap-native-") {
+                continue;
+            }
+            let Ok(stat) = fs::read_to_string(task.path().join("stat")) else { continue };
+            // After the command: state is field 3, nice field 19.
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            found.push((
+                task.file_name().to_string_lossy().into_owned(),
+                fields[16].parse().unwrap(),
+            ));
+        }
+        found
+    };
+    let before: Vec<String> = deleters().into_iter().map(|(tid, _)| tid).collect();
+    let base = rustix::process::getpriority_process(None).unwrap();
+    let host = crate::layers::host_with(&root, config);
+    let _sn = host.snapshotter("native").unwrap();
+    let want = (base + 10).min(19);
+    // Ours is among the deleters started since; it sets its niceness as it starts.
+    // (Another test's may have fallen behind and be back at the process's priority.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let new: Vec<i32> = deleters()
+            .into_iter()
+            .filter(|(tid, _)| !before.contains(tid))
+            .map(|(_, n)| n)
+            .collect();
+        if new.contains(&want) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new deleters' niceness {new:?}, want {want}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(rustix::process::getpriority_process(None).unwrap(), base, "the caller's own");
+    host.close().unwrap();
+}

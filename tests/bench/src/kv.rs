@@ -106,7 +106,14 @@ fn prepare_indexes_folded() -> Vec<Change> {
 
 /// `n` writes, each making the changes of `shape` (and dropping the rows written `LIVE`
 /// writes before).
-fn writes(db: &Db, shape: &[Change], durability: Durability, n: u64, base: u64) -> Result<Row> {
+/// Each shape's rows are keyed apart (`tag`), so that each keeps `LIVE` rows a table.
+fn writes(
+    db: &Db,
+    (tag, shape): (usize, &[Change]),
+    durability: Durability,
+    n: u64,
+    base: u64,
+) -> Result<Row> {
     const VALUE: [u8; VALUE_BYTES] = [7u8; VALUE_BYTES];
     let mut wall = Vec::with_capacity(n as usize);
     let (cpu0, calls0, commits0) = (thread_cpu(), write_calls()?, db.stats().commits);
@@ -117,8 +124,10 @@ fn writes(db: &Db, shape: &[Change], durability: Durability, n: u64, base: u64) 
             for c in &shape {
                 let mut t = txn.open_table(TABLES[c.table])?;
                 for r in 0..c.rows {
-                    let (new, old) =
-                        (format!("key-{r}-{i}"), format!("key-{r}-{}", i.wrapping_sub(LIVE)));
+                    let (new, old) = (
+                        format!("key-{tag}-{r}-{i}"),
+                        format!("key-{tag}-{r}-{}", i.wrapping_sub(LIVE)),
+                    );
                     t.insert(
                         ("overlay", "bench", new.as_str()),
                         &VALUE[..c.bytes.min(VALUE_BYTES)],
@@ -145,7 +154,8 @@ fn reads(db: &Db, n: u64, live_from: u64) -> Result<Row> {
     let mut wall = Vec::with_capacity(n as usize);
     let cpu0 = thread_cpu();
     for i in 0..n {
-        let key = format!("key-0-{}", live_from + i % LIVE);
+        // Shape 0's live rows in table 0.
+        let key = format!("key-0-0-{}", live_from + i % LIVE);
         let start = Instant::now();
         db.read_with(|txn| {
             let t = txn.open_table(TABLES[0])?;
@@ -178,26 +188,40 @@ pub fn run(dirs: &[PathBuf], smoke: bool, out: &mut dyn Write) -> Result<()> {
             ("the same, indexes in 1", prepare_indexes_folded()),
         ];
         // Every table exists and holds the live rows of every shape before anything is
-        // measured.
-        let mut base = 0;
-        for (_, shape) in &shapes {
-            writes(&db, shape, Durability::Immediate, LIVE, base)?;
-            base += LIVE;
+        // measured; each shape counts its own writes.
+        let mut next = vec![0u64; shapes.len()];
+        for (tag, (_, shape)) in shapes.iter().enumerate() {
+            writes(&db, (tag, shape), Durability::Immediate, LIVE, 0)?;
+            next[tag] = LIVE;
         }
-        // The last shape's rows are the live ones.
-        let read = reads(&db, n, base - LIVE)?;
+        let read = reads(&db, n, 0)?;
         rows.push(cells(&fs, dir, "read one row", &read, None));
-        for (what, shape) in &shapes {
-            // Durable and deferred alternate in blocks, so a disk that slows down over
-            // the run weighs on both alike.
-            let (mut durable, mut deferred) = (Vec::new(), Vec::new());
-            let block = (n / 4).max(1);
-            for _ in 0..4 {
-                durable.push(writes(&db, shape, Durability::Immediate, block, base)?);
-                base += block;
-                deferred.push(writes(&db, shape, Durability::Deferred, block, base)?);
-                base += block;
+        // Durable and deferred alternate in blocks, and the shapes take turns, so that a
+        // machine or disk slowing down over the run weighs on each alike.
+        let mut durable: Vec<Vec<Row>> = shapes.iter().map(|_| Vec::new()).collect();
+        let mut deferred: Vec<Vec<Row>> = shapes.iter().map(|_| Vec::new()).collect();
+        let block = (n / 4).max(1);
+        for _ in 0..4 {
+            for (tag, (_, shape)) in shapes.iter().enumerate() {
+                durable[tag].push(writes(
+                    &db,
+                    (tag, shape),
+                    Durability::Immediate,
+                    block,
+                    next[tag],
+                )?);
+                next[tag] += block;
+                deferred[tag].push(writes(
+                    &db,
+                    (tag, shape),
+                    Durability::Deferred,
+                    block,
+                    next[tag],
+                )?);
+                next[tag] += block;
             }
+        }
+        for (((what, _), durable), deferred) in shapes.iter().zip(durable).zip(deferred) {
             let (durable, deferred) = (merge(durable), merge(deferred));
             rows.push(cells(&fs, dir, what, &durable, Some(&deferred)));
         }

@@ -8,7 +8,8 @@
 //! and rewrites the table tree, the free-page lists and the header, so its cost grows
 //! with the pages a transaction changes, not with the bytes. This bench measures that
 //! cost at 1, 4 and 7 tables, and for a staged prepare's rows as they are and with the
-//! four indexes folded into one table, durable and deferred, with a read beside it (a
+//! four indexes folded into one table (in a store of a few snapshots, as in the daemon
+//! bench, and of 2,000), durable and deferred, with a read beside it (a
 //! `Stat`'s database work), so that what a call may cost at least is a figure, not a
 //! guess.
 
@@ -36,8 +37,13 @@ const TABLES: [Def; 7] = [
     redb::TableDefinition::new("bench_6"),
 ];
 
-/// Rows each table keeps: a few live snapshots, as in the daemon bench's cycles.
-const LIVE: u64 = 8;
+/// Rows a shape keeps in each of its tables: a few live snapshots, as in the daemon
+/// bench's cycles.
+const FEW: u64 = 8;
+
+/// Rows a shape keeps in each of its tables in the rows for a store of a few thousand
+/// snapshots: its trees are deeper, and rows written together land in leaves apart.
+const MANY: u64 = 2000;
 
 /// The size of a row's value: about an encoded record with a few labels.
 const VALUE_BYTES: usize = 240;
@@ -104,12 +110,20 @@ fn prepare_indexes_folded() -> Vec<Change> {
     ]
 }
 
-/// `n` writes, each making the changes of `shape` (and dropping the rows written `LIVE`
-/// writes before). Each shape's rows are keyed apart by its `tag`, so that each keeps
-/// `LIVE` rows a table.
+/// What one row of the table measures: `changes` in each write, with `live` rows of
+/// each kept in the tables.
+struct Shape {
+    what: &'static str,
+    changes: Vec<Change>,
+    live: u64,
+}
+
+/// `n` writes, each making the changes of `shape` (and dropping the rows written
+/// `shape.live` writes before). Each shape's rows are keyed apart by its `tag`, so that
+/// each keeps its own live rows.
 fn writes(
     db: &Db,
-    (tag, shape): (usize, &[Change]),
+    (tag, shape): (usize, &Shape),
     durability: Durability,
     n: u64,
     base: u64,
@@ -119,14 +133,14 @@ fn writes(
     let (cpu0, calls0, commits0) = (thread_cpu(), write_calls()?, db.stats().commits);
     for i in base..base + n {
         let start = Instant::now();
-        let shape = shape.to_vec();
+        let (changes, live) = (shape.changes.clone(), shape.live);
         db.write(durability, move |txn| {
-            for c in &shape {
+            for c in &changes {
                 let mut t = txn.open_table(TABLES[c.table])?;
                 for r in 0..c.rows {
                     let (new, old) = (
                         format!("key-{tag}-{r}-{i}"),
-                        format!("key-{tag}-{r}-{}", i.wrapping_sub(LIVE)),
+                        format!("key-{tag}-{r}-{}", i.wrapping_sub(live)),
                     );
                     t.insert(
                         ("overlay", "bench", new.as_str()),
@@ -155,7 +169,7 @@ fn reads(db: &Db, n: u64) -> Result<Row> {
     let cpu0 = thread_cpu();
     for i in 0..n {
         // Shape 0's live rows in table 0, as the fill leaves them.
-        let key = format!("key-0-0-{}", i % LIVE);
+        let key = format!("key-0-0-{}", i % FEW);
         let start = Instant::now();
         db.read_with(|txn| {
             let t = txn.open_table(TABLES[0])?;
@@ -180,20 +194,25 @@ pub fn run(dirs: &[PathBuf], smoke: bool, out: &mut dyn Write) -> Result<()> {
         let cap = cap_std::fs::Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())
             .map_err(io)?;
         let db = Db::open(&cap, "bench.redb", "the bench database")?;
+        let shape = |what, changes, live| Shape { what, changes, live };
         let shapes = [
-            ("write 1 table", one_row_in_each(1)),
-            ("write 4 tables", one_row_in_each(4)),
-            ("write 7 tables", one_row_in_each(TABLES.len())),
-            ("a prepare's rows, 6 tables", prepare_as_is()),
-            ("the same, indexes in 1", prepare_indexes_folded()),
+            shape("write 1 table", one_row_in_each(1), FEW),
+            shape("write 4 tables", one_row_in_each(4), FEW),
+            shape("write 7 tables", one_row_in_each(TABLES.len()), FEW),
+            shape("a prepare's rows, 6 tables", prepare_as_is(), FEW),
+            shape("the same, indexes in 1", prepare_indexes_folded(), FEW),
+            shape("a prepare's rows, 2,000 live", prepare_as_is(), MANY),
+            shape("the same, indexes in 1", prepare_indexes_folded(), MANY),
         ];
         // Every table exists and holds the live rows of every shape before anything is
-        // measured; each shape counts its own writes.
+        // measured (filled without a sync each, then synced once); each shape counts its
+        // own writes.
         let mut next = vec![0u64; shapes.len()];
-        for (tag, (_, shape)) in shapes.iter().enumerate() {
-            writes(&db, (tag, shape), Durability::Immediate, LIVE, 0)?;
-            next[tag] = LIVE;
+        for (tag, shape) in shapes.iter().enumerate() {
+            writes(&db, (tag, shape), Durability::Deferred, shape.live, 0)?;
+            next[tag] = shape.live;
         }
+        db.write(Durability::Immediate, |_| Ok(()))?;
         let read = reads(&db, n)?;
         rows.push(cells(&fs, dir, "read one row", &read, None));
         // Durable and deferred alternate in blocks, and the shapes take turns, so that a
@@ -202,7 +221,7 @@ pub fn run(dirs: &[PathBuf], smoke: bool, out: &mut dyn Write) -> Result<()> {
         let mut deferred: Vec<Vec<Row>> = shapes.iter().map(|_| Vec::new()).collect();
         let block = (n / 4).max(1);
         for _ in 0..4 {
-            for (tag, (_, shape)) in shapes.iter().enumerate() {
+            for (tag, shape) in shapes.iter().enumerate() {
                 durable[tag].push(writes(
                     &db,
                     (tag, shape),
@@ -221,9 +240,9 @@ pub fn run(dirs: &[PathBuf], smoke: bool, out: &mut dyn Write) -> Result<()> {
                 next[tag] += block;
             }
         }
-        for (((what, _), durable), deferred) in shapes.iter().zip(durable).zip(deferred) {
+        for ((shape, durable), deferred) in shapes.iter().zip(durable).zip(deferred) {
             let (durable, deferred) = (merge(durable), merge(deferred));
-            rows.push(cells(&fs, dir, what, &durable, Some(&deferred)));
+            rows.push(cells(&fs, dir, shape.what, &durable, Some(&deferred)));
         }
         drop(db);
     }

@@ -30,7 +30,8 @@ enum Command {
     Daemon(DaemonArgs),
     /// The floor under every mutating call: one durable write transaction of the root
     /// database changing 1, 4 or 7 tables, or an overlay prepare's rows (as they are and
-    /// with its indexes folded into one table), beside a read, in-process
+    /// with its indexes folded into one table, in a store of a few snapshots and of
+    /// 2,000), beside a read, in-process
     Kv(KvArgs),
     /// A long concurrent run against one `wasnap daemon` with kill -9s and aborts at
     /// fault points, and an invariant checker; prints a table, exits 1 on a violation

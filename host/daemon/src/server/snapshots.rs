@@ -216,7 +216,13 @@ impl Snapshots for SnapshotsService {
                     report.failed.len()
                 )));
             }
-            tracing::info!(removed = report.removed.len(), "cleanup");
+            // containerd calls Cleanup after each of its collections (about once per
+            // removal when it runs us as its proxy): only one that removed something
+            // is worth an operator's line.
+            match report.removed.len() {
+                0 => tracing::debug!(removed = 0, "cleanup"),
+                n => tracing::info!(removed = n, "cleanup"),
+            }
             Ok(())
         })
         .await

@@ -247,6 +247,44 @@ async fn load(t: &Target, clients: usize, per_client: usize, round: usize) -> Re
     Ok(Measured { cycles, wall, ops, cpu, wasnap })
 }
 
+/// Makes `n` committed snapshots of `t`'s own on 8 connections at once, under the load's
+/// lease, and keeps them: the load then runs in a store of that size, as an operator's
+/// does (deeper trees in both servers' databases, a fuller `snapshots/`).
+async fn populate(t: &Target, n: usize) -> Result<()> {
+    const CONNS: usize = 8;
+    let label = t.label.replace([' ', '>'], "-");
+    let mut tasks = tokio::task::JoinSet::new();
+    for conn in 0..CONNS {
+        let (t, label) = (t.clone(), label.clone());
+        let c = Client::connect(&t.socket).await?;
+        tasks.spawn(async move {
+            let mut s = c.snapshots();
+            for i in (conn..n).step_by(CONNS) {
+                let key = format!("{label}-live-{i}");
+                let prepare = PrepareSnapshotRequest {
+                    snapshotter: t.snapshotter.into(),
+                    key: key.clone(),
+                    parent: String::new(),
+                    labels: HashMap::new(),
+                };
+                s.prepare(req(&t, prepare)).await.map_err(st)?;
+                let commit = CommitSnapshotRequest {
+                    snapshotter: t.snapshotter.into(),
+                    name: format!("{key}-c"),
+                    key,
+                    ..Default::default()
+                };
+                s.commit(req(&t, commit)).await.map_err(st)?;
+            }
+            Ok::<_, Error>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| Error::internal(format!("bench client: {e}")))??;
+    }
+    Ok(())
+}
+
 /// The floor under a target's cycle at 1 client: cycles of five `Stat` calls (the API's
 /// cheapest call on a snapshot, one read) on a snapshot prepared for it, in cycles per
 /// second. The cycle's five calls cannot be answered faster than five of these.
@@ -361,7 +399,7 @@ pub fn run(
     roots: &[PathBuf],
     copy: &Copy,
     wasnap: &Path,
-    smoke: bool,
+    (smoke, live): (bool, usize),
     out: &mut dyn Write,
 ) -> Result<()> {
     let io = |e: std::io::Error| Error::from(e).context("bench");
@@ -397,20 +435,27 @@ pub fn run(
     for base in roots {
         let fs = wasnap::probe::filesystem_name(base);
         let (tmp, daemon, peer, targets) = start(base, (&guest, copy.instances), wasnap)?;
+        // WASNAP_BENCH_ONLY=LABEL[,LABEL…] runs only those targets (for profiling one
+        // alone, or comparing two).
+        let only = std::env::var("WASNAP_BENCH_ONLY").ok();
+        let wanted: Vec<&Target> = COLUMNS
+            .iter()
+            .filter(|c| only.as_deref().is_none_or(|o| o.split(',').any(|l| l.trim() == **c)))
+            .filter_map(|c| targets.iter().find(|t| t.label == *c))
+            .collect();
+        if live > 0 {
+            for t in &wanted {
+                rt.block_on(populate(t, live)).map_err(|e| {
+                    e.context(format!("make {live} snapshots of {} on {fs}", t.label))
+                })?;
+            }
+        }
         // At 1 client, by target: cycles/s, a cycle's latency, wasnap's time in it.
         let mut serial: HashMap<&str, (f64, Duration, Option<Duration>)> = HashMap::new();
         for (clients, per_client) in [(1usize, one), (8, eight)] {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
             let mut baseline_cpu = None;
-            // WASNAP_BENCH_ONLY=LABEL[,LABEL…] runs only those targets (for profiling one
-            // alone, or comparing two).
-            let only = std::env::var("WASNAP_BENCH_ONLY").ok();
-            let wanted: Vec<&Target> = COLUMNS
-                .iter()
-                .filter(|c| only.as_deref().is_none_or(|o| o.split(',').any(|l| l.trim() == **c)))
-                .filter_map(|c| targets.iter().find(|t| t.label == *c))
-                .collect();
             // The targets take turns in rounds, each round starting one target later, so
             // that a machine or disk slowing down for a while weighs on every target
             // alike, and so does what a target leaves running behind its block
@@ -498,8 +543,13 @@ pub fn run(
         out,
         "daemon: cycles/s (prepare, commit, prepare child, remove child, remove; under a lease), \
          {one} cycles at 1 client, {eight} per client at 8, in {rounds} rounds the targets take \
-         in turn; (ratio) to containerd's overlayfs; the copy guest with limits.instances = {}",
-        copy.instances
+         in turn; (ratio) to containerd's overlayfs; the copy guest with limits.instances = {}; \
+         {}",
+        copy.instances,
+        match live {
+            0 => "each target's store empty but for the load".to_owned(),
+            n => format!("each target keeping {n} committed snapshots of its own beside the load"),
+        }
     )
     .map_err(io)?;
     let mut header = vec!["ROOT", "CLIENTS"];

@@ -118,6 +118,10 @@ struct DaemonArgs {
     /// The `wasnap` binary to run as the daemon [default: `wasnap` next to this executable]
     #[arg(long, value_name = "PATH")]
     wasnap: Option<PathBuf>,
+    /// Committed snapshots each target keeps beside the load, made before it: the load
+    /// then runs in a store of that size, as an operator's does
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    live: usize,
 }
 
 /// Options of `wasnap-bench kv`.
@@ -198,7 +202,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> Result<bool> {
             let wasnap = wasnap_binary(args.wasnap.as_deref())?;
             let dirs = bench_dirs(args.dirs, args.smoke);
             let copy = daemon::Copy { guest: args.copy_guest, instances: args.copy_instances };
-            daemon::run(&dirs, &copy, &wasnap, args.smoke, out).map(|()| true)
+            daemon::run(&dirs, &copy, &wasnap, (args.smoke, args.live), out).map(|()| true)
         }
         Command::Kv(args) => {
             kv::run(&bench_dirs(args.dirs, args.smoke), args.smoke, out).map(|()| true)

@@ -37,6 +37,18 @@ const TABLES: [Def; 7] = [
     redb::TableDefinition::new("bench_6"),
 ];
 
+/// The same tables for the shapes that keep `MANY` rows, so that the others' tables
+/// stay a few rows deep.
+const BIG_TABLES: [Def; 7] = [
+    redb::TableDefinition::new("bench_big_0"),
+    redb::TableDefinition::new("bench_big_1"),
+    redb::TableDefinition::new("bench_big_2"),
+    redb::TableDefinition::new("bench_big_3"),
+    redb::TableDefinition::new("bench_big_4"),
+    redb::TableDefinition::new("bench_big_5"),
+    redb::TableDefinition::new("bench_big_6"),
+];
+
 /// Rows a shape keeps in each of its tables: a few live snapshots, as in the daemon
 /// bench's cycles.
 const FEW: u64 = 8;
@@ -44,6 +56,7 @@ const FEW: u64 = 8;
 /// Rows a shape keeps in each of its tables in the rows for a store of a few thousand
 /// snapshots: its trees are deeper, and rows written together land in leaves apart.
 const MANY: u64 = 2000;
+const _: () = assert!(MANY == 2000, "the rows' labels say 2,000");
 
 /// The size of a row's value: about an encoded record with a few labels.
 const VALUE_BYTES: usize = 240;
@@ -110,12 +123,13 @@ fn prepare_indexes_folded() -> Vec<Change> {
     ]
 }
 
-/// What one row of the table measures: `changes` in each write, with `live` rows of
-/// each kept in the tables.
+/// What one row of the table measures: `changes` in each write to `tables`, with `live`
+/// rows of each kept there.
 struct Shape {
     what: &'static str,
     changes: Vec<Change>,
     live: u64,
+    tables: &'static [Def; 7],
 }
 
 /// `n` writes, each making the changes of `shape` (and dropping the rows written
@@ -133,10 +147,10 @@ fn writes(
     let (cpu0, calls0, commits0) = (thread_cpu(), write_calls()?, db.stats().commits);
     for i in base..base + n {
         let start = Instant::now();
-        let (changes, live) = (shape.changes.clone(), shape.live);
+        let (changes, live, tables) = (shape.changes.clone(), shape.live, shape.tables);
         db.write(durability, move |txn| {
             for c in &changes {
-                let mut t = txn.open_table(TABLES[c.table])?;
+                let mut t = txn.open_table(tables[c.table])?;
                 for r in 0..c.rows {
                     let (new, old) = (
                         format!("key-{tag}-{r}-{i}"),
@@ -194,15 +208,16 @@ pub fn run(dirs: &[PathBuf], smoke: bool, out: &mut dyn Write) -> Result<()> {
         let cap = cap_std::fs::Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())
             .map_err(io)?;
         let db = Db::open(&cap, "bench.redb", "the bench database")?;
-        let shape = |what, changes, live| Shape { what, changes, live };
+        let few = |what, changes| Shape { what, changes, live: FEW, tables: &TABLES };
+        let many = |what, changes| Shape { what, changes, live: MANY, tables: &BIG_TABLES };
         let shapes = [
-            shape("write 1 table", one_row_in_each(1), FEW),
-            shape("write 4 tables", one_row_in_each(4), FEW),
-            shape("write 7 tables", one_row_in_each(TABLES.len()), FEW),
-            shape("a prepare's rows, 6 tables", prepare_as_is(), FEW),
-            shape("the same, indexes in 1", prepare_indexes_folded(), FEW),
-            shape("a prepare's rows, 2,000 live", prepare_as_is(), MANY),
-            shape("the same, indexes in 1", prepare_indexes_folded(), MANY),
+            few("write 1 table", one_row_in_each(1)),
+            few("write 4 tables", one_row_in_each(4)),
+            few("write 7 tables", one_row_in_each(TABLES.len())),
+            few("a prepare's rows, 6 tables", prepare_as_is()),
+            few("the same, indexes in 1", prepare_indexes_folded()),
+            many("a prepare's rows, 2,000 live", prepare_as_is()),
+            many("the same, indexes in 1", prepare_indexes_folded()),
         ];
         // Every table exists and holds the live rows of every shape before anything is
         // measured (filled without a sync each, then synced once); each shape counts its

@@ -27,27 +27,28 @@ use wasnap_cli::stats::{Stats, fmt_d};
 type Def =
     redb::TableDefinition<'static, (&'static str, &'static str, &'static str), &'static [u8]>;
 
-const TABLES: [Def; 7] = [
-    redb::TableDefinition::new("bench_0"),
-    redb::TableDefinition::new("bench_1"),
-    redb::TableDefinition::new("bench_2"),
-    redb::TableDefinition::new("bench_3"),
-    redb::TableDefinition::new("bench_4"),
-    redb::TableDefinition::new("bench_5"),
-    redb::TableDefinition::new("bench_6"),
+/// Tables in a set: as many as a write changes at most.
+const PER_SET: usize = 7;
+
+/// Two sets of tables: the first for the shapes that keep `FEW` rows, the second for
+/// those that keep `MANY`, so that the first set's tables stay a few rows deep.
+const NAMES: [[&str; PER_SET]; 2] = [
+    ["bench_0", "bench_1", "bench_2", "bench_3", "bench_4", "bench_5", "bench_6"],
+    [
+        "bench_big_0",
+        "bench_big_1",
+        "bench_big_2",
+        "bench_big_3",
+        "bench_big_4",
+        "bench_big_5",
+        "bench_big_6",
+    ],
 ];
 
-/// The same tables for the shapes that keep `MANY` rows, so that the others' tables
-/// stay a few rows deep.
-const BIG_TABLES: [Def; 7] = [
-    redb::TableDefinition::new("bench_big_0"),
-    redb::TableDefinition::new("bench_big_1"),
-    redb::TableDefinition::new("bench_big_2"),
-    redb::TableDefinition::new("bench_big_3"),
-    redb::TableDefinition::new("bench_big_4"),
-    redb::TableDefinition::new("bench_big_5"),
-    redb::TableDefinition::new("bench_big_6"),
-];
+/// Table `i` of set `set`.
+fn bench_table(set: usize, i: usize) -> Def {
+    redb::TableDefinition::new(NAMES[set][i])
+}
 
 /// Rows a shape keeps in each of its tables: a few live snapshots, as in the daemon
 /// bench's cycles.
@@ -123,13 +124,13 @@ fn prepare_indexes_folded() -> Vec<Change> {
     ]
 }
 
-/// What one row of the table measures: `changes` in each write to `tables`, with `live`
-/// rows of each kept there.
+/// What one row of the table measures: `changes` in each write to the tables of `set`,
+/// with `live` rows of each kept there.
 struct Shape {
     what: &'static str,
     changes: Vec<Change>,
     live: u64,
-    tables: &'static [Def; 7],
+    set: usize,
 }
 
 /// `n` writes, each making the changes of `shape` (and dropping the rows written
@@ -147,10 +148,10 @@ fn writes(
     let (cpu0, calls0, commits0) = (thread_cpu(), write_calls()?, db.stats().commits);
     for i in base..base + n {
         let start = Instant::now();
-        let (changes, live, tables) = (shape.changes.clone(), shape.live, shape.tables);
+        let (changes, live, set) = (shape.changes.clone(), shape.live, shape.set);
         db.write(durability, move |txn| {
             for c in &changes {
-                let mut t = txn.open_table(tables[c.table])?;
+                let mut t = txn.open_table(bench_table(set, c.table))?;
                 for r in 0..c.rows {
                     let (new, old) = (
                         format!("key-{tag}-{r}-{i}"),
@@ -186,7 +187,7 @@ fn reads(db: &Db, n: u64) -> Result<Row> {
         let key = format!("key-0-0-{}", i % FEW);
         let start = Instant::now();
         db.read_with(|txn| {
-            let t = txn.open_table(TABLES[0])?;
+            let t = txn.open_table(bench_table(0, 0))?;
             let found = t.get(("overlay", "bench", key.as_str()))?.map(|g| g.value().len());
             Ok(std::hint::black_box(found))
         })?;
@@ -208,12 +209,12 @@ pub fn run(dirs: &[PathBuf], smoke: bool, out: &mut dyn Write) -> Result<()> {
         let cap = cap_std::fs::Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())
             .map_err(io)?;
         let db = Db::open(&cap, "bench.redb", "the bench database")?;
-        let few = |what, changes| Shape { what, changes, live: FEW, tables: &TABLES };
-        let many = |what, changes| Shape { what, changes, live: MANY, tables: &BIG_TABLES };
+        let few = |what, changes| Shape { what, changes, live: FEW, set: 0 };
+        let many = |what, changes| Shape { what, changes, live: MANY, set: 1 };
         let shapes = [
             few("write 1 table", one_row_in_each(1)),
             few("write 4 tables", one_row_in_each(4)),
-            few("write 7 tables", one_row_in_each(TABLES.len())),
+            few("write 7 tables", one_row_in_each(PER_SET)),
             few("a prepare's rows, 6 tables", prepare_as_is()),
             few("the same, indexes in 1", prepare_indexes_folded()),
             many("a prepare's rows, 2,000 live", prepare_as_is()),

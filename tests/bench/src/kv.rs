@@ -54,8 +54,8 @@ fn bench_table(set: usize, i: usize) -> Def {
 /// bench's cycles.
 const FEW: u64 = 8;
 
-/// Rows a shape keeps in each of its tables in the rows for a store of a few thousand
-/// snapshots: its trees are deeper, and rows written together land in leaves apart.
+/// Rows the shapes standing for a store of a few thousand snapshots keep in each of
+/// their tables: the trees are deeper, and rows written together land in leaves apart.
 const MANY: u64 = 2000;
 const _: () = assert!(MANY == 2000, "the rows' labels say 2,000");
 

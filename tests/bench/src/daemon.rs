@@ -285,13 +285,15 @@ async fn populate(t: &Target, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The floor under a target's cycle at 1 client: cycles of five `Stat` calls (the API's
-/// cheapest call on a snapshot, one read) on a snapshot prepared for it, in cycles per
-/// second. The cycle's five calls cannot be answered faster than five of these.
-async fn floor(t: &Target, cycles: usize) -> Result<f64> {
+/// The floor under a target's cycle at `clients` clients: cycles of five `Stat` calls
+/// (the API's cheapest call on a snapshot, one read) on one snapshot prepared for it,
+/// `cycles` on each of `clients` connections at once, in cycles per second. The load's
+/// cycle of five calls, from the same clients, cannot be answered faster than five of
+/// these.
+async fn floor(t: &Target, clients: usize, cycles: usize) -> Result<f64> {
     let c = Client::connect(&t.socket).await?;
     let mut s = c.snapshots();
-    let key = format!("{}-floor", t.label.replace([' ', '>'], "-"));
+    let key = format!("{}-floor-{clients}", t.label.replace([' ', '>'], "-"));
     let prepare = PrepareSnapshotRequest {
         snapshotter: t.snapshotter.into(),
         key: key.clone(),
@@ -299,12 +301,28 @@ async fn floor(t: &Target, cycles: usize) -> Result<f64> {
         labels: HashMap::new(),
     };
     s.prepare(req(t, prepare)).await.map_err(st)?;
-    let started = Instant::now();
-    for _ in 0..cycles * 5 {
-        let stat = StatSnapshotRequest { snapshotter: t.snapshotter.into(), key: key.clone() };
-        s.stat(req(t, stat)).await.map_err(st)?;
+    let mut conns = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        conns.push(Client::connect(&t.socket).await?);
     }
-    let rate = cycles as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in conns {
+        let (t, key) = (t.clone(), key.clone());
+        tasks.spawn(async move {
+            let mut s = c.snapshots();
+            for _ in 0..cycles * 5 {
+                let stat =
+                    StatSnapshotRequest { snapshotter: t.snapshotter.into(), key: key.clone() };
+                s.stat(req(&t, stat)).await.map_err(st)?;
+            }
+            Ok::<_, Error>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| Error::internal(format!("bench client: {e}")))??;
+    }
+    let rate = (clients * cycles) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     let remove = RemoveSnapshotRequest { snapshotter: t.snapshotter.into(), key };
     s.remove(req(t, remove)).await.map_err(st)?;
     Ok(rate)
@@ -450,8 +468,8 @@ pub fn run(
                 })?;
             }
         }
-        // At 1 client, by target: cycles/s, a cycle's latency, wasnap's time in it.
-        let mut serial: HashMap<&str, (f64, Duration, Option<Duration>)> = HashMap::new();
+        // By client count and target: cycles/s, a cycle's latency, wasnap's time in it.
+        let mut loaded: HashMap<(usize, &str), (f64, Duration, Option<Duration>)> = HashMap::new();
         for (clients, per_client) in [(1usize, one), (8, eight)] {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
@@ -488,12 +506,10 @@ pub fn run(
                     Some(b) => format!(" ({:.2}x)", m.cycles_per_sec() / f64::max(b, 1e-9)),
                 };
                 row.push(format!("{:.0}{ratio}", m.cycles_per_sec()));
-                if clients == 1 {
-                    serial.insert(
-                        t.label,
-                        (m.cycles_per_sec(), m.latency_per_cycle(), m.wasnap_per_cycle()),
-                    );
-                }
+                loaded.insert(
+                    (clients, t.label),
+                    (m.cycles_per_sec(), m.latency_per_cycle(), m.wasnap_per_cycle()),
+                );
                 let mut line = vec![fs.clone(), clients.to_string(), t.label.to_owned()];
                 line.extend(m.ops.iter().map(|s| fmt_d(Stats::new(s.clone()).pct(0.5))));
                 per_op.push(line);
@@ -532,7 +548,9 @@ pub fn run(
             }
             summary.push(row);
         }
-        bounds.push(bounds_row(&fs, &rt, &targets, &serial, one)?);
+        for (clients, per_client) in [(1usize, one), (8, eight)] {
+            bounds.push(bounds_row(&fs, &rt, &targets, &loaded, (clients, per_client))?);
+        }
         drop(peer);
         drop(daemon);
         if std::env::var_os("WASNAP_BENCH_KEEP").is_some() {
@@ -576,19 +594,20 @@ pub fn run(
     table(out, &["FS", "CLIENTS", "TARGET", "CPU", "COMMITS", "SYNCED", "IN WASNAP"], &cost)?;
     writeln!(
         out,
-        "\ndaemon: what bounds the ratios at 1 client, where a cycle's calls are serial. \
-         STAT FLOOR: cycles of five Stat calls (one read each) per second, the fastest a \
-         server answers five calls to this client; DIRECT CEILING: wasnap's floor over \
-         containerd's overlayfs cycles/s, the ratio the direct targets would reach if \
-         every call cost no more than a Stat; OUTSIDE WASNAP: a proxied cycle's latency \
-         less wasnap's time serving it (containerd's own work and its gRPC client); \
-         PROXY CEILING: the proxy's ratio if wasnap took no time at all"
+        "\ndaemon: what bounds the ratios. STAT FLOOR: cycles of five Stat calls (one read \
+         each) per second from as many clients, the fastest a server answers five calls to \
+         them; DIRECT CEILING: wasnap's floor over containerd's overlayfs cycles/s, the \
+         ratio the direct targets would reach if every call cost no more than a Stat; at 1 \
+         client, where a cycle's calls are serial, OUTSIDE WASNAP: a proxied cycle's \
+         latency less wasnap's time serving it (containerd's own work and its gRPC \
+         client), and PROXY CEILING: the proxy's ratio if wasnap took no time at all"
     )
     .map_err(io)?;
     table(
         out,
         &[
             "FS",
+            "CLIENTS",
             "CONTAINERD STAT FLOOR",
             "WASNAP STAT FLOOR",
             "DIRECT CEILING",
@@ -599,38 +618,42 @@ pub fn run(
     )
 }
 
-/// The row of the bounds table for one root: the floors of containerd and of the
-/// wasnap daemon (each measured if its target ran, that is, is in `serial`), and the
-/// ceilings they and the 1-client loads in `serial` imply.
+/// The row of the bounds table for one root at `clients` clients: the floors of
+/// containerd and of the wasnap daemon (each measured, `cycles` a client, if its target
+/// ran, that is, is in `loaded`), and the ceilings they and the loads in `loaded`
+/// imply. The proxy's ceiling only at 1 client: with calls served at once, a cycle's
+/// latency less wasnap's time in it bounds nothing.
 fn bounds_row(
     fs: &str,
     rt: &tokio::runtime::Runtime,
     targets: &[Target],
-    serial: &HashMap<&str, (f64, Duration, Option<Duration>)>,
-    cycles: usize,
+    loaded: &HashMap<(usize, &str), (f64, Duration, Option<Duration>)>,
+    (clients, cycles): (usize, usize),
 ) -> Result<Vec<String>> {
     let floor_of = |label: &str| -> Result<Option<f64>> {
-        match targets.iter().find(|t| t.label == label && serial.contains_key(label)) {
+        match targets.iter().find(|t| t.label == label && loaded.contains_key(&(clients, label))) {
             Some(t) => rt
-                .block_on(floor(t, cycles))
+                .block_on(floor(t, clients, cycles))
                 .map(Some)
-                .map_err(|e| e.context(format!("the floor of {label} on {fs}"))),
+                .map_err(|e| e.context(format!("the floor of {label} on {fs}, {clients} clients"))),
             None => Ok(None),
         }
     };
     let containerd_floor = floor_of(COLUMNS[0])?;
     let wasnap_floor = floor_of(COLUMNS[1])?;
-    let baseline = serial.get(COLUMNS[0]).map(|s| s.0);
+    let baseline = loaded.get(&(clients, COLUMNS[0])).map(|s| s.0);
     let rate = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.0}"));
     let ratio = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.2}x"));
     let direct_ceiling = wasnap_floor.zip(baseline).map(|(f, b)| f / b.max(1e-9));
-    let outside = serial
-        .get(COLUMNS[2])
+    let outside = loaded
+        .get(&(clients, COLUMNS[2]))
+        .filter(|_| clients == 1)
         .and_then(|(_, latency, inside)| inside.map(|i| latency.saturating_sub(i)));
     let proxy_ceiling =
         outside.zip(baseline).map(|(o, b)| 1.0 / o.as_secs_f64().max(1e-9) / b.max(1e-9));
     Ok(vec![
         fs.to_owned(),
+        clients.to_string(),
         rate(containerd_floor),
         rate(wasnap_floor),
         ratio(direct_ceiling),

@@ -450,6 +450,7 @@ pub fn run(
     let mut per_op = Vec::new();
     let mut cost = Vec::new();
     let mut bounds = Vec::new();
+    let mut goals = Vec::new();
     for base in roots {
         let fs = wasnap::probe::filesystem_name(base);
         let (tmp, daemon, peer, targets) = start(base, (&guest, copy.instances), wasnap)?;
@@ -549,7 +550,9 @@ pub fn run(
             summary.push(row);
         }
         for (clients, per_client) in [(1usize, one), (8, eight)] {
-            bounds.push(bounds_row(&fs, &rt, &targets, &loaded, (clients, per_client))?);
+            let (row, ceilings) = bounds_row(&fs, &rt, &targets, &loaded, (clients, per_client))?;
+            bounds.push(row);
+            goals.extend(goal_rows(&fs, clients, &loaded, ceilings));
         }
         drop(peer);
         drop(daemon);
@@ -615,21 +618,87 @@ pub fn run(
             "PROXY CEILING",
         ],
         &bounds,
+    )?;
+    writeln!(
+        out,
+        "\ndaemon: the goals (ARCHITECTURE.md, \"The daemon beside containerd\") in this run: \
+         each target's ratio to containerd's overlayfs, and the ceiling above, where known"
     )
+    .map_err(io)?;
+    table(out, &["FS", "CLIENTS", "TARGET", "GOAL", "RATIO", "CEILING", "VERDICT"], &goals)
+}
+
+/// The ratios the direct targets and the proxy would reach at best (the bounds table),
+/// where measured.
+#[derive(Clone, Copy)]
+struct Ceilings {
+    direct: Option<f64>,
+    proxy: Option<f64>,
+}
+
+/// The goals the daemon is held to, as ratios of cycles/s to containerd's overlayfs:
+/// the target's column, the least ratio, and whether it holds on tmpfs too (the
+/// proxy's goals are for a disk, where operators run it).
+const GOALS: [(&str, usize, f64, bool); 6] = [
+    (COLUMNS[1], 1, 2.0, true),
+    (COLUMNS[1], 8, 2.0, true),
+    (COLUMNS[2], 1, 0.8, false),
+    (COLUMNS[2], 8, 1.0, false),
+    (COLUMNS[3], 1, 1.0, true),
+    (COLUMNS[3], 8, 1.0, true),
+];
+
+/// The rows of the goals table for one root at `clients` clients: each goal whose
+/// target and containerd's overlayfs both ran, with the ceiling (direct, proxy) the
+/// bounds table found for it.
+fn goal_rows(
+    fs: &str,
+    clients: usize,
+    loaded: &HashMap<(usize, &str), (f64, Duration, Option<Duration>)>,
+    ceilings: Ceilings,
+) -> Vec<Vec<String>> {
+    let Some(baseline) = loaded.get(&(clients, COLUMNS[0])).map(|l| l.0) else {
+        return Vec::new();
+    };
+    GOALS
+        .iter()
+        .filter(|(_, c, _, on_tmpfs)| *c == clients && (*on_tmpfs || fs != "tmpfs"))
+        .filter_map(|&(label, _, goal, _)| {
+            let ratio = loaded.get(&(clients, label))?.0 / baseline.max(1e-9);
+            let ceiling = match label {
+                l if l == COLUMNS[2] => ceilings.proxy,
+                _ => ceilings.direct,
+            };
+            let verdict = match (ratio >= goal, ceiling) {
+                (true, _) => "met",
+                (false, Some(c)) if c < goal => "not met (out of reach: the ceiling is below)",
+                (false, _) => "not met",
+            };
+            Some(vec![
+                fs.to_owned(),
+                clients.to_string(),
+                label.to_owned(),
+                format!(">= {goal:.2}x"),
+                format!("{ratio:.2}x"),
+                ceiling.map_or("-".into(), |c| format!("{c:.2}x")),
+                verdict.to_owned(),
+            ])
+        })
+        .collect()
 }
 
 /// The row of the bounds table for one root at `clients` clients: the floors of
 /// containerd and of the wasnap daemon (each measured, `cycles` a client, if its target
 /// ran, that is, is in `loaded`), and the ceilings they and the loads in `loaded`
-/// imply. The proxy's ceiling only at 1 client: with calls served at once, a cycle's
-/// latency less wasnap's time in it bounds nothing.
+/// imply (also returned: direct, proxy). The proxy's ceiling only at 1 client: with
+/// calls served at once, a cycle's latency less wasnap's time in it bounds nothing.
 fn bounds_row(
     fs: &str,
     rt: &tokio::runtime::Runtime,
     targets: &[Target],
     loaded: &HashMap<(usize, &str), (f64, Duration, Option<Duration>)>,
     (clients, cycles): (usize, usize),
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Ceilings)> {
     let floor_of = |label: &str| -> Result<Option<f64>> {
         match targets.iter().find(|t| t.label == label && loaded.contains_key(&(clients, label))) {
             Some(t) => rt
@@ -651,7 +720,7 @@ fn bounds_row(
         .and_then(|(_, latency, inside)| inside.map(|i| latency.saturating_sub(i)));
     let proxy_ceiling =
         outside.zip(baseline).map(|(o, b)| 1.0 / o.as_secs_f64().max(1e-9) / b.max(1e-9));
-    Ok(vec![
+    let row = vec![
         fs.to_owned(),
         clients.to_string(),
         rate(containerd_floor),
@@ -659,5 +728,62 @@ fn bounds_row(
         ratio(direct_ceiling),
         outside.map_or("-".into(), fmt_d),
         ratio(proxy_ceiling),
-    ])
+    ];
+    Ok((row, Ceilings { direct: direct_ceiling, proxy: proxy_ceiling }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load of the targets named, at `clients`, at the rates given.
+    fn loaded(
+        clients: usize,
+        rates: &[(&'static str, f64)],
+    ) -> HashMap<(usize, &'static str), (f64, Duration, Option<Duration>)> {
+        rates.iter().map(|&(l, r)| ((clients, l), (r, Duration::ZERO, None))).collect()
+    }
+
+    fn verdicts(rows: &[Vec<String>]) -> Vec<(String, String)> {
+        rows.iter().map(|r| (r[2].clone(), r[6].clone())).collect()
+    }
+
+    #[test]
+    fn goals_are_judged_against_containerd_and_the_ceilings() {
+        let run = loaded(
+            1,
+            &[(COLUMNS[0], 100.0), (COLUMNS[1], 150.0), (COLUMNS[2], 85.0), (COLUMNS[3], 99.0)],
+        );
+        let on_disk = goal_rows("ext4", 1, &run, Ceilings { direct: Some(1.5), proxy: Some(0.9) });
+        assert_eq!(
+            verdicts(&on_disk),
+            [
+                (COLUMNS[1].into(), "not met (out of reach: the ceiling is below)".into()),
+                (COLUMNS[2].into(), "met".into()),
+                (COLUMNS[3].into(), "not met".into()),
+            ]
+        );
+        assert_eq!(on_disk[0][4], "1.50x");
+        // The proxy's goals are for a disk; without a ceiling, only met or not.
+        let on_tmpfs = goal_rows("tmpfs", 1, &run, Ceilings { direct: None, proxy: None });
+        assert_eq!(
+            verdicts(&on_tmpfs),
+            [(COLUMNS[1].into(), "not met".into()), (COLUMNS[3].into(), "not met".into())]
+        );
+        assert_eq!(on_tmpfs[0][5], "-");
+    }
+
+    #[test]
+    fn goals_need_containerd_and_the_target_at_that_concurrency() {
+        let none = Ceilings { direct: None, proxy: None };
+        let without_containerd = loaded(8, &[(COLUMNS[1], 900.0)]);
+        assert!(goal_rows("ext4", 8, &without_containerd, none).is_empty());
+        let other_clients = loaded(1, &[(COLUMNS[0], 100.0), (COLUMNS[1], 300.0)]);
+        assert!(goal_rows("ext4", 8, &other_clients, none).is_empty());
+        let only_direct = loaded(8, &[(COLUMNS[0], 100.0), (COLUMNS[1], 200.0)]);
+        assert_eq!(
+            verdicts(&goal_rows("ext4", 8, &only_direct, none)),
+            [(COLUMNS[1].into(), "met".into())]
+        );
+    }
 }

@@ -469,8 +469,7 @@ pub fn run(
                 })?;
             }
         }
-        // By client count and target: cycles/s, a cycle's latency, wasnap's time in it.
-        let mut loaded: HashMap<(usize, &str), (f64, Duration, Option<Duration>)> = HashMap::new();
+        let mut loaded = Loaded::new();
         for (clients, per_client) in [(1usize, one), (8, eight)] {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
@@ -628,6 +627,10 @@ pub fn run(
     table(out, &["FS", "CLIENTS", "TARGET", "GOAL", "RATIO", "CEILING", "VERDICT"], &goals)
 }
 
+/// What each target's load measured, by client count and target: cycles/s, a cycle's
+/// latency, and wasnap's time in it.
+type Loaded<'a> = HashMap<(usize, &'a str), (f64, Duration, Option<Duration>)>;
+
 /// The ratios the direct targets and the proxy would reach at best (the bounds table),
 /// where measured.
 #[derive(Clone, Copy)]
@@ -654,7 +657,7 @@ const GOALS: [(&str, usize, f64, bool); 6] = [
 fn goal_rows(
     fs: &str,
     clients: usize,
-    loaded: &HashMap<(usize, &str), (f64, Duration, Option<Duration>)>,
+    loaded: &Loaded<'_>,
     ceilings: Ceilings,
 ) -> Vec<Vec<String>> {
     let Some(baseline) = loaded.get(&(clients, COLUMNS[0])).map(|l| l.0) else {
@@ -696,7 +699,7 @@ fn bounds_row(
     fs: &str,
     rt: &tokio::runtime::Runtime,
     targets: &[Target],
-    loaded: &HashMap<(usize, &str), (f64, Duration, Option<Duration>)>,
+    loaded: &Loaded<'_>,
     (clients, cycles): (usize, usize),
 ) -> Result<(Vec<String>, Ceilings)> {
     let floor_of = |label: &str| -> Result<Option<f64>> {
@@ -737,10 +740,7 @@ mod tests {
     use super::*;
 
     /// A load of the targets named, at `clients`, at the rates given.
-    fn loaded(
-        clients: usize,
-        rates: &[(&'static str, f64)],
-    ) -> HashMap<(usize, &'static str), (f64, Duration, Option<Duration>)> {
+    fn loaded(clients: usize, rates: &[(&'static str, f64)]) -> Loaded<'static> {
         rates.iter().map(|&(l, r)| ((clients, l), (r, Duration::ZERO, None))).collect()
     }
 

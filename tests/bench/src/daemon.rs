@@ -47,6 +47,23 @@ struct Target {
     wasnap: Option<PathBuf>,
 }
 
+impl Target {
+    /// Its label as the start of the snapshot keys it makes.
+    fn key_prefix(&self) -> String {
+        self.label.replace([' ', '>'], "-")
+    }
+}
+
+/// What each of the bench's client tasks returned, once all have ended; the first
+/// failure otherwise.
+async fn join_all<T: 'static>(mut tasks: tokio::task::JoinSet<Result<T>>) -> Result<Vec<T>> {
+    let mut all = Vec::with_capacity(tasks.len());
+    while let Some(r) = tasks.join_next().await {
+        all.push(r.map_err(|e| Error::internal(format!("bench client: {e}")))??);
+    }
+    Ok(all)
+}
+
 /// The lease the load holds in containerd.
 const LEASE: &str = "wasnap-bench";
 
@@ -215,7 +232,7 @@ async fn load(t: &Target, clients: usize, per_client: usize, round: usize) -> Re
     let mut tasks = tokio::task::JoinSet::new();
     for (i, c) in conns.into_iter().enumerate() {
         let t = t.clone();
-        let tag = format!("{}-{clients}-{round}-{i}", t.label.replace([' ', '>'], "-"));
+        let tag = format!("{}-{clients}-{round}-{i}", t.key_prefix());
         tasks.spawn(async move {
             let mut samples = Vec::with_capacity(per_client);
             for n in 0..per_client {
@@ -226,8 +243,8 @@ async fn load(t: &Target, clients: usize, per_client: usize, round: usize) -> Re
     }
     let mut ops: [Vec<Duration>; 5] = Default::default();
     let mut cycles = 0usize;
-    while let Some(r) = tasks.join_next().await {
-        for sample in r.map_err(|e| Error::internal(format!("bench client: {e}")))?? {
+    for samples in join_all(tasks).await? {
+        for sample in samples {
             cycles += 1;
             for (all, one) in ops.iter_mut().zip(sample) {
                 all.push(one);
@@ -252,7 +269,7 @@ async fn load(t: &Target, clients: usize, per_client: usize, round: usize) -> Re
 /// does (deeper trees in both servers' databases, a fuller `snapshots/`).
 async fn populate(t: &Target, n: usize) -> Result<()> {
     const CONNS: usize = 8;
-    let label = t.label.replace([' ', '>'], "-");
+    let label = t.key_prefix();
     let mut tasks = tokio::task::JoinSet::new();
     for conn in 0..CONNS {
         let (t, label) = (t.clone(), label.clone());
@@ -279,9 +296,7 @@ async fn populate(t: &Target, n: usize) -> Result<()> {
             Ok::<_, Error>(())
         });
     }
-    while let Some(r) = tasks.join_next().await {
-        r.map_err(|e| Error::internal(format!("bench client: {e}")))??;
-    }
+    join_all(tasks).await?;
     Ok(())
 }
 
@@ -293,7 +308,7 @@ async fn populate(t: &Target, n: usize) -> Result<()> {
 async fn floor(t: &Target, clients: usize, cycles: usize) -> Result<f64> {
     let c = Client::connect(&t.socket).await?;
     let mut s = c.snapshots();
-    let key = format!("{}-floor-{clients}", t.label.replace([' ', '>'], "-"));
+    let key = format!("{}-floor-{clients}", t.key_prefix());
     let prepare = PrepareSnapshotRequest {
         snapshotter: t.snapshotter.into(),
         key: key.clone(),
@@ -319,9 +334,7 @@ async fn floor(t: &Target, clients: usize, cycles: usize) -> Result<f64> {
             Ok::<_, Error>(())
         });
     }
-    while let Some(r) = tasks.join_next().await {
-        r.map_err(|e| Error::internal(format!("bench client: {e}")))??;
-    }
+    join_all(tasks).await?;
     let rate = (clients * cycles) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     let remove = RemoveSnapshotRequest { snapshotter: t.snapshotter.into(), key };
     s.remove(req(t, remove)).await.map_err(st)?;

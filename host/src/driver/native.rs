@@ -41,7 +41,8 @@ impl Native {
 
     /// Opens the driver in `dir` keeping its records in `store`.
     pub fn with_store(dir: Dir, path: PathBuf, store: Store, faults: Arc<Faults>) -> Result<Self> {
-        let layout = Arc::new(Layout::open(dir, path, store, Box::new(Trees), faults, "native")?);
+        let layout =
+            Arc::new(Layout::open(dir, path, store, Box::new(Trees), faults, "native", None)?);
         layout.start_deleter()?;
         Ok(Native { layout })
     }

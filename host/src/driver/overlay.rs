@@ -114,7 +114,15 @@ impl Overlay {
                 "this kernel has no overlayfs (not in /proc/filesystems); use the native driver",
             ));
         }
-        let layout = Arc::new(Layout::open(dir, path, store, Box::new(Trees), faults, "overlay")?);
+        let layout = Arc::new(Layout::open(
+            dir,
+            path,
+            store,
+            Box::new(Trees),
+            faults,
+            "overlay",
+            Some(blank),
+        )?);
         layout.start_deleter()?;
         Ok(Overlay { layout, opts, flattening: Builders::default() })
     }
@@ -238,25 +246,24 @@ impl OnLayout for Overlay {
     }
 
     fn build_entry(&self, tmp: &str, parent: Option<(&str, &Snap)>) -> Result<()> {
+        let l = &self.layout;
+        blank(&l.tmp, tmp).with_context(|| format!("make {TMP}/{tmp}"))?;
+        self.adopt(&l.tmp, tmp, parent)
+    }
+
+    fn adopt(&self, dir: &Dir, name: &str, parent: Option<(&str, &Snap)>) -> Result<()> {
         // No depth is refused: past what one mount stacks, the mounts stack a flattened
         // tree of the bottom of the chain (see `flatten`).
-        let l = &self.layout;
-        let mut b = DirBuilder::new();
-        b.mode(0o755);
-        l.tmp.create_dir_with(tmp, &b).with_context(|| format!("create {TMP}/{tmp}"))?;
-        let entry = fsutil::open_dir_nofollow(&l.tmp, tmp)?;
-        entry.create_dir_with("fs", &b).with_context(|| format!("create {TMP}/{tmp}/fs"))?;
-        b.mode(0o711);
-        entry.create_dir_with("work", &b).with_context(|| format!("create {TMP}/{tmp}/work"))?;
         // The upper directory becomes the root of the mount: give it the owner of the
         // layer below, as containerd does, or a chowned image root is lost.
         if let Some((_, p)) = parent {
+            let l = &self.layout;
             let top = if p.merge { p.parent_ids.first().copied().unwrap_or(p.id) } else { p.id };
             let below = fsutil::open_dir_nofollow(&l.snapshots, &top.to_string())?
                 .symlink_metadata("fs")
                 .context("stat the parent's layer")?;
             rustix::fs::chownat(
-                &entry,
+                &fsutil::open_dir_nofollow(dir, name)?,
                 "fs",
                 Some(rustix::fs::Uid::from_raw(below.uid())),
                 Some(rustix::fs::Gid::from_raw(below.gid())),
@@ -313,6 +320,20 @@ impl OnLayout for Overlay {
         })
         .map(drop)
     }
+}
+
+/// A new snapshot's entry before it has a parent: `fs` (the layer, 0755) and `work`
+/// (overlay's work directory, 0711), both empty. Made ahead of time as spares (see
+/// [`layout`](super::layout)), or by a create that finds none.
+fn blank(dir: &Dir, name: &str) -> Result<()> {
+    let mut b = DirBuilder::new();
+    b.mode(0o755);
+    dir.create_dir_with(name, &b).context("create the entry")?;
+    let entry = fsutil::open_dir_nofollow(dir, name)?;
+    entry.create_dir_with("fs", &b).context("create fs")?;
+    b.mode(0o711);
+    entry.create_dir_with("work", &b).context("create work")?;
+    Ok(())
 }
 
 on_layout!(Overlay);

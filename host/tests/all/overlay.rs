@@ -252,3 +252,93 @@ fn a_remove_cut_short_keeps_the_record_or_leaves_only_garbage() {
     b.cleanup().unwrap();
     assert!(!up.parent().unwrap().exists(), "cleanup took it");
 }
+
+/// The names in `dir` with their inode numbers.
+fn inodes(dir: &Path) -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut all: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().ino())
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+/// Waits (up to a minute: a slow machine is not a failure) until the background thread
+/// has made at least `n` spares; returns them.
+fn spares_made(root: &Path, n: usize) -> Vec<(String, u64)> {
+    let spare = root.join("overlay/spare");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let made = inodes(&spare);
+        if made.len() >= n {
+            return made;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {n} spares within a minute: {made:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn creates_take_blank_entries_made_ahead_and_finish_them_for_their_parent() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_root!();
+    let dir = tmp();
+    let b = overlay(dir.path(), Arc::new(Faults::new()), OverlayOptions::default());
+    // The pool hands out its oldest first, and at least all but the last listed are in
+    // it: the first two creates take two of these.
+    let made = spares_made(dir.path(), 3);
+    let entry_of = |key: &str| upper(&b, key).parent().unwrap().to_path_buf();
+    let taken = |entry: &Path| {
+        let ino = fs::metadata(entry).unwrap().ino();
+        let (name, _) = made
+            .iter()
+            .find(|(_, i)| *i == ino)
+            .unwrap_or_else(|| panic!("{} is not one of the spares {made:?}", entry.display()));
+        assert!(!dir.path().join("overlay/spare").join(name).exists(), "{name} left spare/");
+    };
+
+    b.prepare("a", None, &none()).unwrap();
+    taken(&entry_of("a"));
+    fs::write(upper(&b, "a").join("f"), "a").unwrap();
+    std::os::unix::fs::chown(upper(&b, "a"), Some(1234), Some(5678)).unwrap();
+    b.commit("base", "a", &none()).unwrap();
+
+    b.prepare("child", Some("base"), &none()).unwrap();
+    let child = entry_of("child");
+    taken(&child);
+    let (fs_meta, work_meta) =
+        (fs::metadata(child.join("fs")).unwrap(), fs::metadata(child.join("work")).unwrap());
+    assert_eq!((fs_meta.uid(), fs_meta.gid()), (1234, 5678), "the parent layer's owner");
+    assert_eq!(fs_meta.permissions().mode() & 0o7777, 0o755);
+    assert_eq!(work_meta.permissions().mode() & 0o7777, 0o711);
+    assert_eq!(fs::read_dir(child.join("fs")).unwrap().count(), 0, "an empty layer");
+    assert_eq!(fs::read_dir(child.join("work")).unwrap().count(), 0);
+    // Spares are nobody's snapshot: cleanup keeps them, as it keeps every entry busy.
+    b.cleanup().unwrap();
+    assert!(!inodes(&dir.path().join("overlay/spare")).is_empty());
+    assert_eq!(fs::read_dir(dir.path().join("overlay/tmp")).unwrap().count(), 0);
+
+    // Closing deletes the pool, whatever the background thread was doing.
+    b.close().unwrap();
+    assert_eq!(inodes(&dir.path().join("overlay/spare")), vec![], "close deletes the spares");
+}
+
+#[test]
+fn what_spare_holds_when_the_driver_opens_is_deleted() {
+    let dir = tmp();
+    // A crash's leftovers: spares made by an earlier process, one of them half made.
+    let spare = dir.path().join("overlay/spare");
+    fs::create_dir_all(spare.join("1-0-7/fs/deep")).unwrap();
+    fs::create_dir_all(spare.join("1-0-8/work")).unwrap();
+    fs::write(spare.join("stray"), "x").unwrap();
+    let b = overlay(dir.path(), Arc::new(Faults::new()), OverlayOptions::default());
+    let left: Vec<_> = inodes(&spare).into_iter().filter(|(n, _)| n.starts_with("1-0-")).collect();
+    assert_eq!(left, vec![], "an earlier process's spares are gone");
+    assert!(!spare.join("stray").exists());
+    b.prepare("a", None, &none()).unwrap();
+    b.close().unwrap();
+}

@@ -109,7 +109,7 @@ impl Btrfs {
         device: String,
     ) -> Result<Self> {
         let layout =
-            Arc::new(Layout::open(dir, path, store, Box::new(Subvolumes), faults, "btrfs")?);
+            Arc::new(Layout::open(dir, path, store, Box::new(Subvolumes), faults, "btrfs", None)?);
         layout.start_deleter()?;
         Ok(Btrfs { layout, device })
     }

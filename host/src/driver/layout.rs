@@ -356,7 +356,7 @@ pub(crate) struct Layout {
     /// Sync a layer's data before its commit is recorded (see [`Layout::settle`]).
     sync_commits: AtomicBool,
     tmp_seq: AtomicU64,
-    /// Names spares apart from those of an earlier open in this process.
+    /// Names this layout's spares apart from those of an earlier open in this process.
     spare_prefix: String,
     busy: Arc<Mutex<Busy>>,
     /// The background thread's work: entries renamed into `tmp/` by removes, to
@@ -486,6 +486,125 @@ fn renice(asked: &mut Option<i32>, want: i32) {
     }
 }
 
+/// The background thread: deletes removed entries and keeps the pool of spares filled.
+struct Worker {
+    tmp: Dir,
+    /// `spare/` and what makes its entries, for a driver that keeps spares.
+    spare: Option<(Dir, Blank)>,
+    entries: Arc<dyn Entries>,
+    doomed: Arc<Doomed>,
+    busy: Arc<Mutex<Busy>>,
+    /// The layout's [`Layout::spare_prefix`], and the number of the next spare.
+    prefix: String,
+    seq: u64,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let base = rustix::process::getpriority_process(None).unwrap_or(0);
+        let mut asked = None;
+        renice(&mut asked, deleter_nice(base, 0));
+        let spares = self.spare.is_some();
+        // After a spare could not be made, when to try again.
+        let mut retry: Option<std::time::Instant> = None;
+        loop {
+            let (batch, refill) = {
+                let mut q = self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if q.closed {
+                        return;
+                    }
+                    let low = spares && q.spares.len() <= SPARES / 2;
+                    let now = std::time::Instant::now();
+                    if !q.doomed.is_empty() || (low && retry.is_none_or(|at| now >= at)) {
+                        break;
+                    }
+                    q = match retry.filter(|_| low) {
+                        Some(at) => {
+                            let wait = at.saturating_duration_since(now);
+                            self.doomed
+                                .wake
+                                .wait_timeout(q, wait)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0
+                        }
+                        None => self.doomed.wake.wait(q).unwrap_or_else(|e| e.into_inner()),
+                    };
+                }
+                q.deleting = !q.doomed.is_empty();
+                let refill = spares && q.spares.len() <= SPARES / 2;
+                (std::mem::take(&mut q.doomed), refill)
+            };
+            // Spares first: the next create waits for them, nobody for deletions.
+            if refill {
+                retry = self.fill_spares().err().map(|e| {
+                    tracing::debug!(error = %e, "could not make a spare entry; creates make their own");
+                    std::time::Instant::now() + SPARE_RETRY
+                });
+            }
+            if !batch.is_empty() {
+                renice(&mut asked, deleter_nice(base, batch.len()));
+                self.delete_batch(batch);
+                self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).deleting = false;
+                self.doomed.wake.notify_all();
+            }
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+
+    /// Deletes each entry of `batch` from `tmp/`, until the layout closes.
+    fn delete_batch(&self, batch: Vec<Mark>) {
+        for mark in batch {
+            if self.closed() {
+                break;
+            }
+            match self.entries.delete(&self.tmp, mark.name()) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!(path = %mark, error = %e,
+                    "could not delete a removed snapshot; cleanup will retry"),
+            }
+        }
+    }
+
+    /// Makes spares until [`SPARES`] wait in the pool, or the layout closes.
+    fn fill_spares(&mut self) -> Result<()> {
+        let Some((dir, blank)) = &self.spare else { return Ok(()) };
+        loop {
+            {
+                let q = self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if q.closed || q.spares.len() >= SPARES {
+                    return Ok(());
+                }
+            }
+            self.seq += 1;
+            let mark = Mark {
+                what: Marked::Spare(format!("{}-{}", self.prefix, self.seq)),
+                busy: self.busy.clone(),
+            };
+            let made = blank(dir, mark.name());
+            let mut q = self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if made.is_ok() && !q.closed {
+                q.spares.push_back(mark);
+                continue;
+            }
+            // Half made, or too late for the pool, which close has emptied.
+            drop(q);
+            match self.entries.delete(dir, mark.name()) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    tracing::warn!(path = %mark, error = %e, "could not delete a spare entry")
+                }
+            }
+            return made.map_err(|e| e.context(format!("make {mark}")));
+        }
+    }
+}
+
 fn private_subdir(dir: &Dir, sub: &str, path: &std::path::Path) -> Result<Dir> {
     let mut private = DirBuilder::new();
     private.mode(0o700);
@@ -523,14 +642,18 @@ impl Layout {
         let spare = match blank {
             Some(blank) => {
                 let spare = private_subdir(&dir, SPARE, &path)?;
-                // Another process's pool, or this one's before a crash: nobody's now.
+                // An earlier pool (this process's, or one a crash left): nobody's now.
+                // What cannot be deleted (still being made by a layout of this directory
+                // dropped just now) is left for the next open: spares are never counted
+                // on, so a stray one costs only its inodes.
                 for entry in spare.entries().with_context(|| format!("read {SPARE}/"))? {
                     let entry = entry.with_context(|| format!("read {SPARE}/"))?;
                     let name = entry.file_name().to_string_lossy().into_owned();
                     match entries.delete(&spare, &name) {
                         Ok(()) => {}
                         Err(e) if e.is_not_found() => {}
-                        Err(e) => return Err(e.context(format!("delete {SPARE}/{name}"))),
+                        Err(e) => tracing::warn!(path = %format!("{SPARE}/{name}"), error = %e,
+                            "could not delete an earlier spare entry; the next open will"),
                     }
                 }
                 Some((spare, blank))
@@ -564,114 +687,30 @@ impl Layout {
     /// Starts the background thread, which deletes removed entries and keeps the pool
     /// of spares (if the driver has them) filled; it stops when the layout is closed or
     /// dropped. Once closed, it deletes no further entry: what is still queued stays in
-    /// `tmp/`, for the next [`Layout::reclaim`].
+    /// `tmp/`, for the next [`Layout::reclaim`]. The thread holds nothing of the layout
+    /// but its directories, so a layout dropped without [`Layout::close`] lets its
+    /// database go at once.
     pub fn start_deleter(self: &Arc<Self>) -> Result<()> {
-        let weak = Arc::downgrade(self);
-        let _ = self.me.set(weak.clone());
-        let doomed = self.doomed.clone();
-        let spares = self.spare.is_some();
+        let _ = self.me.set(Arc::downgrade(self));
+        let spare = match &self.spare {
+            Some((dir, blank)) => Some((dir.try_clone().context("open spare/ again")?, *blank)),
+            None => None,
+        };
+        let worker = Worker {
+            tmp: self.tmp.try_clone().context("open tmp/ again")?,
+            spare,
+            entries: self.entries.clone(),
+            doomed: self.doomed.clone(),
+            busy: self.busy.clone(),
+            prefix: self.spare_prefix.clone(),
+            seq: 0,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("wasnap-{}-rm", self.name))
-            .spawn(move || {
-                let base = rustix::process::getpriority_process(None).unwrap_or(0);
-                let mut asked = None;
-                renice(&mut asked, deleter_nice(base, 0));
-                // After a spare could not be made, when to try again.
-                let mut retry: Option<std::time::Instant> = None;
-                loop {
-                    let (batch, refill) = {
-                        let mut q = doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
-                        loop {
-                            if q.closed {
-                                return;
-                            }
-                            let now = std::time::Instant::now();
-                            let refill = spares
-                                && q.spares.len() <= SPARES / 2
-                                && retry.is_none_or(|at| now >= at);
-                            if refill || !q.doomed.is_empty() {
-                                break;
-                            }
-                            q = match retry.filter(|_| spares && q.spares.len() <= SPARES / 2) {
-                                Some(at) => {
-                                    doomed
-                                        .wake
-                                        .wait_timeout(q, at.saturating_duration_since(now))
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .0
-                                }
-                                None => doomed.wake.wait(q).unwrap_or_else(|e| e.into_inner()),
-                            };
-                        }
-                        q.deleting = !q.doomed.is_empty();
-                        let refill = spares && q.spares.len() <= SPARES / 2;
-                        (std::mem::take(&mut q.doomed), refill)
-                    };
-                    // Spares first: the next create waits for them, nobody for deletions.
-                    if refill {
-                        retry = match weak.upgrade() {
-                            Some(layout) => layout.fill_spares().err().map(|e| {
-                                tracing::debug!(error = %e, "could not make a spare entry; creates make their own");
-                                std::time::Instant::now() + SPARE_RETRY
-                            }),
-                            None => return,
-                        };
-                    }
-                    if !batch.is_empty() {
-                        renice(&mut asked, deleter_nice(base, batch.len()));
-                        Self::delete_batch(&weak, batch);
-                        doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).deleting = false;
-                        doomed.wake.notify_all();
-                    }
-                }
-            })
+            .spawn(move || worker.run())
             .context("start the background deleter")?;
         *self.deleter.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
         Ok(())
-    }
-
-    /// The background deleter's work on one batch: each entry deleted, unless the layout
-    /// is gone or closed.
-    fn delete_batch(weak: &std::sync::Weak<Layout>, batch: Vec<Mark>) {
-        if let Some(layout) = weak.upgrade() {
-            for mark in batch {
-                if layout.closed.load(Ordering::Acquire) {
-                    break;
-                }
-                if let Err(e) = layout.delete_tmp(mark.name()) {
-                    tracing::warn!(path = %mark, error = %e, "could not delete a removed snapshot; cleanup will retry");
-                }
-            }
-        }
-    }
-
-    /// Makes spares until [`SPARES`] wait in the pool, or the layout closes.
-    fn fill_spares(&self) -> Result<()> {
-        let Some((dir, blank)) = &self.spare else { return Ok(()) };
-        loop {
-            if self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner()).spares.len() >= SPARES
-                || self.closed.load(Ordering::Acquire)
-            {
-                return Ok(());
-            }
-            let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-            let mark = Mark {
-                what: Marked::Spare(format!("{}-{n}", self.spare_prefix)),
-                busy: self.busy.clone(),
-            };
-            if let Err(e) = blank(dir, mark.name()) {
-                self.discard(&mark);
-                return Err(e.context(format!("make {mark}")));
-            }
-            let mut q = self.doomed.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if q.closed {
-                // Too late for the pool, which close has emptied.
-                drop(q);
-                self.discard(&mark);
-                return Ok(());
-            }
-            q.spares.push_back(mark);
-        }
     }
 
     /// A spare from the pool, if one is ready; taking the one that leaves half the pool

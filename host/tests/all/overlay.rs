@@ -342,3 +342,25 @@ fn what_spare_holds_when_the_driver_opens_is_deleted() {
     b.prepare("a", None, &none()).unwrap();
     b.close().unwrap();
 }
+
+#[test]
+fn a_driver_dropped_while_it_makes_spares_lets_its_directory_open_again_at_once() {
+    // On the disk, where making the pool takes milliseconds: the background thread
+    // must not keep the driver's database (which one opener holds) alive meanwhile,
+    // nor may a spare it is still making fail the next open.
+    let dir = disk_tmp();
+    for round in 0..40 {
+        let b = overlay(dir.path(), Arc::new(Faults::new()), OverlayOptions::default());
+        b.prepare(&format!("a{round}"), None, &none()).unwrap();
+        drop(b);
+    }
+    let b = overlay(dir.path(), Arc::new(Faults::new()), OverlayOptions::default());
+    let mut keys = Vec::new();
+    b.walk(&wasnap::Filter::default(), &mut |i| {
+        keys.push(i.name);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(keys.len(), 40, "{keys:?}");
+    b.close().unwrap();
+}

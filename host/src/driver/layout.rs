@@ -65,6 +65,14 @@ pub(crate) trait Entries: Send + Sync + std::fmt::Debug {
     /// file). Missing is not-found.
     fn delete(&self, dir: &Dir, name: &str) -> Result<()>;
 
+    /// [`Entries::delete`], where gone already is fine.
+    fn delete_if_there(&self, dir: &Dir, name: &str) -> Result<()> {
+        match self.delete(dir, name) {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Makes the entry `name` in `dir` read-only, once it is in place (a btrfs view or
     /// commit: the kernel renames only writable subvolumes). Nothing by default.
     fn seal(&self, _dir: &Dir, _name: &str) -> Result<()> {
@@ -356,8 +364,6 @@ pub(crate) struct Layout {
     /// Sync a layer's data before its commit is recorded (see [`Layout::settle`]).
     sync_commits: AtomicBool,
     tmp_seq: AtomicU64,
-    /// Names this layout's spares apart from those of an earlier open in this process.
-    spare_prefix: String,
     busy: Arc<Mutex<Busy>>,
     /// The background thread's work: entries renamed into `tmp/` by removes, to
     /// delete, and the pool of spares.
@@ -427,11 +433,14 @@ impl std::fmt::Display for Mark {
 
 impl Drop for Mark {
     fn drop(&mut self) {
+        if self.is_spare() {
+            return;
+        }
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         match &self.what {
             Marked::Tmp(n) => busy.tmp.remove(n),
-            Marked::Spare(_) => false,
             Marked::Id(id) => busy.ids.remove(id),
+            Marked::Spare(_) => false,
         };
     }
 }
@@ -494,7 +503,7 @@ struct Worker {
     entries: Arc<dyn Entries>,
     doomed: Arc<Doomed>,
     busy: Arc<Mutex<Busy>>,
-    /// The layout's [`Layout::spare_prefix`], and the number of the next spare.
+    /// What this layout's spares are named with, and the number of the last one.
     prefix: String,
     seq: u64,
 }
@@ -561,11 +570,9 @@ impl Worker {
             if self.closed() {
                 break;
             }
-            match self.entries.delete(&self.tmp, mark.name()) {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tracing::warn!(path = %mark, error = %e,
-                    "could not delete a removed snapshot; cleanup will retry"),
+            if let Err(e) = self.entries.delete_if_there(&self.tmp, mark.name()) {
+                tracing::warn!(path = %mark, error = %e,
+                    "could not delete a removed snapshot; cleanup will retry");
             }
         }
     }
@@ -593,12 +600,8 @@ impl Worker {
             }
             // Half made, or too late for the pool, which close has emptied.
             drop(q);
-            match self.entries.delete(dir, mark.name()) {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => {
-                    tracing::warn!(path = %mark, error = %e, "could not delete a spare entry")
-                }
+            if let Err(e) = self.entries.delete_if_there(dir, mark.name()) {
+                tracing::warn!(path = %mark, error = %e, "could not delete a spare entry");
             }
             return made.map_err(|e| e.context(format!("make {mark}")));
         }
@@ -620,7 +623,7 @@ fn private_subdir(dir: &Dir, sub: &str, path: &std::path::Path) -> Result<Dir> {
         .with_context(|| format!("open {sub}/ in {}", path.display()))
 }
 
-/// Sets layouts opened in this process apart, in the names of their spares.
+/// Sets layouts started in this process apart, in the names of their spares.
 static OPENED: AtomicU64 = AtomicU64::new(0);
 
 impl Layout {
@@ -649,11 +652,9 @@ impl Layout {
                 for entry in spare.entries().with_context(|| format!("read {SPARE}/"))? {
                     let entry = entry.with_context(|| format!("read {SPARE}/"))?;
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    match entries.delete(&spare, &name) {
-                        Ok(()) => {}
-                        Err(e) if e.is_not_found() => {}
-                        Err(e) => tracing::warn!(path = %format!("{SPARE}/{name}"), error = %e,
-                            "could not delete an earlier spare entry; the next open will"),
+                    if let Err(e) = entries.delete_if_there(&spare, &name) {
+                        tracing::warn!(path = %format!("{SPARE}/{name}"), error = %e,
+                            "could not delete an earlier spare entry; the next open will");
                     }
                 }
                 Some((spare, blank))
@@ -672,11 +673,6 @@ impl Layout {
             closed: AtomicBool::new(false),
             sync_commits: AtomicBool::new(true),
             tmp_seq: AtomicU64::new(0),
-            spare_prefix: format!(
-                "{}-{}",
-                std::process::id(),
-                OPENED.fetch_add(1, Ordering::Relaxed)
-            ),
             busy: Arc::default(),
             doomed: Arc::default(),
             deleter: Mutex::new(None),
@@ -702,7 +698,8 @@ impl Layout {
             entries: self.entries.clone(),
             doomed: self.doomed.clone(),
             busy: self.busy.clone(),
-            prefix: self.spare_prefix.clone(),
+            // Apart from the names of an earlier layout's spares in this process.
+            prefix: format!("{}-{}", std::process::id(), OPENED.fetch_add(1, Ordering::Relaxed)),
             seq: 0,
         };
         let thread = std::thread::Builder::new()
@@ -736,10 +733,8 @@ impl Layout {
     /// Deletes the entry `mark` names in `tmp/` or `spare/`, a failure logged and left
     /// to reclaim (or the next open, for `spare/`).
     fn discard(&self, mark: &Mark) {
-        match self.entries.delete(self.dir_of(mark), mark.name()) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => tracing::warn!(path = %mark, error = %e, "could not delete an unused entry"),
+        if let Err(e) = self.entries.delete_if_there(self.dir_of(mark), mark.name()) {
+            tracing::warn!(path = %mark, error = %e, "could not delete an unused entry");
         }
     }
 
@@ -836,10 +831,7 @@ impl Layout {
 
     /// Deletes `tmp/<name>`; gone already is fine.
     pub fn delete_tmp(&self, name: &str) -> Result<()> {
-        match self.entries.delete(&self.tmp, name) {
-            Err(e) if !e.is_not_found() => Err(e),
-            _ => Ok(()),
-        }
+        self.entries.delete_if_there(&self.tmp, name)
     }
 
     /// Checks that `key` is free and `parent` (if any) is committed, before any entry is

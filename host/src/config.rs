@@ -87,6 +87,13 @@ pub struct SnapshotterConfig {
     pub sync_commits: bool,
 }
 
+impl SnapshotterConfig {
+    /// Whether a plugin serves it: a wasm driver, or a policy in front of the driver.
+    pub fn has_plugins(&self) -> bool {
+        !self.policies.is_empty() || matches!(self.driver, DriverConfig::Wasm(_))
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -159,9 +166,11 @@ pub struct DaemonOptions {
     /// before the daemon exits anyway.
     pub shutdown_timeout_secs: u64,
     /// Threads that serve the gRPC connections (the runtime's async workers; at least
-    /// 1). Each call's work runs on a pool of its own, so these only read, dispatch and
-    /// answer: one keeps a call's hand-offs on one thread, which measured faster than
-    /// one per core at 1 and 8 clients on a 2-core machine. More may serve many busy
+    /// 1). They read, dispatch and answer; a call's work runs on a pool of its own,
+    /// except a snapshot call that arrives while no other is in flight, which runs on
+    /// the worker that received it (two thread hand-offs saved) when there are two
+    /// workers or more, so that another is always free for what arrives meanwhile.
+    /// With 1, every call's work goes to the pool. More may serve many busy
     /// connections better on a large machine.
     pub async_workers: usize,
 }
@@ -174,7 +183,7 @@ impl Default for DaemonOptions {
         DaemonOptions {
             socket: PathBuf::from(DEFAULT_SOCKET),
             shutdown_timeout_secs: 10,
-            async_workers: 1,
+            async_workers: 2,
         }
     }
 }

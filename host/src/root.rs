@@ -84,6 +84,8 @@ pub struct Host {
 struct Slot {
     state: Mutex<SlotState>,
     opened: Condvar,
+    /// A plugin serves it (a wasm driver or a policy); fixed until a restart.
+    plugins: bool,
 }
 
 #[derive(Debug, Default)]
@@ -154,7 +156,11 @@ impl Host {
             let place = Place { root: &dir, root_path: &root, db: None };
             crate::stack::private_dir(&place, "plugins/cache")?.0
         };
-        let slots = config.snapshotters.keys().map(|n| (n.clone(), Slot::default())).collect();
+        let slots = config
+            .snapshotters
+            .iter()
+            .map(|(n, c)| (n.clone(), Slot { plugins: c.has_plugins(), ..Slot::default() }))
+            .collect();
         Ok(Host {
             root,
             dir,
@@ -312,10 +318,7 @@ impl Host {
         }
         {
             let configs = self.configs.read().unwrap_or_else(|e| e.into_inner());
-            let plain = |n: &&String| {
-                let c = &configs[n.as_str()];
-                c.policies.is_empty() && !matches!(c.driver, DriverConfig::Wasm(_))
-            };
+            let plain = |n: &&String| !configs[n.as_str()].has_plugins();
             if let Some(plain) = names.iter().find(plain) {
                 return Err(Error::invalid_argument(format!(
                     "snapshotter {plain:?} runs no plugin: there is nothing to reload"
@@ -465,6 +468,13 @@ impl Host {
     /// Whether a snapshotter called `name` is configured.
     pub fn is_configured(&self, name: &str) -> bool {
         self.slots.contains_key(name)
+    }
+
+    /// Whether a plugin serves the snapshotter called `name` (its driver, or a policy in
+    /// front of it), so that its calls run guest code; None if it is not configured.
+    /// Fixed for the host's life: a reload changes only the plugins' own settings.
+    pub fn runs_plugins(&self, name: &str) -> Option<bool> {
+        self.slots.get(name).map(|s| s.plugins)
     }
 
     /// How each configured snapshotter is served (with its plugins' settings as last

@@ -439,6 +439,7 @@ pub(crate) fn status(
                 "requests": s.requests,
                 "failed_requests": s.failed_requests,
                 "busy_micros": s.busy_micros,
+                "served_in_place": s.served_in_place,
                 "database": s.database.as_ref().map(|d| serde_json::json!({
                     "commits": d.commits, "durable_commits": d.durable_commits,
                     "operations": d.operations,
@@ -461,9 +462,10 @@ pub(crate) fn status(
                 vec![
                     "requests".into(),
                     format!(
-                        "{} ({} failed), {} each on average",
+                        "{} ({} failed, {} served in place), {} each on average",
                         s.requests,
                         s.failed_requests,
+                        s.served_in_place,
                         mean_latency(s.busy_micros, s.requests)
                     ),
                 ],

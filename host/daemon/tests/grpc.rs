@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tonic::Code;
 use wasnap::root::{Config, DriverConfig};
 use wasnap_daemon::client::{Client, request};
+use wasnap_daemon::proto::admin as adm;
 use wasnap_daemon::proto::leases as lpb;
 use wasnap_daemon::proto::snapshots::*;
 use wasnap_daemon::serve::{Options, serve};
@@ -294,4 +295,85 @@ async fn a_stop_refuses_new_connections_and_a_restart_serves_the_same_snapshots(
         assert!(!socket.exists(), "the socket is removed on stop");
         assert!(Client::connect(&socket).await.is_err());
     }
+}
+
+/// The daemon's count of calls whose work ran on the worker that received them.
+async fn served_in_place(c: &Client) -> (u64, u64) {
+    let s = c.admin().status(adm::StatusRequest {}).await.unwrap().into_inner();
+    (s.served_in_place, s.requests)
+}
+
+/// Stats `key` `n` times, one after the other.
+async fn stats(c: &Client, key: &str, n: usize) {
+    let mut s = c.snapshots();
+    for _ in 0..n {
+        s.stat(request(stat(key), Some("default"), None)).await.unwrap();
+    }
+}
+
+/// A snapshot call alone in flight runs on the worker that received it (no hand-off to
+/// the blocking pool); one that arrives while another call is in flight goes to the
+/// pool, and is answered while that call still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_alone_runs_in_place_and_one_beside_another_goes_to_the_pool() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    c.snapshots().prepare(request(prepare("a", ""), Some("default"), None)).await.unwrap();
+    let (before, _) = served_in_place(&c).await;
+    stats(&c, "a", 10).await;
+    let (after, _) = served_in_place(&c).await;
+    assert_eq!(after - before, 10, "ten calls one after the other, each alone");
+
+    // An upload that has started and is not finished: a call in flight, on the pool.
+    let (_, base) = served_in_place(&c).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<adm::ContentIngestRequest>(4);
+    let start = adm::ContentIngestRequest {
+        part: Some(adm::content_ingest_request::Part::Start(adm::ContentIngestStart::default())),
+    };
+    tx.send(start).await.unwrap();
+    let mut admin = c.admin();
+    let upload = tokio::spawn(async move {
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        admin.content_ingest(request(stream, Some("default"), None)).await
+    });
+    // Served once the daemon counts it: each status call counts itself, and the
+    // upload one more.
+    let mut started = false;
+    for asked in 1..=500 {
+        let (_, requests) = served_in_place(&c).await;
+        if requests > base + asked {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started, "the upload reached the daemon");
+    let (before, _) = served_in_place(&c).await;
+    tokio::time::timeout(Duration::from_secs(10), stats(&c, "a", 5))
+        .await
+        .expect("calls beside a waiting one are answered");
+    let (after, _) = served_in_place(&c).await;
+    assert_eq!(after, before, "beside a call in flight, every call goes to the pool");
+
+    // The upload ends without its last message: refused, and the daemon keeps nothing.
+    drop(tx);
+    let refused = upload.await.unwrap();
+    assert_eq!(code(refused), Code::Unavailable);
+    let (before, _) = served_in_place(&c).await;
+    stats(&c, "a", 3).await;
+    let (after, _) = served_in_place(&c).await;
+    assert_eq!(after - before, 3, "alone again once the upload is over");
+    d.stop().await.unwrap();
+}
+
+/// With one worker, a call running in place would hold up every other call until it
+/// ends: every call's work goes to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn with_one_worker_every_call_goes_to_the_pool() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    c.snapshots().prepare(request(prepare("a", ""), Some("default"), None)).await.unwrap();
+    stats(&c, "a", 10).await;
+    assert_eq!(served_in_place(&c).await.0, 0);
+    d.stop().await.unwrap();
 }

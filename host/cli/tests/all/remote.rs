@@ -273,7 +273,7 @@ fn status_shows_the_daemon_and_its_counters() {
     let text = ok(&["--address", sock, "status"]);
     assert!(text.contains("native (default)") && text.contains("open"), "{text}");
     assert!(text.contains(sock) && text.contains(&d.root().display().to_string()), "{text}");
-    assert!(text.contains("requests  ") && text.contains("(1 failed)"), "{text}");
+    assert!(text.contains("requests  ") && text.contains("(1 failed, "), "{text}");
     assert!(text.contains(" each on average"), "{text}");
     assert!(text.contains("database  ") && text.contains(" commits ("), "{text}");
     let json: serde_json::Value =
@@ -286,12 +286,17 @@ fn status_shows_the_daemon_and_its_counters() {
     assert!(db["operations"].as_u64().unwrap() >= commits, "{json}");
     let busy = json["busy_micros"].as_u64().unwrap();
     assert!(busy > 0, "the calls so far took time: {json}");
+    // One call at a time to a driver of the host's own: each ran on the worker that
+    // received it.
+    let in_place = json["served_in_place"].as_u64().unwrap();
+    assert!(in_place >= 2, "{json}");
     ok(&["--address", sock, "prepare", "b"]);
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
     assert_eq!(json["database"]["commits"].as_u64(), Some(commits + 1), "a prepare is one commit");
     assert!(json["requests"].as_u64().unwrap() >= 2, "{json}");
     assert!(json["busy_micros"].as_u64().unwrap() > busy, "the prepare's time counts: {json}");
+    assert!(json["served_in_place"].as_u64().unwrap() > in_place, "{json}");
     assert_eq!(json["failed_requests"], 1, "{json}");
     assert_eq!(json["root"], d.root().display().to_string());
     assert_eq!(json["socket"], sock);
@@ -326,6 +331,8 @@ fn status_and_plugin_ls_show_the_daemons_plugins() {
         serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
     let plugins = json["plugins"].as_array().unwrap();
     assert_eq!(plugins.len(), 2, "{json}");
+    // A plugin's calls never run on an async worker (WASI blocks on the runtime there).
+    assert_eq!(json["served_in_place"], 0, "{json}");
     for p in plugins {
         assert!(p["counters"]["calls"].as_u64().unwrap() > 0, "{p}");
         assert!(p["counters"]["busy_micros"].as_u64().is_some(), "{p}");

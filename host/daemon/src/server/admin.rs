@@ -11,7 +11,7 @@ use wasnap::root::{Config, DriverConfig, ReloadReport, SnapshotterState};
 
 use tonic::Streaming;
 
-use super::{Shared, content, handle, handle_for};
+use super::{Run, Shared, content, handle, handle_for};
 use crate::proto::admin::admin_server::Admin;
 use crate::proto::admin::*;
 
@@ -164,6 +164,7 @@ impl Admin for AdminService {
                 requests: shared.requests.load(std::sync::atomic::Ordering::Relaxed),
                 failed_requests: shared.failed.load(std::sync::atomic::Ordering::Relaxed),
                 busy_micros: shared.busy_micros.load(std::sync::atomic::Ordering::Relaxed),
+                served_in_place: shared.served_in_place(),
                 database: Some(database_commits(host.db().db().stats())),
             })
         })
@@ -183,7 +184,7 @@ impl Admin for AdminService {
 
     async fn du(&self, req: Request<DuRequest>) -> Reply<ReportResponse> {
         let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
-        handle_for(&self.shared, "Admin.Du", label, req, |host, scope, r| {
+        handle_for(&self.shared, "Admin.Du", label, Run::Pool, req, |host, scope, r| {
             let sn = super::snapshotter(host, &r.snapshotter)?;
             json(&sn.du(&scope.required()?, &r.filters, r.verbose)?)
         })
@@ -192,7 +193,7 @@ impl Admin for AdminService {
 
     async fn prune(&self, req: Request<PruneRequest>) -> Reply<ReportResponse> {
         let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
-        handle_for(&self.shared, "Admin.Prune", label, req, |host, scope, r| {
+        handle_for(&self.shared, "Admin.Prune", label, Run::Pool, req, |host, scope, r| {
             let ctx = scope.required()?;
             let name =
                 if r.snapshotter.is_empty() { host.default_snapshotter() } else { &r.snapshotter };
@@ -268,26 +269,35 @@ impl Admin for AdminService {
 
     async fn layer_diff(&self, req: Request<LayerDiffRequest>) -> Reply<ReportResponse> {
         let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
-        handle_for(&self.shared, "Admin.LayerDiff", label, req, content::diff).await
+        handle_for(&self.shared, "Admin.LayerDiff", label, Run::Pool, req, content::diff).await
     }
 
     async fn layer_register(&self, req: Request<LayerRegisterRequest>) -> Reply<ReportResponse> {
         let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
-        handle_for(&self.shared, "Admin.LayerRegister", label, req, content::register).await
+        handle_for(&self.shared, "Admin.LayerRegister", label, Run::Pool, req, content::register)
+            .await
     }
 
     async fn merge(&self, req: Request<MergeRequest>) -> Reply<ReportResponse> {
         let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
-        handle_for(&self.shared, "Admin.Merge", label, req, content::merge).await
+        handle_for(&self.shared, "Admin.Merge", label, Run::Pool, req, content::merge).await
     }
 
     async fn diff_snapshot(&self, req: Request<DiffSnapshotRequest>) -> Reply<ReportResponse> {
         let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
-        handle_for(&self.shared, "Admin.DiffSnapshot", label, req, content::diff_snapshot).await
+        handle_for(
+            &self.shared,
+            "Admin.DiffSnapshot",
+            label,
+            Run::Pool,
+            req,
+            content::diff_snapshot,
+        )
+        .await
     }
 
     async fn image_import(&self, req: Request<ImageImportRequest>) -> Reply<ReportResponse> {
         let label = self.shared.snapshotter_label(&req.get_ref().snapshotter);
-        handle_for(&self.shared, "Admin.ImageImport", label, req, content::import).await
+        handle_for(&self.shared, "Admin.ImageImport", label, Run::Pool, req, content::import).await
     }
 }

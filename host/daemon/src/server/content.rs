@@ -27,7 +27,7 @@ use wasnap::layer::Compression;
 use wasnap::layer::snapshot::AppliedSummary;
 use wasnap::{Context, Ctx, Error, Host, Labels, Result};
 
-use super::{Scope, Shared, snapshotter};
+use super::{Run, Scope, Shared, snapshotter};
 use crate::convert;
 use crate::proto::admin::*;
 
@@ -224,7 +224,12 @@ pub(super) async fn ingest(
     let Incoming { meta, scope, mut stream } = Incoming::of(req);
     let start = match start(&mut stream).await {
         Ok(s) => s,
-        Err(e) => return shared.call(METHOD, None, &meta, move || Err(e)).await.map(Response::new),
+        Err(e) => {
+            return shared
+                .call(METHOD, None, &meta, Run::Pool, move || Err(e))
+                .await
+                .map(Response::new);
+        }
     };
     let mut upload = Upload::new(stream);
     let host = shared.host().clone();
@@ -244,7 +249,7 @@ pub(super) async fn ingest(
         // Dropped uncommitted on any error above: the writer removes its file.
         json(&w.commit(&ctx, expected, &labels)?)
     };
-    shared.call(METHOD, None, &meta, work).await.map(Response::new)
+    shared.call(METHOD, None, &meta, Run::Pool, work).await.map(Response::new)
 }
 
 /// LayerApply.
@@ -256,7 +261,12 @@ pub(super) async fn apply(
     let Incoming { meta, scope, mut stream } = Incoming::of(req);
     let start = match start(&mut stream).await {
         Ok(s) => s,
-        Err(e) => return shared.call(METHOD, None, &meta, move || Err(e)).await.map(Response::new),
+        Err(e) => {
+            return shared
+                .call(METHOD, None, &meta, Run::Pool, move || Err(e))
+                .await
+                .map(Response::new);
+        }
     };
     let label = shared.snapshotter_label(&start.snapshotter);
     let mut upload = Upload::new(stream);
@@ -273,7 +283,7 @@ pub(super) async fn apply(
         upload.finish()?;
         json(&applied)
     };
-    shared.call(METHOD, label, &meta, work).await.map(Response::new)
+    shared.call(METHOD, label, &meta, Run::Pool, work).await.map(Response::new)
 }
 
 /// ContentRead's stream.
@@ -292,7 +302,7 @@ pub(super) async fn read(
         let (_, file) = host.content().read(&ctx, &digest("blob", &r.digest)?)?;
         Ok(file)
     };
-    let mut file = shared.call("Admin.ContentRead", None, &meta, open).await?;
+    let mut file = shared.call("Admin.ContentRead", None, &meta, Run::Pool, open).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         loop {

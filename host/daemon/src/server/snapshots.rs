@@ -6,7 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use wasnap::{Error, Labels};
 
-use super::{Scope, Shared, containerd_namespace, handle_for, snapshotter};
+use super::{Run, Scope, Shared, containerd_namespace, handle_for, snapshotter};
 use crate::convert;
 use crate::proto::snapshots::snapshots_server::Snapshots;
 use crate::proto::snapshots::*;
@@ -65,14 +65,24 @@ for_snapshotter!(
 );
 
 /// [`super::handle`], with the snapshotter the request names in the call's metrics.
+/// A call to a snapshotter no plugin serves may run in place ([`Run::HereIfAlone`]); a
+/// plugin's never does: wasmtime's WASI drives a guest's I/O with `block_on` on the
+/// current runtime, which panics on an async worker.
 async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
     shared: &Arc<Shared>,
     method: &'static str,
     req: Request<Q>,
     f: impl FnOnce(&wasnap::Host, Scope, Q) -> wasnap::Result<T> + Send + 'static,
 ) -> Reply<T> {
-    let label = shared.snapshotter_label(req.get_ref().snapshotter());
-    handle_for(shared, method, label, req, f).await
+    let name = req.get_ref().snapshotter();
+    let label = shared.snapshotter_label(name);
+    let host = shared.host();
+    let name = if name.is_empty() { host.default_snapshotter() } else { name };
+    let run = match host.runs_plugins(name) {
+        Some(false) => Run::HereIfAlone,
+        Some(true) | None => Run::Pool,
+    };
+    handle_for(shared, method, label, run, req, f).await
 }
 
 #[tonic::async_trait]
@@ -191,7 +201,7 @@ impl Snapshots for SnapshotsService {
                 }
                 Ok(())
             };
-            if let Err(status) = shared.call("List", label, &meta, walk).await {
+            if let Err(status) = shared.call("List", label, &meta, Run::Pool, walk).await {
                 let _ = failed.send(Err(status)).await;
             }
         });

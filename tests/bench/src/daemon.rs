@@ -87,9 +87,44 @@ struct Measured {
     ops: [Vec<Duration>; 5],
     /// The serving processes' CPU time (None where `/proc` did not say).
     cpu: Option<Duration>,
-    /// The wasnap root database's commits, of those synced, and the daemon's time
-    /// serving calls (its calls' latencies summed, as the daemon measured them).
-    wasnap: Option<(u64, u64, Duration)>,
+    /// The wasnap daemon's counters over the load.
+    wasnap: Option<Counters>,
+}
+
+/// What the wasnap daemon counts (its `status`): over a load, the difference.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    /// The root database's commits, and of those synced.
+    commits: u64,
+    durable: u64,
+    /// The daemon's time serving calls (its calls' latencies summed, as it measured
+    /// them), in microseconds.
+    busy_micros: u64,
+    /// Calls served, and of those, served on the worker that received them.
+    requests: u64,
+    in_place: u64,
+}
+
+impl Counters {
+    fn since(self, before: Counters) -> Counters {
+        Counters {
+            commits: self.commits.saturating_sub(before.commits),
+            durable: self.durable.saturating_sub(before.durable),
+            busy_micros: self.busy_micros.saturating_sub(before.busy_micros),
+            requests: self.requests.saturating_sub(before.requests),
+            in_place: self.in_place.saturating_sub(before.in_place),
+        }
+    }
+
+    fn plus(self, o: Counters) -> Counters {
+        Counters {
+            commits: self.commits + o.commits,
+            durable: self.durable + o.durable,
+            busy_micros: self.busy_micros + o.busy_micros,
+            requests: self.requests + o.requests,
+            in_place: self.in_place + o.in_place,
+        }
+    }
 }
 
 impl Measured {
@@ -106,7 +141,7 @@ impl Measured {
         self.wasnap = if first {
             block.wasnap
         } else {
-            self.wasnap.zip(block.wasnap).map(|(a, b)| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
+            self.wasnap.zip(block.wasnap).map(|(a, b)| a.plus(b))
         };
     }
 
@@ -125,7 +160,8 @@ impl Measured {
 
     /// The wasnap root database's commits, and of those synced, per cycle.
     fn commits_per_cycle(&self) -> Option<(f64, f64)> {
-        self.wasnap.map(|(c, d, _)| (c as f64 / self.per_cycle(), d as f64 / self.per_cycle()))
+        self.wasnap
+            .map(|w| (w.commits as f64 / self.per_cycle(), w.durable as f64 / self.per_cycle()))
     }
 
     /// A cycle's wall time as one client saw it (its operations' latencies summed).
@@ -135,7 +171,12 @@ impl Measured {
 
     /// The wasnap daemon's time serving calls, per cycle.
     fn wasnap_per_cycle(&self) -> Option<Duration> {
-        self.wasnap.map(|(_, _, busy)| busy.div_f64(self.per_cycle()))
+        self.wasnap.map(|w| Duration::from_micros(w.busy_micros).div_f64(self.per_cycle()))
+    }
+
+    /// Of the calls the wasnap daemon served, the share it served in place.
+    fn in_place(&self) -> Option<f64> {
+        self.wasnap.map(|w| w.in_place as f64 / w.requests.max(1) as f64)
     }
 }
 
@@ -155,14 +196,19 @@ fn cpu_of(pids: &[u32]) -> Option<Duration> {
     pids.iter().map(|p| cpu_time(*p)).sum()
 }
 
-/// The wasnap daemon's counters so far: its root database's commits, of those synced,
-/// and the microseconds it spent serving calls.
-async fn counters(socket: &Path) -> Result<(u64, u64, u64)> {
+/// The wasnap daemon's counters so far.
+async fn counters(socket: &Path) -> Result<Counters> {
     let c = Client::connect(socket).await?;
     let status = c.admin().status(request(StatusRequest {}, None, None)).await.map_err(st)?;
     let status = status.into_inner();
     let db = status.database.unwrap_or_default();
-    Ok((db.commits, db.durable_commits, status.busy_micros))
+    Ok(Counters {
+        commits: db.commits,
+        durable: db.durable_commits,
+        busy_micros: status.busy_micros,
+        requests: status.requests,
+        in_place: status.served_in_place,
+    })
 }
 
 fn st(s: tonic::Status) -> Error {
@@ -254,11 +300,7 @@ async fn load(t: &Target, clients: usize, per_client: usize, round: usize) -> Re
     let wall = started.elapsed();
     let cpu = cpu_of(&t.servers).zip(cpu_before).map(|(after, before)| after - before);
     let wasnap = match (&t.wasnap, counters_before) {
-        (Some(socket), Some((c0, d0, b0))) => {
-            let (c1, d1, b1) = counters(socket).await?;
-            let busy = Duration::from_micros(b1.saturating_sub(b0));
-            Some((c1.saturating_sub(c0), d1.saturating_sub(d0), busy))
-        }
+        (Some(socket), Some(before)) => Some(counters(socket).await?.since(before)),
         _ => None,
     };
     Ok(Measured { cycles, wall, ops, cpu, wasnap })
@@ -557,6 +599,7 @@ pub fn run(
                     commits,
                     synced,
                     m.wasnap_per_cycle().map_or("-".into(), fmt_d),
+                    m.in_place().map_or("-".into(), |p| format!("{:.0}%", p * 100.0)),
                 ]);
             }
             summary.push(row);
@@ -603,10 +646,13 @@ pub fn run(
         out,
         "\ndaemon: cost per cycle: CPU time of the serving processes (containerd, the wasnap \
          daemon, both for the proxy), (ratio) cycles per CPU second to containerd's overlayfs; \
-         the wasnap root database's commits, and of those synced"
+         the wasnap root database's commits, and of those synced; the wasnap daemon's time \
+         serving the cycle's calls, and the share of its calls it served in place (on the \
+         worker that received them, not the blocking pool)"
     )
     .map_err(io)?;
-    table(out, &["FS", "CLIENTS", "TARGET", "CPU", "COMMITS", "SYNCED", "IN WASNAP"], &cost)?;
+    let header = ["FS", "CLIENTS", "TARGET", "CPU", "COMMITS", "SYNCED", "IN WASNAP", "IN PLACE"];
+    table(out, &header, &cost)?;
     writeln!(
         out,
         "\ndaemon: what bounds the ratios. STAT FLOOR: cycles of five Stat calls (one read \

@@ -377,3 +377,78 @@ async fn with_one_worker_every_call_goes_to_the_pool() {
     assert_eq!(served_in_place(&c).await.0, 0);
     d.stop().await.unwrap();
 }
+
+/// A long call running in place holds up nobody: a call from another connection meanwhile
+/// goes to the pool and is answered while the long one still runs (the runtime's other
+/// worker reads and dispatches it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_call_in_place_does_not_hold_up_another_connection() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let mut s = c.snapshots();
+    let mounts =
+        s.prepare(request(prepare("big", ""), Some("default"), None)).await.unwrap().into_inner();
+    s.prepare(request(prepare("small", ""), Some("default"), None)).await.unwrap();
+    // Enough files that measuring them takes hundreds of times a stat's round trip.
+    let dir = PathBuf::from(&mounts.mounts[0].source);
+    let fill = dir.clone();
+    tokio::task::spawn_blocking(move || {
+        for d in 0..200 {
+            let sub = fill.join(format!("d{d}"));
+            std::fs::create_dir(&sub).unwrap();
+            for f in 0..1000 {
+                std::fs::File::create(sub.join(format!("f{f}"))).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // The usage's first read of the directory marks its access time: the sign that it
+    // runs, given without a call (one in flight would send the usage to the pool).
+    if !reads_mark_atime(d._dir.path()) {
+        eprintln!("skipped: {} does not update access times on reads", dir.display());
+        return;
+    }
+    let (in_place, _) = served_in_place(&c).await;
+    let before = atime(&dir);
+    let long = {
+        let mut s = c.snapshots();
+        let usage = UsageRequest { snapshotter: "native".into(), key: "big".into() };
+        tokio::spawn(async move { s.usage(request(usage, Some("default"), None)).await })
+    };
+    let mut started = false;
+    for _ in 0..10_000 {
+        if atime(&dir) != before {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(started, "the usage read the snapshot");
+    let other = d.client().await;
+    other.snapshots().stat(request(stat("small"), Some("default"), None)).await.unwrap();
+    assert!(!long.is_finished(), "the stat was answered while the usage still ran");
+    let usage = long.await.unwrap().unwrap().into_inner();
+    assert_eq!(usage.inodes, 200_201, "every file, every directory and the top one");
+    let (after, _) = served_in_place(&c).await;
+    assert_eq!(after - in_place, 1, "the usage ran in place, the stat on the pool");
+    d.stop().await.unwrap();
+}
+
+/// `p`'s access time.
+fn atime(p: &std::path::Path) -> (i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap();
+    (m.atime(), m.atime_nsec())
+}
+
+/// Whether reading a directory whose content changed since it was last read marks its
+/// access time, in `dir`'s filesystem (not mounted `noatime`).
+fn reads_mark_atime(dir: &std::path::Path) -> bool {
+    let probe = tempfile::tempdir_in(dir).unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    std::fs::create_dir(probe.path().join("x")).unwrap();
+    let before = atime(probe.path());
+    std::fs::read_dir(probe.path()).unwrap().for_each(drop);
+    atime(probe.path()) != before
+}

@@ -525,7 +525,12 @@ pub fn run(
             }
         }
         let mut loaded = Loaded::new();
-        for (clients, per_client) in [(1usize, one), (8, eight)] {
+        // WASNAP_BENCH_CLIENTS=N runs only the load at N clients (1 or 8), for profiling.
+        let at = std::env::var("WASNAP_BENCH_CLIENTS").ok();
+        for (clients, per_client) in [(1usize, one), (8, eight)]
+            .into_iter()
+            .filter(|(c, _)| at.as_deref().is_none_or(|a| a.trim() == c.to_string()))
+        {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
             let mut baseline_cpu = None;
@@ -604,7 +609,12 @@ pub fn run(
             }
             summary.push(row);
         }
-        for (clients, per_client) in [(1usize, one), (8, eight)] {
+        // WASNAP_BENCH_CLIENTS=N runs only the load at N clients (1 or 8), for profiling.
+        let at = std::env::var("WASNAP_BENCH_CLIENTS").ok();
+        for (clients, per_client) in [(1usize, one), (8, eight)]
+            .into_iter()
+            .filter(|(c, _)| at.as_deref().is_none_or(|a| a.trim() == c.to_string()))
+        {
             let (row, ceilings) = bounds_row(&fs, &rt, &targets, &loaded, (clients, per_client))?;
             bounds.push(row);
             goals.extend(goal_rows(&fs, clients, &loaded, ceilings));

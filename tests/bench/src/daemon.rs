@@ -501,6 +501,12 @@ pub fn run(
         .enable_all()
         .build()
         .with_context(|| "bench runtime")?;
+    // WASNAP_BENCH_CLIENTS=N runs only the load at N clients (1 or 8), for profiling.
+    let at = std::env::var("WASNAP_BENCH_CLIENTS").ok();
+    let loads: Vec<(usize, usize)> = [(1, one), (8, eight)]
+        .into_iter()
+        .filter(|(c, _)| at.as_deref().is_none_or(|a| a.trim() == c.to_string()))
+        .collect();
     let mut summary = Vec::new();
     let mut per_op = Vec::new();
     let mut cost = Vec::new();
@@ -525,12 +531,7 @@ pub fn run(
             }
         }
         let mut loaded = Loaded::new();
-        // WASNAP_BENCH_CLIENTS=N runs only the load at N clients (1 or 8), for profiling.
-        let at = std::env::var("WASNAP_BENCH_CLIENTS").ok();
-        for (clients, per_client) in [(1usize, one), (8, eight)]
-            .into_iter()
-            .filter(|(c, _)| at.as_deref().is_none_or(|a| a.trim() == c.to_string()))
-        {
+        for &(clients, per_client) in &loads {
             let mut row = vec![format!("{} ({fs})", base.display()), clients.to_string()];
             let mut baseline = None;
             let mut baseline_cpu = None;
@@ -609,12 +610,7 @@ pub fn run(
             }
             summary.push(row);
         }
-        // WASNAP_BENCH_CLIENTS=N runs only the load at N clients (1 or 8), for profiling.
-        let at = std::env::var("WASNAP_BENCH_CLIENTS").ok();
-        for (clients, per_client) in [(1usize, one), (8, eight)]
-            .into_iter()
-            .filter(|(c, _)| at.as_deref().is_none_or(|a| a.trim() == c.to_string()))
-        {
+        for &(clients, per_client) in &loads {
             let (row, ceilings) = bounds_row(&fs, &rt, &targets, &loaded, (clients, per_client))?;
             bounds.push(row);
             goals.extend(goal_rows(&fs, clients, &loaded, ceilings));

@@ -507,6 +507,12 @@ pub fn run(
         .into_iter()
         .filter(|(c, _)| at.as_deref().is_none_or(|a| a.trim() == c.to_string()))
         .collect();
+    if loads.is_empty() {
+        return Err(Error::invalid_argument(format!(
+            "WASNAP_BENCH_CLIENTS={}: the loads are at 1 and 8 clients",
+            at.unwrap_or_default()
+        )));
+    }
     let mut summary = Vec::new();
     let mut per_op = Vec::new();
     let mut cost = Vec::new();

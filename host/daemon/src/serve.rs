@@ -240,7 +240,7 @@ pub async fn serve_reporting(
         .add_service(AdminServer::new(
             AdminService::new(shared.clone()).with_reconfigure(opts.reconfigure.clone()),
         ))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming(listener), signal);
     let limit = opts.shutdown_timeout;
     let served = tokio::select! {
         r = server => r.map_err(|e| Error::internal(format!("serve: {e}"))),
@@ -270,6 +270,15 @@ pub async fn serve_reporting(
         )));
     }
     served.and(closed)
+}
+
+/// The listener's connections, each watched for writability only while a write waits
+/// (see [`crate::conn`]).
+fn incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::conn::Conn>> {
+    use tokio_stream::StreamExt;
+    UnixListenerStream::new(listener).map(|accepted| accepted.and_then(crate::conn::Conn::new))
 }
 
 /// Resolves, with the reason, once the root's database refuses every write.

@@ -86,6 +86,9 @@ struct Slot {
     opened: Condvar,
     /// A plugin serves it (a wasm driver or a policy); fixed until a restart.
     plugins: bool,
+    /// Its driver makes a new snapshot by copying its parent (native); fixed until a
+    /// restart.
+    copies: bool,
 }
 
 #[derive(Debug, Default)]
@@ -159,7 +162,10 @@ impl Host {
         let slots = config
             .snapshotters
             .iter()
-            .map(|(n, c)| (n.clone(), Slot { plugins: c.has_plugins(), ..Slot::default() }))
+            .map(|(n, c)| {
+                let copies = matches!(c.driver, crate::config::DriverConfig::Native);
+                (n.clone(), Slot { plugins: c.has_plugins(), copies, ..Slot::default() })
+            })
             .collect();
         Ok(Host {
             root,
@@ -475,6 +481,13 @@ impl Host {
     /// Fixed for the host's life: a reload changes only the plugins' own settings.
     pub fn runs_plugins(&self, name: &str) -> Option<bool> {
         self.slots.get(name).map(|s| s.plugins)
+    }
+
+    /// Whether the snapshotter called `name` makes a new snapshot by copying its parent
+    /// (the native driver), so that the time a prepare or a view takes grows with the
+    /// parent's data; None if it is not configured. Fixed for the host's life.
+    pub fn copies_on_create(&self, name: &str) -> Option<bool> {
+        self.slots.get(name).map(|s| s.copies)
     }
 
     /// How each configured snapshotter is served (with its plugins' settings as last

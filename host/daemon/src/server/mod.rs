@@ -2,22 +2,27 @@
 //!
 //! **Where a call's work runs.** The metadata layer, the drivers and the plugin runtime
 //! are synchronous, so a call's work runs on tokio's blocking pool (`spawn_blocking`),
-//! with one exception: a call to a snapshotter no plugin serves, arriving while no
-//! other call is being served, runs its work on the async worker that received it
-//! ([`Run::HereIfAlone`]; a plugin's calls never do: wasmtime's WASI blocks on the
-//! current runtime for a guest's I/O, which an async worker must not).
+//! with one exception: a call to a snapshotter no plugin serves, whose work takes a
+//! bounded time (records only, or a snapshot made without copying its parent; see
+//! `snapshots::Work`), arriving while no other call is being served, runs its work on
+//! the async worker that received it ([`Run::HereIfAlone`]; a plugin's calls never do:
+//! wasmtime's WASI blocks on the current runtime for a guest's I/O, which an async
+//! worker must not).
 //! The hand-off costs two thread wake-ups a call (to the pool and back): on a 2-core
 //! machine, a third of the daemon's time for a serial cycle of five calls (1.4–1.9 ms
-//! with it, 1.0–1.1 ms without, overlay on tmpfs). Only where it
-//! cannot hold other calls up: the runtime has two workers or more, and a call runs in
-//! place only when it is the only call in flight, so at most one worker is ever busy
-//! with one, and the others keep reading, dispatching and answering; any call that
-//! arrives meanwhile goes to the pool (at 8 clients nine calls in ten do, where group
-//! commit shares their database commits). A call decides at once, without yielding
-//! first to count the calls already readable on other connections: tokio's
-//! `yield_now` made the worker hand work to the other worker, ~3 futex wakes a call
-//! (`perf`), for 7% more daemon CPU a serial cycle and no gain at 8 clients; a call
-//! readable but not yet read is read by the other worker meanwhile.
+//! with it, 1.0–1.1 ms without, overlay on tmpfs). Only where it cannot hold other
+//! calls up for long: the runtime has two workers or more, and a call runs in place
+//! only when it is the only call in flight. Even so, while it runs its worker serves
+//! nothing else, and tokio does not hand that worker's share of the runtime (the I/O
+//! driver, if the worker held it last) to another worker, so a call from another
+//! connection may wait for it to end. Hence bounded work only: a `Usage` of 200,201
+//! inodes run in place held a `Stat` from another connection until it ended in 10–16
+//! of 30 runs. `block_in_place`, which does hand the worker over, cost a sixth of the
+//! rate at 1 client. A call decides at once, without yielding first to count the calls
+//! already readable on other connections: tokio's `yield_now` made the worker hand
+//! work to the other worker, ~3 futex wakes a call (`perf`), for 7% more daemon CPU a
+//! serial cycle and no gain at 8 clients; a call readable but not yet read is read by
+//! the other worker meanwhile, if it is awake, or else once this one ends.
 //!
 //! **Namespaces.** A call's namespace comes from the `containerd-namespace` header.
 //! containerd's collector walks and removes with no namespace: such a call sees

@@ -64,13 +64,33 @@ for_snapshotter!(
     CleanupRequest,
 );
 
+/// What a call's work does, which bounds how long it may take (see [`handle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// Reads or writes records only, on any driver: Stat, Update, Mounts, and Remove
+    /// (the record goes now, the data in the background).
+    Records,
+    /// Makes a snapshot's directory: from a spare or one `mkdir` on overlay and btrfs
+    /// (a subvolume snapshot), but a copy of the parent's data on native.
+    Create,
+    /// Walks a layer or the store, so its time grows with the data: Commit (measures the
+    /// layer and syncs it), Usage, Cleanup.
+    Walk,
+}
+
 /// [`super::handle`], with the snapshotter the request names in the call's metrics.
-/// A call to a snapshotter no plugin serves may run in place ([`Run::HereIfAlone`]); a
-/// plugin's never does: wasmtime's WASI drives a guest's I/O with `block_on` on the
-/// current runtime, which panics on an async worker.
+///
+/// A call may run in place ([`Run::HereIfAlone`]) only if its work takes a bounded
+/// time: while it runs, its worker serves nothing else, and tokio does not hand that
+/// worker's share of the runtime (its I/O driver among it) to another worker, so
+/// another connection's call may wait for it to end. So [`Work::Walk`] and a copying
+/// [`Work::Create`] always go to the pool. A plugin's call never runs in place either:
+/// wasmtime's WASI drives a guest's I/O with `block_on` on the current runtime, which
+/// panics on an async worker.
 async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
     shared: &Arc<Shared>,
     method: &'static str,
+    work: Work,
     req: Request<Q>,
     f: impl FnOnce(&wasnap::Host, Scope, Q) -> wasnap::Result<T> + Send + 'static,
 ) -> Reply<T> {
@@ -78,9 +98,14 @@ async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
     let label = shared.snapshotter_label(name);
     let host = shared.host();
     let name = if name.is_empty() { host.default_snapshotter() } else { name };
+    let bounded = match work {
+        Work::Records => true,
+        Work::Create => host.copies_on_create(name) == Some(false),
+        Work::Walk => false,
+    };
     let run = match host.runs_plugins(name) {
-        Some(false) => Run::HereIfAlone,
-        Some(true) | None => Run::Pool,
+        Some(false) if bounded => Run::HereIfAlone,
+        _ => Run::Pool,
     };
     handle_for(shared, method, label, run, req, f).await
 }
@@ -91,7 +116,7 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<PrepareSnapshotRequest>,
     ) -> Reply<PrepareSnapshotResponse> {
-        handle(&self.shared, "Prepare", req, |host, scope, r| {
+        handle(&self.shared, "Prepare", Work::Create, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             let sn = snapshotter(host, &r.snapshotter)?;
             let mounts = sn.prepare(&ctx, &r.key, parent(&r.parent), &labels(r.labels))?;
@@ -101,7 +126,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn view(&self, req: Request<ViewSnapshotRequest>) -> Reply<ViewSnapshotResponse> {
-        handle(&self.shared, "View", req, |host, scope, r| {
+        handle(&self.shared, "View", Work::Create, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             let sn = snapshotter(host, &r.snapshotter)?;
             let mounts = sn.view(&ctx, &r.key, parent(&r.parent), &labels(r.labels))?;
@@ -111,7 +136,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn mounts(&self, req: Request<MountsRequest>) -> Reply<MountsResponse> {
-        handle(&self.shared, "Mounts", req, |host, scope, r| {
+        handle(&self.shared, "Mounts", Work::Records, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             let mounts = snapshotter(host, &r.snapshotter)?.mounts(&ctx, &r.key)?;
             Ok(MountsResponse { mounts: mounts.into_iter().map(convert::mount).collect() })
@@ -120,7 +145,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn commit(&self, req: Request<CommitSnapshotRequest>) -> Reply<()> {
-        handle(&self.shared, "Commit", req, |host, scope, r| {
+        handle(&self.shared, "Commit", Work::Walk, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             snapshotter(host, &r.snapshotter)?.commit(&ctx, &r.name, &r.key, &labels(r.labels))
         })
@@ -128,7 +153,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Reply<()> {
-        handle(&self.shared, "Remove", req, |host, scope, r| {
+        handle(&self.shared, "Remove", Work::Records, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             // The record goes now; the data in the background, after the removals
             // before it (containerd's metadata layer leaves it to its collector).
@@ -138,7 +163,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn stat(&self, req: Request<StatSnapshotRequest>) -> Reply<StatSnapshotResponse> {
-        handle(&self.shared, "Stat", req, |host, scope, r| {
+        handle(&self.shared, "Stat", Work::Records, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             let info = snapshotter(host, &r.snapshotter)?.stat(&ctx, &r.key)?;
             Ok(StatSnapshotResponse { info: Some(convert::info(info)) })
@@ -147,7 +172,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn update(&self, req: Request<UpdateSnapshotRequest>) -> Reply<UpdateSnapshotResponse> {
-        handle(&self.shared, "Update", req, |host, scope, r| {
+        handle(&self.shared, "Update", Work::Records, req, |host, scope, r| {
             let info = r
                 .info
                 .map(convert::info_from)
@@ -209,7 +234,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn usage(&self, req: Request<UsageRequest>) -> Reply<UsageResponse> {
-        handle(&self.shared, "Usage", req, |host, scope, r| {
+        handle(&self.shared, "Usage", Work::Walk, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             Ok(convert::usage(snapshotter(host, &r.snapshotter)?.usage(&ctx, &r.key)?))
         })
@@ -217,7 +242,7 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn cleanup(&self, req: Request<CleanupRequest>) -> Reply<()> {
-        handle(&self.shared, "Cleanup", req, |host, _scope, r| {
+        handle(&self.shared, "Cleanup", Work::Walk, req, |host, _scope, r| {
             let report = snapshotter(host, &r.snapshotter)?.cleanup()?;
             if let Some((key, why)) = report.failed.first() {
                 return Err(Error::internal(format!(

@@ -3,7 +3,7 @@
 //! **Where a call's work runs.** The metadata layer, the drivers and the plugin runtime
 //! are synchronous, so a call's work runs on tokio's blocking pool (`spawn_blocking`),
 //! with one exception: a call to a snapshotter no plugin serves, whose work takes a
-//! bounded time (records only, or a snapshot made without copying its parent; see
+//! bounded time (records only, or a snapshot made without copying a parent; see
 //! `snapshots::Work`), arriving while no other call is being served, runs its work on
 //! the async worker that received it ([`Run::HereIfAlone`]; a plugin's calls never do:
 //! wasmtime's WASI blocks on the current runtime for a guest's I/O, which an async

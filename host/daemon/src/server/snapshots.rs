@@ -71,8 +71,12 @@ enum Work {
     /// (the record goes now, the data in the background).
     Records,
     /// Makes a snapshot's directory: from a spare or one `mkdir` on overlay and btrfs
-    /// (a subvolume snapshot), but a copy of the parent's data on native.
-    Create,
+    /// (a subvolume snapshot), but a copy of the parent's data on native, if it has a
+    /// parent.
+    Create {
+        /// The request names a parent.
+        parent: bool,
+    },
     /// Walks a layer or the store, so its time grows with the data: Commit (measures the
     /// layer and syncs it), Usage, Cleanup.
     Walk,
@@ -83,8 +87,8 @@ enum Work {
 /// A call may run in place ([`Run::HereIfAlone`]) only if its work takes a bounded
 /// time: while it runs, its worker serves nothing else, and tokio does not hand that
 /// worker's share of the runtime (its I/O driver among it) to another worker, so
-/// another connection's call may wait for it to end. So [`Work::Walk`] and a copying
-/// [`Work::Create`] always go to the pool. A plugin's call never runs in place either:
+/// another connection's call may wait for it to end. So [`Work::Walk`], and a
+/// [`Work::Create`] that copies a parent, always go to the pool. A plugin's call never runs in place either:
 /// wasmtime's WASI drives a guest's I/O with `block_on` on the current runtime, which
 /// panics on an async worker.
 async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
@@ -100,7 +104,7 @@ async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
     let name = if name.is_empty() { host.default_snapshotter() } else { name };
     let bounded = match work {
         Work::Records => true,
-        Work::Create => host.copies_on_create(name) == Some(false),
+        Work::Create { parent } => !parent || host.copies_on_create(name) == Some(false),
         Work::Walk => false,
     };
     let run = match host.runs_plugins(name) {
@@ -116,7 +120,8 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<PrepareSnapshotRequest>,
     ) -> Reply<PrepareSnapshotResponse> {
-        handle(&self.shared, "Prepare", Work::Create, req, |host, scope, r| {
+        let work = Work::Create { parent: !req.get_ref().parent.is_empty() };
+        handle(&self.shared, "Prepare", work, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             let sn = snapshotter(host, &r.snapshotter)?;
             let mounts = sn.prepare(&ctx, &r.key, parent(&r.parent), &labels(r.labels))?;
@@ -126,7 +131,8 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn view(&self, req: Request<ViewSnapshotRequest>) -> Reply<ViewSnapshotResponse> {
-        handle(&self.shared, "View", Work::Create, req, |host, scope, r| {
+        let work = Work::Create { parent: !req.get_ref().parent.is_empty() };
+        handle(&self.shared, "View", work, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
             let sn = snapshotter(host, &r.snapshotter)?;
             let mounts = sn.view(&ctx, &r.key, parent(&r.parent), &labels(r.labels))?;

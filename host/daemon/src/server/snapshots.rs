@@ -88,9 +88,9 @@ enum Work {
 /// time: while it runs, its worker serves nothing else, and tokio does not hand that
 /// worker's share of the runtime (its I/O driver among it) to another worker, so
 /// another connection's call may wait for it to end. So [`Work::Walk`], and a
-/// [`Work::Create`] that copies a parent, always go to the pool. A plugin's call never runs in place either:
-/// wasmtime's WASI drives a guest's I/O with `block_on` on the current runtime, which
-/// panics on an async worker.
+/// [`Work::Create`] that copies a parent, always go to the pool. A plugin's call never
+/// runs in place either: wasmtime's WASI drives a guest's I/O with `block_on` on the
+/// current runtime, which panics on an async worker.
 async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
     shared: &Arc<Shared>,
     method: &'static str,

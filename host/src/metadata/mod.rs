@@ -12,6 +12,7 @@ mod cache;
 pub(crate) mod content;
 pub(crate) mod db;
 pub mod gc;
+mod helpers;
 pub mod lease;
 mod merge;
 pub mod prune;

@@ -303,29 +303,36 @@ impl Snapshotter {
         Ok(report)
     }
 
-    /// Removes `bkeys` from the backend, in order, on one thread of their own: the
-    /// results come back one by one, each within [`BACKEND_DEADLINE`]; after one that
-    /// does not, the rest are reported unavailable (the thread may still finish them,
-    /// and the next collection takes what it does not).
+    /// Removes `bkeys` from the backend, in order, on one helper thread (see
+    /// [`super::helpers`]): the results come back one by one, each within
+    /// [`BACKEND_DEADLINE`]; after one that does not, the rest are reported unavailable
+    /// (the thread may still finish them, and the next collection takes what it does
+    /// not).
     fn remove_backend_keys(&self, bkeys: Vec<String>) -> impl Iterator<Item = Result<()>> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (backend, faults, n) = (self.backend.clone(), self.faults.clone(), bkeys.len());
-        let spawned =
-            std::thread::Builder::new().name("wasnap-prune-remove".into()).spawn(move || {
-                for bkey in bkeys {
-                    let r = faults.hit("prune.backend.remove").and_then(|()| backend.remove(&bkey));
-                    if tx.send(r).is_err() {
-                        return;
-                    }
+        let spawned = super::helpers::BACKEND.run(move || {
+            for bkey in bkeys {
+                let r = faults.hit("prune.backend.remove").and_then(|()| backend.remove(&bkey));
+                if tx.send(r).is_err() {
+                    return;
                 }
-            });
+            }
+        });
         let mut stuck = spawned.is_err().then(|| "could not start a thread".to_owned());
         (0..n).map(move |_| {
             if let Some(why) = &stuck {
                 return Err(Error::unavailable(format!("backend removal: {why}")));
             }
-            rx.recv_timeout(BACKEND_DEADLINE).unwrap_or_else(|_| {
-                let why = format!("no answer within {BACKEND_DEADLINE:?}");
+            rx.recv_timeout(BACKEND_DEADLINE).unwrap_or_else(|e| {
+                let why = match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => {
+                        format!("no answer within {BACKEND_DEADLINE:?}")
+                    }
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                        "the backend panicked".to_owned()
+                    }
+                };
                 stuck = Some(why.clone());
                 Err(Error::unavailable(format!("backend removal: {why}")))
             })

@@ -147,23 +147,29 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Runs a backend call on its own thread and gives up waiting after `deadline`: a
-/// backend that hangs costs that call (and a parked thread), never the caller.
+/// Runs a backend call on a helper thread (see [`super::helpers`]) and gives up waiting
+/// after `deadline`: a backend that hangs costs that call (and a parked thread), never
+/// the caller.
 pub(crate) fn with_deadline<T: Send + 'static>(
     deadline: Duration,
     what: String,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
+    use std::sync::mpsc::RecvTimeoutError;
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("wasnap-backend-call".into())
-        .spawn(move || {
+    super::helpers::BACKEND
+        .run(move || {
             let _ = tx.send(f());
         })
-        .map_err(|e| Error::from(e).context("spawn a backend call"))?;
+        .map_err(|e| Error::from(e).context("start a thread for a backend call"))?;
     match rx.recv_timeout(deadline) {
         Ok(r) => r,
-        Err(_) => Err(Error::unavailable(format!("{what}: no answer within {deadline:?}"))),
+        Err(RecvTimeoutError::Timeout) => {
+            Err(Error::unavailable(format!("{what}: no answer within {deadline:?}")))
+        }
+        Err(RecvTimeoutError::Disconnected) => {
+            Err(Error::internal(format!("{what}: the backend panicked")))
+        }
     }
 }
 

@@ -125,18 +125,22 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10)).unwrap()
     }
 
+    /// Waits until a thread is idle again: a thread is back in the list once its call
+    /// is done, which may be a moment after its caller heard the answer.
+    fn back(h: &Helpers) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.idle() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the thread never came back");
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn calls_one_after_another_share_one_thread() {
         let h = Helpers::new("test-helper", Duration::from_secs(60));
         let first = on(&h);
         for _ in 0..20 {
-            // Back in the list once its call is done, which may be a moment after the
-            // caller heard the answer.
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while h.idle() == 0 {
-                assert!(std::time::Instant::now() < deadline, "the thread never came back");
-                std::thread::yield_now();
-            }
+            back(&h);
             assert_eq!(on(&h), first);
         }
         assert_ne!(first, std::thread::current().id());
@@ -170,11 +174,7 @@ mod tests {
         .unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Err(RecvTimeoutError::Disconnected));
         let panicked = on_thread.recv().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while h.idle() == 0 {
-            assert!(std::time::Instant::now() < deadline, "the thread never came back");
-            std::thread::yield_now();
-        }
+        back(&h);
         assert_eq!(on(&h), panicked, "the next call runs on the thread that served the panic");
     }
 
@@ -197,11 +197,8 @@ mod tests {
     fn idle_threads_exit_after_their_wait() {
         let h = Helpers::new("test-helper", Duration::from_millis(20));
         on(&h);
+        back(&h);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while h.idle() == 0 {
-            assert!(std::time::Instant::now() < deadline, "the thread never came back");
-            std::thread::yield_now();
-        }
         loop {
             std::thread::sleep(Duration::from_millis(5));
             if h.idle() == 0 {

@@ -262,14 +262,20 @@ impl OnLayout for Overlay {
             let below = fsutil::open_dir_nofollow(&l.snapshots, &top.to_string())?
                 .symlink_metadata("fs")
                 .context("stat the parent's layer")?;
-            rustix::fs::chownat(
-                &fsutil::open_dir_nofollow(dir, name)?,
-                "fs",
-                Some(rustix::fs::Uid::from_raw(below.uid())),
-                Some(rustix::fs::Gid::from_raw(below.gid())),
-                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .context("chown new layer")?;
+            let entry = fsutil::open_dir_nofollow(dir, name)?;
+            // Already its owner (the daemon's own, as most image roots are): a chown would
+            // only dirty the inode, a journal write the commit's `fsync` then waits for.
+            let new = entry.symlink_metadata("fs").context("stat the new layer")?;
+            if (new.uid(), new.gid()) != (below.uid(), below.gid()) {
+                rustix::fs::chownat(
+                    &entry,
+                    "fs",
+                    Some(rustix::fs::Uid::from_raw(below.uid())),
+                    Some(rustix::fs::Gid::from_raw(below.gid())),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .context("chown new layer")?;
+            }
         }
         Ok(())
     }

@@ -167,10 +167,11 @@ pub struct DaemonOptions {
     pub shutdown_timeout_secs: u64,
     /// Threads that serve the gRPC connections (the runtime's async workers; at least
     /// 1). They read, dispatch and answer; a call's work runs on a pool of its own,
-    /// except a snapshot call to a snapshotter no plugin serves that arrives while no
-    /// other is in flight, which runs on the worker that received it (two thread
-    /// hand-offs saved) when there are two workers or more, so that another is always
-    /// free for what arrives meanwhile. With 1, every call's work goes to the pool.
+    /// except a snapshot call that arrives while no other is in flight, which runs on
+    /// the worker that received it (thread hand-offs saved) when there are two workers
+    /// or more, so that another is always free for what arrives meanwhile; work that may
+    /// take long (a walk of the data, a plugin's call) first hands the worker's share of
+    /// the runtime to another thread. With 1, every call's work goes to the pool.
     /// More may serve many busy connections better on a large machine.
     pub async_workers: usize,
 }

@@ -440,6 +440,7 @@ pub(crate) fn status(
                 "failed_requests": s.failed_requests,
                 "busy_micros": s.busy_micros,
                 "served_in_place": s.served_in_place,
+                "served_handing_over": s.served_handing_over,
                 "database": s.database.as_ref().map(|d| serde_json::json!({
                     "commits": d.commits, "durable_commits": d.durable_commits,
                     "operations": d.operations,
@@ -462,10 +463,12 @@ pub(crate) fn status(
                 vec![
                     "requests".into(),
                     format!(
-                        "{} ({} failed, {} served in place), {} each on average",
+                        "{} ({} failed, {} served in place, {} handing over), {} each on \
+                         average",
                         s.requests,
                         s.failed_requests,
                         s.served_in_place,
+                        s.served_handing_over,
                         mean_latency(s.busy_micros, s.requests)
                     ),
                 ],

@@ -303,6 +303,12 @@ async fn served_in_place(c: &Client) -> (u64, u64) {
     (s.served_in_place, s.requests)
 }
 
+/// The daemon's count of calls whose work ran on the worker that received them once it
+/// had handed its share of the runtime over.
+async fn served_handing_over(c: &Client) -> u64 {
+    c.admin().status(adm::StatusRequest {}).await.unwrap().into_inner().served_handing_over
+}
+
 /// Stats `key` `n` times, one after the other.
 async fn stats(c: &Client, key: &str, n: usize) {
     let mut s = c.snapshots();
@@ -324,16 +330,18 @@ async fn a_call_alone_runs_in_place_and_one_beside_another_goes_to_the_pool() {
     let (after, _) = served_in_place(&c).await;
     assert_eq!(after - before, 10, "ten calls one after the other, each alone");
 
-    // Work that grows with the data goes to the pool even alone: a commit (it measures
-    // the layer and syncs it) and, on native, a prepare (it copies the parent). A
-    // remove only drops the record.
+    // Work that grows with the data runs in place alone only once the worker has handed
+    // its share of the runtime over: a commit (it measures the layer and syncs it) and,
+    // on native, a prepare (it copies the parent). A remove only drops the record.
     let (before, _) = served_in_place(&c).await;
+    let over = served_handing_over(&c).await;
     let mut s = c.snapshots();
     s.commit(request(commit("a1", "a"), Some("default"), None)).await.unwrap();
     s.prepare(request(prepare("b", "a1"), Some("default"), None)).await.unwrap();
     s.remove(request(remove("b"), Some("default"), None)).await.unwrap();
     let (after, _) = served_in_place(&c).await;
-    assert_eq!(after - before, 1, "only the remove ran in place");
+    assert_eq!(after - before, 1, "only the remove ran in place as it came");
+    assert_eq!(served_handing_over(&c).await - over, 2, "the commit and the prepare");
     s.prepare(request(prepare("a", "a1"), Some("default"), None)).await.unwrap();
 
     // An upload that has started and is not finished: a call in flight, on the pool.
@@ -361,16 +369,24 @@ async fn a_call_alone_runs_in_place_and_one_beside_another_goes_to_the_pool() {
     }
     assert!(started, "the upload reached the daemon");
     let (before, _) = served_in_place(&c).await;
-    tokio::time::timeout(Duration::from_secs(10), stats(&c, "a", 5))
-        .await
-        .expect("calls beside a waiting one are answered");
+    let over = served_handing_over(&c).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        stats(&c, "a", 5).await;
+        let mut s = c.snapshots();
+        s.commit(request(commit("a2", "a"), Some("default"), None)).await.unwrap();
+    })
+    .await
+    .expect("calls beside a waiting one are answered");
     let (after, _) = served_in_place(&c).await;
     assert_eq!(after, before, "beside a call in flight, every call goes to the pool");
+    assert_eq!(served_handing_over(&c).await, over, "the commit too");
 
     // The upload ends without its last message: refused, and the daemon keeps nothing.
     drop(tx);
     let refused = upload.await.unwrap();
     assert_eq!(code(refused), Code::Unavailable);
+    let mut s = c.snapshots();
+    s.prepare(request(prepare("a", "a2"), Some("default"), None)).await.unwrap();
     let (before, _) = served_in_place(&c).await;
     stats(&c, "a", 3).await;
     let (after, _) = served_in_place(&c).await;
@@ -384,19 +400,23 @@ async fn a_call_alone_runs_in_place_and_one_beside_another_goes_to_the_pool() {
 async fn with_one_worker_every_call_goes_to_the_pool() {
     let d = Daemon::start().await;
     let c = d.client().await;
-    c.snapshots().prepare(request(prepare("a", ""), Some("default"), None)).await.unwrap();
+    let mut s = c.snapshots();
+    s.prepare(request(prepare("a", ""), Some("default"), None)).await.unwrap();
     stats(&c, "a", 10).await;
+    s.commit(request(commit("a1", "a"), Some("default"), None)).await.unwrap();
     assert_eq!(served_in_place(&c).await.0, 0);
+    assert_eq!(served_handing_over(&c).await, 0, "nor does a commit hand the worker over");
     d.stop().await.unwrap();
 }
 
-/// A call whose work grows with the data never runs in place, even alone, and holds up
-/// nobody: a `Usage` of 200,201 inodes goes to the pool, and a call from another
-/// connection is answered while it still runs. (Run in place, it would hold its worker,
-/// and tokio does not hand that worker's I/O driver to the other worker: the stat then
-/// waited for the usage in 10 to 16 of 30 runs.)
+/// A call whose work grows with the data runs in place alone only once its worker has
+/// handed its share of the runtime over, and holds up nobody: while a `Usage` of
+/// 200,201 inodes runs so, a call from another connection is answered. (Run in place
+/// as it came, it would hold its worker, and tokio does not hand that worker's I/O
+/// driver to the other worker: the stat then waited for the usage in 10 to 16 of 30
+/// runs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_that_walks_the_data_goes_to_the_pool_and_holds_up_no_other_connection() {
+async fn a_call_that_walks_the_data_hands_its_worker_over_and_holds_up_no_other_connection() {
     let d = Daemon::start().await;
     let c = d.client().await;
     let mut s = c.snapshots();
@@ -424,6 +444,7 @@ async fn a_call_that_walks_the_data_goes_to_the_pool_and_holds_up_no_other_conne
         return;
     }
     let (in_place, _) = served_in_place(&c).await;
+    let over = served_handing_over(&c).await;
     let before = atime(&dir);
     let long = {
         let mut s = c.snapshots();
@@ -445,7 +466,13 @@ async fn a_call_that_walks_the_data_goes_to_the_pool_and_holds_up_no_other_conne
     let usage = long.await.unwrap().unwrap().into_inner();
     assert_eq!(usage.inodes, 200_201, "every file, every directory and the top one");
     let (after, _) = served_in_place(&c).await;
-    assert_eq!(after - in_place, 0, "the usage and the stat both ran on the pool");
+    assert_eq!(after - in_place, 0, "neither ran in place as it came");
+    assert_eq!(
+        served_handing_over(&c).await - over,
+        1,
+        "the usage, alone, ran once its worker had handed its share over; the stat, beside \
+         it, on the pool"
+    );
     d.stop().await.unwrap();
 }
 

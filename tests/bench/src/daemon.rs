@@ -100,9 +100,11 @@ struct Counters {
     /// The daemon's time serving calls (its calls' latencies summed, as it measured
     /// them), in microseconds.
     busy_micros: u64,
-    /// Calls served, and of those, served on the worker that received them.
+    /// Calls served, and of those, served on the worker that received them: as they
+    /// came, or once it had handed its share of the runtime over.
     requests: u64,
     in_place: u64,
+    handed_over: u64,
 }
 
 impl Counters {
@@ -113,6 +115,7 @@ impl Counters {
             busy_micros: self.busy_micros.saturating_sub(before.busy_micros),
             requests: self.requests.saturating_sub(before.requests),
             in_place: self.in_place.saturating_sub(before.in_place),
+            handed_over: self.handed_over.saturating_sub(before.handed_over),
         }
     }
 
@@ -123,6 +126,7 @@ impl Counters {
             busy_micros: self.busy_micros + o.busy_micros,
             requests: self.requests + o.requests,
             in_place: self.in_place + o.in_place,
+            handed_over: self.handed_over + o.handed_over,
         }
     }
 }
@@ -174,9 +178,13 @@ impl Measured {
         self.wasnap.map(|w| Duration::from_micros(w.busy_micros).div_f64(self.per_cycle()))
     }
 
-    /// Of the calls the wasnap daemon served, the share it served in place.
-    fn in_place(&self) -> Option<f64> {
-        self.wasnap.map(|w| w.in_place as f64 / w.requests.max(1) as f64)
+    /// Of the calls the wasnap daemon served, the share it served in place, and the
+    /// share it served in place handing the worker's share of the runtime over.
+    fn in_place(&self) -> Option<(f64, f64)> {
+        self.wasnap.map(|w| {
+            let n = w.requests.max(1) as f64;
+            (w.in_place as f64 / n, w.handed_over as f64 / n)
+        })
     }
 }
 
@@ -208,6 +216,7 @@ async fn counters(socket: &Path) -> Result<Counters> {
         busy_micros: status.busy_micros,
         requests: status.requests,
         in_place: status.served_in_place,
+        handed_over: status.served_handing_over,
     })
 }
 
@@ -611,8 +620,13 @@ pub fn run(
                     commits,
                     synced,
                     m.wasnap_per_cycle().map_or("-".into(), fmt_d),
-                    m.in_place().map_or("-".into(), |p| format!("{:.0}%", p * 100.0)),
                 ]);
+                let share = |p: f64| format!("{:.0}%", p * 100.0);
+                let row = cost.last_mut().expect("just pushed");
+                match m.in_place() {
+                    Some((here, over)) => row.extend([share(here), share(over)]),
+                    None => row.extend(["-".into(), "-".into()]),
+                }
             }
             summary.push(row);
         }
@@ -659,11 +673,22 @@ pub fn run(
         "\ndaemon: cost per cycle: CPU time of the serving processes (containerd, the wasnap \
          daemon, both for the proxy), (ratio) cycles per CPU second to containerd's overlayfs; \
          the wasnap root database's commits, and of those synced; the wasnap daemon's time \
-         serving the cycle's calls, and the share of its calls it served in place (on the \
-         worker that received them, not the blocking pool)"
+         serving the cycle's calls, and the shares of its calls it served in place (on the \
+         worker that received them, not the blocking pool) as they came, and HANDING OVER \
+         the worker's share of the runtime to another thread first (walks, plugins)"
     )
     .map_err(io)?;
-    let header = ["FS", "CLIENTS", "TARGET", "CPU", "COMMITS", "SYNCED", "IN WASNAP", "IN PLACE"];
+    let header = [
+        "FS",
+        "CLIENTS",
+        "TARGET",
+        "CPU",
+        "COMMITS",
+        "SYNCED",
+        "IN WASNAP",
+        "IN PLACE",
+        "HANDING OVER",
+    ];
     table(out, &header, &cost)?;
     writeln!(
         out,

@@ -305,6 +305,49 @@ fn status_shows_the_daemon_and_its_counters() {
     assert_eq!(json["plugins"], serde_json::json!([]));
 }
 
+/// A plugin's call alone in flight runs on the worker that received it, once that has
+/// handed its share of the runtime over, and the guest's WASI works there: wasmtime
+/// blocks on the runtime for a guest's output, which panics on a worker still holding
+/// its share. The `chaos` policy writes a line to stderr, then traps, in every prepare.
+#[test]
+fn a_plugins_call_alone_hands_the_worker_over_and_its_wasi_output_works() {
+    let guest = |n: &str| {
+        let p = wasnap_test_util::guests::path(n).unwrap_or_else(|e| panic!("{e}"));
+        p.to_str().unwrap().to_owned()
+    };
+    let config = format!(
+        "default_snapshotter = \"copy\"\n[snapshotters.copy]\ndriver = \"wasm\"\npath = \"{}\"\n\
+         [[snapshotters.copy.policies]]\npath = \"{}\"\n\
+         config = {{ percent = 100, calls = [\"prepare\"], faults = [\"trap\"], when = \"before\" }}\n",
+        guest("copy"),
+        guest("chaos")
+    );
+    let dir = tmp();
+    let d = daemon_with(dir.path(), &config);
+    let sock = d.socket().to_str().unwrap();
+    let out = wasnap(&["--address", sock, "prepare", "doomed"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // The guest's own panic, with what it wrote before (a panic of the host's instead
+    // would read "Prepare panicked", with nothing the guest wrote).
+    assert!(
+        err.starts_with(
+            "wasnap: plugin \"chaos\": prepare: panicked; it wrote: chaos: dying of trap"
+        ),
+        "{err}"
+    );
+    let log = d.log_tail();
+    assert!(
+        log.contains("INFO wasnap::plugin::output: chaos: dying of trap in prepare"),
+        "the guest's stderr reached the log: {log}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
+    assert_eq!(json["served_in_place"], 0, "{json}");
+    assert_eq!(json["served_handing_over"], 1, "the prepare: {json}");
+    assert!(ok(&["--address", sock, "ls"]).lines().all(|l| !l.contains("doomed")));
+}
+
 #[test]
 fn status_and_plugin_ls_show_the_daemons_plugins() {
     let guest = |n: &str| {
@@ -331,8 +374,10 @@ fn status_and_plugin_ls_show_the_daemons_plugins() {
         serde_json::from_str(&ok(&["--address", sock, "--format", "json", "status"])).unwrap();
     let plugins = json["plugins"].as_array().unwrap();
     assert_eq!(plugins.len(), 2, "{json}");
-    // A plugin's calls never run on an async worker (WASI blocks on the runtime there).
+    // A plugin's calls, one at a time, run on the async worker that received them only
+    // once it has handed its share of the runtime over (WASI blocks on the runtime).
     assert_eq!(json["served_in_place"], 0, "{json}");
+    assert!(json["served_handing_over"].as_u64().unwrap() >= 3, "{json}");
     for p in plugins {
         assert!(p["counters"]["calls"].as_u64().unwrap() > 0, "{p}");
         assert!(p["counters"]["busy_micros"].as_u64().is_some(), "{p}");

@@ -165,6 +165,7 @@ impl Admin for AdminService {
                 failed_requests: shared.failed.load(std::sync::atomic::Ordering::Relaxed),
                 busy_micros: shared.busy_micros.load(std::sync::atomic::Ordering::Relaxed),
                 served_in_place: shared.served_in_place(),
+                served_handing_over: shared.served_handing_over(),
                 database: Some(database_commits(host.db().db().stats())),
             })
         })

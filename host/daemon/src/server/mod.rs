@@ -2,14 +2,19 @@
 //!
 //! **Where a call's work runs.** The metadata layer, the drivers and the plugin runtime
 //! are synchronous, so a call's work runs on tokio's blocking pool (`spawn_blocking`),
-//! with one exception: a call to a snapshotter no plugin serves, whose work takes a
-//! bounded time (records only, or a snapshot made without copying a parent; see
-//! `snapshots::Work`), arriving while no other call is being served, runs its work on
-//! the async worker that received it ([`Run::HereIfAlone`]; a plugin's calls never do:
-//! wasmtime's WASI blocks on the current runtime for a guest's I/O, which an async
-//! worker must not).
-//! The hand-off costs two thread wake-ups a call (to the pool and back): on a 2-core
-//! machine, a third of the daemon's time for a serial cycle of five calls (1.4–1.9 ms
+//! unless it arrives while no other call is being served (on a runtime of two workers
+//! or more). Then it runs on the async worker that received it:
+//! - as it is ([`Run::HereIfAlone`]), if it goes to a snapshotter no plugin serves and
+//!   its work takes a bounded time (records only, or a snapshot made without copying a
+//!   parent; see `snapshots::Work`);
+//! - else after the worker hands its share of the runtime to another thread
+//!   (`block_in_place`, [`Run::HandOverIfAlone`]): a walk of the data (Commit, Usage,
+//!   Cleanup, a native Prepare that copies its parent) and every call a plugin serves.
+//!   wasmtime's WASI blocks on the runtime for a guest's I/O, which an async worker
+//!   must not, but a worker that has handed its share over may.
+//!
+//! The hand-off to the pool costs two thread wake-ups a call (to the pool and back): on
+//! a 2-core machine, a third of the daemon's time for a serial cycle of five calls (1.4–1.9 ms
 //! with it, 1.0–1.1 ms without, overlay on tmpfs). Only where it cannot hold other
 //! calls up for long: the runtime has two workers or more, and a call runs in place
 //! only when it is the only call in flight. Even so, while it runs its worker serves
@@ -18,11 +23,14 @@
 //! connection may wait for it to end. Hence bounded work only: a `Usage` of 200,201
 //! inodes run in place held a `Stat` from another connection until it ended in 10–16
 //! of 30 runs. `block_in_place`, which does hand the worker over, cost a sixth of the
-//! rate at 1 client. A call decides at once, without yielding first to count the calls
-//! already readable on other connections: tokio's `yield_now` made the worker hand
-//! work to the other worker, ~3 futex wakes a call (`perf`), for 7% more daemon CPU a
-//! serial cycle and no gain at 8 clients; a call readable but not yet read is read by
-//! the other worker meanwhile, if it is awake, or else once this one ends.
+//! rate at 1 client where it replaced running in place, but beats the pool where it
+//! replaces that (the eighth session, ARCHITECTURE.md: on tmpfs at 1 client, the copy
+//! guest 5% faster, and overlay's time a cycle in the daemon 7% less, its commit
+//! handed over instead of pooled). A call decides at once, without yielding first to
+//! count the calls already readable on other connections: tokio's `yield_now` made the
+//! worker hand work to the other worker, ~3 futex wakes a call (`perf`), for 7% more
+//! daemon CPU a serial cycle and no gain at 8 clients; a call readable but not yet read
+//! is read by the other worker meanwhile, if it is awake, or else once this one ends.
 //!
 //! **Namespaces.** A call's namespace comes from the `containerd-namespace` header.
 //! containerd's collector walks and removes with no namespace: such a call sees
@@ -76,6 +84,9 @@ pub struct Shared {
     in_flight: AtomicUsize,
     /// Of the calls served, those whose work ran on the worker that received them.
     in_place: AtomicU64,
+    /// Of the calls served, those whose work ran on the worker that received them once
+    /// it had handed its share of the runtime over ([`Run::HandOverIfAlone`]).
+    handed_over: AtomicU64,
     metrics: OnceLock<Arc<Metrics>>,
 }
 
@@ -92,6 +103,7 @@ impl Shared {
             busy_micros: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             in_place: AtomicU64::new(0),
+            handed_over: AtomicU64::new(0),
             metrics: OnceLock::new(),
         })
     }
@@ -122,6 +134,12 @@ impl Shared {
     /// them ([`Run::HereIfAlone`]).
     pub fn served_in_place(&self) -> u64 {
         self.in_place.load(Ordering::Relaxed)
+    }
+
+    /// Of the calls served so far, how many ran their work on the worker that received
+    /// them once it had handed its share of the runtime over ([`Run::HandOverIfAlone`]).
+    pub fn served_handing_over(&self) -> u64 {
+        self.handed_over.load(Ordering::Relaxed)
     }
 
     /// Whether the call asking (already counted in flight) may run its work in place:
@@ -157,16 +175,19 @@ impl Shared {
         let started = Instant::now();
         let _flight = InFlight::enter(&self.in_flight);
         let inner = span.clone();
-        let result = if run == Run::HereIfAlone && self.alone() {
-            self.in_place.fetch_add(1, Ordering::Relaxed);
-            // As the pool's join would: a panic is the call's internal error.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.in_scope(f)))
-                .unwrap_or_else(|_| Err(Error::internal(format!("{method} panicked"))))
-        } else {
-            tokio::task::spawn_blocking(move || inner.in_scope(f))
+        let result = match run {
+            Run::HereIfAlone if self.alone() => {
+                self.in_place.fetch_add(1, Ordering::Relaxed);
+                here(method, &inner, f)
+            }
+            Run::HandOverIfAlone if self.alone() => {
+                self.handed_over.fetch_add(1, Ordering::Relaxed);
+                tokio::task::block_in_place(|| here(method, &inner, f))
+            }
+            _ => tokio::task::spawn_blocking(move || inner.in_scope(f))
                 .instrument(span.clone())
                 .await
-                .unwrap_or_else(|e| Err(Error::internal(format!("{method} panicked: {e}"))))
+                .unwrap_or_else(|e| Err(Error::internal(format!("{method} panicked: {e}")))),
         };
         let _entered = span.enter();
         let elapsed = started.elapsed();
@@ -198,16 +219,28 @@ impl Shared {
     }
 }
 
+/// Runs a call's work `f` on this thread, in its `span`; as the pool's join would, a
+/// panic is the call's internal error.
+fn here<T>(method: &str, span: &tracing::Span, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| span.in_scope(f)))
+        .unwrap_or_else(|_| Err(Error::internal(format!("{method} panicked"))))
+}
+
 /// Where a call's work runs (see the [module documentation](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Run {
     /// On the blocking pool: the work may wait on the runtime (an upload read with
-    /// `block_on`, a list sent with `blocking_send`, a plugin's WASI), which a worker
-    /// must not.
+    /// `block_on`, a list sent with `blocking_send`), which a worker must not.
     Pool,
     /// On the worker that received the call, if no other call is in flight and the
-    /// runtime has another worker; on the pool otherwise.
+    /// runtime has another worker; on the pool otherwise. For bounded work only: the
+    /// worker serves nothing else meanwhile.
     HereIfAlone,
+    /// As [`Run::HereIfAlone`], but the worker first hands its share of the runtime
+    /// (its queue, the I/O driver if it holds it) to another thread, which serves the
+    /// other connections meanwhile (`block_in_place`): for work that may take long or
+    /// block on the runtime.
+    HandOverIfAlone,
 }
 
 /// A call counted in flight until it is answered or dropped.

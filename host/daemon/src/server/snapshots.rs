@@ -84,13 +84,14 @@ enum Work {
 
 /// [`super::handle`], with the snapshotter the request names in the call's metrics.
 ///
-/// A call may run in place ([`Run::HereIfAlone`]) only if its work takes a bounded
-/// time: while it runs, its worker serves nothing else, and tokio does not hand that
-/// worker's share of the runtime (its I/O driver among it) to another worker, so
+/// A call may run in place as it is ([`Run::HereIfAlone`]) only if its work takes a
+/// bounded time: while it runs, its worker serves nothing else, and tokio does not hand
+/// that worker's share of the runtime (its I/O driver among it) to another worker, so
 /// another connection's call may wait for it to end. So [`Work::Walk`], and a
-/// [`Work::Create`] that copies a parent, always go to the pool. A plugin's call never
-/// runs in place either: wasmtime's WASI drives a guest's I/O with `block_on` on the
-/// current runtime, which panics on an async worker.
+/// [`Work::Create`] that copies a parent, run in place only once the worker has handed
+/// its share over ([`Run::HandOverIfAlone`]). So does a plugin's every call: wasmtime's
+/// WASI drives a guest's I/O with `block_on` on the current runtime, which panics on an
+/// async worker that still holds its share.
 async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
     shared: &Arc<Shared>,
     method: &'static str,
@@ -109,7 +110,9 @@ async fn handle<Q: ForSnapshotter + Send + 'static, T: Send + 'static>(
     };
     let run = match host.runs_plugins(name) {
         Some(false) if bounded => Run::HereIfAlone,
-        _ => Run::Pool,
+        Some(_) => Run::HandOverIfAlone,
+        // No such snapshotter: the call fails at once, wherever it runs.
+        None => Run::Pool,
     };
     handle_for(shared, method, label, run, req, f).await
 }

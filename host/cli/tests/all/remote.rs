@@ -305,16 +305,18 @@ fn status_shows_the_daemon_and_its_counters() {
     assert_eq!(json["plugins"], serde_json::json!([]));
 }
 
+/// The path of test guest `name`'s `.wasm`, built on demand.
+fn guest(name: &str) -> String {
+    let p = wasnap_test_util::guests::path(name).unwrap_or_else(|e| panic!("{e}"));
+    p.to_str().unwrap().to_owned()
+}
+
 /// A plugin's call alone in flight runs on the worker that received it, once that has
 /// handed its share of the runtime over, and the guest's WASI works there: wasmtime
 /// blocks on the runtime for a guest's output, which panics on a worker still holding
 /// its share. The `chaos` policy writes a line to stderr, then traps, in every prepare.
 #[test]
 fn a_plugins_call_alone_hands_the_worker_over_and_its_wasi_output_works() {
-    let guest = |n: &str| {
-        let p = wasnap_test_util::guests::path(n).unwrap_or_else(|e| panic!("{e}"));
-        p.to_str().unwrap().to_owned()
-    };
     let config = format!(
         "default_snapshotter = \"copy\"\n[snapshotters.copy]\ndriver = \"wasm\"\npath = \"{}\"\n\
          [[snapshotters.copy.policies]]\npath = \"{}\"\n\
@@ -350,10 +352,6 @@ fn a_plugins_call_alone_hands_the_worker_over_and_its_wasi_output_works() {
 
 #[test]
 fn status_and_plugin_ls_show_the_daemons_plugins() {
-    let guest = |n: &str| {
-        let p = wasnap_test_util::guests::path(n).unwrap_or_else(|e| panic!("{e}"));
-        p.to_str().unwrap().to_owned()
-    };
     let config = format!(
         "default_snapshotter = \"copy\"\n[snapshotters.copy]\ndriver = \"wasm\"\npath = \"{}\"\n\
          [[snapshotters.copy.policies]]\npath = \"{}\"\nconfig = {{ max_active = 1 }}\n",

@@ -188,6 +188,11 @@ impl Measured {
     }
 }
 
+/// `p` (a fraction) as a whole percentage.
+fn share(p: f64) -> String {
+    format!("{:.0}%", p * 100.0)
+}
+
 /// CPU time (user and system, every thread) that process `pid` has used so far.
 fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -620,13 +625,9 @@ pub fn run(
                     commits,
                     synced,
                     m.wasnap_per_cycle().map_or("-".into(), fmt_d),
+                    m.in_place().map_or("-".into(), |(here, _)| share(here)),
+                    m.in_place().map_or("-".into(), |(_, over)| share(over)),
                 ]);
-                let share = |p: f64| format!("{:.0}%", p * 100.0);
-                let row = cost.last_mut().expect("just pushed");
-                match m.in_place() {
-                    Some((here, over)) => row.extend([share(here), share(over)]),
-                    None => row.extend(["-".into(), "-".into()]),
-                }
             }
             summary.push(row);
         }

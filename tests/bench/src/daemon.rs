@@ -402,21 +402,25 @@ const COLUMNS: [&str; 4] =
     ["containerd overlayfs", "wasnap overlay", "containerd -> wasnap overlay", "wasnap copy guest"];
 
 /// Starts a wasnap daemon and (if installed) a containerd proxying to it, roots under
-/// `base`, and returns the targets with what keeps them running.
+/// `base`, and returns the targets with what keeps them running. The daemon serves the
+/// `copy` guest (its `.wasm` and `limits.instances`) only if given one.
 fn start(
     base: &Path,
-    (guest, instances): (&Path, u32),
+    copy_guest: Option<(&Path, u32)>,
     wasnap: &Path,
 ) -> Result<(tempfile::TempDir, DaemonProcess, Option<Containerd>, Vec<Target>)> {
     let io = |e: std::io::Error| Error::from(e).context("bench");
     let tmp =
         tempfile::Builder::new().prefix("wasnap-bench-daemon-").tempdir_in(base).map_err(io)?;
-    let config = format!(
-        "default_snapshotter = \"overlay\"\n[snapshotters.overlay]\ndriver = \"overlay\"\n\
-         [snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\nlimits = {{ instances = {} }}\n",
-        guest.display().to_string(),
-        instances,
-    );
+    let mut config =
+        "default_snapshotter = \"overlay\"\n[snapshotters.overlay]\ndriver = \"overlay\"\n"
+            .to_owned();
+    if let Some((guest, instances)) = copy_guest {
+        config.push_str(&format!(
+            "[snapshotters.copy]\ndriver = \"wasm\"\npath = {:?}\nlimits = {{ instances = {instances} }}\n",
+            guest.display().to_string(),
+        ));
+    }
     let daemon = DaemonProcess::start(wasnap, tmp.path(), &config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -438,7 +442,10 @@ fn start(
         servers: vec![wasnap_pid],
         wasnap: Some(daemon.socket().to_path_buf()),
     };
-    let mut targets = vec![wasnap_target(COLUMNS[1], "overlay"), wasnap_target(COLUMNS[3], "copy")];
+    let mut targets = vec![wasnap_target(COLUMNS[1], "overlay")];
+    if copy_guest.is_some() {
+        targets.push(wasnap_target(COLUMNS[3], "copy"));
+    }
     let peer = match containerd::binary() {
         None => None,
         Some(_) => {
@@ -494,10 +501,16 @@ pub fn run(
         writeln!(out, "daemon: skipped (overlay and containerd need root)").map_err(io)?;
         return Ok(());
     }
+    // WASNAP_BENCH_ONLY=LABEL[,LABEL…] runs only those targets (for profiling one
+    // alone, or comparing two); the copy guest is then built and loaded only if named.
+    let only = std::env::var("WASNAP_BENCH_ONLY").ok();
+    let wanted =
+        |label: &str| only.as_deref().is_none_or(|o| o.split(',').any(|l| l.trim() == label));
     let guest = match &copy.guest {
-        Some(g) => g.to_path_buf(),
+        _ if !wanted(COLUMNS[3]) => None,
+        Some(g) => Some(g.to_path_buf()),
         None => match wasnap_test_util::guests::path("copy") {
-            Ok(g) => g,
+            Ok(g) => Some(g),
             Err(why) => {
                 writeln!(out, "daemon: skipped (no copy guest: {why})").map_err(io)?;
                 return Ok(());
@@ -534,13 +547,11 @@ pub fn run(
     let mut goals = Vec::new();
     for base in roots {
         let fs = wasnap::probe::filesystem_name(base);
-        let (tmp, daemon, peer, targets) = start(base, (&guest, copy.instances), wasnap)?;
-        // WASNAP_BENCH_ONLY=LABEL[,LABEL…] runs only those targets (for profiling one
-        // alone, or comparing two).
-        let only = std::env::var("WASNAP_BENCH_ONLY").ok();
+        let copy_guest = guest.as_deref().map(|g| (g, copy.instances));
+        let (tmp, daemon, peer, targets) = start(base, copy_guest, wasnap)?;
         let wanted: Vec<&Target> = COLUMNS
             .iter()
-            .filter(|c| only.as_deref().is_none_or(|o| o.split(',').any(|l| l.trim() == **c)))
+            .filter(|c| wanted(c))
             .filter_map(|c| targets.iter().find(|t| t.label == *c))
             .collect();
         if live > 0 {
@@ -646,9 +657,11 @@ pub fn run(
         out,
         "daemon: cycles/s (prepare, commit, prepare child, remove child, remove; under a lease), \
          {one} cycles at 1 client, {eight} per client at 8, in {rounds} rounds the targets take \
-         in turn; (ratio) to containerd's overlayfs; the copy guest with limits.instances = {}; \
-         {}",
-        copy.instances,
+         in turn; (ratio) to containerd's overlayfs; {}{}",
+        match guest {
+            Some(_) => format!("the copy guest with limits.instances = {}; ", copy.instances),
+            None => String::new(),
+        },
         match live {
             0 => "each target's store empty but for the load".to_owned(),
             n => format!("each target keeping {n} committed snapshots of its own beside the load"),

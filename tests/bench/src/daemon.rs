@@ -504,10 +504,10 @@ pub fn run(
     // WASNAP_BENCH_ONLY=LABEL[,LABEL…] runs only those targets (for profiling one
     // alone, or comparing two); the copy guest is then built and loaded only if named.
     let only = std::env::var("WASNAP_BENCH_ONLY").ok();
-    let wanted =
+    let named =
         |label: &str| only.as_deref().is_none_or(|o| o.split(',').any(|l| l.trim() == label));
     let guest = match &copy.guest {
-        _ if !wanted(COLUMNS[3]) => None,
+        _ if !named(COLUMNS[3]) => None,
         Some(g) => Some(g.to_path_buf()),
         None => match wasnap_test_util::guests::path("copy") {
             Ok(g) => Some(g),
@@ -551,7 +551,7 @@ pub fn run(
         let (tmp, daemon, peer, targets) = start(base, copy_guest, wasnap)?;
         let wanted: Vec<&Target> = COLUMNS
             .iter()
-            .filter(|c| wanted(c))
+            .filter(|c| named(c))
             .filter_map(|c| targets.iter().find(|t| t.label == *c))
             .collect();
         if live > 0 {

@@ -264,7 +264,7 @@ impl OnLayout for Overlay {
                 .context("stat the parent's layer")?;
             let entry = fsutil::open_dir_nofollow(dir, name)?;
             // Already its owner (the daemon's own, as most image roots are): a chown would
-            // only dirty the inode, a journal write the commit's `fsync` then waits for.
+            // only dirty the inode, which the commit's `fsync` would then have to write.
             let new = entry.symlink_metadata("fs").context("stat the new layer")?;
             if (new.uid(), new.gid()) != (below.uid(), below.gid()) {
                 rustix::fs::chownat(

@@ -24,15 +24,21 @@ pub enum Walk {
 pub enum Mode {
     Good,
     Spin,
+    /// Waits on the clock for ever, in the host, where no epoch deadline reaches it.
+    Sleep,
     Hog,
     Panic,
     /// prepare, view and mounts return a mount picked by the end of the key.
     BadMount,
     HugeWalk(Walk),
     SlowInit,
+    /// `init` waits on the clock for ever.
+    SleepInit,
     BadInit,
     /// Writes this many bytes to stdout and as many to stderr, then behaves well.
     Stdout(usize),
+    /// `usage` reports `u64::MAX` bytes and inodes.
+    HugeUsage,
     /// Fails with an error message this long, with forged log lines in it.
     FloodError(usize),
     /// Opens files in its private directory, keeping them, until refused.
@@ -129,6 +135,7 @@ impl Config {
         let mode = match string(&object, "mode").map_err(&invalid)? {
             None | Some("good") => Mode::Good,
             Some("spin") => Mode::Spin,
+            Some("sleep") => Mode::Sleep,
             Some("hog") => Mode::Hog,
             Some("panic") => Mode::Panic,
             Some("bad-mount") => Mode::BadMount,
@@ -139,6 +146,7 @@ impl Config {
                 )
             }
             Some("fd-bomb") => Mode::FdBomb,
+            Some("huge-usage") => Mode::HugeUsage,
             Some("ancestors") => Mode::Ancestors,
             Some("hammer") => {
                 let op = string(&object, "op").map_err(&invalid)?.unwrap_or("");
@@ -148,6 +156,7 @@ impl Config {
             }
             Some("huge-walk") => Mode::HugeWalk(walk(&object).map_err(&invalid)?),
             Some("slow-init") => Mode::SlowInit,
+            Some("sleep-init") => Mode::SleepInit,
             Some("bad-init") => Mode::BadInit,
             Some("stdout") => {
                 let bytes = number(&object, "bytes").map_err(&invalid)?;

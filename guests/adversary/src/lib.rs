@@ -36,6 +36,7 @@ impl lifecycle::Guest for Adversary {
         let parsed = Config::parse(&config)?;
         match parsed.mode {
             Mode::SlowInit => misbehave::spin(),
+            Mode::SleepInit => misbehave::sleep(),
             Mode::BadInit => {
                 return Err(Error::InvalidArgument(format!(
                     "adversary: initialising with {config}: mode bad-init always refuses"
@@ -89,7 +90,12 @@ impl snapshotter::Guest for Adversary {
     }
 
     fn usage(key: String) -> Result<UsageInfo, Error> {
-        misbehave::common(Call::new("usage", &[&key]));
+        let call = Call::new("usage", &[&key]);
+        misbehave::common(call);
+        if call.targeted() && config::get().mode == Mode::HugeUsage {
+            store::usage(&key)?;
+            return Ok(UsageInfo { size: u64::MAX, inodes: u64::MAX });
+        }
         store::usage(&key)
     }
 

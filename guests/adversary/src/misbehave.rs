@@ -40,6 +40,7 @@ pub fn common(call: Call<'_>) {
     }
     match mode {
         Mode::Spin => spin(),
+        Mode::Sleep => sleep(),
         Mode::Hog => hog(),
         Mode::Panic => panic!("adversary: deliberate panic in {}", call.name),
         Mode::Stdout(bytes) => noise(bytes),
@@ -47,11 +48,21 @@ pub fn common(call: Call<'_>) {
         | Mode::BadMount
         | Mode::HugeWalk(_)
         | Mode::SlowInit
+        | Mode::SleepInit
         | Mode::BadInit
         | Mode::FloodError(_)
         | Mode::FdBomb
+        | Mode::HugeUsage
         | Mode::Hammer(..)
         | Mode::Ancestors => {}
+    }
+}
+
+/// Waits for ever, in the host: `std::thread::sleep` subscribes to the monotonic clock
+/// and blocks on the timer. Only a host whose timers end with the call can stop it.
+pub fn sleep() -> ! {
+    loop {
+        std::thread::sleep(std::time::Duration::MAX);
     }
 }
 

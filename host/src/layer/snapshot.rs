@@ -258,7 +258,7 @@ impl<'a> Layers<'a> {
     pub fn usage_with_blob(&self, ctx: &Ctx, key: &str) -> Result<crate::snapshot::Usage> {
         let mut usage = self.snapshotter.usage(ctx, key)?;
         if let Some(blob) = self.snapshotter.blob(ctx, key)? {
-            usage.size += self.content.info(ctx, &blob)?.size;
+            usage.size = usage.size.saturating_add(self.content.info(ctx, &blob)?.size);
         }
         Ok(usage)
     }

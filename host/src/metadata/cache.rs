@@ -446,7 +446,8 @@ impl Graph {
             .zip(&a.shared)
             .filter(|(n, shared)| n.rec.kind == Kind::Committed && !**shared)
             .map(|(n, _)| n.size.map_or(0, |u| u.size))
-            .sum();
+            // Sizes a plugin reported may be anything: the sum saturates.
+            .fold(0u64, u64::saturating_add);
         let keep = keep_bytes(policy, total, free);
         let mut plan = Plan { order: Vec::new(), total, keep };
         if keep != 0 && total <= keep {

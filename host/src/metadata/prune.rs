@@ -240,11 +240,12 @@ impl Snapshotter {
             ..CachePruneReport::default()
         };
         let size = |i: usize| g.nodes[i].size.map_or(0, |u| u.size);
-        let bytes = plan.order.iter().map(|&i| size(i)).sum();
+        // Sizes a plugin reported may be anything: sums saturate, never wrap or panic.
+        let bytes = plan.order.iter().fold(0u64, |sum, &i| sum.saturating_add(size(i)));
         progress(PruneProgress::Planned { snapshots: plan.order.len(), bytes });
         if dry_run {
             for &i in &plan.order {
-                report.freed += size(i);
+                report.freed = report.freed.saturating_add(size(i));
                 report.removed.push(pruned(&g, i));
                 progress(PruneProgress::Removed { key: &g.nodes[i].key, size: size(i) });
             }
@@ -291,7 +292,7 @@ impl Snapshotter {
                         }
                     }
                 }
-                report.freed += p.size;
+                report.freed = report.freed.saturating_add(p.size);
                 if let Some(&i) = index.get(&(p.ns.as_str(), p.key.as_str())) {
                     report.removed.push(pruned(&g, i));
                 }

@@ -242,14 +242,15 @@ impl Snapshotter {
             }
             let r = UsageRecord::new(&g, i, a.in_use[i], a.shared[i], reclaimable);
             let size = r.size.unwrap_or(0);
-            du.total += size;
+            // Sizes a plugin reported may be anything: sums saturate, never wrap or panic.
+            du.total = du.total.saturating_add(size);
             if r.shared {
-                du.shared += size;
+                du.shared = du.shared.saturating_add(size);
             } else {
-                du.private += size;
+                du.private = du.private.saturating_add(size);
             }
             if r.reclaimable {
-                du.reclaimable += size;
+                du.reclaimable = du.reclaimable.saturating_add(size);
             }
             du.records.push(r);
         }

@@ -18,6 +18,8 @@ use crate::fsutil::deadline;
 
 pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    // Timers that go off by the end of the call (WASI's would let a guest wait forever).
+    super::timers::add_to_linker(linker)?;
     // The policy world is types, kv, log and the imported snapshotter; a backend adds
     // layers (and never imports the snapshotter).
     policy::Policy::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?;

@@ -33,6 +33,7 @@ mod output;
 pub mod runtime;
 pub mod space;
 pub mod state;
+mod timers;
 mod wasm;
 
 pub use component::{Plugin, PluginInfo, Role, WIT_PACKAGE};

@@ -2,8 +2,10 @@
 //! stdio, and each call may write only so much.
 //!
 //! A guest that prints without end must not fill the log or the host's memory: past
-//! [`BUDGET_PER_CALL`] bytes in one call, output is counted and dropped, and one line
-//! says how much was dropped. The last lines of stderr are kept so that a trap (a Rust
+//! [`BUDGET_PER_CALL`] bytes or [`LINES_PER_CALL`] lines in one call, output is counted
+//! and dropped, and one line says how much was dropped. Lines are counted apart from
+//! bytes, since each costs the log a record of its own however short it is: an empty
+//! `log` call, or a newline, would otherwise be free. The last lines of stderr are kept so that a trap (a Rust
 //! panic prints its message to stderr before aborting) can say why it happened.
 
 use std::collections::VecDeque;
@@ -17,6 +19,8 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 /// Bytes a guest may write to one stream during one call before the rest is dropped.
 pub const BUDGET_PER_CALL: usize = 64 * 1024;
+/// Lines (and `log` calls) a guest may write to one stream during one call.
+pub const LINES_PER_CALL: usize = 1024;
 /// Longest line logged; longer lines are cut.
 const MAX_LINE: usize = 4096;
 /// Lines of stderr kept for the error message of a trap.
@@ -28,6 +32,8 @@ struct Sink {
     stream: &'static str,
     partial: Vec<u8>,
     budget: usize,
+    /// Lines still allowed in this call.
+    lines: usize,
     dropped: u64,
     recent: VecDeque<String>,
 }
@@ -37,8 +43,15 @@ impl Sink {
         let take = bytes.len().min(self.budget);
         self.budget -= take;
         self.dropped += (bytes.len() - take) as u64;
-        for &b in &bytes[..take] {
+        for (i, &b) in bytes[..take].iter().enumerate() {
             if b == b'\n' {
+                if self.lines == 0 {
+                    // Out of lines: this line and the rest of the call's output go.
+                    self.dropped += (self.partial.len() + take - i) as u64;
+                    self.partial.clear();
+                    self.budget = 0;
+                    return;
+                }
                 self.emit();
             } else if self.partial.len() < MAX_LINE {
                 self.partial.push(b);
@@ -46,7 +59,10 @@ impl Sink {
         }
     }
 
+    /// Logs the partial line, counting it against the call's lines (the caller checks
+    /// that one is left).
     fn emit(&mut self) {
+        self.lines = self.lines.saturating_sub(1);
         let line = escape(&String::from_utf8_lossy(&self.partial));
         self.partial.clear();
         tracing::info!(plugin = &*self.plugin, stream = self.stream, "{line}");
@@ -59,18 +75,24 @@ impl Sink {
     /// Ends a call: flushes a partial line, reports what was dropped, refills the budget.
     fn end_call(&mut self) {
         if !self.partial.is_empty() {
-            self.emit();
+            if self.lines > 0 {
+                self.emit();
+            } else {
+                self.dropped += self.partial.len() as u64;
+                self.partial.clear();
+            }
         }
         if self.dropped > 0 {
             tracing::warn!(
                 plugin = &*self.plugin,
                 stream = self.stream,
-                "dropped {} bytes of output past the {BUDGET_PER_CALL}-byte budget of one call",
+                "dropped {} bytes of output past the budget of one call ({BUDGET_PER_CALL} bytes, {LINES_PER_CALL} lines)",
                 self.dropped
             );
             self.dropped = 0;
         }
         self.budget = BUDGET_PER_CALL;
+        self.lines = LINES_PER_CALL;
     }
 }
 
@@ -100,6 +122,7 @@ impl GuestOutput {
             stream,
             partial: Vec::new(),
             budget: BUDGET_PER_CALL,
+            lines: LINES_PER_CALL,
             dropped: 0,
             recent: VecDeque::new(),
         })))
@@ -109,16 +132,18 @@ impl GuestOutput {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A `log` call's message, charged to this stream's budget for the call, cut to
-    /// one line's length and escaped; `None` once the budget is spent.
+    /// A `log` call's message, charged to this stream's budget for the call (its bytes
+    /// and one line), cut to one line's length and escaped; `None` once the budget is
+    /// spent.
     pub(crate) fn take_log_line(&self, message: &str) -> Option<String> {
         let mut s = self.sink();
         let len = message.len().min(MAX_LINE);
-        if s.budget < len {
+        if s.budget < len || s.lines == 0 {
             s.dropped += message.len() as u64;
             return None;
         }
         s.budget -= len;
+        s.lines -= 1;
         let mut cut = len;
         while !message.is_char_boundary(cut) {
             cut -= 1;
@@ -206,6 +231,29 @@ mod tests {
         }
         out.end_call();
         assert_eq!(out.sink().budget, BUDGET_PER_CALL, "the next call gets a fresh budget");
+    }
+
+    #[test]
+    fn empty_lines_and_log_calls_are_counted_too() {
+        let out = GuestOutput::new("p".into(), "stdout");
+        out.sink().write(&vec![b'\n'; BUDGET_PER_CALL]);
+        {
+            let s = out.sink();
+            assert_eq!(s.lines, 0);
+            assert_eq!(s.dropped as usize, BUDGET_PER_CALL - LINES_PER_CALL);
+        }
+        assert!(out.take_log_line("").is_none(), "no line is left for a log call");
+        assert_eq!(out.end_call().len(), KEPT_LINES);
+        let mut logged = 0;
+        while out.take_log_line("").is_some() {
+            logged += 1;
+        }
+        assert_eq!(logged, LINES_PER_CALL);
+        out.sink().write(b"no newline, but no line left either");
+        out.end_call();
+        let s = out.sink();
+        assert_eq!((s.lines, s.budget, s.dropped), (LINES_PER_CALL, BUDGET_PER_CALL, 0));
+        assert!(s.partial.is_empty());
     }
 
     #[test]

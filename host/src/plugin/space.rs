@@ -131,6 +131,11 @@ struct LayerDirs {
     removed: Mutex<HashSet<u64>>,
     ids: IdBlocks,
     tmp_seq: AtomicU64,
+    /// Names in `tmp/` whose removal a call's deadline cut short: a failed clone's
+    /// partial copy, a removed layer. Nothing else names them; each later call that
+    /// makes or removes a layer goes on removing them, within its own deadline, so a
+    /// guest that keeps running out of time cannot keep space for itself.
+    garbage: Mutex<Vec<String>>,
 }
 
 fn subdir(dir: &Dir, name: &str, path: &Path) -> Result<Dir> {
@@ -203,6 +208,7 @@ impl Space {
                 removed: Mutex::default(),
                 ids: IdBlocks::new(META, name, META_LAYER, ID_BLOCK),
                 tmp_seq: AtomicU64::new(0),
+                garbage: Mutex::new(Vec::new()),
             })
         } else {
             None
@@ -326,6 +332,7 @@ impl Space {
     /// registry entry names, which the next open deletes; nothing durable named it.
     fn make(&self, call: CallId, build: impl FnOnce(&Dir, &str) -> Result<()>) -> Result<u64> {
         let d = self.dirs()?;
+        Self::sweep(d)?;
         let id = self.next_id(d)?;
         let tmp = format!("{id}-{}", d.tmp_seq.fetch_add(1, Ordering::Relaxed));
         // No-follow: rename moves the name itself, between two of the host's directories.
@@ -335,12 +342,44 @@ impl Space {
                 .with_context(|| format!("move the new layer {id} into place"))
         });
         if let Err(e) = made {
-            let _ = fsutil::remove_tree(&d.tmp, &tmp);
+            Self::discard(d, tmp);
             return Err(e);
         }
         let pending = Pending { call, registered: false };
         d.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pending);
         Ok(id)
+    }
+
+    /// Removes `tmp/<name>`, or as much of it as the call's deadline allows; the rest
+    /// is garbage the next call goes on with ([`LayerDirs::garbage`]).
+    fn discard(d: &LayerDirs, name: String) {
+        match fsutil::remove_tree(&d.tmp, &name) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                tracing::debug!(entry = %format!("tmp/{name}"), "removal left for a later call: {e}");
+                d.garbage.lock().unwrap_or_else(|e| e.into_inner()).push(name);
+            }
+        }
+    }
+
+    /// Goes on removing what earlier calls could not ([`Self::discard`]), within this
+    /// call's deadline. Unavailable if that runs out first: the call has no time left
+    /// for its own work either.
+    fn sweep(d: &LayerDirs) -> Result<()> {
+        let names = std::mem::take(&mut *d.garbage.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut names = names.into_iter();
+        while let Some(name) = names.next() {
+            if let Err(e) = fsutil::remove_tree(&d.tmp, &name)
+                && !e.is_not_found()
+            {
+                let mut garbage = d.garbage.lock().unwrap_or_else(|e| e.into_inner());
+                garbage.push(name);
+                garbage.extend(names);
+                return Err(e.context("remove what an earlier call left"));
+            }
+        }
+        Ok(())
     }
 
     /// `call`'s layers whose registry entry is not written yet.
@@ -424,6 +463,7 @@ impl Space {
     pub(crate) fn remove_layer(&self, call: CallId, id: u64) -> Result<()> {
         self.usable(call, id)?;
         let d = self.dirs()?;
+        Self::sweep(d)?;
         {
             let mut pending = d.pending.lock().unwrap_or_else(|e| e.into_inner());
             // The call's own layer not registered yet has no entry to delete; another's
@@ -433,12 +473,13 @@ impl Space {
                 d.removed.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
             }
         }
-        // Moved aside first: a removal cut short by the deadline leaves garbage in tmp/,
-        // not a half-deleted layer under a registered-looking name.
+        // Moved aside first: a removal cut short by the deadline leaves garbage in tmp/
+        // for later calls to finish, not a half-deleted layer under a registered-looking
+        // name. The layer is gone either way, so the call succeeds.
         let doomed = format!("rm-{id}-{}", d.tmp_seq.fetch_add(1, Ordering::Relaxed));
         // No-follow: rename moves the layer's own name; remove_tree never follows.
         match d.layers.rename(id.to_string(), &d.tmp, &doomed) {
-            Ok(()) => fsutil::remove_tree(&d.tmp, &doomed)?,
+            Ok(()) => Self::discard(d, doomed),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::from(e).context(format!("move layer {id} aside"))),
         }

@@ -518,3 +518,36 @@ fn prune_policies_in_the_configuration_are_checked() {
         assert!(err.to_string().contains(says), "{bad} -> {err}");
     }
 }
+
+#[test]
+fn sizes_a_plugin_makes_up_saturate_du_and_prune() {
+    // A guest reports `u64::MAX` bytes for every snapshot: sums saturate, never panic
+    // (overflow checks are on in tests) nor wrap to a small total that prunes nothing.
+    let dir = tmp();
+    let host = host_with(
+        &dir.path().join("root"),
+        &format!(
+            "default_snapshotter = \"liar\"\n[snapshotters.liar]\ndriver = \"wasm\"\npath = \"{}\"\nconfig = {{ mode = \"huge-usage\" }}\n",
+            crate::plugin::guest("adversary").display()
+        ),
+    );
+    let sn = host.snapshotter("liar").unwrap();
+    let c = ctx("huge");
+    for name in ["a", "b", "c"] {
+        let key = format!("{name}-active");
+        sn.prepare(&c, &key, None, &Labels::new()).unwrap();
+        sn.commit(&c, name, &key, &Labels::new()).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let d = du(&sn, &c);
+    assert_eq!(record(&d, "a").size, Some(u64::MAX), "{d:?}");
+    assert_eq!(d.total, u64::MAX, "{d:?}");
+    let policy = PrunePolicy { keep_storage: 1 << 30, ..PrunePolicy::default() };
+    let dry = prune(&host, "liar", &c, policy.clone(), true);
+    assert_eq!((dry.total, dry.freed), (u64::MAX, u64::MAX), "{dry:?}");
+    assert_eq!(removed(&dry), ["a"], "one removal frees all there is, by its own account");
+    let done = prune(&host, "liar", &c, policy, false);
+    assert_eq!(removed(&done), ["a"], "{done:?}");
+    assert_eq!(keys(&list(&sn, &c, &[]).unwrap()), set(&["b", "c"]));
+    host.close().unwrap();
+}

@@ -49,6 +49,31 @@ fn a_guest_that_loops_forever_is_stopped_at_its_deadline() {
 }
 
 #[test]
+fn a_guest_that_waits_in_the_host_for_ever_is_stopped_at_its_deadline() {
+    // `std::thread::sleep(Duration::MAX)`: a timer, then a block on it, all in the host,
+    // where the epoch deadline never fires. The timer is cut to the call's time left.
+    // A plugin of its own, so that other tests' timeouts do not show in its counters.
+    let wasm = std::fs::read(super::guest("adversary")).unwrap();
+    let plugin = wasnap::plugin::Plugin::load("sleeper", &wasm, None).unwrap();
+    let config = json!({"mode": "sleep", "only": "bad"});
+    let r = super::open_plugin(plugin, config, tight()).unwrap();
+    let before = r.s.plugin().counters().snapshot();
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let err = r.s.prepare("bad", None, &no_labels()).unwrap_err();
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+        assert!(took >= std::time::Duration::from_millis(500), "{took:?}");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("deadline of 500 ms"), "{err}");
+    }
+    // Each time the instance was replaced, and the next call is served.
+    r.s.prepare("fine", None, &no_labels()).unwrap();
+    let after = r.s.plugin().counters().snapshot();
+    assert_eq!(after.timeouts - before.timeouts, 2);
+}
+
+#[test]
 fn a_guest_that_allocates_without_bound_hits_its_memory_cap() {
     let r = open("adversary", json!({"mode": "hog", "only": "bad"}), tight()).unwrap();
     let err = while_another_plugin_works(|| r.s.prepare("bad", None, &no_labels()).unwrap_err());
@@ -148,9 +173,13 @@ fn init_failures_fail_loading_clearly() {
     let err = open("adversary", json!({"mode": "bad-init"}), tight()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
     assert!(err.to_string().contains("init"), "{err}");
-    let err = open("adversary", json!({"mode": "slow-init"}), tight()).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(err.to_string().contains("deadline"), "{err}");
+    for mode in ["slow-init", "sleep-init"] {
+        let started = std::time::Instant::now();
+        let err = open("adversary", json!({"mode": mode}), tight()).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{mode}");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{mode}: {err}");
+        assert!(err.to_string().contains("deadline"), "{mode}: {err}");
+    }
 }
 
 #[test]

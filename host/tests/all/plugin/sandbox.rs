@@ -306,3 +306,31 @@ fn a_thousand_failed_chain_opens_leave_no_instance_behind() {
     assert_eq!(counters.live, 0, "{counters:?}");
     let _ = is_root();
 }
+
+#[test]
+fn copies_and_removals_cut_short_by_the_deadline_leave_nothing_behind() {
+    // The guest clones and removes a layer of 3,000 files without end. Its deadline
+    // cuts a copy or a removal short; what is left in tmp/ is garbage that the next
+    // call that makes or removes a layer goes on removing, so repeating the attack
+    // cannot keep space for the guest until the host restarts.
+    let dir = tmp();
+    let limits = Limits { timeout_ms: 300, ..Limits::default() };
+    let config = json!({"mode": "hammer", "op": "clone", "iterations": 100_000_000});
+    let s = adversary_in(dir.path(), config, limits);
+    let layer = victim_layer(&s);
+    for i in 0..30 {
+        let d = layer.join(format!("d{i}"));
+        fs::create_dir(&d).unwrap();
+        for j in 0..100 {
+            fs::write(d.join(format!("f{j}")), b"x").unwrap();
+        }
+    }
+    let tmp_dir = dir.path().join("plugin/tmp");
+    let entries = |p: &Path| fs::read_dir(p).unwrap().count();
+    for round in 0..3 {
+        let e = s.stat("hammer-clone").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "round {round}: {e}");
+        s.prepare(&format!("after-{round}"), None, &no_labels()).unwrap();
+        assert_eq!(entries(&tmp_dir), 0, "round {round}: {:?}", fs::read_dir(&tmp_dir).unwrap());
+    }
+}

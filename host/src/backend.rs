@@ -43,12 +43,15 @@ impl FieldPath {
         paths.iter().map(|p| Self::parse(p, snapshot)).collect()
     }
 
-    /// Applies the update described by `paths` from `new` to `current`.
+    /// Applies the update described by `paths` from `new` to `current`. A label set
+    /// to an empty value is removed, as containerd removes it.
     pub fn apply(paths: &[FieldPath], current: &mut Labels, new: &Labels) {
         for p in paths {
             match p {
-                FieldPath::Labels => *current = new.clone(),
-                FieldPath::Label(k) => match new.get(k) {
+                FieldPath::Labels => {
+                    *current = crate::snapshot::without_empty(new).into_owned();
+                }
+                FieldPath::Label(k) => match new.get(k).filter(|v| !v.is_empty()) {
                     Some(v) => {
                         current.insert(k.clone(), v.clone());
                     }

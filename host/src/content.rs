@@ -205,7 +205,8 @@ impl ContentStore {
     /// Replaces the labels of `digest` in the caller's namespace.
     pub fn set_labels(&self, ctx: &Ctx, digest: &Digest, labels: &Labels) -> Result<BlobInfo> {
         validate_labels(labels)?;
-        let (ns, d, labels) = (ctx.namespace().to_owned(), *digest, labels.clone());
+        let labels = crate::snapshot::without_empty(labels).into_owned();
+        let (ns, d) = (ctx.namespace().to_owned(), *digest);
         let stored = self.db.write(Durability::Immediate, move |txn| {
             records::set_labels(txn, &ns, &d, &labels, now_nanos())
         })?;
@@ -323,6 +324,7 @@ impl Writer<'_> {
         labels: &Labels,
     ) -> Result<BlobInfo> {
         validate_labels(labels)?;
+        let labels = &*crate::snapshot::without_empty(labels);
         let out =
             self.out.take().ok_or_else(|| Error::internal("blob writer used after commit"))?;
         let (buf, digest, size) = out.finish();

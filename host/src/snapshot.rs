@@ -134,6 +134,33 @@ pub fn validate_labels(labels: &Labels) -> Result<()> {
     labels.iter().try_for_each(|(k, v)| validate_label(k, v))
 }
 
+/// `labels` without those whose value is empty. containerd stores no empty label (its
+/// metadata writes skip them, so setting one to `""` removes it), and an empty
+/// `containerd.io/gc.root` kept would hold its snapshot for ever.
+pub fn without_empty(labels: &Labels) -> std::borrow::Cow<'_, Labels> {
+    if labels.values().any(String::is_empty) {
+        std::borrow::Cow::Owned(
+            labels
+                .iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(labels)
+    }
+}
+
+/// A `containerd.io/gc.expire` time: RFC 3339 with any UTC offset, as containerd
+/// writes it (`time.RFC3339` in local time), or the same without an offset, read as
+/// UTC.
+pub fn parse_expiry(text: &str) -> std::result::Result<std::time::SystemTime, String> {
+    match chrono::DateTime::parse_from_rfc3339(text) {
+        Ok(t) => Ok(std::time::SystemTime::from(t)),
+        Err(e) => humantime::parse_rfc3339_weak(text).map_err(|_| e.to_string()),
+    }
+}
+
 /// The labels a backend gets to see: the inherited ones and the target reference.
 pub fn inherited_labels(labels: &Labels) -> Labels {
     labels

@@ -324,6 +324,15 @@ impl Remote {
         lease: Option<String>,
     ) -> Result<Remote> {
         Ctx::new(namespace)?;
+        // A lease goes in a header, which holds visible ASCII only: refused here rather
+        // than left off, which would make the call's snapshots outside any lease.
+        if let Some(l) = &lease
+            && tonic::metadata::AsciiMetadataValue::try_from(l.as_str()).is_err()
+        {
+            return Err(Error::invalid_argument(format!(
+                "lease {l:?}: cannot be sent in a request header (visible ASCII only)"
+            )));
+        }
         Ok(Remote {
             client: Rc::new(Blocking::connect(socket)?),
             name: snapshotter.unwrap_or_default().to_owned(),

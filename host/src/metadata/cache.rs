@@ -301,7 +301,7 @@ impl Graph {
             let expires = super::lease::decode(id, v.value())
                 .ok()
                 .and_then(|s| s.labels.get(LABEL_GC_EXPIRE).cloned())
-                .and_then(|e| humantime::parse_rfc3339_weak(&e).ok());
+                .and_then(|e| crate::snapshot::parse_expiry(&e).ok());
             if expires.is_some_and(|t| t < self.now) {
                 continue;
             }

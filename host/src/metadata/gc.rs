@@ -108,7 +108,7 @@ macro_rules! load_for {
                 let labels =
                     super::lease::decode(id, v.value()).map(|s| s.labels).unwrap_or_default();
                 let expires =
-                    labels.get(LABEL_GC_EXPIRE).and_then(|e| humantime::parse_rfc3339_weak(e).ok());
+                    labels.get(LABEL_GC_EXPIRE).and_then(|e| crate::snapshot::parse_expiry(e).ok());
                 if expires.is_some_and(|t| t < now) {
                     expired.push((ns.to_owned(), id.to_owned()));
                     continue;
@@ -158,7 +158,7 @@ fn content_target<'a>(key: &str, value: &'a str) -> Option<&'a str> {
 pub(crate) fn labelled_root(labels: &crate::snapshot::Labels, now: SystemTime) -> bool {
     labels.iter().any(|(k, v)| {
         k.starts_with(LABEL_GC_ROOT)
-            || (k == LABEL_GC_EXPIRE && humantime::parse_rfc3339_weak(v).map_or(true, |t| t >= now))
+            || (k == LABEL_GC_EXPIRE && crate::snapshot::parse_expiry(v).map_or(true, |t| t >= now))
     })
 }
 

@@ -43,7 +43,7 @@ impl Lease {
     /// When it expires, from `containerd.io/gc.expire`; an unparsable value is ignored,
     /// as containerd ignores it.
     pub fn expires(&self) -> Option<SystemTime> {
-        self.labels.get(LABEL_GC_EXPIRE).and_then(|v| humantime::parse_rfc3339_weak(v).ok())
+        self.labels.get(LABEL_GC_EXPIRE).and_then(|v| crate::snapshot::parse_expiry(v).ok())
     }
 
     /// Whether it has expired at `now`.
@@ -171,16 +171,17 @@ impl Leases {
     /// Creates a lease with `id` (or a generated one) and `labels`.
     pub fn create(&self, ctx: &Ctx, id: Option<&str>, labels: &Labels) -> Result<Lease> {
         validate_labels(labels)?;
+        let labels = &*crate::snapshot::without_empty(labels);
         if let Some(exp) = labels.get(LABEL_GC_EXPIRE) {
-            humantime::parse_rfc3339_weak(exp).map_err(|e| {
+            crate::snapshot::parse_expiry(exp).map_err(|e| {
                 Error::invalid_argument(format!(
                     "label {LABEL_GC_EXPIRE}={exp:?}: not an RFC 3339 time ({e})"
                 ))
             })?;
         }
         let id = match id {
-            Some("") => return Err(Error::invalid_argument("lease id must not be empty")),
-            Some(id) => id.to_owned(),
+            // containerd's rule for identifiers: its clients and its headers carry them.
+            Some(id) => super::validate_identifier("lease id", id).map(|()| id.to_owned())?,
             None => generated_id(),
         };
         let created = now_nanos();

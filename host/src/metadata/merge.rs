@@ -323,6 +323,7 @@ impl Snapshotter {
             return Err(Error::invalid_argument("snapshot name must not be empty"));
         }
         validate_labels(labels)?;
+        let labels = &*crate::snapshot::without_empty(labels);
         let (sn, ns) = (self.name().to_owned(), ctx.namespace().to_owned());
         {
             let taken = self.db.read_with(|txn| {

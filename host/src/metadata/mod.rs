@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 /// The namespace used when a caller names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// Most bytes in a namespace name (containerd's limit).
+/// Most bytes in a namespace name or a lease id (containerd's limit).
 const MAX_NAMESPACE_LEN: usize = 76;
 
 /// Who is asking: the context of one call into the metadata layer.
@@ -80,7 +80,13 @@ impl Ctx {
 }
 
 fn validate_namespace(ns: &str) -> Result<()> {
-    let invalid = |why: &str| Err(Error::invalid_argument(format!("namespace {ns:?}: {why}")));
+    validate_identifier("namespace", ns)
+}
+
+/// containerd's rule for identifiers (namespaces, leases): alphanumeric runs joined by
+/// single `.`, `_` or `-`, at most 76 bytes.
+pub(crate) fn validate_identifier(what: &str, ns: &str) -> Result<()> {
+    let invalid = |why: &str| Err(Error::invalid_argument(format!("{what} {ns:?}: {why}")));
     if ns.is_empty() {
         return invalid("must not be empty");
     }

@@ -33,6 +33,7 @@ use crate::filter::Filter;
 use crate::kv::{Carried, Durability, Staged, now_nanos, to_nanos};
 use crate::snapshot::{
     Info, Kind, LABEL_SNAPSHOT_REF, Labels, Mount, Usage, inherited_labels, validate_labels,
+    without_empty,
 };
 
 /// A named snapshotter: the metadata layer in front of one backend.
@@ -503,6 +504,7 @@ impl Snapshotter {
         }
         let parent = parent.filter(|p| !p.is_empty());
         validate_labels(labels)?;
+        let labels = &*without_empty(labels);
         let target = labels.get(LABEL_SNAPSHOT_REF).filter(|t| !t.is_empty());
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
 
@@ -776,6 +778,7 @@ impl Snapshotter {
             return Err(Error::invalid_argument("snapshot name must not be empty"));
         }
         validate_labels(labels)?;
+        let labels = &*without_empty(labels);
         if layers.is_empty() && self.shared_db && self.backend.stages_records() {
             return self.commit_staged(ctx, name, key, labels);
         }

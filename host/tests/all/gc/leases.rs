@@ -119,3 +119,67 @@ fn the_lease_manager_api() {
     leases.delete(&o, "a").unwrap();
     assert!(ids(&["id==a"]) == ["a"], "deleting other/a leaves default/a");
 }
+
+#[test]
+fn lease_ids_follow_containerds_rule_and_expiry_times_may_carry_any_offset() {
+    let e = Env::native(GcOptions::default());
+    let sn = e.sn("native");
+    let leases = e.host.leases();
+    let c = ctx("default");
+
+    // containerd's identifiers: what its clients send, and what fits in a header.
+    for bad in ["a/b", "bäum", ".x", "x-", "a..b", "with space", &"x".repeat(77)] {
+        let err = leases.create(&c, Some(bad), &none()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{bad:?}: {err}");
+    }
+    for good in ["a.b_c-d", "20261207-0a1b", &"x".repeat(76)] {
+        leases.create(&c, Some(good), &none()).unwrap();
+    }
+
+    // containerd writes `time.Now().Add(d).Format(time.RFC3339)` in local time.
+    let at = |text: &str| {
+        let l = leases.create(&c, None, &labels(&[("containerd.io/gc.expire", text)])).unwrap();
+        l.expires().unwrap()
+    };
+    let utc = at("2099-01-01T08:00:00Z");
+    assert_eq!(at("2099-01-01T10:00:00+02:00"), utc);
+    assert_eq!(at("2099-01-01T03:00:00-05:00"), utc);
+    assert_eq!(at("2099-01-01T08:00:00.000+00:00"), utc);
+    assert_eq!(at("2099-01-01 08:00:00"), utc, "without an offset: UTC, as before");
+    let err =
+        leases.create(&c, None, &labels(&[("containerd.io/gc.expire", "tomorrow")])).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+
+    // A lease and a snapshot past their time, each written with an offset, are collected.
+    let l = e.lease("default", "past", &[("containerd.io/gc.expire", "2000-01-01T00:00:00-05:00")]);
+    commit(&sn, &l, "leased", None, &[]);
+    commit(&sn, &c, "labelled", None, &[("containerd.io/gc.expire", "2000-01-01T02:00:00+02:00")]);
+    let report = e.collect();
+    assert_eq!(set(removed(&report)), set(["native/default/labelled", "native/default/leased"]));
+    assert!(leases.list(&c, &["id==past".to_owned()]).unwrap().is_empty(), "the lease expired");
+}
+
+#[test]
+fn a_label_set_to_nothing_is_removed_as_containerd_removes_it() {
+    let e = Env::native(GcOptions::default());
+    let sn = e.sn("native");
+    let c = ctx("default");
+    // An empty gc.root kept would hold its snapshot for ever.
+    let l = e.lease("default", "l", &[]);
+    commit(&sn, &l, "s", None, &[("containerd.io/gc.root", ""), ("keep", "yes")]);
+    assert_eq!(sn.stat(&c, "s").unwrap().labels, labels(&[("keep", "yes")]));
+    let mut info = sn.stat(&c, "s").unwrap();
+    info.labels = labels(&[("containerd.io/gc.root", "x")]);
+    sn.update(&c, &info, &["labels.containerd.io/gc.root".to_owned()]).unwrap();
+    info.labels = labels(&[("containerd.io/gc.root", "")]);
+    let updated = sn.update(&c, &info, &["labels.containerd.io/gc.root".to_owned()]).unwrap();
+    assert_eq!(updated.labels, labels(&[("keep", "yes")]));
+    info.labels = labels(&[("a", ""), ("b", "2")]);
+    let updated = sn.update(&c, &info, &[]).unwrap();
+    assert_eq!(updated.labels, labels(&[("b", "2")]));
+    assert_eq!(sn.stat(&c, "s").unwrap().labels, labels(&[("b", "2")]));
+    e.drop_lease("default", "l");
+    assert_eq!(removed(&e.collect()), ["native/default/s"], "nothing holds it now");
+    let l = e.host.leases().create(&c, None, &labels(&[("x", "")])).unwrap();
+    assert!(l.labels.is_empty(), "{:?}", l.labels);
+}

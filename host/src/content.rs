@@ -271,6 +271,11 @@ impl ContentStore {
         size: u64,
         labels: &Labels,
     ) -> Result<BlobInfo> {
+        // A missing lease fails the record's write below; checked first as well, so that
+        // the usual case leaves no blob in blobs/ that no record names.
+        if let Some(lease) = ctx.lease() {
+            crate::metadata::Leases::new(self.db.clone()).require(ctx, lease)?;
+        }
         let _files = self.files.read().unwrap_or_else(|e| e.into_inner());
         let hex = digest.hex();
         match self.blobs.symlink_metadata(&hex) {

@@ -252,6 +252,16 @@ impl Leases {
         })
     }
 
+    /// Not found unless lease `id` exists: for work that would be wasted under a
+    /// missing lease, checked before it starts (the write that adds to the lease checks
+    /// again).
+    pub fn require(&self, ctx: &Ctx, id: &str) -> Result<()> {
+        self.db.read_with(|txn| match txn.open_table(LEASES)?.get((ctx.namespace(), id))? {
+            Some(_) => Ok(()),
+            None => Err(not_found(id)),
+        })
+    }
+
     /// What a lease holds.
     pub fn resources(&self, ctx: &Ctx, id: &str) -> Result<Vec<Resource>> {
         self.db.read_with(|txn| {

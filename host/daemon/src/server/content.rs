@@ -243,6 +243,10 @@ pub(super) async fn ingest(
             None => None,
         };
         let labels = labels(start.labels);
+        // As containerd does when the writer opens: not after reading the whole blob.
+        if let Some(lease) = ctx.lease() {
+            host.leases().require(&ctx, lease)?;
+        }
         let mut w = host.content().writer()?;
         let copied = io::copy(&mut upload, &mut w).context("write blob");
         upload.classify(copied)?;

@@ -28,6 +28,17 @@ fn ingest(content: &ContentStore, c: &Ctx, bytes: &[u8]) -> Digest {
 }
 
 #[test]
+fn an_ingest_under_a_missing_lease_fails_and_leaves_no_blob() {
+    let env = Env::native(GcOptions::default());
+    let content = env.host.content();
+    let missing = ctx("default").with_lease(Some("nope".into()));
+    let err = content.ingest(&missing, &mut &b"orphan?"[..], None, &none()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(blob_files(&env).is_empty(), "{:?}", blob_files(&env));
+    assert_eq!(ingest_files(&env), 0);
+}
+
+#[test]
 fn an_ingest_is_verified_before_it_is_visible() {
     let env = Env::native(GcOptions::default());
     let content = env.host.content();

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use wasmtime_wasi::p2::OutputStream;
 
 pub use super::bindings::backend::wasnap::snapshotter::types as wit;
-pub use super::output::BUDGET_PER_CALL;
+pub use super::output::{BUDGET_PER_CALL, LINES_PER_CALL};
 use super::space::Space;
 use crate::error::{Error, Result};
 use crate::snapshot::{Info, Labels, Mount, Usage};

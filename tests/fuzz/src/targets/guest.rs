@@ -498,6 +498,10 @@ fn check_output(input: &Input, outcome: &mut Vec<String>) -> Result<(), String> 
     }
     let mut out = fz::Output::new(&input.plugin);
     let mut budget = fz::BUDGET_PER_CALL;
+    // Lines are budgeted too: past them, log calls are refused and written lines
+    // dropped. Written text's newlines count, so the model knows the lines left only
+    // until the first write with a newline; from then on a refusal is allowed.
+    let mut lines = Some(fz::LINES_PER_CALL);
     let mut logged = 0;
     let check_lines = |lines: Vec<String>| -> Result<(), String> {
         if lines.len() > 6 {
@@ -517,10 +521,15 @@ fn check_output(input: &Input, outcome: &mut Vec<String>) -> Result<(), String> 
                     out.write(text.as_bytes());
                     budget -= text.len().min(budget);
                 }
+                if text.contains('\n') {
+                    lines = None;
+                }
             }
             Chunk::Log(message) => {
                 let len = message.len().min(MAX_LINE);
-                let want = budget >= len;
+                let lines_left = lines.is_none_or(|l| l > 0);
+                let want = budget >= len && lines_left;
+                let may_refuse = lines.is_none();
                 match out.log(message) {
                     Some(line) => {
                         if !want {
@@ -529,6 +538,7 @@ fn check_output(input: &Input, outcome: &mut Vec<String>) -> Result<(), String> 
                             ));
                         }
                         budget -= len;
+                        lines = lines.map(|l| l - 1);
                         logged += 1;
                         if !no_controls(&line) || line.len() > MAX_LINE * ESCAPE_GROWTH {
                             return Err(format!(
@@ -538,7 +548,7 @@ fn check_output(input: &Input, outcome: &mut Vec<String>) -> Result<(), String> 
                             ));
                         }
                     }
-                    None if want => {
+                    None if want && !may_refuse => {
                         return Err(format!(
                             "budget: a log line refused with {budget} bytes left ({len} asked)"
                         ));
@@ -549,6 +559,7 @@ fn check_output(input: &Input, outcome: &mut Vec<String>) -> Result<(), String> 
             Chunk::End => {
                 check_lines(out.end_call())?;
                 budget = fz::BUDGET_PER_CALL;
+                lines = Some(fz::LINES_PER_CALL);
             }
         }
     }

@@ -75,15 +75,19 @@ fn check_message(e: &wasnap::Error, limit: usize) -> Result<(), String> {
 }
 
 /// The model of an update: each path in order, `labels` replacing all, `labels.<k>`
-/// setting one or (absent from the new labels) deleting it.
+/// setting one or (absent from the new labels) deleting it; a label set to an empty
+/// value is none (containerd's `WriteLabels` stores no empty value).
 fn model_apply(paths: &[FieldPath], current: &Labels, new: &Labels) -> Labels {
     let mut out = current.clone();
     for p in paths {
         match p {
-            FieldPath::Labels => out = new.clone(),
+            FieldPath::Labels => {
+                out = new.clone();
+                out.retain(|_, v| !v.is_empty());
+            }
             FieldPath::Label(k) => {
                 out.remove(k);
-                if let Some(v) = new.get(k) {
+                if let Some(v) = new.get(k).filter(|v| !v.is_empty()) {
                     out.insert(k.clone(), v.clone());
                 }
             }

@@ -31,7 +31,7 @@
 //! [snapshotters.copy]
 //! driver = "wasm"
 //! path = "plugins/copy.wasm"
-//! limits = { memory_mib = 256, timeout_ms = 60000, instances = 1, max_walk = 10000000 }
+//! limits = { memory_mib = 256, timeout_ms = 60000, instances = 1, max_walk = 10000000, next_calls = 100000 }
 //!
 //! [[snapshotters.copy.policies]]
 //! path = "plugins/label_policy.wasm"

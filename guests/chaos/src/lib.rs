@@ -38,6 +38,9 @@ enum Fault {
     Hang,
     /// Allocates until its memory limit refuses more.
     Oom,
+    /// Calls its next snapshotter (a `list` of one) without end, until a call fails,
+    /// and fails with that. Never picked unless named.
+    Flood,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,8 +113,17 @@ impl Chaos {
 
     /// Runs `call` (the next snapshotter doing `op` on `key`), dying before or after it
     /// if the roll says so.
-    fn around<T>(&self, op: &str, key: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    fn around<T>(
+        &self,
+        next: &Next,
+        op: &str,
+        key: &str,
+        call: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         let Some(doom) = self.roll(op, key) else { return call() };
+        if doom.fault == Fault::Flood {
+            return Err(flood(next, op, key));
+        }
         if doom.after {
             let done = call();
             die(
@@ -133,6 +145,7 @@ fn die(fault: Fault, op: &str, key: &str, when: &str) -> ! {
         Fault::Trap => "trap",
         Fault::Hang => "hang",
         Fault::Oom => "oom",
+        Fault::Flood => unreachable!("a flood returns"),
     };
     eprintln!("chaos: dying of {name} in {op} {key:?} {when}");
     match fault {
@@ -143,6 +156,7 @@ fn die(fault: Fault, op: &str, key: &str, when: &str) -> ! {
                 spins = std::hint::black_box(spins.wrapping_add(1));
             }
         }
+        Fault::Flood => unreachable!("a flood returns"),
         Fault::Oom => {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {
@@ -150,6 +164,23 @@ fn die(fault: Fault, op: &str, key: &str, when: &str) -> ! {
                 // refuses the next growth, the allocator aborts and the instance traps.
                 hoard.push(vec![1u8; 1 << 20]);
                 std::hint::black_box(&hoard);
+            }
+        }
+    }
+}
+
+/// Calls the next snapshotter until it refuses, and says how many calls it took.
+fn flood(next: &Next, op: &str, key: &str) -> Error {
+    eprintln!("chaos: flooding the next snapshotter in {op} {key:?}");
+    let mut calls: u64 = 0;
+    loop {
+        match next.list(None, 1) {
+            Ok(_) => calls += 1,
+            Err(e) => {
+                return Error::Unavailable(format!(
+                    "chaos: flooded the next snapshotter in {op} {key:?}; call {} failed: {e}",
+                    calls + 1
+                ));
             }
         }
     }
@@ -189,15 +220,15 @@ impl Policy for Chaos {
     }
 
     fn stat(&self, next: &Next, key: &str) -> Result<Info> {
-        self.around("stat", key, || next.stat(key))
+        self.around(next, "stat", key, || next.stat(key))
     }
 
     fn update(&self, next: &Next, info: &Info, fieldpaths: &[String]) -> Result<Info> {
-        self.around("update", &info.name, || next.update(info, fieldpaths))
+        self.around(next, "update", &info.name, || next.update(info, fieldpaths))
     }
 
     fn mounts(&self, next: &Next, key: &str) -> Result<Vec<Mount>> {
-        self.around("mounts", key, || next.mounts(key))
+        self.around(next, "mounts", key, || next.mounts(key))
     }
 
     fn prepare(
@@ -207,7 +238,7 @@ impl Policy for Chaos {
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Vec<Mount>> {
-        self.around("prepare", key, || next.prepare(key, parent, labels))
+        self.around(next, "prepare", key, || next.prepare(key, parent, labels))
     }
 
     fn view(
@@ -217,15 +248,15 @@ impl Policy for Chaos {
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Vec<Mount>> {
-        self.around("view", key, || next.view(key, parent, labels))
+        self.around(next, "view", key, || next.view(key, parent, labels))
     }
 
     fn commit(&self, next: &Next, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.around("commit", name, || next.commit(name, key, labels))
+        self.around(next, "commit", name, || next.commit(name, key, labels))
     }
 
     fn remove(&self, next: &Next, key: &str) -> Result<()> {
-        self.around("remove", key, || next.remove(key))
+        self.around(next, "remove", key, || next.remove(key))
     }
 }
 

@@ -186,6 +186,15 @@ impl State {
                 "this plugin is a backend: it has no next snapshotter".into(),
             ));
         };
+        // Bounded in number, since their time is not charged: a policy looping on its
+        // next snapshotter would otherwise never reach its deadline.
+        if self.clock.next_calls >= self.clock.max_next_calls {
+            return Err(wit::Error::Unavailable(format!(
+                "more than {} calls to the next snapshotter in one call (the plugin's next_calls limit)",
+                self.clock.max_next_calls
+            )));
+        }
+        self.clock.next_calls += 1;
         let started = Instant::now();
         let r = f(&*next);
         self.clock.nested += started.elapsed();

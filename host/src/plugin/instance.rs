@@ -64,7 +64,7 @@ impl Instance {
             next: env.next.clone(),
             call: next_call(),
             next_mounts: Vec::new(),
-            clock: CallClock::new(env.limits.timeout()),
+            clock: CallClock::new(env.limits.timeout(), env.limits.next_calls),
             stdout,
             stderr,
         };
@@ -174,6 +174,7 @@ fn start_call(store: &mut Store<State>) {
     data.call = next_call();
     data.clock.started = Instant::now();
     data.clock.nested = Duration::ZERO;
+    data.clock.next_calls = 0;
     let budget = data.clock.budget;
     store.set_epoch_deadline(ticks(budget));
 }

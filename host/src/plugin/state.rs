@@ -31,7 +31,7 @@ pub struct Limits {
     /// call (with an error saying so) and the instance is replaced.
     pub memory_mib: u64,
     /// Most time one call may run, in milliseconds; time spent in the next
-    /// snapshotter of a chain does not count. Past it the call fails as unavailable
+    /// snapshotter of a chain does not count (but see `next_calls`). Past it the call fails as unavailable
     /// and the instance is replaced; bulk host work (copying, measuring, removing a
     /// layer) stops at it too.
     pub timeout_ms: u64,
@@ -43,6 +43,11 @@ pub struct Limits {
     pub max_walk: u64,
     /// Most bytes (keys and values) the plugin's key-value store may hold, in MiB.
     pub kv_mib: u64,
+    /// Most calls one call of a policy may make to its next snapshotter. Their time
+    /// does not count against `timeout_ms`, so without this a policy calling its next
+    /// snapshotter in a loop would never be stopped. Past it, each further call fails
+    /// as unavailable.
+    pub next_calls: u32,
 }
 
 impl Default for Limits {
@@ -53,6 +58,7 @@ impl Default for Limits {
             instances: 1,
             max_walk: 10_000_000,
             kv_mib: 1024,
+            next_calls: 100_000,
         }
     }
 }
@@ -74,6 +80,9 @@ impl Limits {
         }
         if self.kv_mib == 0 {
             return bad("kv_mib must be positive");
+        }
+        if self.next_calls == 0 {
+            return bad("next_calls must be positive");
         }
         Ok(())
     }
@@ -107,17 +116,27 @@ impl WasiView for State {
     }
 }
 
-/// The time of the call in progress, minus time spent in the next snapshotter.
+/// The time of the call in progress, minus time spent in the next snapshotter, and
+/// the calls it made there.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CallClock {
     pub(crate) started: Instant,
     pub(crate) nested: Duration,
     pub(crate) budget: Duration,
+    /// Calls made to the next snapshotter so far, and how many are allowed.
+    pub(crate) next_calls: u32,
+    pub(crate) max_next_calls: u32,
 }
 
 impl CallClock {
-    pub(crate) fn new(budget: Duration) -> Self {
-        CallClock { started: Instant::now(), nested: Duration::ZERO, budget }
+    pub(crate) fn new(budget: Duration, max_next_calls: u32) -> Self {
+        CallClock {
+            started: Instant::now(),
+            nested: Duration::ZERO,
+            budget,
+            next_calls: 0,
+            max_next_calls,
+        }
     }
 
     pub(crate) fn used(&self) -> Duration {

@@ -337,6 +337,31 @@ fn chaos_chains(calls: &[&str], when: &str) -> Vec<(&'static str, Chain)> {
         .collect()
 }
 
+#[test]
+fn a_policy_calling_its_next_snapshotter_without_end_is_stopped() {
+    // Time in the next snapshotter is not charged to a policy's deadline, so only the
+    // number of its calls there stops a policy that loops on them.
+    let limits = Limits { next_calls: 50, ..Limits::default() };
+    let config = json!({"percent": 100, "calls": ["prepare"], "faults": ["flood"]});
+    let c = chain_with("chaos", config, limits);
+    for key in ["k1", "k2"] {
+        let started = std::time::Instant::now();
+        let err = c.policy.prepare(key, None, &no_labels()).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{key}");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{key}: {err}");
+        // 50 served, the 51st refused: each call has its own count.
+        let text = err.to_string();
+        assert!(text.contains("call 51 failed") && text.contains("next_calls"), "{key}: {text}");
+    }
+    assert!(in_backend(&c).is_empty());
+    let bad = Limits { next_calls: 0, ..Limits::default() };
+    let dir = tmp();
+    let cap = Dir::open_ambient_dir(dir.path(), ambient_authority()).unwrap();
+    let err = WasmSnapshotter::open_in(plugin("chaos"), &cap, dir.path(), None, bad, &json!({}))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+}
+
 /// The backend's snapshots as (name, kind), sorted.
 fn in_backend(c: &Chain) -> Vec<(String, wasnap::Kind)> {
     backend_keys(c.native.as_ref()).into_iter().map(|i| (i.name, i.kind)).collect()

@@ -28,6 +28,11 @@ pub fn within<T>(deadline: Option<Instant>, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Whether the deadline in force (if any) has passed.
+pub fn passed() -> bool {
+    DEADLINE.with(Cell::get).is_some_and(|d| Instant::now() >= d)
+}
+
 /// Unavailable once the deadline in force has passed.
 pub fn check(what: impl std::fmt::Display) -> Result<()> {
     match DEADLINE.with(Cell::get) {
@@ -47,7 +52,9 @@ mod tests {
     #[test]
     fn a_passed_deadline_stops_the_work_and_is_undone_after() {
         check("x").unwrap();
+        assert!(!passed(), "no deadline in force");
         let past = Instant::now().checked_sub(Duration::from_millis(1));
+        assert!(within(past, passed));
         let e = within(past, || check("copy").unwrap_err());
         assert_eq!(e.kind(), crate::ErrorKind::Unavailable);
         within(Some(Instant::now() + Duration::from_secs(60)), || check("x").unwrap());

@@ -5,8 +5,9 @@
 //! [`BUDGET_PER_CALL`] bytes or [`LINES_PER_CALL`] lines in one call, output is counted
 //! and dropped, and one line says how much was dropped. Lines are counted apart from
 //! bytes, since each costs the log a record of its own however short it is: an empty
-//! `log` call, or a newline, would otherwise be free. The last lines of stderr are kept so that a trap (a Rust
-//! panic prints its message to stderr before aborting) can say why it happened.
+//! `log` call, or a newline, would otherwise be free. The last lines of stderr are kept
+//! so that a trap (a Rust panic prints its message to stderr before aborting) can say
+//! why it happened.
 
 use std::collections::VecDeque;
 use std::pin::Pin;

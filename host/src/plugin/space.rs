@@ -332,7 +332,7 @@ impl Space {
     /// registry entry names, which the next open deletes; nothing durable named it.
     fn make(&self, call: CallId, build: impl FnOnce(&Dir, &str) -> Result<()>) -> Result<u64> {
         let d = self.dirs()?;
-        Self::sweep(d)?;
+        self.sweep(d)?;
         let id = self.next_id(d)?;
         let tmp = format!("{id}-{}", d.tmp_seq.fetch_add(1, Ordering::Relaxed));
         // No-follow: rename moves the name itself, between two of the host's directories.
@@ -342,7 +342,9 @@ impl Space {
                 .with_context(|| format!("move the new layer {id} into place"))
         });
         if let Err(e) = made {
-            Self::discard(d, tmp);
+            if let Err(left) = Self::discard(d, tmp) {
+                tracing::warn!(space = %self.name, "a failed layer's remains in tmp/ wait for the next open: {left}");
+            }
             return Err(e);
         }
         let pending = Pending { call, registered: false };
@@ -350,33 +352,42 @@ impl Space {
         Ok(id)
     }
 
-    /// Removes `tmp/<name>`, or as much of it as the call's deadline allows; the rest
-    /// is garbage the next call goes on with ([`LayerDirs::garbage`]).
-    fn discard(d: &LayerDirs, name: String) {
+    /// Removes `tmp/<name>`. If the call's deadline cuts that short, the rest is
+    /// garbage the next calls go on with ([`LayerDirs::garbage`]); any other failure is
+    /// the caller's (what is left waits for the next open, as after a crash).
+    fn discard(d: &LayerDirs, name: String) -> Result<()> {
         match fsutil::remove_tree(&d.tmp, &name) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) if fsutil::deadline::passed() => {
                 tracing::debug!(entry = %format!("tmp/{name}"), "removal left for a later call: {e}");
                 d.garbage.lock().unwrap_or_else(|e| e.into_inner()).push(name);
+                Ok(())
             }
+            Err(e) => Err(e),
         }
     }
 
     /// Goes on removing what earlier calls could not ([`Self::discard`]), within this
-    /// call's deadline. Unavailable if that runs out first: the call has no time left
-    /// for its own work either.
-    fn sweep(d: &LayerDirs) -> Result<()> {
+    /// call's deadline: unavailable if that runs out first, since the call has no time
+    /// left for its own work either. An entry that fails for another reason (a file a
+    /// container made immutable, say) is left for the next open, with a warning, rather
+    /// than fail every later call.
+    fn sweep(&self, d: &LayerDirs) -> Result<()> {
         let names = std::mem::take(&mut *d.garbage.lock().unwrap_or_else(|e| e.into_inner()));
         let mut names = names.into_iter();
         while let Some(name) = names.next() {
-            if let Err(e) = fsutil::remove_tree(&d.tmp, &name)
-                && !e.is_not_found()
-            {
-                let mut garbage = d.garbage.lock().unwrap_or_else(|e| e.into_inner());
-                garbage.push(name);
-                garbage.extend(names);
-                return Err(e.context("remove what an earlier call left"));
+            match fsutil::remove_tree(&d.tmp, &name) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) if fsutil::deadline::passed() => {
+                    let mut garbage = d.garbage.lock().unwrap_or_else(|e| e.into_inner());
+                    garbage.push(name);
+                    garbage.extend(names);
+                    return Err(e.context("remove what an earlier call left"));
+                }
+                Err(e) => tracing::warn!(space = %self.name, entry = %format!("tmp/{name}"),
+                    "left for the next open: {e}"),
             }
         }
         Ok(())
@@ -463,7 +474,7 @@ impl Space {
     pub(crate) fn remove_layer(&self, call: CallId, id: u64) -> Result<()> {
         self.usable(call, id)?;
         let d = self.dirs()?;
-        Self::sweep(d)?;
+        self.sweep(d)?;
         {
             let mut pending = d.pending.lock().unwrap_or_else(|e| e.into_inner());
             // The call's own layer not registered yet has no entry to delete; another's
@@ -479,7 +490,7 @@ impl Space {
         let doomed = format!("rm-{id}-{}", d.tmp_seq.fetch_add(1, Ordering::Relaxed));
         // No-follow: rename moves the layer's own name; remove_tree never follows.
         match d.layers.rename(id.to_string(), &d.tmp, &doomed) {
-            Ok(()) => Self::discard(d, doomed),
+            Ok(()) => Self::discard(d, doomed)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::from(e).context(format!("move layer {id} aside"))),
         }

@@ -31,9 +31,9 @@ pub struct Limits {
     /// call (with an error saying so) and the instance is replaced.
     pub memory_mib: u64,
     /// Most time one call may run, in milliseconds; time spent in the next
-    /// snapshotter of a chain does not count (but see `next_calls`). Past it the call fails as unavailable
-    /// and the instance is replaced; bulk host work (copying, measuring, removing a
-    /// layer) stops at it too.
+    /// snapshotter of a chain does not count (but see `next_calls`). Past it the call
+    /// fails as unavailable and the instance is replaced; bulk host work (copying,
+    /// measuring, removing a layer) stops at it too.
     pub timeout_ms: u64,
     /// Instances that may serve calls at once. Each instance handles one call at a
     /// time; their records are shared through the key-value store, so any plugin built

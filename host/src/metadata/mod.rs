@@ -85,15 +85,15 @@ fn validate_namespace(ns: &str) -> Result<()> {
 
 /// containerd's rule for identifiers (namespaces, leases): alphanumeric runs joined by
 /// single `.`, `_` or `-`, at most 76 bytes.
-pub(crate) fn validate_identifier(what: &str, ns: &str) -> Result<()> {
-    let invalid = |why: &str| Err(Error::invalid_argument(format!("{what} {ns:?}: {why}")));
-    if ns.is_empty() {
+pub(crate) fn validate_identifier(what: &str, id: &str) -> Result<()> {
+    let invalid = |why: &str| Err(Error::invalid_argument(format!("{what} {id:?}: {why}")));
+    if id.is_empty() {
         return invalid("must not be empty");
     }
-    if ns.len() > MAX_NAMESPACE_LEN {
+    if id.len() > MAX_NAMESPACE_LEN {
         return invalid("longer than 76 bytes");
     }
-    let bytes = ns.as_bytes();
+    let bytes = id.as_bytes();
     let is_sep = |b: u8| matches!(b, b'.' | b'_' | b'-');
     for (i, &b) in bytes.iter().enumerate() {
         if b.is_ascii_alphanumeric() {

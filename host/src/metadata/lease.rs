@@ -87,8 +87,19 @@ impl Resource {
         if self.kind == RESOURCE_CONTENT {
             return crate::digest::Digest::parse(&self.id).map(drop);
         }
-        match self.kind.strip_prefix("snapshots/") {
-            Some(sn) if !sn.is_empty() && !sn.contains('/') && !self.id.is_empty() => Ok(()),
+        // As containerd parses them: a type it knows but malformed is an invalid
+        // argument, a type it does not know is not implemented.
+        let mut parts = self.kind.split('/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("snapshots"), Some(sn), None) if !sn.is_empty() && !self.id.is_empty() => Ok(()),
+            (Some("snapshots"), ..) => Err(Error::invalid_argument(format!(
+                "lease resource {:?} of type {:?}: a snapshot is named by type snapshots/<snapshotter> and a non-empty key",
+                self.id, self.kind
+            ))),
+            (Some(RESOURCE_CONTENT), ..) => Err(Error::invalid_argument(format!(
+                "lease resource type {:?}: content takes no sub-type",
+                self.kind
+            ))),
             _ => Err(Error::not_implemented(format!(
                 "lease resource type {:?}: wasnap leases hold snapshots (snapshots/<snapshotter>) and content",
                 self.kind

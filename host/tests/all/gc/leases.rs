@@ -52,14 +52,22 @@ fn the_lease_manager_api() {
     let bad_digest = Resource { kind: "content".into(), id: "sha256:abc".into() };
     let err = leases.add_resource(&c, "a", &bad_digest).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
-    for bad in [
-        Resource { kind: "ingests".into(), id: "ref".into() },
-        Resource { kind: "snapshots/".into(), id: "k".into() },
-        Resource { kind: "snapshots/a/b".into(), id: "k".into() },
-        Resource { kind: "snapshots/native".into(), id: "".into() },
+    // As containerd answers: a known type, malformed, is an invalid argument; an
+    // unknown type is not implemented.
+    for (bad, kind) in [
+        (Resource { kind: "ingests".into(), id: "ref".into() }, ErrorKind::NotImplemented),
+        (Resource { kind: "images".into(), id: "ref".into() }, ErrorKind::NotImplemented),
+        (Resource { kind: "snapshots".into(), id: "k".into() }, ErrorKind::InvalidArgument),
+        (Resource { kind: "snapshots/".into(), id: "k".into() }, ErrorKind::InvalidArgument),
+        (Resource { kind: "snapshots/a/b".into(), id: "k".into() }, ErrorKind::InvalidArgument),
+        (Resource { kind: "snapshots/native".into(), id: "".into() }, ErrorKind::InvalidArgument),
+        (
+            Resource { kind: "content/x".into(), id: "sha256:abc".into() },
+            ErrorKind::InvalidArgument,
+        ),
     ] {
         let err = leases.add_resource(&c, "a", &bad).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::NotImplemented, "{bad:?}: {err}");
+        assert_eq!(err.kind(), kind, "{bad:?}: {err}");
     }
     assert_eq!(leases.resources(&c, "a").unwrap(), [k2]);
     for err in [

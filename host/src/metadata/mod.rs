@@ -18,6 +18,7 @@ mod merge;
 pub mod prune;
 pub(crate) mod record;
 mod snapshotter;
+mod unnamed;
 pub mod usage;
 
 pub use db::MetaDb;

@@ -312,9 +312,14 @@ impl Snapshotter {
     fn remove_backend_keys(&self, bkeys: Vec<String>) -> impl Iterator<Item = Result<()>> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (backend, faults, n) = (self.backend.clone(), self.faults.clone(), bkeys.len());
+        let unnamed = self.unnamed.clone();
         let spawned = super::helpers::BACKEND.run(move || {
             for bkey in bkeys {
-                let r = faults.hit("prune.backend.remove").and_then(|()| backend.remove(&bkey));
+                // Kept, and reported removed, if a create adopted it meanwhile: the
+                // record pruning removed is gone either way.
+                let r = faults
+                    .hit("prune.backend.remove")
+                    .and_then(|()| unnamed.remove(&bkey, || backend.remove(&bkey)).map(drop));
                 if tx.send(r).is_err() {
                     return;
                 }

@@ -16,6 +16,7 @@
 //! backend's first change, never after it.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +27,7 @@ use super::Ctx;
 use super::db::{self, MetaDb, SNAPSHOTS, Tables};
 use super::lease::{self, Resource};
 use super::record::{Intent, Record};
+use super::unnamed::{Doomed, Outcome, Unnamed};
 use crate::backend::{Backend, FieldPath};
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::fault::Faults;
@@ -54,6 +56,9 @@ pub struct Snapshotter {
     /// Removes, in the background and in the order given, backend snapshots whose last
     /// record is gone ([`Snapshotter::remove_later`]); started on first use.
     reclaimer: Mutex<Option<Reclaimer>>,
+    /// Removals of backend snapshots no record names, kept from racing a create that
+    /// adopts one ([`super::unnamed`]).
+    pub(super) unnamed: Arc<Unnamed>,
     /// Told of removals and other mutations, so a scheduler can collect.
     pub(super) trigger: Option<Arc<dyn super::Changes>>,
     /// The backend keeps its records in the metadata's own database, so its changes
@@ -69,6 +74,12 @@ pub struct Snapshotter {
     carries: AtomicBool,
 }
 
+/// Records a walk reads in one transaction (containerd's List reads 100).
+const WALK_BATCH: usize = 100;
+
+/// How long a create waits for the removal of a backend snapshot it would adopt.
+const ADOPT_WAIT: Duration = Duration::from_secs(30);
+
 /// The background remover of backend snapshots no record names any more: one thread,
 /// first in first out (a child before the parent removed after it), each key marked
 /// in flight until its removal is done, so neither pruning nor `check` takes it for
@@ -81,8 +92,8 @@ struct Reclaimer {
 impl Reclaimer {
     fn start(sn: &Snapshotter) -> Result<Reclaimer> {
         let (queue, keys) = std::sync::mpsc::channel::<String>();
-        let (backend, faults, inflight) =
-            (sn.backend.clone(), sn.faults.clone(), sn.inflight.clone());
+        let (backend, faults, inflight, unnamed) =
+            (sn.backend.clone(), sn.faults.clone(), sn.inflight.clone(), sn.unnamed.clone());
         let name = sn.name.clone();
         let thread = std::thread::Builder::new()
             .name(format!("wasnap-reclaim-{name}"))
@@ -91,7 +102,7 @@ impl Reclaimer {
                     // A backend that panics costs that removal (an orphan pruning takes
                     // later), never the keys queued after it.
                     let removal = std::panic::AssertUnwindSafe(|| {
-                        remove_unnamed(&name, &*backend, &faults, &bkey)
+                        remove_unnamed(&name, &unnamed, &*backend, &faults, &bkey)
                     });
                     if std::panic::catch_unwind(removal).is_err() {
                         tracing::error!(snapshotter = %name, bkey, "backend panicked removing a snapshot; cleanup will retry");
@@ -104,11 +115,13 @@ impl Reclaimer {
     }
 }
 
-/// Removes `bkey`, which no record names any more, from `backend`; a failure is left
-/// to pruning (the next collection, or the next start).
-fn remove_unnamed(sn: &str, backend: &dyn Backend, faults: &Faults, bkey: &str) {
-    match faults.hit("metadata.remove.backend").and_then(|()| backend.remove(bkey)) {
-        Ok(()) => {}
+/// Removes `bkey`, which no record names any more, from `backend`, unless a create has
+/// adopted it meanwhile; a failure is left to pruning (the next collection, or the next
+/// start).
+fn remove_unnamed(sn: &str, unnamed: &Unnamed, backend: &dyn Backend, faults: &Faults, bkey: &str) {
+    let remove = || faults.hit("metadata.remove.backend").and_then(|()| backend.remove(bkey));
+    match unnamed.remove(bkey, remove) {
+        Ok(_) => {}
         Err(e) if e.is_not_found() => {}
         Err(e) => tracing::warn!(snapshotter = %sn, bkey, error = %e,
             "backend failed to remove a snapshot no record names any more; cleanup will retry"),
@@ -268,9 +281,11 @@ impl Snapshotter {
         backend: Arc<dyn Backend>,
         faults: Arc<Faults>,
     ) -> Self {
+        let name = name.into();
         Snapshotter {
+            unnamed: Arc::new(Unnamed::new(db.clone(), &name)),
             db,
-            name: name.into(),
+            name,
             backend,
             faults,
             inflight: Arc::default(),
@@ -477,7 +492,7 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Vec<Mount>> {
-        self.create(ctx, key, parent, labels, Kind::Active)
+        self.create(ctx, key, parent, labels, Kind::Active, true)
     }
 
     /// Creates the read-only view `key` of `parent`.
@@ -488,9 +503,11 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: &Labels,
     ) -> Result<Vec<Mount>> {
-        self.create(ctx, key, parent, labels, Kind::View)
+        self.create(ctx, key, parent, labels, Kind::View, true)
     }
 
+    /// Makes the snapshot; `again` allows one more attempt if the backend snapshot it
+    /// would adopt turns out to be under removal.
     fn create(
         &self,
         ctx: &Ctx,
@@ -498,6 +515,7 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: &Labels,
         kind: Kind,
+        again: bool,
     ) -> Result<Vec<Mount>> {
         if key.is_empty() {
             return Err(Error::invalid_argument("snapshot key must not be empty"));
@@ -558,7 +576,7 @@ impl Snapshotter {
         let names =
             [(bkey.as_str(), key), (bparent.as_deref().unwrap_or(""), parent.unwrap_or(""))];
         let now = now_nanos();
-        let (rec_key, rec, mounts, created, mut refused) = match made {
+        let (rec_key, rec, mounts, created, mut refused, adopted) = match made {
             Ok(mounts) => {
                 if let Err(e) = check_readonly(key, kind, &mounts) {
                     match undoes {
@@ -581,7 +599,7 @@ impl Snapshotter {
                     last_used: 0,
                     use_count: 0,
                 };
-                (key.to_owned(), rec, mounts, Some(bkey.clone()), None)
+                (key.to_owned(), rec, mounts, Some(bkey.clone()), None, None)
             }
             Err(e) if e.is_already_exists() => {
                 let Some(target) = target else {
@@ -596,7 +614,8 @@ impl Snapshotter {
                 rec.collectable = ctx.lease().is_some();
                 let err =
                     Error::already_exists(format!("target snapshot {target:?} from snapshotter"));
-                (target.clone(), rec, Vec::new(), None, Some(err))
+                let adopted = Some(rec.bkey.clone());
+                (target.clone(), rec, Vec::new(), None, Some(err), adopted)
             }
             Err(e) => {
                 // A backend may have made the snapshot and failed after (a policy in
@@ -615,6 +634,24 @@ impl Snapshotter {
                     )));
                 }
                 return Err(self.in_user_terms(e, &names));
+            }
+        };
+
+        // An adopted backend snapshot must not be under removal (it may be one whose last
+        // record is gone): its record is written with no removal starting meanwhile.
+        let _adoption = match adopted.as_deref().map(|b| (b, self.unnamed.adopt(b, ADOPT_WAIT))) {
+            None => None,
+            Some((_, Some((false, adoption)))) => Some(adoption),
+            Some((_, Some((true, adoption)))) if again => {
+                // The removal is done: the backend no longer holds what it found.
+                drop((adoption, staged));
+                return self.create(ctx, key, parent, labels, kind, false);
+            }
+            Some((b, _)) => {
+                return Err(Error::unavailable(format!(
+                    "target snapshot {:?}: the backend's snapshot {b:?} is being removed; try again",
+                    target.map_or("", String::as_str)
+                )));
             }
         };
 
@@ -692,7 +729,7 @@ impl Snapshotter {
     /// Removes a backend snapshot that no record will name; a failure is left to
     /// pruning.
     pub(super) fn remove_backend(&self, bkey: &str, why: &str) {
-        if let Err(e) = self.backend.remove(bkey) {
+        if let Err(e) = self.unnamed.remove(bkey, || self.backend.remove(bkey)) {
             tracing::error!(snapshotter = %self.name, bkey, error = %e,
                 "failed to remove a backend snapshot ({why}); cleanup will retry");
         }
@@ -701,8 +738,9 @@ impl Snapshotter {
     /// Removes the backend snapshot `bkey` if a failed call made it after all; most
     /// often it does not exist. A failure is left to pruning.
     pub(super) fn discard_backend(&self, bkey: &str, why: &str) {
-        match self.backend.remove(bkey) {
-            Ok(()) => tracing::warn!(snapshotter = %self.name, bkey,
+        match self.unnamed.remove(bkey, || self.backend.remove(bkey)) {
+            Ok(Outcome::Named) => {}
+            Ok(Outcome::Removed) => tracing::warn!(snapshotter = %self.name, bkey,
                 "removed a backend snapshot the backend made although the call failed ({why})"),
             Err(e) if e.is_not_found() => {}
             Err(e) => tracing::warn!(snapshotter = %self.name, bkey, error = %e,
@@ -1197,7 +1235,7 @@ impl Snapshotter {
     /// stands and [`Snapshotter::cleanup`] retries.
     pub fn remove(&self, ctx: &Ctx, key: &str) -> Result<()> {
         if let Some(bkey) = self.remove_record(ctx, key)? {
-            remove_unnamed(&self.name, &*self.backend, &self.faults, &bkey);
+            remove_unnamed(&self.name, &self.unnamed, &*self.backend, &self.faults, &bkey);
         }
         Ok(())
     }
@@ -1221,7 +1259,7 @@ impl Snapshotter {
         let queued = reclaimer.as_ref().is_some_and(|r| r.queue.send(bkey.clone()).is_ok());
         drop(reclaimer);
         if !queued {
-            remove_unnamed(&self.name, &*self.backend, &self.faults, &bkey);
+            remove_unnamed(&self.name, &self.unnamed, &*self.backend, &self.faults, &bkey);
             unmark(&self.inflight, &bkey);
         }
         Ok(())
@@ -1246,7 +1284,7 @@ impl Snapshotter {
     fn remove_record(&self, ctx: &Ctx, key: &str) -> Result<Option<String>> {
         let (sn, ns, k) = (self.name.clone(), ctx.namespace().to_owned(), key.to_owned());
         let lease = ctx.lease().map(str::to_owned);
-        let (staged_bkey, mut staged) = self.stage_removal(ctx, key)?;
+        let (staged_bkey, mut staged, _doomed) = self.stage_removal(ctx, key)?;
         let mut writes = staged.take_writes();
         let (bkey, last, with_backend) = self.db.write(Durability::Immediate, move |txn| {
             let rec = txn.record(&sn, &ns, &k)?.ok_or_else(|| not_found(&k))?;
@@ -1288,20 +1326,30 @@ impl Snapshotter {
     /// For a backend that stages its records here, stages the removal of the data of
     /// `key`'s record as it is now: that record's backend key, and what was staged. A
     /// backend that does not stage, or fails to, is asked after the record is gone.
-    fn stage_removal(&self, ctx: &Ctx, key: &str) -> Result<(Option<String>, Staged)> {
+    ///
+    /// The backend key is doomed from before the backend is asked until the guard
+    /// returned drops: a create adopting the data either wrote its record first (then
+    /// the removal's record is not the last, and the staged removal is undone) or
+    /// waits for the removal to end.
+    fn stage_removal(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+    ) -> Result<(Option<String>, Staged, Option<Doomed<'_>>)> {
         if !(self.shared_db && self.backend.stages_records()) {
-            return Ok((None, Staged::default()));
+            return Ok((None, Staged::default(), None));
         }
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
         let Some(bkey) = self.db.read_with(|txn| Ok(txn.record(sn, ns, key)?.map(|r| r.bkey)))?
         else {
-            return Ok((None, Staged::default()));
+            return Ok((None, Staged::default(), None));
         };
+        let doomed = self.unnamed.doom(&bkey);
         match self.staging(|| self.backend.remove(&bkey)) {
-            (Ok(()), staged) if !staged.is_empty() => Ok((Some(bkey), staged)),
+            (Ok(()), staged) if !staged.is_empty() => Ok((Some(bkey), staged, Some(doomed))),
             (_, staged) => {
                 drop(staged);
-                Ok((None, Staged::default()))
+                Ok((None, Staged::default(), None))
             }
         }
     }
@@ -1316,21 +1364,24 @@ impl Snapshotter {
     ) -> Result<()> {
         let filter = Filter::parse_all(filters)?;
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
-        self.db.read_with(|txn| {
-            let t = txn.open_table(SNAPSHOTS)?;
-            for item in t.range((sn, ns, "")..)? {
-                let (k, v) = item?;
-                let (s, n, key) = k.value();
-                if s != sn || n != ns {
-                    break;
-                }
-                let info = Record::decode(v.value(), key)?.info(key);
+        let mut after: Option<String> = None;
+        loop {
+            let from = match &after {
+                None => Bound::Included((sn, ns, "")),
+                Some(k) => Bound::Excluded((sn, ns, k.as_str())),
+            };
+            let batch = self.read_batch(from, |s, n| s == sn && n == ns)?;
+            after = batch.last().map(|(_, i)| i.name.clone());
+            let full = batch.len() == WALK_BATCH;
+            for (_, info) in batch {
                 if filter.matches(&info) {
                     f(info)?;
                 }
             }
-            Ok(())
-        })
+            if !full {
+                return Ok(());
+            }
+        }
     }
 
     /// As [`Snapshotter::walk`], over every namespace: `f` gets each matching snapshot
@@ -1342,20 +1393,50 @@ impl Snapshotter {
     ) -> Result<()> {
         let filter = Filter::parse_all(filters)?;
         let sn = self.name.as_str();
-        self.db.read_with(|txn| {
-            let t = txn.open_table(SNAPSHOTS)?;
-            for item in t.range((sn, "", "")..)? {
-                let (k, v) = item?;
-                let (s, ns, key) = k.value();
-                if s != sn {
-                    break;
-                }
-                let info = Record::decode(v.value(), key)?.info(key);
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let from = match &after {
+                None => Bound::Included((sn, "", "")),
+                Some((n, k)) => Bound::Excluded((sn, n.as_str(), k.as_str())),
+            };
+            let batch = self.read_batch(from, |s, _| s == sn)?;
+            after = batch.last().map(|(n, i)| (n.clone(), i.name.clone()));
+            let full = batch.len() == WALK_BATCH;
+            for (ns, info) in batch {
                 if filter.matches(&info) {
-                    f(ns, info)?;
+                    f(&ns, info)?;
                 }
             }
-            Ok(())
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Up to [`WALK_BATCH`] records from `from` on, while `within` holds for their
+    /// snapshotter and namespace, in one read transaction, with their namespaces. A
+    /// walk reads in batches, as containerd's does: a caller that takes its time over
+    /// what it is given (a client that stops reading a List) holds no transaction.
+    fn read_batch(
+        &self,
+        from: Bound<(&str, &str, &str)>,
+        within: impl Fn(&str, &str) -> bool,
+    ) -> Result<Vec<(String, Info)>> {
+        self.db.read_with(|txn| {
+            let t = txn.open_table(SNAPSHOTS)?;
+            let mut out = Vec::new();
+            for item in t.range::<(&str, &str, &str)>((from, Bound::Unbounded))? {
+                let (k, v) = item?;
+                let (s, n, key) = k.value();
+                if !within(s, n) {
+                    break;
+                }
+                out.push((n.to_owned(), Record::decode(v.value(), key)?.info(key)));
+                if out.len() == WALK_BATCH {
+                    break;
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -1469,17 +1550,19 @@ impl Snapshotter {
             for bkey in pending {
                 let backend = self.backend.clone();
                 let key = bkey.clone();
-                let faults = self.faults.clone();
+                let (faults, unnamed) = (self.faults.clone(), self.unnamed.clone());
                 let removed = with_deadline(
                     deadline,
                     format!("remove {bkey:?} from snapshotter {sn:?}"),
                     move || {
                         faults.hit("gc.prune.remove")?;
-                        backend.remove(&key)
+                        unnamed.remove(&key, || backend.remove(&key))
                     },
                 );
                 match removed {
-                    Ok(()) => {
+                    // A create adopted it since the orphans were listed.
+                    Ok(Outcome::Named) => {}
+                    Ok(Outcome::Removed) => {
                         report.removed.push(bkey);
                         progressed = true;
                     }

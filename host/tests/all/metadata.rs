@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -10,7 +11,7 @@ use wasnap::driver::storage::Store;
 use wasnap::fault::Action;
 use wasnap::metadata::MetaDb;
 use wasnap::snapshot::{LABEL_SNAPSHOT_REF, MAX_LABEL_SIZE};
-use wasnap::{Backend, ErrorKind, Info, Kind, Labels, Snapshotter};
+use wasnap::{Backend, ErrorKind, Filter, Info, Kind, Labels, Result, Snapshotter};
 
 use crate::common::*;
 
@@ -308,6 +309,125 @@ fn a_deduplicating_backend_shares_one_layer_between_namespaces() {
     assert_eq!(backend_keys(s.sn.backend().as_ref()).len(), 1);
     assert!(source(&ma).is_dir());
     s.sn.remove(&b, "sha256:shared").unwrap();
+    assert!(backend_keys(s.sn.backend().as_ref()).is_empty());
+}
+
+/// Walks read in batches of 100, one transaction each, and resume after the last key
+/// read: nothing is skipped or repeated across batches and namespaces, even when the
+/// caller changes the records between batches.
+#[test]
+fn walks_in_batches_miss_nothing_and_repeat_nothing() {
+    let s = native_stack();
+    let (a, b, c) = (ctx("a"), ctx("b"), ctx("c"));
+    for (ns, n) in [(&a, 150), (&b, 100), (&c, 1)] {
+        for i in 0..n {
+            s.sn.prepare(ns, &format!("k{i:03}"), None, &none()).unwrap();
+        }
+    }
+    // Removing each snapshot as it is seen, and making one that sorts before it.
+    let mut seen = Vec::new();
+    s.sn.walk(&a, &[], &mut |i| {
+        s.sn.remove(&a, &i.name).unwrap();
+        s.sn.prepare(&a, &format!("a-{}", i.name), None, &none()).unwrap();
+        seen.push(i.name);
+        Ok(())
+    })
+    .unwrap();
+    let want: Vec<String> = (0..150).map(|i| format!("k{i:03}")).collect();
+    assert_eq!(seen, want);
+    let mut all = Vec::new();
+    s.sn.walk_all(&[], &mut |ns, i| {
+        all.push(format!("{ns}/{}", i.name));
+        Ok(())
+    })
+    .unwrap();
+    let mut want: Vec<String> = (0..150).map(|i| format!("a/a-k{i:03}")).collect();
+    want.extend((0..100).map(|i| format!("b/k{i:03}")));
+    want.push("c/k000".into());
+    assert_eq!(all, want);
+    assert_eq!(list(&s.sn, &b, &["name~=k0"]).unwrap().len(), 100);
+}
+
+/// The `Dedup` backend, with each removal held until the test lets it go.
+struct HeldRemovals {
+    dedup: Dedup,
+    removing: Mutex<std::sync::mpsc::Sender<String>>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+    adopting: AtomicBool,
+}
+
+impl wasnap::Wrapper for HeldRemovals {
+    fn inner(&self) -> &dyn Backend {
+        &self.dedup
+    }
+    fn remove(&self, key: &str) -> Result<()> {
+        let _ = self.removing.lock().unwrap().send(key.to_owned());
+        let _ = self.go.lock().unwrap().recv();
+        Backend::remove(&self.dedup, key)
+    }
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
+        // Only an adoption walks the backend here: it has found the target.
+        self.adopting.store(true, Ordering::SeqCst);
+        Backend::walk(&self.dedup, filter, f)
+    }
+}
+
+/// A create that adopts a deduplicated layer whose last record was just removed must
+/// not record it and then have its data deleted by that removal: it waits for the
+/// removal and makes the layer anew.
+#[test]
+fn a_layer_being_removed_is_never_adopted_by_a_create() {
+    let (removing, removals) = std::sync::mpsc::channel();
+    let (go, gate) = std::sync::mpsc::channel();
+    let held = Arc::new(std::sync::OnceLock::new());
+    let held2 = held.clone();
+    let s = stack_with(move |inner| {
+        let b = Arc::new(HeldRemovals {
+            dedup: Dedup { inner },
+            removing: Mutex::new(removing),
+            go: Mutex::new(gate),
+            adopting: AtomicBool::new(false),
+        });
+        held2.set(b.clone()).ok();
+        b
+    });
+    let held = held.get().unwrap().clone();
+    let (a, b) = (ctx("a"), ctx("b"));
+    let target = labels(&[(LABEL_SNAPSHOT_REF, "sha256:shared")]);
+    s.sn.prepare(&a, "extract", None, &target).unwrap();
+    s.sn.commit(&a, "sha256:shared", "extract", &target).unwrap();
+
+    std::thread::scope(|scope| {
+        // Namespace a removes the layer: its record goes, then its data, held here.
+        let removal = scope.spawn(|| s.sn.remove(&a, "sha256:shared"));
+        let bkey = removals.recv().unwrap();
+        // Namespace b unpacks the same layer meanwhile: the backend still holds it.
+        let create = scope.spawn(|| s.sn.prepare(&b, "extract", None, &target));
+        while !held.adopting.load(Ordering::SeqCst) && !create.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Time for an adoption to write its record, as one did before the fix.
+        std::thread::sleep(Duration::from_millis(200));
+        go.send(()).unwrap();
+        removal.join().unwrap().unwrap();
+        // The adoption found the layer being removed, waited, and made it anew.
+        let made = create.join().unwrap().expect("made anew");
+        assert!(!made.is_empty());
+        assert!(
+            backend_keys(s.sn.backend().as_ref()).iter().all(|i| i.name != bkey),
+            "the removed layer is gone"
+        );
+    });
+    assert_eq!(s.sn.stat(&b, "extract").unwrap().kind, Kind::Active);
+    assert_eq!(s.sn.stat(&b, "sha256:shared").unwrap_err().kind(), ErrorKind::NotFound);
+    for info in list(&s.sn, &b, &[]).unwrap() {
+        for m in s.sn.mounts(&b, &info.name).unwrap() {
+            assert!(source(&[m]).is_dir(), "{:?} names data that exists", info.name);
+        }
+    }
+    // Nothing is held: the next removals go through.
+    drop(go);
+    s.sn.remove(&b, "extract").unwrap();
     assert!(backend_keys(s.sn.backend().as_ref()).is_empty());
 }
 

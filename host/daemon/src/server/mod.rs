@@ -230,7 +230,7 @@ fn here<T>(method: &str, span: &tracing::Span, f: impl FnOnce() -> Result<T>) ->
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Run {
     /// On the blocking pool: the work may wait on the runtime (an upload read with
-    /// `block_on`, a list sent with `blocking_send`), which a worker must not.
+    /// `block_on`, a list's batches sent with `block_on`), which a worker must not.
     Pool,
     /// On the worker that received the call, if no other call is in flight and the
     /// runtime has another worker; on the pool otherwise. For bounded work only: the

@@ -14,6 +14,10 @@ use crate::proto::snapshots::*;
 /// Snapshots in one List batch.
 const BATCH: usize = 100;
 
+/// How long a List waits for its client to take a batch before it ends: a client that
+/// stops reading holds no thread for longer.
+const LIST_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The snapshots service.
 #[derive(Debug, Clone)]
 pub struct SnapshotsService {
@@ -210,10 +214,21 @@ impl Snapshots for SnapshotsService {
                 let scope = scope?;
                 let sn = snapshotter(&host, &r.snapshotter)?;
                 let mut batch = Vec::with_capacity(BATCH);
+                let runtime = tokio::runtime::Handle::current();
                 let send = |batch: &mut Vec<Info>| -> wasnap::Result<()> {
                     let info = std::mem::take(batch);
-                    tx.blocking_send(Ok(ListSnapshotsResponse { info }))
-                        .map_err(|_| Error::unavailable("list: the client went away"))
+                    let sent = tokio::time::timeout(
+                        LIST_STALL,
+                        tx.send(Ok(ListSnapshotsResponse { info })),
+                    );
+                    match runtime.block_on(sent) {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err(Error::unavailable("list: the client went away")),
+                        Err(_) => Err(Error::unavailable(format!(
+                            "list: the client took no batch for {} s",
+                            LIST_STALL.as_secs()
+                        ))),
+                    }
                 };
                 let mut push = |info: wasnap::Info| {
                     batch.push(convert::info(info));

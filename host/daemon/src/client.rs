@@ -33,6 +33,9 @@ pub const LEASE_HEADER: &str = "wasnap-lease";
 /// The request header that carries a request id; the daemon logs it, or makes one.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The largest admin report a client takes: 1 GiB, some millions of snapshots.
+pub const MAX_REPORT: usize = 1 << 30;
+
 /// A connection to a daemon. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -78,9 +81,11 @@ impl Client {
         LeasesClient::new(self.channel.clone())
     }
 
-    /// wasnap's admin service.
+    /// wasnap's admin service. Its reports (`du`, `check`, `prune`, content lists) are
+    /// one message each, as large as what they report: up to [`MAX_REPORT`] bytes,
+    /// not tonic's default of 4 MiB.
     pub fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.channel.clone())
+        AdminClient::new(self.channel.clone()).max_decoding_message_size(MAX_REPORT)
     }
 }
 

@@ -218,6 +218,28 @@ async fn lists_stream_in_batches_and_filter_and_updates_take_field_paths() {
     d.stop().await.unwrap();
 }
 
+/// An admin report is one message, as large as what it reports: past tonic's default
+/// limit of 4 MiB, the client still takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_report_larger_than_4_mib_reaches_the_client() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let mut s = c.snapshots();
+    let ns = Some("default");
+    let description = "d".repeat(4000);
+    for i in 0..1100 {
+        let mut p = prepare(&format!("k{i:04}"), "");
+        p.labels.insert(wasnap::metadata::usage::LABEL_DESCRIPTION.into(), description.clone());
+        s.prepare(request(p, ns, None)).await.unwrap();
+    }
+    let du = adm::DuRequest { snapshotter: "native".into(), filters: vec![], verbose: false };
+    let report = c.admin().du(request(du, ns, None)).await.unwrap().into_inner();
+    assert!(report.json.len() > 4 << 20, "{} bytes", report.json.len());
+    let du: wasnap::metadata::DiskUsage = serde_json::from_str(&report.json).unwrap();
+    assert_eq!(du.records.len(), 1100);
+    d.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_hold_what_is_made_under_them() {
     let d = Daemon::start().await;

@@ -39,7 +39,8 @@ pub enum Mode {
     Stdout(usize),
     /// `usage` reports `u64::MAX` bytes and inodes.
     HugeUsage,
-    /// Fails with an error message this long, with forged log lines in it.
+    /// Fails with an error message this long, claiming to be another plugin's, with
+    /// forged log lines in it.
     FloodError(usize),
     /// Opens files in its private directory, keeping them, until refused.
     FdBomb,

@@ -143,8 +143,9 @@ pub fn bad_mount(key: &str, own: u64, good: Vec<Mount>) -> Vec<Mount> {
 
 /// An error message `bytes` long with forged log lines in it.
 pub fn flood_error(bytes: usize) -> Error {
+    // Claims to be another plugin's error, as a policy passing one on would return it.
     let mut text = String::from(
-        "adversary failed\n2026-12-04T00:00:00.000000Z ERROR wasnap::root: forged: the host is compromised\r\x1b[2K",
+        "plugin \"native\": adversary failed\n2026-12-04T00:00:00.000000Z ERROR wasnap::root: forged: the host is compromised\r\x1b[2K",
     );
     while text.len() < bytes {
         text.push_str("\nflood ");

@@ -34,9 +34,15 @@ pub(crate) fn guest_text(text: &str) -> String {
     out
 }
 
-/// A guest's error, with the plugin named so the operator knows where it came from (the
-/// innermost plugin, when the error passed through policies).
-pub(crate) fn error_from_guest(plugin: &str, e: wit::Error) -> Error {
+/// How the host names the plugin an error came from, at the start of its message.
+pub(crate) const PLUGIN_PREFIX: &str = "plugin \"";
+
+/// A guest's error, with the plugin named so the operator knows where it came from: the
+/// innermost plugin, when a policy passes on, unchanged, one of the errors its next
+/// snapshotter returned in this call (`passed`). Any other text that claims to come from
+/// a plugin is the guest's own, and named as such: a guest cannot pass its words off
+/// as another plugin's.
+pub(crate) fn error_from_guest(plugin: &str, e: wit::Error, passed: &[String]) -> Error {
     let (kind, msg) = match e {
         wit::Error::NotFound(m) => (crate::ErrorKind::NotFound, m),
         wit::Error::AlreadyExists(m) => (crate::ErrorKind::AlreadyExists, m),
@@ -46,12 +52,10 @@ pub(crate) fn error_from_guest(plugin: &str, e: wit::Error) -> Error {
         wit::Error::Unavailable(m) => (crate::ErrorKind::Unavailable, m),
         wit::Error::Internal(m) => (crate::ErrorKind::Internal, m),
     };
-    let msg = guest_text(&msg);
-    if msg.starts_with("plugin \"") {
-        Error::new(kind, msg)
-    } else {
-        Error::new(kind, format!("plugin {plugin:?}: {msg}"))
+    if msg.starts_with(PLUGIN_PREFIX) && passed.contains(&msg) {
+        return Error::new(kind, guest_text(&msg));
     }
+    Error::new(kind, format!("plugin {plugin:?}: {}", guest_text(&msg)))
 }
 
 impl From<Error> for wit::Error {
@@ -156,7 +160,7 @@ mod tests {
             crate::ErrorKind::Unavailable,
             crate::ErrorKind::Internal,
         ] {
-            let back = error_from_guest("p", Error::new(kind, "x").into());
+            let back = error_from_guest("p", Error::new(kind, "x").into(), &[]);
             assert_eq!(back.kind(), kind);
             assert_eq!(back.message(), "plugin \"p\": x");
         }
@@ -165,16 +169,28 @@ mod tests {
     #[test]
     fn guest_text_is_bounded_and_cannot_forge_lines() {
         let forged = "fine\n2026-12-04T00:00:00Z ERROR wasnap: root compromised";
-        let e = error_from_guest("p", wit::Error::Internal(forged.into()));
+        let e = error_from_guest("p", wit::Error::Internal(forged.into()), &[]);
         assert!(!e.message().contains('\n'), "{}", e.message());
         let flood = "x".repeat(1 << 20);
-        let e = error_from_guest("p", wit::Error::Internal(flood));
+        let e = error_from_guest("p", wit::Error::Internal(flood), &[]);
         assert!(e.message().len() < MAX_ERROR + 100, "{}", e.message().len());
         assert!(e.message().ends_with("more bytes cut]"));
         // Passed on by a policy, the innermost plugin is named once.
-        let inner = error_from_guest("quota", wit::Error::FailedPrecondition("full".into()));
-        let outer = error_from_guest("label", inner.into());
+        let inner = error_from_guest("quota", wit::Error::FailedPrecondition("full".into()), &[]);
+        let passed = [inner.message().to_owned()];
+        let outer = error_from_guest("label", inner.clone().into(), &passed);
         assert_eq!(outer.message(), "plugin \"quota\": full");
+        // Text that only claims to come from another plugin is the guest's own.
+        let forged = wit::Error::FailedPrecondition("plugin \"quota\": full".into());
+        assert_eq!(
+            error_from_guest("label", forged, &[]).message(),
+            "plugin \"label\": plugin \"quota\": full"
+        );
+        let changed = wit::Error::FailedPrecondition("plugin \"quota\": full!".into());
+        assert_eq!(
+            error_from_guest("label", changed, &passed).message(),
+            "plugin \"label\": plugin \"quota\": full!"
+        );
     }
 
     #[test]

@@ -17,9 +17,10 @@ use crate::snapshot::{Info, Labels, Mount, Usage};
 /// Most bytes of a guest's text the host keeps (before escaping).
 pub const MAX_ERROR: usize = super::convert::MAX_ERROR;
 
-/// A guest's error as the host reports it.
-pub fn error_from_guest(plugin: &str, e: wit::Error) -> Error {
-    super::convert::error_from_guest(plugin, e)
+/// A guest's error as the host reports it, `passed` being the errors its next
+/// snapshotter returned in the call.
+pub fn error_from_guest(plugin: &str, e: wit::Error, passed: &[String]) -> Error {
+    super::convert::error_from_guest(plugin, e, passed)
 }
 
 /// A guest's text as the host repeats it: bounded, control characters escaped.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::bindings::{kv_api, layers_api, log_api, next_api, policy, types as wit};
-use super::convert::{info_from_wit, info_to_wit, labels_from_wit, usage_to_wit};
+use super::convert::{PLUGIN_PREFIX, info_from_wit, info_to_wit, labels_from_wit, usage_to_wit};
 use super::layers;
 use super::space::{Check, Write};
 use super::state::State;
@@ -29,6 +29,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
 impl wit::Host for State {}
 
 type WitResult<T> = std::result::Result<T, wit::Error>;
+
+/// Errors of the next snapshotter a policy may pass on as they are, in one call (the
+/// latest).
+const MAX_PASSED_ERRORS: usize = 16;
 
 /// Distinct mounts a policy may collect from its next snapshotter in one call.
 const MAX_PASSED_MOUNTS: usize = 1024;
@@ -198,7 +202,16 @@ impl State {
         let started = Instant::now();
         let r = f(&*next);
         self.clock.nested += started.elapsed();
-        r.map_err(Into::into)
+        r.map_err(|e| {
+            let m = e.message();
+            if m.starts_with(PLUGIN_PREFIX) && !self.next_errors.iter().any(|k| k == m) {
+                if self.next_errors.len() >= MAX_PASSED_ERRORS {
+                    self.next_errors.remove(0);
+                }
+                self.next_errors.push(m.to_owned());
+            }
+            e.into()
+        })
     }
 
     /// Keeps what the next snapshotter returned, so the policy may pass it on, and hands

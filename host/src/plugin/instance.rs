@@ -64,6 +64,7 @@ impl Instance {
             next: env.next.clone(),
             call: next_call(),
             next_mounts: Vec::new(),
+            next_errors: Vec::new(),
             clock: CallClock::new(env.limits.timeout(), env.limits.next_calls),
             stdout,
             stderr,
@@ -155,7 +156,8 @@ impl Instance {
             }
             Ok(Err(e)) => {
                 plugin.counters.record(elapsed, Outcome::Error);
-                Err(CallError::Guest(error_from_guest(&plugin.name, e)))
+                let passed = &self.store.data().next_errors;
+                Err(CallError::Guest(error_from_guest(&plugin.name, e, passed)))
             }
             Err(trap) => {
                 let budget = self.store.data().clock.budget;
@@ -175,6 +177,7 @@ fn start_call(store: &mut Store<State>) {
     data.clock.started = Instant::now();
     data.clock.nested = Duration::ZERO;
     data.clock.next_calls = 0;
+    data.next_errors.clear();
     let budget = data.clock.budget;
     store.set_epoch_deadline(ticks(budget));
 }

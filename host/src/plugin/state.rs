@@ -105,6 +105,10 @@ pub(crate) struct State {
     /// Mounts the next snapshotter returned during the current call: a policy passes
     /// them on by index.
     pub(crate) next_mounts: Vec<Mount>,
+    /// The errors the next snapshotter returned during the current call that name
+    /// their plugin: a policy may pass one on as it is, and only those keep another
+    /// plugin's name (see [`super::convert::error_from_guest`]).
+    pub(crate) next_errors: Vec<String>,
     pub(crate) clock: CallClock,
     pub(crate) stderr: GuestOutput,
     pub(crate) stdout: GuestOutput,

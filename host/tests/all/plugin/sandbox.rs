@@ -212,7 +212,7 @@ fn a_descriptor_bomb_is_refused_and_costs_the_host_a_bounded_number() {
 }
 
 #[test]
-fn an_error_flood_is_cut_and_cannot_forge_log_lines() {
+fn an_error_flood_is_cut_and_can_forge_neither_log_lines_nor_its_plugin() {
     let dir = tmp();
     let s = adversary_in(
         dir.path(),
@@ -224,6 +224,8 @@ fn an_error_flood_is_cut_and_cannot_forge_log_lines() {
     assert!(m.len() < 4096 + 200, "{} bytes", m.len());
     assert!(!m.contains(['\n', '\r', '\x1b']), "{m}");
     assert!(m.contains("more bytes cut"), "{m}");
+    // It claims to come from another plugin; it is named as the guest's own.
+    assert!(m.starts_with("plugin \"adversary\": plugin \"native\": adversary failed"), "{m}");
     s.prepare("fine", None, &no_labels()).unwrap();
 }
 

@@ -14,7 +14,8 @@
 //! layers this call may use, each once, 1..=500 lowers, at most 64 mounts, `passed`
 //! within range), into mounts naming only the host's own paths for those layers and
 //! only the host's options, and are refused with invalid-argument otherwise; errors
-//! keep their class, name the plugin, are bounded and carry no control character;
+//! keep their class, name the plugin (another plugin only when the error is one its
+//! next snapshotter returned in the call), are bounded and carry no control character;
 //! infos keep every field (labels: the last of a repeated key) and nonsense times do
 //! not panic; output and log lines are bounded, escaped, and within the call's budget.
 
@@ -394,7 +395,11 @@ fn no_controls(s: &str) -> bool {
 fn check_errors(input: &Input, outcome: &mut Vec<String>) -> Result<(), String> {
     for ge in &input.errors {
         let (we, kind) = class_of(ge);
-        let e = fz::error_from_guest(&input.plugin, we);
+        // Half the errors are modelled as the next snapshotter's, which a policy passes
+        // on: only those may keep another plugin's name.
+        let from_next = (ge.class / 7) % 2 == 1;
+        let passed = if from_next { vec![ge.message.clone()] } else { Vec::new() };
+        let e = fz::error_from_guest(&input.plugin, we, &passed);
         if e.kind() != kind {
             return Err(format!("class: {kind:?} came back as {:?}", e.kind()));
         }
@@ -408,9 +413,10 @@ fn check_errors(input: &Input, outcome: &mut Vec<String>) -> Result<(), String> 
             return Err(format!("bounded: {} bytes (at most {limit})", msg.len()));
         }
         let text = fz::guest_text(&ge.message);
-        // Passed on by a policy, an error already names its plugin.
-        let want =
-            if text.starts_with("plugin \"") { text.clone() } else { format!("{prefix}{text}") };
+        // Passed on by a policy, an error already names its plugin; text that only
+        // claims to is named as the guest's own.
+        let kept = from_next && ge.message.starts_with("plugin \"");
+        let want = if kept { text.clone() } else { format!("{prefix}{text}") };
         if msg != want {
             return Err(format!("named: {msg:?}, expected {want:?}"));
         }
@@ -420,8 +426,10 @@ fn check_errors(input: &Input, outcome: &mut Vec<String>) -> Result<(), String> 
                 ge.message
             ));
         }
-        if text.starts_with("plugin \"") && !msg.starts_with(&prefix) {
-            outcome.push("error:attributed-by-guest".to_owned());
+        if kept {
+            outcome.push("error:passed-on".to_owned());
+        } else if text.starts_with("plugin \"") {
+            outcome.push("error:claimed-by-guest".to_owned());
         }
         outcome.push(format!(
             "error:{}",

@@ -390,7 +390,8 @@ impl Snapshotter {
         }
         let new = apply(&current)?;
         let after = inherited_labels(&new.labels);
-        if after != inherited_labels(&current.labels) {
+        let changes_backend = after != inherited_labels(&current.labels);
+        if changes_backend {
             let mut inner = new.info(&new.bkey);
             inner.labels = after;
             self.backend
@@ -400,23 +401,32 @@ impl Snapshotter {
         let (sn, ns, k) = (self.name.clone(), ctx.namespace().to_owned(), key.to_owned());
         let expected = current.clone();
         let written = new.clone();
-        let stored = self.db.write(Durability::Immediate, move |txn| {
-            // The record must still be the one the update was computed from.
-            match txn.record(&sn, &ns, &k)? {
-                // A use (usage.rs) between the read and this write is kept, not a conflict.
-                Some(r) if super::usage::same_but_use(&r, &expected) => {
-                    db::put_record(txn, &sn, &ns, &k, &super::usage::with_use_of(&written, &r))
+        let stored = self.faults.hit("metadata.update.after-backend").and_then(|()| {
+            self.db.write(Durability::Immediate, move |txn| {
+                // The record must still be the one the update was computed from.
+                match txn.record(&sn, &ns, &k)? {
+                    // A use (usage.rs) between the read and this write is kept, not a
+                    // conflict.
+                    Some(r) if super::usage::same_but_use(&r, &expected) => {
+                        db::put_record(txn, &sn, &ns, &k, &super::usage::with_use_of(&written, &r))
+                    }
+                    Some(_) => Err(Error::failed_precondition(format!(
+                        "snapshot {k:?} changed during the update; retry"
+                    ))),
+                    None => Err(not_found(&k)),
                 }
-                Some(_) => Err(Error::failed_precondition(format!(
-                    "snapshot {k:?} changed during the update; retry"
-                ))),
-                None => Err(not_found(&k)),
-            }
+            })
         });
         if let Err(e) = stored {
-            if touches_backend {
-                tracing::error!(snapshotter = %self.name, key, error = %e,
-                    "the backend took the new labels but the record could not be written");
+            if changes_backend {
+                // The update failed whole: the backend gets its labels back (still our
+                // turn, so no other update of the backend came between).
+                let mut inner = current.info(&current.bkey);
+                inner.labels = inherited_labels(&current.labels);
+                if let Err(undo) = self.backend.update(&inner, &[FieldPath::Labels]) {
+                    tracing::error!(snapshotter = %self.name, key, error = %e, undo = %undo,
+                        "the backend took the new labels, the record could not be written, and the backend's labels could not be put back");
+                }
             }
             return Err(e);
         }

@@ -485,6 +485,29 @@ fn a_metadata_failure_after_the_backend_succeeded_cleans_the_backend_up() {
     s.sn.remove(&c, "base").unwrap();
 }
 
+/// An update whose record cannot be written after the backend took the new inherited
+/// labels fails whole: the backend has its old labels back.
+#[test]
+fn a_failed_update_leaves_the_backends_labels_as_they_were() {
+    let s = native_stack();
+    let c = ctx("default");
+    let label = "containerd.io/snapshot/origin";
+    s.sn.prepare(&c, "a", None, &labels(&[(label, "1")])).unwrap();
+    let backend = || backend_keys(s.sn.backend().as_ref()).remove(0).labels;
+    assert_eq!(backend().get(label).map(String::as_str), Some("1"));
+    let mut info = s.sn.stat(&c, "a").unwrap();
+    info.labels = labels(&[(label, "2")]);
+    let paths = [format!("labels.{label}")];
+    s.faults.arm("metadata.update.after-backend", Action::Error);
+    let e = s.sn.update(&c, &info, &paths).unwrap_err();
+    assert!(e.to_string().contains("injected fault"), "{e}");
+    s.faults.disarm("metadata.update.after-backend");
+    assert_eq!(backend().get(label).map(String::as_str), Some("1"), "put back");
+    assert_eq!(s.sn.stat(&c, "a").unwrap().labels.get(label).map(String::as_str), Some("1"));
+    s.sn.update(&c, &info, &paths).unwrap();
+    assert_eq!(backend().get(label).map(String::as_str), Some("2"));
+}
+
 /// Leaves a commit of "a" (holding file `f`) to "base" under way, as a failed write of
 /// its record after the backend committed does: its intent holds the snapshot.
 fn leave_a_commit_under_way(s: &Stack, c: &wasnap::Ctx) {

@@ -165,7 +165,7 @@ impl Layers<'_> {
         drop(tree);
         // A merge made of its base alone (every layer above it deduplicated away) is
         // still recorded with its layers, so a later merge of them finds it.
-        sn.commit_as(ctx, name, &key, labels, layers.clone())?;
+        sn.commit_as(ctx, name, &key, labels, layers.clone(), plan.layers.clone())?;
         made.keep();
         let info = sn.stat(ctx, name)?;
         Ok(Merged { info, layers, how: "copied".into(), applied: plan.layers.len() - skip })
@@ -320,7 +320,8 @@ impl Layers<'_> {
         drop((lower_fd, upper_fd));
         drop(mounted);
         views.remove_all();
-        sn.commit_as(ctx, name, &key, labels, vec![name.to_owned()])?;
+        // The views held lower and upper while they were read.
+        sn.commit_as(ctx, name, &key, labels, vec![name.to_owned()], Vec::new())?;
         made.keep();
         let info = sn.stat(ctx, name)?;
         Ok(Merged { info, layers: Vec::new(), how: "compared".into(), applied: 1 })

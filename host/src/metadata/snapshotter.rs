@@ -808,12 +808,15 @@ impl Snapshotter {
     /// the plugin's first write, in the same transaction, so no change of the plugin's
     /// store commits before it.
     pub fn commit(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.commit_as(ctx, name, key, labels, Vec::new())
+        self.commit_as(ctx, name, key, labels, Vec::new(), Vec::new())
     }
 
     /// [`Snapshotter::commit`], recording the committed snapshot as a merge of `layers`
-    /// (see [`Record::layers`]); each must be a committed snapshot, and is held by the
-    /// commit from its intent on, so none can be removed meanwhile.
+    /// (see [`Record::layers`]), held by the commit from its intent on, so none can be
+    /// removed meanwhile. Each of `read` (key, backend key), the layers the caller read
+    /// to make it, must still be that committed snapshot when the intent is written: a
+    /// layer removed (or removed and made again) while it was read fails the commit, as
+    /// what was read of it may be incomplete.
     pub(crate) fn commit_as(
         &self,
         ctx: &Ctx,
@@ -821,6 +824,7 @@ impl Snapshotter {
         key: &str,
         labels: &Labels,
         layers: Vec<String>,
+        read: Vec<(String, String)>,
     ) -> Result<()> {
         if name.is_empty() {
             return Err(Error::invalid_argument("snapshot name must not be empty"));
@@ -864,6 +868,17 @@ impl Snapshotter {
                 if rec.bkey != intent.bkey {
                     // Removed and made again since it was read.
                     return Err(not_found(&intent.key));
+                }
+                let heads = txn.heads(&sn, &ns, read.iter().map(|(l, _)| l.as_str()))?;
+                for ((l, b), head) in read.iter().zip(heads) {
+                    match head {
+                        Some(r) if r.bkey == *b && r.kind == Kind::Committed => {}
+                        _ => {
+                            return Err(Error::failed_precondition(format!(
+                                "layer {l:?} was removed while the merge read it; retry"
+                            )));
+                        }
+                    }
                 }
                 super::merge::hold_layers(txn, &sn, &ns, &name, &intent.layers)?;
                 db::put_intent(txn, &sn, &ns, &name, &intent)?;

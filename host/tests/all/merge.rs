@@ -278,6 +278,37 @@ fn a_merge_holds_its_layers_against_collection() {
     host.close().unwrap();
 }
 
+/// A merge by copying reads its layers without holding them; a layer removed (here,
+/// and made again under the same key) since the merge was planned fails the merge,
+/// rather than record a merge of layers other than those it read.
+#[test]
+fn a_layer_removed_while_a_merge_copies_it_fails_the_merge() {
+    require_root!();
+    let dir = tmp();
+    let host = host_with(
+        &dir.path().join("root"),
+        "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n",
+    );
+    let sn = host.snapshotter("native").unwrap();
+    let layers = host.layers(&sn);
+    let c = ctx("default");
+    let tar_b = layer(&[E::File("b", 0o644, b"b")]);
+    let a = reg(&host, &layers, &c, &layer(&[E::File("a", 0o644, b"a")]), None);
+    let b = reg(&host, &layers, &c, &tar_b, None);
+    let plan = sn.plan_merge(&c, &[a.clone(), b.clone()]).unwrap();
+    sn.remove(&c, &b).unwrap();
+    assert_eq!(reg(&host, &layers, &c, &tar_b, None), b, "the same key, a new snapshot");
+    let err = layers.make(&c, "m", &plan, &Labels::new()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("removed while the merge read it"), "{err}");
+    assert!(sn.stat(&c, "m").unwrap_err().is_not_found());
+    assert_eq!(names(&list(&sn, &c, &[]).unwrap()).len(), 2, "only the layers are left");
+    // Planned again, it is made.
+    let plan = sn.plan_merge(&c, &[a.clone(), b.clone()]).unwrap();
+    assert_eq!(layers.make(&c, "m", &plan, &Labels::new()).unwrap().how, "copied");
+    host.close().unwrap();
+}
+
 /// A merge whose record cannot be stored (after the backend made it, or after the
 /// copying) leaves nothing behind, and its layers can be removed afterwards.
 #[test]

@@ -355,6 +355,13 @@ impl Store {
         })?;
         dir.rename(DRIVER_DB, dir, format!("{DRIVER_DB}.imported"))
             .context("set the old driver database aside")?;
+        // Synced before anything changes the imported records: a start after a power
+        // cut that found the old file again would import it again, bringing back what
+        // was removed since.
+        // (`dir` may be an O_PATH handle, which cannot be synced: opened for reading.)
+        dir.open(".")
+            .and_then(|d| d.sync_all())
+            .context("sync the directory of the old driver database")?;
         tracing::info!(driver = %self.driver, records = n, "moved the driver's records into the root's database");
         Ok(())
     }
@@ -726,5 +733,54 @@ mod tests {
             let parent_snap = parent.map(|p| store.get(p).unwrap().1);
             assert_eq!(child_snap(&rec, parent_snap.as_ref()), read, "{key} on {parent:?}");
         }
+    }
+
+    /// The records of a driver database from before the shared one are moved in once:
+    /// the old file is set aside, so a later start never brings back what was removed
+    /// since, and ids go on from the old ones.
+    #[test]
+    fn an_old_driver_database_is_imported_once() {
+        const OLD_SNAPS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshots");
+        const OLD_META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority()).unwrap();
+        let rec = |id, parent: Option<&str>| Rec {
+            id,
+            kind: Kind::Committed,
+            parent: parent.map(str::to_owned),
+            labels: Labels::new(),
+            created: 1,
+            updated: 2,
+            usage: None,
+            layers: Vec::new(),
+        };
+        {
+            let old = Db::open(&d, DRIVER_DB, "old").unwrap();
+            let recs = [("a", rec(7, None)), ("b", rec(9, Some("a")))];
+            old.write(Durability::Immediate, move |txn| {
+                let mut t = txn.open_table(OLD_SNAPS)?;
+                for (key, r) in &recs {
+                    t.insert(*key, serde_json::to_vec(r).unwrap().as_slice())?;
+                }
+                txn.open_table(OLD_META)?.insert(META_ID, 9)?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        let open = || {
+            let db = Arc::new(Db::open(&d, "root.db", "shared").unwrap());
+            Store::shared(db, "native", &d).unwrap()
+        };
+        let store = open();
+        assert_eq!(store.get("b").unwrap().0.parent.as_deref(), Some("a"));
+        assert!(store.next_id().unwrap() > 9, "ids go on from the old ones");
+        assert!(d.symlink_metadata(DRIVER_DB).is_err(), "set aside");
+        assert!(d.symlink_metadata(format!("{DRIVER_DB}.imported")).is_ok());
+        store.remove("b").unwrap();
+        store.db().flush().unwrap();
+        drop(store);
+        let store = open();
+        assert!(store.get("b").is_err(), "not imported again");
+        assert!(store.get("a").is_ok());
     }
 }

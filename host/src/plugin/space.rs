@@ -555,7 +555,16 @@ impl Space {
         b.mode(0o711);
         // No-follow: mkdirat creates, never follows; work/ is the host's alone.
         match d.work.create_dir_with(id.to_string(), &b) {
-            Ok(()) => {}
+            Ok(()) => {
+                // Checked again: a removal of the layer by another instance that began
+                // since the check above may have deleted work/<id> before it was made,
+                // and would leave this one behind. One that begins after this check
+                // deletes it.
+                if let Err(e) = self.usable(call, id) {
+                    let _ = fsutil::remove_tree(&d.work, id.to_string());
+                    return Err(e);
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 // Only a directory the host made is ever a work directory. No-follow.
                 let st = rustix::fs::statat(&d.work, id.to_string(), AtFlags::SYMLINK_NOFOLLOW)

@@ -174,6 +174,10 @@ pub struct DaemonOptions {
     /// the runtime to another thread. With 1, every call's work goes to the pool.
     /// More may serve many busy connections better on a large machine.
     pub async_workers: usize,
+    /// How long a client may keep a stream open without moving it (seconds, at least
+    /// 1): an upload that sends nothing, or a List whose client takes no batch, for
+    /// this long fails, and frees the thread serving it.
+    pub stream_idle_secs: u64,
 }
 
 /// Where the daemon listens unless told otherwise.
@@ -185,6 +189,7 @@ impl Default for DaemonOptions {
             socket: PathBuf::from(DEFAULT_SOCKET),
             shutdown_timeout_secs: 10,
             async_workers: 2,
+            stream_idle_secs: 60,
         }
     }
 }

@@ -60,6 +60,11 @@ pub fn run(opts: Options) -> Result<()> {
             "daemon.async_workers is 0: the daemon needs at least one thread to serve",
         ));
     }
+    if opts.config.daemon.stream_idle_secs == 0 {
+        return Err(Error::invalid_argument(
+            "daemon.stream_idle_secs is 0: every stream would fail before it moved",
+        ));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -204,6 +209,7 @@ pub async fn serve_reporting(
     tracing::info!(socket = %opts.socket.display(), root = %host.root().display(), "serving");
 
     let shared = Shared::new(host.clone(), opts.socket.clone());
+    shared.set_stream_idle(Duration::from_secs(opts.config.daemon.stream_idle_secs));
     // Metrics, if configured: calls count from here on, and the endpoint serves until
     // this function returns.
     let endpoint = match metrics {
@@ -336,14 +342,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn no_async_worker_is_refused_before_anything_starts() {
-        let mut config = Config::default();
-        config.daemon.async_workers = 0;
-        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        config.root = Some(dir.path().join("root"));
-        let e = run(Options::from_config(config)).unwrap_err();
-        assert_eq!(e.kind(), wasnap::ErrorKind::InvalidArgument, "{e}");
-        assert!(e.message().contains("async_workers"), "{e}");
-        assert!(!dir.path().join("root").exists(), "nothing was opened");
+    fn no_async_worker_and_no_stream_idle_time_are_refused_before_anything_starts() {
+        type Tune = fn(&mut Config);
+        let tunes: [(&str, Tune); 2] = [
+            ("async_workers", |c| c.daemon.async_workers = 0),
+            ("stream_idle_secs", |c| c.daemon.stream_idle_secs = 0),
+        ];
+        for (name, tune) in tunes {
+            let mut config = Config::default();
+            tune(&mut config);
+            let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+            config.root = Some(dir.path().join("root"));
+            let e = run(Options::from_config(config)).unwrap_err();
+            assert_eq!(e.kind(), wasnap::ErrorKind::InvalidArgument, "{e}");
+            assert!(e.message().contains(name), "{e}");
+            assert!(!dir.path().join("root").exists(), "nothing was opened");
+        }
     }
 }

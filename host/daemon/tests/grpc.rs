@@ -27,14 +27,20 @@ struct Daemon {
 
 impl Daemon {
     async fn start() -> Daemon {
+        Self::start_with(|_| {}).await
+    }
+
+    /// As [`Daemon::start`], with `tune` applied to the configuration.
+    async fn start_with(tune: impl FnOnce(&mut Config)) -> Daemon {
         let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
         let dir = tempfile::Builder::new().prefix("wasnap-daemon-").tempdir_in(base).unwrap();
         let socket = dir.path().join("run/wasnap.sock");
-        let config = Config {
+        let mut config = Config {
             default_snapshotter: "native".into(),
             snapshotters: BTreeMap::from([("native".into(), DriverConfig::Native.into())]),
             ..Config::default()
         };
+        tune(&mut config);
         let opts = Options {
             root: dir.path().join("root"),
             socket: socket.clone(),
@@ -237,6 +243,83 @@ async fn an_admin_report_larger_than_4_mib_reaches_the_client() {
     assert!(report.json.len() > 4 << 20, "{} bytes", report.json.len());
     let du: wasnap::metadata::DiskUsage = serde_json::from_str(&report.json).unwrap();
     assert_eq!(du.records.len(), 1100);
+    d.stop().await.unwrap();
+}
+
+/// A client that keeps a stream open and stops moving it holds the thread serving it no
+/// longer than `stream_idle_secs`: an upload that sends nothing more fails and keeps no
+/// blob, and a List whose client reads nothing ends with an error after what it had
+/// sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stands_still_fails_after_stream_idle_secs() {
+    let d = Daemon::start_with(|c| c.daemon.stream_idle_secs = 1).await;
+    let c = d.client().await;
+    let ns = Some("default");
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<adm::ContentIngestRequest>(4);
+    let start = adm::ContentIngestRequest {
+        part: Some(adm::content_ingest_request::Part::Start(adm::ContentIngestStart::default())),
+    };
+    tx.send(start).await.unwrap();
+    let data = adm::ContentIngestRequest {
+        part: Some(adm::content_ingest_request::Part::Data(b"some".to_vec())),
+    };
+    tx.send(data).await.unwrap();
+    let mut admin = c.admin();
+    let started = std::time::Instant::now();
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        admin.content_ingest(request(stream, ns, None)),
+    )
+    .await
+    .expect("the daemon ends the upload");
+    let e = refused.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("sent nothing for"), "{e}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    drop(tx);
+    let listed = request(adm::ContentListRequest::default(), ns, None);
+    let listed = c.admin().content_list(listed).await.unwrap().into_inner().json;
+    assert_eq!(listed, "[]", "no blob kept");
+
+    // More batches than the channel and HTTP/2's windows hold (~6 MB: the client's
+    // stream window is 2 MiB), none of them read.
+    let mut s = c.snapshots();
+    let long = "l".repeat(4000);
+    for i in 0..1500 {
+        let mut p = prepare(&format!("k{i:04}"), "");
+        p.labels.insert("l".into(), long.clone());
+        s.prepare(request(p, ns, None)).await.unwrap();
+    }
+    let failed = || async {
+        let s = c.admin().status(adm::StatusRequest {}).await.unwrap().into_inner();
+        s.failed_requests
+    };
+    let before = failed().await;
+    let req = ListSnapshotsRequest { snapshotter: "native".into(), filters: vec![] };
+    let mut stream = c.snapshots().list(request(req, ns, None)).await.unwrap().into_inner();
+    // Read nothing until the daemon has given up on the List.
+    let mut waited = Duration::ZERO;
+    while failed().await == before {
+        assert!(waited < Duration::from_secs(60), "the List never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    let mut got = 0;
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(b)) => got += b.info.len(),
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    let e = end.expect("the List ended with an error");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("took no batch"), "{e}");
+    assert!(got < 1500, "{got}");
+    // The daemon serves on; a List read as it comes is whole.
+    assert_eq!(list(&c, ns, &[]).await.unwrap().len(), 1500);
     d.stop().await.unwrap();
 }
 

@@ -17,6 +17,7 @@
 
 use std::io::{self, Read};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio_stream::wrappers::ReceiverStream;
@@ -91,8 +92,13 @@ impl UploadMessage for LayerApplyRequest {
 }
 
 /// The start of an upload, read on the async side.
-async fn start<M: UploadMessage>(stream: &mut Streaming<M>) -> Result<M::Start> {
-    match stream.message().await {
+async fn start<M: UploadMessage>(stream: &mut Streaming<M>, idle: Duration) -> Result<M::Start> {
+    let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
+        return Err(Error::unavailable(format!(
+            "the upload sent no start message for {idle:?} (the daemon's stream_idle_secs)"
+        )));
+    };
+    match message {
         Ok(Some(m)) => match m.into_part() {
             Some(Part::Start(s)) => Ok(s),
             _ => Err(Error::invalid_argument("an upload starts with its start message")),
@@ -108,6 +114,8 @@ async fn start<M: UploadMessage>(stream: &mut Streaming<M>) -> Result<M::Start> 
 /// [`Upload::classify`] restores on the library's error.
 pub(super) struct Upload<M> {
     rt: tokio::runtime::Handle,
+    /// How long a message may take to come.
+    idle: Duration,
     stream: Streaming<M>,
     chunk: Vec<u8>,
     at: usize,
@@ -116,9 +124,10 @@ pub(super) struct Upload<M> {
 }
 
 impl<M: UploadMessage> Upload<M> {
-    fn new(stream: Streaming<M>) -> Self {
+    fn new(stream: Streaming<M>, idle: Duration) -> Self {
         Upload {
             rt: tokio::runtime::Handle::current(),
+            idle,
             stream,
             chunk: Vec::new(),
             at: 0,
@@ -128,7 +137,14 @@ impl<M: UploadMessage> Upload<M> {
     }
 
     fn next(&mut self) -> Result<()> {
-        let part = match self.rt.block_on(self.stream.message()) {
+        let message = tokio::time::timeout(self.idle, self.stream.message());
+        let Ok(message) = self.rt.block_on(message) else {
+            return Err(Error::unavailable(format!(
+                "the upload sent nothing for {:?} (the daemon's stream_idle_secs)",
+                self.idle
+            )));
+        };
+        let part = match message {
             Ok(Some(m)) => m.into_part(),
             Ok(None) => {
                 return Err(Error::unavailable(
@@ -222,7 +238,7 @@ pub(super) async fn ingest(
 ) -> Reply<ReportResponse> {
     const METHOD: &str = "Admin.ContentIngest";
     let Incoming { meta, scope, mut stream } = Incoming::of(req);
-    let start = match start(&mut stream).await {
+    let start = match start(&mut stream, shared.stream_idle()).await {
         Ok(s) => s,
         Err(e) => {
             return shared
@@ -231,7 +247,7 @@ pub(super) async fn ingest(
                 .map(Response::new);
         }
     };
-    let mut upload = Upload::new(stream);
+    let mut upload = Upload::new(stream, shared.stream_idle());
     let host = shared.host().clone();
     let work = move || {
         let ctx = scope?.required()?;
@@ -263,7 +279,7 @@ pub(super) async fn apply(
 ) -> Reply<ReportResponse> {
     const METHOD: &str = "Admin.LayerApply";
     let Incoming { meta, scope, mut stream } = Incoming::of(req);
-    let start = match start(&mut stream).await {
+    let start = match start(&mut stream, shared.stream_idle()).await {
         Ok(s) => s,
         Err(e) => {
             return shared
@@ -273,7 +289,7 @@ pub(super) async fn apply(
         }
     };
     let label = shared.snapshotter_label(&start.snapshotter);
-    let mut upload = Upload::new(stream);
+    let mut upload = Upload::new(stream, shared.stream_idle());
     let host = shared.host().clone();
     let work = move || {
         let ctx = scope?.required()?;

@@ -88,6 +88,9 @@ pub struct Shared {
     /// it had handed its share of the runtime over ([`Run::HandOverIfAlone`]).
     handed_over: AtomicU64,
     metrics: OnceLock<Arc<Metrics>>,
+    /// How long a stream may stand still (milliseconds; see
+    /// `DaemonOptions::stream_idle_secs`).
+    stream_idle_ms: AtomicU64,
 }
 
 impl Shared {
@@ -105,7 +108,19 @@ impl Shared {
             in_place: AtomicU64::new(0),
             handed_over: AtomicU64::new(0),
             metrics: OnceLock::new(),
+            stream_idle_ms: AtomicU64::new(60_000),
         })
+    }
+
+    /// How long an upload may send nothing, and a List's client take no batch, before
+    /// the call fails (60 s unless set).
+    pub fn set_stream_idle(&self, idle: Duration) {
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.stream_idle_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stream_idle(&self) -> Duration {
+        Duration::from_millis(self.stream_idle_ms.load(Ordering::Relaxed))
     }
 
     /// Counts every call in `metrics` from now on. Once: later metrics are ignored

@@ -14,10 +14,6 @@ use crate::proto::snapshots::*;
 /// Snapshots in one List batch.
 const BATCH: usize = 100;
 
-/// How long a List waits for its client to take a batch before it ends: a client that
-/// stops reading holds no thread for longer.
-const LIST_STALL: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// The snapshots service.
 #[derive(Debug, Clone)]
 pub struct SnapshotsService {
@@ -209,6 +205,8 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let (host, label) = (shared.host().clone(), shared.snapshotter_label(&r.snapshotter));
         let failed = tx.clone();
+        // A client that stops reading holds the thread no longer than this.
+        let idle = shared.stream_idle();
         tokio::spawn(async move {
             let walk = move || -> wasnap::Result<()> {
                 let scope = scope?;
@@ -217,16 +215,13 @@ impl Snapshots for SnapshotsService {
                 let runtime = tokio::runtime::Handle::current();
                 let send = |batch: &mut Vec<Info>| -> wasnap::Result<()> {
                     let info = std::mem::take(batch);
-                    let sent = tokio::time::timeout(
-                        LIST_STALL,
-                        tx.send(Ok(ListSnapshotsResponse { info })),
-                    );
+                    let sent =
+                        tokio::time::timeout(idle, tx.send(Ok(ListSnapshotsResponse { info })));
                     match runtime.block_on(sent) {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(_)) => Err(Error::unavailable("list: the client went away")),
                         Err(_) => Err(Error::unavailable(format!(
-                            "list: the client took no batch for {} s",
-                            LIST_STALL.as_secs()
+                            "list: the client took no batch for {idle:?}"
                         ))),
                     }
                 };

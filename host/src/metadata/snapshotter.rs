@@ -649,7 +649,7 @@ impl Snapshotter {
 
         // An adopted backend snapshot must not be under removal (it may be one whose last
         // record is gone): its record is written with no removal starting meanwhile.
-        let _adoption = match adopted.as_deref().map(|b| (b, self.unnamed.adopt(b, ADOPT_WAIT))) {
+        let adoption = match adopted.as_deref().map(|b| (b, self.unnamed.adopt(b, ADOPT_WAIT))) {
             None => None,
             Some((_, Some((false, adoption)))) => Some(adoption),
             Some((_, Some((true, adoption)))) if again => {
@@ -703,6 +703,9 @@ impl Snapshotter {
                 Ok(true)
             })
         });
+        // Let go at once: what follows may remove a backend snapshot, which takes the
+        // same lock.
+        drop(adoption);
         match &stored {
             Ok(true) => staged.committed(),
             _ => drop(staged),

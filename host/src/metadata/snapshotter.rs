@@ -423,9 +423,14 @@ impl Snapshotter {
                 // turn, so no other update of the backend came between).
                 let mut inner = current.info(&current.bkey);
                 inner.labels = inherited_labels(&current.labels);
-                if let Err(undo) = self.backend.update(&inner, &[FieldPath::Labels]) {
-                    tracing::error!(snapshotter = %self.name, key, error = %e, undo = %undo,
-                        "the backend took the new labels, the record could not be written, and the backend's labels could not be put back");
+                match self.backend.update(&inner, &[FieldPath::Labels]) {
+                    // Removed meanwhile: nothing is left to put back.
+                    Ok(_) => {}
+                    Err(undo) if undo.is_not_found() => {}
+                    Err(undo) => {
+                        tracing::error!(snapshotter = %self.name, key, error = %e, undo = %undo,
+                            "the backend took the new labels, the record could not be written, and the backend's labels could not be put back");
+                    }
                 }
             }
             return Err(e);
@@ -647,21 +652,32 @@ impl Snapshotter {
             }
         };
 
-        // An adopted backend snapshot must not be under removal (it may be one whose last
-        // record is gone): its record is written with no removal starting meanwhile.
-        let adoption = match adopted.as_deref().map(|b| (b, self.unnamed.adopt(b, ADOPT_WAIT))) {
+        // An adopted backend snapshot may be one whose last record is gone, its removal
+        // under way or over: its record is written only once no removal of it runs,
+        // the backend still holds it, and none can begin (`super::unnamed`).
+        let adoption = match adopted.as_deref() {
             None => None,
-            Some((_, Some((false, adoption)))) => Some(adoption),
-            Some((_, Some((true, adoption)))) if again => {
-                // The removal is done: the backend no longer holds what it found.
-                drop((adoption, staged));
-                return self.create(ctx, key, parent, labels, kind, false);
-            }
-            Some((b, _)) => {
-                return Err(Error::unavailable(format!(
-                    "target snapshot {:?}: the backend's snapshot {b:?} is being removed; try again",
-                    target.map_or("", String::as_str)
-                )));
+            Some(b) => {
+                let target = target.map_or("", String::as_str);
+                let Some(adoption) = self.unnamed.adopt(b, ADOPT_WAIT) else {
+                    return Err(Error::unavailable(format!(
+                        "target snapshot {target:?}: the backend's snapshot {b:?} is still being removed; try again"
+                    )));
+                };
+                match self.backend.stat(b) {
+                    Ok(_) => Some(adoption),
+                    Err(e) if e.is_not_found() && again => {
+                        // Removed since the backend said it had it: made anew.
+                        drop((adoption, staged));
+                        return self.create(ctx, key, parent, labels, kind, false);
+                    }
+                    Err(e) if e.is_not_found() => {
+                        return Err(Error::unavailable(format!(
+                            "target snapshot {target:?}: the backend's snapshot {b:?} was removed as it was found, twice; try again"
+                        )));
+                    }
+                    Err(e) => return Err(self.in_user_terms(e, &names)),
+                }
             }
         };
 
@@ -834,7 +850,7 @@ impl Snapshotter {
         }
         validate_labels(labels)?;
         let labels = &*without_empty(labels);
-        if layers.is_empty() && self.shared_db && self.backend.stages_records() {
+        if layers.is_empty() && read.is_empty() && self.shared_db && self.backend.stages_records() {
             return self.commit_staged(ctx, name, key, labels);
         }
         let (sn, ns) = (self.name.clone(), ctx.namespace().to_owned());
@@ -1312,7 +1328,10 @@ impl Snapshotter {
     fn remove_record(&self, ctx: &Ctx, key: &str) -> Result<Option<String>> {
         let (sn, ns, k) = (self.name.clone(), ctx.namespace().to_owned(), key.to_owned());
         let lease = ctx.lease().map(str::to_owned);
-        let (staged_bkey, mut staged, _doomed) = self.stage_removal(ctx, key)?;
+        let (staged_bkey, staged, doomed) = self.stage_removal(ctx, key)?;
+        // Bound in this order so that `staged` (and what it undoes) drops first, while
+        // the key is still doomed.
+        let (_doomed, mut staged) = (doomed, staged);
         let mut writes = staged.take_writes();
         let (bkey, last, with_backend) = self.db.write(Durability::Immediate, move |txn| {
             let rec = txn.record(&sn, &ns, &k)?.ok_or_else(|| not_found(&k))?;

@@ -9,10 +9,12 @@
 //!
 //! So every removal of a backend key that may be unnamed first marks the key *doomed*,
 //! then checks that no record or commit under way names it, and only then removes it.
-//! An adoption checks the mark and writes its record holding the same lock, so one of
-//! the two sees the other: either the adoption finds the key doomed and waits for the
-//! removal to end (then creates anew), or the removal finds the adoption's record and
-//! keeps the data.
+//! An adoption takes the lock that marking needs, waits while the key is doomed, asks
+//! the backend whether it still holds the key, and writes its record, all holding that
+//! lock. A removal that begins after the adoption took it finds the adoption's record
+//! and keeps the data; one that began before is waited out, and one that ended before
+//! has left nothing for the backend to report: either way the create starts over and
+//! makes the snapshot anew.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -86,19 +88,17 @@ impl Unnamed {
     }
 
     /// Holds the lock an adoption writes its record under, once `bkey` is not doomed:
-    /// waits up to `wait` for removals of it to end. Returns whether any did (the
-    /// backend may no longer hold `bkey`: the caller starts over) and the guard, or
-    /// None if one is still running after `wait`.
-    pub(super) fn adopt(&self, bkey: &str, wait: Duration) -> Option<(bool, Adoption<'_>)> {
+    /// waits up to `wait` for removals of it to end; None if one is still running then.
+    /// With the lock held no removal can begin, but one may have begun and ended since
+    /// the backend was asked: the caller checks the backend still holds `bkey`.
+    pub(super) fn adopt(&self, bkey: &str, wait: Duration) -> Option<Adoption<'_>> {
         let until = Instant::now() + wait;
         let mut doomed = self.lock();
-        let mut waited = false;
         while doomed.contains_key(bkey) {
-            waited = true;
             let left = until.checked_duration_since(Instant::now())?;
             doomed = self.cleared.wait_timeout(doomed, left).unwrap_or_else(|e| e.into_inner()).0;
         }
-        Some((waited, Adoption { _guard: doomed }))
+        Some(Adoption { _guard: doomed })
     }
 }
 

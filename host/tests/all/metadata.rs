@@ -324,16 +324,22 @@ fn walks_in_batches_miss_nothing_and_repeat_nothing() {
             s.sn.prepare(ns, &format!("k{i:03}"), None, &none()).unwrap();
         }
     }
-    // Removing each snapshot as it is seen, and making one that sorts before it.
+    // Removing each snapshot as it is seen, and making one that sorts before it; the
+    // first also makes one that sorts after every other, which a batch read after it
+    // was made sees (one transaction for the whole walk would not).
     let mut seen = Vec::new();
     s.sn.walk(&a, &[], &mut |i| {
         s.sn.remove(&a, &i.name).unwrap();
         s.sn.prepare(&a, &format!("a-{}", i.name), None, &none()).unwrap();
+        if i.name == "k000" {
+            s.sn.prepare(&a, "z-late", None, &none()).unwrap();
+        }
         seen.push(i.name);
         Ok(())
     })
     .unwrap();
-    let want: Vec<String> = (0..150).map(|i| format!("k{i:03}")).collect();
+    let mut want: Vec<String> = (0..150).map(|i| format!("k{i:03}")).collect();
+    want.push("z-late".into());
     assert_eq!(seen, want);
     let mut all = Vec::new();
     s.sn.walk_all(&[], &mut |ns, i| {
@@ -342,6 +348,7 @@ fn walks_in_batches_miss_nothing_and_repeat_nothing() {
     })
     .unwrap();
     let mut want: Vec<String> = (0..150).map(|i| format!("a/a-k{i:03}")).collect();
+    want.push("a/a-z-late".into());
     want.extend((0..100).map(|i| format!("b/k{i:03}")));
     want.push("c/k000".into());
     assert_eq!(all, want);
@@ -354,6 +361,9 @@ struct HeldRemovals {
     removing: Mutex<std::sync::mpsc::Sender<String>>,
     go: Mutex<std::sync::mpsc::Receiver<()>>,
     adopting: AtomicBool,
+    /// If set, the first walk (an adoption's) says so here once done, and waits for
+    /// `resume`.
+    walking: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 impl wasnap::Wrapper for HeldRemovals {
@@ -368,7 +378,14 @@ impl wasnap::Wrapper for HeldRemovals {
     fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
         // Only an adoption walks the backend here: it has found the target.
         self.adopting.store(true, Ordering::SeqCst);
-        Backend::walk(&self.dedup, filter, f)
+        let pause = self.walking.lock().unwrap().take();
+        let walked = Backend::walk(&self.dedup, filter, f);
+        // Paused after the adoption found the layer, before it is adopted.
+        if let Some((walking, resume)) = pause {
+            walking.send(()).unwrap();
+            resume.recv().unwrap();
+        }
+        walked
     }
 }
 
@@ -387,6 +404,7 @@ fn a_layer_being_removed_is_never_adopted_by_a_create() {
             removing: Mutex::new(removing),
             go: Mutex::new(gate),
             adopting: AtomicBool::new(false),
+            walking: Mutex::new(None),
         });
         held2.set(b.clone()).ok();
         b
@@ -429,6 +447,53 @@ fn a_layer_being_removed_is_never_adopted_by_a_create() {
     drop(go);
     s.sn.remove(&b, "extract").unwrap();
     assert!(backend_keys(s.sn.backend().as_ref()).is_empty());
+}
+
+/// As above, with the removal begun and ended between the backend's already-exists and
+/// the adoption's record: the create finds the backend no longer holds the layer, and
+/// makes it anew.
+#[test]
+fn a_layer_removed_between_its_discovery_and_its_adoption_is_made_anew() {
+    let (removing, removals) = std::sync::mpsc::channel();
+    let (go, gate) = std::sync::mpsc::channel();
+    let (walking, walked) = std::sync::mpsc::channel();
+    let (resume, resumed) = std::sync::mpsc::channel();
+    let held = Arc::new(std::sync::OnceLock::new());
+    let held2 = held.clone();
+    let s = stack_with(move |inner| {
+        let b = Arc::new(HeldRemovals {
+            dedup: Dedup { inner },
+            removing: Mutex::new(removing),
+            go: Mutex::new(gate),
+            adopting: AtomicBool::new(false),
+            walking: Mutex::new(Some((walking, resumed))),
+        });
+        held2.set(b.clone()).ok();
+        b
+    });
+    let (a, b) = (ctx("a"), ctx("b"));
+    let target = labels(&[(LABEL_SNAPSHOT_REF, "sha256:shared")]);
+    s.sn.prepare(&a, "extract", None, &target).unwrap();
+    s.sn.commit(&a, "sha256:shared", "extract", &target).unwrap();
+    drop(go); // removals go straight through
+    std::thread::scope(|scope| {
+        let create = scope.spawn(|| s.sn.prepare(&b, "extract", None, &target));
+        walked.recv().unwrap();
+        // The create has its already-exists and has found the layer: it goes, whole.
+        s.sn.remove(&a, "sha256:shared").unwrap();
+        let bkey = removals.recv().unwrap();
+        assert!(backend_keys(s.sn.backend().as_ref()).iter().all(|i| i.name != bkey));
+        resume.send(()).unwrap();
+        let made = create.join().unwrap().expect("made anew");
+        assert!(!made.is_empty());
+    });
+    assert_eq!(s.sn.stat(&b, "extract").unwrap().kind, Kind::Active);
+    for info in list(&s.sn, &b, &[]).unwrap() {
+        for m in s.sn.mounts(&b, &info.name).unwrap() {
+            assert!(source(&[m]).is_dir(), "{:?} names data that exists", info.name);
+        }
+    }
+    assert!(held.get().is_some());
 }
 
 #[test]

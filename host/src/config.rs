@@ -175,8 +175,9 @@ pub struct DaemonOptions {
     /// More may serve many busy connections better on a large machine.
     pub async_workers: usize,
     /// How long a client may keep a stream open without moving it (seconds, at least
-    /// 1): an upload that sends nothing, or a List whose client takes no batch, for
-    /// this long fails, and frees the thread serving it.
+    /// 1): an upload from which no whole message arrives, or a List whose client takes
+    /// no batch, for this long fails, and frees the thread serving it. wasnap's client
+    /// sends uploads in messages of 1 MiB, so the default needs ~17 KiB/s of it.
     pub stream_idle_secs: u64,
 }
 

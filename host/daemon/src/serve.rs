@@ -60,11 +60,7 @@ pub fn run(opts: Options) -> Result<()> {
             "daemon.async_workers is 0: the daemon needs at least one thread to serve",
         ));
     }
-    if opts.config.daemon.stream_idle_secs == 0 {
-        return Err(Error::invalid_argument(
-            "daemon.stream_idle_secs is 0: every stream would fail before it moved",
-        ));
-    }
+    check_stream_idle(&opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -130,6 +126,15 @@ fn reload_on_hangup(
     }))
 }
 
+fn check_stream_idle(opts: &Options) -> Result<()> {
+    match opts.config.daemon.stream_idle_secs {
+        0 => Err(Error::invalid_argument(
+            "daemon.stream_idle_secs is 0: every stream would fail before it moved",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Serves until `stop` resolves, then lets calls in flight finish (within the
 /// configured bound) and closes the root.
 pub async fn serve(opts: Options, stop: impl Future<Output = ()> + Send + 'static) -> Result<()> {
@@ -152,6 +157,7 @@ pub async fn serve_reporting(
     stop: impl Future<Output = ()> + Send + 'static,
     serving: Option<tokio::sync::oneshot::Sender<Serving>>,
 ) -> Result<()> {
+    check_stream_idle(&opts)?;
     // Opening the root takes its lock: a second daemon on the same root stops here,
     // before it touches the socket the first one serves on.
     let root = opts.root.clone();

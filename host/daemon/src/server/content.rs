@@ -137,8 +137,12 @@ impl<M: UploadMessage> Upload<M> {
     }
 
     fn next(&mut self) -> Result<()> {
-        let message = tokio::time::timeout(self.idle, self.stream.message());
-        let Ok(message) = self.rt.block_on(message) else {
+        // The timer is made inside `block_on`: this may run on a thread of the
+        // library's (a layer's decoder) with no runtime of its own.
+        let (idle, stream) = (self.idle, &mut self.stream);
+        let message =
+            self.rt.block_on(async { tokio::time::timeout(idle, stream.message()).await });
+        let Ok(message) = message else {
             return Err(Error::unavailable(format!(
                 "the upload sent nothing for {:?} (the daemon's stream_idle_secs)",
                 self.idle

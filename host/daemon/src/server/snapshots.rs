@@ -215,8 +215,8 @@ impl Snapshots for SnapshotsService {
                 let runtime = tokio::runtime::Handle::current();
                 let send = |batch: &mut Vec<Info>| -> wasnap::Result<()> {
                     let info = std::mem::take(batch);
-                    let sent =
-                        tokio::time::timeout(idle, tx.send(Ok(ListSnapshotsResponse { info })));
+                    let batch = Ok(ListSnapshotsResponse { info });
+                    let sent = async { tokio::time::timeout(idle, tx.send(batch)).await };
                     match runtime.block_on(sent) {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(_)) => Err(Error::unavailable("list: the client went away")),

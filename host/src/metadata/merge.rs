@@ -86,6 +86,25 @@ pub(crate) fn hold_layers(
     link_layers(txn, sn, ns, key, layers, true)
 }
 
+/// Checks that each of `layers` (key, backend key) is still that committed snapshot;
+/// fails with failed-precondition, saying the layer `what`, if one is not.
+pub(crate) fn check_layers(
+    txn: &impl Tables,
+    sn: &str,
+    ns: &str,
+    layers: &[(String, String)],
+    what: &str,
+) -> Result<()> {
+    let heads = txn.heads(sn, ns, layers.iter().map(|(l, _)| l.as_str()))?;
+    for ((l, b), head) in layers.iter().zip(heads) {
+        match head {
+            Some(r) if r.bkey == *b && r.kind == Kind::Committed => {}
+            _ => return Err(Error::failed_precondition(format!("layer {l:?} {what}; retry"))),
+        }
+    }
+    Ok(())
+}
+
 /// Undoes [`hold_layers`].
 pub(crate) fn release_layers(
     txn: &WriteTransaction,
@@ -368,17 +387,7 @@ impl Snapshotter {
                     return Err(Error::already_exists(format!("snapshot {key:?}")));
                 }
                 // The layers must still be the ones planned with.
-                let heads = txn.heads(&sn, &ns, layers.iter().map(|(l, _)| l.as_str()))?;
-                for ((l, b), head) in layers.iter().zip(heads) {
-                    match head {
-                        Some(r) if r.bkey == *b && r.kind == Kind::Committed => {}
-                        _ => {
-                            return Err(Error::failed_precondition(format!(
-                                "layer {l:?} changed while the merge was made; retry"
-                            )));
-                        }
-                    }
-                }
+                check_layers(txn, &sn, &ns, &layers, "changed while the merge was made")?;
                 if let Some(l) = &lease {
                     lease::hold_in(txn, &ns, l, &Resource::snapshot(&sn, &key))?;
                 }

@@ -888,17 +888,8 @@ impl Snapshotter {
                     // Removed and made again since it was read.
                     return Err(not_found(&intent.key));
                 }
-                let heads = txn.heads(&sn, &ns, read.iter().map(|(l, _)| l.as_str()))?;
-                for ((l, b), head) in read.iter().zip(heads) {
-                    match head {
-                        Some(r) if r.bkey == *b && r.kind == Kind::Committed => {}
-                        _ => {
-                            return Err(Error::failed_precondition(format!(
-                                "layer {l:?} was removed while the merge read it; retry"
-                            )));
-                        }
-                    }
-                }
+                let what = "was removed while the merge read it";
+                super::merge::check_layers(txn, &sn, &ns, &read, what)?;
                 super::merge::hold_layers(txn, &sn, &ns, &name, &intent.layers)?;
                 db::put_intent(txn, &sn, &ns, &name, &intent)?;
                 let old = rec.clone();

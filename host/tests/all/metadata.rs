@@ -389,11 +389,16 @@ impl wasnap::Wrapper for HeldRemovals {
     }
 }
 
-/// A create that adopts a deduplicated layer whose last record was just removed must
-/// not record it and then have its data deleted by that removal: it waits for the
-/// removal and makes the layer anew.
-#[test]
-fn a_layer_being_removed_is_never_adopted_by_a_create() {
+/// What pauses an adoption after its walk: told when it is there, waits to be resumed.
+type Pause = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+
+/// What the adoption tests share: a stack over [`HeldRemovals`] (whose adoption walk
+/// pauses if `walking` is set) with namespace a holding the committed layer
+/// `sha256:shared`; the backend; the backend keys of removals as they begin; and what
+/// lets each removal go on (dropped: all go straight through).
+fn held_stack(
+    walking: Option<Pause>,
+) -> (Stack, Arc<HeldRemovals>, std::sync::mpsc::Receiver<String>, std::sync::mpsc::Sender<()>) {
     let (removing, removals) = std::sync::mpsc::channel();
     let (go, gate) = std::sync::mpsc::channel();
     let held = Arc::new(std::sync::OnceLock::new());
@@ -404,17 +409,38 @@ fn a_layer_being_removed_is_never_adopted_by_a_create() {
             removing: Mutex::new(removing),
             go: Mutex::new(gate),
             adopting: AtomicBool::new(false),
-            walking: Mutex::new(None),
+            walking: Mutex::new(walking),
         });
         held2.set(b.clone()).ok();
         b
     });
     let held = held.get().unwrap().clone();
-    let (a, b) = (ctx("a"), ctx("b"));
-    let target = labels(&[(LABEL_SNAPSHOT_REF, "sha256:shared")]);
+    let (a, target) = (ctx("a"), shared_target());
     s.sn.prepare(&a, "extract", None, &target).unwrap();
     s.sn.commit(&a, "sha256:shared", "extract", &target).unwrap();
+    (s, held, removals, go)
+}
 
+fn shared_target() -> Labels {
+    labels(&[(LABEL_SNAPSHOT_REF, "sha256:shared")])
+}
+
+/// Every snapshot of `c` names data that exists.
+fn assert_every_snapshot_has_its_data(s: &Stack, c: &wasnap::Ctx) {
+    for info in list(&s.sn, c, &[]).unwrap() {
+        for m in s.sn.mounts(c, &info.name).unwrap() {
+            assert!(source(&[m]).is_dir(), "{:?} names data that exists", info.name);
+        }
+    }
+}
+
+/// A create that adopts a deduplicated layer whose last record was just removed must
+/// not record it and then have its data deleted by that removal: it waits for the
+/// removal and makes the layer anew.
+#[test]
+fn a_layer_being_removed_is_never_adopted_by_a_create() {
+    let (s, held, removals, go) = held_stack(None);
+    let (a, b, target) = (ctx("a"), ctx("b"), shared_target());
     std::thread::scope(|scope| {
         // Namespace a removes the layer: its record goes, then its data, held here.
         let removal = scope.spawn(|| s.sn.remove(&a, "sha256:shared"));
@@ -438,11 +464,7 @@ fn a_layer_being_removed_is_never_adopted_by_a_create() {
     });
     assert_eq!(s.sn.stat(&b, "extract").unwrap().kind, Kind::Active);
     assert_eq!(s.sn.stat(&b, "sha256:shared").unwrap_err().kind(), ErrorKind::NotFound);
-    for info in list(&s.sn, &b, &[]).unwrap() {
-        for m in s.sn.mounts(&b, &info.name).unwrap() {
-            assert!(source(&[m]).is_dir(), "{:?} names data that exists", info.name);
-        }
-    }
+    assert_every_snapshot_has_its_data(&s, &b);
     // Nothing is held: the next removals go through.
     drop(go);
     s.sn.remove(&b, "extract").unwrap();
@@ -454,27 +476,10 @@ fn a_layer_being_removed_is_never_adopted_by_a_create() {
 /// makes it anew.
 #[test]
 fn a_layer_removed_between_its_discovery_and_its_adoption_is_made_anew() {
-    let (removing, removals) = std::sync::mpsc::channel();
-    let (go, gate) = std::sync::mpsc::channel();
     let (walking, walked) = std::sync::mpsc::channel();
     let (resume, resumed) = std::sync::mpsc::channel();
-    let held = Arc::new(std::sync::OnceLock::new());
-    let held2 = held.clone();
-    let s = stack_with(move |inner| {
-        let b = Arc::new(HeldRemovals {
-            dedup: Dedup { inner },
-            removing: Mutex::new(removing),
-            go: Mutex::new(gate),
-            adopting: AtomicBool::new(false),
-            walking: Mutex::new(Some((walking, resumed))),
-        });
-        held2.set(b.clone()).ok();
-        b
-    });
-    let (a, b) = (ctx("a"), ctx("b"));
-    let target = labels(&[(LABEL_SNAPSHOT_REF, "sha256:shared")]);
-    s.sn.prepare(&a, "extract", None, &target).unwrap();
-    s.sn.commit(&a, "sha256:shared", "extract", &target).unwrap();
+    let (s, _held, removals, go) = held_stack(Some((walking, resumed)));
+    let (a, b, target) = (ctx("a"), ctx("b"), shared_target());
     drop(go); // removals go straight through
     std::thread::scope(|scope| {
         let create = scope.spawn(|| s.sn.prepare(&b, "extract", None, &target));
@@ -488,12 +493,7 @@ fn a_layer_removed_between_its_discovery_and_its_adoption_is_made_anew() {
         assert!(!made.is_empty());
     });
     assert_eq!(s.sn.stat(&b, "extract").unwrap().kind, Kind::Active);
-    for info in list(&s.sn, &b, &[]).unwrap() {
-        for m in s.sn.mounts(&b, &info.name).unwrap() {
-            assert!(source(&[m]).is_dir(), "{:?} names data that exists", info.name);
-        }
-    }
-    assert!(held.get().is_some());
+    assert_every_snapshot_has_its_data(&s, &b);
 }
 
 #[test]

@@ -522,7 +522,7 @@ impl Snapshotter {
     }
 
     /// Makes the snapshot; `again` allows one more attempt if the backend snapshot it
-    /// would adopt turns out to be under removal.
+    /// would adopt is gone by the time it is adopted (removed meanwhile).
     fn create(
         &self,
         ctx: &Ctx,

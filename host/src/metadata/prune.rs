@@ -23,6 +23,7 @@ use super::cache::{Graph, Policy, Scope};
 use super::db::{self, LEASE_RESOURCES, Tables};
 use super::gc::labelled_root;
 use super::snapshotter::Snapshotter;
+use super::unnamed::Outcome;
 use super::usage::forget_sizes;
 use crate::error::{Error, Result};
 use crate::filter::Filter;
@@ -169,7 +170,9 @@ pub struct CachePruneReport {
     pub dry_run: bool,
     /// What went (or would go), in the order it did.
     pub removed: Vec<PrunedSnapshot>,
-    /// Bytes freed (or that would be): the sizes of what went.
+    /// Bytes freed: the sizes of the snapshots whose data went. A record removed
+    /// while another still names its data (a layer shared between namespaces, or one a
+    /// create adopted meanwhile) frees nothing. Dry, the sizes of what would go.
     pub freed: u64,
     /// Bytes counted against the size limits before (committed snapshots not shared).
     pub total: u64,
@@ -278,21 +281,29 @@ impl Snapshotter {
             let mut removals = self.remove_backend_keys(bkeys);
             for (j, last) in gone {
                 let p = &batch[j];
-                if last {
-                    let removed = removals.next().unwrap_or_else(|| {
-                        Err(Error::internal("the backend's removals ended early"))
-                    });
-                    match removed {
-                        Ok(()) => {}
-                        Err(e) if e.is_not_found() => {}
-                        Err(e) => {
-                            tracing::warn!(snapshotter = %self.name(), bkey = %p.bkey, error = %e,
+                // Bytes are freed only where the data went: not while another record
+                // names it (a layer shared between namespaces, or one a create adopted
+                // after the record went), nor when its removal failed.
+                let freed = last
+                    && {
+                        let removed = removals.next().unwrap_or_else(|| {
+                            Err(Error::internal("the backend's removals ended early"))
+                        });
+                        match removed {
+                            Ok(Outcome::Removed) => true,
+                            Ok(Outcome::Named) => false,
+                            Err(e) if e.is_not_found() => true,
+                            Err(e) => {
+                                tracing::warn!(snapshotter = %self.name(), bkey = %p.bkey, error = %e,
                                 "prune: the record is gone but the backend snapshot is not; collection will retry");
-                            report.failed.push((p.bkey.clone(), e.to_string()));
+                                report.failed.push((p.bkey.clone(), e.to_string()));
+                                false
+                            }
                         }
-                    }
+                    };
+                if freed {
+                    report.freed = report.freed.saturating_add(p.size);
                 }
-                report.freed = report.freed.saturating_add(p.size);
                 if let Some(&i) = index.get(&(p.ns.as_str(), p.key.as_str())) {
                     report.removed.push(pruned(&g, i));
                 }
@@ -309,17 +320,17 @@ impl Snapshotter {
     /// [`BACKEND_DEADLINE`]; after one that does not, the rest are reported unavailable
     /// (the thread may still finish them, and the next collection takes what it does
     /// not).
-    fn remove_backend_keys(&self, bkeys: Vec<String>) -> impl Iterator<Item = Result<()>> {
+    fn remove_backend_keys(&self, bkeys: Vec<String>) -> impl Iterator<Item = Result<Outcome>> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (backend, faults, n) = (self.backend.clone(), self.faults.clone(), bkeys.len());
         let unnamed = self.unnamed.clone();
         let spawned = super::helpers::BACKEND.run(move || {
             for bkey in bkeys {
-                // Kept, and reported removed, if a create adopted it meanwhile: the
-                // record pruning removed is gone either way.
+                // Kept if a create adopted it meanwhile; the record pruning removed is
+                // gone either way.
                 let r = faults
                     .hit("prune.backend.remove")
-                    .and_then(|()| unnamed.remove(&bkey, || backend.remove(&bkey)).map(drop));
+                    .and_then(|()| unnamed.remove(&bkey, || backend.remove(&bkey)));
                 if tx.send(r).is_err() {
                     return;
                 }

@@ -394,8 +394,8 @@ type Pause = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
 
 /// What the adoption tests share: a stack over [`HeldRemovals`] (whose adoption walk
 /// pauses if `walking` is set) with namespace a holding the committed layer
-/// `sha256:shared`; the backend; the backend keys of removals as they begin; and what
-/// lets each removal go on (dropped: all go straight through).
+/// `sha256:shared` (32 KiB of data); the backend; the backend keys of removals as they
+/// begin; and what lets each removal go on (dropped: all go straight through).
 fn held_stack(
     walking: Option<Pause>,
 ) -> (Stack, Arc<HeldRemovals>, std::sync::mpsc::Receiver<String>, std::sync::mpsc::Sender<()>) {
@@ -417,6 +417,7 @@ fn held_stack(
     let held = held.get().unwrap().clone();
     let (a, target) = (ctx("a"), shared_target());
     s.sn.prepare(&a, "extract", None, &target).unwrap();
+    fill(&s, &a, "extract", 32 << 10);
     s.sn.commit(&a, "sha256:shared", "extract", &target).unwrap();
     (s, held, removals, go)
 }
@@ -494,6 +495,67 @@ fn a_layer_removed_between_its_discovery_and_its_adoption_is_made_anew() {
     });
     assert_eq!(s.sn.stat(&b, "extract").unwrap().kind, Kind::Active);
     assert_every_snapshot_has_its_data(&s, &b);
+}
+
+/// Writes a file of `bytes` bytes into the active snapshot `key` of `c`.
+fn fill(s: &Stack, c: &wasnap::Ctx, key: &str, bytes: usize) {
+    let m = s.sn.mounts(c, key).unwrap();
+    std::fs::write(source(&m).join("data"), vec![b'x'; bytes]).unwrap();
+}
+
+/// A prune frees the bytes of the data it removed, and only those: not those of a layer
+/// another namespace's record still names, nor of one a create adopted between the
+/// prune's removal of its record and the removal of its data.
+#[test]
+fn a_prune_counts_as_freed_only_the_data_that_went() {
+    use wasnap::metadata::{PrunePolicy, Scope};
+    let (s, _held, removals, go) = held_stack(None);
+    let (a, b, c, target) = (ctx("a"), ctx("b"), ctx("c"), shared_target());
+    // In a, a child of the shared layer, whose removal (the first: children go first)
+    // is held while b adopts the layer.
+    s.sn.prepare(&a, "child-active", Some("sha256:shared"), &none()).unwrap();
+    fill(&s, &a, "child-active", 64 << 10);
+    s.sn.commit(&a, "child", "child-active", &none()).unwrap();
+    let prune = |ns: &wasnap::Ctx| {
+        s.sn.prune_cache(
+            Scope::Namespace(ns.namespace()),
+            &PrunePolicy::default(),
+            0,
+            false,
+            &mut |_| {},
+        )
+    };
+    let report = std::thread::scope(|scope| {
+        let pruning = scope.spawn(|| prune(&a));
+        let first = removals.recv().unwrap();
+        assert!(first.ends_with("/child"), "{first}");
+        // The layer's record in a is gone; its data is not doomed yet: b adopts it.
+        let err = s.sn.prepare(&b, "extract", None, &target).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        drop(go);
+        pruning.join().unwrap().unwrap()
+    });
+    let gone: Vec<&str> = report.removed.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(gone, ["child", "sha256:shared"], "{report:?}");
+    let child = report.removed[0].size.expect("the child's size");
+    assert!(child >= 64 << 10, "{report:?}");
+    assert_eq!(report.freed, child, "the adopted layer freed nothing: {report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(s.sn.stat(&b, "sha256:shared").unwrap().kind, Kind::Committed);
+    assert_every_snapshot_has_its_data(&s, &b);
+
+    // c shares the layer too; pruning b then removes b's record and keeps the data.
+    let err = s.sn.prepare(&c, "extract", None, &target).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    let report = prune(&b).unwrap();
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert_eq!(report.freed, 0, "c still names the layer: {report:?}");
+    assert_every_snapshot_has_its_data(&s, &c);
+    // The last record's prune frees it.
+    let report = prune(&c).unwrap();
+    assert!(report.removed[0].size.unwrap() >= 32 << 10, "{report:?}");
+    assert_eq!(report.freed, report.removed[0].size.unwrap(), "{report:?}");
+    assert!(backend_keys(s.sn.backend().as_ref()).is_empty(), "{report:?}");
 }
 
 #[test]

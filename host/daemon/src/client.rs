@@ -181,18 +181,14 @@ impl<M> tokio_stream::Stream for UploadStream<M> {
     }
 }
 
-/// Reads until `buf` is full or the input ends; how much was read.
-fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match input.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
+/// One read of `input` into `buf` (not empty), again if interrupted; 0: the end.
+fn read_some(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match input.read(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            r => return r,
         }
     }
-    Ok(n)
 }
 
 fn report<T: serde::de::DeserializeOwned>(r: apb::ReportResponse) -> Result<T> {
@@ -226,13 +222,29 @@ impl Blocking {
                 }
                 loop {
                     let mut buf = vec![0u8; CHUNK];
-                    let n = read_full(input, &mut buf).context("read the upload")?;
-                    if n == 0 {
-                        let _ = tx.blocking_send(done);
-                        return Ok(());
+                    let mut n = 0;
+                    // A chunk goes once full, or as soon as the connection has taken
+                    // every chunk before it: a slow source (a download piped in) keeps
+                    // the upload moving, and the daemon's idle limit applies to the
+                    // source, not to how long it takes to fill a chunk.
+                    let ended = loop {
+                        let k = read_some(input, &mut buf[n..]).context("read the upload")?;
+                        n += k;
+                        if k == 0 {
+                            break true;
+                        }
+                        if n == buf.len() || tx.capacity() == tx.max_capacity() {
+                            break false;
+                        }
+                    };
+                    if n > 0 {
+                        buf.truncate(n);
+                        if tx.blocking_send(data(buf)).is_err() {
+                            return Ok(());
+                        }
                     }
-                    buf.truncate(n);
-                    if tx.blocking_send(data(buf)).is_err() {
+                    if ended {
+                        let _ = tx.blocking_send(done);
                         return Ok(());
                     }
                 }

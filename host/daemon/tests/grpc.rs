@@ -323,6 +323,43 @@ async fn a_stream_that_stands_still_fails_after_stream_idle_secs() {
     d.stop().await.unwrap();
 }
 
+/// A source that gives 100 bytes every 300 ms, ten times: a download piped in.
+struct Trickle(usize);
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0 == 0 {
+            return Ok(0);
+        }
+        self.0 -= 1;
+        std::thread::sleep(Duration::from_millis(300));
+        let n = buf.len().min(100);
+        buf[..n].fill(b'x');
+        Ok(n)
+    }
+}
+
+/// The client's upload sends what a slow source gives as it comes, not once it has a
+/// whole chunk: an upload that takes longer than stream_idle_secs, from a source never
+/// idle that long, succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_from_a_slow_source_is_not_idle() {
+    let d = Daemon::start_with(|c| c.daemon.stream_idle_secs = 2).await;
+    let socket = d.socket.clone();
+    let started = std::time::Instant::now();
+    let info = tokio::task::spawn_blocking(move || {
+        let c = wasnap_daemon::client::Blocking::connect(&socket).unwrap();
+        let h = wasnap_daemon::client::Headers { namespace: Some("default"), lease: None };
+        c.content_ingest(h, adm::ContentIngestStart::default(), &mut Trickle(10))
+    })
+    .await
+    .unwrap()
+    .expect("the upload is never idle for 2 s");
+    assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(info.size, 1000);
+    d.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_hold_what_is_made_under_them() {
     let d = Daemon::start().await;

@@ -5,12 +5,15 @@
 //! a private file under `content/ingest/` first, hashed as it is written, synced, checked
 //! against the digest and size the caller expects, and only then renamed into place (and
 //! the directory synced): a half-written or wrong blob is never visible under a digest.
-//! Two ingests of the same digest each write their own file; whichever renames first
-//! wins and the other finds the blob there. What `ingest/` holds when the root is opened
-//! is what a crash cut short, and is removed.
+//! Two ingests of the same digest each write their own file and each renames it into
+//! place (the same verified bytes; a damaged file of that name is so replaced), then syncs
+//! the directory before writing its record. What `ingest/` holds when the root is opened
+//! is what a crash cut short, and is removed; a file whose record could not be written is
+//! removed at once unless a namespace records it.
 //!
 //! **Records.** Which blobs each namespace holds, with their labels, is kept in the
-//! metadata database ([`crate::metadata`]), beside the snapshots, so that one garbage
+//! metadata database ([`crate::metadata`]), beside the snapshots; an ingest of a blob the
+//! namespace already holds sets the labels it gives on the record. One garbage
 //! collection marks both. A blob ingested under a lease is held by it; snapshots mapped
 //! to a blob, and `containerd.io/gc.ref.content.*` labels, hold it too; a blob nothing
 //! holds is collected (containerd's rules). After a collection swept its last record,
@@ -31,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, Hashing};
 use crate::error::{Context, Error, Result};
+use crate::fault::Faults;
 use crate::filter::{Adaptor, Filter, map_field};
 use crate::kv::{Durability, from_nanos, now_nanos};
 use crate::metadata::content::{self as records, Stored, Tables as _};
@@ -104,12 +108,13 @@ pub struct ContentStore {
     ingest: Dir,
     /// Shared by ingests from rename to record; exclusive while deleting files.
     files: RwLock<()>,
+    faults: Arc<Faults>,
 }
 
 impl ContentStore {
     /// Opens (creating if needed) the store in `root`, with its records in `db`, and
     /// removes what interrupted ingests left.
-    pub fn open(root: &Dir, db: Arc<MetaDb>) -> Result<Self> {
+    pub fn open(root: &Dir, db: Arc<MetaDb>, faults: Arc<Faults>) -> Result<Self> {
         let mut builder = DirBuilder::new();
         builder.recursive(true).mode(0o700);
         for rel in [BLOBS, INGEST] {
@@ -136,7 +141,7 @@ impl ContentStore {
             rustix::fs::Mode::empty(),
         )
         .context("open content/blobs")?;
-        Ok(ContentStore { db, blobs, blobs_fd, ingest, files: RwLock::new(()) })
+        Ok(ContentStore { db, blobs, blobs_fd, ingest, files: RwLock::new(()), faults })
     }
 
     /// A writer for a new blob; [`Writer::commit`] makes it visible.
@@ -276,30 +281,41 @@ impl ContentStore {
         if let Some(lease) = ctx.lease() {
             crate::metadata::Leases::new(self.db.clone()).require(ctx, lease)?;
         }
-        let _files = self.files.read().unwrap_or_else(|e| e.into_inner());
+        let files = self.files.read().unwrap_or_else(|e| e.into_inner());
         let hex = digest.hex();
-        match self.blobs.symlink_metadata(&hex) {
-            Ok(m) if m.is_file() && m.len() == size => {
-                // Another ingest (or namespace) got there first: the same bytes.
-                let _ = self.ingest.remove_file(name);
-            }
-            found => {
-                if found.is_ok() {
-                    // Not a file of the right size: not one of the store's blobs.
-                    tracing::warn!(%digest, "replacing a damaged blob file");
-                }
-                self.ingest
-                    .rename(name, &self.blobs, &hex)
-                    .with_context(|| format!("move content/ingest/{name} to blob {digest}"))?;
-                rustix::fs::fsync(&self.blobs_fd).context("sync content/blobs")?;
-            }
+        // The verified bytes go into place even where a file of that name is: it may be
+        // damaged (of the same size, even), and its name may not be on disk yet (the
+        // ingest that renamed it may not have synced the directory, or failed to). So
+        // the name is synced here, before any record of this call names it.
+        if let Ok(m) = self.blobs.symlink_metadata(&hex)
+            && !(m.is_file() && m.len() == size)
+        {
+            tracing::warn!(%digest, "replacing a damaged blob file");
         }
+        self.ingest
+            .rename(name, &self.blobs, &hex)
+            .with_context(|| format!("move content/ingest/{name} to blob {digest}"))?;
+        rustix::fs::fsync(&self.blobs_fd).context("sync content/blobs")?;
         let (ns, labels2, lease) =
             (ctx.namespace().to_owned(), labels.clone(), ctx.lease().map(str::to_owned));
-        let (stored, _) = self.db.write(Durability::Immediate, move |txn| {
+        let faults = self.faults.clone();
+        let written = self.db.write(Durability::Immediate, move |txn| {
+            faults.hit("content.publish.record")?;
             records::put(txn, &ns, &digest, size, &labels2, lease.as_deref(), now_nanos())
-        })?;
-        Ok(BlobInfo::from_stored(digest, stored))
+        });
+        drop(files);
+        match written {
+            Ok((stored, _)) => Ok(BlobInfo::from_stored(digest, stored)),
+            Err(e) => {
+                // The file goes now unless a namespace records it (another ingest of the
+                // same bytes), not at the next full scan of blobs/.
+                if let Err(e2) = self.remove_unrecorded(Some(&[digest])) {
+                    tracing::warn!(%digest, error = %e2,
+                        "a blob whose record failed is left; the next start's collection removes it");
+                }
+                Err(e)
+            }
+        }
     }
 }
 

@@ -151,7 +151,7 @@ impl Host {
         let dir =
             Dir::open_ambient_dir(&root, ambient_authority()).with_context(|| at("open root"))?;
         let db = Arc::new(MetaDb::open(&dir)?);
-        let content = Arc::new(ContentStore::open(&dir, db.clone())?);
+        let content = Arc::new(ContentStore::open(&dir, db.clone(), faults.clone())?);
         let collector = Arc::new(
             Collector::new(db.clone(), faults.clone(), config.gc).with_content(content.clone()),
         );

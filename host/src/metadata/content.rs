@@ -79,8 +79,9 @@ macro_rules! tables_for {
 tables_for!(redb::ReadTransaction);
 tables_for!(WriteTransaction);
 
-/// Records `digest` in `ns` (keeping an existing record as it is) and, under `lease`,
-/// has the lease hold it. Returns the record and whether it is new.
+/// Records `digest` in `ns` with `labels` (an existing record keeps its other labels:
+/// those given are set) and, under `lease`, has the lease hold it. Returns the record and
+/// whether it is new.
 pub(crate) fn put(
     txn: &WriteTransaction,
     ns: &str,
@@ -103,7 +104,18 @@ pub(crate) fn put(
                 existing.size
             )));
         }
-        return Ok((existing, false));
+        // The labels given hold the blob as the caller asked (a `gc.root`, the
+        // references of `gc.ref.content.*`): dropping them would let a collection take
+        // what the caller was told is kept.
+        let mut stored = existing;
+        let changed = labels.iter().any(|(k, v)| stored.labels.get(k) != Some(v));
+        if changed {
+            stored.labels.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+            stored.updated = now;
+            let bytes = serde_json::to_vec(&stored).context("encode content record")?;
+            txn.open_table(CONTENT)?.insert((ns, d.as_str()), bytes.as_slice())?;
+        }
+        return Ok((stored, false));
     }
     let stored = Stored { size, created: now, updated: now, labels: labels.clone() };
     let bytes = serde_json::to_vec(&stored).context("encode content record")?;

@@ -101,6 +101,54 @@ fn concurrent_ingests_of_one_digest_all_succeed_and_leave_one_blob() {
     }
 }
 
+/// An ingest of a blob the namespace already holds puts the verified bytes in place (a
+/// damaged file of the same size is replaced) and sets the labels it gives, which then
+/// hold the blob as they say.
+#[test]
+fn an_ingest_again_repairs_the_file_and_sets_its_labels() {
+    let env = Env::native(GcOptions::default());
+    let content = env.host.content();
+    let leased = env.lease("default", "l1", &[]);
+    let d = ingest(content, &leased, b"hello");
+    let file = env.dir.path().join("content/blobs/sha256").join(d.hex());
+    std::fs::write(&file, b"jello").unwrap();
+
+    let info = content.ingest(&ctx("default"), &mut &b"hello"[..], None, &labels(&[(ROOT, "1")]));
+    assert_eq!(info.unwrap().labels.get(ROOT).map(String::as_str), Some("1"));
+    assert_eq!(std::fs::read(&file).unwrap(), b"hello", "the damaged file is replaced");
+    // The lease it was ingested under goes; the gc.root label given since holds it.
+    env.drop_lease("default", "l1");
+    let r = env.collect();
+    assert!(r.removed_content.is_empty() && r.deleted_blobs.is_empty(), "{r:?}");
+    assert_eq!(blob_files(&env), set([d.hex()]));
+}
+
+/// A blob whose record cannot be written goes at once, unless another namespace records
+/// it; nothing waits for a restart's full scan of the blob directory.
+#[test]
+fn a_blob_whose_record_fails_is_removed_unless_recorded() {
+    let env = Env::native(GcOptions::default());
+    let content = env.host.content();
+    env.collect(); // the one full scan of this process is done
+    env.faults.arm("content.publish.record", Action::Error);
+    let err = content.ingest(&ctx("a"), &mut &b"lost"[..], None, &none()).unwrap_err();
+    assert!(err.to_string().contains("injected fault"), "{err}");
+    assert!(blob_files(&env).is_empty(), "{:?}", blob_files(&env));
+    assert_eq!(ingest_files(&env), 0);
+
+    // Held by a, the file stays when b's record fails.
+    env.faults.disarm("content.publish.record");
+    let d = ingest(content, &ctx("a"), b"kept");
+    env.faults.arm("content.publish.record", Action::Error);
+    assert!(content.ingest(&ctx("b"), &mut &b"kept"[..], None, &none()).is_err());
+    env.faults.disarm("content.publish.record");
+    assert_eq!(blob_files(&env), set([d.hex()]));
+    let mut out = Vec::new();
+    std::io::copy(&mut content.read(&ctx("a"), &d).unwrap().1, &mut out).unwrap();
+    assert_eq!(out, b"kept");
+    assert_eq!(content.info(&ctx("b"), &d).unwrap_err().kind(), ErrorKind::NotFound);
+}
+
 #[test]
 fn what_a_crash_leaves_is_removed_at_open_and_by_a_collection() {
     let env = Env::native(GcOptions::default());

@@ -109,10 +109,10 @@ impl Compression {
     pub fn detect_decoder<'a, R: BufRead + Send + 'a>(
         mut r: R,
     ) -> Result<(Compression, Box<dyn Read + Send + 'a>)> {
-        let head = fill_at_least(&mut r, ZSTD_MAGIC.len())
+        let head = read_head(&mut r, ZSTD_MAGIC.len())
             .map_err(|e| Error::internal("read the layer's first bytes").caused_by(e))?;
         let c = Compression::detect(&head);
-        Ok((c, c.decoder(r)?))
+        Ok((c, c.decoder(io::Cursor::new(head).chain(r))?))
     }
 
     /// A writer that compresses into `w`; [`Encoder::finish`] ends the stream.
@@ -136,17 +136,13 @@ impl std::fmt::Display for Compression {
     }
 }
 
-/// Peeks at up to `n` bytes of `r` without consuming them (fewer only at end of stream).
-fn fill_at_least<R: BufRead>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
-    // A BufRead only promises what one fill_buf returns; the magic numbers are 2 and 4
-    // bytes and any real buffer holds that, so one fill (retried on interrupt) is enough.
-    loop {
-        match r.fill_buf() {
-            Ok(buf) => return Ok(buf[..buf.len().min(n)].to_vec()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
+/// Reads the first `n` bytes of `r` (fewer only at its end). Reads until it has them: one
+/// read may give a single byte (an upload's first message, a pipe), and one fill of a
+/// `BufRead` is one read.
+fn read_head<R: Read>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(n);
+    r.take(n as u64).read_to_end(&mut head)?;
+    Ok(head)
 }
 
 /// A compressing writer (see [`Compression::encoder`]).
@@ -219,6 +215,40 @@ mod tests {
             assert_eq!(Compression::from_media_type(c.media_type()).expect("mt"), c);
             assert_eq!(Compression::parse(c.as_str()).expect("parse"), c);
         }
+    }
+
+    /// A source that gives one byte a read, as an upload whose first messages are tiny.
+    struct Dribble<'a>(&'a [u8]);
+
+    impl Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.len().min(buf.len()).min(1);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn detection_reads_the_magic_whole_from_a_source_that_gives_a_byte_a_read() {
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            let mut enc = c.encoder(Vec::new()).expect("encoder");
+            enc.write_all(b"the layer's bytes").expect("write");
+            let packed = enc.finish().expect("finish");
+            let (found, mut dec) =
+                Compression::detect_decoder(io::BufReader::new(Dribble(&packed))).expect("dec");
+            assert_eq!(found, c);
+            let mut out = Vec::new();
+            dec.read_to_end(&mut out).expect("read");
+            assert_eq!(out, b"the layer's bytes", "{c}");
+        }
+        // Shorter than a magic number: what there is, undecoded.
+        let (found, mut dec) =
+            Compression::detect_decoder(io::BufReader::new(Dribble(b"\x1f"))).expect("dec");
+        assert_eq!(found, Compression::None);
+        let mut out = Vec::new();
+        dec.read_to_end(&mut out).expect("read");
+        assert_eq!(out, b"\x1f");
     }
 
     #[test]

@@ -191,8 +191,7 @@ impl Leases {
             })?;
         }
         let id = match id {
-            // containerd's rule for identifiers: its clients and its headers carry them.
-            Some(id) => super::validate_identifier("lease id", id).map(|()| id.to_owned())?,
+            Some(id) => validate_id(id).map(|()| id.to_owned())?,
             None => generated_id(),
         };
         let created = now_nanos();
@@ -293,6 +292,26 @@ impl Leases {
 }
 
 /// A fresh lease id, like containerd's generated ones (time plus randomness).
+/// Longest lease id taken.
+const MAX_ID_LEN: usize = 1024;
+
+/// A lease id as containerd takes it: any text but empty (its clients make ids such as
+/// `123--x_`, base64url after a number), here also at most 1024 bytes of visible ASCII,
+/// since the `wasnap-lease` header carries it.
+fn validate_id(id: &str) -> Result<()> {
+    let invalid = |why: &str| Err(Error::invalid_argument(format!("lease id {id:?}: {why}")));
+    if id.is_empty() {
+        return invalid("must not be empty");
+    }
+    if id.len() > MAX_ID_LEN {
+        return invalid("longer than 1024 bytes");
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return invalid("must be visible ASCII characters, no spaces (a header carries it)");
+    }
+    Ok(())
+}
+
 fn generated_id() -> String {
     format!("{}-{:08x}", now_nanos() / 1_000_000_000, crate::kv::nonce())
 }

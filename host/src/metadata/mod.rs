@@ -84,8 +84,8 @@ fn validate_namespace(ns: &str) -> Result<()> {
     validate_identifier("namespace", ns)
 }
 
-/// containerd's rule for identifiers (namespaces, leases): alphanumeric runs joined by
-/// single `.`, `_` or `-`, at most 76 bytes.
+/// containerd's rule for namespaces: alphanumeric runs joined by single `.`, `_` or
+/// `-`, at most 76 bytes.
 pub(crate) fn validate_identifier(what: &str, id: &str) -> Result<()> {
     let invalid = |why: &str| Err(Error::invalid_argument(format!("{what} {id:?}: {why}")));
     if id.is_empty() {

@@ -531,7 +531,7 @@ impl Host {
 
     /// The lease manager.
     pub fn leases(&self) -> Leases {
-        Leases::new(self.db.clone())
+        Leases::new(self.db.clone()).with_trigger(self.trigger.clone())
     }
 
     /// Deletes a lease; with `sync`, collects before returning, so what only the lease

@@ -171,12 +171,28 @@ pub(crate) fn release_in(
 #[derive(Debug, Clone)]
 pub struct Leases {
     db: std::sync::Arc<MetaDb>,
+    /// Told of each lease, or resource of one, deleted: what it held may now go.
+    trigger: Option<std::sync::Arc<dyn super::Changes>>,
 }
 
 impl Leases {
     /// Leases kept in `db`.
     pub fn new(db: std::sync::Arc<MetaDb>) -> Self {
-        Leases { db }
+        Leases { db, trigger: None }
+    }
+
+    /// Tells `trigger` of each deletion of a lease or of a resource from one, as
+    /// containerd's lease manager marks its database dirty: the collector need not wait
+    /// for its interval to take what only the lease held.
+    pub fn with_trigger(mut self, trigger: std::sync::Arc<dyn super::Changes>) -> Self {
+        self.trigger = Some(trigger);
+        self
+    }
+
+    fn deleted(&self) {
+        if let Some(t) = &self.trigger {
+            t.deletion();
+        }
     }
 
     /// Creates a lease with `id` (or a generated one) and `labels`.
@@ -220,7 +236,9 @@ impl Leases {
             }
             txn.open_multimap_table(LEASE_RESOURCES)?.remove_all((ns.as_str(), id.as_str()))?;
             Ok(())
-        })
+        })?;
+        self.deleted();
+        Ok(())
     }
 
     /// The namespace's leases matching any of `filters` (fields `id`, `labels.<k>`).
@@ -259,7 +277,9 @@ impl Leases {
         self.db.write(Durability::Immediate, move |txn| {
             check_exists(txn, &ns, &id)?;
             release_in(txn, &ns, &id, &resource)
-        })
+        })?;
+        self.deleted();
+        Ok(())
     }
 
     /// Not found unless lease `id` exists: for work that would be wasted under a

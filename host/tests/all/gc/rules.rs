@@ -361,6 +361,9 @@ fn retention_keeps_the_most_recently_updated_unheld_committed_snapshots() {
 
 // 14 ------------------------------------------------------------------------------------
 
+/// The scheduler collects once something is deleted: a snapshot, a lease, a resource of
+/// a lease (containerd's lease manager marks its database dirty for both), and stops
+/// when dropped.
 #[test]
 fn the_scheduler_collects_after_a_deletion_and_stops_when_dropped() {
     let gc = GcOptions { deletion_threshold: 1, ..GcOptions::default() };
@@ -374,7 +377,13 @@ fn the_scheduler_collects_after_a_deletion_and_stops_when_dropped() {
         let l = c.clone().with_lease(Some("l".into()));
         commit(&sn, &l, &format!("leased{n}"), None, &[]);
         sn.prepare(&c, &format!("unrelated{n}"), None, &none()).unwrap();
-        host.delete_lease(&c, "l", false).unwrap();
+    };
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !done() {
+            assert!(t.elapsed() < Duration::from_secs(5), "the scheduler never {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     };
     setup(1);
 
@@ -385,25 +394,26 @@ fn the_scheduler_collects_after_a_deletion_and_stops_when_dropped() {
         ["leased1", "unrelated1"],
         "nothing calls for a collection yet"
     );
+    // The lease goes, without sync: what only it held goes soon after.
+    host.delete_lease(&c, "l", false).unwrap();
+    until("collected after a lease went", &|| keys(&sn, "default") == ["unrelated1"]);
+    until("pruned the backend", &|| bkeys(&sn).len() == 1);
+    // A resource leaves a lease that stays.
+    host.leases().create(&c, Some("m"), &none()).unwrap();
+    commit(&sn, &c.clone().with_lease(Some("m".into())), "held", None, &[]);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(keys(&sn, "default"), ["held", "unrelated1"]);
+    host.leases().delete_resource(&c, "m", &Resource::snapshot("native", "held")).unwrap();
+    until("collected after a lease's resource went", &|| keys(&sn, "default") == ["unrelated1"]);
+    // A snapshot removed.
     sn.remove(&c, "unrelated1").unwrap();
-    let t = Instant::now();
-    while keys(&sn, "default").contains(&"leased1".to_owned()) {
-        assert!(t.elapsed() < Duration::from_secs(5), "the scheduler never collected");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    while !bkeys(&sn).is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "the backend was never pruned: {:?}",
-            bkeys(&sn)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    until("pruned the backend after a removal", &|| bkeys(&sn).is_empty());
 
     let t = Instant::now();
     drop(scheduler);
     assert!(t.elapsed() < Duration::from_secs(2), "dropping the scheduler took {:?}", t.elapsed());
     setup(2);
+    host.delete_lease(&c, "l", false).unwrap();
     sn.remove(&c, "unrelated2").unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(keys(&sn, "default"), ["leased2"], "no collections after the scheduler is dropped");

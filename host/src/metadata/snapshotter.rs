@@ -827,7 +827,30 @@ impl Snapshotter {
     /// the plugin's first write, in the same transaction, so no change of the plugin's
     /// store commits before it.
     pub fn commit(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        self.commit_as(ctx, name, key, labels, Vec::new(), Vec::new())
+        let committed = self.commit_as(ctx, name, key, labels, Vec::new(), Vec::new());
+        match committed {
+            // As containerd does: the caller's lease now holds the snapshot that has the
+            // name (an unpacker that lost a race takes already-exists for success, and
+            // counts on its lease to keep the layer).
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && ctx.lease().is_some() => {
+                self.hold_existing(ctx, name)?;
+                Err(e)
+            }
+            r => r,
+        }
+    }
+
+    /// Has the caller's lease hold `key` if a record has that name.
+    fn hold_existing(&self, ctx: &Ctx, key: &str) -> Result<()> {
+        let Some(lease) = ctx.lease() else { return Ok(()) };
+        let (sn, ns, key, lease) =
+            (self.name.clone(), ctx.namespace().to_owned(), key.to_owned(), lease.to_owned());
+        self.db.write(Durability::Immediate, move |txn| {
+            if txn.record(&sn, &ns, &key)?.is_none() {
+                return Ok(());
+            }
+            lease::hold_in(txn, &ns, &lease, &Resource::snapshot(&sn, &key))
+        })
     }
 
     /// [`Snapshotter::commit`], recording the committed snapshot as a merge of `layers`

@@ -171,6 +171,30 @@ fn lease_ids_are_what_containerds_clients_make_and_expiry_times_may_carry_any_of
     assert!(leases.list(&c, &["id==past".to_owned()]).unwrap().is_empty(), "the lease expired");
 }
 
+/// Two unpacks of one layer under two leases: the commit that loses the name fails with
+/// already-exists, and its lease holds the snapshot that won (containerd 1.7's commit), so
+/// the layer outlives the winner's lease.
+#[test]
+fn a_commit_that_loses_its_name_leaves_the_winner_held_by_its_lease() {
+    let e = Env::native(GcOptions::default());
+    let sn = e.sn("native");
+    let (l1, l2) = (e.lease("default", "l1", &[]), e.lease("default", "l2", &[]));
+    sn.prepare(&l1, "extract-1", None, &none()).unwrap();
+    sn.prepare(&l2, "extract-2", None, &none()).unwrap();
+    sn.commit(&l1, "layer", "extract-1", &none()).unwrap();
+    let err = sn.commit(&l2, "layer", "extract-2", &none()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    let held = e.host.leases().resources(&ctx("default"), "l2").unwrap();
+    assert!(held.contains(&Resource::snapshot("native", "layer")), "{held:?}");
+    sn.remove(&l2, "extract-2").unwrap();
+    e.drop_lease("default", "l1");
+    e.collect();
+    assert_eq!(keys(&sn, "default"), ["layer"], "l2 holds it");
+    e.drop_lease("default", "l2");
+    e.collect();
+    assert!(keys(&sn, "default").is_empty());
+}
+
 #[test]
 fn a_label_set_to_nothing_is_removed_as_containerd_removes_it() {
     let e = Env::native(GcOptions::default());

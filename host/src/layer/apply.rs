@@ -802,32 +802,54 @@ fn parse_time(v: &[u8]) -> Option<Timespec> {
     })
 }
 
-/// The raw data of the PAX extended header that applies to the entry whose header is at
-/// `header_pos`, from the bytes recorded since `start` (the previous entry's padding, its
-/// extension headers, its header).
-fn extension_data(recorded: &[u8], start: u64, header_pos: u64) -> Result<Option<&[u8]>> {
+/// The raw data of the extension headers before one entry (the last of each kind).
+#[derive(Default)]
+struct Extensions<'a> {
+    /// The PAX extended header's records.
+    pax: Option<&'a [u8]>,
+    /// A GNU long name (`L`).
+    long_name: Option<&'a [u8]>,
+    /// A GNU long link target (`K`).
+    long_link: Option<&'a [u8]>,
+}
+
+/// The extension headers that apply to the entry whose header is at `header_pos`, from
+/// the bytes recorded since `start` (the previous entry's padding, its extension
+/// headers, its header).
+fn extension_data(recorded: &[u8], start: u64, header_pos: u64) -> Result<Extensions<'_>> {
+    let mut ext = Extensions::default();
     let first = start.next_multiple_of(512);
     if header_pos <= first {
-        return Ok(None);
+        return Ok(ext);
     }
     let lost = || Error::internal("layer stream: the tar extension headers could not be located");
     let mut pos = first;
-    let mut pax = None;
     while pos < header_pos {
         let off = usize::try_from(pos - start).map_err(|_| lost())?;
         let block = recorded.get(off..off + 512).ok_or_else(lost)?;
         let header = tar::Header::from_byte_slice(block);
         let size = header.entry_size().map_err(|_| lost())?;
         let len = usize::try_from(size).map_err(|_| lost())?;
-        if header.entry_type().is_pax_local_extensions() {
-            pax = Some(recorded.get(off + 512..off + 512 + len).ok_or_else(lost)?);
+        let data = || recorded.get(off + 512..off + 512 + len).ok_or_else(lost);
+        let kind = header.entry_type();
+        if kind.is_pax_local_extensions() {
+            ext.pax = Some(data()?);
+        } else if kind.is_gnu_longname() {
+            ext.long_name = Some(data()?);
+        } else if kind.is_gnu_longlink() {
+            ext.long_link = Some(data()?);
         }
         pos = pos.checked_add(512 + size.next_multiple_of(512)).ok_or_else(lost)?;
     }
     if pos != header_pos {
         return Err(lost());
     }
-    Ok(pax)
+    Ok(ext)
+}
+
+/// A GNU long name's text: up to its first NUL, as Go's `archive/tar` reads it.
+fn c_string(data: &[u8]) -> Vec<u8> {
+    data.split(|&b| b == 0).next().unwrap_or_default().to_vec()
 }
 
 /// A numeric header field as parsed, except that an empty one (all NULs or spaces, as
@@ -1017,8 +1039,8 @@ impl<'o> Applier<'o> {
             fsutil::deadline::check("apply layer")?;
             if !entry.header().entry_type().is_pax_global_extensions() {
                 count += 1;
-                let pax = extension_data(&recorded, start, entry.raw_header_position())?;
-                last = self.entry(&mut entry, pax, chunks)?;
+                let ext = extension_data(&recorded, start, entry.raw_header_position())?;
+                last = self.entry(&mut entry, ext, chunks)?;
             }
             // Whatever data the entry has left is read here, not while recording the next
             // entry's headers (data written straight from the chunks is only counted).
@@ -1037,21 +1059,28 @@ impl<'o> Applier<'o> {
     }
 
     /// Applies one entry; returns its name as the tar gave it.
+    ///
+    /// Its name and link target are read as Go's `archive/tar` (containerd's) reads them,
+    /// never through the tar crate's own PAX lookup, which skips malformed records and so
+    /// could find a `path` record inside an xattr's value: a GNU long name (or link) wins,
+    /// then the PAX record, then the header's field. The same layer then unpacks to the
+    /// same tree here as in containerd and in the scanners that vetted it.
     fn entry(
         &mut self,
         entry: &mut tar::Entry<'_, Feed<'_>>,
-        pax: Option<&[u8]>,
+        ext: Extensions<'_>,
         chunks: &RefCell<Chunks>,
     ) -> Result<Vec<u8>> {
-        let mut pax = match pax {
+        let mut pax = match ext.pax {
             Some(data) => {
                 Pax::parse(data).map_err(|why| Ctx::entry(&entry.path_bytes()).bad(why))?
             }
             None => Pax::default(),
         };
-        let raw = match pax.path.take() {
-            Some(path) => path,
-            None => entry.path_bytes().into_owned(),
+        let raw = match (ext.long_name, pax.path.take()) {
+            (Some(long), _) => c_string(long),
+            (None, Some(path)) => path,
+            (None, None) => entry.header().path_bytes().into_owned(),
         };
         let ctx = Ctx::entry(&raw);
         let linked = self.linked_size(pax.private.take(), ctx)?;
@@ -1113,9 +1142,10 @@ impl<'o> Applier<'o> {
         }
         let attrs = Attrs::read(header, &mut pax, ctx)?;
         let link = match kind {
-            Kind::Symlink | Kind::Link => Some(match pax.linkpath.take() {
-                Some(link) => link,
-                None => entry
+            Kind::Symlink | Kind::Link => Some(match (ext.long_link, pax.linkpath.take()) {
+                (Some(long), _) => c_string(long),
+                (None, Some(link)) => link,
+                (None, None) => header
                     .link_name_bytes()
                     .map(|l| l.into_owned())
                     .ok_or_else(|| ctx.bad("no link target"))?,
@@ -2684,6 +2714,39 @@ mod tests {
         if is_root() {
             assert_eq!(lmeta(&env.at("pax")).uid(), 0);
         }
+    }
+
+    /// The name and link target Go's `archive/tar` reads, whatever the tar crate's own
+    /// PAX lookup would find: a `path` or `linkpath` record hidden in an xattr's value
+    /// renames nothing, and a GNU long name or link beats a PAX record.
+    #[test]
+    fn names_are_read_as_containerd_reads_them() {
+        let env = Env::new();
+        let long = "d".repeat(200);
+        let tar = Tar::new()
+            .pax(&[("SCHILY.xattr.user.x", b"a\n15 path=bin/sh\nz")])
+            .file("doc/readme", b"not a shell")
+            .pax(&[("SCHILY.xattr.user.y", b"a\n19 linkpath=bin/sh\nz")])
+            .symlink("doc/link", "readme")
+            .pax(&[("path", b"pax-name")])
+            .file(&long, b"gnu long name")
+            .pax(&[("linkpath", b"pax-target")])
+            .symlink("long-link", &"t".repeat(200))
+            .bytes();
+        env.apply_delete(&tar).expect("apply");
+        assert_eq!(std::fs::read(env.at("doc/readme")).expect("read"), b"not a shell");
+        assert_eq!(
+            xattr(&env.at("doc/readme"), "user.x").as_deref(),
+            Some(&b"a\n15 path=bin/sh\nz"[..])
+        );
+        assert!(!env.at("bin").exists(), "nothing written at a hidden path");
+        assert_eq!(std::fs::read_link(env.at("doc/link")).expect("link"), Path::new("readme"));
+        assert_eq!(std::fs::read(env.at(&long)).expect("read"), b"gnu long name");
+        assert!(!env.at("pax-name").exists());
+        assert_eq!(
+            std::fs::read_link(env.at("long-link")).expect("link"),
+            Path::new(&"t".repeat(200))
+        );
     }
 
     #[test]

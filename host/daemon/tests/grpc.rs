@@ -147,6 +147,17 @@ async fn errors_carry_containerds_codes() {
     // Messages end in the class, as containerd's errdefs write them.
     let err = s.stat(request(stat("missing"), ns, None)).await.unwrap_err();
     assert!(err.message().ends_with(": not found"), "{err:?}");
+    // A commit onto another parent (containerd 2's rebase) is refused; onto its own, done.
+    let rebase = CommitSnapshotRequest { parent: "a".into(), ..commit("d", "b") };
+    assert_eq!(code(s.commit(request(rebase, ns, None)).await), Code::Unimplemented);
+    assert_eq!(
+        s.stat(request(stat("b"), ns, None)).await.unwrap().into_inner().info.unwrap().kind,
+        Kind::Active as i32
+    );
+    let own = CommitSnapshotRequest { parent: "c".into(), ..commit("d", "b") };
+    s.commit(request(own, ns, None)).await.unwrap();
+    let d_info = s.stat(request(stat("d"), ns, None)).await.unwrap().into_inner().info.unwrap();
+    assert_eq!(d_info.parent, "c");
     d.stop().await.unwrap();
 }
 

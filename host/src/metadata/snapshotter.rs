@@ -401,20 +401,42 @@ impl Snapshotter {
         let (sn, ns, k) = (self.name.clone(), ctx.namespace().to_owned(), key.to_owned());
         let expected = current.clone();
         let written = new.clone();
+        let (again, given) = (paths.clone(), info.labels.clone());
         let stored = self.faults.hit("metadata.update.after-backend").and_then(|()| {
             self.db.write(Durability::Immediate, move |txn| {
-                // The record must still be the one the update was computed from.
-                match txn.record(&sn, &ns, &k)? {
+                let conflict = || {
+                    Error::failed_precondition(format!(
+                        "snapshot {k:?} changed during the update; retry"
+                    ))
+                };
+                let rec = match txn.record(&sn, &ns, &k)? {
                     // A use (usage.rs) between the read and this write is kept, not a
                     // conflict.
                     Some(r) if super::usage::same_but_use(&r, &expected) => {
-                        db::put_record(txn, &sn, &ns, &k, &super::usage::with_use_of(&written, &r))
+                        super::usage::with_use_of(&written, &r)
                     }
-                    Some(_) => Err(Error::failed_precondition(format!(
-                        "snapshot {k:?} changed during the update; retry"
-                    ))),
-                    None => Err(not_found(&k)),
-                }
+                    // Changed meanwhile (another update, a blob mapping): an update the
+                    // backend did not see is applied to the record as it is now, as
+                    // containerd's updates, one write at a time, are. One the backend saw,
+                    // or one that now would change what the backend keeps, conflicts.
+                    Some(r) if !changes_backend => {
+                        if let Some(name) = &r.committing {
+                            return Err(committing(&k, name));
+                        }
+                        let mut rec = r.clone();
+                        FieldPath::apply(&again, &mut rec.labels, &given);
+                        if inherited_labels(&rec.labels) != inherited_labels(&r.labels) {
+                            return Err(conflict());
+                        }
+                        validate_labels(&rec.labels)?;
+                        rec.updated = now_nanos();
+                        rec
+                    }
+                    Some(_) => return Err(conflict()),
+                    None => return Err(not_found(&k)),
+                };
+                db::put_record(txn, &sn, &ns, &k, &rec)?;
+                Ok(rec)
             })
         });
         if let Err(e) = stored {
@@ -436,7 +458,7 @@ impl Snapshotter {
             return Err(e);
         }
         self.mutated();
-        Ok(new.info(key))
+        stored.map(|rec| rec.info(key))
     }
 
     /// Maps `key` to the blob `digest` of the namespace's content, which it then holds

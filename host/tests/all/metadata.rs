@@ -190,6 +190,33 @@ fn update_changes_labels_only() {
     assert_eq!(s.sn.update(&c, &info, &[]).unwrap_err().kind(), ErrorKind::NotFound);
 }
 
+/// Updates of one snapshot's labels racing each other all succeed, each applied to the
+/// record as the one before left it, as containerd's updates (one write at a time) are.
+#[test]
+fn racing_updates_of_one_snapshot_all_succeed() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "a", None, &none()).unwrap();
+    let barrier = std::sync::Barrier::new(8);
+    std::thread::scope(|scope| {
+        for t in 0..8 {
+            let (s, c, barrier) = (&s, &c, &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                for round in 0..40 {
+                    let mut info = s.sn.stat(c, "a").unwrap();
+                    info.labels = labels(&[(&format!("l{t}"), &round.to_string())]);
+                    let after = s.sn.update(c, &info, &[format!("labels.l{t}")]).unwrap();
+                    assert_eq!(after.labels[&format!("l{t}")], round.to_string());
+                }
+            });
+        }
+    });
+    let want: Vec<(String, String)> = (0..8).map(|t| (format!("l{t}"), "39".into())).collect();
+    let got: Vec<(String, String)> = s.sn.stat(&c, "a").unwrap().labels.into_iter().collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn only_inherited_labels_reach_the_backend() {
     let mut flaky = None;

@@ -273,6 +273,7 @@ impl Leases {
 
     /// Removes a resource from a lease.
     pub fn delete_resource(&self, ctx: &Ctx, id: &str, resource: &Resource) -> Result<()> {
+        resource.validate()?;
         let (ns, id, resource) = (ctx.namespace().to_owned(), id.to_owned(), resource.clone());
         self.db.write(Durability::Immediate, move |txn| {
             check_exists(txn, &ns, &id)?;

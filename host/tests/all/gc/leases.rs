@@ -68,6 +68,8 @@ fn the_lease_manager_api() {
     ] {
         let err = leases.add_resource(&c, "a", &bad).unwrap_err();
         assert_eq!(err.kind(), kind, "{bad:?}: {err}");
+        let err = leases.delete_resource(&c, "a", &bad).unwrap_err();
+        assert_eq!(err.kind(), kind, "delete {bad:?}: {err}");
     }
     assert_eq!(leases.resources(&c, "a").unwrap(), [k2]);
     for err in [

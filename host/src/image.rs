@@ -153,8 +153,26 @@ struct Image {
 /// The files of an image: read in place (a directory), or taken in one pass (a tar),
 /// small documents kept in memory and everything else ingested as it streams past.
 enum Source {
-    Dir(PathBuf),
-    Tar { documents: HashMap<String, Vec<u8>>, blobs: HashMap<String, Digest> },
+    /// The directory, and its path for messages. Its files are read beneath it only:
+    /// a name the image gives never reaches a file outside, by `..` or by a symlink.
+    Dir(cap_std::fs::Dir, PathBuf),
+    Tar {
+        documents: HashMap<String, Vec<u8>>,
+        blobs: HashMap<String, Digest>,
+    },
+}
+
+/// `name`, a path the image gives, if it stays beneath the image's directory; a `..`
+/// (or anything else that would leave it) is the image's fault.
+fn beneath(name: &str) -> Result<&str> {
+    use std::path::Component;
+    let outside = Path::new(name).components().any(|c| !matches!(c, Component::Normal(_)));
+    if outside || name.is_empty() {
+        return Err(Error::invalid_argument(format!(
+            "the image names {name:?}, a path outside its directory"
+        )));
+    }
+    Ok(name)
 }
 
 fn clean(name: &str) -> String {
@@ -185,7 +203,9 @@ impl Source {
     ) -> Result<Source> {
         let meta = std::fs::metadata(path).with_context(|| format!("open {}", path.display()))?;
         if meta.is_dir() {
-            return Ok(Source::Dir(path.to_owned()));
+            let dir = cap_std::fs::Dir::open_ambient_dir(path, cap_std::ambient_authority())
+                .with_context(|| format!("open {}", path.display()))?;
+            return Ok(Source::Dir(dir, path.to_owned()));
         }
         let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
         let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
@@ -225,16 +245,16 @@ impl Source {
     /// A small file of the image.
     fn document(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
         match self {
-            Source::Dir(root) => {
-                let path = root.join(name);
-                match std::fs::metadata(&path) {
+            Source::Dir(dir, root) => {
+                let path = root.join(beneath(name)?);
+                match dir.metadata(name) {
                     Ok(m) if m.len() > MAX_DOCUMENT => Err(Error::invalid_argument(format!(
                         "{name}: {} bytes, more than an image document may have",
                         m.len()
                     ))),
                     Ok(_) => {
-                        let bytes = std::fs::read(&path)
-                            .with_context(|| format!("read {}", path.display()))?;
+                        let bytes =
+                            dir.read(name).with_context(|| format!("read {}", path.display()))?;
                         if let Some(d) = blob_path_digest(name)
                             && Digest::of(&bytes) != d
                         {
@@ -269,9 +289,12 @@ impl Source {
         progress: &mut dyn FnMut(Event<'_>),
     ) -> Result<Digest> {
         match self {
-            Source::Dir(root) => {
-                let path = root.join(&layer.path);
-                let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            Source::Dir(dir, root) => {
+                let path = root.join(beneath(&layer.path)?);
+                let file = dir
+                    .open(&layer.path)
+                    .with_context(|| format!("open {}", path.display()))?
+                    .into_std();
                 let mut r = BufReader::with_capacity(1 << 20, file);
                 ingest(&layer.path, &mut r, layer.digest, layer.size, content, ctx, progress)
             }

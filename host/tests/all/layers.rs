@@ -604,6 +604,45 @@ fn an_image_imports_from_an_oci_layout_or_docker_save_to_the_tree_tar_extraction
     host.close().unwrap();
 }
 
+/// An image directory's names reach nothing outside it: a layer or config named with
+/// `..`, or found through a symlink leading out, is refused and nothing of it is stored.
+#[test]
+fn an_image_directory_names_nothing_outside_it() {
+    let dir = tmp();
+    let host = tmpfs_host(&dir.path().join("root"));
+    let c = ctx("default");
+    let secret = b"a secret outside the image".to_vec();
+    std::fs::write(dir.path().join("secret.tar"), &secret).unwrap();
+    std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
+    std::fs::write(dir.path().join("elsewhere/layer.tar"), &secret).unwrap();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": oci_arch(), "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [Digest::of(&secret).to_string()] },
+    }))
+    .unwrap();
+    let image = dir.path().join("image");
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::write(image.join("config.json"), &config).unwrap();
+    std::os::unix::fs::symlink("../elsewhere", image.join("l1")).unwrap();
+    for (config, layer) in [
+        ("config.json", "../secret.tar"),
+        ("config.json", "l1/layer.tar"),
+        ("../image/config.json", "l1/layer.tar"),
+    ] {
+        let manifest = serde_json::json!([{ "Config": config, "Layers": [layer] }]);
+        std::fs::write(image.join("manifest.json"), serde_json::to_vec(&manifest).unwrap())
+            .unwrap();
+        let err = host.import_image(&c, "native", &image, None, &mut |_| {}).unwrap_err();
+        assert!(
+            err.to_string().contains("outside") || err.to_string().contains("open"),
+            "{config} {layer}: {err}"
+        );
+        let stored = host.content().info(&c, &Digest::of(&secret));
+        assert_eq!(stored.unwrap_err().kind(), ErrorKind::NotFound, "{config} {layer}");
+    }
+    host.close().unwrap();
+}
+
 /// The native driver's commit and the metadata's are one transaction: a register cut
 /// short after the driver's step leaves nothing, and registering again works.
 #[test]

@@ -40,7 +40,8 @@
 //! times (and, without root, modes that deny the owner access) are set at the very end,
 //! deepest first, as writing children changes them. A missing parent directory is made
 //! with mode 0755, owned by root; in overlay mode with lower layers it copies the mode,
-//! owner and times of the topmost lower that has it.
+//! owner, times and xattrs (not `trusted.*`, nor overlayfs's own) of the topmost lower
+//! that has it, as containerd's copy up does.
 //!
 //! An existing entry is replaced (a whole tree if it is a directory, removed beneath its
 //! parent without following anything), except that a directory over a directory keeps
@@ -935,7 +936,8 @@ struct Deferred {
 /// What the topmost lower layer that has a path has there.
 enum Lower {
     Missing,
-    Dir(Meta),
+    /// A directory: its metadata, and an `O_PATH` pin of it.
+    Dir(Meta, OwnedFd),
     Symlink(Vec<u8>),
     NotDir(Vec<u8>),
 }
@@ -1313,12 +1315,15 @@ impl<'o> Applier<'o> {
             Err(e) => return Err(ctx.sys(format!("open directory {}", Name(here)))(e)),
         };
         let (uid, gid, perms) = match &lower {
-            Some(m) => (m.uid, m.gid, m.mode & 0o7777),
+            Some((m, _)) => (m.uid, m.gid, m.mode & 0o7777),
             None => (0, 0, 0o755),
         };
         if self.root_user {
             rustix::fs::fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
                 .map_err(ctx.sys(format!("chown {}", Name(here))))?;
+        }
+        if let Some((_, pin)) = &lower {
+            copy_up_xattrs(pin.as_fd(), fd.as_fd(), here, ctx)?;
         }
         let (now, later) = self.dir_mode(Mode::from_raw_mode(perms));
         rustix::fs::fchmod(&fd, now).map_err(ctx.sys(format!("chmod {}", Name(here))))?;
@@ -1328,7 +1333,7 @@ impl<'o> Applier<'o> {
                 path: here.to_vec(),
                 id,
                 times: lower
-                    .map(|m| Timestamps { last_access: m.atime, last_modification: m.mtime }),
+                    .map(|(m, _)| Timestamps { last_access: m.atime, last_modification: m.mtime }),
                 mode: later,
             });
         }
@@ -1337,11 +1342,11 @@ impl<'o> Applier<'o> {
 
     /// The metadata of `path` in the topmost lower layer that has it; refuses a symlink
     /// or a non-directory there.
-    fn lower_dir(&self, path: &[u8], ctx: Ctx<'_>) -> Result<Option<Meta>> {
+    fn lower_dir(&self, path: &[u8], ctx: Ctx<'_>) -> Result<Option<(Meta, OwnedFd)>> {
         for lower in self.lowers {
             match lower_entry(*lower, path) {
                 Ok(Lower::Missing) => {}
-                Ok(Lower::Dir(meta)) => return Ok(Some(meta)),
+                Ok(Lower::Dir(meta, fd)) => return Ok(Some((meta, fd))),
                 Ok(Lower::Symlink(at)) => return Err(ctx.through_symlink(&at, true)),
                 Ok(Lower::NotDir(at)) => return Err(ctx.not_dir(&at, true)),
                 Err(Errno::XDEV) => return Err(ctx.mount(path)),
@@ -2181,12 +2186,45 @@ fn is_overlay_xattr(name: &[u8]) -> bool {
     name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
 }
 
+/// Gives `dir`, a directory just made in an overlay layer for the lower directory pinned
+/// by `lower`, the lower one's xattrs (its ACLs, labels, `user.*`), as containerd's copy
+/// up does: the merged view shows the upper directory's, so without them they would
+/// vanish there. Not `trusted.*` (nor overlayfs's own); one the filesystem or the caller
+/// cannot set is left out, as containerd leaves it.
+fn copy_up_xattrs(
+    lower: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    here: &[u8],
+    ctx: Ctx<'_>,
+) -> Result<()> {
+    // Pinned: the lower directory's inode, opened through its pin, never by path.
+    let open = fsutil::open_pinned(lower)
+        .map_err(ctx.sys(format!("open {} in a lower layer", Name(here))))?;
+    let at = fsutil::At { verb: "copy up the xattrs of lower directory", rel: Path::new(os(here)) };
+    for x in fsutil::xattr::read(Node::Open(open.as_fd()), at)? {
+        if x.name.starts_with(b"trusted.") || is_overlay_xattr(&x.name) {
+            continue;
+        }
+        match Node::Open(dir).set(OsStr::from_bytes(&x.name), &x.value) {
+            Ok(()) => {}
+            Err(Errno::NOTSUP | Errno::NOSPC | Errno::TOOBIG | Errno::PERM | Errno::ACCESS) => {}
+            Err(e) => {
+                return Err(ctx.sys(format!("copy xattr {} up to {}", Name(&x.name), Name(here)))(
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What `lower` has at `path`, walking it component by component without following
 /// anything.
 fn lower_entry(lower: BorrowedFd<'_>, path: &[u8]) -> rustix::io::Result<Lower> {
     let mut cur: Option<OwnedFd> = None;
     let mut meta = None;
     let mut end = 0;
+    // An empty path is the lower root itself, which make_dir never asks for.
     for comp in path.split(|&b| b == b'/') {
         end += comp.len();
         let here = &path[..end];
@@ -2209,7 +2247,10 @@ fn lower_entry(lower: BorrowedFd<'_>, path: &[u8]) -> rustix::io::Result<Lower> 
         cur = Some(fd);
         meta = Some(m);
     }
-    Ok(meta.map_or(Lower::Missing, Lower::Dir))
+    Ok(match (meta, cur) {
+        (Some(meta), Some(fd)) => Lower::Dir(meta, fd),
+        _ => Lower::Missing,
+    })
 }
 
 #[cfg(test)]
@@ -2768,6 +2809,16 @@ mod tests {
             AtFlags::empty(),
         )
         .expect("utimes");
+        // Its xattrs come up too, as containerd's copy up has them: not trusted.* nor
+        // overlayfs's own (an opaque marker would hide the lower directory's contents).
+        let set = |name: &str, value: &[u8]| {
+            rustix::fs::lsetxattr(&a, name, value, rustix::fs::XattrFlags::empty()).expect(name)
+        };
+        set("user.k", b"v");
+        set("user.overlay.opaque", b"y");
+        if is_root() {
+            set("trusted.t", b"x");
+        }
         let (top, bottom) =
             (File::open(&upper_lower).expect("open"), File::open(&lower).expect("open"));
         let opts = ApplyOptions {
@@ -2784,6 +2835,10 @@ mod tests {
             assert_eq!((m.uid(), m.gid()), (42, 43));
         }
         assert_eq!(lmeta(&env.at("a/b")).mode() & 0o7777, 0o755);
+        assert_eq!(xattr(&env.at("a"), "user.k").as_deref(), Some(&b"v"[..]));
+        assert_eq!(xattr(&env.at("a"), "user.overlay.opaque"), None);
+        assert_eq!(xattr(&env.at("a"), "trusted.t"), None);
+        assert_eq!(xattr(&env.at("a/b"), "user.k"), None, "a/b has no lower directory");
     }
 
     #[test]

@@ -882,6 +882,11 @@ struct Attrs {
 }
 
 impl Attrs {
+    /// Whether the entry carries a POSIX access ACL, which sets the group bits.
+    fn has_access_acl(&self) -> bool {
+        self.xattrs.iter().any(|(name, _)| name == b"system.posix_acl_access")
+    }
+
     fn read(header: &tar::Header, pax: &mut Pax, ctx: Ctx<'_>) -> Result<Attrs> {
         let field = |what: &str, e: io::Error| ctx.bad(format!("header field {what}: {e}"));
         let old = header.as_old();
@@ -1489,6 +1494,11 @@ impl<'o> Applier<'o> {
             drop_other_xattrs(fd.as_fd(), attrs, ctx)?;
         }
         self.xattrs(Node::Open(fd.as_fd()), attrs, true, ctx)?;
+        if later.is_none() && attrs.has_access_acl() {
+            // The mode comes after the ACL, as in containerd: setting the ACL set the
+            // group bits to its mask.
+            rustix::fs::fchmod(&fd, now).map_err(ctx.sys("chmod"))?;
+        }
         let id = fsutil::fstat(&fd).map_err(ctx.sys("stat"))?.id();
         self.dirs.push(Deferred {
             path: path.to_vec(),
@@ -1556,9 +1566,10 @@ impl<'o> Applier<'o> {
 
     /// Owner, mode, xattrs and times of a regular file just written.
     fn file_meta(&self, file: &File, attrs: &Attrs, ctx: Ctx<'_>) -> Result<()> {
-        // Owner before mode (chown clears setuid and setgid), both after the data (a write
+        // Owner before mode (chown clears setuid and setgid), all after the data (a write
         // clears file capabilities), xattrs after the owner (chown clears capabilities
-        // too), times last.
+        // too) and before the mode (an access ACL sets the group bits to its mask; the
+        // entry's mode wins, as in containerd), times last.
         if self.root_user {
             rustix::fs::fchown(
                 file,
@@ -1567,8 +1578,8 @@ impl<'o> Applier<'o> {
             )
             .map_err(ctx.sys("chown"))?;
         }
-        rustix::fs::fchmod(file, attrs.perms()).map_err(ctx.sys("chmod"))?;
         self.xattrs(Node::Open(file.as_fd()), attrs, true, ctx)?;
+        rustix::fs::fchmod(file, attrs.perms()).map_err(ctx.sys("chmod"))?;
         rustix::fs::futimens(file, &attrs.times).map_err(ctx.sys("set times"))?;
         Ok(())
     }
@@ -2788,6 +2799,37 @@ mod tests {
             std::fs::read_link(env.at("long-link")).expect("link"),
             Path::new(&"t".repeat(200))
         );
+    }
+
+    /// An entry's mode wins over the group bits its access ACL would set (the ACL's mask),
+    /// as containerd sets xattrs before the mode.
+    #[test]
+    fn an_access_acl_leaves_the_entrys_mode() {
+        let env = Env::new();
+        // user::rwx, user:1000:r--, group::r-x, mask::r--, other::r-x
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (0x01u16, 7u16, u32::MAX),
+            (0x02, 4, 1000),
+            (0x04, 5, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 5, u32::MAX),
+        ] {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        let tar = Tar::new()
+            .pax(&[("SCHILY.xattr.system.posix_acl_access", &acl)])
+            .entry(Tar::header(EntryType::Regular, 0o755), "f", b"x")
+            .pax(&[("SCHILY.xattr.system.posix_acl_access", &acl)])
+            .dir("d", 0o755)
+            .bytes();
+        env.apply_delete(&tar).expect("apply");
+        for name in ["f", "d"] {
+            assert!(xattr(&env.at(name), "system.posix_acl_access").is_some(), "{name}: its ACL");
+            assert_eq!(lmeta(&env.at(name)).mode() & 0o7777, 0o755, "{name}");
+        }
     }
 
     #[test]

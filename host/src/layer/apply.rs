@@ -848,9 +848,11 @@ fn extension_data(recorded: &[u8], start: u64, header_pos: u64) -> Result<Extens
     Ok(ext)
 }
 
-/// A GNU long name's text: up to its first NUL, as Go's `archive/tar` reads it.
-fn c_string(data: &[u8]) -> Vec<u8> {
-    data.split(|&b| b == 0).next().unwrap_or_default().to_vec()
+/// A GNU long name's text: up to its first NUL, as Go's `archive/tar` reads it; None if
+/// that is empty, which Go takes for no long name at all.
+fn c_string(data: Option<&[u8]>) -> Option<Vec<u8>> {
+    let text = data?.split(|&b| b == 0).next().unwrap_or_default();
+    (!text.is_empty()).then(|| text.to_vec())
 }
 
 /// A numeric header field as parsed, except that an empty one (all NULs or spaces, as
@@ -1084,8 +1086,8 @@ impl<'o> Applier<'o> {
             }
             None => Pax::default(),
         };
-        let raw = match (ext.long_name, pax.path.take()) {
-            (Some(long), _) => c_string(long),
+        let raw = match (c_string(ext.long_name), pax.path.take()) {
+            (Some(long), _) => long,
             (None, Some(path)) => path,
             (None, None) => entry.header().path_bytes().into_owned(),
         };
@@ -1149,14 +1151,16 @@ impl<'o> Applier<'o> {
         }
         let attrs = Attrs::read(header, &mut pax, ctx)?;
         let link = match kind {
-            Kind::Symlink | Kind::Link => Some(match (ext.long_link, pax.linkpath.take()) {
-                (Some(long), _) => c_string(long),
-                (None, Some(link)) => link,
-                (None, None) => header
-                    .link_name_bytes()
-                    .map(|l| l.into_owned())
-                    .ok_or_else(|| ctx.bad("no link target"))?,
-            }),
+            Kind::Symlink | Kind::Link => {
+                Some(match (c_string(ext.long_link), pax.linkpath.take()) {
+                    (Some(long), _) => long,
+                    (None, Some(link)) => link,
+                    (None, None) => header
+                        .link_name_bytes()
+                        .map(|l| l.into_owned())
+                        .ok_or_else(|| ctx.bad("no link target"))?,
+                })
+            }
             _ => None,
         };
         let device = match kind {
@@ -2017,11 +2021,12 @@ impl<'o> Applier<'o> {
             rustix::fs::chownat(dir, os(name), Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(ctx.sys("chown"))?;
         }
+        // xattrs before the mode (an access ACL sets the group bits), as in containerd.
+        self.xattrs(Node::Entry(dir.as_fd(), os(name)), attrs, false, ctx)?;
         if chmod {
             // Pinned: changed through an O_PATH pin of the entry, never followed.
             fsutil::chmod_nofollow(dir, os(name), attrs.perms()).map_err(ctx.sys("chmod"))?;
         }
-        self.xattrs(Node::Entry(dir.as_fd(), os(name)), attrs, false, ctx)?;
         // No-follow: the times of the entry itself.
         rustix::fs::utimensat(dir, os(name), &attrs.times, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(ctx.sys("set times"))
@@ -2200,8 +2205,9 @@ fn is_overlay_xattr(name: &[u8]) -> bool {
 /// Gives `dir`, a directory just made in an overlay layer for the lower directory pinned
 /// by `lower`, the lower one's xattrs (its ACLs, labels, `user.*`), as containerd's copy
 /// up does: the merged view shows the upper directory's, so without them they would
-/// vanish there. Not `trusted.*` (nor overlayfs's own); one the filesystem or the caller
-/// cannot set is left out, as containerd leaves it.
+/// vanish there. Not `trusted.*` (nor overlayfs's own). One the filesystem or the caller
+/// cannot set (no support, no room, no privilege) is left out with a warning, where
+/// containerd would fail the layer: an unprivileged apply still works.
 fn copy_up_xattrs(
     lower: BorrowedFd<'_>,
     dir: BorrowedFd<'_>,
@@ -2218,7 +2224,12 @@ fn copy_up_xattrs(
         }
         match Node::Open(dir).set(OsStr::from_bytes(&x.name), &x.value) {
             Ok(()) => {}
-            Err(Errno::NOTSUP | Errno::NOSPC | Errno::TOOBIG | Errno::PERM | Errno::ACCESS) => {}
+            Err(
+                e @ (Errno::NOTSUP | Errno::NOSPC | Errno::TOOBIG | Errno::PERM | Errno::ACCESS),
+            ) => {
+                tracing::warn!(dir = %Name(here), xattr = %Name(&x.name), error = %e,
+                    "a lower directory's xattr not copied up to the directory made for it");
+            }
             Err(e) => {
                 return Err(ctx.sys(format!("copy xattr {} up to {}", Name(&x.name), Name(here)))(
                     e,
@@ -2784,6 +2795,10 @@ mod tests {
             .file(&long, b"gnu long name")
             .pax(&[("linkpath", b"pax-target")])
             .symlink("long-link", &"t".repeat(200))
+            // An empty GNU long name is none: the PAX path stands.
+            .pax(&[("path", b"from-pax")])
+            .raw(b"././@LongLink", EntryType::GNULongName, b"", b"\0")
+            .file("header-name", b"empty long name")
             .bytes();
         env.apply_delete(&tar).expect("apply");
         assert_eq!(std::fs::read(env.at("doc/readme")).expect("read"), b"not a shell");
@@ -2795,6 +2810,8 @@ mod tests {
         assert_eq!(std::fs::read_link(env.at("doc/link")).expect("link"), Path::new("readme"));
         assert_eq!(std::fs::read(env.at(&long)).expect("read"), b"gnu long name");
         assert!(!env.at("pax-name").exists());
+        assert_eq!(std::fs::read(env.at("from-pax")).expect("read"), b"empty long name");
+        assert!(!env.at("header-name").exists());
         assert_eq!(
             std::fs::read_link(env.at("long-link")).expect("link"),
             Path::new(&"t".repeat(200))

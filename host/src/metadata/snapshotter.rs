@@ -415,24 +415,25 @@ impl Snapshotter {
                     Some(r) if super::usage::same_but_use(&r, &expected) => {
                         super::usage::with_use_of(&written, &r)
                     }
-                    // Changed meanwhile (another update, a blob mapping): an update the
-                    // backend did not see is applied to the record as it is now, as
-                    // containerd's updates, one write at a time, are. One the backend saw,
-                    // or one that now would change what the backend keeps, conflicts.
-                    Some(r) if !changes_backend => {
+                    // Changed meanwhile (another update, a blob mapping): the update is
+                    // applied to the record as it is now, as containerd's updates, one
+                    // write at a time, are, if the backend then keeps what it holds (it
+                    // took `written`'s inherited labels, or none changed); else it
+                    // conflicts.
+                    Some(r) => {
                         if let Some(name) = &r.committing {
                             return Err(committing(&k, name));
                         }
                         let mut rec = r.clone();
                         FieldPath::apply(&again, &mut rec.labels, &given);
-                        if inherited_labels(&rec.labels) != inherited_labels(&r.labels) {
+                        let held = if changes_backend { &written.labels } else { &r.labels };
+                        if inherited_labels(&rec.labels) != inherited_labels(held) {
                             return Err(conflict());
                         }
                         validate_labels(&rec.labels)?;
                         rec.updated = now_nanos();
                         rec
                     }
-                    Some(_) => return Err(conflict()),
                     None => return Err(not_found(&k)),
                 };
                 db::put_record(txn, &sn, &ns, &k, &rec)?;
@@ -862,13 +863,14 @@ impl Snapshotter {
         }
     }
 
-    /// Has the caller's lease hold `key` if a record has that name.
+    /// Has the caller's lease hold `key` if a record, or a commit under way, has that
+    /// name.
     fn hold_existing(&self, ctx: &Ctx, key: &str) -> Result<()> {
         let Some(lease) = ctx.lease() else { return Ok(()) };
         let (sn, ns, key, lease) =
             (self.name.clone(), ctx.namespace().to_owned(), key.to_owned(), lease.to_owned());
         self.db.write(Durability::Immediate, move |txn| {
-            if txn.record(&sn, &ns, &key)?.is_none() {
+            if txn.record(&sn, &ns, &key)?.is_none() && txn.intent(&sn, &ns, &key)?.is_none() {
                 return Ok(());
             }
             lease::hold_in(txn, &ns, &lease, &Resource::snapshot(&sn, &key))

@@ -191,30 +191,40 @@ fn update_changes_labels_only() {
 }
 
 /// Updates of one snapshot's labels racing each other all succeed, each applied to the
-/// record as the one before left it, as containerd's updates (one write at a time) are.
+/// record as the one before left it, as containerd's updates (one write at a time) are:
+/// labels only the record keeps, and inherited ones the backend keeps too.
 #[test]
 fn racing_updates_of_one_snapshot_all_succeed() {
     let s = native_stack();
     let c = ctx("default");
     s.sn.prepare(&c, "a", None, &none()).unwrap();
+    let label = |t: usize| {
+        if t % 2 == 0 { format!("l{t}") } else { format!("containerd.io/snapshot/l{t}") }
+    };
     let barrier = std::sync::Barrier::new(8);
     std::thread::scope(|scope| {
         for t in 0..8 {
-            let (s, c, barrier) = (&s, &c, &barrier);
+            let (s, c, barrier, label) = (&s, &c, &barrier, &label);
             scope.spawn(move || {
                 barrier.wait();
                 for round in 0..40 {
                     let mut info = s.sn.stat(c, "a").unwrap();
-                    info.labels = labels(&[(&format!("l{t}"), &round.to_string())]);
-                    let after = s.sn.update(c, &info, &[format!("labels.l{t}")]).unwrap();
-                    assert_eq!(after.labels[&format!("l{t}")], round.to_string());
+                    info.labels = labels(&[(&label(t), &round.to_string())]);
+                    let after = s.sn.update(c, &info, &[format!("labels.{}", label(t))]).unwrap();
+                    assert_eq!(after.labels[&label(t)], round.to_string());
                 }
             });
         }
     });
-    let want: Vec<(String, String)> = (0..8).map(|t| (format!("l{t}"), "39".into())).collect();
+    let mut want: Vec<(String, String)> = (0..8).map(|t| (label(t), "39".into())).collect();
+    want.sort();
     let got: Vec<(String, String)> = s.sn.stat(&c, "a").unwrap().labels.into_iter().collect();
     assert_eq!(got, want);
+    // The backend keeps the inherited ones, as last set.
+    let inner = backend_keys(s.sn.backend().as_ref());
+    let inherited: Vec<(String, String)> = inner[0].labels.clone().into_iter().collect();
+    let want: Vec<_> = want.into_iter().filter(|(k, _)| k.starts_with("containerd.io/")).collect();
+    assert_eq!(inherited, want);
 }
 
 #[test]
@@ -941,6 +951,62 @@ fn bkey_of(b: &dyn Backend, key: &str) -> String {
     keys.into_iter()
         .find(|n| n.ends_with(&end))
         .unwrap_or_else(|| panic!("no backend key for {key}"))
+}
+
+/// The native driver, with each commit held until the test lets it go.
+struct HeldCommits {
+    inner: Arc<wasnap::driver::Native>,
+    entered: Mutex<std::sync::mpsc::Sender<()>>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl wasnap::Wrapper for HeldCommits {
+    fn inner(&self) -> &dyn Backend {
+        &*self.inner
+    }
+    fn commit(&self, name: &str, key: &str, labels: &Labels) -> Result<()> {
+        let _ = self.entered.lock().unwrap().send(());
+        let _ = self.go.lock().unwrap().recv();
+        self.inner.commit(name, key, labels)
+    }
+}
+
+/// Two unpacks of one layer under two leases, the second while the first's commit is
+/// still in the backend: the second fails with already-exists and its lease holds the
+/// name, so the layer outlives the first lease.
+#[test]
+fn a_commit_racing_one_under_way_to_its_name_leaves_its_lease_holding_it() {
+    let dir = tmp();
+    let faults = Arc::new(wasnap::fault::Faults::new());
+    let meta = metadb(dir.path());
+    let (entered, commits) = std::sync::mpsc::channel();
+    let (go, gate) = std::sync::mpsc::channel();
+    let backend = Arc::new(HeldCommits {
+        inner: native(dir.path(), faults.clone()),
+        entered: Mutex::new(entered),
+        go: Mutex::new(gate),
+    });
+    let sn = Snapshotter::new(meta.clone(), "test", backend, faults.clone());
+    let leases = wasnap::metadata::Leases::new(meta.clone());
+    let c = ctx("default");
+    for l in ["l1", "l2"] {
+        leases.create(&c, Some(l), &none()).unwrap();
+    }
+    let (l1, l2) =
+        (c.clone().with_lease(Some("l1".into())), c.clone().with_lease(Some("l2".into())));
+    sn.prepare(&l1, "extract-1", None, &none()).unwrap();
+    sn.prepare(&l2, "extract-2", None, &none()).unwrap();
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| sn.commit(&l1, "layer", "extract-1", &none()));
+        commits.recv().unwrap();
+        // The first commit's intent names "layer"; its record is not written yet.
+        let err = sn.commit(&l2, "layer", "extract-2", &none()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        go.send(()).unwrap();
+        first.join().unwrap().unwrap();
+    });
+    let held = leases.resources(&c, "l2").unwrap();
+    assert!(held.contains(&wasnap::metadata::Resource::snapshot("test", "layer")), "{held:?}");
 }
 
 #[test]

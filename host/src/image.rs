@@ -175,6 +175,18 @@ fn beneath(name: &str) -> Result<&str> {
     Ok(name)
 }
 
+/// A file of an image directory that could not be read. cap-std refuses a name that
+/// leads outside the directory (through a symlink) as permission denied: the image's
+/// fault, not the daemon's.
+fn read_error(name: &str, e: std::io::Error, path: &Path) -> Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        return Error::invalid_argument(format!(
+            "the image names {name:?}, which leads outside its directory or cannot be read: {e}"
+        ));
+    }
+    Error::from(e).context(format!("read {}", path.display()))
+}
+
 fn clean(name: &str) -> String {
     name.trim_start_matches("./").trim_start_matches('/').to_owned()
 }
@@ -265,7 +277,7 @@ impl Source {
                         Ok(Some(bytes))
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(Error::from(e).context(format!("read {}", path.display()))),
+                    Err(e) => Err(read_error(name, e, &path)),
                 }
             }
             Source::Tar { documents, .. } => Ok(documents.get(name).cloned()),
@@ -293,7 +305,7 @@ impl Source {
                 let path = root.join(beneath(&layer.path)?);
                 let file = dir
                     .open(&layer.path)
-                    .with_context(|| format!("open {}", path.display()))?
+                    .map_err(|e| read_error(&layer.path, e, &path))?
                     .into_std();
                 let mut r = BufReader::with_capacity(1 << 20, file);
                 ingest(&layer.path, &mut r, layer.digest, layer.size, content, ctx, progress)

@@ -336,8 +336,8 @@ impl Writer<'_> {
 
     /// Syncs what was written, checks it against `expected` (a mismatch is
     /// failed-precondition and nothing is kept), and makes it the blob of its digest,
-    /// recorded in the caller's namespace with `labels` (an existing record is kept as it
-    /// is) and held by the caller's lease.
+    /// recorded in the caller's namespace with `labels` (set on an existing record too) and
+    /// held by the caller's lease.
     pub fn commit(
         mut self,
         ctx: &Ctx,

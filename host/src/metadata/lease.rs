@@ -312,8 +312,8 @@ impl Leases {
     }
 }
 
-/// A fresh lease id, like containerd's generated ones (time plus randomness).
-/// Longest lease id taken.
+/// Longest lease id taken: enough for any id containerd's clients make, short enough
+/// for the header that carries it.
 const MAX_ID_LEN: usize = 1024;
 
 /// A lease id as containerd takes it: any text but empty (its clients make ids such as
@@ -333,6 +333,7 @@ fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// A fresh lease id, like containerd's generated ones (time plus randomness).
 fn generated_id() -> String {
     format!("{}-{:08x}", now_nanos() / 1_000_000_000, crate::kv::nonce())
 }

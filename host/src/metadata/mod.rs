@@ -26,7 +26,8 @@ pub use db::MetaDb;
 /// Told of every change the metadata layer makes. What decides when to collect
 /// garbage listens ([`crate::gc::Trigger`]); the metadata layer knows nothing of it.
 pub trait Changes: Send + Sync + std::fmt::Debug {
-    /// A snapshot was removed.
+    /// Something that can hold data went away: a snapshot, a lease, or a lease's
+    /// reference to a resource.
     fn deletion(&self);
     /// Something else changed.
     fn mutation(&self);
@@ -43,7 +44,7 @@ use crate::error::{Error, Result};
 /// The namespace used when a caller names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// Most bytes in a namespace name or a lease id (containerd's limit).
+/// Most bytes in a namespace name (containerd's limit).
 const MAX_NAMESPACE_LEN: usize = 76;
 
 /// Who is asking: the context of one call into the metadata layer.

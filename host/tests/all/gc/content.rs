@@ -111,6 +111,8 @@ fn an_ingest_again_repairs_the_file_and_sets_its_labels() {
     let leased = env.lease("default", "l1", &[]);
     let d = ingest(content, &leased, b"hello");
     let file = env.dir.path().join("content/blobs/sha256").join(d.hex());
+    // Damaged in place (blobs are read-only: made writable first, for a test not root).
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     std::fs::write(&file, b"jello").unwrap();
 
     let info = content.ingest(&ctx("default"), &mut &b"hello"[..], None, &labels(&[(ROOT, "1")]));

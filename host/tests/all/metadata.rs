@@ -199,7 +199,7 @@ fn racing_updates_of_one_snapshot_all_succeed() {
     let c = ctx("default");
     s.sn.prepare(&c, "a", None, &none()).unwrap();
     let label = |t: usize| {
-        if t % 2 == 0 { format!("l{t}") } else { format!("containerd.io/snapshot/l{t}") }
+        if t.is_multiple_of(2) { format!("l{t}") } else { format!("containerd.io/snapshot/l{t}") }
     };
     let barrier = std::sync::Barrier::new(8);
     std::thread::scope(|scope| {

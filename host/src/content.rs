@@ -28,8 +28,8 @@ use std::io::{self, BufWriter, Read, Write};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use cap_std::fs::{Dir, DirBuilder, File, OpenOptions};
-use cap_std::fs::{DirBuilderExt, OpenOptionsExt};
+use cap_std::fs::OpenOptionsExt;
+use cap_std::fs::{Dir, File, OpenOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, Hashing};
@@ -115,15 +115,10 @@ impl ContentStore {
     /// Opens (creating if needed) the store in `root`, with its records in `db`, and
     /// removes what interrupted ingests left.
     pub fn open(root: &Dir, db: Arc<MetaDb>, faults: Arc<Faults>) -> Result<Self> {
-        let mut builder = DirBuilder::new();
-        builder.recursive(true).mode(0o700);
-        for rel in [BLOBS, INGEST] {
-            let rel = format!("{CONTENT_DIR}/{rel}");
-            root.create_dir_with(&rel, &builder).with_context(|| format!("create {rel}"))?;
-        }
+        // Their names synced as made: a blob synced into them must not lose them.
         let open = |rel: &str| {
             let rel = format!("{CONTENT_DIR}/{rel}");
-            root.open_dir(&rel).with_context(|| format!("open {rel}"))
+            crate::fsutil::make_dir_synced(root, &rel, 0o700).with_context(|| format!("open {rel}"))
         };
         let (blobs, ingest) = (open(BLOBS)?, open(INGEST)?);
         for entry in ingest.entries().context("list content/ingest")? {

@@ -850,7 +850,14 @@ impl CheckReport {
     }
 }
 
-fn create_private_dir(path: &Path) -> std::io::Result<()> {
+/// Makes `path` and what is missing above it (owner-only), each made one's name synced
+/// into its parent.
+fn create_private_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+    let missing: Vec<&Path> = path.ancestors().take_while(|p| !p.exists()).collect();
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    for made in missing.iter().rev() {
+        crate::fsutil::sync_parent(made)?;
+    }
+    Ok(())
 }

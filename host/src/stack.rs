@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
+use cap_std::fs::Dir;
 
 use crate::backend::Backend;
 use crate::config::{DriverConfig, PluginConfig, SnapshotterConfig};
@@ -162,12 +162,11 @@ impl std::fmt::Debug for Stack {
     }
 }
 
-/// A directory under `place.root`, created if needed (owner-only), with its host path.
+/// A directory under `place.root`, created if needed (owner-only, its name synced),
+/// with its host path.
 pub fn private_dir(place: &Place<'_>, rel: &str) -> Result<(Dir, PathBuf)> {
-    let mut builder = DirBuilder::new();
-    builder.recursive(true).mode(0o700);
-    place.root.create_dir_with(rel, &builder).with_context(|| format!("create {rel}"))?;
-    let dir = place.root.open_dir(rel).with_context(|| format!("open {rel}"))?;
+    let dir = crate::fsutil::make_dir_synced(place.root, rel, 0o700)
+        .with_context(|| format!("open {rel}"))?;
     Ok((dir, place.root_path.join(rel)))
 }
 

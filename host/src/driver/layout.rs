@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
+use cap_std::fs::Dir;
 
 use crate::driver::storage::{Snap, Store};
 use crate::error::{Context, Error, Result};
@@ -609,17 +609,9 @@ impl Worker {
 }
 
 fn private_subdir(dir: &Dir, sub: &str, path: &std::path::Path) -> Result<Dir> {
-    let mut private = DirBuilder::new();
-    private.mode(0o700);
-    match dir.create_dir_with(sub, &private) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return Err(Error::from(e).context(format!("create {sub}/ in {}", path.display())));
-        }
-    }
-    // Readable (not O_PATH): btrfs ioctls are issued on these descriptors.
-    crate::fsutil::open_dir_nofollow(dir, sub)
+    // Readable (not O_PATH): btrfs ioctls are issued on these descriptors. Its name is
+    // synced as it is made: the entries synced into it must not lose it.
+    crate::fsutil::make_dir_synced(dir, sub, 0o700)
         .with_context(|| format!("open {sub}/ in {}", path.display()))
 }
 

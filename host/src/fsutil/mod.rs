@@ -120,6 +120,51 @@ pub fn open_dir_nofollow(dir: &cap_std::fs::Dir, name: &str) -> Result<cap_std::
     Ok(cap_std::fs::Dir::from_std_file(std::fs::File::from(fd)))
 }
 
+/// Makes the directory `rel` below `dir` (components joined by `/`), each missing one
+/// with `mode` (less the umask), and opens it as [`open_dir_nofollow`] does. Each
+/// directory made has its name synced into its parent before the next is made or the
+/// handle returned, so what is later synced inside it cannot be lost to a power cut
+/// with its directory's name. One already there is taken as it is; a symlink anywhere
+/// along `rel` is an error, never followed.
+pub fn make_dir_synced(dir: &cap_std::fs::Dir, rel: &str, mode: u32) -> Result<cap_std::fs::Dir> {
+    let err = |what: &str, at: &str| format!("{what} {rel:?} (at {at:?})");
+    // Readable, to be synced: `dir` itself may be an O_PATH handle.
+    let mut at = open_dir_at(dir, Path::new(".")).map_err(Error::from)?;
+    for name in rel.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        if name == ".." {
+            return Err(Error::invalid_argument(format!("{rel:?} leads out of its directory")));
+        }
+        // No-follow: mkdirat makes, never follows; the open below refuses a symlink.
+        match rustix::fs::mkdirat(&at, name, Mode::from_raw_mode(mode)) {
+            Ok(()) => rustix::fs::fsync(&at)
+                .map_err(|e| Error::from(e).context(err("sync the parent of", name)))?,
+            Err(Errno::EXIST) => {}
+            Err(e) => return Err(Error::from(e).context(err("create", name))),
+        }
+        at = open_dir_at(&at, Path::new(name))
+            .map_err(|e| Error::from(e).context(err("open", name)))?;
+    }
+    Ok(cap_std::fs::Dir::from_std_file(std::fs::File::from(at)))
+}
+
+/// Syncs `dir` (its entries' names), which may be an `O_PATH` handle.
+pub fn sync_dir(dir: &cap_std::fs::Dir) -> Result<()> {
+    let fd = open_dir_at(dir, Path::new(".")).map_err(Error::from)?;
+    rustix::fs::fsync(&fd).map_err(Error::from)
+}
+
+/// Syncs the directory entry `path` into its parent: what a file or directory just
+/// made by path needs before a power cut cannot lose it.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::from(e).context(format!("sync {}", parent.display())))
+}
+
 /// How an entry of a tree is resolved: beneath its directory, no symlink (nor magic
 /// link) followed, no mount crossed.
 const IN_TREE: ResolveFlags = ResolveFlags::BENEATH

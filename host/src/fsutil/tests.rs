@@ -593,3 +593,40 @@ fn removal_racing_a_symlink_swap_never_reaches_outside() {
     }
     assert_eq!(fs::read_dir(&outside).expect("read_dir").count(), 1);
 }
+
+#[test]
+fn make_dir_synced_makes_what_is_missing_and_follows_no_symlink() {
+    use std::os::unix::fs::{DirBuilderExt, symlink};
+    let tmp = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    let root = open(tmp.path());
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).expect("mkdir outside");
+
+    // Made, every level, owner-only; the handle is the deepest one.
+    let made = super::make_dir_synced(&root, "a/b/c", 0o700).expect("make a/b/c");
+    made.write("f", b"x").expect("write through the handle");
+    assert_eq!(fs::read(tmp.path().join("a/b/c/f")).expect("read"), b"x");
+    for rel in ["a", "a/b", "a/b/c"] {
+        let mode = fs::metadata(tmp.path().join(rel)).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{rel}");
+    }
+    // One already there is taken as it is, its mode untouched.
+    fs::DirBuilder::new().mode(0o755).create(tmp.path().join("open")).expect("mkdir");
+    fs::set_permissions(tmp.path().join("open"), fs::Permissions::from_mode(0o755)).unwrap();
+    super::make_dir_synced(&root, "open/sub", 0o700).expect("make open/sub");
+    let mode = fs::metadata(tmp.path().join("open")).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+
+    // A symlink, last or along the way, is refused and nothing is made through it.
+    symlink(&outside, tmp.path().join("link")).expect("symlink");
+    for rel in ["link", "link/sub", "a/../link/sub"] {
+        assert!(super::make_dir_synced(&root, rel, 0o700).is_err(), "{rel}");
+    }
+    assert_eq!(fs::read_dir(&outside).expect("list").count(), 0);
+    let err = super::make_dir_synced(&root, "a/../../x", 0o700).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(!tmp.path().join("x").exists() && !tmp.path().parent().unwrap().join("x").exists());
+    // A file in the way is an error, not replaced.
+    fs::write(tmp.path().join("file"), b"").expect("write");
+    assert!(super::make_dir_synced(&root, "file/sub", 0o700).is_err());
+}

@@ -139,16 +139,10 @@ struct LayerDirs {
 }
 
 fn subdir(dir: &Dir, name: &str, path: &Path) -> Result<Dir> {
-    let mut b = DirBuilder::new();
-    b.mode(0o700);
-    // No-follow: mkdirat creates, never follows; the open below refuses a symlink. The
-    // names are the host's, in the plugin's directory, which no guest reaches.
-    match dir.create_dir_with(name, &b) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::from(e).context(format!("create {}/{name}", path.display()))),
-    }
-    fsutil::open_dir_nofollow(dir, name).with_context(|| format!("open {}/{name}", path.display()))
+    // No-follow: made, never followed, its name synced as made. The names are the
+    // host's, in the plugin's directory, which no guest reaches.
+    fsutil::make_dir_synced(dir, name, 0o700)
+        .with_context(|| format!("open {}/{name}", path.display()))
 }
 
 fn decode_entry(bytes: &[u8]) -> Result<(u64, Vec<u8>)> {

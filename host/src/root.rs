@@ -535,10 +535,20 @@ impl Host {
     }
 
     /// Deletes a lease; with `sync`, collects before returning, so what only the lease
-    /// held is gone when this returns (containerd's synchronous delete).
+    /// held is gone when this returns (containerd's synchronous delete), and the report
+    /// says what went. A sync delete does not also wake the background collector, which
+    /// could take first what the caller's own collection is to report; it is woken only
+    /// if that collection fails.
     pub fn delete_lease(&self, ctx: &Ctx, id: &str, sync: bool) -> Result<Option<GcReport>> {
-        self.leases().delete(ctx, id)?;
-        if sync { self.collect(false).map(Some) } else { Ok(None) }
+        if !sync {
+            return self.leases().delete(ctx, id).map(|()| None);
+        }
+        Leases::new(self.db.clone()).delete(ctx, id)?;
+        let collected = self.collect(false);
+        if collected.is_err() {
+            crate::metadata::Changes::deletion(&*self.trigger);
+        }
+        collected.map(Some)
     }
 
     /// Every configured snapshotter that opens; those that do not are reported.
@@ -860,4 +870,31 @@ fn create_private_dir(path: &Path) -> Result<()> {
         crate::fsutil::sync_parent(made)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Labels;
+
+    #[test]
+    fn a_sync_lease_delete_collects_itself_and_wakes_no_background_collection() {
+        // The background collector could take first what the caller's own collection
+        // is to report: a sync delete does not wake it; a plain one does.
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let host = Host::open_with(dir.path(), Arc::new(Faults::new())).unwrap();
+        let ctx = Ctx::new("default").unwrap();
+        for (sync, woken) in [(false, 1), (true, 0), (false, 1)] {
+            host.leases().create(&ctx, Some("l"), &Labels::new()).unwrap();
+            let before = host.trigger.wakes();
+            let report = host.delete_lease(&ctx, "l", sync).unwrap();
+            assert_eq!(report.is_some(), sync);
+            assert_eq!(host.trigger.wakes() - before, woken, "sync {sync}");
+        }
+        // A lease that is not there: not found, with or without sync.
+        for sync in [false, true] {
+            let err = host.delete_lease(&ctx, "l", sync).unwrap_err();
+            assert_eq!(err.kind(), crate::error::ErrorKind::NotFound);
+        }
+    }
 }

@@ -478,11 +478,17 @@ impl Api for Remote {
         Ok(resp.leases.into_iter().map(convert::lease_from).collect())
     }
     fn lease_delete(&self, id: &str, sync: bool) -> Result<Option<GcReport>> {
-        // The Leases API's sync answers with nothing; delete, then collect, which is
-        // what a sync delete does, so the report can be shown as the embedded CLI does.
+        // The Leases API's sync answers with nothing: a sync delete is the admin
+        // collection that deletes the lease first (one call, so the background
+        // collector cannot take first what the report is to show).
+        if sync {
+            let r = self.req(apb::CollectRequest { dry_run: false, delete_lease: id.into() });
+            return report(self.client.call(|c| async move { c.admin().collect(r).await })?)
+                .map(Some);
+        }
         let r = self.req(lpb::DeleteRequest { id: id.into(), sync: false });
         self.client.call(|c| async move { c.leases().delete(r).await })?;
-        if sync { self.collect(false).map(Some) } else { Ok(None) }
+        Ok(None)
     }
     fn lease_add(&self, id: &str, resource: &Resource) -> Result<()> {
         let r = self.req(lpb::AddResourceRequest {
@@ -504,7 +510,7 @@ impl Api for Remote {
         Ok(resp.resources.into_iter().map(convert::resource_from).collect())
     }
     fn collect(&self, dry_run: bool) -> Result<GcReport> {
-        let r = self.req(apb::CollectRequest { dry_run });
+        let r = self.req(apb::CollectRequest { dry_run, delete_lease: String::new() });
         report(self.client.call(|c| async move { c.admin().collect(r).await })?)
     }
     fn check(&self) -> Result<Vec<CheckReport>> {

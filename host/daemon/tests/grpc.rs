@@ -407,6 +407,38 @@ async fn leases_hold_what_is_made_under_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_that_deletes_a_lease_reports_what_only_it_held() {
+    // The default collector runs in the background after every deletion: a sync lease
+    // delete must not wake it, or it could take first what the report is to show.
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let (mut l, mut a) = (c.leases(), c.admin());
+    let ns = Some("default");
+    let collect = |id: &str, dry_run: bool| {
+        request(adm::CollectRequest { dry_run, delete_lease: id.into() }, ns, None)
+    };
+    for i in 0..20 {
+        let (id, key) = (format!("l{i}"), format!("held{i}"));
+        let create = lpb::CreateRequest { id: id.clone(), labels: HashMap::new() };
+        l.create(request(create, ns, None)).await.unwrap();
+        c.snapshots().prepare(request(prepare(&key, ""), ns, Some(&id))).await.unwrap();
+        let json = a.collect(collect(&id, false)).await.unwrap().into_inner().json;
+        let report: wasnap::gc::GcReport = serde_json::from_str(&json).unwrap();
+        let removed: Vec<_> = report.removed.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(removed, [key.as_str()], "round {i}: {json}");
+        assert!(list(&c, ns, &[]).await.unwrap().is_empty(), "round {i}");
+    }
+    // Not as a dry run (the lease stays), nor for a lease that is not there.
+    let create = lpb::CreateRequest { id: "kept".into(), labels: HashMap::new() };
+    l.create(request(create, ns, None)).await.unwrap();
+    assert_eq!(code(a.collect(collect("kept", true)).await), Code::InvalidArgument);
+    let listed = l.list(request(lpb::ListRequest { filters: vec![] }, ns, None)).await.unwrap();
+    assert_eq!(listed.into_inner().leases.len(), 1);
+    assert_eq!(code(a.collect(collect("nope", false)).await), Code::NotFound);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_refuses_new_connections_and_a_restart_serves_the_same_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("s.sock");

@@ -182,7 +182,7 @@ fn stat(key: &str) -> StatSnapshotRequest {
 async fn collect(c: &Client, dry_run: bool) -> GcReport {
     let json = c
         .admin()
-        .collect(request(CollectRequest { dry_run }, None, None))
+        .collect(request(CollectRequest { dry_run, ..Default::default() }, None, None))
         .await
         .unwrap()
         .into_inner();

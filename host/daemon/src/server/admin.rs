@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use tonic::{Request, Response, Status};
-use wasnap::Context;
 use wasnap::Host;
 use wasnap::root::{Config, DriverConfig, ReloadReport, SnapshotterState};
+use wasnap::{Context, Error};
 
 use tonic::Streaming;
 
@@ -173,8 +173,17 @@ impl Admin for AdminService {
     }
 
     async fn collect(&self, req: Request<CollectRequest>) -> Reply<ReportResponse> {
-        handle(&self.shared, "Admin.Collect", req, |host, _scope, r| {
-            json(&host.collect(r.dry_run)?)
+        handle(&self.shared, "Admin.Collect", req, |host, scope, r| {
+            if r.delete_lease.is_empty() {
+                return json(&host.collect(r.dry_run)?);
+            }
+            if r.dry_run {
+                return Err(Error::invalid_argument(
+                    "a collection after deleting a lease cannot be a dry run",
+                ));
+            }
+            let report = host.delete_lease(&scope.required()?, &r.delete_lease, true)?;
+            json(&report.ok_or_else(|| Error::internal("a sync lease delete gave no report"))?)
         })
         .await
     }

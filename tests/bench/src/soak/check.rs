@@ -110,7 +110,7 @@ impl Checker<'_> {
         self.settle_leases(model).await?;
         self.settle_doubts(model).await?;
         let t0 = SystemTime::now();
-        let msg = apb::CollectRequest { dry_run: false };
+        let msg = apb::CollectRequest { dry_run: false, ..Default::default() };
         let report = self.client.admin().collect(tonic::Request::new(msg)).await;
         let report = report.map_err(failed("collect"))?.into_inner();
         let t1 = SystemTime::now();

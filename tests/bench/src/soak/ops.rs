@@ -904,7 +904,10 @@ impl Worker {
                 return;
             }
             let started = Instant::now();
-            let msg = wasnap_daemon::proto::admin::CollectRequest { dry_run: false };
+            let msg = wasnap_daemon::proto::admin::CollectRequest {
+                dry_run: false,
+                ..Default::default()
+            };
             let mut a = client.admin();
             match tokio::time::timeout(UNDER_STALL, a.collect(tonic::Request::new(msg))).await {
                 Ok(Ok(_)) => {}
@@ -931,7 +934,8 @@ impl Worker {
     async fn gc(&mut self) {
         let client = self.client.clone();
         self.sh.gc_running.fetch_add(1, Ordering::AcqRel);
-        let msg = wasnap_daemon::proto::admin::CollectRequest { dry_run: false };
+        let msg =
+            wasnap_daemon::proto::admin::CollectRequest { dry_run: false, ..Default::default() };
         let mut a = client.admin();
         let r = self.call("gc (on demand)", "", &[], a.collect(tonic::Request::new(msg))).await;
         self.sh.gc_running.fetch_sub(1, Ordering::AcqRel);

@@ -540,7 +540,11 @@ fn body(u: &mut Unstructured<'_>, method: Method) -> Vec<u8> {
             lpb::ListResourcesRequest { id: pick(u, LEASES).to_owned() }.encode_to_vec()
         }
         Method::Status => apb::StatusRequest {}.encode_to_vec(),
-        Method::Collect => apb::CollectRequest { dry_run: one_in(u, 2) }.encode_to_vec(),
+        Method::Collect => apb::CollectRequest {
+            dry_run: one_in(u, 2),
+            delete_lease: if one_in(u, 4) { pick(u, LEASES).to_owned() } else { String::new() },
+        }
+        .encode_to_vec(),
         Method::Check => apb::CheckRequest {}.encode_to_vec(),
         Method::Du => {
             apb::DuRequest { snapshotter: sn(u), filters: filters(u), verbose: one_in(u, 2) }
@@ -827,7 +831,10 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                         .encode_to_vec(),
                 ),
                 plain(Method::Check, Vec::new()),
-                plain(Method::Collect, apb::CollectRequest { dry_run: true }.encode_to_vec()),
+                plain(
+                    Method::Collect,
+                    apb::CollectRequest { dry_run: true, ..Default::default() }.encode_to_vec(),
+                ),
                 plain(
                     Method::Prune,
                     apb::PruneRequest {

@@ -185,6 +185,10 @@ pub struct GcReport {
     pub sweep: Duration,
     /// Time to prune the backends.
     pub prune: Duration,
+    /// The lease deleted just before this collection (a sync lease delete), whose
+    /// report this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_lease: Option<String>,
 }
 
 /// One collection as an observer sees it, once it has ended.
@@ -272,7 +276,21 @@ impl Collector {
     /// One collection: mark, sweep, then prune `backends` (the snapshotters that are
     /// open; others are pruned when next collected with them open).
     pub fn collect(&self, backends: &[Arc<Snapshotter>], dry_run: bool) -> Result<GcReport> {
+        self.collect_after(backends, dry_run, || Ok(()))
+    }
+
+    /// As [`Collector::collect`], with `before` run first under the collection lock: no
+    /// other collection runs between what `before` changes (a lease it deletes) and
+    /// this one's mark, so the report shows what that change let go. If `before` fails,
+    /// nothing is collected.
+    pub fn collect_after(
+        &self,
+        backends: &[Arc<Snapshotter>],
+        dry_run: bool,
+        before: impl FnOnce() -> Result<()>,
+    ) -> Result<GcReport> {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        before()?;
         let started = Instant::now();
         let result = self.run(backends, dry_run);
         if let Some(observe) = self.observer.get() {

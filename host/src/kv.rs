@@ -229,16 +229,13 @@ impl Db {
     /// A database held by another process (another wasnap on the same root) is reported
     /// as unavailable with a message that says so, not as a corrupt file.
     pub fn open(dir: &Dir, name: &str, what: &str) -> Result<Self> {
-        let made = matches!(dir.open_with(name, OpenOptions::new().read(true).write(true)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound);
         let file = dir
             .open_with(name, OpenOptions::new().read(true).write(true).create(true))
             .with_context(|| format!("open {what} {name:?}"))?
             .into_std();
-        if made {
-            // The file's name, synced before any commit synced into the file counts.
-            crate::fsutil::sync_dir(dir).with_context(|| format!("sync the name of {what}"))?;
-        }
+        // The file's name, synced before any commit synced into the file counts (also
+        // when it was there: a crash may have come between its making and a sync).
+        crate::fsutil::sync_dir(dir).with_context(|| format!("sync the name of {what}"))?;
         let mut reserve = Reserve {
             file: file.try_clone().with_context(|| format!("open {what} {name:?}"))?,
             failing: false,

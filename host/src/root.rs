@@ -543,12 +543,25 @@ impl Host {
         if !sync {
             return self.leases().delete(ctx, id).map(|()| None);
         }
-        Leases::new(self.db.clone()).delete(ctx, id)?;
-        let collected = self.collect(false);
-        if collected.is_err() {
+        // Deleted under the collection lock: no collection, in the background or for
+        // another caller, runs between the deletion and this one's mark.
+        let leases = Leases::new(self.db.clone());
+        let deleted = std::cell::Cell::new(false);
+        let collected = self.collect_after(false, || {
+            leases.delete(ctx, id)?;
+            deleted.set(true);
+            Ok(())
+        });
+        // What this collection could not finish is left to the background one, as a
+        // plain delete would.
+        let unfinished = match &collected {
+            Ok(report) => !report.failed.is_empty(),
+            Err(_) => deleted.get(),
+        };
+        if unfinished {
             crate::metadata::Changes::deletion(&*self.trigger);
         }
-        collected.map(Some)
+        collected.map(|report| Some(GcReport { deleted_lease: Some(id.to_owned()), ..report }))
     }
 
     /// Every configured snapshotter that opens; those that do not are reported.
@@ -566,8 +579,17 @@ impl Host {
 
     /// Runs one garbage collection over every snapshotter that can be opened here.
     pub fn collect(&self, dry_run: bool) -> Result<GcReport> {
+        self.collect_after(dry_run, || Ok(()))
+    }
+
+    /// One collection, with `before` run first under the collection lock.
+    fn collect_after(
+        &self,
+        dry_run: bool,
+        before: impl FnOnce() -> Result<()>,
+    ) -> Result<GcReport> {
         let (open, unavailable) = self.open_all();
-        let mut report = self.collector.collect(&open, dry_run)?;
+        let mut report = self.collector.collect_after(&open, dry_run, before)?;
         // A snapshotter that cannot run here is not an error of the collection: its
         // records were swept all the same, and its backend is pruned where it runs.
         report.failed.extend(
@@ -861,13 +883,24 @@ impl CheckReport {
 }
 
 /// Makes `path` and what is missing above it (owner-only), each made one's name synced
-/// into its parent.
+/// into its parent. A parent this process may not read (write and search only) cannot
+/// be synced: that is logged, not an error.
 fn create_private_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let missing: Vec<&Path> = path.ancestors().take_while(|p| !p.exists()).collect();
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
     for made in missing.iter().rev() {
-        crate::fsutil::sync_parent(made)?;
+        match crate::fsutil::sync_parent(made) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::warn!(path = %made.display(), error = %e,
+                    "cannot sync a new directory's name into its parent");
+            }
+            Err(e) => {
+                let at = made.parent().unwrap_or(made).display().to_string();
+                return Err(Error::from(e).context(format!("sync {at}")));
+            }
+        }
     }
     Ok(())
 }
@@ -882,19 +915,30 @@ mod tests {
         // The background collector could take first what the caller's own collection
         // is to report: a sync delete does not wake it; a plain one does.
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let host = Host::open_with(dir.path(), Arc::new(Faults::new())).unwrap();
+        let faults = Arc::new(Faults::new());
+        let host = Host::open_with(dir.path(), faults.clone()).unwrap();
         let ctx = Ctx::new("default").unwrap();
         for (sync, woken) in [(false, 1), (true, 0), (false, 1)] {
             host.leases().create(&ctx, Some("l"), &Labels::new()).unwrap();
             let before = host.trigger.wakes();
             let report = host.delete_lease(&ctx, "l", sync).unwrap();
-            assert_eq!(report.is_some(), sync);
+            assert_eq!(report.map(|r| r.deleted_lease), sync.then(|| Some("l".to_owned())));
             assert_eq!(host.trigger.wakes() - before, woken, "sync {sync}");
         }
+        // A collection that fails after the deletion leaves the rest to the background.
+        faults.arm("gc.before-prune", crate::fault::Action::Error);
+        host.leases().create(&ctx, Some("l"), &Labels::new()).unwrap();
+        let before = host.trigger.wakes();
+        assert!(host.delete_lease(&ctx, "l", true).is_err());
+        assert_eq!(host.trigger.wakes() - before, 1);
+        assert!(host.leases().list(&ctx, &[]).unwrap().is_empty(), "the lease went");
+        faults.disarm("gc.before-prune");
         // A lease that is not there: not found, with or without sync.
+        let before = host.trigger.wakes();
         for sync in [false, true] {
             let err = host.delete_lease(&ctx, "l", sync).unwrap_err();
             assert_eq!(err.kind(), crate::error::ErrorKind::NotFound);
         }
+        assert_eq!(host.trigger.wakes(), before, "nothing deleted, nothing woken");
     }
 }

@@ -483,12 +483,17 @@ impl Api for Remote {
         // collector cannot take first what the report is to show).
         if sync {
             let r = self.req(apb::CollectRequest { dry_run: false, delete_lease: id.into() });
-            return report(self.client.call(|c| async move { c.admin().collect(r).await })?)
-                .map(Some);
+            let collected: GcReport =
+                report(self.client.call(|c| async move { c.admin().collect(r).await })?)?;
+            if collected.deleted_lease.as_deref() == Some(id) {
+                return Ok(Some(collected));
+            }
+            // A daemon from before `delete_lease` collected without deleting: delete,
+            // then collect, as it would have been asked.
         }
         let r = self.req(lpb::DeleteRequest { id: id.into(), sync: false });
         self.client.call(|c| async move { c.leases().delete(r).await })?;
-        Ok(None)
+        if sync { self.collect(false).map(Some) } else { Ok(None) }
     }
     fn lease_add(&self, id: &str, resource: &Resource) -> Result<()> {
         let r = self.req(lpb::AddResourceRequest {

@@ -122,10 +122,11 @@ pub fn open_dir_nofollow(dir: &cap_std::fs::Dir, name: &str) -> Result<cap_std::
 
 /// Makes the directory `rel` below `dir` (components joined by `/`), each missing one
 /// with `mode` (less the umask), and opens it as [`open_dir_nofollow`] does. Each
-/// directory made has its name synced into its parent before the next is made or the
-/// handle returned, so what is later synced inside it cannot be lost to a power cut
-/// with its directory's name. One already there is taken as it is; a symlink anywhere
-/// along `rel` is an error, never followed.
+/// component's name is synced into its parent before the next is made or the handle
+/// returned, so what is later synced inside it cannot be lost to a power cut with its
+/// directory's name; one already there is synced too (a crash may have come between
+/// its making and its sync), and otherwise taken as it is. A symlink anywhere along
+/// `rel` is an error, never followed.
 pub fn make_dir_synced(dir: &cap_std::fs::Dir, rel: &str, mode: u32) -> Result<cap_std::fs::Dir> {
     let err = |what: &str, at: &str| format!("{what} {rel:?} (at {at:?})");
     // Readable, to be synced: `dir` itself may be an O_PATH handle.
@@ -136,11 +137,11 @@ pub fn make_dir_synced(dir: &cap_std::fs::Dir, rel: &str, mode: u32) -> Result<c
         }
         // No-follow: mkdirat makes, never follows; the open below refuses a symlink.
         match rustix::fs::mkdirat(&at, name, Mode::from_raw_mode(mode)) {
-            Ok(()) => rustix::fs::fsync(&at)
-                .map_err(|e| Error::from(e).context(err("sync the parent of", name)))?,
-            Err(Errno::EXIST) => {}
+            Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(Error::from(e).context(err("create", name))),
         }
+        rustix::fs::fsync(&at)
+            .map_err(|e| Error::from(e).context(err("sync the parent of", name)))?;
         at = open_dir_at(&at, Path::new(name))
             .map_err(|e| Error::from(e).context(err("open", name)))?;
     }
@@ -155,14 +156,12 @@ pub fn sync_dir(dir: &cap_std::fs::Dir) -> Result<()> {
 
 /// Syncs the directory entry `path` into its parent: what a file or directory just
 /// made by path needs before a power cut cannot lose it.
-pub fn sync_parent(path: &Path) -> Result<()> {
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    std::fs::File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::from(e).context(format!("sync {}", parent.display())))
+    std::fs::File::open(parent).and_then(|d| d.sync_all())
 }
 
 /// How an entry of a tree is resolved: beneath its directory, no symlink (nor magic

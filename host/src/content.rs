@@ -102,9 +102,8 @@ pub struct Expected {
 #[derive(Debug)]
 pub struct ContentStore {
     db: Arc<MetaDb>,
+    /// `content/blobs/sha256`, opened for reading (so it can be synced).
     blobs: Dir,
-    /// `blobs` opened for reading, to sync it (a `Dir` may be an `O_PATH` handle).
-    blobs_fd: std::os::fd::OwnedFd,
     ingest: Dir,
     /// Shared by ingests from rename to record; exclusive while deleting files.
     files: RwLock<()>,
@@ -115,7 +114,7 @@ impl ContentStore {
     /// Opens (creating if needed) the store in `root`, with its records in `db`, and
     /// removes what interrupted ingests left.
     pub fn open(root: &Dir, db: Arc<MetaDb>, faults: Arc<Faults>) -> Result<Self> {
-        // Their names synced as made: a blob synced into them must not lose them.
+        // Their names synced: a blob synced into them must not lose them.
         let open = |rel: &str| {
             let rel = format!("{CONTENT_DIR}/{rel}");
             crate::fsutil::make_dir_synced(root, &rel, 0o700).with_context(|| format!("open {rel}"))
@@ -127,16 +126,7 @@ impl ContentStore {
                 format!("remove interrupted ingest content/ingest/{}", name.to_string_lossy())
             })?;
         }
-        let blobs_fd = rustix::fs::openat(
-            &blobs,
-            ".",
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .context("open content/blobs")?;
-        Ok(ContentStore { db, blobs, blobs_fd, ingest, files: RwLock::new(()), faults })
+        Ok(ContentStore { db, blobs, ingest, files: RwLock::new(()), faults })
     }
 
     /// A writer for a new blob; [`Writer::commit`] makes it visible.
@@ -290,7 +280,7 @@ impl ContentStore {
         self.ingest
             .rename(name, &self.blobs, &hex)
             .with_context(|| format!("move content/ingest/{name} to blob {digest}"))?;
-        rustix::fs::fsync(&self.blobs_fd).context("sync content/blobs")?;
+        rustix::fs::fsync(&self.blobs).context("sync content/blobs")?;
         let (ns, labels2, lease) =
             (ctx.namespace().to_owned(), labels.clone(), ctx.lease().map(str::to_owned));
         let faults = self.faults.clone();

@@ -610,7 +610,7 @@ impl Worker {
 
 fn private_subdir(dir: &Dir, sub: &str, path: &std::path::Path) -> Result<Dir> {
     // Readable (not O_PATH): btrfs ioctls are issued on these descriptors. Its name is
-    // synced as it is made: the entries synced into it must not lose it.
+    // synced: the entries synced into it must not lose it.
     crate::fsutil::make_dir_synced(dir, sub, 0o700)
         .with_context(|| format!("open {sub}/ in {}", path.display()))
 }

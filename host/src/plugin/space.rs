@@ -139,7 +139,7 @@ struct LayerDirs {
 }
 
 fn subdir(dir: &Dir, name: &str, path: &Path) -> Result<Dir> {
-    // No-follow: made, never followed, its name synced as made. The names are the
+    // No-follow: made, never followed, its name synced. The names are the
     // host's, in the plugin's directory, which no guest reaches.
     fsutil::make_dir_synced(dir, name, 0o700)
         .with_context(|| format!("open {}/{name}", path.display()))

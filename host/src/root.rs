@@ -538,7 +538,7 @@ impl Host {
     /// held is gone when this returns (containerd's synchronous delete), and the report
     /// says what went. A sync delete does not also wake the background collector, which
     /// could take first what the caller's own collection is to report; it is woken only
-    /// if that collection fails.
+    /// if that collection fails or leaves something undone.
     pub fn delete_lease(&self, ctx: &Ctx, id: &str, sync: bool) -> Result<Option<GcReport>> {
         if !sync {
             return self.leases().delete(ctx, id).map(|()| None);

@@ -13,10 +13,10 @@
 //! One thing is read once, with the plan: `gc.ref` labels. A label added meanwhile on
 //! another snapshot naming one the plan removes does not keep it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use redb::ReadableMultimapTable;
+use redb::{MultimapValue, ReadableMultimapTable};
 use serde::{Deserialize, Serialize};
 
 use super::cache::{Graph, Policy, Scope};
@@ -172,7 +172,9 @@ pub struct CachePruneReport {
     pub removed: Vec<PrunedSnapshot>,
     /// Bytes freed: the sizes of the snapshots whose data went. A record removed
     /// while another still names its data (a layer shared between namespaces, or one a
-    /// create adopted meanwhile) frees nothing. Dry, the sizes of what would go.
+    /// create adopted meanwhile) frees nothing. Dry, counted the same way from the
+    /// records as they are: each backend snapshot once, and only if no record outside
+    /// the plan names it.
     pub freed: u64,
     /// Bytes counted against the size limits before (committed snapshots not shared).
     pub total: u64,
@@ -190,18 +192,18 @@ pub struct CachePruneReport {
 /// How a prune is getting on, for a progress bar.
 #[derive(Debug, Clone, Copy)]
 pub enum PruneProgress<'a> {
-    /// The plan: this many snapshots, this many bytes.
+    /// The plan: this many snapshots, freeing this many bytes.
     Planned {
         /// Snapshots to remove.
         snapshots: usize,
-        /// Their bytes.
+        /// The bytes their removal would free (see [`CachePruneReport::freed`]).
         bytes: u64,
     },
     /// One went.
     Removed {
         /// Its key.
         key: &'a str,
-        /// Its bytes.
+        /// The bytes its removal freed (dry: would free); 0 where its data stays.
         size: u64,
     },
 }
@@ -242,20 +244,20 @@ impl Snapshotter {
             keep: plan.keep,
             ..CachePruneReport::default()
         };
-        let size = |i: usize| g.nodes[i].size.map_or(0, |u| u.size);
+        let frees = self.would_free(&g, &plan.order)?;
         // Sizes a plugin reported may be anything: sums saturate, never wrap or panic.
-        let bytes = plan.order.iter().fold(0u64, |sum, &i| sum.saturating_add(size(i)));
+        let bytes = frees.iter().fold(0u64, |sum, &b| sum.saturating_add(b));
         progress(PruneProgress::Planned { snapshots: plan.order.len(), bytes });
         if dry_run {
-            for &i in &plan.order {
-                report.freed = report.freed.saturating_add(size(i));
+            for (&i, &size) in plan.order.iter().zip(&frees) {
+                report.freed = report.freed.saturating_add(size);
                 report.removed.push(pruned(&g, i));
-                progress(PruneProgress::Removed { key: &g.nodes[i].key, size: size(i) });
+                progress(PruneProgress::Removed { key: &g.nodes[i].key, size });
             }
             return Ok(report);
         }
         let planned: Vec<Planned> = plan.order.iter().map(|&i| planned(&g, i)).collect();
-        let index: std::collections::HashMap<(&str, &str), usize> = plan
+        let index: HashMap<(&str, &str), usize> = plan
             .order
             .iter()
             .map(|&i| ((g.nodes[i].ns.as_str(), g.nodes[i].key.as_str()), i))
@@ -301,18 +303,89 @@ impl Snapshotter {
                             }
                         }
                     };
-                if freed {
-                    report.freed = report.freed.saturating_add(p.size);
-                }
+                let size = if freed { p.size } else { 0 };
+                report.freed = report.freed.saturating_add(size);
                 if let Some(&i) = index.get(&(p.ns.as_str(), p.key.as_str())) {
                     report.removed.push(pruned(&g, i));
                 }
-                progress(PruneProgress::Removed { key: &p.key, size: p.size });
+                progress(PruneProgress::Removed { key: &p.key, size });
             }
         }
         // Removals a backend defers reach the disk now, as the collector's do.
         self.db.db().flush()?;
         Ok(report)
+    }
+
+    /// The bytes the removal of each of `order` (indexes into `g`, in plan order) would
+    /// free, as a real prune counts them: a backend snapshot's size once, at the last
+    /// planned record that names it, and nothing for one a record outside the plan (in
+    /// any namespace) or a commit under way still names. One read transaction.
+    fn would_free(&self, g: &Graph, order: &[usize]) -> Result<Vec<u64>> {
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+        let name = |i: usize| (g.nodes[i].ns.as_str(), g.nodes[i].key.as_str());
+        // Each backend key's last position in the plan.
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(order.len());
+        for (at, &i) in order.iter().enumerate() {
+            last.insert(g.nodes[i].rec.bkey.as_str(), at);
+        }
+        // Made only for a key more than one record names, which few are.
+        let planned = std::cell::OnceCell::new();
+        let in_plan = |n: (&str, &str)| {
+            planned
+                .get_or_init(|| order.iter().map(|&i| name(i)).collect::<HashSet<_>>())
+                .contains(&n)
+        };
+        // Whether a record outside the plan names `bkey`, of `names` (all that do).
+        let outside = |bkey: &str, names: MultimapValue<'_, (&str, &str)>| -> Result<bool> {
+            let own = name(order[last[bkey]]);
+            for n in names {
+                let n = n?;
+                let n = n.value();
+                if n != own && !in_plan(n) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        let sn = self.name();
+        let kept: HashSet<String> = self.db.read_with(|txn| {
+            let bkeys = txn.open_multimap_table(db::BKEYS)?;
+            let mut kept = HashSet::new();
+            if order.len().saturating_mul(4) >= g.nodes.len() {
+                // Most of the snapshotter's rows: one pass over them costs a fraction
+                // of a lookup each.
+                for row in bkeys.range((sn, "")..)? {
+                    let (k, names) = row?;
+                    let (s, bkey) = k.value();
+                    if s != sn {
+                        break;
+                    }
+                    if last.contains_key(bkey) && outside(bkey, names)? {
+                        kept.insert(bkey.to_owned());
+                    }
+                }
+            } else {
+                for &bkey in last.keys() {
+                    if outside(bkey, bkeys.get((sn, bkey))?)? {
+                        kept.insert(bkey.to_owned());
+                    }
+                }
+            }
+            kept.extend(db::intents(txn, sn)?.into_iter().map(|(_, _, intent)| intent.bname));
+            Ok(kept)
+        })?;
+        Ok(order
+            .iter()
+            .enumerate()
+            .map(|(at, &i)| {
+                let n = &g.nodes[i];
+                let bkey = n.rec.bkey.as_str();
+                let frees = last.get(bkey) == Some(&at) && !kept.contains(bkey);
+                if frees { n.size.map_or(0, |u| u.size) } else { 0 }
+            })
+            .collect())
     }
 
     /// Removes `bkeys` from the backend, in order, on one helper thread (see

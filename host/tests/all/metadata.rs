@@ -553,15 +553,26 @@ fn a_prune_counts_as_freed_only_the_data_that_went() {
     s.sn.prepare(&a, "child-active", Some("sha256:shared"), &none()).unwrap();
     fill(&s, &a, "child-active", 64 << 10);
     s.sn.commit(&a, "child", "child-active", &none()).unwrap();
-    let prune = |ns: &wasnap::Ctx| {
-        s.sn.prune_cache(
-            Scope::Namespace(ns.namespace()),
-            &PrunePolicy::default(),
-            0,
-            false,
-            &mut |_| {},
-        )
+    let prune_in = |scope: Scope<'_>, dry: bool| {
+        let mut sizes = Vec::new();
+        let mut progress = |p: wasnap::metadata::PruneProgress<'_>| match p {
+            wasnap::metadata::PruneProgress::Planned { bytes, .. } => sizes.push(bytes),
+            wasnap::metadata::PruneProgress::Removed { size, .. } => sizes.push(size),
+        };
+        let report = s.sn.prune_cache(scope, &PrunePolicy::default(), 0, dry, &mut progress);
+        // The progress says what the report does: the plan's bytes, then each removal's.
+        if let Ok(r) = &report
+            && dry
+        {
+            assert_eq!(sizes[0], r.freed, "planned {sizes:?}: {r:?}");
+        }
+        if let Ok(r) = &report {
+            assert_eq!(sizes[1..].iter().sum::<u64>(), r.freed, "removed {sizes:?}: {r:?}");
+        }
+        report
     };
+    let prune = |ns: &wasnap::Ctx| prune_in(Scope::Namespace(ns.namespace()), false);
+    let dry = |ns: &wasnap::Ctx| prune_in(Scope::Namespace(ns.namespace()), true);
     let report = std::thread::scope(|scope| {
         let pruning = scope.spawn(|| prune(&a));
         let first = removals.recv().unwrap();
@@ -584,11 +595,19 @@ fn a_prune_counts_as_freed_only_the_data_that_went() {
     // c shares the layer too; pruning b then removes b's record and keeps the data.
     let err = s.sn.prepare(&c, "extract", None, &target).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    // Dry runs count it as the real ones do: not in b alone, once over both.
+    let layer = dry(&c).unwrap().removed[0].size.expect("the layer's size");
+    assert!(layer >= 32 << 10, "{layer}");
+    let would = dry(&b).unwrap();
+    assert_eq!((would.removed.len(), would.freed), (1, 0), "c still names the layer: {would:?}");
+    let would = prune_in(Scope::All, true).unwrap();
+    assert_eq!((would.removed.len(), would.freed), (2, layer), "counted once: {would:?}");
     let report = prune(&b).unwrap();
     assert_eq!(report.removed.len(), 1, "{report:?}");
     assert_eq!(report.freed, 0, "c still names the layer: {report:?}");
     assert_every_snapshot_has_its_data(&s, &c);
-    // The last record's prune frees it.
+    // The last record's prune frees it, as its dry run says.
+    assert_eq!(dry(&c).unwrap().freed, layer);
     let report = prune(&c).unwrap();
     assert!(report.removed[0].size.unwrap() >= 32 << 10, "{report:?}");
     assert_eq!(report.freed, report.removed[0].size.unwrap(), "{report:?}");

@@ -165,7 +165,7 @@ impl Layers<'_> {
         drop(tree);
         // A merge made of its base alone (every layer above it deduplicated away) is
         // still recorded with its layers, so a later merge of them finds it.
-        sn.commit_as(ctx, name, &key, labels, layers.clone(), plan.layers.clone())?;
+        sn.commit_as(ctx, name, &key, None, labels, layers.clone(), plan.layers.clone())?;
         made.keep();
         let info = sn.stat(ctx, name)?;
         Ok(Merged { info, layers, how: "copied".into(), applied: plan.layers.len() - skip })
@@ -321,7 +321,7 @@ impl Layers<'_> {
         drop(mounted);
         views.remove_all();
         // The views held lower and upper while they were read.
-        sn.commit_as(ctx, name, &key, labels, vec![name.to_owned()], Vec::new())?;
+        sn.commit_as(ctx, name, &key, None, labels, vec![name.to_owned()], Vec::new())?;
         made.keep();
         let info = sn.stat(ctx, name)?;
         Ok(Merged { info, layers: Vec::new(), how: "compared".into(), applied: 1 })

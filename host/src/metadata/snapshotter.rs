@@ -250,6 +250,20 @@ fn check_commit(txn: &impl Tables, sn: &str, ns: &str, name: &str, key: &str) ->
     Ok(rec)
 }
 
+/// Refuses to commit `rec` (the active snapshot `key`) onto a parent other than its own:
+/// containerd 2 names one to rebase a layer, which no backend here can do. Checked on the
+/// record the commit then carries out (its backend key is checked again when written),
+/// so a snapshot removed and made again on another parent meanwhile fails the commit.
+fn check_parent(rec: &Record, key: &str, parent: Option<&str>) -> Result<()> {
+    match parent {
+        Some(p) if rec.parent.as_deref() != Some(p) => Err(Error::not_implemented(format!(
+            "commit {key:?} onto parent {p:?}: rebasing is not supported (its parent is {:?})",
+            rec.parent.as_deref().unwrap_or_default()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Whether mounts give read-only access only: what views and committed snapshots must
 /// return, whatever the backend.
 pub(super) fn check_readonly(key: &str, kind: Kind, mounts: &[Mount]) -> Result<()> {
@@ -850,7 +864,23 @@ impl Snapshotter {
     /// the plugin's first write, in the same transaction, so no change of the plugin's
     /// store commits before it.
     pub fn commit(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
-        let committed = self.commit_as(ctx, name, key, labels, Vec::new(), Vec::new());
+        self.commit_onto(ctx, name, key, None, labels)
+    }
+
+    /// [`Snapshotter::commit`], onto `parent` if one is named: containerd 2 names the
+    /// parent it wants the layer committed onto, and rebases it there on snapshotters
+    /// that can. None here can: a parent other than the active snapshot's own is
+    /// refused ([`ErrorKind::NotImplemented`]), never dropped (the layer would lose the
+    /// lower layers its caller meant it to have).
+    pub fn commit_onto(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<()> {
+        let committed = self.commit_as(ctx, name, key, parent, labels, Vec::new(), Vec::new());
         match committed {
             // As containerd does: the caller's lease now holds the snapshot that has the
             // name (an unpacker that lost a race takes already-exists for success, and
@@ -877,17 +907,19 @@ impl Snapshotter {
         })
     }
 
-    /// [`Snapshotter::commit`], recording the committed snapshot as a merge of `layers`
+    /// [`Snapshotter::commit_onto`], recording the committed snapshot as a merge of `layers`
     /// (see [`Record::layers`]), held by the commit from its intent on, so none can be
     /// removed meanwhile. Each of `read` (key, backend key), the layers the caller read
     /// to make it, must still be that committed snapshot when the intent is written: a
     /// layer removed (or removed and made again) while it was read fails the commit, as
     /// what was read of it may be incomplete.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn commit_as(
         &self,
         ctx: &Ctx,
         name: &str,
         key: &str,
+        parent: Option<&str>,
         labels: &Labels,
         layers: Vec<String>,
         read: Vec<(String, String)>,
@@ -898,7 +930,7 @@ impl Snapshotter {
         validate_labels(labels)?;
         let labels = &*without_empty(labels);
         if layers.is_empty() && read.is_empty() && self.shared_db && self.backend.stages_records() {
-            return self.commit_staged(ctx, name, key, labels);
+            return self.commit_staged(ctx, name, key, parent, labels);
         }
         let (sn, ns) = (self.name.clone(), ctx.namespace().to_owned());
         let lease = ctx.lease().map(str::to_owned);
@@ -909,7 +941,9 @@ impl Snapshotter {
             if let Some(l) = &lease {
                 lease::check_exists_read(txn, &ns, l)?;
             }
-            Ok(check_commit(txn, &sn, &ns, name, key)?.bkey)
+            let rec = check_commit(txn, &sn, &ns, name, key)?;
+            check_parent(&rec, key, parent)?;
+            Ok(rec.bkey)
         })?;
         let intent = Intent {
             key: key.to_owned(),
@@ -1088,10 +1122,21 @@ impl Snapshotter {
     /// ours are written in one transaction, so no crash can come between them and no
     /// intent is needed. The active snapshot is read, the backend commits (its record
     /// staged), then one write checks again what was read and records both.
-    fn commit_staged(&self, ctx: &Ctx, name: &str, key: &str, labels: &Labels) -> Result<()> {
+    fn commit_staged(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<()> {
         let (sn, ns) = (self.name.clone(), ctx.namespace().to_owned());
         let lease = ctx.lease().map(str::to_owned);
-        let bkey = self.db.read_with(|txn| Ok(check_commit(txn, &sn, &ns, name, key)?.bkey))?;
+        let bkey = self.db.read_with(|txn| {
+            let rec = check_commit(txn, &sn, &ns, name, key)?;
+            check_parent(&rec, key, parent)?;
+            Ok(rec.bkey)
+        })?;
         let bname = format!("{ns}/{}/{name}", self.db.next_seq()?);
         let (done, mut staged) = self.staging(|| {
             self.faults

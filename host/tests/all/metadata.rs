@@ -155,6 +155,38 @@ fn labels_over_the_limit_are_rejected_everywhere() {
     assert!(s.sn.stat(&c, "a").unwrap().labels.is_empty());
 }
 
+/// containerd 2 names the parent a layer is to be committed onto (a rebase): none here
+/// can rebase, so another parent is refused and the active snapshot stays as it was;
+/// its own parent, or none named, commits.
+#[test]
+fn a_commit_onto_another_parent_is_refused_and_changes_nothing() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "base-active", None, &none()).unwrap();
+    s.sn.commit(&c, "base", "base-active", &none()).unwrap();
+    s.sn.prepare(&c, "other-active", None, &none()).unwrap();
+    s.sn.commit(&c, "other", "other-active", &none()).unwrap();
+    s.sn.prepare(&c, "top", Some("base"), &none()).unwrap();
+    s.sn.prepare(&c, "lone", None, &none()).unwrap();
+    let refused = |key: &str, parent: &str| {
+        let err = s.sn.commit_onto(&c, "layer", key, Some(parent), &none()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotImplemented, "{err}");
+        assert!(err.to_string().contains("rebasing is not supported"), "{err}");
+        assert_eq!(s.sn.stat(&c, key).unwrap().kind, Kind::Active);
+        assert_eq!(s.sn.stat(&c, "layer").unwrap_err().kind(), ErrorKind::NotFound);
+    };
+    refused("top", "other");
+    refused("lone", "base");
+    // Checked on the snapshot as it is when committed: "top" made again on "other".
+    s.sn.remove(&c, "top").unwrap();
+    s.sn.prepare(&c, "top", Some("other"), &none()).unwrap();
+    refused("top", "base");
+    s.sn.commit_onto(&c, "layer", "top", Some("other"), &none()).unwrap();
+    assert_eq!(s.sn.stat(&c, "layer").unwrap().parent.as_deref(), Some("other"));
+    s.sn.commit_onto(&c, "alone", "lone", None, &none()).unwrap();
+    assert_eq!(s.sn.stat(&c, "alone").unwrap().parent, None);
+}
+
 #[test]
 fn update_changes_labels_only() {
     let s = native_stack();

@@ -156,23 +156,16 @@ impl Snapshots for SnapshotsService {
     async fn commit(&self, req: Request<CommitSnapshotRequest>) -> Reply<()> {
         handle(&self.shared, "Commit", Work::Walk, req, |host, scope, r| {
             let ctx = scope.for_key(&r.key)?;
-            let sn = snapshotter(host, &r.snapshotter)?;
             // containerd 2's unpacker may ask a snapshotter with the `rebase` capability
-            // to commit a layer onto another parent. wasnap has none: a parent other than
-            // the active snapshot's own is refused, never dropped (the image would lose
-            // its lower layers).
-            if !r.parent.is_empty() {
-                let own = sn.stat(&ctx, &r.key)?.parent;
-                if own.as_deref() != Some(r.parent.as_str()) {
-                    return Err(Error::not_implemented(format!(
-                        "commit {:?} onto parent {:?}: rebasing is not supported (its parent is {:?})",
-                        r.key,
-                        r.parent,
-                        own.unwrap_or_default()
-                    )));
-                }
-            }
-            sn.commit(&ctx, &r.name, &r.key, &labels(r.labels))
+            // to commit a layer onto another parent: refused, never dropped.
+            let parent = (!r.parent.is_empty()).then_some(r.parent.as_str());
+            snapshotter(host, &r.snapshotter)?.commit_onto(
+                &ctx,
+                &r.name,
+                &r.key,
+                parent,
+                &labels(r.labels),
+            )
         })
         .await
     }

@@ -861,6 +861,25 @@ fn numeric<T: Default>(field: &[u8], parsed: io::Result<T>) -> io::Result<T> {
     if field.iter().all(|&b| b == 0 || b == b' ') { Ok(T::default()) } else { parsed }
 }
 
+/// A header's time field, in seconds since the epoch: as [`numeric`], or, with the
+/// top bit of its first byte set, a base-256 number (the rest of the field, big-endian
+/// two's complement), which is how GNU tar and Go write times before 1970 and Go's
+/// `archive/tar` reads them. The tar crate reads base-256 as unsigned only.
+fn time_field(field: &[u8], parsed: io::Result<u64>) -> io::Result<i64> {
+    let out_of_range = || io::Error::new(io::ErrorKind::InvalidData, "out of range");
+    match field.first() {
+        Some(&first) if first & 0x80 != 0 && field.len() <= 12 => {
+            // At most 95 bits after the marker bit: an i128 holds them.
+            let bits = field.len() * 8 - 1;
+            let raw =
+                field[1..].iter().fold(i128::from(first & 0x7f), |v, &b| (v << 8) | i128::from(b));
+            let value = if raw >> (bits - 1) & 1 == 1 { raw - (1i128 << bits) } else { raw };
+            i64::try_from(value).map_err(|_| out_of_range())
+        }
+        _ => i64::try_from(numeric(field, parsed)?).map_err(|_| out_of_range()),
+    }
+}
+
 /// What a tar entry is, as far as the tree is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -905,9 +924,7 @@ impl Attrs {
         let mtime = match pax.mtime {
             Some(t) => t,
             None => {
-                let secs = numeric(&old.mtime, header.mtime()).map_err(|e| field("mtime", e))?;
-                let secs = i64::try_from(secs)
-                    .map_err(|_| ctx.bad(format!("mtime {secs} is out of range")))?;
+                let secs = time_field(&old.mtime, header.mtime()).map_err(|e| field("mtime", e))?;
                 Timespec { tv_sec: secs, tv_nsec: 0 }
             }
         };
@@ -2448,6 +2465,54 @@ mod tests {
         fn bytes(self) -> Vec<u8> {
             self.0.into_inner().expect("finish tar")
         }
+    }
+
+    /// Numeric fields as Go's `archive/tar` reads them: empty ones are zero, and a time
+    /// in base-256 may be before 1970.
+    #[test]
+    fn numeric_fields_read_as_go_reads_them() {
+        let env = Env::new();
+        let mut tar = Tar::new();
+        let mut with_mtime = |path: &str, mtime: [u8; 12]| {
+            let mut h = Tar::header(EntryType::Regular, 0o644);
+            h.set_path(path).expect("path");
+            h.as_old_mut().mtime = mtime;
+            h.set_cksum();
+            tar.0.append(&h, &b""[..]).expect("append");
+        };
+        let before_1970 = ((-86_400i128).rem_euclid(1 << 96) as u128).to_be_bytes();
+        with_mtime("before-1970", before_1970[4..].try_into().expect("12 bytes"));
+        let mut base_256 = (2_000_000_000u128).to_be_bytes()[4..].to_vec();
+        base_256[0] |= 0x80;
+        with_mtime("base-256", base_256.try_into().expect("12 bytes"));
+        with_mtime("spaces", [b' '; 12]);
+        let mut empty = Tar::header(EntryType::Regular, 0o644);
+        empty.set_path("empty").expect("path");
+        let old = empty.as_old_mut();
+        (old.mode, old.uid, old.gid, old.mtime) = ([0; 8], [0; 8], [0; 8], [0; 12]);
+        empty.set_cksum();
+        tar.0.append(&empty, &b""[..]).expect("append");
+        env.apply_delete(&tar.bytes()).expect("apply");
+        assert_eq!(lmeta(&env.at("before-1970")).mtime(), -86_400);
+        assert_eq!(lmeta(&env.at("base-256")).mtime(), 2_000_000_000);
+        assert_eq!(lmeta(&env.at("spaces")).mtime(), 0);
+        let m = lmeta(&env.at("empty"));
+        assert_eq!((m.mode() & 0o7777, m.mtime()), (0, 0));
+        if is_root() {
+            assert_eq!((m.uid(), m.gid()), (0, 0));
+        }
+    }
+
+    #[test]
+    fn time_fields_out_of_range_are_refused() {
+        let huge = [0x80, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(time_field(&huge, Ok(0)).is_err());
+        let tiny = [0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(time_field(&tiny, Ok(0)).is_err());
+        let min = [0xff, 0xff, 0xff, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(time_field(&min, Ok(0)).expect("i64::MIN"), i64::MIN);
+        assert_eq!(time_field(&[0xff; 12], Ok(0)).expect("-1"), -1);
+        assert_eq!(time_field(b"00000000017\0", Ok(15)).expect("octal"), 15);
     }
 
     fn overlay() -> ApplyOptions<'static> {

@@ -366,6 +366,19 @@ impl At<'_> {
 }
 
 /// The path of `name` inside the directory at `rel`.
+/// Whether this process runs in a user namespace other than the initial one: its uid
+/// map is not the whole range mapped to itself. Read once.
+pub(crate) fn in_user_namespace() -> bool {
+    static IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IN.get_or_init(|| {
+        let Ok(map) = std::fs::read_to_string("/proc/self/uid_map") else {
+            return false; // No /proc: nothing says so.
+        };
+        let fields: Vec<&str> = map.split_whitespace().collect();
+        fields != ["0", "0", "4294967295"]
+    })
+}
+
 pub(crate) fn child_rel(rel: &Path, name: &OsString) -> PathBuf {
     if rel.as_os_str().is_empty() { PathBuf::from(name) } else { rel.join(name) }
 }

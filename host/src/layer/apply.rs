@@ -29,8 +29,9 @@
 //!
 //! # What is written
 //!
-//! Regular files, directories, symlinks, hard links, character and block devices and
-//! fifos, with the full mode (setuid, setgid, sticky; set after the owner, as `chown`
+//! Regular files, directories, symlinks, hard links, character and block devices (left
+//! out, with a warning, in a user namespace, where none can be made, as containerd does)
+//! and fifos, with the full mode (setuid, setgid, sticky; set after the owner, as `chown`
 //! clears them), the owner (when running as root; skipped otherwise), modification and
 //! access times to the nanosecond (PAX `mtime`/`atime` records with fractions honoured)
 //! and extended attributes from PAX `SCHILY.xattr.*` records, parsed from the raw
@@ -539,6 +540,12 @@ fn write_side(
         .drain()
         .map_err(|e| stream_error(&chunks, e, "layer stream after the end of the archive"))?;
     applier.finish()?;
+    if applier.skipped_devices > 0 {
+        tracing::warn!(
+            count = applier.skipped_devices,
+            "layer applied without its device nodes: none can be made in a user namespace"
+        );
+    }
     Ok(entries)
 }
 
@@ -992,6 +999,8 @@ struct Applier<'o> {
     whiteouts: Whiteouts,
     lowers: &'o [BorrowedFd<'o>],
     root_user: bool,
+    /// Device nodes left out: a user namespace can make none.
+    skipped_devices: u64,
     /// Delete mode: every path this layer wrote or needs as a parent of what it wrote;
     /// what an opaque directory keeps.
     kept: HashSet<Vec<u8>>,
@@ -1027,6 +1036,7 @@ impl<'o> Applier<'o> {
             whiteouts: opts.whiteouts,
             lowers: &opts.lowers,
             root_user: rustix::process::geteuid().is_root(),
+            skipped_devices: 0,
             kept: HashSet::new(),
             dirs: Vec::new(),
             buf: Vec::new(),
@@ -2011,14 +2021,25 @@ impl<'o> Applier<'o> {
         attrs: &Attrs,
         ctx: Ctx<'_>,
     ) -> Result<()> {
-        if kind != FileType::Fifo && !self.root_user {
+        if kind != FileType::Fifo && !self.root_user && !fsutil::in_user_namespace() {
             return Err(Error::failed_precondition(format!(
                 "{ctx}: a device node can only be made by root"
             )));
         }
         let perms = Mode::from_raw_mode(attrs.mode & 0o777);
-        self.create(dir, name, path, ctx, |d, n| rustix::fs::mknodat(d, n, kind, perms, device))?
-            .map_err(ctx.sys("mknod"))?;
+        let made = self
+            .create(dir, name, path, ctx, |d, n| rustix::fs::mknodat(d, n, kind, perms, device))?;
+        match made {
+            // In a user namespace (rootless) no device node can be made: the layer is
+            // applied without it, as containerd does. Whatever had the name is gone, as
+            // for any entry that replaces another.
+            Err(Errno::PERM) if kind != FileType::Fifo && fsutil::in_user_namespace() => {
+                tracing::debug!(entry = %Name(ctx.raw), "device node skipped in a user namespace");
+                self.skipped_devices += 1;
+                return Ok(());
+            }
+            made => made.map_err(ctx.sys("mknod"))?,
+        }
         self.entry_meta(dir, name, attrs, true, ctx)
     }
 
@@ -2513,6 +2534,69 @@ mod tests {
         assert_eq!(time_field(&min, Ok(0)).expect("i64::MIN"), i64::MIN);
         assert_eq!(time_field(&[0xff; 12], Ok(0)).expect("-1"), -1);
         assert_eq!(time_field(b"00000000017\0", Ok(15)).expect("octal"), 15);
+    }
+
+    /// Set for [`in_a_user_namespace`] by the test that runs it in one.
+    const USERNS_ENV: &str = "WASNAP_TEST_IN_USER_NAMESPACE";
+
+    /// In a user namespace (rootless) no device node can be made: a layer with some is
+    /// applied without them, as containerd does. The test below runs in a child process
+    /// that `unshare(1)` puts in a new user namespace, as its root.
+    #[test]
+    fn device_nodes_are_left_out_in_a_user_namespace() {
+        let exe = std::env::current_exe().expect("the test binary");
+        let test = "layer::apply::tests::in_a_user_namespace";
+        let out = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--"])
+            .arg(exe)
+            .args(["--exact", test, "--include-ignored", "--nocapture"])
+            .env(USERNS_ENV, "1")
+            .output();
+        let out = match out {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                eprintln!("skipped: no unshare(1) to make a user namespace");
+                return;
+            }
+            out => out.expect("run unshare"),
+        };
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() && stderr.starts_with("unshare: ") {
+            eprintln!("skipped: no user namespace here: {stderr}");
+            return;
+        }
+        assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+        assert!(stdout.contains("1 passed"), "the test did not run:\n{stdout}\n{stderr}");
+    }
+
+    #[test]
+    #[ignore = "run inside a user namespace by device_nodes_are_left_out_in_a_user_namespace"]
+    fn in_a_user_namespace() {
+        if std::env::var_os(USERNS_ENV).is_none() {
+            eprintln!("not in a user namespace of the test's making: nothing to check");
+            return;
+        }
+        assert!(fsutil::in_user_namespace());
+        let env = Env::new();
+        std::fs::write(env.at("old"), b"replaced by a device").expect("write");
+        let mut null = Tar::header(EntryType::Char, 0o666);
+        null.set_device_major(1).expect("major");
+        null.set_device_minor(3).expect("minor");
+        let mut loop0 = Tar::header(EntryType::Block, 0o660);
+        loop0.set_device_major(7).expect("major");
+        loop0.set_device_minor(0).expect("minor");
+        let tar = Tar::new()
+            .dir("dev", 0o755)
+            .entry(null.clone(), "dev/null", b"")
+            .entry(loop0, "dev/loop0", b"")
+            .entry(null, "old", b"")
+            .entry(Tar::header(EntryType::Fifo, 0o600), "dev/fifo", b"")
+            .file("dev/after", b"still applied")
+            .bytes();
+        env.apply_delete(&tar).expect("applied without the devices");
+        assert_eq!(names(&env.at("dev")), BTreeSet::from(["after".into(), "fifo".into()]));
+        assert!(lmeta(&env.at("dev/fifo")).file_type().is_fifo());
+        assert!(!env.at("old").exists(), "the entry the device replaced is gone");
     }
 
     fn overlay() -> ApplyOptions<'static> {

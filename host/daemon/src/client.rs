@@ -220,8 +220,10 @@ impl Blocking {
                 if tx.blocking_send(start).is_err() {
                     return Ok(()); // The call ended: its status says why.
                 }
+                // One buffer, reused: each message takes a copy of what was read, so a
+                // slow source's small chunks hold only their own bytes while queued.
+                let mut buf = vec![0u8; CHUNK];
                 loop {
-                    let mut buf = vec![0u8; CHUNK];
                     let mut n = 0;
                     // A chunk goes once full, or as soon as the connection has taken
                     // every chunk before it: a slow source (a download piped in) keeps
@@ -237,11 +239,8 @@ impl Blocking {
                             break false;
                         }
                     };
-                    if n > 0 {
-                        buf.truncate(n);
-                        if tx.blocking_send(data(buf)).is_err() {
-                            return Ok(());
-                        }
+                    if n > 0 && tx.blocking_send(data(buf[..n].to_vec())).is_err() {
+                        return Ok(());
                     }
                     if ended {
                         let _ = tx.blocking_send(done);

@@ -222,11 +222,12 @@ impl ContentStore {
     /// Returns what it deleted.
     pub fn remove_unrecorded(&self, candidates: Option<&[Digest]>) -> Result<Vec<Digest>> {
         let _files = self.files.write().unwrap_or_else(|e| e.into_inner());
-        let recorded: HashSet<String> =
-            self.db.read_with(records::all)?.into_iter().map(|(_, d, _)| d).collect();
-        let on_disk: Vec<Digest> = match candidates {
-            Some(c) => c.to_vec(),
+        let (recorded, on_disk): (HashSet<Digest>, Vec<Digest>) = match candidates {
+            Some(c) => (self.db.read_with(|txn| records::recorded(txn, c))?, c.to_vec()),
             None => {
+                let all = self.db.read_with(records::all)?;
+                // A record whose key is no digest names no file of blobs/.
+                let recorded = all.iter().filter_map(|(_, d, _)| Digest::parse(d).ok()).collect();
                 let mut found = Vec::new();
                 for entry in self.blobs.entries().context("list content/blobs")? {
                     let name = entry.context("list content/blobs")?.file_name();
@@ -235,12 +236,12 @@ impl ContentStore {
                         found.push(d);
                     }
                 }
-                found
+                (recorded, found)
             }
         };
         let mut removed = Vec::new();
         for d in on_disk {
-            if recorded.contains(&d.to_string()) {
+            if recorded.contains(&d) {
                 continue;
             }
             match self.blobs.remove_file(d.hex()) {

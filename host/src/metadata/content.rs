@@ -189,6 +189,31 @@ macro_rules! read_all_for {
 read_all_for!(redb::ReadTransaction);
 read_all_for!(WriteTransaction);
 
+/// Which of `digests` some namespace records: one lookup per namespace and digest, each
+/// namespace found by seeking past the one before, so the cost does not grow with the
+/// number of records (a delete asks this of one digest).
+pub(crate) fn recorded(
+    txn: &redb::ReadTransaction,
+    digests: &[Digest],
+) -> Result<std::collections::HashSet<Digest>> {
+    let table = txn.open_table(CONTENT)?;
+    let keys: Vec<(Digest, String)> = digests.iter().map(|d| (*d, d.to_string())).collect();
+    let mut found = std::collections::HashSet::new();
+    // The first namespace at or after `from`; "ns\0" is the first name after "ns".
+    let mut from = String::new();
+    while found.len() < keys.len() {
+        let Some(first) = table.range((from.as_str(), "")..)?.next() else { break };
+        let ns = first?.0.value().0.to_owned();
+        for (d, key) in &keys {
+            if !found.contains(d) && table.get((ns.as_str(), key.as_str()))?.is_some() {
+                found.insert(*d);
+            }
+        }
+        from = format!("{ns}\0");
+    }
+    Ok(found)
+}
+
 /// The records of namespace `ns`, in digest order.
 pub(crate) fn list(txn: &redb::ReadTransaction, ns: &str) -> Result<Vec<(String, Stored)>> {
     let mut out = Vec::new();
@@ -219,4 +244,36 @@ pub(crate) fn unmap(
 ) -> Result<()> {
     txn.open_multimap_table(BLOB_SNAPSHOTS)?.remove((ns, blob), (sn, key))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::Durability;
+    use crate::metadata::MetaDb;
+
+    /// Namespaces that prefix each other are all found, and a digest is found in any.
+    #[test]
+    fn recorded_finds_a_digest_in_any_namespace() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = cap_std::fs::Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())
+            .expect("dir");
+        let db = MetaDb::open(&dir).expect("open");
+        let d: Vec<Digest> = (0..5u8).map(|i| Digest::of(&[i])).collect();
+        let rows = [("a", d[0]), ("a", d[1]), ("a0", d[2]), ("ab", d[3])];
+        db.write(Durability::Immediate, move |txn| {
+            for (ns, digest) in rows {
+                put(txn, ns, &digest, 1, &Labels::new(), None, 0)?;
+            }
+            Ok(())
+        })
+        .expect("write");
+        let found = db.read_with(|txn| recorded(txn, &d)).expect("recorded");
+        let want: std::collections::HashSet<Digest> = d[..4].iter().copied().collect();
+        assert_eq!(found, want);
+        let none = db.read_with(|txn| recorded(txn, &d[4..])).expect("recorded");
+        assert!(none.is_empty());
+        let one = db.read_with(|txn| recorded(txn, &[d[3]])).expect("recorded");
+        assert_eq!(one.into_iter().collect::<Vec<_>>(), [d[3]]);
+    }
 }

@@ -244,7 +244,7 @@ impl Snapshotter {
             keep: plan.keep,
             ..CachePruneReport::default()
         };
-        let frees = self.would_free(&g, &plan.order)?;
+        let frees = self.would_free(&g, &plan.order, matches!(scope, Scope::All))?;
         // Sizes a plugin reported may be anything: sums saturate, never wrap or panic.
         let bytes = frees.iter().fold(0u64, |sum, &b| sum.saturating_add(b));
         progress(PruneProgress::Planned { snapshots: plan.order.len(), bytes });
@@ -319,8 +319,9 @@ impl Snapshotter {
     /// The bytes the removal of each of `order` (indexes into `g`, in plan order) would
     /// free, as a real prune counts them: a backend snapshot's size once, at the last
     /// planned record that names it, and nothing for one a record outside the plan (in
-    /// any namespace) or a commit under way still names. One read transaction.
-    fn would_free(&self, g: &Graph, order: &[usize]) -> Result<Vec<u64>> {
+    /// any namespace) or a commit under way still names. One read transaction; `all`:
+    /// `g` holds every record of the snapshotter.
+    fn would_free(&self, g: &Graph, order: &[usize], all: bool) -> Result<Vec<u64>> {
         if order.is_empty() {
             return Ok(Vec::new());
         }
@@ -353,7 +354,7 @@ impl Snapshotter {
         let kept: HashSet<String> = self.db.read_with(|txn| {
             let bkeys = txn.open_multimap_table(db::BKEYS)?;
             let mut kept = HashSet::new();
-            if order.len().saturating_mul(4) >= g.nodes.len() {
+            if all && order.len().saturating_mul(4) >= g.nodes.len() {
                 // Most of the snapshotter's rows: one pass over them costs a fraction
                 // of a lookup each.
                 for row in bkeys.range((sn, "")..)? {
@@ -373,7 +374,11 @@ impl Snapshotter {
                     }
                 }
             }
-            kept.extend(db::intents(txn, sn)?.into_iter().map(|(_, _, intent)| intent.bname));
+            // Both keys of a commit under way, as the removal of what no record names
+            // spares them (`super::unnamed`).
+            for (_, _, intent) in db::intents(txn, sn)? {
+                kept.extend([intent.bkey, intent.bname]);
+            }
             Ok(kept)
         })?;
         Ok(order

@@ -941,4 +941,25 @@ mod tests {
         }
         assert_eq!(host.trigger.wakes(), before, "nothing deleted, nothing woken");
     }
+
+    /// A commit onto another parent is refused on a driver that stages its records in
+    /// the root's database too (the commit's other path).
+    #[test]
+    fn a_staged_commit_onto_another_parent_is_refused() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let host = Host::open_with(dir.path(), Arc::new(Faults::new())).unwrap();
+        let sn = host.snapshotter("native").unwrap();
+        assert!(sn.backend().stages_records(), "the staged path is the one under test");
+        let (ctx, none) = (Ctx::new("default").unwrap(), Labels::new());
+        for base in ["base", "other"] {
+            sn.prepare(&ctx, "a", None, &none).unwrap();
+            sn.commit(&ctx, base, "a", &none).unwrap();
+        }
+        sn.prepare(&ctx, "top", Some("base"), &none).unwrap();
+        let err = sn.commit_onto(&ctx, "layer", "top", Some("other"), &none).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::NotImplemented, "{err}");
+        assert_eq!(sn.stat(&ctx, "top").unwrap().kind, crate::Kind::Active);
+        sn.commit_onto(&ctx, "layer", "top", Some("base"), &none).unwrap();
+        assert_eq!(sn.stat(&ctx, "layer").unwrap().parent.as_deref(), Some("base"));
+    }
 }

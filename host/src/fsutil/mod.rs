@@ -365,20 +365,21 @@ impl At<'_> {
     }
 }
 
-/// The path of `name` inside the directory at `rel`.
-/// Whether this process runs in a user namespace other than the initial one: its uid
-/// map is not the whole range mapped to itself. Read once.
+/// Whether this process runs in a user namespace other than the initial one: the
+/// kernel gives the initial one a fixed inode number (`PROC_USER_INIT_INO`), whatever
+/// the uid map of the one we are in says (a container may map the whole range). Read
+/// once; without `/proc` nothing says so, and it is taken for the initial one.
 pub(crate) fn in_user_namespace() -> bool {
+    /// The inode of `/proc/self/ns/user` in the initial user namespace.
+    const INITIAL: u64 = 0xEFFF_FFFD;
     static IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *IN.get_or_init(|| {
-        let Ok(map) = std::fs::read_to_string("/proc/self/uid_map") else {
-            return false; // No /proc: nothing says so.
-        };
-        let fields: Vec<&str> = map.split_whitespace().collect();
-        fields != ["0", "0", "4294967295"]
+    *IN.get_or_init(|| match rustix::fs::stat("/proc/self/ns/user") {
+        Ok(st) => st.st_ino != INITIAL,
+        Err(_) => false,
     })
 }
 
+/// The path of `name` inside the directory at `rel`.
 pub(crate) fn child_rel(rel: &Path, name: &OsString) -> PathBuf {
     if rel.as_os_str().is_empty() { PathBuf::from(name) } else { rel.join(name) }
 }

@@ -937,9 +937,8 @@ impl Attrs {
         };
         let gnu_atime = header
             .as_gnu()
-            .and_then(|g| g.atime().ok())
+            .and_then(|g| time_field(&g.atime, g.atime()).ok())
             .filter(|&t| t != 0)
-            .and_then(|t| i64::try_from(t).ok())
             .map(|t| Timespec { tv_sec: t, tv_nsec: 0 });
         let atime = pax.atime.or(gnu_atime).unwrap_or(mtime);
         Ok(Attrs {
@@ -2032,10 +2031,24 @@ impl<'o> Applier<'o> {
         match made {
             // In a user namespace (rootless) no device node can be made: the layer is
             // applied without it, as containerd does. Whatever had the name is gone, as
-            // for any entry that replaces another.
+            // for any entry that replaces another; over lower layers the name is whited
+            // out (a 0:0 device, which a user namespace can make), so none of theirs
+            // shows through, as where containerd writes through the overlay mount.
             Err(Errno::PERM) if kind != FileType::Fifo && fsutil::in_user_namespace() => {
                 tracing::debug!(entry = %Name(ctx.raw), "device node skipped in a user namespace");
                 self.skipped_devices += 1;
+                if !self.delete_mode() && !self.lowers.is_empty() {
+                    let whiteout = rustix::fs::makedev(0, 0);
+                    // No-follow: mknodat makes a new entry and follows nothing.
+                    rustix::fs::mknodat(
+                        dir,
+                        os(name),
+                        FileType::CharacterDevice,
+                        Mode::empty(),
+                        whiteout,
+                    )
+                    .map_err(ctx.sys("make a whiteout for a device node"))?;
+                }
                 return Ok(());
             }
             made => made.map_err(ctx.sys("mknod"))?,
@@ -2507,6 +2520,11 @@ mod tests {
         base_256[0] |= 0x80;
         with_mtime("base-256", base_256.try_into().expect("12 bytes"));
         with_mtime("spaces", [b' '; 12]);
+        let mut h = Tar::header(EntryType::Regular, 0o644);
+        h.set_path("atime-before-1970").expect("path");
+        h.as_gnu_mut().expect("gnu").atime = before_1970[4..].try_into().expect("12 bytes");
+        h.set_cksum();
+        tar.0.append(&h, &b""[..]).expect("append");
         let mut empty = Tar::header(EntryType::Regular, 0o644);
         empty.set_path("empty").expect("path");
         let old = empty.as_old_mut();
@@ -2517,6 +2535,7 @@ mod tests {
         assert_eq!(lmeta(&env.at("before-1970")).mtime(), -86_400);
         assert_eq!(lmeta(&env.at("base-256")).mtime(), 2_000_000_000);
         assert_eq!(lmeta(&env.at("spaces")).mtime(), 0);
+        assert_eq!(lmeta(&env.at("atime-before-1970")).atime(), -86_400);
         let m = lmeta(&env.at("empty"));
         assert_eq!((m.mode() & 0o7777, m.mtime()), (0, 0));
         if is_root() {
@@ -2597,6 +2616,22 @@ mod tests {
         assert_eq!(names(&env.at("dev")), BTreeSet::from(["after".into(), "fifo".into()]));
         assert!(lmeta(&env.at("dev/fifo")).file_type().is_fifo());
         assert!(!env.at("old").exists(), "the entry the device replaced is gone");
+
+        // In an overlay upper directory over lower layers, the name is whited out, so
+        // a lower layer's entry does not show through.
+        let env = Env::new();
+        let lower = env.lower("lower");
+        std::fs::create_dir(lower.join("dev")).expect("mkdir");
+        std::fs::write(lower.join("dev/null"), b"a lower file").expect("write");
+        let lower = File::open(&lower).expect("open lower");
+        let opts = ApplyOptions { lowers: vec![lower.as_fd()], ..overlay() };
+        let mut null = Tar::header(EntryType::Char, 0o666);
+        null.set_device_major(1).expect("major");
+        null.set_device_minor(3).expect("minor");
+        let tar = Tar::new().entry(null, "dev/null", b"").bytes();
+        env.apply(&tar, &opts).expect("applied without the device");
+        let m = lmeta(&env.at("dev/null"));
+        assert!(m.file_type().is_char_device() && m.rdev() == 0, "a whiteout: {m:?}");
     }
 
     fn overlay() -> ApplyOptions<'static> {

@@ -887,6 +887,17 @@ fn time_field(field: &[u8], parsed: io::Result<u64>) -> io::Result<i64> {
     }
 }
 
+/// Makes `name` in `dir` an overlayfs whiteout: a 0:0 character device.
+fn make_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+    rustix::fs::mknodat(
+        dir,
+        name,
+        FileType::CharacterDevice,
+        Mode::empty(),
+        rustix::fs::makedev(0, 0),
+    )
+}
+
 /// What a tar entry is, as far as the tree is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -2038,16 +2049,9 @@ impl<'o> Applier<'o> {
                 tracing::debug!(entry = %Name(ctx.raw), "device node skipped in a user namespace");
                 self.skipped_devices += 1;
                 if !self.delete_mode() && !self.lowers.is_empty() {
-                    let whiteout = rustix::fs::makedev(0, 0);
                     // No-follow: mknodat makes a new entry and follows nothing.
-                    rustix::fs::mknodat(
-                        dir,
-                        os(name),
-                        FileType::CharacterDevice,
-                        Mode::empty(),
-                        whiteout,
-                    )
-                    .map_err(ctx.sys("make a whiteout for a device node"))?;
+                    make_whiteout(dir.as_fd(), os(name))
+                        .map_err(ctx.sys("make a whiteout for a device node"))?;
                 }
                 return Ok(());
             }
@@ -2142,13 +2146,9 @@ impl<'o> Applier<'o> {
         let dir = self.parent_dir(parent, ctx)?;
         match self.whiteouts {
             Whiteouts::Delete => self.clear(&dir, target, &path, ctx),
-            Whiteouts::Overlay { .. } => {
-                let dev = rustix::fs::makedev(0, 0);
-                self.create(&dir, target, &path, ctx, |d, n| {
-                    rustix::fs::mknodat(d, n, FileType::CharacterDevice, Mode::empty(), dev)
-                })?
-                .map_err(ctx.sys("make the whiteout device"))
-            }
+            Whiteouts::Overlay { .. } => self
+                .create(&dir, target, &path, ctx, make_whiteout)?
+                .map_err(ctx.sys("make the whiteout device")),
         }
     }
 

@@ -23,12 +23,12 @@
 //! `shared`, `private`, `mutable` (active) and `immutable` (committed).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use redb::ReadTransaction;
+use redb::{ReadTransaction, ReadableMultimapTable};
 
-use super::db::{LEASE_RESOURCES, LEASES, SNAPSHOTS};
+use super::db::{BKEYS, LEASE_RESOURCES, LEASES, SNAPSHOTS};
 use super::gc::{LABEL_GC_BREF_SNAPSHOT, LABEL_GC_REF_SNAPSHOT, label_target, labelled_root};
 use super::lease::LABEL_GC_EXPIRE;
 use super::record::Record;
@@ -71,6 +71,9 @@ pub(crate) struct Node {
     pub held_by: u32,
     /// An active snapshot or a view stands on it.
     pub live_child: bool,
+    /// How many records of the snapshotter, in any namespace, name its backend key
+    /// (more than one: a layer shared between namespaces).
+    pub names: u64,
 }
 
 impl Node {
@@ -126,7 +129,8 @@ impl Policy {
 #[derive(Debug, Default)]
 pub(crate) struct Plan {
     pub order: Vec<usize>,
-    /// Bytes counted against the limits before pruning (committed, not shared).
+    /// Bytes counted against the limits before pruning (committed, not shared; data
+    /// several records name, once).
     pub total: u64,
     /// The size prune brings the total down to; 0: no size limit.
     pub keep: u64,
@@ -160,6 +164,7 @@ impl Graph {
                 size: None,
                 held_by: 0,
                 live_child: false,
+                names: 1,
             });
         }
         let mut g = Graph {
@@ -171,6 +176,7 @@ impl Graph {
             now,
         };
         let (unknown, stale) = g.load_sizes(txn, sn, scope)?;
+        g.count_names(txn, sn, scope)?;
         g.link(sn);
         g.load_leases(txn, sn, scope)?;
         g.load_outside(txn, &table, sn, scope)?;
@@ -220,6 +226,48 @@ impl Graph {
             .filter(|&i| self.nodes[i].rec.kind == Kind::Committed && self.nodes[i].size.is_none())
             .collect();
         Ok((unknown, stale))
+    }
+
+    /// How many records name each record's backend key. Over every namespace, the
+    /// graph holds them all. In one, only keys made in it (`<ns>/...`) that another
+    /// namespace adopted, or keys it adopted, have names elsewhere: one pass over the
+    /// index of the namespace's own keys, and a lookup for each adopted one.
+    fn count_names(&mut self, txn: &ReadTransaction, sn: &str, scope: Scope<'_>) -> Result<()> {
+        let names: Vec<u64> = match scope {
+            Scope::All => {
+                let mut count: HashMap<&str, u64> = HashMap::with_capacity(self.nodes.len());
+                for n in &self.nodes {
+                    *count.entry(n.rec.bkey.as_str()).or_default() += 1;
+                }
+                self.nodes.iter().map(|n| count[n.rec.bkey.as_str()]).collect()
+            }
+            Scope::Namespace(ns) => {
+                let bkeys = txn.open_multimap_table(BKEYS)?;
+                // Namespaces have no '/', and '0' follows it: the range is `<ns>/...`.
+                let (own, past) = (format!("{ns}/"), format!("{ns}0"));
+                let mut many: HashMap<String, u64> = HashMap::new();
+                for row in bkeys.range((sn, own.as_str())..(sn, past.as_str()))? {
+                    let (k, names) = row?;
+                    if names.len() > 1 {
+                        many.insert(k.value().1.to_owned(), names.len());
+                    }
+                }
+                let mut names = Vec::with_capacity(self.nodes.len());
+                for n in &self.nodes {
+                    let bkey = n.rec.bkey.as_str();
+                    names.push(if bkey.starts_with(&own) {
+                        many.get(bkey).copied().unwrap_or(1)
+                    } else {
+                        bkeys.get((sn, bkey))?.len().max(1)
+                    });
+                }
+                names
+            }
+        };
+        for (n, names) in self.nodes.iter_mut().zip(names) {
+            n.names = names;
+        }
+        Ok(())
     }
 
     /// The holds between records of the scope, and which are in use by a child.
@@ -439,12 +487,16 @@ impl Graph {
     }
 
     /// What `policy` removes, in order, given `free` bytes on the root's filesystem.
+    /// A backend snapshot several records name (a layer shared between namespaces)
+    /// counts once, and leaves the total only with the last record naming it.
     pub fn plan(&self, a: &Analysis, policy: &Policy, free: u64) -> Plan {
+        let mut counted: HashSet<&str> = HashSet::new();
         let total: u64 = self
             .nodes
             .iter()
             .zip(&a.shared)
             .filter(|(n, shared)| n.rec.kind == Kind::Committed && !**shared)
+            .filter(|(n, _)| n.names == 1 || counted.insert(n.rec.bkey.as_str()))
             .map(|(n, _)| n.size.map_or(0, |u| u.size))
             // Sizes a plugin reported may be anything: the sum saturates.
             .fold(0u64, u64::saturating_add);
@@ -471,13 +523,21 @@ impl Graph {
         let mut ready: BinaryHeap<_> =
             (0..self.nodes.len()).filter(|&i| candidate[i] && held[i] == 0).map(key).collect();
         let mut left = total;
+        // Of keys several records name: how many of those records the plan removes.
+        let mut planned: HashMap<&str, u64> = HashMap::new();
         while let Some(Reverse((_, _, i))) = ready.pop() {
             if keep != 0 && left <= keep {
                 break;
             }
             plan.order.push(i);
-            if !a.shared[i] {
-                left = left.saturating_sub(self.nodes[i].size.map_or(0, |u| u.size));
+            let node = &self.nodes[i];
+            let last = node.names == 1 || {
+                let n = planned.entry(node.rec.bkey.as_str()).or_default();
+                *n += 1;
+                *n >= node.names
+            };
+            if last && !a.shared[i] {
+                left = left.saturating_sub(node.size.map_or(0, |u| u.size));
             }
             for &h in self.holds(i) {
                 held[h] -= 1;

@@ -176,7 +176,9 @@ pub struct CachePruneReport {
     /// records as they are: each backend snapshot once, and only if no record outside
     /// the plan names it.
     pub freed: u64,
-    /// Bytes counted against the size limits before (committed snapshots not shared).
+    /// Bytes counted against the size limits before (committed snapshots not shared;
+    /// a backend snapshot several records name, such as a layer shared between
+    /// namespaces, once).
     pub total: u64,
     /// The size the limits asked to come down to; 0: no size limit.
     pub keep: u64,

@@ -646,6 +646,56 @@ fn a_prune_counts_as_freed_only_the_data_that_went() {
     assert!(backend_keys(s.sn.backend().as_ref()).is_empty(), "{report:?}");
 }
 
+/// The size limits count a layer two namespaces name once, and as gone only with its
+/// last record: keep-storage stops when the data left fits, not when the records left
+/// would if each counted a copy of their own.
+#[test]
+fn size_limits_count_a_shared_layer_once() {
+    use wasnap::metadata::{PrunePolicy, Scope};
+    let (s, _held, _removals, go) = held_stack(None);
+    drop(go); // removals go straight through
+    let (a, b, target) = (ctx("a"), ctx("b"), shared_target());
+    s.sn.prepare(&a, "child-active", Some("sha256:shared"), &none()).unwrap();
+    fill(&s, &a, "child-active", 64 << 10);
+    s.sn.commit(&a, "child", "child-active", &none()).unwrap();
+    // b adopts the layer: a second record of the same data, used since (so it is the
+    // most recently used record).
+    let err = s.sn.prepare(&b, "extract", None, &target).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    s.sn.touch(&b, "sha256:shared").unwrap();
+    let dry = |scope, keep_storage| {
+        let policy = PrunePolicy { keep_storage, ..PrunePolicy::default() };
+        s.sn.prune_cache(scope, &policy, 0, true, &mut |_| {}).unwrap()
+    };
+    let everything = dry(Scope::All, 1);
+    let size = |key: &str| {
+        let p = everything.removed.iter().find(|p| p.key == key).expect("planned");
+        p.size.unwrap_or_else(|| panic!("the size of {key}: {everything:?}"))
+    };
+    let (layer, child) = (size("sha256:shared"), size("child"));
+    assert!(layer >= 32 << 10 && child >= 64 << 10, "{everything:?}");
+    assert_eq!(everything.removed.len(), 3, "{everything:?}");
+    assert_eq!(everything.freed, layer + child, "{everything:?}");
+    // Counted once over both namespaces, and once in each.
+    assert_eq!(dry(Scope::All, u64::MAX).total, layer + child);
+    assert_eq!(dry(Scope::Namespace("a"), u64::MAX).total, layer + child);
+    assert_eq!(dry(Scope::Namespace("b"), u64::MAX).total, layer);
+    // With room for the layer and a quarter of the child, the child goes and the layer
+    // fits. Counted per record, the layer's two records would be 2 x 32 KiB over the
+    // limit, and a's record would go too, freeing nothing.
+    let plan = dry(Scope::All, layer + child / 4);
+    let gone: Vec<(&str, &str)> =
+        plan.removed.iter().map(|p| (p.namespace.as_str(), p.key.as_str())).collect();
+    assert_eq!(gone, [("a", "child")], "{plan:?}");
+    assert_eq!(plan.freed, child, "{plan:?}");
+    // The real prune does what its dry run said.
+    let policy = PrunePolicy { keep_storage: layer + child / 4, ..PrunePolicy::default() };
+    let done = s.sn.prune_cache(Scope::All, &policy, 0, false, &mut |_| {}).unwrap();
+    assert_eq!((done.removed.len(), done.freed), (1, child), "{done:?}");
+    assert_every_snapshot_has_its_data(&s, &a);
+    assert_every_snapshot_has_its_data(&s, &b);
+}
+
 #[test]
 fn a_backend_failing_mid_prepare_leaves_no_record() {
     let mut flaky = None;

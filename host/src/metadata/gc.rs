@@ -6,8 +6,9 @@
 //! removes what its own collector collects, so wasnap must never collect what containerd
 //! still records); snapshots labelled `containerd.io/gc.root`; snapshots whose
 //! `containerd.io/gc.expire` time has not come; every snapshot an unexpired lease holds;
-//! an active snapshot with a commit under way; and, by the retention settings, recently
-//! used committed snapshots.
+//! an active snapshot with a commit under way (holding, for a merge by copy, the layers
+//! its intent names); and, by the retention settings, recently used committed
+//! snapshots.
 //! **References.** A snapshot holds its parent, and a merge its layers; unless held through a flat lease
 //! (`containerd.io/gc.flat`), also what its `containerd.io/gc.ref.snapshot.<snapshotter>`
 //! labels name; and a snapshot labelled `containerd.io/gc.bref.snapshot.<snapshotter>`
@@ -82,6 +83,9 @@ struct State {
     content: HashMap<BlobNode, Stored>,
     /// Per live lease: its resources, and whether it is flat.
     leases: Vec<(LeaseId, bool, Vec<Item>)>,
+    /// The layers of each merge by copy under way, by the active snapshot being
+    /// committed: its record does not list them yet, its intent does.
+    merging: HashMap<Node, Vec<String>>,
     expired: Vec<LeaseId>,
 }
 
@@ -129,7 +133,16 @@ macro_rules! load_for {
                     held,
                 ));
             }
-            Ok(State { records, content, leases, expired })
+            let mut merging = HashMap::new();
+            for item in txn.open_table(db::INTENTS)?.iter()? {
+                let (k, v) = item?;
+                let (sn, ns, name) = k.value();
+                let intent = super::record::Intent::decode(v.value(), name)?;
+                if !intent.layers.is_empty() {
+                    merging.insert((sn.into(), ns.into(), intent.key), intent.layers);
+                }
+            }
+            Ok(State { records, content, leases, expired, merging })
         }
     };
 }
@@ -182,7 +195,7 @@ pub(crate) fn mark_and_sweep(
 }
 
 fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
-    let State { records, content, leases, expired } = state;
+    let State { records, content, leases, expired, merging } = state;
     // Roots, each with whether it is held flat.
     let mut queue: VecDeque<(Item, bool)> = VecDeque::new();
     for (_, flat, held) in leases {
@@ -231,8 +244,10 @@ fn mark(state: State, now: SystemTime, retention: &Retention) -> Marked {
                     if let Some(p) = &rec.parent {
                         queue.push_back((Item::Snap((sn.clone(), ns.clone(), p.clone())), flat));
                     }
-                    // A merge holds its layers as a child holds its parent.
-                    for l in &rec.layers {
+                    // A merge holds its layers as a child holds its parent; so does
+                    // one being committed, from its intent, until its record lists them.
+                    let intended = merging.get(node).map(Vec::as_slice).unwrap_or_default();
+                    for l in rec.layers.iter().chain(intended) {
                         queue.push_back((Item::Snap((sn.clone(), ns.clone(), l.clone())), flat));
                     }
                     if let Some(blob) = &rec.blob {

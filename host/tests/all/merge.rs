@@ -278,6 +278,54 @@ fn a_merge_holds_its_layers_against_collection() {
     host.close().unwrap();
 }
 
+/// A merge by copying whose record could not be written after the backend committed
+/// holds its layers while its commit is under way: a collection (whose sweep comes
+/// before the prune that settles the commit) keeps them once their own lease is gone,
+/// and the settled merge has them.
+#[test]
+fn a_merge_being_committed_holds_its_layers_against_collection() {
+    require_root!();
+    let dir = tmp();
+    let faults = std::sync::Arc::new(wasnap::fault::Faults::new());
+    let config = wasnap::config::Config::parse(
+        "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n",
+        "test",
+    )
+    .unwrap();
+    let host = Host::open_config(&dir.path().join("root"), faults.clone(), config).unwrap();
+    let sn = host.snapshotter("native").unwrap();
+    let layers = host.layers(&sn);
+    let plain = ctx("default");
+    host.leases().create(&plain, Some("layers"), &Labels::new()).unwrap();
+    host.leases().create(&plain, Some("merge"), &Labels::new()).unwrap();
+    let under = |l: &str| plain.clone().with_lease(Some(l.to_owned()));
+    let a = reg(&host, &layers, &under("layers"), &layer(&[E::File("a", 0o644, b"a")]), None);
+    let b = reg(&host, &layers, &under("layers"), &layer(&[E::File("b", 0o644, b"b")]), None);
+    faults.arm("metadata.commit.after-backend", wasnap::fault::Action::Error);
+    let inputs = [a.clone(), b.clone()];
+    let err = layers.merge(&under("merge"), "m", &inputs, &Labels::new()).unwrap_err();
+    faults.disarm("metadata.commit.after-backend");
+    assert!(err.to_string().contains("fault"), "{err}");
+    host.leases().delete(&plain, "layers").unwrap();
+    let report = host.collect(false).unwrap();
+    assert!(report.removed.is_empty(), "the merge under way holds its layers: {report:?}");
+    let left = names(&list(&sn, &plain, &[]).unwrap());
+    for key in [&a, &b] {
+        assert!(left.contains(key), "{key} in {left:?}");
+    }
+    // The collection's prune settled the commit: the merge is there, with its layers.
+    assert_eq!(sn.stat(&plain, "m").unwrap().kind, wasnap::Kind::Committed);
+    assert_eq!(tree_of(&sn, &plain, "m", dir.path(), false), expect(&[("a", "a"), ("b", "b")]));
+    let err = sn.remove(&plain, &a).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "the merge holds it: {err}");
+    host.leases().delete(&plain, "merge").unwrap();
+    host.collect(false).unwrap();
+    assert!(list(&sn, &plain, &[]).unwrap().is_empty(), "all collected");
+    sn.settle();
+    assert!(backend_keys(sn.backend().as_ref()).is_empty(), "backend emptied");
+    host.close().unwrap();
+}
+
 /// A merge by copying reads its layers without holding them; a layer removed (here,
 /// and made again under the same key) since the merge was planned fails the merge,
 /// rather than record a merge of layers other than those it read.

@@ -14,8 +14,9 @@
 //!
 //! **In use:** active snapshots and views, and the parent of one. **Shared:** reachable
 //! from more than one root. **Protected** (never pruned): what a lease, a label or
-//! something outside holds, in-use snapshots, commits under way, and everything they
-//! reach. Prune removes the rest, least recently used first, a snapshot only once
+//! something outside holds, in-use snapshots, commits under way, snapshots containerd
+//! made through the daemon (a key `<namespace>/<number>/...` in the namespace it names:
+//! containerd records them and collects them itself), and everything they reach. Prune removes the rest, least recently used first, a snapshot only once
 //! nothing left holds it: removing a leaf can free its parent in the same run.
 //!
 //! **Filters** (containerd's syntax) see `id`/`key`/`name`, `parent`, `kind`,
@@ -26,7 +27,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use redb::{ReadTransaction, ReadableMultimapTable};
+use redb::ReadTransaction;
 
 use super::db::{BKEYS, LEASE_RESOURCES, LEASES, SNAPSHOTS};
 use super::gc::{LABEL_GC_BREF_SNAPSHOT, LABEL_GC_REF_SNAPSHOT, label_target, labelled_root};
@@ -442,7 +443,9 @@ impl Graph {
             if labelled || top {
                 own_roots.push(i);
             }
-            if labelled || in_use[i] {
+            // containerd's, made through the daemon: its collector decides when it goes.
+            let containerds = super::containerd_namespace(&node.key) == Some(node.ns.as_str());
+            if labelled || in_use[i] || containerds {
                 protect.push(i);
             }
         }

@@ -41,6 +41,20 @@ pub use usage::{DiskUsage, UsageRecord};
 
 use crate::error::{Error, Result};
 
+/// The namespace a key of the shape containerd gives its backend keys
+/// (`<namespace>/<number>/<key>`) names, if it has that shape. Through the daemon,
+/// containerd (as its proxy snapshotter's client) makes snapshots under such keys, in
+/// the namespace they name, and collects them itself.
+pub fn containerd_namespace(key: &str) -> Option<&str> {
+    let (ns, rest) = key.split_once('/')?;
+    let (seq, name) = rest.split_once('/')?;
+    let shaped = !ns.is_empty()
+        && !seq.is_empty()
+        && seq.bytes().all(|b| b.is_ascii_digit())
+        && !name.is_empty();
+    shaped.then_some(ns)
+}
+
 /// The namespace used when a caller names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -113,6 +127,16 @@ pub(crate) fn validate_identifier(what: &str, id: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn containerd_keys_name_their_namespace() {
+        use super::containerd_namespace;
+        assert_eq!(containerd_namespace("default/3/extract-1 sha256:ab"), Some("default"));
+        assert_eq!(containerd_namespace("k8s.io/12/sha256:ab/c"), Some("k8s.io"));
+        for not in ["base", "default/x/y", "default//y", "/3/y", "default/3/", "default/3"] {
+            assert_eq!(containerd_namespace(not), None, "{not}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -440,6 +440,43 @@ fn a_merge_holds_its_layers_against_prune() {
     host.close().unwrap();
 }
 
+/// What containerd made through the daemon (keys `<namespace>/<number>/...` in the
+/// namespace they name) is containerd's to collect: prune, even with `--all` and over
+/// every namespace, never removes it nor what it stands on, and `du` calls it not
+/// reclaimable. A key of that shape naming another namespace is not containerd's.
+#[test]
+fn prune_leaves_containerds_snapshots_to_containerd() {
+    let dir = tmp();
+    let host = host_with(&dir.path().join("root"), "[snapshotters.native]\ndriver = \"native\"\n");
+    let sn = host.snapshotter("native").unwrap();
+    let c = ctx("k8s.io");
+    let (base, top) = ("k8s.io/7/sha256:base", "k8s.io/8/sha256:top");
+    let commit = |name: &str, parent: Option<&str>| {
+        let key = format!("{name} extract");
+        sn.prepare(&c, &key, parent, &Labels::new()).unwrap();
+        sn.commit(&c, name, &key, &Labels::new()).unwrap();
+    };
+    commit("wasnap-base", None);
+    commit(base, Some("wasnap-base"));
+    commit(top, Some(base));
+    commit("mine", None);
+    commit("default/9/sha256:elsewhere", None);
+    let d = du(&sn, &c);
+    for key in [top, base, "wasnap-base"] {
+        assert!(!record(&d, key).reclaimable, "{key}: {d:#?}");
+    }
+    assert!(record(&d, "mine").reclaimable, "{d:#?}");
+    let all = PrunePolicy { all: true, ..PrunePolicy::default() };
+    for scope in [Scope::Namespace("k8s.io"), Scope::All] {
+        let r = host.prune_cache("native", scope, &all, true, &mut |_| {}).unwrap();
+        assert_eq!(set(&removed(&r)), set(&["mine", "default/9/sha256:elsewhere"]), "{r:?}");
+    }
+    let r = prune(&host, "native", &c, all, false);
+    assert_eq!(r.removed.len(), 2, "{r:?}");
+    assert_eq!(keys(&list(&sn, &c, &[]).unwrap()), set(&[top, base, "wasnap-base"]));
+    host.close().unwrap();
+}
+
 const POLICIES: &str = r#"
 default_snapshotter = "native"
 [snapshotters.native]

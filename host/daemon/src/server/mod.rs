@@ -327,17 +327,7 @@ fn namespace_required(why: &str) -> Error {
     ))
 }
 
-/// The namespace a containerd backend key names (`<ns>/<digits>/<key>`), if it has that
-/// shape.
-pub(crate) fn containerd_namespace(key: &str) -> Option<&str> {
-    let (ns, rest) = key.split_once('/')?;
-    let (seq, name) = rest.split_once('/')?;
-    let shaped = !ns.is_empty()
-        && !seq.is_empty()
-        && seq.bytes().all(|b| b.is_ascii_digit())
-        && !name.is_empty();
-    shaped.then_some(ns)
-}
+pub(crate) use wasnap::metadata::containerd_namespace;
 
 /// The snapshotter a request names; empty means the configured default.
 pub(crate) fn snapshotter(host: &Host, name: &str) -> Result<Arc<Snapshotter>> {
@@ -378,18 +368,4 @@ pub(crate) async fn handle_for<Q: Send + 'static, T: Send + 'static>(
     let host = shared.host.clone();
     let work = move || f(&host, scope?, msg);
     shared.call(method, snapshotter, &meta, run, work).await.map(Response::new)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::containerd_namespace;
-
-    #[test]
-    fn containerd_keys_name_their_namespace() {
-        assert_eq!(containerd_namespace("default/3/extract-1 sha256:ab"), Some("default"));
-        assert_eq!(containerd_namespace("k8s.io/12/sha256:ab/c"), Some("k8s.io"));
-        for not in ["base", "default/x/y", "default//y", "/3/y", "default/3/", "default/3"] {
-            assert_eq!(containerd_namespace(not), None, "{not}");
-        }
-    }
 }

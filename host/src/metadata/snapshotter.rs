@@ -77,6 +77,10 @@ pub struct Snapshotter {
 /// Records a walk reads in one transaction (containerd's List reads 100).
 const WALK_BATCH: usize = 100;
 
+/// What every label that decides collection begins with (`gc.root`, `gc.ref.*`,
+/// `gc.expire`, ...).
+const LABEL_GC_PREFIX: &str = "containerd.io/gc.";
+
 /// How long a create waits for the removal of a backend snapshot it would adopt.
 const ADOPT_WAIT: Duration = Duration::from_secs(30);
 
@@ -836,7 +840,22 @@ impl Snapshotter {
         })?;
         let t = found
             .ok_or_else(|| Error::not_found(format!("target snapshot {target:?} in backend")))?;
-        let mut all = t.labels.clone();
+        // The backend's labels under the caller's, but only those a caller could have
+        // set, and none that decides collection: a backend (a plugin) says what it
+        // holds, not what the host keeps.
+        let mut all: Labels = t
+            .labels
+            .into_iter()
+            .filter(|(k, v)| {
+                let kept = !k.starts_with(LABEL_GC_PREFIX)
+                    && crate::snapshot::validate_label(k, v).is_ok();
+                if !kept {
+                    tracing::warn!(snapshotter = %self.name, bkey = %t.name, label = %k,
+                        "a label the backend gave its snapshot is not adopted");
+                }
+                kept
+            })
+            .collect();
         all.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(Record {
             bkey: t.name,

@@ -15,6 +15,7 @@ use crate::backend::{Backend, FieldPath};
 use crate::error::Result;
 use crate::filter::Filter;
 use crate::fsutil::deadline;
+use crate::snapshot::validate_labels;
 
 pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
@@ -243,6 +244,7 @@ impl next_api::Host for State {
     }
     fn update(&mut self, info: wit::Info, fieldpaths: Vec<String>) -> WitResult<wit::Info> {
         let info = info_from_wit(info);
+        validate_labels(&info.labels)?;
         let paths = FieldPath::parse_all(&fieldpaths, &info.name).map_err(wit::Error::from)?;
         self.with_next(|n| n.update(&info, &paths)).map(|i| info_to_wit(&i))
     }
@@ -259,7 +261,10 @@ impl next_api::Host for State {
         parent: Option<String>,
         labels: wit::Labels,
     ) -> WitResult<Vec<wit::Mount>> {
+        // Checked as the metadata layer checks a caller's: the next snapshotter (a
+        // native driver, say) stores what it is given.
         let labels = labels_from_wit(labels);
+        validate_labels(&labels)?;
         let m = self.with_next(|n| n.prepare(&key, parent.as_deref(), &labels))?;
         self.passed_mounts(m)
     }
@@ -270,11 +275,13 @@ impl next_api::Host for State {
         labels: wit::Labels,
     ) -> WitResult<Vec<wit::Mount>> {
         let labels = labels_from_wit(labels);
+        validate_labels(&labels)?;
         let m = self.with_next(|n| n.view(&key, parent.as_deref(), &labels))?;
         self.passed_mounts(m)
     }
     fn commit(&mut self, name: String, key: String, labels: wit::Labels) -> WitResult<()> {
         let labels = labels_from_wit(labels);
+        validate_labels(&labels)?;
         self.with_next(|n| n.commit(&name, &key, &labels))
     }
     fn remove(&mut self, key: String) -> WitResult<()> {

@@ -572,6 +572,45 @@ fn fill(s: &Stack, c: &wasnap::Ctx, key: &str, bytes: usize) {
     std::fs::write(source(&m).join("data"), vec![b'x'; bytes]).unwrap();
 }
 
+/// The `Dedup` backend, whose walk adds labels a caller could not set or that decide
+/// collection to every snapshot it shows.
+struct Bragging(Dedup);
+
+impl wasnap::Wrapper for Bragging {
+    fn inner(&self) -> &dyn Backend {
+        &self.0
+    }
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
+        Backend::walk(&self.0, filter, &mut |mut i| {
+            i.labels.insert("containerd.io/gc.root".into(), "forever".into());
+            i.labels.insert("containerd.io/gc.ref.content.l".into(), "sha256:00".into());
+            i.labels.insert("containerd.io/snapshot/origin".into(), "remote".into());
+            i.labels.insert("big".into(), "x".repeat(MAX_LABEL_SIZE + 1));
+            f(i)
+        })
+    }
+}
+
+/// An adopted record keeps the backend's labels a caller could have set, but neither
+/// one over the size limit nor one that decides collection: the backend says what it
+/// holds, not what the host keeps.
+#[test]
+fn an_adopted_record_takes_only_the_backends_ordinary_labels() {
+    let s = stack_with(|inner| Arc::new(Bragging(Dedup { inner })));
+    let (a, b, target) = (ctx("a"), ctx("b"), shared_target());
+    s.sn.prepare(&a, "extract", None, &target).unwrap();
+    s.sn.commit(&a, "sha256:shared", "extract", &target).unwrap();
+    let err = s.sn.prepare(&b, "extract", None, &target).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    let adopted = s.sn.stat(&b, "sha256:shared").unwrap().labels;
+    let keys: Vec<&str> = adopted.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["containerd.io/snapshot.ref", "containerd.io/snapshot/origin"],
+        "{adopted:?}"
+    );
+}
+
 /// A prune frees the bytes of the data it removed, and only those: not those of a layer
 /// another namespace's record still names, nor of one a create adopted between the
 /// prune's removal of its record and the removal of its data.

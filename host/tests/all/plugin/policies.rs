@@ -154,6 +154,25 @@ fn label_policy_rewrites_show_in_the_backend() {
     );
 }
 
+/// What a policy passes on is checked as the metadata layer checks a caller's labels:
+/// a label over containerd's size limit (here one the host was not given through the
+/// metadata layer, which a permissive policy passes on as it is) refuses the call, and
+/// the snapshotter behind it stores nothing.
+#[test]
+fn labels_a_policy_passes_on_are_checked() {
+    let big = "x".repeat(wasnap::snapshot::MAX_LABEL_SIZE);
+    let big = labels(&[(MANAGED, big.as_str())]);
+    let c = chain("label-policy", json!({}));
+    let says = "greater than maximum size";
+    expect(c.policy.prepare("ns1/1/k", None, &big), ErrorKind::InvalidArgument, says);
+    expect(c.policy.view("ns1/2/v", None, &big), ErrorKind::InvalidArgument, says);
+    assert!(backend_keys(c.native.as_ref()).is_empty());
+    c.native.prepare("ns1/3/a", None, &no_labels()).unwrap();
+    expect(c.policy.commit("ns1/4/c", "ns1/3/a", &big), ErrorKind::InvalidArgument, says);
+    let kinds: Vec<_> = backend_keys(c.native.as_ref()).into_iter().map(|i| i.kind).collect();
+    assert_eq!(kinds, [wasnap::Kind::Active], "the commit was not passed on");
+}
+
 #[test]
 fn label_policy_refuses_a_configuration_that_cannot_work() {
     let dir = tmp();

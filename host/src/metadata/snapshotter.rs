@@ -582,9 +582,16 @@ impl Snapshotter {
         let target = labels.get(LABEL_SNAPSHOT_REF).filter(|t| !t.is_empty());
         let (sn, ns) = (self.name.as_str(), ctx.namespace());
 
+        // containerd, calling through the daemon under its own keys, looked for the
+        // target among its records before it called: a record here named like the
+        // target is another client's (`wasnap image import`, say), and already-exists
+        // would send containerd to look for a snapshot its walk cannot find.
+        let containerds = super::containerd_namespace(key) == Some(ns);
+
         // Phase 1: check the names and reserve a backend key, holding no write lock.
         let bparent = self.db.read_with(|txn| {
             if let Some(target) = target
+                && !containerds
                 && txn.record(sn, ns, target)?.is_some()
             {
                 // As containerd does: the caller's lease now holds what it found.

@@ -572,6 +572,27 @@ fn fill(s: &Stack, c: &wasnap::Ctx, key: &str, bytes: usize) {
     std::fs::write(source(&m).join("data"), vec![b'x'; bytes]).unwrap();
 }
 
+/// containerd, through the daemon, checks a target among its own records before it
+/// prepares under its own key: a record of another client named like the target does
+/// not answer already-exists (containerd would then look for it in a walk, and fail the
+/// unpack), where a prepare under any other key still finds it.
+#[test]
+fn a_target_named_by_another_clients_record_does_not_stop_containerds_prepare() {
+    let s = native_stack();
+    let c = ctx("default");
+    s.sn.prepare(&c, "import", None, &none()).unwrap();
+    s.sn.commit(&c, "sha256:abc", "import", &none()).unwrap();
+    let target = labels(&[(LABEL_SNAPSHOT_REF, "sha256:abc")]);
+    let err = s.sn.prepare(&c, "extract", None, &target).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    let key = "default/50/extract-1 sha256:abc";
+    assert!(!s.sn.prepare(&c, key, None, &target).unwrap().is_empty());
+    assert_eq!(s.sn.stat(&c, key).unwrap().kind, Kind::Active);
+    // Another namespace's key of that shape is not containerd's here.
+    let err = s.sn.prepare(&c, "k8s.io/50/extract-1 sha256:abc", None, &target).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+}
+
 /// The `Dedup` backend, whose walk adds labels a caller could not set or that decide
 /// collection to every snapshot it shows.
 struct Bragging(Dedup);

@@ -17,6 +17,7 @@ pub mod gc;
 pub mod image;
 pub mod kv;
 pub mod layer;
+pub mod long_work;
 pub mod metadata;
 pub mod mount;
 pub mod plugin;

@@ -222,7 +222,12 @@ impl Flattener<'_> {
         };
         let built = {
             let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
-            if self.exists(id)? { Ok(()) } else { self.build(id, layers, whole) }
+            // A copy of the bottom of the chain: long, if the call's runner must know.
+            if self.exists(id)? {
+                Ok(())
+            } else {
+                crate::long_work::long(|| self.build(id, layers, whole))
+            }
         };
         let mut all = self.builders.0.lock().unwrap_or_else(|e| e.into_inner());
         // Ours and the map's: nobody else waits on it.

@@ -6,7 +6,9 @@
 //! or more). Then it runs on the async worker that received it:
 //! - as it is ([`Run::HereIfAlone`]), if it goes to a snapshotter no plugin serves and
 //!   its work takes a bounded time (records only, or a snapshot made without copying a
-//!   parent; see `snapshots::Work`);
+//!   parent; see `snapshots::Work`); long work such a call meets all the same (overlay
+//!   flattening the bottom of a deep chain at its first mount) hands the worker's share
+//!   over first, as below ([`wasnap::long_work`]);
 //! - else after the worker hands its share of the runtime to another thread
 //!   (`block_in_place`, [`Run::HandOverIfAlone`]): a walk of the data (Commit, Usage,
 //!   Cleanup, a native Prepare that copies its parent) and every call a plugin serves.
@@ -193,7 +195,9 @@ impl Shared {
         let result = match run {
             Run::HereIfAlone if self.alone() => {
                 self.in_place.fetch_add(1, Ordering::Relaxed);
-                here(method, &inner, f)
+                // Long work the call meets after all (overlay flattening a deep chain)
+                // hands the worker's share over first.
+                wasnap::long_work::handing_over(hand_over, || here(method, &inner, f))
             }
             Run::HandOverIfAlone if self.alone() => {
                 self.handed_over.fetch_add(1, Ordering::Relaxed);
@@ -232,6 +236,12 @@ impl Shared {
             }
         }
     }
+}
+
+/// How a call running in place hands the worker's share of the runtime over before
+/// long work it meets ([`wasnap::long_work`]).
+fn hand_over(work: &mut dyn FnMut()) {
+    tokio::task::block_in_place(work)
 }
 
 /// Runs a call's work `f` on this thread, in its `span`; as the pool's join would, a

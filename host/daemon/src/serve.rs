@@ -61,6 +61,7 @@ pub fn run(opts: Options) -> Result<()> {
         ));
     }
     check_stream_idle(&opts)?;
+    raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -75,6 +76,26 @@ pub fn run(opts: Options) -> Result<()> {
     // dropping the runtime would wait for its blocking threads.
     rt.shutdown_timeout(Duration::from_millis(500));
     result
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for
+/// containerd: every plugin instance may hold up to 1024 descriptors, and the common
+/// soft default (1024) would have one busy guest fail the whole daemon's opens.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.maximum.is_some() && limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?limit.maximum, "raised the open-file limit")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft = ?limit.current, "could not raise the open-file limit")
+        }
+    }
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

@@ -40,6 +40,11 @@ impl DaemonProcess {
         Ok(d)
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts the process again (after [`DaemonProcess::signal`]) on the same root and
     /// socket; returns once the socket answers.
     pub fn spawn(&mut self) -> Result<()> {

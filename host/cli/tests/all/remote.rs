@@ -263,6 +263,25 @@ fn wasnap_address_in_the_environment_selects_the_daemon() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(sock), "{out:?}");
 }
 
+/// The daemon raises its soft limit on open files to the hard one, as Go's runtime
+/// does for containerd: started under a soft limit of 256, it runs under the hard one.
+#[test]
+fn the_daemon_raises_its_open_file_limit() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp();
+    let script = dir.path().join("low-limit");
+    let exe = env!("CARGO_BIN_EXE_wasnap");
+    std::fs::write(&script, format!("#!/bin/sh\nulimit -Sn 256\nexec '{exe}' \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = DaemonProcess::start(&script, dir.path(), CONFIG).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid().unwrap())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_eq!(soft, hard, "{line}");
+    assert_ne!(soft, "256", "{line}");
+}
+
 #[test]
 fn status_shows_the_daemon_and_its_counters() {
     let dir = tmp();

@@ -145,6 +145,15 @@ pub trait Backend: Send + Sync {
     fn stages_records(&self) -> bool {
         false
     }
+
+    /// Whether `stat` shows labels computed when it is asked, which no update sets
+    /// (overlay's `containerd.io/snapshot/overlay.upperdir`, with `upperdir_label`).
+    /// The metadata layer then asks the backend's `stat` for each snapshot it shows and
+    /// adds the backend's labels under its own, as containerd's metadata layer does for
+    /// every backend. False by default.
+    fn computes_labels(&self) -> bool {
+        false
+    }
 }
 
 /// A backend in front of another: every call goes to [`Wrapper::inner`] unless the
@@ -206,6 +215,10 @@ pub trait Wrapper: Send + Sync {
     fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {
         self.inner().merge(name, layers, labels)
     }
+    /// See [`Backend::computes_labels`].
+    fn computes_labels(&self) -> bool {
+        self.inner().computes_labels()
+    }
 }
 
 impl<W: Wrapper> Backend for W {
@@ -247,5 +260,8 @@ impl<W: Wrapper> Backend for W {
     }
     fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {
         Wrapper::merge(self, name, layers, labels)
+    }
+    fn computes_labels(&self) -> bool {
+        Wrapper::computes_labels(self)
     }
 }

@@ -135,6 +135,11 @@ pub(crate) trait OnLayout: Send + Sync + std::fmt::Debug {
         &[]
     }
 
+    /// Whether [`OnLayout::present`] adds any of them, as configured.
+    fn computes_labels(&self) -> bool {
+        false
+    }
+
     /// [`Backend::merge`](crate::backend::Backend::merge): not-implemented unless the
     /// driver stacks layers.
     fn merge(&self, _name: &str, _layers: &[String], _labels: &Labels) -> Result<()> {
@@ -326,6 +331,9 @@ macro_rules! on_layout {
             fn stages_records(&self) -> bool {
                 <$driver as $crate::driver::layout::OnLayout>::COMMITS_IN_PLACE
                     && self.layout().store.defers()
+            }
+            fn computes_labels(&self) -> bool {
+                <$driver as $crate::driver::layout::OnLayout>::computes_labels(self)
             }
         }
     };

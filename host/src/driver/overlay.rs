@@ -301,6 +301,10 @@ impl OnLayout for Overlay {
         &[UPPERDIR_LABEL]
     }
 
+    fn computes_labels(&self) -> bool {
+        self.opts.upperdir_label
+    }
+
     /// A merge stacks the layers' own directories: nothing is copied. Its entry is an
     /// empty `fs` (never mounted) beside the records that name the layers.
     fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {

@@ -377,7 +377,27 @@ impl Snapshotter {
 
     /// What is known about `key`.
     pub fn stat(&self, ctx: &Ctx, key: &str) -> Result<Info> {
-        Ok(self.record(ctx, key)?.info(key))
+        let rec = self.record(ctx, key)?;
+        Ok(self.with_computed(rec.info(key), &rec.bkey))
+    }
+
+    /// `info` with the labels the backend computes when asked, if it does
+    /// ([`Backend::computes_labels`]), under ours. A backend that cannot say (the
+    /// snapshot removed meanwhile, say) adds nothing.
+    fn with_computed(&self, mut info: Info, bkey: &str) -> Info {
+        if !self.backend.computes_labels() {
+            return info;
+        }
+        match self.backend.stat(bkey) {
+            Ok(b) => {
+                for (k, v) in b.labels {
+                    info.labels.entry(k).or_insert(v);
+                }
+            }
+            Err(e) => tracing::debug!(snapshotter = %self.name, bkey, error = %e,
+                "no computed labels from the backend"),
+        }
+        info
     }
 
     /// Changes the labels of `info.name`: with no field paths all labels are replaced;
@@ -477,7 +497,7 @@ impl Snapshotter {
             return Err(e);
         }
         self.mutated();
-        stored.map(|rec| rec.info(key))
+        stored.map(|rec| self.with_computed(rec.info(key), &rec.bkey))
     }
 
     /// Maps `key` to the blob `digest` of the namespace's content, which it then holds
@@ -1527,9 +1547,10 @@ impl Snapshotter {
                 Some(k) => Bound::Excluded((sn, ns, k.as_str())),
             };
             let batch = self.read_batch(from, |s, n| s == sn && n == ns)?;
-            after = batch.last().map(|(_, i)| i.name.clone());
+            after = batch.last().map(|(_, i, _)| i.name.clone());
             let full = batch.len() == WALK_BATCH;
-            for (_, info) in batch {
+            for (_, info, bkey) in batch {
+                let info = self.with_computed(info, &bkey);
                 if filter.matches(&info) {
                     f(info)?;
                 }
@@ -1556,9 +1577,10 @@ impl Snapshotter {
                 Some((n, k)) => Bound::Excluded((sn, n.as_str(), k.as_str())),
             };
             let batch = self.read_batch(from, |s, _| s == sn)?;
-            after = batch.last().map(|(n, i)| (n.clone(), i.name.clone()));
+            after = batch.last().map(|(n, i, _)| (n.clone(), i.name.clone()));
             let full = batch.len() == WALK_BATCH;
-            for (ns, info) in batch {
+            for (ns, info, bkey) in batch {
+                let info = self.with_computed(info, &bkey);
                 if filter.matches(&info) {
                     f(&ns, info)?;
                 }
@@ -1570,14 +1592,15 @@ impl Snapshotter {
     }
 
     /// Up to [`WALK_BATCH`] records from `from` on, while `within` holds for their
-    /// snapshotter and namespace, in one read transaction, with their namespaces. A
+    /// snapshotter and namespace, in one read transaction, with their namespaces and
+    /// backend keys. A
     /// walk reads in batches, as containerd's does: a caller that takes its time over
     /// what it is given (a client that stops reading a List) holds no transaction.
     fn read_batch(
         &self,
         from: Bound<(&str, &str, &str)>,
         within: impl Fn(&str, &str) -> bool,
-    ) -> Result<Vec<(String, Info)>> {
+    ) -> Result<Vec<(String, Info, String)>> {
         self.db.read_with(|txn| {
             let t = txn.open_table(SNAPSHOTS)?;
             let mut out = Vec::new();
@@ -1587,7 +1610,8 @@ impl Snapshotter {
                 if !within(s, n) {
                     break;
                 }
-                out.push((n.to_owned(), Record::decode(v.value(), key)?.info(key)));
+                let rec = Record::decode(v.value(), key)?;
+                out.push((n.to_owned(), rec.info(key), rec.bkey));
                 if out.len() == WALK_BATCH {
                     break;
                 }

@@ -176,6 +176,39 @@ fn options_userxattr_volatile_and_upperdir_label() {
     assert_eq!(after.labels[UPPERDIR_LABEL], upperdir);
 }
 
+/// With `upperdir_label`, the label reaches the metadata layer's callers (the daemon's
+/// Stat, List and Update, as containerd's metadata layer shows its backends' labels);
+/// without it, nothing is added.
+#[test]
+fn the_upperdir_label_shows_through_the_metadata_layer() {
+    for labelled in [true, false] {
+        let dir = tmp();
+        let opts = OverlayOptions { upperdir_label: labelled, ..OverlayOptions::default() };
+        let b = Arc::new(overlay(dir.path(), Arc::new(Faults::new()), opts));
+        let sn = wasnap::Snapshotter::new(metadb(dir.path()), "test", b, Arc::new(Faults::new()));
+        let c = ctx("default");
+        sn.prepare(&c, "a", None, &none()).unwrap();
+        sn.commit(&c, "l1", "a", &none()).unwrap();
+        let m = sn.prepare(&c, "b", Some("l1"), &none()).unwrap();
+        let upperdir = m[0].options.iter().find_map(|x| x.strip_prefix("upperdir=")).unwrap();
+        let info = sn.stat(&c, "b").unwrap();
+        assert_eq!(
+            info.labels.get(UPPERDIR_LABEL).map(String::as_str),
+            labelled.then_some(upperdir)
+        );
+        let listed = list(&sn, &c, &[]).unwrap();
+        assert_eq!(listed.len(), 2);
+        for i in &listed {
+            assert_eq!(i.labels.contains_key(UPPERDIR_LABEL), labelled, "{i:?}");
+        }
+        let mut update = info.clone();
+        update.labels = Labels::from([("x".to_string(), "y".to_string())]);
+        let after = sn.update(&c, &update, &[]).unwrap();
+        assert_eq!(after.labels.get("x").map(String::as_str), Some("y"));
+        assert_eq!(after.labels.contains_key(UPPERDIR_LABEL), labelled, "{after:?}");
+    }
+}
+
 #[test]
 fn async_remove_leaves_the_heavy_delete_to_cleanup() {
     let dir = tmp();

@@ -1058,7 +1058,10 @@ impl Snapshotter {
                 }
             }
         } else {
-            self.db.write(durability, put)?;
+            // On disk before the backend is called: what the backend changes may reach
+            // the disk without our database (a plugin's own files, say), and a commit
+            // found done with no intent naming its key would be lost.
+            self.db.write(Durability::Immediate, put)?;
             let done = if shared {
                 // Whether the backend writes here, learnt from a write carrying nothing.
                 let (done, wrote) = self.db.db().carrying(durability, |_| Ok(()), backend_commit);
@@ -1073,12 +1076,13 @@ impl Snapshotter {
         };
         let done = done.map_err(|e| self.in_user_terms(e, &names));
         // The intent, if the backend made no write to carry it, is written before the
-        // outcome is acted on, so that a crash from here on is repaired as before.
+        // outcome is acted on, so that a crash from here on is repaired as before; on
+        // disk at once, as nothing of the backend's will carry it there.
         let write_late = |unwritten: &mut Option<crate::kv::StagedWrites>| -> Result<()> {
             match unwritten.take() {
                 Some(mut w) => self
                     .db
-                    .write(durability, move |txn| w.run(txn))
+                    .write(Durability::Immediate, move |txn| w.run(txn))
                     .map_err(|e| self.in_user_terms(e, &names)),
                 None => Ok(()),
             }

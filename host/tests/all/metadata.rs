@@ -1367,8 +1367,8 @@ fn a_commit_over_a_plugin_carries_its_intent_in_the_plugins_write() {
 
 /// A backend that keeps its state outside our database, though declared as sharing it
 /// (here the native driver with a store of its own): its commits never write there, so
-/// each commit's intent is written before the backend is called, as it must be for such
-/// a backend, and concurrent commits to one name leave one committed snapshot and the
+/// each commit's intent is written, and on disk, before the backend is called, as it
+/// must be for such a backend, and concurrent commits to one name leave one committed snapshot and the
 /// others active and whole.
 #[test]
 fn a_commit_over_a_backend_that_writes_elsewhere_writes_its_intent_first() {
@@ -1383,9 +1383,12 @@ fn a_commit_over_a_backend_that_writes_elsewhere_writes_its_intent_first() {
     let c = ctx("default");
     for round in 0..2 {
         sn.prepare(&c, &format!("a{round}"), None, &none()).unwrap();
-        let before = meta.db().stats().commits;
+        let before = meta.db().stats();
         sn.commit(&c, &format!("c{round}"), &format!("a{round}"), &none()).unwrap();
-        assert_eq!(meta.db().stats().commits - before, 2, "round {round}: intent, then record");
+        let after = meta.db().stats();
+        assert_eq!(after.commits - before.commits, 2, "round {round}: intent, then record");
+        // Both on disk when written: nothing of the backend's carries the intent there.
+        assert_eq!(after.durable_commits - before.durable_commits, 2, "round {round}");
     }
 
     let keys: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();

@@ -264,19 +264,23 @@ impl Leases {
         })
     }
 
-    /// Adds a resource to a lease.
+    /// Adds a resource to a lease. As containerd's, a missing lease is not-found before
+    /// the resource is judged.
     pub fn add_resource(&self, ctx: &Ctx, id: &str, resource: &Resource) -> Result<()> {
-        resource.validate()?;
-        let (ns, id, resource) = (ctx.namespace().to_owned(), id.to_owned(), resource.clone());
-        self.db.write(Durability::Immediate, move |txn| hold_in(txn, &ns, &id, &resource))
-    }
-
-    /// Removes a resource from a lease.
-    pub fn delete_resource(&self, ctx: &Ctx, id: &str, resource: &Resource) -> Result<()> {
-        resource.validate()?;
         let (ns, id, resource) = (ctx.namespace().to_owned(), id.to_owned(), resource.clone());
         self.db.write(Durability::Immediate, move |txn| {
             check_exists(txn, &ns, &id)?;
+            resource.validate()?;
+            hold_in(txn, &ns, &id, &resource)
+        })
+    }
+
+    /// Removes a resource from a lease (a missing lease first, as for adding).
+    pub fn delete_resource(&self, ctx: &Ctx, id: &str, resource: &Resource) -> Result<()> {
+        let (ns, id, resource) = (ctx.namespace().to_owned(), id.to_owned(), resource.clone());
+        self.db.write(Durability::Immediate, move |txn| {
+            check_exists(txn, &ns, &id)?;
+            resource.validate()?;
             release_in(txn, &ns, &id, &resource)
         })?;
         self.deleted();

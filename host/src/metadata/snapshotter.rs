@@ -407,8 +407,10 @@ impl Snapshotter {
         if info.name.is_empty() {
             return Err(Error::invalid_argument("snapshot name must not be empty"));
         }
-        let paths = FieldPath::parse_all(fieldpaths, &info.name)?;
         let key = info.name.as_str();
+        // As containerd's: a missing snapshot is not-found before the paths are judged.
+        let current = self.record(ctx, key)?;
+        let paths = FieldPath::parse_all(fieldpaths, &info.name)?;
         let apply = |rec: &Record| -> Result<Record> {
             let mut rec = rec.clone();
             FieldPath::apply(&paths, &mut rec.labels, &info.labels);
@@ -416,7 +418,6 @@ impl Snapshotter {
             rec.updated = now_nanos();
             Ok(rec)
         };
-        let current = self.record(ctx, key)?;
         let touches_backend =
             inherited_labels(&apply(&current)?.labels) != inherited_labels(&current.labels);
         // Only updates the backend sees take turns; the others go straight to the record.

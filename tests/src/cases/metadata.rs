@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use wasnap::Wrapper;
 use wasnap::metadata::Snapshotter;
 use wasnap::snapshot::{LABEL_SNAPSHOT_REF, MAX_LABEL_SIZE};
-use wasnap::{Backend, Ctx, Error, ErrorKind, Kind, Labels, Mount};
+use wasnap::{Backend, Ctx, Error, ErrorKind, Info, Kind, Labels, Mount};
 
 use super::helpers::{expect_err, no_labels, walk_all};
 use crate::harness::{Case, Env, Fail, Group};
@@ -29,7 +29,7 @@ pub(crate) const CASES: &[Case] = &[
     Case {
         name: "UpdateFieldPaths",
         group: Group::Metadata,
-        about: "updates change labels by field path; any other field path is invalid-argument",
+        about: "updates change labels by field path; any other field path is invalid-argument, once the snapshot is found",
         run: update_field_paths,
     },
     Case {
@@ -152,6 +152,13 @@ fn update_field_paths(env: &Env<'_>) -> Result<(), Fail> {
             &format!("update of field {bad:?}"),
         )?;
     }
+    // A missing snapshot is not-found first, as containerd looks it up first.
+    let missing = Info { name: "missing".into(), ..before.clone() };
+    expect_err(
+        sn.update(&c, &missing, &["parent".to_string()]),
+        ErrorKind::NotFound,
+        "update of field \"parent\" on a missing snapshot",
+    )?;
     let mut info = before.clone();
     info.labels = Labels::from([("new".to_string(), "3".to_string())]);
     let after = sn.update(&c, &info, &["labels.new".into(), "labels.drop".into()])?;

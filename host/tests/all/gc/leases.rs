@@ -70,6 +70,11 @@ fn the_lease_manager_api() {
         assert_eq!(err.kind(), kind, "{bad:?}: {err}");
         let err = leases.delete_resource(&c, "a", &bad).unwrap_err();
         assert_eq!(err.kind(), kind, "delete {bad:?}: {err}");
+        // A missing lease is not-found first, as containerd looks the lease up first.
+        let err = leases.add_resource(&c, "nope", &bad).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{bad:?}: {err}");
+        let err = leases.delete_resource(&c, "nope", &bad).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "delete {bad:?}: {err}");
     }
     assert_eq!(leases.resources(&c, "a").unwrap(), [k2]);
     for err in [

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use super::bindings::{Lifecycle, SnapshotterExports, types as wit};
@@ -14,7 +14,10 @@ use super::convert::error_from_guest;
 use super::output::GuestOutput;
 use super::runtime::Outcome;
 use super::space::{CallId, Space, next_call};
-use super::state::{CallClock, DeadlineExceeded, Limits, MAX_TABLE_ENTRIES, State, ticks};
+use super::state::{
+    CallClock, DeadlineExceeded, Limits, MAX_TABLE_ENTRIES, MemoryExceeded, MemoryLimits, State,
+    ticks,
+};
 use crate::backend::Backend;
 use crate::error::{Context, Error, Result};
 use crate::snapshot::Mount;
@@ -51,10 +54,7 @@ impl Instance {
             .with_context(|| format!("plugin {:?}: set up WASI", plugin.name))?;
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_TABLE_ENTRIES);
-        let limits = StoreLimitsBuilder::new()
-            .memory_size((env.limits.memory_mib as usize) << 20)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = MemoryLimits::new((env.limits.memory_mib as usize) << 20);
         let state = State {
             wasi,
             table,
@@ -233,7 +233,10 @@ fn describe_trap(
             "{head}: held more than {MAX_TABLE_ENTRIES} open files, directories or streams at once, the limit of one instance, and was stopped"
         ));
     }
-    if full.contains("forcing trap when growing memory") {
+    // Ours (all memories together), or wasmtime's (one memory).
+    if trap.downcast_ref::<MemoryExceeded>().is_some()
+        || full.contains("forcing trap when growing memory")
+    {
         return Error::internal(format!("{head}: exceeded its memory limit and was stopped"));
     }
     let what = match trap.downcast_ref::<Trap>() {

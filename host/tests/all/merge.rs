@@ -278,6 +278,13 @@ fn a_merge_holds_its_layers_against_collection() {
     host.close().unwrap();
 }
 
+/// A host on `config` with its root in `dir`, and the faults it hits.
+fn host_with_faults(dir: &Path, config: &str) -> (Host, std::sync::Arc<wasnap::fault::Faults>) {
+    let faults = std::sync::Arc::new(wasnap::fault::Faults::new());
+    let config = wasnap::config::Config::parse(config, "test").unwrap();
+    (Host::open_config(&dir.join("root"), faults.clone(), config).unwrap(), faults)
+}
+
 /// A merge by copying whose record could not be written after the backend committed
 /// holds its layers while its commit is under way: a collection (whose sweep comes
 /// before the prune that settles the commit) keeps them once their own lease is gone,
@@ -286,13 +293,10 @@ fn a_merge_holds_its_layers_against_collection() {
 fn a_merge_being_committed_holds_its_layers_against_collection() {
     require_root!();
     let dir = tmp();
-    let faults = std::sync::Arc::new(wasnap::fault::Faults::new());
-    let config = wasnap::config::Config::parse(
+    let (host, faults) = host_with_faults(
+        dir.path(),
         "default_snapshotter = \"native\"\n[snapshotters.native]\ndriver = \"native\"\n",
-        "test",
-    )
-    .unwrap();
-    let host = Host::open_config(&dir.path().join("root"), faults.clone(), config).unwrap();
+    );
     let sn = host.snapshotter("native").unwrap();
     let layers = host.layers(&sn);
     let plain = ctx("default");
@@ -363,13 +367,10 @@ fn a_layer_removed_while_a_merge_copies_it_fails_the_merge() {
 fn a_failed_merge_leaves_nothing() {
     require_root!();
     let dir = tmp();
-    let faults = std::sync::Arc::new(wasnap::fault::Faults::new());
-    let config = wasnap::config::Config::parse(
+    let (host, faults) = host_with_faults(
+        dir.path(),
         "default_snapshotter = \"overlay\"\n[snapshotters.overlay]\ndriver = \"overlay\"\n[snapshotters.native]\ndriver = \"native\"\n",
-        "test",
-    )
-    .unwrap();
-    let host = Host::open_config(&dir.path().join("root"), faults.clone(), config).unwrap();
+    );
     let c = ctx("default");
     for (name, point) in
         [("overlay", "metadata.merge.after-backend"), ("native", "metadata.commit.before-backend")]

@@ -220,15 +220,12 @@ impl Flattener<'_> {
             let mut all = self.builders.0.lock().unwrap_or_else(|e| e.into_inner());
             all.entry(id).or_default().clone()
         };
-        let built = {
+        // A copy of the bottom of the chain, or a wait for another call's: long, if the
+        // call's runner must know.
+        let built = crate::long_work::long(|| {
             let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
-            // A copy of the bottom of the chain: long, if the call's runner must know.
-            if self.exists(id)? {
-                Ok(())
-            } else {
-                crate::long_work::long(|| self.build(id, layers, whole))
-            }
-        };
+            if self.exists(id)? { Ok(()) } else { self.build(id, layers, whole) }
+        });
         let mut all = self.builders.0.lock().unwrap_or_else(|e| e.into_inner());
         // Ours and the map's: nobody else waits on it.
         if Arc::strong_count(&lock) == 2 {

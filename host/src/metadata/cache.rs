@@ -24,7 +24,7 @@
 //! `shared`, `private`, `mutable` (active) and `immutable` (committed).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, SystemTime};
 
 use redb::ReadTransaction;
@@ -75,6 +75,8 @@ pub(crate) struct Node {
     /// How many records of the snapshotter, in any namespace, name its backend key
     /// (more than one: a layer shared between namespaces).
     pub names: u64,
+    /// Some of them are outside the scope: removing records here cannot free it.
+    pub named_outside: bool,
 }
 
 impl Node {
@@ -166,6 +168,7 @@ impl Graph {
                 held_by: 0,
                 live_child: false,
                 names: 1,
+                named_outside: false,
             });
         }
         let mut g = Graph {
@@ -265,8 +268,16 @@ impl Graph {
                 names
             }
         };
-        for (n, names) in self.nodes.iter_mut().zip(names) {
+        let mut here: HashMap<&str, u64> = HashMap::new();
+        for n in names.iter().zip(&self.nodes).filter(|(names, _)| **names > 1).map(|(_, n)| n) {
+            *here.entry(n.rec.bkey.as_str()).or_default() += 1;
+        }
+        let outside: Vec<bool> = (self.nodes.iter().zip(&names))
+            .map(|(n, &names)| names > 1 && here[n.rec.bkey.as_str()] < names)
+            .collect();
+        for ((n, names), outside) in self.nodes.iter_mut().zip(names).zip(outside) {
             n.names = names;
+            n.named_outside = outside;
         }
         Ok(())
     }
@@ -490,19 +501,30 @@ impl Graph {
     }
 
     /// What `policy` removes, in order, given `free` bytes on the root's filesystem.
-    /// A backend snapshot several records name (a layer shared between namespaces)
-    /// counts once, and leaves the total only with the last record naming it.
+    /// What counts against the limits is each backend snapshot once, through the
+    /// records naming it that are committed and not shared, unless a record outside the
+    /// scope names it too (no removal here frees it); it leaves the total with the last
+    /// record naming it.
     pub fn plan(&self, a: &Analysis, policy: &Policy, free: u64) -> Plan {
-        let mut counted: HashSet<&str> = HashSet::new();
-        let total: u64 = self
-            .nodes
-            .iter()
-            .zip(&a.shared)
-            .filter(|(n, shared)| n.rec.kind == Kind::Committed && !**shared)
-            .filter(|(n, _)| n.names == 1 || counted.insert(n.rec.bkey.as_str()))
-            .map(|(n, _)| n.size.map_or(0, |u| u.size))
+        let counts = |i: usize| {
+            let n = &self.nodes[i];
+            n.rec.kind == Kind::Committed && !a.shared[i] && !n.named_outside
+        };
+        let size = |i: usize| self.nodes[i].size.map_or(0, |u| u.size);
+        // The bytes counted for each key several records name.
+        let mut counted: HashMap<&str, u64> = HashMap::new();
+        let mut total = 0u64;
+        for i in (0..self.nodes.len()).filter(|&i| counts(i)) {
+            let node = &self.nodes[i];
+            if node.names > 1 {
+                match counted.entry(node.rec.bkey.as_str()) {
+                    std::collections::hash_map::Entry::Occupied(_) => continue,
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(size(i)),
+                };
+            }
             // Sizes a plugin reported may be anything: the sum saturates.
-            .fold(0u64, u64::saturating_add);
+            total = total.saturating_add(size(i));
+        }
         let keep = keep_bytes(policy, total, free);
         let mut plan = Plan { order: Vec::new(), total, keep };
         if keep != 0 && total <= keep {
@@ -534,14 +556,14 @@ impl Graph {
             }
             plan.order.push(i);
             let node = &self.nodes[i];
-            let last = node.names == 1 || {
+            let leaves = if node.names == 1 {
+                counts(i).then(|| size(i))
+            } else {
                 let n = planned.entry(node.rec.bkey.as_str()).or_default();
                 *n += 1;
-                *n >= node.names
+                (*n >= node.names).then(|| counted.get(node.rec.bkey.as_str()).copied()).flatten()
             };
-            if last && !a.shared[i] {
-                left = left.saturating_sub(node.size.map_or(0, |u| u.size));
-            }
+            left = left.saturating_sub(leaves.unwrap_or(0));
             for &h in self.holds(i) {
                 held[h] -= 1;
                 if held[h] == 0 && candidate[h] {

@@ -707,8 +707,8 @@ fn a_prune_counts_as_freed_only_the_data_that_went() {
 }
 
 /// The size limits count a layer two namespaces name once, and as gone only with its
-/// last record: keep-storage stops when the data left fits, not when the records left
-/// would if each counted a copy of their own.
+/// last record (in one namespace's prune, not at all): keep-storage stops when the data
+/// left fits, not when the records left would if each counted a copy of their own.
 #[test]
 fn size_limits_count_a_shared_layer_once() {
     use wasnap::metadata::{PrunePolicy, Scope};
@@ -736,10 +736,13 @@ fn size_limits_count_a_shared_layer_once() {
     assert!(layer >= 32 << 10 && child >= 64 << 10, "{everything:?}");
     assert_eq!(everything.removed.len(), 3, "{everything:?}");
     assert_eq!(everything.freed, layer + child, "{everything:?}");
-    // Counted once over both namespaces, and once in each.
+    // Counted once over both namespaces; in one, not at all, since no removal there
+    // frees it. So a limit b cannot meet by removals removes nothing there.
     assert_eq!(dry(Scope::All, u64::MAX).total, layer + child);
-    assert_eq!(dry(Scope::Namespace("a"), u64::MAX).total, layer + child);
-    assert_eq!(dry(Scope::Namespace("b"), u64::MAX).total, layer);
+    assert_eq!(dry(Scope::Namespace("a"), u64::MAX).total, child);
+    assert_eq!(dry(Scope::Namespace("b"), u64::MAX).total, 0);
+    let in_b = dry(Scope::Namespace("b"), 1);
+    assert!(in_b.removed.is_empty(), "nothing b removes frees anything: {in_b:?}");
     // With room for the layer and a quarter of the child, the child goes and the layer
     // fits. Counted per record, the layer's two records would be 2 x 32 KiB over the
     // limit, and a's record would go too, freeing nothing.

@@ -146,13 +146,13 @@ pub trait Backend: Send + Sync {
         false
     }
 
-    /// Whether `stat` shows labels computed when it is asked, which no update sets
-    /// (overlay's `containerd.io/snapshot/overlay.upperdir`, with `upperdir_label`).
-    /// The metadata layer then asks the backend's `stat` for each snapshot it shows and
-    /// adds the backend's labels under its own, as containerd's metadata layer does for
-    /// every backend. False by default.
-    fn computes_labels(&self) -> bool {
-        false
+    /// The labels `stat` computes when it is asked, which no update sets (overlay's
+    /// `containerd.io/snapshot/overlay.upperdir`, with `upperdir_label`). The metadata
+    /// layer then asks the backend's `stat` for each snapshot it shows and adds these
+    /// (only these) under its own labels, as containerd's metadata layer adds its
+    /// backends' labels. None by default.
+    fn computed_labels(&self) -> &'static [&'static str] {
+        &[]
     }
 }
 
@@ -215,9 +215,9 @@ pub trait Wrapper: Send + Sync {
     fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {
         self.inner().merge(name, layers, labels)
     }
-    /// See [`Backend::computes_labels`].
-    fn computes_labels(&self) -> bool {
-        self.inner().computes_labels()
+    /// See [`Backend::computed_labels`].
+    fn computed_labels(&self) -> &'static [&'static str] {
+        self.inner().computed_labels()
     }
 }
 
@@ -261,7 +261,7 @@ impl<W: Wrapper> Backend for W {
     fn merge(&self, name: &str, layers: &[String], labels: &Labels) -> Result<()> {
         Wrapper::merge(self, name, layers, labels)
     }
-    fn computes_labels(&self) -> bool {
-        Wrapper::computes_labels(self)
+    fn computed_labels(&self) -> &'static [&'static str] {
+        Wrapper::computed_labels(self)
     }
 }

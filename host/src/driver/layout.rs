@@ -332,8 +332,12 @@ macro_rules! on_layout {
                 <$driver as $crate::driver::layout::OnLayout>::COMMITS_IN_PLACE
                     && self.layout().store.defers()
             }
-            fn computes_labels(&self) -> bool {
-                <$driver as $crate::driver::layout::OnLayout>::computes_labels(self)
+            fn computed_labels(&self) -> &'static [&'static str] {
+                use $crate::driver::layout::OnLayout;
+                match <$driver as OnLayout>::computes_labels(self) {
+                    true => <$driver as OnLayout>::computed_labels(self),
+                    false => &[],
+                }
             }
         }
     };

@@ -382,16 +382,20 @@ impl Snapshotter {
     }
 
     /// `info` with the labels the backend computes when asked, if it does
-    /// ([`Backend::computes_labels`]), under ours. A backend that cannot say (the
-    /// snapshot removed meanwhile, say) adds nothing.
+    /// ([`Backend::computed_labels`]), under ours; none of its other labels (a
+    /// snapshot shared between namespaces has another namespace's there). A backend
+    /// that cannot say (the snapshot removed meanwhile, say) adds nothing.
     fn with_computed(&self, mut info: Info, bkey: &str) -> Info {
-        if !self.backend.computes_labels() {
+        let computed = self.backend.computed_labels();
+        if computed.is_empty() {
             return info;
         }
         match self.backend.stat(bkey) {
-            Ok(b) => {
-                for (k, v) in b.labels {
-                    info.labels.entry(k).or_insert(v);
+            Ok(mut b) => {
+                for name in computed {
+                    if let Some(v) = b.labels.remove(*name) {
+                        info.labels.entry((*name).to_owned()).or_insert(v);
+                    }
                 }
             }
             Err(e) => tracing::debug!(snapshotter = %self.name, bkey, error = %e,

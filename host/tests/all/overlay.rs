@@ -185,7 +185,12 @@ fn the_upperdir_label_shows_through_the_metadata_layer() {
         let dir = tmp();
         let opts = OverlayOptions { upperdir_label: labelled, ..OverlayOptions::default() };
         let b = Arc::new(overlay(dir.path(), Arc::new(Faults::new()), opts));
-        let sn = wasnap::Snapshotter::new(metadb(dir.path()), "test", b, Arc::new(Faults::new()));
+        let sn = wasnap::Snapshotter::new(
+            metadb(dir.path()),
+            "test",
+            b.clone(),
+            Arc::new(Faults::new()),
+        );
         let c = ctx("default");
         sn.prepare(&c, "a", None, &none()).unwrap();
         sn.commit(&c, "l1", "a", &none()).unwrap();
@@ -206,6 +211,14 @@ fn the_upperdir_label_shows_through_the_metadata_layer() {
         let after = sn.update(&c, &update, &[]).unwrap();
         assert_eq!(after.labels.get("x").map(String::as_str), Some("y"));
         assert_eq!(after.labels.contains_key(UPPERDIR_LABEL), labelled, "{after:?}");
+        // Only the computed label: another the backend holds (set there by another
+        // namespace naming the same data, say) is not shown.
+        let bkey = backend_keys(b.as_ref()).into_iter().find(|i| i.kind == Kind::Active).unwrap();
+        let mut theirs = bkey.clone();
+        theirs.labels.insert("containerd.io/snapshot/theirs".into(), "x".into());
+        b.update(&theirs, &[wasnap::FieldPath::Labels]).unwrap();
+        let info = sn.stat(&c, "b").unwrap();
+        assert!(!info.labels.contains_key("containerd.io/snapshot/theirs"), "{info:?}");
     }
 }
 

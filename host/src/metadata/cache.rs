@@ -180,7 +180,6 @@ impl Graph {
             now,
         };
         let (unknown, stale) = g.load_sizes(txn, sn, scope)?;
-        g.count_names(txn, sn, scope)?;
         g.link(sn);
         g.load_leases(txn, sn, scope)?;
         g.load_outside(txn, &table, sn, scope)?;
@@ -232,11 +231,17 @@ impl Graph {
         Ok((unknown, stale))
     }
 
-    /// How many records name each record's backend key. Over every namespace, the
-    /// graph holds them all. In one, only keys made in it (`<ns>/...`) that another
+    /// How many records name each record's backend key, for [`Graph::plan`]'s size
+    /// limits (until this is read, each record counts as the only one naming its key).
+    /// Over every namespace, the graph holds them all. In one, only keys made in it (`<ns>/...`) that another
     /// namespace adopted, or keys it adopted, have names elsewhere: one pass over the
     /// index of the namespace's own keys, and a lookup for each adopted one.
-    fn count_names(&mut self, txn: &ReadTransaction, sn: &str, scope: Scope<'_>) -> Result<()> {
+    pub(crate) fn count_names(
+        &mut self,
+        txn: &ReadTransaction,
+        sn: &str,
+        scope: Scope<'_>,
+    ) -> Result<()> {
         let names: Vec<u64> = match scope {
             Scope::All => {
                 let mut count: HashMap<&str, u64> = HashMap::with_capacity(self.nodes.len());

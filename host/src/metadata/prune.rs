@@ -237,7 +237,10 @@ impl Snapshotter {
         progress: &mut dyn FnMut(PruneProgress<'_>),
     ) -> Result<CachePruneReport> {
         let compiled = policy.compile()?;
-        let g = self.load_graph(scope)?;
+        let mut g = self.load_graph(scope)?;
+        // Only a prune's limits need them (`du` does not): read apart from the graph,
+        // since a record changed between the two reads is checked again when removed.
+        self.db.read_with(|txn| g.count_names(txn, self.name(), scope))?;
         let a = g.analyse();
         let plan = g.plan(&a, &compiled, free);
         let mut report = CachePruneReport {

@@ -16,8 +16,9 @@
 //! from more than one root. **Protected** (never pruned): what a lease, a label or
 //! something outside holds, in-use snapshots, commits under way, snapshots containerd
 //! made through the daemon (a key `<namespace>/<number>/...` in the namespace it names:
-//! containerd records them and collects them itself), and everything they reach. Prune removes the rest, least recently used first, a snapshot only once
-//! nothing left holds it: removing a leaf can free its parent in the same run.
+//! containerd records them and collects them itself), and everything they reach. Prune
+//! removes the rest, least recently used first, a snapshot only once nothing left holds
+//! it: removing a leaf can free its parent in the same run.
 //!
 //! **Filters** (containerd's syntax) see `id`/`key`/`name`, `parent`, `kind`,
 //! `description`, `type`, `labels.<key>`, and, present only when true, `inuse`,
@@ -233,9 +234,10 @@ impl Graph {
 
     /// How many records name each record's backend key, for [`Graph::plan`]'s size
     /// limits (until this is read, each record counts as the only one naming its key).
-    /// Over every namespace, the graph holds them all. In one, only keys made in it (`<ns>/...`) that another
-    /// namespace adopted, or keys it adopted, have names elsewhere: one pass over the
-    /// index of the namespace's own keys, and a lookup for each adopted one.
+    /// Over every namespace, the graph holds them all. In one, only keys made in it
+    /// (`<ns>/...`) that another namespace adopted, or keys it adopted, have names
+    /// elsewhere: one pass over the index of the namespace's own keys, and a lookup for
+    /// each adopted one.
     pub(crate) fn count_names(
         &mut self,
         txn: &ReadTransaction,

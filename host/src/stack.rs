@@ -274,8 +274,7 @@ fn open_plugin(
     next: Option<Arc<dyn Backend>>,
 ) -> Result<Arc<WasmSnapshotter>> {
     let plugin = plugins.load(config)?;
-    let kv_bytes = config.limits.kv_mib.saturating_mul(1 << 20);
-    let space = Space::open(space, &dir, &path, place.db, role == Role::Backend, kv_bytes)?;
+    let space = Space::open(space, &dir, &path, place.db, role == Role::Backend, &config.limits)?;
     let wasm =
         WasmSnapshotter::open(plugin, space, next, config.limits.clone(), &config.config_json())
             .map_err(|e| e.context(format!("{role} plugin {}", config.path.display())))?;

@@ -44,6 +44,9 @@ pub enum Mode {
     FloodError(usize),
     /// Opens files in its private directory, keeping them, until refused.
     FdBomb,
+    /// Fills its private directory, one way at a time, until refused; then empties it
+    /// and writes again.
+    DiskBomb,
     /// Calls one host function on the victim layer this many times.
     Hammer(Op, u32),
     /// Tries every way it has to name, rename or replace a layer or its ancestors.
@@ -71,6 +74,8 @@ pub enum Op {
     /// Swaps `victim` in the victim layer for a symlink leading out and back, as a second
     /// instance racing the first would.
     Swap,
+    /// Clones the victim layer and keeps the clone.
+    Hoard,
 }
 
 impl Op {
@@ -90,6 +95,7 @@ impl Op {
             "clone" => Op::Clone,
             "usage" => Op::Usage,
             "swap" => Op::Swap,
+            "hoard" => Op::Hoard,
             _ => return None,
         })
     }
@@ -147,6 +153,7 @@ impl Config {
                 )
             }
             Some("fd-bomb") => Mode::FdBomb,
+            Some("disk-bomb") => Mode::DiskBomb,
             Some("huge-usage") => Mode::HugeUsage,
             Some("ancestors") => Mode::Ancestors,
             Some("hammer") => {

@@ -62,6 +62,7 @@ impl snapshotter::Guest for Adversary {
                     return Err(misbehave::flood_error(bytes));
                 }
                 Mode::FdBomb if key.contains("fdbomb") => return Err(misbehave::fd_bomb()),
+                Mode::DiskBomb if key.contains("diskbomb") => return Err(misbehave::disk_bomb()),
                 Mode::Hammer(op, n) if key.contains("hammer") => {
                     // `hammer-<op>` picks another op than the configuration's: two
                     // instances of one plugin can race two different calls.
@@ -69,9 +70,9 @@ impl snapshotter::Guest for Adversary {
                         .rsplit_once("hammer-")
                         .and_then(|(_, o)| config::Op::parse(o))
                         .unwrap_or(op);
-                    let (ok, refused) = misbehave::hammer(op, n)?;
+                    let (ok, refused, last) = misbehave::hammer(op, n)?;
                     return Err(Error::Unavailable(format!(
-                        "hammered: {ok} ok, {refused} refused"
+                        "hammered: {ok} ok, {refused} refused; last refusal: {last:?}"
                     )));
                 }
                 Mode::Ancestors if key.contains("ancestors") => {

@@ -52,6 +52,7 @@ pub fn common(call: Call<'_>) {
         | Mode::BadInit
         | Mode::FloodError(_)
         | Mode::FdBomb
+        | Mode::DiskBomb
         | Mode::HugeUsage
         | Mode::Hammer(..)
         | Mode::Ancestors => {}
@@ -172,17 +173,93 @@ pub fn fd_bomb() -> Error {
     Error::Internal(format!("fd-bomb: opened {} files and nothing stopped it", kept.len()))
 }
 
+/// Fills the private directory each way WASI has to write it: through a stream (what
+/// `std::fs` uses), through `descriptor.write` (`pwrite`), and with new directories,
+/// each until refused and then removed; then writes 1 MiB again. Says how far each got
+/// and how it was refused.
+pub fn disk_bomb() -> Error {
+    const CHUNK: usize = 1 << 16;
+    // Far past any budget the tests set, and still a bounded write without one.
+    const MAX: u64 = 64 << 20;
+    let chunk = vec![0x5a_u8; CHUNK];
+    let refused = |e: std::io::Error| format!("{:?}", e.kind());
+
+    let mut streamed = 0u64;
+    let stream_end = match std::fs::File::create("/fill-stream") {
+        Err(e) => refused(e),
+        Ok(mut f) => loop {
+            if streamed >= MAX {
+                break "not refused".to_owned();
+            }
+            match f.write_all(&chunk) {
+                Ok(()) => streamed += CHUNK as u64,
+                Err(e) => break refused(e),
+            }
+        },
+    };
+    let _ = std::fs::remove_file("/fill-stream");
+
+    let mut written = 0u64;
+    let pwrite_end = match std::fs::File::create("/fill-pwrite") {
+        Err(e) => refused(e),
+        Ok(f) => loop {
+            if written >= MAX {
+                break "not refused".to_owned();
+            }
+            match pwrite(&f, &chunk, written) {
+                Ok(n) => written += n as u64,
+                Err(e) => break refused(e),
+            }
+        },
+    };
+    let _ = std::fs::remove_file("/fill-pwrite");
+
+    let mut dirs = 0u32;
+    let dirs_end = loop {
+        if dirs >= 20_000 {
+            break "not refused".to_owned();
+        }
+        match std::fs::create_dir(format!("/d-{dirs}")) {
+            Ok(()) => dirs += 1,
+            Err(e) => break refused(e),
+        }
+    };
+    for i in 0..dirs {
+        let _ = std::fs::remove_dir(format!("/d-{i}"));
+    }
+
+    let after = match std::fs::write("/after", vec![1u8; 1 << 20]) {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => refused(e),
+    };
+    let _ = std::fs::remove_file("/after");
+    Error::FailedPrecondition(format!(
+        "disk-bomb: stream {streamed} ({stream_end}); pwrite {written} ({pwrite_end}); dirs {dirs} ({dirs_end}); after {after}"
+    ))
+}
+
+/// `pwrite(2)`: one `descriptor.write` of `buf` at `offset`.
+#[allow(unsafe_code)]
+fn pwrite(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let offset = i64::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: `buf` is valid for `buf.len()` bytes and the descriptor is `file`'s,
+    // open for as long as this borrow.
+    let n = unsafe { libc::pwrite(file.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset) };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
 /// The key-value key holding the victim layer's id (written by a `prepare` whose key
 /// contains `victim`, read by the attacks).
 pub const VICTIM: &str = "victim-layer";
 
-/// Calls `op` on the victim layer `n` times, ignoring refusals; says how many calls
-/// succeeded and how many were refused.
-pub fn hammer(op: Op, n: u32) -> Result<(u32, u32), Error> {
+/// Calls `op` on the victim layer `n` times, going on past refusals; says how many calls
+/// succeeded, how many were refused, and the last refusal.
+pub fn hammer(op: Op, n: u32) -> Result<(u32, u32, Option<Error>), Error> {
     let layer = victim()?;
     let target = config::get().target.unwrap_or_else(|| "../../../../../../../../sentinel".into());
     let target = target.as_str();
-    let (mut ok, mut refused) = (0, 0);
+    let (mut ok, mut refused, mut last) = (0, 0, None);
     for i in 0..n {
         let r = match op {
             Op::ReadDir => layers::read_dir(layer, "victim").map(drop),
@@ -197,6 +274,7 @@ pub fn hammer(op: Op, n: u32) -> Result<(u32, u32), Error> {
             Op::GetXattr => layers::get_xattr(layer, "victim", "user.x").map(drop),
             Op::MakeWhiteout => layers::make_whiteout(layer, "victim/wh"),
             Op::Clone => layers::clone(layer).and_then(layers::remove),
+            Op::Hoard => layers::clone(layer).map(drop),
             Op::Usage => layers::usage(layer).map(drop),
             Op::Swap => {
                 // What a second instance racing a clone or a chmod does inside the layer.
@@ -211,13 +289,15 @@ pub fn hammer(op: Op, n: u32) -> Result<(u32, u32), Error> {
                 r
             }
         };
-        if r.is_ok() {
-            ok += 1;
-        } else {
-            refused += 1;
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                refused += 1;
+                last = Some(e);
+            }
         }
     }
-    Ok((ok, refused))
+    Ok((ok, refused, last))
 }
 
 fn victim() -> Result<u64, Error> {

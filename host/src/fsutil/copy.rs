@@ -35,7 +35,17 @@ use crate::error::{Context, Error, Result};
 /// stay. Holes in sparse files are kept where the filesystem reports them. An entry already
 /// present in `dst` is an error; on error `dst` is left partly filled.
 pub fn copy_tree(src: &cap_std::fs::Dir, dst: &cap_std::fs::Dir) -> Result<()> {
-    copy_or_link(src.as_fd(), dst.as_fd(), false)
+    copy_or_link(src.as_fd(), dst.as_fd(), false, None)
+}
+
+/// [`copy_tree`], calling `room` before each entry: its error stops the copy, as the
+/// deadline does (a plugin's clone stops where its filesystem must keep space free).
+pub fn copy_tree_while(
+    src: &cap_std::fs::Dir,
+    dst: &cap_std::fs::Dir,
+    room: &dyn Fn() -> Result<()>,
+) -> Result<()> {
+    copy_or_link(src.as_fd(), dst.as_fd(), false, Some(room))
 }
 
 /// [`copy_tree`], except that each regular file is hard-linked into `dst` instead of
@@ -50,10 +60,15 @@ pub fn copy_tree(src: &cap_std::fs::Dir, dst: &cap_std::fs::Dir) -> Result<()> {
 /// regular file the listing's `lstat` did: a symlink, device or fifo swapped in is
 /// neither followed nor opened, and a mount point is refused.
 pub fn link_tree(src: impl AsFd, dst: impl AsFd) -> Result<()> {
-    copy_or_link(src.as_fd(), dst.as_fd(), true)
+    copy_or_link(src.as_fd(), dst.as_fd(), true, None)
 }
 
-fn copy_or_link(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, link: bool) -> Result<()> {
+fn copy_or_link(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    link: bool,
+    room: Option<&dyn Fn() -> Result<()>>,
+) -> Result<()> {
     let root = At { verb: if link { "link" } else { "copy" }, rel: Path::new("") };
     // Pinned: both roots are the handles given.
     let src_fd = reopen_dir(&src).map_err(root.err("open source"))?;
@@ -75,6 +90,9 @@ fn copy_or_link(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, link: bool) -> Result<
     let mut stack = Stack::new(Frame::new(src_fd, src_meta, dst_fd, &dst_meta, PathBuf::new())?);
     while let Some(frame) = stack.top_mut() {
         super::deadline::check("copy")?;
+        if let Some(room) = room {
+            room()?;
+        }
         match frame.names.next() {
             Some(name) => {
                 if let Some(child) = copier.entry(frame, &name)? {

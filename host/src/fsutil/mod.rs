@@ -31,7 +31,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 
-pub use copy::{copy_tree, link_tree};
+pub use copy::{copy_tree, copy_tree_while, link_tree};
 pub use remove::remove_tree;
 pub use usage::{disk_usage, measure_and_sync};
 

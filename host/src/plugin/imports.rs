@@ -5,10 +5,13 @@
 use std::time::Instant;
 
 use wasmtime::component::{HasSelf, Linker};
+use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
+use wasmtime_wasi::p2::bindings::sync::filesystem::types as wasi_fs;
 
 use super::bindings::{kv_api, layers_api, log_api, next_api, policy, types as wit};
 use super::convert::{PLUGIN_PREFIX, info_from_wit, info_to_wit, labels_from_wit, usage_to_wit};
 use super::layers;
+use super::quota::{Fs, Quota};
 use super::space::{Check, Write};
 use super::state::State;
 use crate::backend::{Backend, FieldPath};
@@ -21,6 +24,15 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     // Timers that go off by the end of the call (WASI's would let a guest wait forever).
     super::timers::add_to_linker(linker)?;
+    // Files whose writes are charged against the private directory's budget.
+    linker.allow_shadowing(true);
+    let fs = wasi_fs::add_to_linker::<State, Quota>(linker, |s| Fs {
+        inner: WasiFilesystemCtxView { ctx: s.wasi.filesystem(), table: &mut s.table },
+        quota: s.space.state_quota(),
+        deadline: s.clock.deadline(),
+    });
+    linker.allow_shadowing(false);
+    fs?;
     // The policy world is types, kv, log and the imported snapshotter; a backend adds
     // layers (and never imports the snapshotter).
     policy::Policy::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?;
@@ -50,6 +62,18 @@ impl State {
     fn bounded<T>(&mut self, f: impl FnOnce(&State) -> Result<T>) -> WitResult<T> {
         let r = deadline::within(Some(self.clock.deadline()), || f(self));
         self.answer(r)
+    }
+
+    /// As [`Self::in_layer`], for a function that adds to the layer: refused while
+    /// the layers' filesystem has less free than the plugin must leave.
+    fn adding_to_layer<T>(
+        &mut self,
+        id: u64,
+        f: impl FnOnce(&std::os::fd::OwnedFd) -> Result<T>,
+    ) -> WitResult<T> {
+        let room = self.space.room_for_writes();
+        self.answer(room)?;
+        self.in_layer(id, f)
     }
 
     /// Runs `f` on layer `id`'s directory, opened for this call.
@@ -95,13 +119,13 @@ impl layers_api::Host for State {
         contents: Vec<u8>,
         mode: u32,
     ) -> WitResult<()> {
-        self.in_layer(layer, |fd| layers::write_file(fd, &path, &contents, mode))
+        self.adding_to_layer(layer, |fd| layers::write_file(fd, &path, &contents, mode))
     }
     fn make_dir(&mut self, layer: u64, path: String, mode: u32) -> WitResult<()> {
-        self.in_layer(layer, |fd| layers::make_dir(fd, &path, mode))
+        self.adding_to_layer(layer, |fd| layers::make_dir(fd, &path, mode))
     }
     fn symlink(&mut self, layer: u64, path: String, target: String) -> WitResult<()> {
-        self.in_layer(layer, |fd| layers::symlink(fd, &path, &target))
+        self.adding_to_layer(layer, |fd| layers::symlink(fd, &path, &target))
     }
     fn remove_entry(&mut self, layer: u64, path: String) -> WitResult<()> {
         self.in_layer(layer, |fd| layers::remove_entry(fd, &path))
@@ -119,13 +143,13 @@ impl layers_api::Host for State {
         name: String,
         value: Vec<u8>,
     ) -> WitResult<()> {
-        self.in_layer(layer, |fd| layers::set_xattr(fd, &path, &name, &value))
+        self.adding_to_layer(layer, |fd| layers::set_xattr(fd, &path, &name, &value))
     }
     fn get_xattr(&mut self, layer: u64, path: String, name: String) -> WitResult<Option<Vec<u8>>> {
         self.in_layer(layer, |fd| layers::get_xattr(fd, &path, &name))
     }
     fn make_whiteout(&mut self, layer: u64, path: String) -> WitResult<()> {
-        self.in_layer(layer, |fd| layers::make_whiteout(fd, &path))
+        self.adding_to_layer(layer, |fd| layers::make_whiteout(fd, &path))
     }
 }
 

@@ -30,6 +30,8 @@ use cap_std::fs::{Dir, DirBuilder, DirBuilderExt};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use rustix::fs::{AtFlags, Gid, Mode, Uid};
 
+use super::limits::Limits;
+use super::quota::StateQuota;
 use crate::error::{Context, Error, Result};
 use crate::fsutil;
 use crate::kv::{Db, Durability, IdBlocks, now_nanos};
@@ -61,6 +63,9 @@ pub(crate) const MAX_RANGE: u32 = 10_000;
 const MAX_RANGE_BYTES: usize = 16 << 20;
 /// Layer ids are handed out from blocks reserved in the registry.
 const ID_BLOCK: u64 = 256;
+/// Inodes the layers' filesystem must keep free, where it counts them, while
+/// `keep_free_mib` is set.
+const KEEP_FREE_INODES: u64 = 4096;
 
 /// A guest call, as layers know it: a layer made during a call is that call's until it
 /// returns.
@@ -80,6 +85,8 @@ pub struct Space {
     durability: Durability,
     layers: Option<LayerDirs>,
     kv_max_bytes: u64,
+    /// The budget of `state/`, which the guest's WASI writes are charged against.
+    state: Arc<StateQuota>,
     /// Bumped after each change to this space's key-value rows, which only
     /// [`Space::kv_commit`] makes.
     kv_generation: AtomicU64,
@@ -131,6 +138,9 @@ struct LayerDirs {
     removed: Mutex<HashSet<u64>>,
     ids: IdBlocks,
     tmp_seq: AtomicU64,
+    /// Bytes the layers' filesystem must keep free: past it, a guest adds nothing to
+    /// its layers ([`Space::room`]).
+    keep_free: AtomicU64,
     /// Names in `tmp/` whose removal a call's deadline cut short: a failed clone's
     /// partial copy, a removed layer. Nothing else names them; each later call that
     /// makes or removes a layer goes on removing them, within its own deadline, so a
@@ -171,7 +181,8 @@ pub(crate) enum Write {
 impl Space {
     /// The space `name` in the plugin directory `dir` (host path `path`), with layers if
     /// `layers`. `db` is the root's shared database; without one the space keeps a
-    /// database of its own in `dir`. Leftovers of a crash (half-made layers, layers no
+    /// database of its own in `dir`. Of `limits`, it keeps to those on disk: `kv_mib`,
+    /// `state_mib` ([`StateQuota`]) and `keep_free_mib`. Leftovers of a crash (half-made layers, layers no
     /// registry names) are deleted: no call runs yet.
     pub fn open(
         name: &str,
@@ -179,8 +190,10 @@ impl Space {
         path: &Path,
         db: Option<&Arc<Db>>,
         layers: bool,
-        kv_max_bytes: u64,
+        limits: &Limits,
     ) -> Result<Arc<Space>> {
+        let kv_max_bytes = limits.kv_mib.saturating_mul(1 << 20);
+        let state_max_bytes = limits.state_mib.saturating_mul(1 << 20);
         let (db, durability) = match db {
             Some(db) => (db.clone(), Durability::Deferred),
             None => (Arc::new(Db::open(dir, OWN_DB, "plugin database")?), Durability::Immediate),
@@ -191,7 +204,7 @@ impl Space {
             txn.open_table(META)?;
             Ok(())
         })?;
-        subdir(dir, STATE, path)?;
+        let state = Arc::new(StateQuota::new(subdir(dir, STATE, path)?, state_max_bytes));
         let layers = if layers {
             Some(LayerDirs {
                 path: path.to_owned(),
@@ -203,6 +216,7 @@ impl Space {
                 ids: IdBlocks::new(META, name, META_LAYER, ID_BLOCK),
                 tmp_seq: AtomicU64::new(0),
                 garbage: Mutex::new(Vec::new()),
+                keep_free: AtomicU64::new(limits.keep_free_mib.saturating_mul(1 << 20)),
             })
         } else {
             None
@@ -214,6 +228,7 @@ impl Space {
             durability,
             layers,
             kv_max_bytes,
+            state,
             kv_generation: AtomicU64::new(0),
             kv_view: Mutex::new(None),
         });
@@ -224,6 +239,51 @@ impl Space {
     /// The plugin's private directory on the host: its WASI preopen.
     pub fn private(&self) -> &Path {
         &self.private
+    }
+
+    /// The budget of the private directory.
+    pub(crate) fn state_quota(&self) -> &Arc<StateQuota> {
+        &self.state
+    }
+
+    /// Applies a reload's limits: those on disk that can change while the space is
+    /// open (`state_mib`, `keep_free_mib`; not `kv_mib`).
+    pub(crate) fn set_limits(&self, limits: &Limits) {
+        self.state.set_max(limits.state_mib.saturating_mul(1 << 20));
+        if let Some(d) = &self.layers {
+            d.keep_free.store(limits.keep_free_mib.saturating_mul(1 << 20), Ordering::Relaxed);
+        }
+    }
+
+    /// Fails while the filesystem holding the layers has less space (or fewer inodes)
+    /// free than the plugin must leave: what a guest adds to its layers cannot fill it.
+    /// Free space is what an unprivileged user could still use (`f_bavail`), so the
+    /// blocks a filesystem reserves for root are never counted as room.
+    fn room(&self, d: &LayerDirs) -> Result<()> {
+        let keep = d.keep_free.load(Ordering::Relaxed);
+        if keep == 0 {
+            return Ok(());
+        }
+        // Pinned: statfs of the host's own layers directory, by descriptor.
+        let st = rustix::fs::fstatvfs(&d.layers).context("statfs the layers' filesystem")?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        // A filesystem that counts inodes (btrfs does not: it reports none).
+        let inodes_short = st.f_files > 0 && st.f_favail < KEEP_FREE_INODES;
+        if free < keep || inodes_short {
+            return Err(Error::failed_precondition(format!(
+                "plugin {:?} may not add to its layers: their filesystem has {} MiB and {} inodes free, and {} MiB and {KEEP_FREE_INODES} inodes must stay free (keep_free_mib)",
+                self.name,
+                free >> 20,
+                st.f_favail,
+                keep >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// As [`Self::room`], before a host function adds to a layer.
+    pub(crate) fn room_for_writes(&self) -> Result<()> {
+        self.room(self.dirs()?)
     }
 
     /// Whether the plugin has layers (a backend).
@@ -327,6 +387,7 @@ impl Space {
     fn make(&self, call: CallId, build: impl FnOnce(&Dir, &str) -> Result<()>) -> Result<u64> {
         let d = self.dirs()?;
         self.sweep(d)?;
+        self.room(d)?;
         let id = self.next_id(d)?;
         let tmp = format!("{id}-{}", d.tmp_seq.fetch_add(1, Ordering::Relaxed));
         // No-follow: rename moves the name itself, between two of the host's directories.
@@ -454,12 +515,16 @@ impl Space {
     /// A new layer holding a copy of `source`.
     pub(crate) fn clone_layer(&self, call: CallId, source: u64) -> Result<u64> {
         let src = self.open_layer(call, source)?;
+        let d = self.dirs()?;
         self.make(call, |tmp, name| {
             // No-follow: mkdirat creates, never follows; copy_tree walks from the pinned
             // source root and follows no symlink, crosses no mount inside it.
             tmp.create_dir(name).with_context(|| format!("create layer directory {name}"))?;
             let dst = fsutil::open_dir_nofollow(tmp, name)?;
-            fsutil::copy_tree(&Dir::from_std_file(std::fs::File::from(src)), &dst)
+            // The floor is checked before each entry: a copy stops where it reaches it,
+            // passing it by one file at most.
+            let room = || self.room(d);
+            fsutil::copy_tree_while(&Dir::from_std_file(std::fs::File::from(src)), &dst, &room)
                 .map_err(|e| e.context(format!("copy layer {source}")))
         })
     }
@@ -847,7 +912,7 @@ mod tests {
         dir.create_dir("b").unwrap();
         let open = |name: &str| {
             let sub = dir.open_dir(name).unwrap();
-            Space::open(name, &sub, &path.join(name), Some(&db), false, 1 << 20).unwrap()
+            Space::open(name, &sub, &path.join(name), Some(&db), false, &small()).unwrap()
         };
         let (a, b) = (open("a"), open("b"));
         let put = |s: &Space, v: &[u8]| {
@@ -871,6 +936,11 @@ mod tests {
     }
 
     /// A backend space on the shared database `root.db` in `path`.
+    /// Limits a test's space keeps to: small budgets.
+    fn small() -> Limits {
+        Limits { kv_mib: 1, state_mib: 1, ..Limits::default() }
+    }
+
     fn layered(path: &Path) -> (Arc<Db>, Arc<Space>) {
         let dir = Dir::open_ambient_dir(path, cap_std::ambient_authority()).unwrap();
         let db = Arc::new(Db::open(&dir, "root.db", "test database").unwrap());
@@ -884,7 +954,7 @@ mod tests {
             dir.create_dir("p").unwrap();
         }
         let sub = dir.open_dir("p").unwrap();
-        Space::open("p", &sub, &path.join("p"), Some(db), true, 1 << 20).unwrap()
+        Space::open("p", &sub, &path.join("p"), Some(db), true, &small()).unwrap()
     }
 
     fn layer_dir(path: &Path, id: u64) -> PathBuf {

@@ -5,15 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub use super::limits::Limits;
 use super::output::GuestOutput;
 use super::space::{CallId, Space};
 use crate::backend::Backend;
-use crate::error::{Error, Result};
 use crate::snapshot::Mount;
 
 /// How often the engine's epoch advances: the resolution of call deadlines.
@@ -22,75 +21,6 @@ pub const TICK: Duration = Duration::from_millis(5);
 /// Most resources (open files, directories, streams) one instance may hold in its WASI
 /// table: a guest that opens without end gets an error, not the host's descriptors.
 pub(crate) const MAX_TABLE_ENTRIES: usize = 1024;
-
-/// What one plugin may use. Each snapshotter and each policy has its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// Most linear memory one instance may have, in MiB. Growing past it traps the
-    /// call (with an error saying so) and the instance is replaced.
-    pub memory_mib: u64,
-    /// Most time one call may run, in milliseconds; time spent in the next
-    /// snapshotter of a chain does not count (but see `next_calls`). Past it the call
-    /// fails as unavailable and the instance is replaced; bulk host work (copying,
-    /// measuring, removing a layer) stops at it too.
-    pub timeout_ms: u64,
-    /// Instances that may serve calls at once. Each instance handles one call at a
-    /// time; their records are shared through the key-value store, so any plugin built
-    /// on it may run several.
-    pub instances: u32,
-    /// Most snapshots one walk may return before it is cut off as runaway.
-    pub max_walk: u64,
-    /// Most bytes (keys and values) the plugin's key-value store may hold, in MiB.
-    pub kv_mib: u64,
-    /// Most calls one call of a policy may make to its next snapshotter. Their time
-    /// does not count against `timeout_ms`, so without this a policy calling its next
-    /// snapshotter in a loop would never be stopped. Past it, each further call fails
-    /// as unavailable.
-    pub next_calls: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            memory_mib: 256,
-            timeout_ms: 60_000,
-            instances: 1,
-            max_walk: 10_000_000,
-            kv_mib: 1024,
-            next_calls: 100_000,
-        }
-    }
-}
-
-impl Limits {
-    pub(crate) fn check(&self) -> Result<()> {
-        let bad = |what: &str| Err(Error::invalid_argument(format!("plugin limit {what}")));
-        if self.memory_mib == 0 || self.memory_mib > 4096 {
-            return bad("memory_mib must be between 1 and 4096");
-        }
-        if self.timeout_ms == 0 {
-            return bad("timeout_ms must be positive");
-        }
-        if self.instances == 0 || self.instances > 64 {
-            return bad("instances must be between 1 and 64");
-        }
-        if self.max_walk == 0 {
-            return bad("max_walk must be positive");
-        }
-        if self.kv_mib == 0 {
-            return bad("kv_mib must be positive");
-        }
-        if self.next_calls == 0 {
-            return bad("next_calls must be positive");
-        }
-        Ok(())
-    }
-
-    pub(crate) fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
-}
 
 /// A store's limits: wasmtime's, each memory within the limit, and all of the
 /// instance's memories together too (a component may define more than one; the pool

@@ -158,6 +158,9 @@ impl WasmSnapshotter {
             )));
         }
         let config = serde_json::to_string(config).with_context(|| "encode plugin config")?;
+        // The limits on disk change at once: what the space holds stays, and a write
+        // past a smaller budget is refused.
+        self.space.set_limits(&limits);
         let env = Arc::new(Env {
             plugin,
             space: self.space.clone(),
@@ -201,7 +204,7 @@ impl WasmSnapshotter {
         config: &serde_json::Value,
     ) -> Result<Self> {
         let layers = plugin.role() == Role::Backend;
-        let space = Space::open(plugin.name(), dir, path, None, layers, limits.kv_mib << 20)?;
+        let space = Space::open(plugin.name(), dir, path, None, layers, &limits)?;
         Self::open(plugin, space, next, limits, config)
     }
 

@@ -211,6 +211,104 @@ fn a_descriptor_bomb_is_refused_and_costs_the_host_a_bounded_number() {
     s.prepare("after", None, &no_labels()).unwrap();
 }
 
+/// Bytes `disk-bomb` says it got through one way, from its `<way> <n> (<how it ended>)`.
+fn filled<'a>(said: &'a str, way: &str) -> (u64, &'a str) {
+    let rest =
+        said.split_once(&format!("{way} ")).map(|(_, r)| r).unwrap_or_else(|| panic!("{said}"));
+    let (n, rest) = rest.split_once(" (").unwrap();
+    (n.parse().unwrap(), rest.split_once(')').unwrap().0)
+}
+
+#[test]
+fn a_guest_filling_its_directory_is_stopped_at_its_budget_and_gets_the_room_back() {
+    let dir = tmp();
+    let limits = Limits { state_mib: 8, ..Limits::default() };
+    let s = adversary_in(dir.path(), json!({"mode": "disk-bomb"}), limits);
+    let state = dir.path().join("plugin/state");
+    // Something held already counts against the budget.
+    fs::write(state.join("kept"), vec![0u8; 1 << 20]).unwrap();
+    let e = s.stat("diskbomb").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    let said = e.to_string();
+    let budget = 8u64 << 20;
+    // Each way stops short of the budget less what is kept, and not far short: the
+    // count was set right by measuring, not left at what was charged.
+    for way in ["stream", "pwrite"] {
+        let (n, how) = filled(&said, way);
+        // A write to a stream refused says insufficient-space to a guest that asks
+        // (`filesystem-error-code`); this wasi-libc does not ask, and reports EIO.
+        let refused = how == "StorageFull" || (way == "stream" && how == "Uncategorized");
+        assert!(refused, "{way}: {said}");
+        assert!(n <= budget - (1 << 20), "{way}: {n} bytes: {said}");
+        assert!(n >= budget - (2 << 20), "{way}: only {n} bytes: {said}");
+    }
+    // Directories count 4 KiB each whatever they hold.
+    let (dirs, how) = filled(&said, "dirs");
+    assert_eq!(how, "StorageFull", "dirs: {said}");
+    assert!((800..=1800).contains(&dirs), "{dirs} directories: {said}");
+    // Once it removed what it wrote, it has its room back.
+    assert!(said.contains("; after ok"), "{said}");
+    assert_eq!(fs::read_dir(&state).unwrap().count(), 1, "{said}");
+    s.prepare("after", None, &no_labels()).unwrap();
+}
+
+/// MiB an unprivileged user could still write to the filesystem of `path`.
+fn free_mib(path: &Path) -> u64 {
+    let st = rustix::fs::statvfs(path).unwrap();
+    (st.f_bavail * st.f_frsize) >> 20
+}
+
+#[test]
+fn a_guest_cannot_take_its_layers_filesystem_below_the_floor() {
+    let fs = crate::loop_fs!("ext4", 64);
+    let keep = 16;
+    let limits = Limits { keep_free_mib: keep, ..Limits::default() };
+    let config = json!({"mode": "hammer", "op": "hoard", "iterations": 3});
+    let s = adversary_in(&fs.mountpoint, config.clone(), limits);
+    // What a container wrote into a layer: not the guest's to bound.
+    let victim = victim_layer(&s);
+    for i in 0..24 {
+        fs::write(victim.join(format!("f{i}")), vec![7u8; 1 << 20]).unwrap();
+    }
+    let free = free_mib(&fs.mountpoint);
+    assert!(free > keep && free < keep + 24, "{free} MiB free: a clone must reach the floor");
+
+    // Each clone stops where it reaches the floor, one file past it at most, and what
+    // it copied goes.
+    let said = attack(&s, "hammer-hoard");
+    assert!(said.contains("hammered: 0 ok, 3 refused"), "{said}");
+    assert!(said.contains("FailedPrecondition") && said.contains("keep_free_mib"), "{said}");
+    let at: u64 =
+        said.split_once("filesystem has ").unwrap().1.split(' ').next().unwrap().parse().unwrap();
+    assert!(at < keep && at + 2 >= keep, "stopped with {at} MiB free: {said}");
+    assert!(free_mib(&fs.mountpoint) + 1 >= free, "a refused clone left its copy behind");
+
+    // Below the floor, nothing is added to a layer, and no layer is made.
+    let ballast = wasnap_conformance::loopfs::Ballast::fill(&fs.mountpoint, "ballast").unwrap();
+    for op in ["write-file", "make-dir", "symlink", "set-xattr", "make-whiteout"] {
+        let said = attack(&s, &format!("hammer-{op}"));
+        assert!(said.contains("0 ok, 3 refused") && said.contains("keep_free_mib"), "{op}: {said}");
+    }
+    let e = s.prepare("more", None, &no_labels()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    // Measuring goes on (reading, as removing, adds nothing); with room again, so does
+    // the rest.
+    let said = attack(&s, "hammer-usage");
+    assert!(said.contains("3 ok, 0 refused"), "{said}");
+    drop(ballast);
+    s.prepare("more", None, &no_labels()).unwrap();
+    assert!(attack(&s, "hammer-write-file").contains("3 ok, 0 refused"));
+
+    // A reload moves the floor at once.
+    let above = Limits { keep_free_mib: free_mib(&fs.mountpoint) + 64, ..Limits::default() };
+    s.reload(plugin("adversary"), above, &config).unwrap();
+    let said = attack(&s, "hammer-write-file");
+    assert!(said.contains("0 ok, 3 refused") && said.contains("keep_free_mib"), "{said}");
+    s.reload(plugin("adversary"), Limits { keep_free_mib: 0, ..Limits::default() }, &config)
+        .unwrap();
+    assert!(attack(&s, "hammer-write-file").contains("3 ok, 0 refused"));
+}
+
 #[test]
 fn an_error_flood_is_cut_and_can_forge_neither_log_lines_nor_its_plugin() {
     let dir = tmp();

@@ -24,8 +24,9 @@
 //! A fifth fills the disk ([`Fault::DiskFull`], with `--full-disk N`): the root is on
 //! a small loop-mounted ext4, and N times a ballast file takes every free block for
 //! [`FULL_FOR`] while the clients go on. A call failing with "No space left on device"
-//! meanwhile is a refusal (nothing may have changed); then the ballast goes and the
-//! checker runs at once. The daemon must neither die nor stay broken.
+//! (or a plugin's refusal to go below its `keep_free_mib`) meanwhile is a refusal
+//! (nothing may have changed); then the ballast goes and the checker runs at once. The
+//! daemon must neither die nor stay broken.
 //!
 //! Further kinds plug in here: add a variant to [`Fault`], let [`Plan::next_life`] or
 //! [`Plan::next_kill`] choose it, and give it a row in the table (`Fault::kind`).

@@ -78,9 +78,12 @@ fn guest_died(s: &tonic::Status) -> bool {
         && (m.contains("panicked") || m.contains("ran past its deadline") || m.contains("memory"))
 }
 
-/// Whether `s` says the disk is full.
+/// Whether `s` says the disk is full: the kernel's error, or a plugin refused more
+/// layer data before the disk got there (its `keep_free_mib`).
 fn no_space(s: &tonic::Status) -> bool {
-    s.message().contains("No space left on device")
+    let m = s.message();
+    m.contains("No space left on device")
+        || (s.code() == tonic::Code::FailedPrecondition && m.contains("(keep_free_mib)"))
 }
 
 /// What a call came back with.

@@ -184,7 +184,9 @@ fn layers() -> Result<&'static Layers, String> {
                 let dir = crate::scratch::dir().join("guest-space");
                 std::fs::create_dir_all(&dir)?;
                 let cap = cap_std::fs::Dir::open_ambient_dir(&dir, cap_std::ambient_authority())?;
-                let space = Space::open("fuzz", &cap, &dir, None, true, 1 << 20)?;
+                let small =
+                    wasnap::plugin::Limits { kv_mib: 1, state_mib: 1, ..Default::default() };
+                let space = Space::open("fuzz", &cap, &dir, None, true, &small)?;
                 let old = fz::begin_call();
                 let held =
                     (0..4).map(|_| fz::create_layer(&space, old)).collect::<Result<_, _>>()?;

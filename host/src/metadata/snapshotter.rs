@@ -546,16 +546,27 @@ impl Snapshotter {
         rec.blob.as_deref().map(crate::digest::Digest::parse).transpose()
     }
 
-    /// Disk usage of `key` itself.
+    /// Disk usage of `key` itself. A view's is zero, as containerd's snapshotters
+    /// report it: a view holds no changes of its own. (What a backend made to show it,
+    /// a native view's copy, is measured by `du` when asked to measure.)
     pub fn usage(&self, ctx: &Ctx, key: &str) -> Result<Usage> {
         let rec = self.record(ctx, key)?;
+        if rec.kind == Kind::View {
+            return Ok(Usage::default());
+        }
         self.backend.usage(&rec.bkey).map_err(|e| self.in_user_terms(e, &[(&rec.bkey, key)]))
     }
 
-    /// The mounts of `key`. Those of views and committed snapshots are read-only,
-    /// whatever the backend says.
+    /// The mounts of the active snapshot or view `key`; a view's are read-only,
+    /// whatever the backend says. A committed snapshot has none, as in containerd: it
+    /// is seen through a view of it (or, inside the host, [`Self::committed_mounts`]).
     pub fn mounts(&self, ctx: &Ctx, key: &str) -> Result<Vec<Mount>> {
         let rec = self.record(ctx, key)?;
+        if rec.kind == Kind::Committed {
+            return Err(Error::failed_precondition(format!(
+                "snapshot {key:?} is committed, not active or a view: mount a view of it"
+            )));
+        }
         let mounts = self
             .backend
             .mounts(&rec.bkey)

@@ -152,8 +152,11 @@ fn snapshots_are_subvolumes_that_really_mount() {
         assert_eq!(fs::read_to_string(mnt.path().join("etc/hello")).unwrap(), "from the parent");
         assert!(!mnt.path().join("new").exists());
     }
-    // The committed snapshot mounts read-only too.
-    let base = sn.mounts(&c, "base").unwrap();
+    // A committed snapshot has no mounts of its own, as in containerd; the host reads
+    // one in place read-only.
+    let e = sn.mounts(&c, "base").unwrap_err();
+    assert_eq!(e.kind(), wasnap::ErrorKind::FailedPrecondition, "{e}");
+    let base = sn.committed_mounts(&c, "base").unwrap();
     assert_eq!(base[0].options[1], "ro");
     {
         let mnt = Mounted::new(&base, &target);

@@ -74,6 +74,25 @@ fn kinds_parents_and_timestamps() {
     );
 }
 
+/// As containerd's snapshotters answer: only active snapshots and views have mounts,
+/// and a view's usage is the zero it was made with (a native view is a whole copy).
+#[test]
+fn a_committed_snapshot_has_no_mounts_and_a_view_no_usage() {
+    let s = native_stack();
+    let c = ctx("default");
+    let m = s.sn.prepare(&c, "a", None, &none()).unwrap();
+    std::fs::write(source(&m).join("f"), vec![1u8; 64 << 10]).unwrap();
+    s.sn.commit(&c, "base", "a", &none()).unwrap();
+    let e = s.sn.mounts(&c, "base").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(s.sn.usage(&c, "base").unwrap().size >= 64 << 10);
+
+    let v = s.sn.view(&c, "v", Some("base"), &none()).unwrap();
+    assert!(source(&v).join("f").is_file(), "the view shows the parent's data");
+    assert_eq!(s.sn.mounts(&c, "v").unwrap(), v);
+    assert_eq!(s.sn.usage(&c, "v").unwrap(), wasnap::Usage::default());
+}
+
 #[test]
 fn commit_of_a_view_fails() {
     let s = native_stack();
@@ -370,8 +389,9 @@ fn a_deduplicating_backend_shares_one_layer_between_namespaces() {
     assert_eq!(shared.kind, Kind::Committed);
     assert_eq!(s.sn.stat(&b, "extract").unwrap_err().kind(), ErrorKind::NotFound);
     assert_eq!(backend_keys(s.sn.backend().as_ref()).len(), 1, "one copy of the layer");
-    let ma = s.sn.mounts(&a, "sha256:shared").unwrap();
-    assert_eq!(ma, s.sn.mounts(&b, "sha256:shared").unwrap(), "both names mount the same data");
+    let ma = s.sn.committed_mounts(&a, "sha256:shared").unwrap();
+    let mb = s.sn.committed_mounts(&b, "sha256:shared").unwrap();
+    assert_eq!(ma, mb, "both names mount the same data");
 
     // Removing it from one namespace keeps it for the other; the last removal frees it.
     s.sn.remove(&a, "sha256:shared").unwrap();
@@ -498,7 +518,11 @@ fn shared_target() -> Labels {
 /// Every snapshot of `c` names data that exists.
 fn assert_every_snapshot_has_its_data(s: &Stack, c: &wasnap::Ctx) {
     for info in list(&s.sn, c, &[]).unwrap() {
-        for m in s.sn.mounts(c, &info.name).unwrap() {
+        let mounts = match info.kind {
+            Kind::Committed => s.sn.committed_mounts(c, &info.name),
+            _ => s.sn.mounts(c, &info.name),
+        };
+        for m in mounts.unwrap() {
             assert!(source(&[m]).is_dir(), "{:?} names data that exists", info.name);
         }
     }

@@ -11,7 +11,7 @@ use wasnap::driver::overlay::OverlayOptions;
 use wasnap::fault::Faults;
 use wasnap::metadata::MetaDb;
 use wasnap::stack::{Place, Plugins};
-use wasnap::{Labels, Snapshotter};
+use wasnap::{Kind, Labels, Snapshotter};
 
 use crate::common::*;
 use crate::loop_btrfs;
@@ -33,7 +33,11 @@ fn host_stack(root: &Path, driver: DriverConfig) -> Snapshotter {
 fn assert_data_present(sn: &Snapshotter) {
     let ctx = ctx("default");
     for info in list(sn, &ctx, &[]).unwrap() {
-        let mounts = sn.mounts(&ctx, &info.name).unwrap_or_else(|e| panic!("{}: {e}", info.name));
+        let mounts = match info.kind {
+            Kind::Committed => sn.committed_mounts(&ctx, &info.name),
+            _ => sn.mounts(&ctx, &info.name),
+        };
+        let mounts = mounts.unwrap_or_else(|e| panic!("{}: {e}", info.name));
         for m in mounts {
             let paths: Vec<String> = match m.kind.as_str() {
                 "bind" => vec![m.source.clone()],

@@ -119,8 +119,11 @@ fn assert_one_whole(host: &Host, name: &str) -> Kind {
             || (key == "base" && left[0].kind == Kind::Committed),
         "{left:?}"
     );
-    let m = sn.mounts(&c, key).unwrap();
-    assert_eq!(std::fs::read_to_string(source(&m).join("f")).unwrap(), "data", "{key}");
+    let m = match left[0].kind {
+        Kind::Committed => sn.committed_mounts(&c, key),
+        _ => sn.mounts(&c, key),
+    };
+    assert_eq!(std::fs::read_to_string(source(&m.unwrap()).join("f")).unwrap(), "data", "{key}");
     for report in host.check().unwrap() {
         assert!(report.orphans.is_empty() && report.missing.is_empty(), "{report:?}");
     }

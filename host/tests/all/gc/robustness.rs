@@ -361,7 +361,7 @@ fn a_backend_snapshot_two_namespaces_share_is_pruned_only_when_both_records_go()
     assert_eq!(removed(&r), ["native/a/sha256:shared"]);
     assert!(r.pruned.is_empty(), "b's record still names it: {r:?}");
     assert_eq!(bkeys(&sn), shared);
-    assert!(sn.mounts(&ctx("b"), "sha256:shared").is_ok());
+    assert!(sn.committed_mounts(&ctx("b"), "sha256:shared").is_ok());
 
     leases.delete(&ctx("b"), "l").unwrap();
     let r = collector.collect(std::slice::from_ref(&sn), false).unwrap();

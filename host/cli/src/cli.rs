@@ -150,7 +150,7 @@ pub enum Command {
     Tree,
     /// Disk usage of snapshots (all if no KEY is given)
     Usage { keys: Vec<String> },
-    /// Show the mounts of snapshot KEY
+    /// Show the mounts of active snapshot or view KEY (a committed one: view it first)
     Mounts { key: String },
     /// Set labels on KEY (KEY=VALUE; KEY= removes the label)
     Label {
@@ -158,7 +158,7 @@ pub enum Command {
         #[arg(value_name = "KEY=VALUE")]
         labels: Vec<String>,
     },
-    /// Mount snapshot KEY at DIR
+    /// Mount active snapshot or view KEY at DIR
     Mount { key: String, dir: PathBuf },
     /// Unmount everything at DIR
     #[command(alias = "umount")]

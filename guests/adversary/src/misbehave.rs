@@ -174,9 +174,9 @@ pub fn fd_bomb() -> Error {
 }
 
 /// Fills the private directory each way WASI has to write it: through a stream (what
-/// `std::fs` uses), through `descriptor.write` (`pwrite`), and with new directories,
-/// each until refused and then removed; then writes 1 MiB again. Says how far each got
-/// and how it was refused.
+/// `std::fs` uses), through `descriptor.write` (`pwrite`), one byte a block, and with
+/// new directories, each until refused and then removed; tries a hard link; then
+/// writes 1 MiB again. Says how far each got and how it was refused.
 pub fn disk_bomb() -> Error {
     const CHUNK: usize = 1 << 16;
     // Far past any budget the tests set, and still a bounded write without one.
@@ -214,6 +214,32 @@ pub fn disk_bomb() -> Error {
     };
     let _ = std::fs::remove_file("/fill-pwrite");
 
+    // One byte a block: few bytes, many blocks.
+    let mut scattered = 0u64;
+    let scattered_end = match std::fs::File::create("/fill-scattered") {
+        Err(e) => refused(e),
+        Ok(f) => loop {
+            if scattered * 4096 >= MAX {
+                break "not refused".to_owned();
+            }
+            match pwrite(&f, b"x", scattered * 4096) {
+                Ok(_) => scattered += 1,
+                Err(e) => break refused(e),
+            }
+        },
+    };
+    let _ = std::fs::remove_file("/fill-scattered");
+
+    // A name that takes no blocks of its own.
+    let link_end = match std::fs::write("/linked", b"x")
+        .and_then(|()| std::fs::hard_link("/linked", "/link"))
+    {
+        Ok(()) => "not refused".to_owned(),
+        Err(e) => refused(e),
+    };
+    let _ = std::fs::remove_file("/link");
+    let _ = std::fs::remove_file("/linked");
+
     let mut dirs = 0u32;
     let dirs_end = loop {
         if dirs >= 20_000 {
@@ -234,7 +260,7 @@ pub fn disk_bomb() -> Error {
     };
     let _ = std::fs::remove_file("/after");
     Error::FailedPrecondition(format!(
-        "disk-bomb: stream {streamed} ({stream_end}); pwrite {written} ({pwrite_end}); dirs {dirs} ({dirs_end}); after {after}"
+        "disk-bomb: stream {streamed} ({stream_end}); pwrite {written} ({pwrite_end}); scattered {scattered} ({scattered_end}); link 0 ({link_end}); dirs {dirs} ({dirs_end}); after {after}"
     ))
 }
 

@@ -16,7 +16,7 @@ use super::{
     At, Handle, Level, Meta, Stack, child_rel, fstat, list_names, lstat_at, open_in_tree,
     open_pinned, pin_in_tree, reopen_dir,
 };
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 
 /// Copies the contents of `src` into the empty directory `dst`, preserving file type,
 /// mode (including setuid, setgid and sticky), ownership, access and modification times
@@ -38,8 +38,9 @@ pub fn copy_tree(src: &cap_std::fs::Dir, dst: &cap_std::fs::Dir) -> Result<()> {
     copy_or_link(src.as_fd(), dst.as_fd(), false, None)
 }
 
-/// [`copy_tree`], calling `room` before each entry: its error stops the copy, as the
-/// deadline does (a plugin's clone stops where its filesystem must keep space free).
+/// [`copy_tree`], calling `room` before each entry and between chunks of a large file:
+/// its error stops the copy, as the deadline does (a plugin's clone stops where its
+/// filesystem must keep space free).
 pub fn copy_tree_while(
     src: &cap_std::fs::Dir,
     dst: &cap_std::fs::Dir,
@@ -81,6 +82,7 @@ fn copy_or_link(
         )));
     }
     let mut copier = Copier {
+        room,
         dst_root: dst,
         dst_id: dst_meta.id(),
         links: HashMap::new(),
@@ -89,10 +91,7 @@ fn copy_or_link(
     };
     let mut stack = Stack::new(Frame::new(src_fd, src_meta, dst_fd, &dst_meta, PathBuf::new())?);
     while let Some(frame) = stack.top_mut() {
-        super::deadline::check("copy")?;
-        if let Some(room) = room {
-            room()?;
-        }
+        check(room)?;
         match frame.names.next() {
             Some(name) => {
                 if let Some(child) = copier.entry(frame, &name)? {
@@ -160,9 +159,21 @@ impl Level for Frame {
     }
 }
 
+/// What a copy checks between entries and chunks besides the deadline: an error stops it.
+type Room<'a> = Option<&'a dyn Fn() -> Result<()>>;
+
+/// The deadline in force, then `room`.
+fn check(room: Room<'_>) -> Result<()> {
+    super::deadline::check("copy")?;
+    room.map_or(Ok(()), |room| room())
+}
+
+/// Bytes of a file copied between two [`check`]s.
+const CHUNK: u64 = 64 << 20;
+
 /// State shared by the whole copy.
-#[derive(Debug)]
 struct Copier<'a> {
+    room: Room<'a>,
     dst_root: BorrowedFd<'a>,
     dst_id: (u64, u64),
     /// First destination path of each source inode with more than one link.
@@ -196,7 +207,7 @@ impl Copier<'_> {
         }
         let meta = match kind {
             FileType::RegularFile if self.link => self.link_file(sdir, ddir, name, &meta, at)?,
-            FileType::RegularFile => copy_file(sdir, ddir, name, &meta, at)?,
+            FileType::RegularFile => copy_file(sdir, ddir, name, &meta, at, self.room)?,
             FileType::Symlink => {
                 // No-follow: readlink reads the last component itself (EINVAL if it is
                 // no longer a symlink); symlinkat creates, never follows (EEXIST).
@@ -273,10 +284,10 @@ impl Copier<'_> {
             Ok(()) => Ok(opened),
             Err(Errno::XDEV) => {
                 self.link = false;
-                copy_file(sdir, ddir, name, meta, at)
+                copy_file(sdir, ddir, name, meta, at, self.room)
             }
             // Too many links to the inode, or links refused (protected_hardlinks).
-            Err(Errno::MLINK | Errno::PERM) => copy_file(sdir, ddir, name, meta, at),
+            Err(Errno::MLINK | Errno::PERM) => copy_file(sdir, ddir, name, meta, at, self.room),
             Err(e) => Err(at.err("link")(e)),
         }
     }
@@ -330,6 +341,7 @@ fn copy_file(
     name: &OsStr,
     meta: &Meta,
     at: At<'_>,
+    room: Room<'_>,
 ) -> Result<Meta> {
     // Pinned before it is opened: a fifo or device swapped in after the lstat is refused
     // here, never opened (which could hang, or wake a driver); a symlink is pinned as
@@ -341,7 +353,8 @@ fn copy_file(
     let dst = File::from(
         rustix::fs::openat(ddir, name, flags, Mode::RUSR | Mode::WUSR).map_err(at.err("create"))?,
     );
-    copy_contents(&src, &dst, &opened).with_context(|| format!("{at}: copy contents"))?;
+    copy_contents(&src, &dst, &opened, room)
+        .map_err(|e| e.context(format!("{at}: copy contents")))?;
     // Pinned: both files are open.
     let xattrs = xattr::read(Node::Open(src.as_fd()), at)?;
     apply(Node::Open(dst.as_fd()), &opened, &xattrs, at)?;
@@ -404,18 +417,36 @@ fn apply(target: Node<'_>, meta: &Meta, xattrs: &[Xattr], at: At<'_>) -> Result<
 
 /// Copies file data. `io::copy` between files uses `copy_file_range` (a reflink where the
 /// filesystem can); a file with fewer blocks than its size has holes, which are skipped so
-/// the copy stays sparse.
-fn copy_contents(src: &File, dst: &File, meta: &Meta) -> io::Result<()> {
+/// the copy stays sparse. A large file is copied in chunks, [`check`]ed between them.
+fn copy_contents(src: &File, dst: &File, meta: &Meta, room: Room<'_>) -> Result<()> {
     let sparse = meta.blocks.saturating_mul(512) < meta.size;
-    if !sparse || !copy_data_ranges(src, dst, meta.size)? {
-        io::copy(&mut &*src, &mut &*dst)?;
+    if !sparse || !copy_data_ranges(src, dst, meta.size, room)? {
+        copy_range(src, dst, u64::MAX, room)?;
     }
     Ok(())
 }
 
+/// Copies up to `len` bytes from `src`'s position to `dst`'s, in chunks with a
+/// [`check`] between them; returns how many it copied (fewer at the end of `src`).
+fn copy_range(src: &File, dst: &File, len: u64, room: Room<'_>) -> Result<u64> {
+    let mut done = 0;
+    while done < len {
+        if done > 0 {
+            check(room)?;
+        }
+        let want = (len - done).min(CHUNK);
+        let copied = io::copy(&mut src.take(want), &mut &*dst)?;
+        done += copied;
+        if copied < want {
+            break;
+        }
+    }
+    Ok(done)
+}
+
 /// Copies only the data ranges `SEEK_DATA`/`SEEK_HOLE` report. Returns false, having
 /// written nothing, if the filesystem cannot report them.
-fn copy_data_ranges(src: &File, dst: &File, size: u64) -> io::Result<bool> {
+fn copy_data_ranges(src: &File, dst: &File, size: u64, room: Room<'_>) -> Result<bool> {
     let mut pos = 0;
     while pos < size {
         let start = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
@@ -423,12 +454,15 @@ fn copy_data_ranges(src: &File, dst: &File, size: u64) -> io::Result<bool> {
             // No data after `pos`: the rest is a hole.
             Err(Errno::NXIO) => break,
             Err(Errno::INVAL) if pos == 0 => return Ok(false),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(io::Error::from(e).into()),
         };
-        let end = rustix::fs::seek(src, SeekFrom::Hole(start))?;
-        rustix::fs::seek(src, SeekFrom::Start(start))?;
-        rustix::fs::seek(dst, SeekFrom::Start(start))?;
-        let copied = io::copy(&mut src.take(end - start), &mut &*dst)?;
+        let end = rustix::fs::seek(src, SeekFrom::Hole(start)).map_err(io::Error::from)?;
+        rustix::fs::seek(src, SeekFrom::Start(start)).map_err(io::Error::from)?;
+        rustix::fs::seek(dst, SeekFrom::Start(start)).map_err(io::Error::from)?;
+        if pos > 0 {
+            check(room)?;
+        }
+        let copied = copy_range(src, dst, end - start, room)?;
         if copied < end - start {
             break;
         }

@@ -27,15 +27,18 @@ pub struct Limits {
     /// Most bytes (keys and values) the plugin's key-value store may hold, in MiB.
     pub kv_mib: u64,
     /// Most bytes the plugin's private directory (`state/`, its WASI preopen) may
-    /// hold, in MiB, each file, directory or symlink counting 4 KiB besides its data.
-    /// A write past it fails with insufficient-space, as on a full disk.
+    /// hold, in MiB, each file, directory or symlink counting 4 KiB besides its data
+    /// (a write counts the blocks it touches; hard links are refused). A write past
+    /// it fails with insufficient-space, as on a full disk.
     pub state_mib: u64,
     /// Space, in MiB, that the filesystem holding a backend's layers must keep free:
     /// while less is free (or fewer than 4096 inodes), the host functions that add to
     /// its layers (`create`, `clone`, `write-file`, `make-dir`, `symlink`, `set-xattr`,
     /// `make-whiteout`) fail with failed-precondition, and a clone stops where it
-    /// reaches it. 0 turns the floor off. What containers write into layers is not
-    /// theirs to bound, as in containerd.
+    /// reaches it (checked before each entry and each 64 MiB of a file, so each call
+    /// in progress passes it by no more than that, or one write). 0 turns the floor
+    /// off. What containers write into layers is not theirs to bound, as in
+    /// containerd.
     pub keep_free_mib: u64,
     /// Most calls one call of a policy may make to its next snapshotter. Their time
     /// does not count against `timeout_ms`, so without this a policy calling its next

@@ -2,24 +2,29 @@
 //! charged against the plugin's `state_mib`.
 //!
 //! A guest's only WASI preopen is `state/`, on the root's filesystem. Unbounded, one
-//! plugin could fill that filesystem, and the root's database with it, which stops every
-//! snapshotter. So the host's `wasi:filesystem/types` is wrapped ([`Fs`]): each write
-//! (`descriptor.write`, and every stream `write-via-stream` or `append-via-stream`
-//! returns) is charged its length, and each entry made (a file, a directory, a symlink,
-//! a hard link) [`ENTRY_BYTES`], before it is done. Past the budget the call fails with
+//! plugin could fill that filesystem for every snapshotter and container on it. So the
+//! host's `wasi:filesystem/types` is wrapped ([`Fs`]): each write is charged the
+//! filesystem blocks it touches (`descriptor.write` by its offset, a stream that
+//! `write-via-stream` or `append-via-stream` returned by its own position), and each
+//! entry made (a file, a directory, a symlink) [`ENTRY_BYTES`], before it is done. Hard
+//! links are refused: a name for an inode already counted takes no blocks to count, and
+//! would let a guest make names without end. Past the budget the call fails with
 //! `insufficient-space`, as a full disk would answer.
 //!
 //! Charges only add up (an overwrite or an unlink frees nothing in the count), so the
 //! count is an upper bound. When a charge would pass the budget the directory is
 //! measured instead ([`fsutil::disk_usage`]: allocated blocks, plus [`ENTRY_BYTES`] an
 //! inode, so empty files and directories count too), within the call's deadline, and
-//! the charge is judged against that. A guest that rewrites one small file for ever
-//! pays a walk of its directory once a budget's worth of writes, never more.
+//! the charge is judged against that. A measurement that finds the budget spent is not
+//! taken again until the guest frees something (unlinks, removes a directory, renames
+//! over a name, truncates or resizes a file) or the budget grows: a guest that keeps
+//! writing at its limit is refused without a walk each time.
 //!
 //! Instances of a plugin share one directory and one count, kept under a mutex. A
 //! charge is made before its write lands, so a measurement taken between the two does
-//! not see it: the budget can be passed by at most the writes in flight, one a running
-//! instance.
+//! not see it: the budget can be passed by what is in flight then (a write a running
+//! instance is making, and what its open streams have not written out yet), never by
+//! more, since the next measurement sees it.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
@@ -28,6 +33,7 @@ use cap_std::fs::Dir;
 use wasmtime::component::{HasData, Resource};
 use wasmtime_wasi::async_trait;
 use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
+use wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode as FsErrorCode;
 use wasmtime_wasi::p2::bindings::sync::filesystem::types::{
     self, Advice, Descriptor, DescriptorFlags, DescriptorStat, DescriptorType, DirectoryEntry,
     DirectoryEntryStream, ErrorCode, Filesize, MetadataHashValue, NewTimestamp, OpenFlags,
@@ -46,6 +52,8 @@ pub(crate) const ENTRY_BYTES: u64 = 4096;
 /// The budget of one plugin's `state/`, shared by its instances.
 pub(crate) struct StateQuota {
     dir: Dir,
+    /// The filesystem's allocation unit: a write is charged the units it touches.
+    block: u64,
     count: Mutex<Count>,
 }
 
@@ -54,15 +62,13 @@ struct Count {
     max: u64,
     /// An upper bound on what `state/` holds; none until first needed.
     charged: Option<u64>,
+    /// The last measurement found the budget spent, and nothing was freed since.
+    full: bool,
 }
 
 impl std::fmt::Debug for StateQuota {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let count = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        f.debug_struct("StateQuota")
-            .field("max", &count.max)
-            .field("charged", &count.charged)
-            .finish()
+        f.debug_struct("StateQuota").field("block", &self.block).finish_non_exhaustive()
     }
 }
 
@@ -73,22 +79,42 @@ pub(crate) struct Full;
 impl StateQuota {
     /// A budget of `max` bytes for the directory `dir`.
     pub(crate) fn new(dir: Dir, max: u64) -> StateQuota {
-        StateQuota { dir, count: Mutex::new(Count { max, charged: None }) }
+        // Pinned: statfs of the directory's own descriptor.
+        let block = rustix::fs::fstatvfs(&dir).map_or(ENTRY_BYTES, |st| st.f_frsize);
+        let block = block.clamp(512, 1 << 20);
+        StateQuota { dir, block, count: Mutex::new(Count { max, charged: None, full: false }) }
     }
 
     /// Sets the budget (a reload's new `state_mib`); what is held already stays.
     pub(crate) fn set_max(&self, max: u64) {
-        self.lock().max = max;
+        let mut count = self.lock();
+        count.max = max;
+        count.full = false;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Count> {
         self.count.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// What a write of `len` bytes at `offset` is charged: the blocks it touches.
+    pub(crate) fn blocks(&self, offset: u64, len: u64) -> u64 {
+        if len == 0 {
+            return 0;
+        }
+        let (first, end) = (offset / self.block, offset.saturating_add(len).div_ceil(self.block));
+        (end - first).saturating_mul(self.block)
+    }
+
     /// What `state/` holds now, by the measure the budget uses.
     pub(crate) fn measure(&self) -> Result<u64> {
         let usage = fsutil::disk_usage(&self.dir)?;
         Ok(usage.size.saturating_add(usage.inodes.saturating_mul(ENTRY_BYTES)))
+    }
+
+    /// The guest may have freed space: the next charge that does not fit measures
+    /// again.
+    pub(crate) fn freed(&self) {
+        self.lock().full = false;
     }
 
     /// Charges `bytes` about to be written, measuring the directory (stopping at
@@ -102,6 +128,9 @@ impl StateQuota {
             count.charged = Some(charged + bytes);
             return Ok(());
         }
+        if count.full {
+            return Err(Full);
+        }
         let measured = match deadline::within(Some(deadline), || self.measure()) {
             Ok(measured) => measured,
             Err(e) => {
@@ -111,6 +140,7 @@ impl StateQuota {
         };
         count.charged = Some(measured);
         if measured.saturating_add(bytes) > count.max {
+            count.full = true;
             return Err(Full);
         }
         count.charged = Some(measured + bytes);
@@ -135,22 +165,34 @@ impl HasData for Quota {
 
 impl Fs<'_> {
     fn charge(&self, bytes: u64) -> FsResult<()> {
-        self.quota.charge(bytes, self.deadline).map_err(|Full| {
-            FsError::from(
-                wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode::InsufficientSpace,
-            )
-        })
+        let full = |Full| FsError::from(FsErrorCode::InsufficientSpace);
+        self.quota.charge(bytes, self.deadline).map_err(full)
     }
 
-    /// Puts `stream` back in the table wrapped so that each write through it is charged.
+    /// Puts `stream`, which writes from `offset` on, back in the table wrapped so that
+    /// each write through it is charged.
     fn counted(
         &mut self,
         stream: Resource<streams::OutputStream>,
+        offset: u64,
     ) -> FsResult<Resource<streams::OutputStream>> {
         let inner = self.inner.table.delete(stream)?;
-        let counted: Box<dyn OutputStream> =
-            Box::new(Counted { inner, quota: self.quota.clone(), deadline: self.deadline });
+        let counted: Box<dyn OutputStream> = Box::new(Counted {
+            inner,
+            quota: self.quota.clone(),
+            deadline: self.deadline,
+            position: offset,
+            charged_to: 0,
+        });
         Ok(self.inner.table.push(counted)?)
+    }
+
+    /// Passes `r` on, telling the budget space may have been freed if it succeeded.
+    fn freeing<T>(&self, r: FsResult<T>) -> FsResult<T> {
+        if r.is_ok() {
+            self.quota.freed();
+        }
+        r
     }
 }
 
@@ -162,6 +204,29 @@ struct Counted {
     /// keeps it, so a write then that needs a measurement is refused: the guest opens
     /// the stream again.
     deadline: Instant,
+    /// Where its next write lands in the file (for an append stream, from a start
+    /// taken as the last byte of a block, the most blocks any real end could touch).
+    position: u64,
+    /// The blocks below this one have been charged (as block numbers).
+    charged_to: u64,
+}
+
+impl Counted {
+    /// Charges a write of `len` bytes at the stream's position for the blocks it
+    /// touches that no earlier write through it did.
+    fn charge(&mut self, len: u64) -> std::result::Result<(), Full> {
+        let block = self.quota.block;
+        if len > 0 {
+            let first = (self.position / block).max(self.charged_to);
+            let end = self.position.saturating_add(len).div_ceil(block);
+            if end > first {
+                self.quota.charge((end - first).saturating_mul(block), self.deadline)?;
+                self.charged_to = end;
+            }
+        }
+        self.position = self.position.saturating_add(len);
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -174,7 +239,7 @@ impl Pollable for Counted {
 #[async_trait]
 impl OutputStream for Counted {
     fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
-        if self.quota.charge(bytes.len() as u64, self.deadline).is_err() {
+        if self.charge(bytes.len() as u64).is_err() {
             let full = std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
             return Err(StreamError::LastOperationFailed(full.into()));
         }
@@ -217,14 +282,14 @@ impl types::HostDescriptor for Fs<'_> {
         offset: Filesize,
     ) -> FsResult<Resource<streams::OutputStream>> {
         let stream = self.inner.write_via_stream(fd, offset)?;
-        self.counted(stream)
+        self.counted(stream, offset)
     }
     fn append_via_stream(
         &mut self,
         fd: Resource<Descriptor>,
     ) -> FsResult<Resource<streams::OutputStream>> {
         let stream = self.inner.append_via_stream(fd)?;
-        self.counted(stream)
+        self.counted(stream, self.quota.block - 1)
     }
     fn advise(
         &mut self,
@@ -246,8 +311,9 @@ impl types::HostDescriptor for Fs<'_> {
     }
     fn set_size(&mut self, fd: Resource<Descriptor>, size: Filesize) -> FsResult<()> {
         // Growing a file this way allocates nothing (its new bytes are a hole); writes
-        // into it are charged.
-        self.inner.set_size(fd, size)
+        // into it are charged. Shrinking it frees.
+        let r = self.inner.set_size(fd, size);
+        self.freeing(r)
     }
     fn set_times(
         &mut self,
@@ -271,7 +337,7 @@ impl types::HostDescriptor for Fs<'_> {
         buf: Vec<u8>,
         offset: Filesize,
     ) -> FsResult<Filesize> {
-        self.charge(buf.len() as u64)?;
+        self.charge(self.quota.blocks(offset, buf.len() as u64))?;
         self.inner.write(fd, buf, offset)
     }
     fn read_directory(
@@ -316,9 +382,9 @@ impl types::HostDescriptor for Fs<'_> {
         new_descriptor: Resource<Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
-        // A name in a directory, which can grow the directory.
-        self.charge(ENTRY_BYTES)?;
-        self.inner.link_at(fd, old_path_flags, old_path, new_descriptor, new_path)
+        // Refused: see the module documentation.
+        let _ = (fd, old_path_flags, old_path, new_descriptor, new_path);
+        Err(FsErrorCode::NotPermitted.into())
     }
     fn open_at(
         &mut self,
@@ -332,7 +398,8 @@ impl types::HostDescriptor for Fs<'_> {
         if oflags.contains(OpenFlags::CREATE) {
             self.charge(ENTRY_BYTES)?;
         }
-        self.inner.open_at(fd, path_flags, path, oflags, flags)
+        let r = self.inner.open_at(fd, path_flags, path, oflags, flags);
+        if oflags.contains(OpenFlags::TRUNCATE) { self.freeing(r) } else { r }
     }
     fn drop(&mut self, fd: Resource<Descriptor>) -> wasmtime::Result<()> {
         types::HostDescriptor::drop(&mut self.inner, fd)
@@ -341,7 +408,8 @@ impl types::HostDescriptor for Fs<'_> {
         self.inner.readlink_at(fd, path)
     }
     fn remove_directory_at(&mut self, fd: Resource<Descriptor>, path: String) -> FsResult<()> {
-        self.inner.remove_directory_at(fd, path)
+        let r = self.inner.remove_directory_at(fd, path);
+        self.freeing(r)
     }
     fn rename_at(
         &mut self,
@@ -350,7 +418,9 @@ impl types::HostDescriptor for Fs<'_> {
         new_fd: Resource<Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
-        self.inner.rename_at(fd, old_path, new_fd, new_path)
+        // Over an existing name, it frees what that name held.
+        let r = self.inner.rename_at(fd, old_path, new_fd, new_path);
+        self.freeing(r)
     }
     fn symlink_at(
         &mut self,
@@ -363,7 +433,8 @@ impl types::HostDescriptor for Fs<'_> {
         self.inner.symlink_at(fd, src_path, dest_path)
     }
     fn unlink_file_at(&mut self, fd: Resource<Descriptor>, path: String) -> FsResult<()> {
-        self.inner.unlink_file_at(fd, path)
+        let r = self.inner.unlink_file_at(fd, path);
+        self.freeing(r)
     }
     fn is_same_object(
         &mut self,
@@ -407,11 +478,15 @@ mod tests {
         Instant::now() + Duration::from_secs(60)
     }
 
-    #[test]
-    fn a_charge_past_the_count_is_judged_by_what_the_directory_holds() {
+    fn quota(max: u64) -> (tempfile::TempDir, StateQuota) {
         let tmp = tempfile::tempdir_in("/dev/shm").expect("tempdir");
         let dir = Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority()).unwrap();
-        let quota = StateQuota::new(dir, 64 << 10);
+        (tmp, StateQuota::new(dir, max))
+    }
+
+    #[test]
+    fn a_charge_past_the_count_is_judged_by_what_the_directory_holds() {
+        let (tmp, quota) = quota(64 << 10);
         // The empty directory is one inode.
         assert_eq!(quota.measure().unwrap(), ENTRY_BYTES);
         quota.charge(32 << 10, later()).unwrap();
@@ -421,19 +496,39 @@ mod tests {
         std::fs::write(tmp.path().join("f"), vec![1u8; 60 << 10]).unwrap();
         let held = quota.measure().unwrap();
         assert!(held >= (60 << 10) + 2 * ENTRY_BYTES, "{held}");
-        // The count would let 8 KiB more in; the measurement does not let 32 KiB in.
+        // The count would let 28 KiB more in; the measurement does not let 32 KiB in.
         assert!(quota.charge(32 << 10, later()).is_err());
-        // A reload's bigger budget takes effect at once; a smaller one too.
-        quota.set_max(1 << 20);
-        quota.charge(8 << 10, later()).unwrap();
-        quota.set_max(held);
-        assert!(quota.charge(1, later()).is_err());
-        // Room that cannot be shown within the deadline is not given.
-        quota.set_max(1 << 20);
+        // Spent: until something is freed, no measurement, whatever the directory holds.
         std::fs::remove_file(tmp.path().join("f")).unwrap();
+        assert!(quota.charge(32 << 10, later()).is_err());
+        quota.freed();
+        quota.charge(32 << 10, later()).unwrap();
+        // A reload's budget takes effect at once, bigger or smaller.
+        quota.set_max(1 << 20);
+        quota.charge(512 << 10, later()).unwrap();
+        quota.set_max(ENTRY_BYTES);
+        assert!(quota.charge(1, later()).is_err());
+    }
+
+    #[test]
+    fn room_that_cannot_be_shown_within_the_deadline_is_not_given() {
+        let (_tmp, quota) = quota(64 << 10);
+        quota.charge(60 << 10, later()).unwrap();
+        // One byte past the count needs a measurement, which would find room.
         let past = Instant::now() - Duration::from_millis(1);
-        assert!(quota.charge(1 << 30, past).is_err());
-        assert!(quota.charge(2 << 20, later()).is_err());
-        quota.charge(64 << 10, later()).unwrap();
+        assert!(quota.charge(1, past).is_err());
+        // A measurement cut short is no proof the budget is spent.
+        quota.charge(1, later()).unwrap();
+    }
+
+    #[test]
+    fn a_write_is_charged_the_blocks_it_touches() {
+        let (_tmp, quota) = quota(1 << 20);
+        let b = quota.block;
+        assert_eq!(quota.blocks(0, 0), 0);
+        assert_eq!(quota.blocks(0, 1), b);
+        assert_eq!(quota.blocks(b - 1, 2), 2 * b);
+        assert_eq!(quota.blocks(10 * b, b), b);
+        assert_eq!(quota.blocks(u64::MAX - 1, 10), b);
     }
 }

@@ -521,8 +521,8 @@ impl Space {
             // source root and follows no symlink, crosses no mount inside it.
             tmp.create_dir(name).with_context(|| format!("create layer directory {name}"))?;
             let dst = fsutil::open_dir_nofollow(tmp, name)?;
-            // The floor is checked before each entry: a copy stops where it reaches it,
-            // passing it by one file at most.
+            // The floor is checked before each entry and each chunk of a file: a copy
+            // stops where it reaches it, passing it by one chunk at most.
             let room = || self.room(d);
             fsutil::copy_tree_while(&Dir::from_std_file(std::fs::File::from(src)), &dst, &room)
                 .map_err(|e| e.context(format!("copy layer {source}")))

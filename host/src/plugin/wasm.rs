@@ -158,9 +158,6 @@ impl WasmSnapshotter {
             )));
         }
         let config = serde_json::to_string(config).with_context(|| "encode plugin config")?;
-        // The limits on disk change at once: what the space holds stays, and a write
-        // past a smaller budget is refused.
-        self.space.set_limits(&limits);
         let env = Arc::new(Env {
             plugin,
             space: self.space.clone(),
@@ -182,6 +179,9 @@ impl WasmSnapshotter {
             pool.current = env;
             retired
         };
+        // The limits on disk change with the version: what the space holds stays, and
+        // a write past a smaller budget is refused.
+        self.space.set_limits(&self.current().limits);
         drop(retired);
         self.returned.notify_all();
         Ok(())

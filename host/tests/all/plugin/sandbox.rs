@@ -242,6 +242,12 @@ fn a_guest_filling_its_directory_is_stopped_at_its_budget_and_gets_the_room_back
         assert!(n <= budget - (1 << 20), "{way}: {n} bytes: {said}");
         assert!(n >= budget - (2 << 20), "{way}: only {n} bytes: {said}");
     }
+    // One byte a block is charged the block.
+    let (writes, how) = filled(&said, "scattered");
+    assert_eq!(how, "StorageFull", "scattered: {said}");
+    assert!((1500..=1800).contains(&writes), "{writes} one-byte writes: {said}");
+    // A hard link, a name with no blocks to count, is refused.
+    assert_eq!(filled(&said, "link").1, "PermissionDenied", "{said}");
     // Directories count 4 KiB each whatever they hold.
     let (dirs, how) = filled(&said, "dirs");
     assert_eq!(how, "StorageFull", "dirs: {said}");

@@ -175,15 +175,28 @@ pub fn fd_bomb() -> Error {
 
 /// Fills the private directory each way WASI has to write it: through a stream (what
 /// `std::fs` uses), through `descriptor.write` (`pwrite`), one byte a block, and with
-/// new directories, each until refused and then removed; tries a hard link; then
-/// writes 1 MiB again. Says how far each got and how it was refused.
+/// new directories, each until refused and then removed (waiting before each for
+/// the host to find the room again); tries a hard link; then writes 1 MiB again.
+/// Says how far each got and how it was refused.
 pub fn disk_bomb() -> Error {
     const CHUNK: usize = 1 << 16;
     // Far past any budget the tests set, and still a bounded write without one.
     const MAX: u64 = 64 << 20;
     let chunk = vec![0x5a_u8; CHUNK];
     let refused = |e: std::io::Error| format!("{:?}", e.kind());
+    // Each way starts once the host has measured what the last one left: after a
+    // refusal the host measures again only when some time has passed.
+    let wait_for_room = || {
+        for _ in 0..250 {
+            if std::fs::write("/probe", b"x").is_ok() {
+                let _ = std::fs::remove_file("/probe");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
 
+    wait_for_room();
     let mut streamed = 0u64;
     let stream_end = match std::fs::File::create("/fill-stream") {
         Err(e) => refused(e),
@@ -199,6 +212,7 @@ pub fn disk_bomb() -> Error {
     };
     let _ = std::fs::remove_file("/fill-stream");
 
+    wait_for_room();
     let mut written = 0u64;
     let pwrite_end = match std::fs::File::create("/fill-pwrite") {
         Err(e) => refused(e),
@@ -215,6 +229,7 @@ pub fn disk_bomb() -> Error {
     let _ = std::fs::remove_file("/fill-pwrite");
 
     // One byte a block: few bytes, many blocks.
+    wait_for_room();
     let mut scattered = 0u64;
     let scattered_end = match std::fs::File::create("/fill-scattered") {
         Err(e) => refused(e),
@@ -231,6 +246,7 @@ pub fn disk_bomb() -> Error {
     let _ = std::fs::remove_file("/fill-scattered");
 
     // A name that takes no blocks of its own.
+    wait_for_room();
     let link_end = match std::fs::write("/linked", b"x")
         .and_then(|()| std::fs::hard_link("/linked", "/link"))
     {
@@ -240,6 +256,7 @@ pub fn disk_bomb() -> Error {
     let _ = std::fs::remove_file("/link");
     let _ = std::fs::remove_file("/linked");
 
+    wait_for_room();
     let mut dirs = 0u32;
     let dirs_end = loop {
         if dirs >= 20_000 {
@@ -254,6 +271,7 @@ pub fn disk_bomb() -> Error {
         let _ = std::fs::remove_dir(format!("/d-{i}"));
     }
 
+    wait_for_room();
     let after = match std::fs::write("/after", vec![1u8; 1 << 20]) {
         Ok(()) => "ok".to_owned(),
         Err(e) => refused(e),

@@ -4,21 +4,25 @@
 //! A guest's only WASI preopen is `state/`, on the root's filesystem. Unbounded, one
 //! plugin could fill that filesystem for every snapshotter and container on it. So the
 //! host's `wasi:filesystem/types` is wrapped ([`Fs`]): each write is charged the
-//! filesystem blocks it touches (`descriptor.write` by its offset, a stream that
-//! `write-via-stream` or `append-via-stream` returned by its own position), and each
-//! entry made (a file, a directory, a symlink) [`ENTRY_BYTES`], before it is done. Hard
-//! links are refused: a name for an inode already counted takes no blocks to count, and
-//! would let a guest make names without end. Past the budget the call fails with
-//! `insufficient-space`, as a full disk would answer.
+//! filesystem blocks it touches before it is done (`descriptor.write` by its offset, a
+//! stream from `write-via-stream` by its own position, each of its blocks once; a write
+//! through `append-via-stream`, whose end of file the guest can move, as if it started
+//! at the last byte of a block), and each entry made (a file, a directory, a symlink)
+//! [`ENTRY_BYTES`]. Hard links are refused: a name for an inode already counted takes
+//! no blocks to count, and would let a guest make names without end. Past the budget
+//! the call fails with `insufficient-space`, as a full disk would answer.
 //!
 //! Charges only add up (an overwrite or an unlink frees nothing in the count), so the
 //! count is an upper bound. When a charge would pass the budget the directory is
-//! measured instead ([`fsutil::disk_usage`]: allocated blocks, plus [`ENTRY_BYTES`] an
-//! inode, so empty files and directories count too), within the call's deadline, and
-//! the charge is judged against that. A measurement that finds the budget spent is not
-//! taken again until the guest frees something (unlinks, removes a directory, renames
-//! over a name, truncates or resizes a file) or the budget grows: a guest that keeps
-//! writing at its limit is refused without a walk each time.
+//! measured instead, within the call's deadline, and the charge is judged against
+//! that: allocated blocks plus [`ENTRY_BYTES`] an inode of the tree
+//! ([`fsutil::disk_usage`]), and the blocks of every file a guest holds open that has
+//! no name any more (unlinked, or renamed over), which no walk can see.
+//!
+//! A walk costs the host time, so measurements are spaced: after one that took `t`,
+//! the next waits [`WALK_SPACING`] times `t`, and a charge that does not fit the count
+//! meanwhile is refused. Whatever a guest does, at most about a tenth of the host's
+//! time goes to measuring its directory.
 //!
 //! Instances of a plugin share one directory and one count, kept under a mutex. A
 //! charge is made before its write lands, so a measurement taken between the two does
@@ -26,13 +30,15 @@
 //! instance is making, and what its open streams have not written out yet), never by
 //! more, since the next measurement sees it.
 
-use std::sync::{Mutex, PoisonError};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
 use cap_std::fs::Dir;
 use wasmtime::component::{HasData, Resource};
 use wasmtime_wasi::async_trait;
-use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
+use wasmtime_wasi::filesystem::{Descriptor as HostDescriptor, WasiFilesystemCtxView};
 use wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode as FsErrorCode;
 use wasmtime_wasi::p2::bindings::sync::filesystem::types::{
     self, Advice, Descriptor, DescriptorFlags, DescriptorStat, DescriptorType, DirectoryEntry,
@@ -49,12 +55,17 @@ use crate::fsutil::{self, deadline};
 /// directory is measured: one block of the usual size.
 pub(crate) const ENTRY_BYTES: u64 = 4096;
 
+/// After a measurement that took `t`, the next waits this many times `t`.
+const WALK_SPACING: u32 = 10;
+
 /// The budget of one plugin's `state/`, shared by its instances.
 pub(crate) struct StateQuota {
     dir: Dir,
     /// The filesystem's allocation unit: a write is charged the units it touches.
     block: u64,
     count: Mutex<Count>,
+    /// The files the guest's instances opened, while any of them holds one.
+    open: Mutex<Vec<Weak<File>>>,
 }
 
 struct Count {
@@ -62,8 +73,8 @@ struct Count {
     max: u64,
     /// An upper bound on what `state/` holds; none until first needed.
     charged: Option<u64>,
-    /// The last measurement found the budget spent, and nothing was freed since.
-    full: bool,
+    /// No measurement before then.
+    next_walk: Option<Instant>,
 }
 
 impl std::fmt::Debug for StateQuota {
@@ -82,18 +93,35 @@ impl StateQuota {
         // Pinned: statfs of the directory's own descriptor.
         let block = rustix::fs::fstatvfs(&dir).map_or(ENTRY_BYTES, |st| st.f_frsize);
         let block = block.clamp(512, 1 << 20);
-        StateQuota { dir, block, count: Mutex::new(Count { max, charged: None, full: false }) }
+        let count = Count { max, charged: None, next_walk: None };
+        StateQuota { dir, block, count: Mutex::new(count), open: Mutex::new(Vec::new()) }
     }
 
     /// Sets the budget (a reload's new `state_mib`); what is held already stays.
     pub(crate) fn set_max(&self, max: u64) {
         let mut count = self.lock();
         count.max = max;
-        count.full = false;
+        count.next_walk = None;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Count> {
         self.count.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn open_files(&self) -> std::sync::MutexGuard<'_, Vec<Weak<File>>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remembers a file a guest opened, for as long as it holds it: once it has no
+    /// name, only this shows what it holds.
+    pub(crate) fn opened(&self, file: &Arc<File>) {
+        let mut open = self.open_files();
+        // Forgets the closed ones now and then, so the list stays about as long as
+        // what is open.
+        if open.len() >= 64 && open.len().is_power_of_two() {
+            open.retain(|f| f.strong_count() > 0);
+        }
+        open.push(Arc::downgrade(file));
     }
 
     /// What a write of `len` bytes at `offset` is charged: the blocks it touches.
@@ -108,18 +136,26 @@ impl StateQuota {
     /// What `state/` holds now, by the measure the budget uses.
     pub(crate) fn measure(&self) -> Result<u64> {
         let usage = fsutil::disk_usage(&self.dir)?;
-        Ok(usage.size.saturating_add(usage.inodes.saturating_mul(ENTRY_BYTES)))
-    }
-
-    /// The guest may have freed space: the next charge that does not fit measures
-    /// again.
-    pub(crate) fn freed(&self) {
-        self.lock().full = false;
+        let named = usage.size.saturating_add(usage.inodes.saturating_mul(ENTRY_BYTES));
+        let open: Vec<Arc<File>> = {
+            let mut open = self.open_files();
+            open.retain(|f| f.strong_count() > 0);
+            open.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut seen = std::collections::HashSet::new();
+        let nameless = open
+            .iter()
+            .filter_map(|f| f.metadata().ok())
+            .filter(|m| m.nlink() == 0 && seen.insert((m.dev(), m.ino())))
+            .map(|m| m.blocks().saturating_mul(512).saturating_add(ENTRY_BYTES))
+            .fold(0u64, u64::saturating_add);
+        Ok(named.saturating_add(nameless))
     }
 
     /// Charges `bytes` about to be written, measuring the directory (stopping at
-    /// `deadline`) if the count says they would not fit. A measurement that fails or is
-    /// cut short refuses the charge: room that cannot be shown is not given.
+    /// `deadline`) if the count says they would not fit and the last measurement is
+    /// far enough behind. A measurement that fails or is cut short refuses the charge:
+    /// room that cannot be shown is not given.
     pub(crate) fn charge(&self, bytes: u64, deadline: Instant) -> std::result::Result<(), Full> {
         let mut count = self.lock();
         if let Some(charged) = count.charged
@@ -128,10 +164,13 @@ impl StateQuota {
             count.charged = Some(charged + bytes);
             return Ok(());
         }
-        if count.full {
+        let started = Instant::now();
+        if count.next_walk.is_some_and(|next| started < next) {
             return Err(Full);
         }
-        let measured = match deadline::within(Some(deadline), || self.measure()) {
+        let measured = deadline::within(Some(deadline), || self.measure());
+        count.next_walk = Some(Instant::now() + started.elapsed() * WALK_SPACING);
+        let measured = match measured {
             Ok(measured) => measured,
             Err(e) => {
                 tracing::debug!("measuring a plugin's state directory: {e}");
@@ -140,7 +179,6 @@ impl StateQuota {
         };
         count.charged = Some(measured);
         if measured.saturating_add(bytes) > count.max {
-            count.full = true;
             return Err(Full);
         }
         count.charged = Some(measured + bytes);
@@ -169,12 +207,12 @@ impl Fs<'_> {
         self.quota.charge(bytes, self.deadline).map_err(full)
     }
 
-    /// Puts `stream`, which writes from `offset` on, back in the table wrapped so that
-    /// each write through it is charged.
+    /// Puts `stream`, which writes from `offset` on (none: it appends), back in the
+    /// table wrapped so that each write through it is charged.
     fn counted(
         &mut self,
         stream: Resource<streams::OutputStream>,
-        offset: u64,
+        offset: Option<u64>,
     ) -> FsResult<Resource<streams::OutputStream>> {
         let inner = self.inner.table.delete(stream)?;
         let counted: Box<dyn OutputStream> = Box::new(Counted {
@@ -186,14 +224,6 @@ impl Fs<'_> {
         });
         Ok(self.inner.table.push(counted)?)
     }
-
-    /// Passes `r` on, telling the budget space may have been freed if it succeeded.
-    fn freeing<T>(&self, r: FsResult<T>) -> FsResult<T> {
-        if r.is_ok() {
-            self.quota.freed();
-        }
-        r
-    }
 }
 
 /// An output stream to a file in `state/` whose writes are charged.
@@ -204,27 +234,31 @@ struct Counted {
     /// keeps it, so a write then that needs a measurement is refused: the guest opens
     /// the stream again.
     deadline: Instant,
-    /// Where its next write lands in the file (for an append stream, from a start
-    /// taken as the last byte of a block, the most blocks any real end could touch).
-    position: u64,
+    /// Where its next write lands in the file; none for an append stream, whose end
+    /// of file the guest can move (`set-size`).
+    position: Option<u64>,
     /// The blocks below this one have been charged (as block numbers).
     charged_to: u64,
 }
 
 impl Counted {
-    /// Charges a write of `len` bytes at the stream's position for the blocks it
-    /// touches that no earlier write through it did.
+    /// Charges a write of `len` bytes for the blocks it touches: at the stream's
+    /// position, those no earlier write through it touched; appended, as if from the
+    /// last byte of a block (the most blocks it could touch).
     fn charge(&mut self, len: u64) -> std::result::Result<(), Full> {
         let block = self.quota.block;
+        let Some(position) = self.position else {
+            return self.quota.charge(self.quota.blocks(block - 1, len), self.deadline);
+        };
         if len > 0 {
-            let first = (self.position / block).max(self.charged_to);
-            let end = self.position.saturating_add(len).div_ceil(block);
+            let first = (position / block).max(self.charged_to);
+            let end = position.saturating_add(len).div_ceil(block);
             if end > first {
                 self.quota.charge((end - first).saturating_mul(block), self.deadline)?;
                 self.charged_to = end;
             }
         }
-        self.position = self.position.saturating_add(len);
+        self.position = Some(position.saturating_add(len));
         Ok(())
     }
 }
@@ -282,14 +316,14 @@ impl types::HostDescriptor for Fs<'_> {
         offset: Filesize,
     ) -> FsResult<Resource<streams::OutputStream>> {
         let stream = self.inner.write_via_stream(fd, offset)?;
-        self.counted(stream, offset)
+        self.counted(stream, Some(offset))
     }
     fn append_via_stream(
         &mut self,
         fd: Resource<Descriptor>,
     ) -> FsResult<Resource<streams::OutputStream>> {
         let stream = self.inner.append_via_stream(fd)?;
-        self.counted(stream, self.quota.block - 1)
+        self.counted(stream, None)
     }
     fn advise(
         &mut self,
@@ -311,9 +345,8 @@ impl types::HostDescriptor for Fs<'_> {
     }
     fn set_size(&mut self, fd: Resource<Descriptor>, size: Filesize) -> FsResult<()> {
         // Growing a file this way allocates nothing (its new bytes are a hole); writes
-        // into it are charged. Shrinking it frees.
-        let r = self.inner.set_size(fd, size);
-        self.freeing(r)
+        // into it are charged.
+        self.inner.set_size(fd, size)
     }
     fn set_times(
         &mut self,
@@ -398,8 +431,11 @@ impl types::HostDescriptor for Fs<'_> {
         if oflags.contains(OpenFlags::CREATE) {
             self.charge(ENTRY_BYTES)?;
         }
-        let r = self.inner.open_at(fd, path_flags, path, oflags, flags);
-        if oflags.contains(OpenFlags::TRUNCATE) { self.freeing(r) } else { r }
+        let opened = self.inner.open_at(fd, path_flags, path, oflags, flags)?;
+        if let HostDescriptor::File(f) = self.inner.table.get(&opened)? {
+            self.quota.opened(&f.file);
+        }
+        Ok(opened)
     }
     fn drop(&mut self, fd: Resource<Descriptor>) -> wasmtime::Result<()> {
         types::HostDescriptor::drop(&mut self.inner, fd)
@@ -408,8 +444,7 @@ impl types::HostDescriptor for Fs<'_> {
         self.inner.readlink_at(fd, path)
     }
     fn remove_directory_at(&mut self, fd: Resource<Descriptor>, path: String) -> FsResult<()> {
-        let r = self.inner.remove_directory_at(fd, path);
-        self.freeing(r)
+        self.inner.remove_directory_at(fd, path)
     }
     fn rename_at(
         &mut self,
@@ -418,9 +453,7 @@ impl types::HostDescriptor for Fs<'_> {
         new_fd: Resource<Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
-        // Over an existing name, it frees what that name held.
-        let r = self.inner.rename_at(fd, old_path, new_fd, new_path);
-        self.freeing(r)
+        self.inner.rename_at(fd, old_path, new_fd, new_path)
     }
     fn symlink_at(
         &mut self,
@@ -433,8 +466,7 @@ impl types::HostDescriptor for Fs<'_> {
         self.inner.symlink_at(fd, src_path, dest_path)
     }
     fn unlink_file_at(&mut self, fd: Resource<Descriptor>, path: String) -> FsResult<()> {
-        let r = self.inner.unlink_file_at(fd, path);
-        self.freeing(r)
+        self.inner.unlink_file_at(fd, path)
     }
     fn is_same_object(
         &mut self,
@@ -484,6 +516,12 @@ mod tests {
         (tmp, StateQuota::new(dir, max))
     }
 
+    /// Lets the next charge that does not fit the count measure, however recent the
+    /// last measurement (the spacing is tested on its own).
+    fn walk_now(quota: &StateQuota) {
+        quota.lock().next_walk = None;
+    }
+
     #[test]
     fn a_charge_past_the_count_is_judged_by_what_the_directory_holds() {
         let (tmp, quota) = quota(64 << 10);
@@ -491,17 +529,17 @@ mod tests {
         assert_eq!(quota.measure().unwrap(), ENTRY_BYTES);
         quota.charge(32 << 10, later()).unwrap();
         // Charged, never written: past the count, the measurement forgives it.
+        walk_now(&quota);
         quota.charge(32 << 10, later()).unwrap();
         // Written (here by the host, as a guest's write would be): now it counts.
         std::fs::write(tmp.path().join("f"), vec![1u8; 60 << 10]).unwrap();
         let held = quota.measure().unwrap();
         assert!(held >= (60 << 10) + 2 * ENTRY_BYTES, "{held}");
         // The count would let 28 KiB more in; the measurement does not let 32 KiB in.
+        walk_now(&quota);
         assert!(quota.charge(32 << 10, later()).is_err());
-        // Spent: until something is freed, no measurement, whatever the directory holds.
         std::fs::remove_file(tmp.path().join("f")).unwrap();
-        assert!(quota.charge(32 << 10, later()).is_err());
-        quota.freed();
+        walk_now(&quota);
         quota.charge(32 << 10, later()).unwrap();
         // A reload's budget takes effect at once, bigger or smaller.
         quota.set_max(1 << 20);
@@ -511,14 +549,44 @@ mod tests {
     }
 
     #[test]
+    fn measurements_are_spaced() {
+        let (_tmp, quota) = quota(64 << 10);
+        quota.charge(60 << 10, later()).unwrap();
+        let next = quota.lock().next_walk.expect("the first charge measured");
+        // Before the spacing has passed, a charge past the count is refused unmeasured,
+        // though the directory has room.
+        quota.lock().next_walk = Some(next + Duration::from_secs(3600));
+        assert!(quota.charge(8 << 10, later()).is_err());
+        // After it, the measurement shows the room.
+        quota.lock().next_walk = Some(Instant::now() - Duration::from_millis(1));
+        quota.charge(8 << 10, later()).unwrap();
+    }
+
+    #[test]
     fn room_that_cannot_be_shown_within_the_deadline_is_not_given() {
         let (_tmp, quota) = quota(64 << 10);
         quota.charge(60 << 10, later()).unwrap();
         // One byte past the count needs a measurement, which would find room.
+        walk_now(&quota);
         let past = Instant::now() - Duration::from_millis(1);
         assert!(quota.charge(1, past).is_err());
         // A measurement cut short is no proof the budget is spent.
+        walk_now(&quota);
         quota.charge(1, later()).unwrap();
+    }
+
+    #[test]
+    fn a_file_held_open_without_a_name_still_counts() {
+        let (tmp, quota) = quota(1 << 20);
+        let path = tmp.path().join("f");
+        let file = Arc::new(File::create(&path).unwrap());
+        quota.opened(&file);
+        std::io::Write::write_all(&mut &*file, &vec![1u8; 256 << 10]).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let held = quota.measure().unwrap();
+        assert!(held >= (256 << 10) + 2 * ENTRY_BYTES, "{held}");
+        drop(file);
+        assert_eq!(quota.measure().unwrap(), ENTRY_BYTES);
     }
 
     #[test]

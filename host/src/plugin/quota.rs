@@ -16,8 +16,15 @@
 //! count is an upper bound. When a charge would pass the budget the directory is
 //! measured instead, within the call's deadline, and the charge is judged against
 //! that: allocated blocks plus [`ENTRY_BYTES`] an inode of the tree
-//! ([`fsutil::disk_usage`]), and the blocks of every file a guest holds open that has
-//! no name any more (unlinked, or renamed over), which no walk can see.
+//! ([`fsutil::disk_usage`]), and the blocks of every file or directory a guest holds
+//! open that has no name any more (unlinked, removed, or renamed over), which no walk
+//! can see. No call changes names in `state/` while a walk runs, so another instance
+//! cannot move a tree out of its way. Renames are charged as new entries (a name
+//! added can grow a directory for good).
+//!
+//! What the measurement cannot see: on a filesystem that shares extents (btrfs), a
+//! file shrunk or partly overwritten can keep more of an old extent allocated than
+//! its blocks (`st_blocks`) say.
 //!
 //! A walk costs the host time, so measurements are spaced: after one that took `t`,
 //! the next waits [`WALK_SPACING`] times `t`, and a charge that does not fit the count
@@ -32,7 +39,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
 use std::time::Instant;
 
 use cap_std::fs::Dir;
@@ -64,8 +71,13 @@ pub(crate) struct StateQuota {
     /// The filesystem's allocation unit: a write is charged the units it touches.
     block: u64,
     count: Mutex<Count>,
-    /// The files the guest's instances opened, while any of them holds one.
+    /// The files and directories the guest's instances opened, while any of them
+    /// holds one.
     open: Mutex<Vec<Weak<File>>>,
+    /// Held shared by every call that changes names in `state/`, and exclusively by a
+    /// measurement: an instance renaming a tree back and forth while another's
+    /// measurement walks cannot hide it from the walk.
+    names: RwLock<()>,
 }
 
 struct Count {
@@ -94,7 +106,13 @@ impl StateQuota {
         let block = rustix::fs::fstatvfs(&dir).map_or(ENTRY_BYTES, |st| st.f_frsize);
         let block = block.clamp(512, 1 << 20);
         let count = Count { max, charged: None, next_walk: None };
-        StateQuota { dir, block, count: Mutex::new(count), open: Mutex::new(Vec::new()) }
+        StateQuota {
+            dir,
+            block,
+            count: Mutex::new(count),
+            open: Mutex::new(Vec::new()),
+            names: RwLock::new(()),
+        }
     }
 
     /// Sets the budget (a reload's new `state_mib`); what is held already stays.
@@ -108,12 +126,17 @@ impl StateQuota {
         self.count.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Held while a call changes names in `state/` (never while charging).
+    pub(crate) fn naming(&self) -> RwLockReadGuard<'_, ()> {
+        self.names.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn open_files(&self) -> std::sync::MutexGuard<'_, Vec<Weak<File>>> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Remembers a file a guest opened, for as long as it holds it: once it has no
-    /// name, only this shows what it holds.
+    /// Remembers a file or directory a guest opened, for as long as it holds it:
+    /// once it has no name, only this shows what it holds.
     pub(crate) fn opened(&self, file: &Arc<File>) {
         let mut open = self.open_files();
         // Forgets the closed ones now and then, so the list stays about as long as
@@ -135,7 +158,10 @@ impl StateQuota {
 
     /// What `state/` holds now, by the measure the budget uses.
     pub(crate) fn measure(&self) -> Result<u64> {
-        let usage = fsutil::disk_usage(&self.dir)?;
+        let usage = {
+            let _names = self.names.write().unwrap_or_else(PoisonError::into_inner);
+            fsutil::disk_usage(&self.dir)?
+        };
         let named = usage.size.saturating_add(usage.inodes.saturating_mul(ENTRY_BYTES));
         let open: Vec<Arc<File>> = {
             let mut open = self.open_files();
@@ -384,6 +410,7 @@ impl types::HostDescriptor for Fs<'_> {
     }
     fn create_directory_at(&mut self, fd: Resource<Descriptor>, path: String) -> FsResult<()> {
         self.charge(ENTRY_BYTES)?;
+        let _naming = self.quota.naming();
         self.inner.create_directory_at(fd, path)
     }
     fn stat(&mut self, fd: Resource<Descriptor>) -> FsResult<DescriptorStat> {
@@ -431,9 +458,13 @@ impl types::HostDescriptor for Fs<'_> {
         if oflags.contains(OpenFlags::CREATE) {
             self.charge(ENTRY_BYTES)?;
         }
-        let opened = self.inner.open_at(fd, path_flags, path, oflags, flags)?;
-        if let HostDescriptor::File(f) = self.inner.table.get(&opened)? {
-            self.quota.opened(&f.file);
+        let opened = {
+            let _naming = self.quota.naming();
+            self.inner.open_at(fd, path_flags, path, oflags, flags)?
+        };
+        match self.inner.table.get(&opened)? {
+            HostDescriptor::File(f) => self.quota.opened(&f.file),
+            HostDescriptor::Dir(d) => self.quota.opened(&d.dir),
         }
         Ok(opened)
     }
@@ -444,6 +475,7 @@ impl types::HostDescriptor for Fs<'_> {
         self.inner.readlink_at(fd, path)
     }
     fn remove_directory_at(&mut self, fd: Resource<Descriptor>, path: String) -> FsResult<()> {
+        let _naming = self.quota.naming();
         self.inner.remove_directory_at(fd, path)
     }
     fn rename_at(
@@ -453,6 +485,9 @@ impl types::HostDescriptor for Fs<'_> {
         new_fd: Resource<Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
+        // A name added to a directory, which can grow it for good.
+        self.charge(ENTRY_BYTES)?;
+        let _naming = self.quota.naming();
         self.inner.rename_at(fd, old_path, new_fd, new_path)
     }
     fn symlink_at(
@@ -463,9 +498,11 @@ impl types::HostDescriptor for Fs<'_> {
     ) -> FsResult<()> {
         // The target is stored too, in the inode or in a block of its own.
         self.charge(ENTRY_BYTES.saturating_add(src_path.len() as u64))?;
+        let _naming = self.quota.naming();
         self.inner.symlink_at(fd, src_path, dest_path)
     }
     fn unlink_file_at(&mut self, fd: Resource<Descriptor>, path: String) -> FsResult<()> {
+        let _naming = self.quota.naming();
         self.inner.unlink_file_at(fd, path)
     }
     fn is_same_object(

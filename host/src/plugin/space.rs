@@ -182,8 +182,8 @@ impl Space {
     /// The space `name` in the plugin directory `dir` (host path `path`), with layers if
     /// `layers`. `db` is the root's shared database; without one the space keeps a
     /// database of its own in `dir`. Of `limits`, it keeps to those on disk: `kv_mib`,
-    /// `state_mib` ([`StateQuota`]) and `keep_free_mib`. Leftovers of a crash (half-made layers, layers no
-    /// registry names) are deleted: no call runs yet.
+    /// `state_mib` ([`StateQuota`]) and `keep_free_mib`. Leftovers of a crash
+    /// (half-made layers, layers no registry names) are deleted: no call runs yet.
     pub fn open(
         name: &str,
         dir: &Dir,
@@ -935,12 +935,12 @@ mod tests {
         assert_eq!(a.kv_get("k").unwrap(), None);
     }
 
-    /// A backend space on the shared database `root.db` in `path`.
     /// Limits a test's space keeps to: small budgets.
     fn small() -> Limits {
         Limits { kv_mib: 1, state_mib: 1, ..Limits::default() }
     }
 
+    /// A backend space on the shared database `root.db` in `path`.
     fn layered(path: &Path) -> (Arc<Db>, Arc<Space>) {
         let dir = Dir::open_ambient_dir(path, cap_std::ambient_authority()).unwrap();
         let db = Arc::new(Db::open(&dir, "root.db", "test database").unwrap());
